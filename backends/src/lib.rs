@@ -1,0 +1,135 @@
+//! The block-backend core: one trait every image kind implements, and the image kinds.
+//!
+//! Modeled on nbdkit's plugin API: a small set of data calls taking `(offset, …, flags)` in the
+//! same order, plus capability answers computed once at open. The trait is synchronous and
+//! positional (`&self`, no seek state), so any frontend can call it from whatever thread it runs:
+//! the NBD server's worker threads, the kernel binder, or a ublk queue thread with its own
+//! io_uring executor. Backends are `Send + Sync` and take no global lock on the data path.
+//!
+//! Frontends should not call a backend directly: they wrap it in [`Device`], which validates
+//! nothing (the frontend has done that) but writes the emulation of optional features once.
+
+mod device;
+mod error;
+mod extent;
+pub mod open;
+mod probe_guard;
+pub mod raw;
+pub mod slice;
+
+pub use device::Device;
+pub use error::{Error, Result};
+pub use extent::{Extent, ExtentFlags, Extents};
+
+use bitflags::bitflags;
+use std::fmt::Debug;
+
+bitflags! {
+    /// Per-call flags, in the backend's own terms (not the wire's).
+    #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+    pub struct IoFlags: u32 {
+        /// The data must be on stable storage before the call returns.
+        const FUA = 1;
+        /// write_zeroes may deallocate (punch a hole) instead of writing zeroes.
+        const MAY_TRIM = 2;
+        /// write_zeroes must fail with [`Error::NotSupported`] rather than be slow.
+        const FAST_ZERO = 4;
+    }
+}
+
+/// How an optional feature is provided.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Support {
+    /// Not at all: the frontend must not advertise it.
+    None,
+    /// [`Device`] emulates it with other calls (FUA by flush, zero by write, cache by read).
+    Emulate,
+    /// The backend does it itself.
+    Native,
+}
+
+impl Support {
+    pub fn available(self) -> bool {
+        self != Support::None
+    }
+}
+
+/// What a backend can do; computed once at open, never queried on the data path.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Caps {
+    /// Writes are accepted (false for a read-only open).
+    pub writable: bool,
+    /// `flush` does something useful (advertise NBD_FLAG_SEND_FLUSH).
+    pub flush: bool,
+    pub fua: Support,
+    /// `trim` may be sent (it may still be a no-op, as with qemu's `--discard=ignore`).
+    pub trim: bool,
+    pub zero: Support,
+    /// FAST_ZERO can be honoured (only meaningful when `zero` is Native).
+    pub fast_zero: bool,
+    pub cache: Support,
+    /// Several connections see each other's writes and flushes (one shared image state).
+    pub multi_conn: bool,
+    pub rotational: bool,
+}
+
+impl Caps {
+    /// The answers of a read-only backend with nothing native.
+    pub const READ_ONLY: Caps = Caps {
+        writable: false,
+        flush: true,
+        fua: Support::Emulate,
+        trim: false,
+        zero: Support::None,
+        fast_zero: false,
+        cache: Support::Emulate,
+        multi_conn: true,
+        rotational: false,
+    };
+}
+
+/// One image kind. The caller (normally [`Device`]) guarantees, for every data call:
+/// `offset + len <= size()` with no overflow; write calls only when `caps().writable`;
+/// `FUA` only when `caps().fua == Native`; `write_zeroes` only when `caps().zero == Native`;
+/// `FAST_ZERO` only when `caps().fast_zero`; `cache` only when `caps().cache == Native`.
+/// Implementations may `debug_assert!` these, never rely on them for memory safety.
+pub trait BlockBackend: Send + Sync + Debug {
+    /// Size in bytes of what is exported.
+    fn size(&self) -> u64;
+
+    fn caps(&self) -> Caps;
+
+    /// Fill `buf` with the bytes at `offset`.
+    fn read(&self, offset: u64, buf: &mut [u8]) -> Result<()>;
+
+    /// Write `buf` at `offset`. Flags: FUA.
+    fn write(&self, offset: u64, buf: &[u8], flags: IoFlags) -> Result<()>;
+
+    /// Make every completed write durable.
+    fn flush(&self) -> Result<()>;
+
+    /// Advisory discard. Flags: FUA.
+    fn trim(&self, offset: u64, len: u64, flags: IoFlags) -> Result<()>;
+
+    /// Make the range read as zeroes. Flags: FUA, MAY_TRIM, FAST_ZERO.
+    fn write_zeroes(&self, _offset: u64, _len: u64, _flags: IoFlags) -> Result<()> {
+        Err(Error::NotSupported("write zeroes"))
+    }
+
+    /// Prefetch hint.
+    fn cache(&self, _offset: u64, _len: u64) -> Result<()> {
+        Ok(())
+    }
+
+    /// Append to `out` extents describing `[offset, offset + len)`, starting exactly at `offset`.
+    /// It may stop early (at least one extent) and the last extent may run past `len`.
+    /// The default: all data, allocated in this layer.
+    fn block_status(&self, offset: u64, len: u64, out: &mut Extents) -> Result<()> {
+        let _ = offset;
+        out.push(Extent::new(len, ExtentFlags::empty(), 1));
+        Ok(())
+    }
+
+    /// The format's name, as `qemu-img info` prints it.
+    fn format_name(&self) -> &'static str;
+}

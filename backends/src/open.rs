@@ -1,0 +1,162 @@
+//! Format probing and opening: the one place that turns a file name and options into a backend.
+
+use crate::raw::{RawFile, RawOptions};
+use crate::slice::Slice;
+use crate::{BlockBackend, Error, Result};
+use std::fs::File;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+/// Image formats qnbd knows by name.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Format {
+    Raw,
+    Qcow2,
+}
+
+impl Format {
+    /// Parse a `-f` / `driver=` name; None for a name qemu would call an unknown driver.
+    pub fn from_name(name: &str) -> Option<Format> {
+        match name {
+            "raw" => Some(Format::Raw),
+            "qcow2" => Some(Format::Qcow2),
+            _ => None,
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Format::Raw => "raw",
+            Format::Qcow2 => "qcow2",
+        }
+    }
+}
+
+/// Everything needed to open one image.
+#[derive(Clone, Debug, Default)]
+pub struct ImageOptions {
+    pub path: PathBuf,
+    /// None: probe.
+    pub format: Option<Format>,
+    pub read_only: bool,
+    /// `--discard=unmap`.
+    pub discard: bool,
+    /// Byte window into the image (`-o`, `offset=`/`size=`).
+    pub offset: u64,
+    pub size: Option<u64>,
+}
+
+/// What was opened, and what a user should be warned about.
+pub struct Opened {
+    pub backend: Arc<dyn BlockBackend>,
+    pub format: Format,
+    pub warnings: Vec<String>,
+}
+
+const QCOW2_MAGIC: &[u8; 4] = b"QFI\xfb";
+
+/// Guess an image's format from its first bytes; raw when nothing matches.
+pub fn detect_format(head: &[u8]) -> Format {
+    if head.len() >= 8 && &head[..4] == QCOW2_MAGIC {
+        let version = u32::from_be_bytes([head[4], head[5], head[6], head[7]]);
+        if version >= 2 {
+            return Format::Qcow2;
+        }
+    }
+    Format::Raw
+}
+
+fn read_head(path: &Path) -> Result<Vec<u8>> {
+    let f = File::open(path).map_err(|e| {
+        let msg = e.raw_os_error().map(|c| nix::errno::Errno::from_raw(c).desc().to_string());
+        Error::Open(format!(
+            "Could not open '{}': {}",
+            path.display(),
+            msg.unwrap_or_else(|| e.to_string())
+        ))
+    })?;
+    let mut head = vec![0u8; 512];
+    let mut got = 0;
+    while got < head.len() {
+        match f.read_at(&mut head[got..], got as u64) {
+            Ok(0) => break,
+            Ok(n) => got += n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => {
+                return Err(Error::Open(format!("Could not read '{}': {e}", path.display())))
+            }
+        }
+    }
+    head.truncate(got);
+    Ok(head)
+}
+
+/// Open an image as qemu's block layer would: probe or check the format, open the format
+/// driver over the file, then apply the byte window.
+pub fn open_image(opts: &ImageOptions) -> Result<Opened> {
+    let head = read_head(&opts.path)?;
+    let detected = detect_format(&head);
+    let mut warnings = Vec::new();
+    let format = match opts.format {
+        Some(f) => {
+            if f == Format::Qcow2 && detected != Format::Qcow2 {
+                return Err(Error::Open("Image is not in qcow2 format".into()));
+            }
+            f
+        }
+        None => {
+            if detected == Format::Raw {
+                let name = opts.path.display();
+                warnings.push(format!(
+                    "WARNING: Image format was not specified for '{name}' and probing guessed raw.\n         \
+                     Automatically detecting the format is dangerous for raw images, write operations on block 0 will be restricted.\n         \
+                     Specify the 'raw' format explicitly to remove the restrictions."
+                ));
+            }
+            detected
+        }
+    };
+    let raw_opts = RawOptions { read_only: opts.read_only, discard: opts.discard };
+    let backend: Arc<dyn BlockBackend> = match format {
+        Format::Raw => {
+            let raw = Arc::new(RawFile::open(&opts.path, raw_opts)?);
+            if opts.format.is_none() && !opts.read_only {
+                Arc::new(crate::probe_guard::ProbedRaw::new(raw))
+            } else {
+                raw
+            }
+        }
+        Format::Qcow2 => {
+            return Err(Error::Open(format!(
+                "'{}': qcow2 images are not supported yet",
+                opts.path.display()
+            )))
+        }
+    };
+    let backend: Arc<dyn BlockBackend> = if opts.offset != 0 || opts.size.is_some() {
+        Arc::new(Slice::new(backend, opts.offset, opts.size)?)
+    } else {
+        backend
+    };
+    Ok(Opened { backend, format, warnings })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn probes_qcow2_magic_and_falls_back_to_raw() {
+        assert_eq!(detect_format(b"QFI\xfb\0\0\0\x03rest"), Format::Qcow2);
+        assert_eq!(detect_format(b"QFI\xfb\0\0\0\x01rest"), Format::Raw);
+        assert_eq!(detect_format(b"QFI"), Format::Raw);
+        assert_eq!(detect_format(&[0u8; 512]), Format::Raw);
+    }
+
+    #[test]
+    fn unknown_names_are_none() {
+        assert_eq!(Format::from_name("bogus"), None);
+        assert_eq!(Format::from_name("raw"), Some(Format::Raw));
+    }
+}

@@ -1,0 +1,74 @@
+//! qemu's protection for a raw image whose format was guessed: a write to the first sector
+//! that would make the image probe as another format is refused with EPERM, since the next
+//! open would then trust guest-written metadata.
+
+use crate::open::{detect_format, Format};
+use crate::{BlockBackend, Caps, Error, Extents, IoFlags, Result};
+use std::sync::Arc;
+
+#[derive(Debug)]
+pub struct ProbedRaw {
+    inner: Arc<dyn BlockBackend>,
+}
+
+impl ProbedRaw {
+    pub fn new(inner: Arc<dyn BlockBackend>) -> ProbedRaw {
+        ProbedRaw { inner }
+    }
+
+    /// The first sector as it would be after writing `buf` at `offset`.
+    fn check_block0(&self, offset: u64, buf: &[u8]) -> Result<()> {
+        if offset >= 512 {
+            return Ok(());
+        }
+        let mut head = vec![0u8; 512.min(self.inner.size() as usize)];
+        self.inner.read(0, &mut head)?;
+        let start = offset as usize;
+        let n = buf.len().min(head.len().saturating_sub(start));
+        head[start..start + n].copy_from_slice(&buf[..n]);
+        if detect_format(&head) != Format::Raw {
+            return Err(Error::Io {
+                op: "write",
+                path: "block 0 of a probed raw image".into(),
+                offset,
+                len: buf.len() as u64,
+                source: std::io::Error::from_raw_os_error(libc::EPERM),
+            });
+        }
+        Ok(())
+    }
+}
+
+impl BlockBackend for ProbedRaw {
+    fn size(&self) -> u64 {
+        self.inner.size()
+    }
+    fn caps(&self) -> Caps {
+        self.inner.caps()
+    }
+    fn read(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
+        self.inner.read(offset, buf)
+    }
+    fn write(&self, offset: u64, buf: &[u8], flags: IoFlags) -> Result<()> {
+        self.check_block0(offset, buf)?;
+        self.inner.write(offset, buf, flags)
+    }
+    fn flush(&self) -> Result<()> {
+        self.inner.flush()
+    }
+    fn trim(&self, offset: u64, len: u64, flags: IoFlags) -> Result<()> {
+        self.inner.trim(offset, len, flags)
+    }
+    fn write_zeroes(&self, offset: u64, len: u64, flags: IoFlags) -> Result<()> {
+        self.inner.write_zeroes(offset, len, flags)
+    }
+    fn cache(&self, offset: u64, len: u64) -> Result<()> {
+        self.inner.cache(offset, len)
+    }
+    fn block_status(&self, offset: u64, len: u64, out: &mut Extents) -> Result<()> {
+        self.inner.block_status(offset, len, out)
+    }
+    fn format_name(&self) -> &'static str {
+        self.inner.format_name()
+    }
+}
