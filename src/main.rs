@@ -1,1 +1,67 @@
-fn main() {}
+//! qnbd: a qemu-nbd compatible command line over the `backends` and `frontends` crates.
+//! This crate only maps options onto them: no protocol and no image format here.
+
+mod cli;
+mod daemon;
+mod listen;
+mod serve;
+
+use clap::Parser;
+use cli::Cli;
+
+/// Print `qnbd: MSG` and exit 1, as qemu-nbd's error_report + exit(EXIT_FAILURE).
+pub fn die(msg: impl std::fmt::Display) -> ! {
+    eprintln!("qnbd: {msg}");
+    std::process::exit(1);
+}
+
+fn init_logging(verbose: u8, trace: bool) {
+    use tracing_subscriber::EnvFilter;
+    let level = match (verbose, trace) {
+        (_, true) | (3.., _) => "trace",
+        (2, _) => "debug",
+        (1, _) => "info",
+        _ => "warn",
+    };
+    let filter = EnvFilter::try_from_env("QNBD_LOG").unwrap_or_else(|_| EnvFilter::new(level));
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(filter)
+        .with_target(false)
+        .init();
+}
+
+fn main() {
+    let cli = match Cli::try_parse() {
+        Ok(c) => c,
+        Err(e) => {
+            use clap::error::ErrorKind;
+            let text = e.to_string();
+            let first = text.lines().next().unwrap_or("").trim_start_matches("error: ");
+            let msg = match e.kind() {
+                ErrorKind::UnknownArgument => {
+                    let arg = first.split('\'').nth(1).unwrap_or(first);
+                    if arg.starts_with("--") {
+                        format!("unrecognized option '{arg}'")
+                    } else {
+                        format!("invalid option -- '{}'", arg.trim_start_matches('-'))
+                    }
+                }
+                _ => first.to_string(),
+            };
+            eprintln!("qnbd: {msg}");
+            eprintln!("qnbd: Try `qnbd --help' for more information.");
+            std::process::exit(1);
+        }
+    };
+    if cli.help {
+        print!("{}", cli::HELP);
+        return;
+    }
+    if cli.version {
+        print!("{}", cli::version());
+        return;
+    }
+    init_logging(cli.verbose, !cli.trace.is_empty());
+    serve::run(cli);
+}

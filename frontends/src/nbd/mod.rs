@@ -1,0 +1,5 @@
+//! The NBD protocol: constants, pure wire encoding, and the server.
+
+pub mod proto;
+pub mod server;
+pub mod wire;

@@ -1,0 +1,64 @@
+//! `--fork` as qemu-nbd does it: the parent relays the child's stderr until the child is ready,
+//! then exits 0 if the child printed nothing and 1 if it did (or died first).
+
+use nix::unistd::{dup, dup2, fork, pipe, setsid, ForkResult};
+use std::fs::File;
+use std::io::{Read, Write};
+use std::os::fd::{AsRawFd, IntoRawFd, OwnedFd};
+use std::os::unix::io::RawFd;
+
+/// Held by the child until it is serving.
+pub struct Readiness {
+    old_stderr: RawFd,
+}
+
+/// Fork. Returns in the child only; the parent exits once the child is ready.
+pub fn fork_and_wait() -> std::io::Result<Readiness> {
+    let (rd, wr): (OwnedFd, OwnedFd) = pipe()?;
+    // SAFETY: called before any thread is started, so the child owns a consistent copy.
+    match unsafe { fork() }? {
+        ForkResult::Parent { child } => {
+            drop(wr);
+            let mut relay = File::from(rd);
+            let mut buf = [0u8; 4096];
+            let mut printed = false;
+            let mut stderr = std::io::stderr();
+            loop {
+                match relay.read(&mut buf) {
+                    Ok(0) => break,
+                    Ok(n) => {
+                        printed = true;
+                        let _ = stderr.write_all(&buf[..n]);
+                    }
+                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                    Err(_) => break,
+                }
+            }
+            let died = matches!(
+                nix::sys::wait::waitpid(child, Some(nix::sys::wait::WaitPidFlag::WNOHANG)),
+                Ok(nix::sys::wait::WaitStatus::Exited(..)) | Ok(nix::sys::wait::WaitStatus::Signaled(..))
+            );
+            std::process::exit(if printed || died { 1 } else { 0 });
+        }
+        ForkResult::Child => {
+            drop(rd);
+            setsid()?;
+            let old_stderr = dup(2)?;
+            let null = File::options().read(true).write(true).open("/dev/null")?;
+            dup2(null.as_raw_fd(), 0)?;
+            dup2(null.as_raw_fd(), 1)?;
+            let wr = wr.into_raw_fd();
+            dup2(wr, 2)?;
+            nix::unistd::close(wr)?;
+            Ok(Readiness { old_stderr })
+        }
+    }
+}
+
+impl Readiness {
+    /// Serving: give stderr back, which closes the pipe and lets the parent exit.
+    pub fn ready(self) {
+        let _ = dup2(self.old_stderr, 2);
+        let _ = nix::unistd::close(self.old_stderr);
+    }
+}

@@ -1,0 +1,62 @@
+//! Listening sockets from `-b`/`-p`/`-k`, with qemu-nbd's backlog and error wording.
+
+use frontends::nbd::server::Listener;
+use socket2::{Domain, Socket, Type};
+use std::net::{SocketAddr, ToSocketAddrs};
+use std::os::unix::net::UnixListener;
+use std::path::Path;
+
+pub fn backlog(shared: u32, persistent: bool) -> i32 {
+    let somaxconn = libc::SOMAXCONN;
+    if persistent || shared == 0 {
+        somaxconn
+    } else {
+        (shared as i32).min(somaxconn)
+    }
+}
+
+pub fn unix(path: &Path, backlog: i32) -> Result<Listener, String> {
+    // A stale socket from an earlier run would make bind fail; qemu unlinks it too.
+    if let Ok(meta) = std::fs::symlink_metadata(path) {
+        use std::os::unix::fs::FileTypeExt;
+        if meta.file_type().is_socket() {
+            let _ = std::fs::remove_file(path);
+        }
+    }
+    let sock = Socket::new(Domain::UNIX, Type::STREAM.cloexec(), None).map_err(|e| e.to_string())?;
+    let addr = socket2::SockAddr::unix(path).map_err(|e| e.to_string())?;
+    sock.bind(&addr)
+        .map_err(|e| format!("Failed to bind socket to {}: {e}", path.display()))?;
+    sock.listen(backlog).map_err(|e| format!("Failed to listen on socket: {e}"))?;
+    Ok(Listener::Unix(UnixListener::from(std::os::fd::OwnedFd::from(sock))))
+}
+
+/// Listeners on every address `host` resolves to.
+pub fn tcp(host: &str, port: u16, backlog: i32) -> Result<Vec<Listener>, String> {
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    let addrs: Vec<SocketAddr> = (host, port)
+        .to_socket_addrs()
+        .map_err(|e| format!("address resolution failed for {host}:{port}: {e}"))?
+        .collect();
+    let mut out = Vec::new();
+    let mut last_err = None;
+    for a in addrs {
+        let sock = Socket::new(Domain::for_address(a), Type::STREAM.cloexec(), None).map_err(|e| e.to_string())?;
+        let _ = sock.set_reuse_address(true);
+        if a.is_ipv6() {
+            let _ = sock.set_only_v6(true);
+        }
+        match sock.bind(&a.into()).and_then(|_| sock.listen(backlog)) {
+            Ok(()) => out.push(Listener::Tcp(std::net::TcpListener::from(std::os::fd::OwnedFd::from(sock)))),
+            Err(e) => last_err = Some(e),
+        }
+    }
+    if out.is_empty() {
+        let e = last_err.map(|e| {
+            let code = e.raw_os_error().unwrap_or(libc::EINVAL);
+            nix::errno::Errno::from_raw(code).desc().to_string()
+        });
+        return Err(format!("Failed to find an available port: {}", e.unwrap_or_else(|| "no address".into())));
+    }
+    Ok(out)
+}

@@ -1,0 +1,308 @@
+//! Wiring for server mode: check the options as qemu-nbd does, open the image, listen, fork,
+//! serve, and clean up on exit or signal.
+
+use crate::cli::{parse_c_number, Cli};
+use crate::{daemon, die, listen};
+use backends::open::{open_image, Format, ImageOptions};
+use backends::Device;
+use frontends::nbd::proto::{DEFAULT_PORT, MAX_STRING_SIZE};
+use frontends::nbd::server::{Export, Server, ServerOptions};
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+fn try_help() -> ! {
+    eprintln!("qnbd: Invalid number of arguments");
+    eprintln!("Try `qnbd --help' for more information.");
+    std::process::exit(1);
+}
+
+fn not_yet(what: &str, issue: &str) -> ! {
+    die(format!("{what} is not supported yet (planned: {issue})"))
+}
+
+/// What to remove when the process ends, however it ends.
+#[derive(Default)]
+struct Cleanup {
+    socket: Option<PathBuf>,
+    pid_file: Option<PathBuf>,
+    device: Option<Device>,
+}
+
+impl Cleanup {
+    fn run(&mut self) {
+        if let Some(d) = self.device.take() {
+            if let Err(e) = d.flush() {
+                eprintln!("qnbd: flush on exit failed: {e}");
+            }
+        }
+        if let Some(p) = self.socket.take() {
+            let _ = std::fs::remove_file(p);
+        }
+        if let Some(p) = self.pid_file.take() {
+            let _ = std::fs::remove_file(p);
+        }
+    }
+}
+
+/// Reject, with qemu-nbd's words, combinations it rejects before touching anything.
+fn check_modes(cli: &Cli) {
+    if cli.list {
+        if !cli.args.is_empty() {
+            die("List mode is incompatible with a file name");
+        }
+        if cli.export_name.is_some()
+            || cli.description.is_some()
+            || cli.offset.is_some()
+            || cli.format.is_some()
+            || cli.connect.is_some()
+            || cli.disconnect
+            || !cli.bitmap.is_empty()
+            || cli.allocation_depth
+            || cli.snapshot
+            || cli.load_snapshot.is_some()
+            || cli.nocache
+            || cli.cache.is_some()
+            || cli.aio.is_some()
+            || cli.discard.is_some()
+            || cli.detect_zeroes.is_some()
+            || cli.image_opts
+        {
+            die("List mode is incompatible with per-device settings");
+        }
+        if cli.fork {
+            die("List mode is incompatible with forking");
+        }
+    }
+    if cli.tls_authz.is_some() && cli.tls_creds.is_none() {
+        die("--tls-authz is not permitted without --tls-creds");
+    }
+    if cli.tls_hostname.is_some() && cli.tls_creds.is_none() {
+        die("--tls-hostname is not permitted without --tls-creds");
+    }
+    if cli.image_opts && cli.format.is_some() {
+        die("--image-opts and -f are mutually exclusive");
+    }
+    if cli.selinux_label.is_some() {
+        if cli.socket.is_none() {
+            die("--selinux-label is not permitted without --socket");
+        }
+        die("SELinux support not enabled in this binary");
+    }
+}
+
+fn check_unsupported(cli: &Cli) {
+    if cli.list {
+        not_yet("-L/--list", "the TLS and NBD client issue");
+    }
+    if cli.disconnect || cli.connect.is_some() {
+        not_yet("-c/-d (kernel NBD devices)", "the kernel binder issue");
+    }
+    if !cli.object.is_empty() || cli.tls_creds.is_some() {
+        not_yet("--object and --tls-creds", "the TLS issue");
+    }
+    if !cli.bitmap.is_empty() {
+        not_yet("-B/--bitmap", "the image options issue");
+    }
+    if cli.load_snapshot.is_some() {
+        not_yet("-l/--load-snapshot", "the image options issue");
+    }
+    if cli.image_opts {
+        not_yet("--image-opts", "the image options issue");
+    }
+    if cli.snapshot {
+        not_yet("-s/--snapshot", "the qcow2 issue");
+    }
+    if cli.nocache {
+        not_yet("-n/--nocache", "the image options issue");
+    }
+    match cli.cache.as_deref() {
+        None | Some("writeback") => {}
+        Some(m @ ("none" | "writethrough" | "directsync" | "unsafe")) => {
+            not_yet(&format!("--cache={m}"), "the image options issue")
+        }
+        Some(m) => die(format!("Invalid cache mode '{m}'")),
+    }
+    match cli.aio.as_deref() {
+        None | Some("threads") => {}
+        Some(m @ ("native" | "io_uring")) => not_yet(&format!("--aio={m}"), "the image options issue"),
+        Some(m) => die(format!("invalid aio mode '{m}'")),
+    }
+    match cli.detect_zeroes.as_deref() {
+        None | Some("off") => {}
+        Some(m @ ("on" | "unmap")) => not_yet(&format!("--detect-zeroes={m}"), "the image options issue"),
+        Some(m) => die(format!("parameter 'detect-zeroes' does not accept value '{m}'")),
+    }
+}
+
+pub fn run(cli: Cli) {
+    check_modes(&cli);
+    if cli.disconnect {
+        check_unsupported(&cli);
+    }
+    if cli.args.len() != 1 && !cli.list {
+        try_help();
+    }
+    check_unsupported(&cli);
+
+    let shared = match cli.shared.as_deref() {
+        None => 1,
+        Some(s) => match parse_c_number(s) {
+            Some(n) if (0..=i32::MAX as i64).contains(&n) => n as u32,
+            _ => die(format!("Invalid shared device number '{s}'")),
+        },
+    };
+    let offset = match cli.offset.as_deref() {
+        None => 0,
+        Some(s) => match parse_c_number(s) {
+            Some(n) if n >= 0 => n as u64,
+            _ => die(format!("Invalid offset '{s}'")),
+        },
+    };
+    let handshake_limit = match cli.handshake_limit.as_deref() {
+        None => Some(Duration::from_secs(10)),
+        Some(s) => match parse_c_number(s) {
+            Some(0) => None,
+            Some(n) if n > 0 => Some(Duration::from_secs(n as u64)),
+            _ => die(format!("Invalid handshake limit '{s}'")),
+        },
+    };
+    let export_name = cli.export_name.clone().unwrap_or_default();
+    if export_name.len() > MAX_STRING_SIZE {
+        die(format!("export name '{export_name}' too long"));
+    }
+    let description = cli.description.clone().unwrap_or_default();
+    if description.len() > MAX_STRING_SIZE {
+        die(format!("description '{description}' too long"));
+    }
+    if let Some(k) = &cli.socket {
+        if !k.starts_with('/') {
+            die("socket path must be absolute");
+        }
+    }
+    let port = match cli.port.as_deref() {
+        None => DEFAULT_PORT,
+        // getaddrinfo truncates to 16 bits; qemu-nbd listens where it lands.
+        Some(p) => match p.parse::<u64>() {
+            Ok(n) => (n & 0xffff) as u16,
+            Err(_) => die(format!("Invalid port '{p}'")),
+        },
+    };
+    let discard = match cli.discard.as_deref() {
+        None | Some("ignore") | Some("off") => false,
+        Some("unmap") | Some("on") => true,
+        Some(m) => die(format!("Invalid discard option '{m}'")),
+    };
+    let format = cli.format.as_deref().map(|f| match Format::from_name(f) {
+        Some(f) => f,
+        None => die(format!("Failed to blk_new_open '{}': Unknown driver '{f}'", cli.args[0])),
+    });
+
+    let readiness = if cli.fork {
+        match daemon::fork_and_wait() {
+            Ok(r) => Some(r),
+            Err(e) => die(format!("Failed to fork: {e}")),
+        }
+    } else {
+        None
+    };
+
+    let file = cli.args[0].clone();
+    let opts = ImageOptions {
+        path: PathBuf::from(&file),
+        format,
+        read_only: cli.read_only,
+        discard,
+        offset: 0,
+        size: None,
+    };
+    let opened = match open_image(&opts) {
+        Ok(o) => o,
+        Err(e) => die(format!("Failed to blk_new_open '{file}': {e}")),
+    };
+    for w in &opened.warnings {
+        eprintln!("{w}");
+    }
+    let backend = if offset != 0 {
+        let inner_size = opened.backend.size();
+        if offset > inner_size {
+            die(format!("Offset ({offset}) cannot be greater than size of the containing file ({inner_size})"));
+        }
+        match backends::slice::Slice::new(opened.backend, offset, None) {
+            Ok(s) => Arc::new(s) as Arc<dyn backends::BlockBackend>,
+            Err(e) => die(e),
+        }
+    } else {
+        opened.backend
+    };
+    let device = Device::new(backend);
+
+    let backlog = listen::backlog(shared, cli.persistent);
+    let mut cleanup = Cleanup { device: Some(device.clone()), ..Default::default() };
+    let listeners = if let Some(k) = &cli.socket {
+        let path = PathBuf::from(k);
+        match listen::unix(&path, backlog) {
+            Ok(l) => {
+                cleanup.socket = Some(path);
+                vec![l]
+            }
+            Err(e) => die(e),
+        }
+    } else {
+        let host = cli.bind.clone().unwrap_or_else(|| "0.0.0.0".into());
+        match listen::tcp(&host, port, backlog) {
+            Ok(l) => l,
+            Err(e) => die(e),
+        }
+    };
+    if let Some(p) = &cli.pid_file {
+        if let Err(e) = std::fs::write(p, format!("{}\n", std::process::id())) {
+            cleanup.run();
+            die(format!("Failed to write pid file '{p}': {e}"));
+        }
+        cleanup.pid_file = Some(PathBuf::from(p));
+    }
+    let cleanup = Arc::new(Mutex::new(cleanup));
+    install_signal_handlers(cleanup.clone());
+
+    let export = Export::new(export_name, description, device, shared != 1, cli.allocation_depth);
+    let server = Server::new(
+        export,
+        ServerOptions { shared, persistent: cli.persistent, handshake_limit, ..Default::default() },
+    );
+    tracing::info!("serving '{file}' ({} bytes)", server.export().device.size());
+    if let Some(r) = readiness {
+        r.ready();
+    }
+    let result = server.run(listeners);
+    lock_cleanup(&cleanup).run();
+    if let Err(e) = result {
+        die(e);
+    }
+}
+
+fn lock_cleanup(c: &Mutex<Cleanup>) -> std::sync::MutexGuard<'_, Cleanup> {
+    match c.lock() {
+        Ok(g) => g,
+        Err(p) => p.into_inner(),
+    }
+}
+
+/// SIGTERM, SIGINT and SIGHUP: flush, remove what we created, exit 0 (as qemu-nbd).
+fn install_signal_handlers(cleanup: Arc<Mutex<Cleanup>>) {
+    use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
+    let mut signals = match signal_hook::iterator::Signals::new([SIGTERM, SIGINT, SIGHUP]) {
+        Ok(s) => s,
+        Err(e) => die(format!("cannot install signal handlers: {e}")),
+    };
+    let spawned = std::thread::Builder::new().name("signals".into()).spawn(move || {
+        if let Some(sig) = signals.forever().next() {
+            tracing::info!("signal {sig}: shutting down");
+            lock_cleanup(&cleanup).run();
+            std::process::exit(0);
+        }
+    });
+    if let Err(e) = spawned {
+        die(format!("cannot start the signal thread: {e}"));
+    }
+}
