@@ -1,0 +1,195 @@
+//! Shared helpers for integration tests: start qnbd (or qemu-nbd beside it) on a private
+//! socket, run real clients, and say SKIP loudly when a client is missing.
+
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+pub const QNBD: &str = env!("CARGO_BIN_EXE_qnbd");
+
+/// True if `tool` runs; otherwise prints a loud SKIP line (CI installs every tool, so a
+/// SKIP there is a broken CI script, and `.ci/run` fails on it).
+pub fn have(tool: &str) -> bool {
+    let ok = Command::new(tool)
+        .arg("--version")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    if !ok {
+        eprintln!("SKIP: {tool} is not installed; this test did not run");
+        if std::env::var_os("QNBD_REQUIRE_TOOLS").is_some() {
+            panic!("{tool} is required (QNBD_REQUIRE_TOOLS is set)");
+        }
+    }
+    ok
+}
+
+/// Debian's libnbd Python module loads only under the system interpreter.
+pub const PYTHON: &str = "/usr/bin/python3";
+
+pub fn have_nbdsh() -> bool {
+    let ok = Command::new(PYTHON)
+        .args(["-c", "import nbd"])
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    if !ok {
+        eprintln!("SKIP: python3-libnbd is not installed; this test did not run");
+        if std::env::var_os("QNBD_REQUIRE_TOOLS").is_some() {
+            panic!("python3-libnbd is required (QNBD_REQUIRE_TOOLS is set)");
+        }
+    }
+    ok
+}
+
+pub fn tmpdir() -> tempfile::TempDir {
+    tempfile::Builder::new().prefix("qnbd-test").tempdir().expect("tempdir")
+}
+
+/// A sparse raw image of `size` bytes with `data` written at each offset.
+pub fn make_raw(dir: &Path, name: &str, size: u64, data: &[(u64, &[u8])]) -> PathBuf {
+    use std::os::unix::fs::FileExt;
+    let p = dir.join(name);
+    let f = std::fs::File::create(&p).expect("create image");
+    f.set_len(size).expect("set_len");
+    for (off, bytes) in data {
+        f.write_all_at(bytes, *off).expect("write image");
+    }
+    p
+}
+
+pub fn run(cmd: &mut Command) -> Output {
+    let out = cmd.output().unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"));
+    out
+}
+
+/// Run and require success; returns stdout.
+pub fn ok(cmd: &mut Command) -> String {
+    let out = run(cmd);
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed: {}\nstdout: {}\nstderr: {}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// A running server process, killed on drop.
+pub struct Server {
+    pub child: Child,
+    pub socket: Option<PathBuf>,
+    pub port: Option<u16>,
+    pub name: String,
+    _dir: Option<tempfile::TempDir>,
+}
+
+pub fn free_port() -> u16 {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    l.local_addr().expect("addr").port()
+}
+
+impl Server {
+    /// Start `bin` (qnbd or qemu-nbd) with `args` on a fresh Unix socket.
+    pub fn unix(bin: &str, args: &[&str]) -> Server {
+        let dir = tmpdir();
+        let sock = dir.path().join("nbd.sock");
+        let pid = dir.path().join("pid");
+        let mut all: Vec<String> = vec!["-k".into(), sock.display().to_string()];
+        all.push(format!("--pid-file={}", pid.display()));
+        all.extend(args.iter().map(|s| s.to_string()));
+        let child = Command::new(bin).args(&all).stdin(Stdio::null()).spawn().expect("spawn server");
+        let mut s = Server { child, socket: Some(sock), port: None, name: String::new(), _dir: Some(dir) };
+        s.wait_ready(&pid);
+        s
+    }
+
+    /// Start `bin` on 127.0.0.1 and a free port.
+    pub fn tcp(bin: &str, args: &[&str]) -> Server {
+        let dir = tmpdir();
+        let pid = dir.path().join("pid");
+        let port = free_port();
+        let mut all: Vec<String> = vec!["-b".into(), "127.0.0.1".into(), "-p".into(), port.to_string()];
+        all.push(format!("--pid-file={}", pid.display()));
+        all.extend(args.iter().map(|s| s.to_string()));
+        let child = Command::new(bin).args(&all).stdin(Stdio::null()).spawn().expect("spawn server");
+        let mut s = Server { child, socket: None, port: Some(port), name: String::new(), _dir: Some(dir) };
+        s.wait_ready(&pid);
+        s
+    }
+
+    pub fn with_name(mut self, name: &str) -> Server {
+        self.name = name.to_string();
+        self
+    }
+
+    fn wait_ready(&mut self, pid: &Path) {
+        let start = Instant::now();
+        while start.elapsed() < Duration::from_secs(20) {
+            if std::fs::read_to_string(pid).is_ok_and(|s| s.ends_with('\n')) {
+                return;
+            }
+            if let Ok(Some(st)) = self.child.try_wait() {
+                panic!("server exited before it was ready: {st}");
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        panic!("server not ready after 20 s");
+    }
+
+    /// An NBD URI for qemu and libnbd clients.
+    pub fn uri(&self) -> String {
+        match (&self.socket, self.port) {
+            (Some(s), _) => format!("nbd+unix:///{}?socket={}", self.name, s.display()),
+            (None, Some(p)) => format!("nbd://127.0.0.1:{p}/{}", self.name),
+            _ => unreachable!("server has an address"),
+        }
+    }
+
+    /// Wait for the server to exit by itself.
+    pub fn wait_exit(&mut self, limit: Duration) -> Option<std::process::ExitStatus> {
+        let start = Instant::now();
+        while start.elapsed() < limit {
+            if let Ok(Some(st)) = self.child.try_wait() {
+                return Some(st);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        None
+    }
+
+    pub fn terminate(&mut self) -> Option<std::process::ExitStatus> {
+        let _ = nix_kill(self.child.id(), libc_sigterm());
+        self.wait_exit(Duration::from_secs(10))
+    }
+}
+
+fn libc_sigterm() -> i32 {
+    15
+}
+
+fn nix_kill(pid: u32, sig: i32) -> std::io::Result<()> {
+    let st = Command::new("kill").arg(format!("-{sig}")).arg(pid.to_string()).status()?;
+    if st.success() {
+        Ok(())
+    } else {
+        Err(std::io::Error::other("kill failed"))
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Run a Python libnbd script (from tests/nbdsh/) with the URI as its argument.
+pub fn nbdsh_script(script: &str, uri: &str, extra: &[&str]) -> String {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/nbdsh").join(script);
+    ok(Command::new(PYTHON).arg(path).arg(uri).args(extra))
+}
