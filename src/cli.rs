@@ -192,7 +192,16 @@ mod tests {
 
     #[test]
     fn spellings_of_qemu_nbd_are_accepted() {
-        let c = parse(&["-p", "10810", "--bind=127.0.0.1", "-x", "n", "--persist", "-e3", "img"]);
+        let c = parse(&[
+            "-p",
+            "10810",
+            "--bind=127.0.0.1",
+            "-x",
+            "n",
+            "--persist",
+            "-e3",
+            "img",
+        ]);
         assert_eq!(c.port.as_deref(), Some("10810"));
         assert_eq!(c.bind.as_deref(), Some("127.0.0.1"));
         assert!(c.persistent);

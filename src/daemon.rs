@@ -36,7 +36,8 @@ pub fn fork_and_wait() -> std::io::Result<Readiness> {
             }
             let died = matches!(
                 nix::sys::wait::waitpid(child, Some(nix::sys::wait::WaitPidFlag::WNOHANG)),
-                Ok(nix::sys::wait::WaitStatus::Exited(..)) | Ok(nix::sys::wait::WaitStatus::Signaled(..))
+                Ok(nix::sys::wait::WaitStatus::Exited(..))
+                    | Ok(nix::sys::wait::WaitStatus::Signaled(..))
             );
             std::process::exit(if printed || died { 1 } else { 0 });
         }

@@ -23,12 +23,16 @@ pub fn unix(path: &Path, backlog: i32) -> Result<Listener, String> {
             let _ = std::fs::remove_file(path);
         }
     }
-    let sock = Socket::new(Domain::UNIX, Type::STREAM.cloexec(), None).map_err(|e| e.to_string())?;
+    let sock =
+        Socket::new(Domain::UNIX, Type::STREAM.cloexec(), None).map_err(|e| e.to_string())?;
     let addr = socket2::SockAddr::unix(path).map_err(|e| e.to_string())?;
     sock.bind(&addr)
         .map_err(|e| format!("Failed to bind socket to {}: {e}", path.display()))?;
-    sock.listen(backlog).map_err(|e| format!("Failed to listen on socket: {e}"))?;
-    Ok(Listener::Unix(UnixListener::from(std::os::fd::OwnedFd::from(sock))))
+    sock.listen(backlog)
+        .map_err(|e| format!("Failed to listen on socket: {e}"))?;
+    Ok(Listener::Unix(UnixListener::from(
+        std::os::fd::OwnedFd::from(sock),
+    )))
 }
 
 /// Listeners on every address `host` resolves to.
@@ -41,13 +45,16 @@ pub fn tcp(host: &str, port: u16, backlog: i32) -> Result<Vec<Listener>, String>
     let mut out = Vec::new();
     let mut last_err = None;
     for a in addrs {
-        let sock = Socket::new(Domain::for_address(a), Type::STREAM.cloexec(), None).map_err(|e| e.to_string())?;
+        let sock = Socket::new(Domain::for_address(a), Type::STREAM.cloexec(), None)
+            .map_err(|e| e.to_string())?;
         let _ = sock.set_reuse_address(true);
         if a.is_ipv6() {
             let _ = sock.set_only_v6(true);
         }
         match sock.bind(&a.into()).and_then(|_| sock.listen(backlog)) {
-            Ok(()) => out.push(Listener::Tcp(std::net::TcpListener::from(std::os::fd::OwnedFd::from(sock)))),
+            Ok(()) => out.push(Listener::Tcp(std::net::TcpListener::from(
+                std::os::fd::OwnedFd::from(sock),
+            ))),
             Err(e) => last_err = Some(e),
         }
     }
@@ -56,7 +63,10 @@ pub fn tcp(host: &str, port: u16, backlog: i32) -> Result<Vec<Listener>, String>
             let code = e.raw_os_error().unwrap_or(libc::EINVAL);
             nix::errno::Errno::from_raw(code).desc().to_string()
         });
-        return Err(format!("Failed to find an available port: {}", e.unwrap_or_else(|| "no address".into())));
+        return Err(format!(
+            "Failed to find an available port: {}",
+            e.unwrap_or_else(|| "no address".into())
+        ));
     }
     Ok(out)
 }

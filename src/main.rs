@@ -37,7 +37,11 @@ fn main() {
         Err(e) => {
             use clap::error::ErrorKind;
             let text = e.to_string();
-            let first = text.lines().next().unwrap_or("").trim_start_matches("error: ");
+            let first = text
+                .lines()
+                .next()
+                .unwrap_or("")
+                .trim_start_matches("error: ");
             let msg = match e.kind() {
                 ErrorKind::UnknownArgument => {
                     let arg = first.split('\'').nth(1).unwrap_or(first);

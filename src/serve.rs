@@ -125,13 +125,19 @@ fn check_unsupported(cli: &Cli) {
     }
     match cli.aio.as_deref() {
         None | Some("threads") => {}
-        Some(m @ ("native" | "io_uring")) => not_yet(&format!("--aio={m}"), "the image options issue"),
+        Some(m @ ("native" | "io_uring")) => {
+            not_yet(&format!("--aio={m}"), "the image options issue")
+        }
         Some(m) => die(format!("invalid aio mode '{m}'")),
     }
     match cli.detect_zeroes.as_deref() {
         None | Some("off") => {}
-        Some(m @ ("on" | "unmap")) => not_yet(&format!("--detect-zeroes={m}"), "the image options issue"),
-        Some(m) => die(format!("parameter 'detect-zeroes' does not accept value '{m}'")),
+        Some(m @ ("on" | "unmap")) => {
+            not_yet(&format!("--detect-zeroes={m}"), "the image options issue")
+        }
+        Some(m) => die(format!(
+            "parameter 'detect-zeroes' does not accept value '{m}'"
+        )),
     }
 }
 
@@ -195,7 +201,10 @@ pub fn run(cli: Cli) {
     };
     let format = cli.format.as_deref().map(|f| match Format::from_name(f) {
         Some(f) => f,
-        None => die(format!("Failed to blk_new_open '{}': Unknown driver '{f}'", cli.args[0])),
+        None => die(format!(
+            "Failed to blk_new_open '{}': Unknown driver '{f}'",
+            cli.args[0]
+        )),
     });
 
     let readiness = if cli.fork {
@@ -238,7 +247,10 @@ pub fn run(cli: Cli) {
     let device = Device::new(backend);
 
     let backlog = listen::backlog(shared, cli.persistent);
-    let mut cleanup = Cleanup { device: Some(device.clone()), ..Default::default() };
+    let mut cleanup = Cleanup {
+        device: Some(device.clone()),
+        ..Default::default()
+    };
     let listeners = if let Some(k) = &cli.socket {
         let path = PathBuf::from(k);
         match listen::unix(&path, backlog) {
@@ -265,10 +277,21 @@ pub fn run(cli: Cli) {
     let cleanup = Arc::new(Mutex::new(cleanup));
     install_signal_handlers(cleanup.clone());
 
-    let export = Export::new(export_name, description, device, shared != 1, cli.allocation_depth);
+    let export = Export::new(
+        export_name,
+        description,
+        device,
+        shared != 1,
+        cli.allocation_depth,
+    );
     let server = Server::new(
         export,
-        ServerOptions { shared, persistent: cli.persistent, handshake_limit, ..Default::default() },
+        ServerOptions {
+            shared,
+            persistent: cli.persistent,
+            handshake_limit,
+            ..Default::default()
+        },
     );
     tracing::info!("serving '{file}' ({} bytes)", server.export().device.size());
     if let Some(r) = readiness {
@@ -295,13 +318,15 @@ fn install_signal_handlers(cleanup: Arc<Mutex<Cleanup>>) {
         Ok(s) => s,
         Err(e) => die(format!("cannot install signal handlers: {e}")),
     };
-    let spawned = std::thread::Builder::new().name("signals".into()).spawn(move || {
-        if let Some(sig) = signals.forever().next() {
-            tracing::info!("signal {sig}: shutting down");
-            lock_cleanup(&cleanup).run();
-            std::process::exit(0);
-        }
-    });
+    let spawned = std::thread::Builder::new()
+        .name("signals".into())
+        .spawn(move || {
+            if let Some(sig) = signals.forever().next() {
+                tracing::info!("signal {sig}: shutting down");
+                lock_cleanup(&cleanup).run();
+                std::process::exit(0);
+            }
+        });
     if let Err(e) = spawned {
         die(format!("cannot start the signal thread: {e}"));
     }

@@ -13,7 +13,19 @@ fn list_shows_name_and_description() {
     }
     let dir = tmpdir();
     let img = make_raw(dir.path(), "l.raw", 2 * MIB, &[]);
-    let s = Server::unix(QNBD, &["-f", "raw", "-t", "-x", "disk0", "-D", "my description", img.to_str().unwrap()]);
+    let s = Server::unix(
+        QNBD,
+        &[
+            "-f",
+            "raw",
+            "-t",
+            "-x",
+            "disk0",
+            "-D",
+            "my description",
+            img.to_str().unwrap(),
+        ],
+    );
     let out = ok(Command::new("nbdinfo").args(["--list", &s.uri()]));
     assert!(out.contains("export=\"disk0\""), "{out}");
     assert!(out.contains("description: my description"), "{out}");
@@ -29,7 +41,12 @@ fn json_reports_size_and_capabilities() {
     let img = make_raw(dir.path(), "j.raw", 3 * MIB, &[]);
     let s = Server::unix(QNBD, &["-f", "raw", "-t", img.to_str().unwrap()]);
     let out = ok(Command::new("nbdinfo").args(["--json", &s.uri()]));
-    for want in ["\"export-size\": 3145728", "\"can_trim\": true", "\"can_flush\": true", "\"is_read_only\": false"] {
+    for want in [
+        "\"export-size\": 3145728",
+        "\"can_trim\": true",
+        "\"can_flush\": true",
+        "\"is_read_only\": false",
+    ] {
         assert!(out.contains(want), "missing {want} in {out}");
     }
     let s = Server::unix(QNBD, &["-f", "raw", "-t", "-r", img.to_str().unwrap()]);
@@ -47,7 +64,12 @@ fn map_matches_qemu_nbd_on_a_sparse_image() {
         dir.path(),
         "sparse.raw",
         32 * MIB,
-        &[(0, &[1; 4096]), (MIB, &[2; 65536]), (5 * MIB + 4096, &[3; 300_000]), (32 * MIB - 512, &[4; 512])],
+        &[
+            (0, &[1; 4096]),
+            (MIB, &[2; 65536]),
+            (5 * MIB + 4096, &[3; 300_000]),
+            (32 * MIB - 512, &[4; 512]),
+        ],
     );
     let mut maps = Vec::new();
     for bin in [QNBD, "qemu-nbd"] {
@@ -57,5 +79,8 @@ fn map_matches_qemu_nbd_on_a_sparse_image() {
         maps.push((base, depth));
     }
     assert_eq!(maps[0].0, maps[1].0, "base:allocation: qnbd vs qemu-nbd");
-    assert_eq!(maps[0].1, maps[1].1, "qemu:allocation-depth: qnbd vs qemu-nbd");
+    assert_eq!(
+        maps[0].1, maps[1].1,
+        "qemu:allocation-depth: qnbd vs qemu-nbd"
+    );
 }

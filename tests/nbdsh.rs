@@ -19,7 +19,11 @@ fn structured_replies_block_status_fua_zero_and_range_errors() {
         let dir = tmpdir();
         let img = image(dir.path());
         let args = ["-f", "raw", "-t", img.to_str().unwrap()];
-        let s = if transport == "unix" { Server::unix(QNBD, &args) } else { Server::tcp(QNBD, &args) };
+        let s = if transport == "unix" {
+            Server::unix(QNBD, &args)
+        } else {
+            Server::tcp(QNBD, &args)
+        };
         assert_eq!(nbdsh_script("structured.py", &s.uri(), &[]).trim(), "ok");
     }
 }
@@ -43,13 +47,35 @@ fn meta_context_lists_match_qemu_rules() {
     let dir = tmpdir();
     let img = image(dir.path());
     let s = Server::unix(QNBD, &["-f", "raw", "-t", img.to_str().unwrap()]);
-    assert_eq!(nbdsh_script("meta.py", &s.uri(), &["base:allocation"]).trim(), "ok");
+    assert_eq!(
+        nbdsh_script("meta.py", &s.uri(), &["base:allocation"]).trim(),
+        "ok"
+    );
     let s = Server::unix(QNBD, &["-f", "raw", "-t", "-A", img.to_str().unwrap()]);
-    assert_eq!(nbdsh_script("meta.py", &s.uri(), &["base:allocation,qemu:allocation-depth"]).trim(), "ok");
+    assert_eq!(
+        nbdsh_script(
+            "meta.py",
+            &s.uri(),
+            &["base:allocation,qemu:allocation-depth"]
+        )
+        .trim(),
+        "ok"
+    );
     // The same script passes against qemu-nbd: the rules are qemu's.
     if have("qemu-nbd") {
-        let s = Server::unix("qemu-nbd", &["-f", "raw", "-t", "-A", img.to_str().unwrap()]);
-        assert_eq!(nbdsh_script("meta.py", &s.uri(), &["base:allocation,qemu:allocation-depth"]).trim(), "ok");
+        let s = Server::unix(
+            "qemu-nbd",
+            &["-f", "raw", "-t", "-A", img.to_str().unwrap()],
+        );
+        assert_eq!(
+            nbdsh_script(
+                "meta.py",
+                &s.uri(),
+                &["base:allocation,qemu:allocation-depth"]
+            )
+            .trim(),
+            "ok"
+        );
     }
 }
 
@@ -62,6 +88,10 @@ fn shared_limits_clients_like_qemu_nbd() {
     let img = image(dir.path());
     for n in ["1", "4"] {
         let s = Server::unix(QNBD, &["-f", "raw", "-t", "-e", n, img.to_str().unwrap()]);
-        assert_eq!(nbdsh_script("shared.py", &s.uri(), &[n]).trim(), "ok", "-e {n}");
+        assert_eq!(
+            nbdsh_script("shared.py", &s.uri(), &[n]).trim(),
+            "ok",
+            "-e {n}"
+        );
     }
 }

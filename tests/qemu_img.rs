@@ -20,15 +20,25 @@ fn info_convert_and_compare() {
     }
     let dir = tmpdir();
     let pattern: Vec<u8> = (0..200_000u32).map(|i| (i * 7 % 251) as u8).collect();
-    let img = make_raw(dir.path(), "src.raw", 8 * MIB, &[(4096, &pattern), (5 * MIB + 3, b"tail")]);
+    let img = make_raw(
+        dir.path(),
+        "src.raw",
+        8 * MIB,
+        &[(4096, &pattern), (5 * MIB + 3, b"tail")],
+    );
     for s in servers(&img, &["-x", "exp"]) {
         let s = s.with_name("exp");
         let info = ok(Command::new("qemu-img").args(["info", "--output=json", &s.uri()]));
         assert!(info.contains("\"virtual-size\": 8388608"), "{info}");
         let out = dir.path().join("out.raw");
-        ok(Command::new("qemu-img").args(["convert", "-O", "raw", &s.uri()]).arg(&out));
+        ok(Command::new("qemu-img")
+            .args(["convert", "-O", "raw", &s.uri()])
+            .arg(&out));
         assert_eq!(std::fs::read(&out).unwrap(), std::fs::read(&img).unwrap());
-        let cmp = ok(Command::new("qemu-img").args(["compare", "-f", "raw", "-F", "raw"]).arg(&img).arg(s.uri()));
+        let cmp = ok(Command::new("qemu-img")
+            .args(["compare", "-f", "raw", "-F", "raw"])
+            .arg(&img)
+            .arg(s.uri()));
         assert!(cmp.contains("Images are identical"), "{cmp}");
     }
 }
@@ -43,9 +53,15 @@ fn convert_into_the_export_lands_in_the_file() {
     let srcimg = make_raw(dir.path(), "src.raw", 4 * MIB, &[(MIB / 2, &src)]);
     let dst = make_raw(dir.path(), "dst.raw", 4 * MIB, &[(0, &[0xee; 8192])]);
     let s = Server::unix(QNBD, &["-f", "raw", "-t", dst.to_str().unwrap()]);
-    ok(Command::new("qemu-img").args(["convert", "-n", "-f", "raw", "-O", "raw"]).arg(&srcimg).arg(s.uri()));
+    ok(Command::new("qemu-img")
+        .args(["convert", "-n", "-f", "raw", "-O", "raw"])
+        .arg(&srcimg)
+        .arg(s.uri()));
     drop(s);
-    assert_eq!(std::fs::read(&dst).unwrap(), std::fs::read(&srcimg).unwrap());
+    assert_eq!(
+        std::fs::read(&dst).unwrap(),
+        std::fs::read(&srcimg).unwrap()
+    );
 }
 
 #[test]

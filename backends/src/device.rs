@@ -18,7 +18,11 @@ impl Device {
     pub fn new(backend: Arc<dyn BlockBackend>) -> Device {
         let caps = backend.caps();
         let size = backend.size();
-        Device { backend, caps, size }
+        Device {
+            backend,
+            caps,
+            size,
+        }
     }
 
     pub fn size(&self) -> u64 {
@@ -113,7 +117,8 @@ impl Device {
                     return Err(Error::NotSupported("fast zero"));
                 }
                 if len > 0 {
-                    self.backend.write_zeroes(offset, len, self.native_flags(flags))?;
+                    self.backend
+                        .write_zeroes(offset, len, self.native_flags(flags))?;
                 }
             }
             Support::Emulate => {
@@ -124,7 +129,8 @@ impl Device {
                 let mut done = 0u64;
                 while done < len {
                     let n = (len - done).min(zeroes.len() as u64) as usize;
-                    self.backend.write(offset + done, &zeroes[..n], self.native_flags(flags))?;
+                    self.backend
+                        .write(offset + done, &zeroes[..n], self.native_flags(flags))?;
                     done += n as u64;
                 }
             }

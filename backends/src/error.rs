@@ -38,8 +38,20 @@ pub enum Error {
 }
 
 impl Error {
-    pub fn io(op: &'static str, path: &std::path::Path, offset: u64, len: u64, e: io::Error) -> Error {
-        Error::Io { op, path: path.to_path_buf(), offset, len, source: e }
+    pub fn io(
+        op: &'static str,
+        path: &std::path::Path,
+        offset: u64,
+        len: u64,
+        e: io::Error,
+    ) -> Error {
+        Error::Io {
+            op,
+            path: path.to_path_buf(),
+            offset,
+            len,
+            source: e,
+        }
     }
 
     /// The errno this error stands for, squashed to the set a block protocol can carry

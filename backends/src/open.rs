@@ -69,7 +69,9 @@ pub fn detect_format(head: &[u8]) -> Format {
 
 fn read_head(path: &Path) -> Result<Vec<u8>> {
     let f = File::open(path).map_err(|e| {
-        let msg = e.raw_os_error().map(|c| nix::errno::Errno::from_raw(c).desc().to_string());
+        let msg = e
+            .raw_os_error()
+            .map(|c| nix::errno::Errno::from_raw(c).desc().to_string());
         Error::Open(format!(
             "Could not open '{}': {}",
             path.display(),
@@ -84,7 +86,10 @@ fn read_head(path: &Path) -> Result<Vec<u8>> {
             Ok(n) => got += n,
             Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
             Err(e) => {
-                return Err(Error::Open(format!("Could not read '{}': {e}", path.display())))
+                return Err(Error::Open(format!(
+                    "Could not read '{}': {e}",
+                    path.display()
+                )))
             }
         }
     }
@@ -117,7 +122,10 @@ pub fn open_image(opts: &ImageOptions) -> Result<Opened> {
             detected
         }
     };
-    let raw_opts = RawOptions { read_only: opts.read_only, discard: opts.discard };
+    let raw_opts = RawOptions {
+        read_only: opts.read_only,
+        discard: opts.discard,
+    };
     let backend: Arc<dyn BlockBackend> = match format {
         Format::Raw => {
             let raw = Arc::new(RawFile::open(&opts.path, raw_opts)?);
@@ -139,7 +147,11 @@ pub fn open_image(opts: &ImageOptions) -> Result<Opened> {
     } else {
         backend
     };
-    Ok(Opened { backend, format, warnings })
+    Ok(Opened {
+        backend,
+        format,
+        warnings,
+    })
 }
 
 #[cfg(test)]

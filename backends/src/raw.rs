@@ -52,7 +52,13 @@ impl RawFile {
         };
         // qemu's block layer counts whole 512-byte sectors: a ragged tail reads as zeroes.
         let size = len.div_ceil(512) * 512;
-        Ok(RawFile { file, path: path.to_path_buf(), size, is_block_device, opts })
+        Ok(RawFile {
+            file,
+            path: path.to_path_buf(),
+            size,
+            is_block_device,
+            opts,
+        })
     }
 
     pub fn path(&self) -> &Path {
@@ -74,7 +80,11 @@ impl RawFile {
     }
 
     fn punch_hole(&self, offset: u64, len: u64) -> io::Result<()> {
-        self.fallocate(libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE, offset, len)
+        self.fallocate(
+            libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+            offset,
+            len,
+        )
     }
 
     fn zero_range(&self, offset: u64, len: u64) -> io::Result<()> {
@@ -104,10 +114,19 @@ impl RawFile {
         let mut done = 0usize;
         while done < buf.len() {
             let rest = &buf[done..];
-            let iov = libc::iovec { iov_base: rest.as_ptr() as *mut libc::c_void, iov_len: rest.len() };
+            let iov = libc::iovec {
+                iov_base: rest.as_ptr() as *mut libc::c_void,
+                iov_len: rest.len(),
+            };
             // SAFETY: iov points into `buf`, which outlives the call; pwritev2 only reads it.
             let n = unsafe {
-                libc::pwritev2(self.file.as_raw_fd(), &iov, 1, (offset + done as u64) as i64, libc::RWF_DSYNC)
+                libc::pwritev2(
+                    self.file.as_raw_fd(),
+                    &iov,
+                    1,
+                    (offset + done as u64) as i64,
+                    libc::RWF_DSYNC,
+                )
             };
             if n < 0 {
                 let e = io::Error::last_os_error();
@@ -186,7 +205,9 @@ impl BlockBackend for RawFile {
         if self.opts.read_only {
             return Ok(());
         }
-        self.file.sync_data().map_err(|e| self.err("flush", 0, 0, e))
+        self.file
+            .sync_data()
+            .map_err(|e| self.err("flush", 0, 0, e))
     }
 
     fn trim(&self, offset: u64, len: u64, flags: IoFlags) -> Result<()> {
@@ -239,10 +260,18 @@ impl BlockBackend for RawFile {
     fn cache(&self, offset: u64, len: u64) -> Result<()> {
         // SAFETY: posix_fadvise on an owned, open fd with integer arguments.
         let r = unsafe {
-            libc::posix_fadvise(self.file.as_raw_fd(), offset as i64, len as i64, libc::POSIX_FADV_WILLNEED)
+            libc::posix_fadvise(
+                self.file.as_raw_fd(),
+                offset as i64,
+                len as i64,
+                libc::POSIX_FADV_WILLNEED,
+            )
         };
         if r != 0 {
-            tracing::debug!("posix_fadvise WILLNEED failed: {}", io::Error::from_raw_os_error(r));
+            tracing::debug!(
+                "posix_fadvise WILLNEED failed: {}",
+                io::Error::from_raw_os_error(r)
+            );
         }
         Ok(())
     }
@@ -339,7 +368,14 @@ mod tests {
     fn ragged_tail_reads_as_zero() {
         let mut f = tempfile::NamedTempFile::new().unwrap();
         f.write_all(&[9u8; 1000]).unwrap();
-        let raw = RawFile::open(f.path(), RawOptions { read_only: true, ..Default::default() }).unwrap();
+        let raw = RawFile::open(
+            f.path(),
+            RawOptions {
+                read_only: true,
+                ..Default::default()
+            },
+        )
+        .unwrap();
         assert_eq!(raw.size(), 1024);
         let mut buf = vec![1u8; 48];
         raw.read(1000 - 24, &mut buf).unwrap();
@@ -350,6 +386,9 @@ mod tests {
     #[test]
     fn missing_file_has_qemu_message() {
         let e = RawFile::open(Path::new("/nonexistent.img"), RawOptions::default()).unwrap_err();
-        assert_eq!(e.to_string(), "Could not open '/nonexistent.img': No such file or directory");
+        assert_eq!(
+            e.to_string(),
+            "Could not open '/nonexistent.img': No such file or directory"
+        );
     }
 }

@@ -29,7 +29,11 @@ impl Slice {
                 )))
             }
         };
-        Ok(Slice { inner, offset, size })
+        Ok(Slice {
+            inner,
+            offset,
+            size,
+        })
     }
 }
 
@@ -85,7 +89,8 @@ mod tests {
     fn slice_translates_offsets_and_checks_bounds() {
         let f = tempfile::NamedTempFile::new().unwrap();
         f.as_file().set_len(8192).unwrap();
-        let raw: Arc<dyn BlockBackend> = Arc::new(RawFile::open(f.path(), RawOptions::default()).unwrap());
+        let raw: Arc<dyn BlockBackend> =
+            Arc::new(RawFile::open(f.path(), RawOptions::default()).unwrap());
         let s = Slice::new(raw.clone(), 4096, Some(1024)).unwrap();
         assert_eq!(s.size(), 1024);
         s.write(0, b"abc", IoFlags::empty()).unwrap();

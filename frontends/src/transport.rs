@@ -43,7 +43,10 @@ impl Stream {
 
     pub fn peer(&self) -> String {
         match self {
-            Stream::Tcp(s) => s.peer_addr().map(|a| a.to_string()).unwrap_or_else(|_| "?".into()),
+            Stream::Tcp(s) => s
+                .peer_addr()
+                .map(|a| a.to_string())
+                .unwrap_or_else(|_| "?".into()),
             Stream::Unix(_) => "unix".into(),
         }
     }

@@ -46,7 +46,10 @@ pub fn have_nbdsh() -> bool {
 }
 
 pub fn tmpdir() -> tempfile::TempDir {
-    tempfile::Builder::new().prefix("qnbd-test").tempdir().expect("tempdir")
+    tempfile::Builder::new()
+        .prefix("qnbd-test")
+        .tempdir()
+        .expect("tempdir")
 }
 
 /// A sparse raw image of `size` bytes with `data` written at each offset.
@@ -62,7 +65,9 @@ pub fn make_raw(dir: &Path, name: &str, size: u64, data: &[(u64, &[u8])]) -> Pat
 }
 
 pub fn run(cmd: &mut Command) -> Output {
-    let out = cmd.output().unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"));
+    let out = cmd
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"));
     out
 }
 
@@ -102,8 +107,18 @@ impl Server {
         let mut all: Vec<String> = vec!["-k".into(), sock.display().to_string()];
         all.push(format!("--pid-file={}", pid.display()));
         all.extend(args.iter().map(|s| s.to_string()));
-        let child = Command::new(bin).args(&all).stdin(Stdio::null()).spawn().expect("spawn server");
-        let mut s = Server { child, socket: Some(sock), port: None, name: String::new(), _dir: Some(dir) };
+        let child = Command::new(bin)
+            .args(&all)
+            .stdin(Stdio::null())
+            .spawn()
+            .expect("spawn server");
+        let mut s = Server {
+            child,
+            socket: Some(sock),
+            port: None,
+            name: String::new(),
+            _dir: Some(dir),
+        };
         s.wait_ready(&pid);
         s
     }
@@ -113,11 +128,26 @@ impl Server {
         let dir = tmpdir();
         let pid = dir.path().join("pid");
         let port = free_port();
-        let mut all: Vec<String> = vec!["-b".into(), "127.0.0.1".into(), "-p".into(), port.to_string()];
+        let mut all: Vec<String> = vec![
+            "-b".into(),
+            "127.0.0.1".into(),
+            "-p".into(),
+            port.to_string(),
+        ];
         all.push(format!("--pid-file={}", pid.display()));
         all.extend(args.iter().map(|s| s.to_string()));
-        let child = Command::new(bin).args(&all).stdin(Stdio::null()).spawn().expect("spawn server");
-        let mut s = Server { child, socket: None, port: Some(port), name: String::new(), _dir: Some(dir) };
+        let child = Command::new(bin)
+            .args(&all)
+            .stdin(Stdio::null())
+            .spawn()
+            .expect("spawn server");
+        let mut s = Server {
+            child,
+            socket: None,
+            port: Some(port),
+            name: String::new(),
+            _dir: Some(dir),
+        };
         s.wait_ready(&pid);
         s
     }
@@ -173,7 +203,10 @@ fn libc_sigterm() -> i32 {
 }
 
 fn nix_kill(pid: u32, sig: i32) -> std::io::Result<()> {
-    let st = Command::new("kill").arg(format!("-{sig}")).arg(pid.to_string()).status()?;
+    let st = Command::new("kill")
+        .arg(format!("-{sig}"))
+        .arg(pid.to_string())
+        .status()?;
     if st.success() {
         Ok(())
     } else {
@@ -190,6 +223,8 @@ impl Drop for Server {
 
 /// Run a Python libnbd script (from tests/nbdsh/) with the URI as its argument.
 pub fn nbdsh_script(script: &str, uri: &str, extra: &[&str]) -> String {
-    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/nbdsh").join(script);
+    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/nbdsh")
+        .join(script);
     ok(Command::new(PYTHON).arg(path).arg(uri).args(extra))
 }

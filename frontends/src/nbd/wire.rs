@@ -52,7 +52,11 @@ pub fn decode_request(buf: &[u8], extended: bool) -> Result<Option<Request>, Wir
         return Ok(None);
     }
     let magic = be32(buf);
-    let want = if extended { EXTENDED_REQUEST_MAGIC } else { REQUEST_MAGIC };
+    let want = if extended {
+        EXTENDED_REQUEST_MAGIC
+    } else {
+        REQUEST_MAGIC
+    };
     if magic != want {
         return Err(WireError::BadMagic(magic));
     }
@@ -60,8 +64,18 @@ pub fn decode_request(buf: &[u8], extended: bool) -> Result<Option<Request>, Wir
     let cmd = be16(&buf[6..]);
     let cookie = be64(&buf[8..]);
     let offset = be64(&buf[16..]);
-    let len = if extended { be64(&buf[24..]) } else { be32(&buf[24..]) as u64 };
-    Ok(Some(Request { flags, cmd, cookie, offset, len }))
+    let len = if extended {
+        be64(&buf[24..])
+    } else {
+        be32(&buf[24..]) as u64
+    };
+    Ok(Some(Request {
+        flags,
+        cmd,
+        cookie,
+        offset,
+        len,
+    }))
 }
 
 pub fn encode_request(out: &mut Vec<u8>, r: &Request, extended: bool) {
@@ -132,9 +146,24 @@ pub fn encode_chunk_header(
 }
 
 /// An NBD_REPLY_TYPE_ERROR chunk with its message (cut to what a u16 length allows).
-pub fn encode_error_chunk(out: &mut Vec<u8>, extended: bool, cookie: u64, offset: u64, error: u32, msg: &str) {
+pub fn encode_error_chunk(
+    out: &mut Vec<u8>,
+    extended: bool,
+    cookie: u64,
+    offset: u64,
+    error: u32,
+    msg: &str,
+) {
     let msg = &msg.as_bytes()[..msg.len().min(4096)];
-    encode_chunk_header(out, extended, REPLY_FLAG_DONE, REPLY_TYPE_ERROR, cookie, offset, 6 + msg.len() as u64);
+    encode_chunk_header(
+        out,
+        extended,
+        REPLY_FLAG_DONE,
+        REPLY_TYPE_ERROR,
+        cookie,
+        offset,
+        6 + msg.len() as u64,
+    );
     out.extend_from_slice(&error.to_be_bytes());
     out.extend_from_slice(&(msg.len() as u16).to_be_bytes());
     out.extend_from_slice(msg);
@@ -177,7 +206,13 @@ mod tests {
 
     #[test]
     fn request_round_trips_in_both_styles() {
-        let r = Request { flags: CmdFlags::FUA, cmd: CMD_WRITE, cookie: 0x1122, offset: 4096, len: 512 };
+        let r = Request {
+            flags: CmdFlags::FUA,
+            cmd: CMD_WRITE,
+            cookie: 0x1122,
+            offset: 4096,
+            len: 512,
+        };
         for ext in [false, true] {
             let mut b = Vec::new();
             encode_request(&mut b, &r, ext);
@@ -190,18 +225,36 @@ mod tests {
     #[test]
     fn wrong_magic_is_an_error_not_a_panic() {
         let mut b = Vec::new();
-        let r = Request { flags: CmdFlags::empty(), cmd: 0, cookie: 0, offset: 0, len: 0 };
+        let r = Request {
+            flags: CmdFlags::empty(),
+            cmd: 0,
+            cookie: 0,
+            offset: 0,
+            len: 0,
+        };
         encode_request(&mut b, &r, false);
         assert_eq!(decode_request(&b, true), Ok(None));
         b.extend_from_slice(&[0; 4]);
-        assert!(matches!(decode_request(&b, true), Err(WireError::BadMagic(REQUEST_MAGIC))));
-        assert!(matches!(decode_request(&[0xffu8; 28], false), Err(WireError::BadMagic(_))));
+        assert!(matches!(
+            decode_request(&b, true),
+            Err(WireError::BadMagic(REQUEST_MAGIC))
+        ));
+        assert!(matches!(
+            decode_request(&[0xffu8; 28], false),
+            Err(WireError::BadMagic(_))
+        ));
     }
 
     #[test]
     fn unknown_flags_are_kept_for_the_validator() {
         let mut b = Vec::new();
-        let r = Request { flags: CmdFlags::from_bits_retain(0x8000), cmd: 99, cookie: 1, offset: 0, len: 0 };
+        let r = Request {
+            flags: CmdFlags::from_bits_retain(0x8000),
+            cmd: 99,
+            cookie: 1,
+            offset: 0,
+            len: 0,
+        };
         encode_request(&mut b, &r, false);
         let d = decode_request(&b, false).unwrap().unwrap();
         assert_eq!(d.flags.bits(), 0x8000);

@@ -22,8 +22,20 @@ pub const PREFERRED_BLOCK: u32 = 4096;
 pub const MAX_BLOCK: u32 = MAX_BUFFER_SIZE;
 
 impl Export {
-    pub fn new(name: String, description: String, device: Device, multi_conn: bool, allocation_depth: bool) -> Export {
-        Export { name, description, device, multi_conn, contexts: meta::available(allocation_depth) }
+    pub fn new(
+        name: String,
+        description: String,
+        device: Device,
+        multi_conn: bool,
+        allocation_depth: bool,
+    ) -> Export {
+        Export {
+            name,
+            description,
+            device,
+            multi_conn,
+            contexts: meta::available(allocation_depth),
+        }
     }
 
     pub fn read_only(&self) -> bool {

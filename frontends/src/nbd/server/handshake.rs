@@ -45,8 +45,19 @@ fn protocol_error(msg: impl Into<String>) -> io::Error {
 }
 
 /// Run the handshake on `stream`. Errors mean "drop the connection".
-pub fn negotiate(stream: &mut Stream, export: &Export, deadline: Option<Instant>) -> io::Result<Outcome> {
-    let mut hs = Handshake { stream, export, deadline, neg: Negotiated::default(), meta_export: None, out: Vec::new() };
+pub fn negotiate(
+    stream: &mut Stream,
+    export: &Export,
+    deadline: Option<Instant>,
+) -> io::Result<Outcome> {
+    let mut hs = Handshake {
+        stream,
+        export,
+        deadline,
+        neg: Negotiated::default(),
+        meta_export: None,
+        out: Vec::new(),
+    };
     hs.run()
 }
 
@@ -55,12 +66,18 @@ impl Handshake<'_> {
         if let Some(d) = self.deadline {
             let left = d.saturating_duration_since(Instant::now());
             if left.is_zero() {
-                return Err(io::Error::new(io::ErrorKind::TimedOut, "handshake time limit reached"));
+                return Err(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    "handshake time limit reached",
+                ));
             }
             self.stream.set_read_timeout(Some(left))?;
         }
         self.stream.read_exact(buf).map_err(|e| {
-            if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut) {
+            if matches!(
+                e.kind(),
+                io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+            ) {
                 io::Error::new(io::ErrorKind::TimedOut, "handshake time limit reached")
             } else {
                 e
@@ -99,7 +116,9 @@ impl Handshake<'_> {
         }
         let client_flags = u32::from_be_bytes(cf);
         let Some(client_flags) = ClientFlags::from_bits(client_flags) else {
-            return Err(protocol_error(format!("unknown client flags {client_flags:#x}")));
+            return Err(protocol_error(format!(
+                "unknown client flags {client_flags:#x}"
+            )));
         };
         let fixed = client_flags.contains(ClientFlags::C_FIXED_NEWSTYLE);
         let no_zeroes = client_flags.contains(ClientFlags::C_NO_ZEROES);
@@ -111,9 +130,12 @@ impl Handshake<'_> {
                 Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(Outcome::Closed),
                 Err(e) => return Err(e),
             }
-            let (opt, len) = wire::decode_option_header(&hdr).map_err(|e| protocol_error(e.to_string()))?;
+            let (opt, len) =
+                wire::decode_option_header(&hdr).map_err(|e| protocol_error(e.to_string()))?;
             if len > MAX_OPTION_LEN {
-                return Err(protocol_error(format!("option {opt} length {len} is too long")));
+                return Err(protocol_error(format!(
+                    "option {opt} length {len} is too long"
+                )));
             }
             let mut data = vec![0u8; len as usize];
             self.read_exact(&mut data)?;
@@ -123,7 +145,9 @@ impl Handshake<'_> {
                 return self.opt_export_name(&data, no_zeroes);
             }
             if !fixed {
-                return Err(protocol_error("option other than EXPORT_NAME without fixed newstyle"));
+                return Err(protocol_error(
+                    "option other than EXPORT_NAME without fixed newstyle",
+                ));
             }
             match opt {
                 OPT_ABORT => {
@@ -140,8 +164,14 @@ impl Handshake<'_> {
                 }
                 OPT_STRUCTURED_REPLY => self.opt_structured_reply(&data)?,
                 OPT_EXTENDED_HEADERS => self.opt_extended_headers(&data)?,
-                OPT_LIST_META_CONTEXT | OPT_SET_META_CONTEXT => self.opt_meta_context(opt, &data)?,
-                _ => self.error(opt, REP_ERR_UNSUP, &format!("Unsupported option {opt} ({})", opt_name(opt)))?,
+                OPT_LIST_META_CONTEXT | OPT_SET_META_CONTEXT => {
+                    self.opt_meta_context(opt, &data)?
+                }
+                _ => self.error(
+                    opt,
+                    REP_ERR_UNSUP,
+                    &format!("Unsupported option {opt} ({})", opt_name(opt)),
+                )?,
             }
         }
         Err(protocol_error("too many options"))
@@ -150,14 +180,21 @@ impl Handshake<'_> {
     fn opt_export_name(&mut self, data: &[u8], no_zeroes: bool) -> io::Result<Outcome> {
         if data != self.export.name.as_bytes() {
             // The protocol offers no way to refuse EXPORT_NAME but closing.
-            return Err(protocol_error(format!("export '{}' not present", String::from_utf8_lossy(data))));
+            return Err(protocol_error(format!(
+                "export '{}' not present",
+                String::from_utf8_lossy(data)
+            )));
         }
         if self.meta_export.as_deref() != Some(self.export.name.as_str()) {
             self.neg.contexts.clear();
         }
-        let flags = self.export.flags(self.neg.structured, self.neg.extended).bits();
+        let flags = self
+            .export
+            .flags(self.neg.structured, self.neg.extended)
+            .bits();
         self.neg.flags = flags;
-        self.out.extend_from_slice(&self.export.device.size().to_be_bytes());
+        self.out
+            .extend_from_slice(&self.export.device.size().to_be_bytes());
         self.out.extend_from_slice(&flags.to_be_bytes());
         if !no_zeroes {
             self.out.extend_from_slice(&[0u8; 124]);
@@ -168,7 +205,11 @@ impl Handshake<'_> {
 
     fn opt_list(&mut self, data: &[u8]) -> io::Result<()> {
         if !data.is_empty() {
-            return self.error(OPT_LIST, REP_ERR_INVALID, "option 'list' has unexpected length");
+            return self.error(
+                OPT_LIST,
+                REP_ERR_INVALID,
+                "option 'list' has unexpected length",
+            );
         }
         let name = self.export.name.as_bytes();
         let mut rep = Vec::with_capacity(4 + name.len() + self.export.description.len());
@@ -187,10 +228,18 @@ impl Handshake<'_> {
     fn opt_structured_reply(&mut self, data: &[u8]) -> io::Result<()> {
         let opt = OPT_STRUCTURED_REPLY;
         if !data.is_empty() {
-            return self.error(opt, REP_ERR_INVALID, "option 'structured reply' has unexpected length");
+            return self.error(
+                opt,
+                REP_ERR_INVALID,
+                "option 'structured reply' has unexpected length",
+            );
         }
         if self.neg.extended {
-            return self.error(opt, REP_ERR_EXT_HEADER_REQD, "extended headers already negotiated");
+            return self.error(
+                opt,
+                REP_ERR_EXT_HEADER_REQD,
+                "extended headers already negotiated",
+            );
         }
         if self.neg.structured {
             return self.error(opt, REP_ERR_INVALID, "structured reply already negotiated");
@@ -202,7 +251,11 @@ impl Handshake<'_> {
     fn opt_extended_headers(&mut self, data: &[u8]) -> io::Result<()> {
         let opt = OPT_EXTENDED_HEADERS;
         if !data.is_empty() {
-            return self.error(opt, REP_ERR_INVALID, "option 'extended headers' has unexpected length");
+            return self.error(
+                opt,
+                REP_ERR_INVALID,
+                "option 'extended headers' has unexpected length",
+            );
         }
         if self.neg.extended {
             return self.error(opt, REP_ERR_INVALID, "extended headers already negotiated");
@@ -234,11 +287,19 @@ impl Handshake<'_> {
     /// INFO and GO; true when GO succeeded and transmission begins.
     fn opt_info_go(&mut self, opt: u32, data: &[u8]) -> io::Result<bool> {
         let Some((name, items)) = Self::parse_info_request(data) else {
-            self.error(opt, REP_ERR_INVALID, &format!("option '{}' has an invalid length", opt_name(opt)))?;
+            self.error(
+                opt,
+                REP_ERR_INVALID,
+                &format!("option '{}' has an invalid length", opt_name(opt)),
+            )?;
             return Ok(false);
         };
         if name != self.export.name {
-            self.error(opt, REP_ERR_UNKNOWN, &format!("export '{name}' not present"))?;
+            self.error(
+                opt,
+                REP_ERR_UNKNOWN,
+                &format!("export '{name}' not present"),
+            )?;
             return Ok(false);
         }
         if items.contains(&INFO_NAME) {
@@ -256,7 +317,10 @@ impl Handshake<'_> {
             p.extend_from_slice(&v.to_be_bytes());
         }
         wire::encode_option_reply(&mut self.out, opt, REP_INFO, &p);
-        let flags = self.export.flags(self.neg.structured, self.neg.extended).bits();
+        let flags = self
+            .export
+            .flags(self.neg.structured, self.neg.extended)
+            .bits();
         let mut p = INFO_EXPORT.to_be_bytes().to_vec();
         p.extend_from_slice(&self.export.device.size().to_be_bytes());
         p.extend_from_slice(&flags.to_be_bytes());
@@ -305,14 +369,25 @@ impl Handshake<'_> {
             self.meta_export = None;
         }
         if !self.neg.structured {
-            let msg = format!("request option '{}' when structured reply is not negotiated", opt_name(opt));
+            let msg = format!(
+                "request option '{}' when structured reply is not negotiated",
+                opt_name(opt)
+            );
             return self.error(opt, REP_ERR_INVALID, &msg);
         }
         let Some((name, queries)) = Self::parse_meta_request(data) else {
-            return self.error(opt, REP_ERR_INVALID, &format!("option '{}' has an invalid length", opt_name(opt)));
+            return self.error(
+                opt,
+                REP_ERR_INVALID,
+                &format!("option '{}' has an invalid length", opt_name(opt)),
+            );
         };
         if name != self.export.name {
-            return self.error(opt, REP_ERR_UNKNOWN, &format!("export '{name}' not present"));
+            return self.error(
+                opt,
+                REP_ERR_UNKNOWN,
+                &format!("export '{name}' not present"),
+            );
         }
         let all = &self.export.contexts;
         let mut chosen: Vec<MetaContext> = Vec::new();

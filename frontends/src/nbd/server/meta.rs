@@ -26,7 +26,11 @@ pub fn available(allocation_depth: bool) -> Vec<MetaContext> {
         kind: ContextKind::BaseAllocation,
     }];
     if allocation_depth {
-        v.push(MetaContext { id: 1, name: CONTEXT_ALLOCATION_DEPTH.into(), kind: ContextKind::AllocationDepth });
+        v.push(MetaContext {
+            id: 1,
+            name: CONTEXT_ALLOCATION_DEPTH.into(),
+            kind: ContextKind::AllocationDepth,
+        });
     }
     v
 }
@@ -55,10 +59,18 @@ mod tests {
     #[test]
     fn queries_match_as_qemu_does() {
         let all = available(true);
-        let names = |q: &str| list_matches(&all, q).iter().map(|c| c.name.clone()).collect::<Vec<_>>();
+        let names = |q: &str| {
+            list_matches(&all, q)
+                .iter()
+                .map(|c| c.name.clone())
+                .collect::<Vec<_>>()
+        };
         assert_eq!(names("base:"), vec!["base:allocation"]);
         assert_eq!(names("qemu:"), vec!["qemu:allocation-depth"]);
-        assert_eq!(names("qemu:allocation-depth"), vec!["qemu:allocation-depth"]);
+        assert_eq!(
+            names("qemu:allocation-depth"),
+            vec!["qemu:allocation-depth"]
+        );
         assert!(names("foo:bar").is_empty());
         assert!(names("nocolon").is_empty());
         assert!(names("base:alloc").is_empty());

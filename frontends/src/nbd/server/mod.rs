@@ -81,7 +81,11 @@ fn lock(m: &Mutex<State>) -> std::sync::MutexGuard<'_, State> {
 
 impl Server {
     pub fn new(export: Export, opts: ServerOptions) -> Server {
-        Server { export: Arc::new(export), opts, state: Arc::new((Mutex::new(State::default()), Condvar::new())) }
+        Server {
+            export: Arc::new(export),
+            opts,
+            state: Arc::new((Mutex::new(State::default()), Condvar::new())),
+        }
     }
 
     pub fn export(&self) -> &Arc<Export> {
@@ -116,7 +120,12 @@ impl Server {
     }
 }
 
-fn accept_loop(l: Listener, export: Arc<Export>, opts: ServerOptions, state: Arc<(Mutex<State>, Condvar)>) {
+fn accept_loop(
+    l: Listener,
+    export: Arc<Export>,
+    opts: ServerOptions,
+    state: Arc<(Mutex<State>, Condvar)>,
+) {
     let (m, cv) = &*state;
     loop {
         {
@@ -144,22 +153,24 @@ fn accept_loop(l: Listener, export: Arc<Export>, opts: ServerOptions, state: Arc
         let export = export.clone();
         let opts = opts.clone();
         let state = state.clone();
-        let spawned = std::thread::Builder::new().name("conn".into()).spawn(move || {
-            let (m, cv) = &*state;
-            let peer = stream.peer();
-            tracing::debug!("client connected: {peer}");
-            let served = handle_connection_tracked(stream, &export, &opts, &state);
-            let mut st = lock(m);
-            st.connections -= 1;
-            if served {
-                st.serving -= 1;
-                if st.serving == 0 && !opts.persistent {
-                    st.done = true;
+        let spawned = std::thread::Builder::new()
+            .name("conn".into())
+            .spawn(move || {
+                let (m, cv) = &*state;
+                let peer = stream.peer();
+                tracing::debug!("client connected: {peer}");
+                let served = handle_connection_tracked(stream, &export, &opts, &state);
+                let mut st = lock(m);
+                st.connections -= 1;
+                if served {
+                    st.serving -= 1;
+                    if st.serving == 0 && !opts.persistent {
+                        st.done = true;
+                    }
                 }
-            }
-            tracing::debug!("client disconnected: {peer}");
-            cv.notify_all();
-        });
+                tracing::debug!("client disconnected: {peer}");
+                cv.notify_all();
+            });
         if let Err(e) = spawned {
             tracing::warn!("cannot start a connection thread: {e}");
             lock(m).connections -= 1;

@@ -46,7 +46,12 @@ struct Scratch {
 }
 
 /// Serve requests on `stream` until the client disconnects or breaks the protocol.
-pub fn serve(stream: Stream, export: &Export, neg: Negotiated, max_threads: usize) -> io::Result<()> {
+pub fn serve(
+    stream: Stream,
+    export: &Export,
+    neg: Negotiated,
+    max_threads: usize,
+) -> io::Result<()> {
     stream.set_read_timeout(None)?;
     stream.set_nodelay();
     let conn = Conn {
@@ -101,7 +106,9 @@ impl<'a> Conn<'a> {
                     return;
                 }
             };
-            if self.idle.load(Ordering::SeqCst) == 0 && self.threads.load(Ordering::SeqCst) < self.max_threads {
+            if self.idle.load(Ordering::SeqCst) == 0
+                && self.threads.load(Ordering::SeqCst) < self.max_threads
+            {
                 self.threads.fetch_add(1, Ordering::SeqCst);
                 scope.spawn(move || self.worker(scope));
             }
@@ -128,7 +135,13 @@ impl<'a> Conn<'a> {
             Ok(None) => return Err(io::ErrorKind::UnexpectedEof.into()),
             Err(e) => return Err(io::Error::new(io::ErrorKind::InvalidData, e.to_string())),
         };
-        tracing::trace!(cmd = cmd_name(req.cmd), offset = req.offset, len = req.len, flags = req.flags.bits(), "request");
+        tracing::trace!(
+            cmd = cmd_name(req.cmd),
+            offset = req.offset,
+            len = req.len,
+            flags = req.flags.bits(),
+            "request"
+        );
         if req.cmd == CMD_DISC {
             return Ok(Next::Disconnect);
         }
@@ -153,12 +166,17 @@ impl<'a> Conn<'a> {
 
     fn handle(&self, req: &Request, s: &mut Scratch) -> io::Result<()> {
         let len = validate::effect_len(req, &s.data, &self.neg);
-        if let Err(r) = validate::validate(req, len, &s.data, &self.neg, self.export.device.size()) {
+        if let Err(r) = validate::validate(req, len, &s.data, &self.neg, self.export.device.size())
+        {
             tracing::debug!("{} refused: {}", cmd_name(req.cmd), r.msg);
             return self.send_error(req, r, &mut s.hdr);
         }
         let dev = &self.export.device;
-        let fua = if req.flags.contains(CmdFlags::FUA) { IoFlags::FUA } else { IoFlags::empty() };
+        let fua = if req.flags.contains(CmdFlags::FUA) {
+            IoFlags::FUA
+        } else {
+            IoFlags::empty()
+        };
         let result = match req.cmd {
             CMD_READ => return self.read(req, len, s),
             CMD_BLOCK_STATUS => return self.block_status(req, len, s),
@@ -176,7 +194,10 @@ impl<'a> Conn<'a> {
                 dev.write_zeroes(req.offset, len, f)
             }
             CMD_CACHE => dev.cache(req.offset, len),
-            _ => Err(BackendError::Invalid(format!("invalid request type ({}) received", req.cmd))),
+            _ => Err(BackendError::Invalid(format!(
+                "invalid request type ({}) received",
+                req.cmd
+            ))),
         };
         match result {
             Ok(()) => self.send_ok(req, &mut s.hdr),
@@ -195,9 +216,17 @@ impl<'a> Conn<'a> {
         if errno == ENOTSUP {
             tracing::debug!("{} at {:#x}: {e}", cmd_name(req.cmd), req.offset);
         } else {
-            tracing::warn!("{} at {:#x} length {:#x} failed: {e}", cmd_name(req.cmd), req.offset, req.len);
+            tracing::warn!(
+                "{} at {:#x} length {:#x} failed: {e}",
+                cmd_name(req.cmd),
+                req.offset,
+                req.len
+            );
         }
-        Reject { errno, msg: e.to_string() }
+        Reject {
+            errno,
+            msg: e.to_string(),
+        }
     }
 
     fn write_reply(&self, bufs: &mut [IoSlice<'_>]) -> io::Result<()> {
@@ -211,7 +240,15 @@ impl<'a> Conn<'a> {
     fn send_ok(&self, req: &Request, hdr: &mut Vec<u8>) -> io::Result<()> {
         hdr.clear();
         if self.neg.extended {
-            wire::encode_chunk_header(hdr, true, REPLY_FLAG_DONE, REPLY_TYPE_NONE, req.cookie, req.offset, 0);
+            wire::encode_chunk_header(
+                hdr,
+                true,
+                REPLY_FLAG_DONE,
+                REPLY_TYPE_NONE,
+                req.cookie,
+                req.offset,
+                0,
+            );
         } else {
             wire::encode_simple_reply(hdr, 0, req.cookie);
         }
@@ -221,7 +258,14 @@ impl<'a> Conn<'a> {
     fn send_error(&self, req: &Request, r: Reject, hdr: &mut Vec<u8>) -> io::Result<()> {
         hdr.clear();
         if self.structured() {
-            wire::encode_error_chunk(hdr, self.neg.extended, req.cookie, req.offset, r.errno, &r.msg);
+            wire::encode_error_chunk(
+                hdr,
+                self.neg.extended,
+                req.cookie,
+                req.offset,
+                r.errno,
+                &r.msg,
+            );
         } else {
             wire::encode_simple_reply(hdr, r.errno, req.cookie);
         }
@@ -234,7 +278,15 @@ impl<'a> Conn<'a> {
         let ext = self.neg.extended;
         if self.structured() && n == 0 {
             s.hdr.clear();
-            wire::encode_chunk_header(&mut s.hdr, ext, REPLY_FLAG_DONE, REPLY_TYPE_NONE, req.cookie, req.offset, 0);
+            wire::encode_chunk_header(
+                &mut s.hdr,
+                ext,
+                REPLY_FLAG_DONE,
+                REPLY_TYPE_NONE,
+                req.cookie,
+                req.offset,
+                0,
+            );
             return self.write_reply(&mut [IoSlice::new(&s.hdr)]);
         }
         s.data.resize(n, 0);
@@ -274,7 +326,10 @@ impl<'a> Conn<'a> {
         let mut runs: Vec<(u64, u64, bool)> = Vec::new();
         let mut pos = 0u64;
         while pos < len {
-            if dev.block_status(req.offset + pos, len - pos, &mut s.extents).is_err() {
+            if dev
+                .block_status(req.offset + pos, len - pos, &mut s.extents)
+                .is_err()
+            {
                 return None;
             }
             for e in s.extents.iter() {
@@ -305,10 +360,22 @@ impl<'a> Conn<'a> {
         s.hdr.clear();
         let mut marks = Vec::with_capacity(runs.len());
         for (i, &(off, l, hole)) in runs.iter().enumerate() {
-            let flags = if i + 1 == runs.len() { REPLY_FLAG_DONE } else { 0 };
+            let flags = if i + 1 == runs.len() {
+                REPLY_FLAG_DONE
+            } else {
+                0
+            };
             let start = s.hdr.len();
             if hole {
-                wire::encode_chunk_header(&mut s.hdr, ext, flags, REPLY_TYPE_OFFSET_HOLE, req.cookie, req.offset, 12);
+                wire::encode_chunk_header(
+                    &mut s.hdr,
+                    ext,
+                    flags,
+                    REPLY_TYPE_OFFSET_HOLE,
+                    req.cookie,
+                    req.offset,
+                    12,
+                );
                 s.hdr.extend_from_slice(&(req.offset + off).to_be_bytes());
                 s.hdr.extend_from_slice(&(l as u32).to_be_bytes());
             } else {
@@ -358,13 +425,20 @@ impl<'a> Conn<'a> {
                 break;
             }
         }
-        let contexts: Vec<&MetaContext> = if self.neg.extended && req.flags.contains(CmdFlags::PAYLOAD_LEN) {
-            let ids: Vec<u32> =
-                s.data[8..].chunks_exact(4).map(|c| u32::from_be_bytes([c[0], c[1], c[2], c[3]])).collect();
-            self.neg.contexts.iter().filter(|c| ids.contains(&c.id)).collect()
-        } else {
-            self.neg.contexts.iter().collect()
-        };
+        let contexts: Vec<&MetaContext> =
+            if self.neg.extended && req.flags.contains(CmdFlags::PAYLOAD_LEN) {
+                let ids: Vec<u32> = s.data[8..]
+                    .chunks_exact(4)
+                    .map(|c| u32::from_be_bytes([c[0], c[1], c[2], c[3]]))
+                    .collect();
+                self.neg
+                    .contexts
+                    .iter()
+                    .filter(|c| ids.contains(&c.id))
+                    .collect()
+            } else {
+                self.neg.contexts.iter().collect()
+            };
         s.hdr.clear();
         let ext = self.neg.extended;
         for (i, ctx) in contexts.iter().enumerate() {
@@ -398,7 +472,11 @@ impl<'a> Conn<'a> {
                     runs.truncate(1);
                 }
             }
-            let flags = if i + 1 == contexts.len() { REPLY_FLAG_DONE } else { 0 };
+            let flags = if i + 1 == contexts.len() {
+                REPLY_FLAG_DONE
+            } else {
+                0
+            };
             if ext {
                 let plen = 8 + 16 * runs.len() as u64;
                 wire::encode_chunk_header(

@@ -13,7 +13,10 @@ pub struct Reject {
 }
 
 fn reject(errno: u32, msg: impl Into<String>) -> Reject {
-    Reject { errno, msg: msg.into() }
+    Reject {
+        errno,
+        msg: msg.into(),
+    }
 }
 
 /// What to do with the bytes that follow a request header.
@@ -35,7 +38,10 @@ pub fn payload(req: &Request, neg: &Negotiated) -> Payload {
         return Payload::None;
     }
     if req.len > MAX_BUFFER_SIZE as u64 {
-        return Payload::Fatal(format!("len ({}) is larger than max len ({MAX_BUFFER_SIZE})", req.len));
+        return Payload::Fatal(format!(
+            "len ({}) is larger than max len ({MAX_BUFFER_SIZE})",
+            req.len
+        ));
     }
     match req.cmd {
         CMD_WRITE | CMD_BLOCK_STATUS => Payload::Read(req.len as usize),
@@ -72,32 +78,61 @@ fn valid_flags(cmd: u16, neg: &Negotiated) -> CmdFlags {
 
 /// Check a request against the negotiated state and the export size.
 /// `len` is the effect length (see [`effect_len`]); `payload` what was read for it.
-pub fn validate(req: &Request, len: u64, payload: &[u8], neg: &Negotiated, size: u64) -> Result<(), Reject> {
+pub fn validate(
+    req: &Request,
+    len: u64,
+    payload: &[u8],
+    neg: &Negotiated,
+    size: u64,
+) -> Result<(), Reject> {
     let cmd = req.cmd;
     if !matches!(
         cmd,
-        CMD_READ | CMD_WRITE | CMD_FLUSH | CMD_TRIM | CMD_CACHE | CMD_WRITE_ZEROES | CMD_BLOCK_STATUS
+        CMD_READ
+            | CMD_WRITE
+            | CMD_FLUSH
+            | CMD_TRIM
+            | CMD_CACHE
+            | CMD_WRITE_ZEROES
+            | CMD_BLOCK_STATUS
     ) {
-        return Err(reject(EINVAL, format!("invalid request type ({cmd}) received")));
+        return Err(reject(
+            EINVAL,
+            format!("invalid request type ({cmd}) received"),
+        ));
     }
     let flags = TransmissionFlags::from_bits_retain(neg.flags);
     if cmd == CMD_READ && len > MAX_BUFFER_SIZE as u64 {
-        return Err(reject(EINVAL, format!("len ({len}) is larger than max len ({MAX_BUFFER_SIZE})")));
+        return Err(reject(
+            EINVAL,
+            format!("len ({len}) is larger than max len ({MAX_BUFFER_SIZE})"),
+        ));
     }
     if cmd != CMD_FLUSH && (req.offset > size || len > size - req.offset) {
         return Err(reject(
             EINVAL,
-            format!("operation past EOF; From: {}, Len: {len}, Size: {size}", req.offset),
+            format!(
+                "operation past EOF; From: {}, Len: {len}, Size: {size}",
+                req.offset
+            ),
         ));
     }
     let bad = req.flags.difference(valid_flags(cmd, neg));
-    if !bad.is_empty() || (req.flags.contains(CmdFlags::DF) && !flags.contains(TransmissionFlags::SEND_DF)) {
+    if !bad.is_empty()
+        || (req.flags.contains(CmdFlags::DF) && !flags.contains(TransmissionFlags::SEND_DF))
+    {
         return Err(reject(
             EINVAL,
-            format!("unsupported flags for command {} (got {:#x})", cmd_name(cmd), req.flags.bits()),
+            format!(
+                "unsupported flags for command {} (got {:#x})",
+                cmd_name(cmd),
+                req.flags.bits()
+            ),
         ));
     }
-    if matches!(cmd, CMD_WRITE | CMD_TRIM | CMD_WRITE_ZEROES) && flags.contains(TransmissionFlags::READ_ONLY) {
+    if matches!(cmd, CMD_WRITE | CMD_TRIM | CMD_WRITE_ZEROES)
+        && flags.contains(TransmissionFlags::READ_ONLY)
+    {
         return Err(reject(EPERM, "Export is read-only"));
     }
     match cmd {
@@ -105,7 +140,10 @@ pub fn validate(req: &Request, len: u64, payload: &[u8], neg: &Negotiated, size:
             return Err(reject(EINVAL, "trim is not supported by this export"))
         }
         CMD_WRITE_ZEROES if !flags.contains(TransmissionFlags::SEND_WRITE_ZEROES) => {
-            return Err(reject(EINVAL, "write zeroes is not supported by this export"))
+            return Err(reject(
+                EINVAL,
+                "write zeroes is not supported by this export",
+            ))
         }
         CMD_BLOCK_STATUS => {
             if !neg.structured || neg.contexts.is_empty() {
@@ -138,7 +176,9 @@ mod tests {
     use super::*;
 
     fn neg(structured: bool, ro: bool) -> Negotiated {
-        let mut flags = TransmissionFlags::HAS_FLAGS | TransmissionFlags::SEND_FLUSH | TransmissionFlags::SEND_FUA;
+        let mut flags = TransmissionFlags::HAS_FLAGS
+            | TransmissionFlags::SEND_FLUSH
+            | TransmissionFlags::SEND_FUA;
         if ro {
             flags |= TransmissionFlags::READ_ONLY;
         } else {
@@ -150,13 +190,23 @@ mod tests {
         Negotiated {
             structured,
             extended: false,
-            contexts: if structured { meta::available(false) } else { vec![] },
+            contexts: if structured {
+                meta::available(false)
+            } else {
+                vec![]
+            },
             flags: flags.bits(),
         }
     }
 
     fn req(cmd: u16, flags: u16, offset: u64, len: u64) -> Request {
-        Request { flags: CmdFlags::from_bits_retain(flags), cmd, cookie: 1, offset, len }
+        Request {
+            flags: CmdFlags::from_bits_retain(flags),
+            cmd,
+            cookie: 1,
+            offset,
+            len,
+        }
     }
 
     #[test]
@@ -166,9 +216,21 @@ mod tests {
             (req(CMD_READ, 0, 0, 512), neg(false, false), None),
             (req(CMD_READ, 0, size, 0), neg(false, false), None),
             (req(CMD_READ, 0, size, 1), neg(false, false), Some(EINVAL)),
-            (req(CMD_READ, 0, u64::MAX, 2), neg(false, false), Some(EINVAL)),
-            (req(CMD_READ, 0, 0, 33554944), neg(false, false), Some(EINVAL)),
-            (req(CMD_WRITE, 0, size - 1, 2), neg(false, false), Some(EINVAL)),
+            (
+                req(CMD_READ, 0, u64::MAX, 2),
+                neg(false, false),
+                Some(EINVAL),
+            ),
+            (
+                req(CMD_READ, 0, 0, 33554944),
+                neg(false, false),
+                Some(EINVAL),
+            ),
+            (
+                req(CMD_WRITE, 0, size - 1, 2),
+                neg(false, false),
+                Some(EINVAL),
+            ),
             (req(CMD_WRITE, 0, 0, 512), neg(false, true), Some(EPERM)),
             (req(CMD_TRIM, 0, 0, 512), neg(false, true), Some(EPERM)),
             (req(CMD_READ, 0x04, 0, 512), neg(false, false), Some(EINVAL)),
@@ -177,7 +239,11 @@ mod tests {
             (req(CMD_WRITE_ZEROES, 0x13, 0, 512), neg(true, false), None),
             (req(CMD_WRITE, 0x02, 0, 512), neg(true, false), Some(EINVAL)),
             (req(CMD_BLOCK_STATUS, 0x08, 0, 512), neg(true, false), None),
-            (req(CMD_BLOCK_STATUS, 0, 0, 512), neg(false, false), Some(EINVAL)),
+            (
+                req(CMD_BLOCK_STATUS, 0, 0, 512),
+                neg(false, false),
+                Some(EINVAL),
+            ),
             (req(99, 0, 0, 0), neg(true, false), Some(EINVAL)),
             (req(CMD_FLUSH, 0, u64::MAX, 0), neg(true, false), None),
         ];
@@ -189,9 +255,26 @@ mod tests {
 
     #[test]
     fn messages_match_qemu() {
-        let e = validate(&req(CMD_READ, 0, 67108864, 512), 512, &[], &neg(true, false), 67108864).unwrap_err();
-        assert_eq!(e.msg, "operation past EOF; From: 67108864, Len: 512, Size: 67108864");
-        let e = validate(&req(CMD_READ, 0x20, 0, 512), 512, &[], &neg(true, false), 1 << 20).unwrap_err();
+        let e = validate(
+            &req(CMD_READ, 0, 67108864, 512),
+            512,
+            &[],
+            &neg(true, false),
+            67108864,
+        )
+        .unwrap_err();
+        assert_eq!(
+            e.msg,
+            "operation past EOF; From: 67108864, Len: 512, Size: 67108864"
+        );
+        let e = validate(
+            &req(CMD_READ, 0x20, 0, 512),
+            512,
+            &[],
+            &neg(true, false),
+            1 << 20,
+        )
+        .unwrap_err();
         assert_eq!(e.msg, "unsupported flags for command read (got 0x20)");
         let e = validate(&req(99, 0, 0, 0), 0, &[], &neg(true, false), 1).unwrap_err();
         assert_eq!(e.msg, "invalid request type (99) received");
@@ -200,8 +283,14 @@ mod tests {
     #[test]
     fn oversized_write_is_fatal_and_read_is_not() {
         let n = neg(true, false);
-        assert!(matches!(payload(&req(CMD_WRITE, 0, 0, 33554944), &n), Payload::Fatal(_)));
+        assert!(matches!(
+            payload(&req(CMD_WRITE, 0, 0, 33554944), &n),
+            Payload::Fatal(_)
+        ));
         assert_eq!(payload(&req(CMD_READ, 0, 0, 33554944), &n), Payload::None);
-        assert_eq!(payload(&req(CMD_WRITE, 0, 0, 4096), &n), Payload::Read(4096));
+        assert_eq!(
+            payload(&req(CMD_WRITE, 0, 0, 4096), &n),
+            Payload::Read(4096)
+        );
     }
 }
