@@ -44,10 +44,12 @@ pub fn fork_and_wait() -> std::io::Result<Readiness> {
         ForkResult::Child => {
             drop(rd);
             setsid()?;
-            let old_stderr = dup(2)?;
+            // A daemon keeps none of the caller's terminal or pipes: once ready, stderr is
+            // /dev/null, so `$(qnbd --fork …)` returns as soon as the parent exits.
             let null = File::options().read(true).write(true).open("/dev/null")?;
             dup2(null.as_raw_fd(), 0)?;
             dup2(null.as_raw_fd(), 1)?;
+            let old_stderr = dup(null.as_raw_fd())?;
             let wr = wr.into_raw_fd();
             dup2(wr, 2)?;
             nix::unistd::close(wr)?;
@@ -57,7 +59,7 @@ pub fn fork_and_wait() -> std::io::Result<Readiness> {
 }
 
 impl Readiness {
-    /// Serving: give stderr back, which closes the pipe and lets the parent exit.
+    /// Serving: point stderr at /dev/null, which closes the pipe and lets the parent exit.
     pub fn ready(self) {
         let _ = dup2(self.old_stderr, 2);
         let _ = nix::unistd::close(self.old_stderr);

@@ -1,0 +1,207 @@
+//! The command line side by side with qemu-nbd: errors, exit on last client vs -t, --fork
+//! with --pid-file, signals, the handshake limit.
+
+mod common;
+use common::*;
+use std::io::Read;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+/// Run `bin args` expecting failure; returns stderr with the program name replaced by PROG.
+fn fails(bin: &str, args: &[&str]) -> String {
+    let out = run(Command::new(bin).args(args));
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "{bin} {args:?} should exit 1: {out:?}"
+    );
+    let name = if bin == QNBD { "qnbd" } else { "qemu-nbd" };
+    String::from_utf8_lossy(&out.stderr)
+        .replace(&format!("{name}:"), "PROG:")
+        .replace(&format!("`{name} "), "`PROG ")
+}
+
+#[test]
+fn errors_match_qemu_nbd() {
+    let dir = tmpdir();
+    let img = make_raw(dir.path(), "e.raw", 1 << 20, &[]);
+    let img = img.to_str().unwrap();
+    let cases: Vec<Vec<&str>> = vec![
+        vec!["/nonexistent.img"],
+        vec!["-f", "bogus", img],
+        vec!["-f", "qcow2", img],
+        vec!["-e", "-1", img],
+        vec!["-e", "abc", img],
+        vec!["-o", "1M", img],
+        vec!["--handshake-limit=x", img],
+        vec!["-k", "rel.sock", img],
+        vec![],
+        vec![img, img],
+        vec!["--bogus-option", img],
+        vec!["-L", img],
+        vec!["-L", "-x", "foo"],
+        vec!["--fork", "-L"],
+        vec!["--tls-authz=a", img],
+        vec!["--image-opts", "-f", "raw", img],
+        vec!["-o", "999999999999", "-f", "raw", img],
+    ];
+    for args in cases {
+        let ours = fails(QNBD, &args);
+        assert!(!ours.is_empty());
+        if have("qemu-nbd") {
+            let theirs = fails("qemu-nbd", &args);
+            assert_eq!(ours, theirs, "stderr differs for {args:?}");
+        }
+    }
+}
+
+#[test]
+fn port_in_use_is_an_error() {
+    let dir = tmpdir();
+    let img = make_raw(dir.path(), "p.raw", 1 << 20, &[]);
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = l.local_addr().unwrap().port().to_string();
+    let msg = fails(
+        QNBD,
+        &[
+            "-f",
+            "raw",
+            "-b",
+            "127.0.0.1",
+            "-p",
+            &port,
+            img.to_str().unwrap(),
+        ],
+    );
+    assert_eq!(
+        msg,
+        "PROG: Failed to find an available port: Address already in use\n"
+    );
+}
+
+#[test]
+fn later_features_say_not_supported_yet() {
+    let dir = tmpdir();
+    let img = make_raw(dir.path(), "n.raw", 1 << 20, &[]);
+    let img = img.to_str().unwrap();
+    for args in [
+        vec!["-c", "/dev/nbd0", img],
+        vec!["-s", img],
+        vec!["--cache=none", img],
+        vec!["-B", "b0", img],
+    ] {
+        let msg = fails(QNBD, &args);
+        assert!(msg.contains("not supported yet"), "{args:?}: {msg}");
+    }
+}
+
+#[test]
+fn exits_after_the_last_client_unless_persistent() {
+    if !have("qemu-io") {
+        return;
+    }
+    let dir = tmpdir();
+    let img = make_raw(dir.path(), "x.raw", 1 << 20, &[]);
+    let mut s = Server::unix(QNBD, &["-f", "raw", img.to_str().unwrap()]);
+    ok(Command::new("qemu-io").args(["-f", "raw", "-c", "read 0 512", &s.uri()]));
+    let st = s
+        .wait_exit(Duration::from_secs(10))
+        .expect("qnbd should exit after its client left");
+    assert!(st.success());
+    assert!(
+        !s.socket.as_ref().unwrap().exists(),
+        "socket file removed on exit"
+    );
+
+    let mut s = Server::unix(QNBD, &["-f", "raw", "-t", img.to_str().unwrap()]);
+    for _ in 0..2 {
+        ok(Command::new("qemu-io").args(["-f", "raw", "-c", "read 0 512", &s.uri()]));
+    }
+    assert!(
+        s.wait_exit(Duration::from_millis(500)).is_none(),
+        "-t keeps serving"
+    );
+    let st = s.terminate().expect("SIGTERM stops qnbd");
+    assert!(st.success(), "SIGTERM exit status {st}");
+    assert!(
+        !s.socket.as_ref().unwrap().exists(),
+        "socket file removed on SIGTERM"
+    );
+}
+
+#[test]
+fn fork_returns_once_listening_and_pid_file_is_removed() {
+    if !have("qemu-img") {
+        return;
+    }
+    let dir = tmpdir();
+    let img = make_raw(dir.path(), "f.raw", 1 << 20, &[]);
+    let sock = dir.path().join("f.sock");
+    let pidf = dir.path().join("f.pid");
+    let out = run(Command::new(QNBD)
+        .args(["--fork", "-t", "-f", "raw", "-k"])
+        .arg(&sock)
+        .arg(format!("--pid-file={}", pidf.display()))
+        .arg(&img));
+    assert!(out.status.success(), "{out:?}");
+    assert!(out.stderr.is_empty());
+    let pid: i32 = std::fs::read_to_string(&pidf)
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    let uri = format!("nbd+unix:///?socket={}", sock.display());
+    ok(Command::new("qemu-img").args(["info", &uri]));
+    ok(Command::new("kill").arg(pid.to_string()));
+    let start = Instant::now();
+    while start.elapsed() < Duration::from_secs(10) && (pidf.exists() || sock.exists()) {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(
+        !pidf.exists() && !sock.exists(),
+        "pid file and socket removed after SIGTERM"
+    );
+
+    // An error in the child reaches the parent's stderr and exit status.
+    let out = run(Command::new(QNBD)
+        .args(["--fork", "-f", "raw", "-k"])
+        .arg(&sock)
+        .arg("/nonexistent.img"));
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("No such file or directory"));
+}
+
+#[test]
+fn handshake_limit_drops_a_silent_client() {
+    let dir = tmpdir();
+    let img = make_raw(dir.path(), "h.raw", 1 << 20, &[]);
+    let s = Server::unix(
+        QNBD,
+        &[
+            "-f",
+            "raw",
+            "-t",
+            "--handshake-limit=1",
+            img.to_str().unwrap(),
+        ],
+    );
+    let mut c = std::os::unix::net::UnixStream::connect(s.socket.as_ref().unwrap()).unwrap();
+    c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let start = Instant::now();
+    let mut buf = Vec::new();
+    let _ = c.read_to_end(&mut buf);
+    let took = start.elapsed();
+    assert_eq!(buf.len(), 18, "greeting only");
+    assert!(
+        took >= Duration::from_millis(900) && took < Duration::from_secs(5),
+        "{took:?}"
+    );
+}
+
+#[test]
+fn help_and_version() {
+    let out = ok(Command::new(QNBD).arg("--help"));
+    assert!(out.contains("--handshake-limit=N"));
+    let out = ok(Command::new(QNBD).arg("-V"));
+    assert!(out.starts_with("qnbd "));
+}
