@@ -5,7 +5,7 @@ set -euo pipefail
 export DEBIAN_FRONTEND=noninteractive
 apt-get update -qq
 apt-get install -y -qq --no-remove \
-    qemu-utils libnbd-bin nbdkit python3-libnbd fio gnutls-bin openssl >/dev/null
+    qemu-utils libnbd-bin nbdkit python3-libnbd fio gnutls-bin openssl bc >/dev/null
 for t in qemu-img qemu-io qemu-nbd nbdinfo nbdcopy nbdkit fio; do
     command -v "$t" >/dev/null || { echo "install-deps: $t is still missing" >&2; exit 1; }
 done

@@ -1,0 +1,125 @@
+#!/usr/bin/env bash
+# Throughput of qnbd beside qemu-nbd and nbdkit (file plugin; memory plugin as the loopback
+# limit) on one raw image, over a Unix socket and TCP. Not a test: it prints a table of
+# MiB/s or IOPS and the ratios qnbd/qemu-nbd and qnbd/nbdkit-file.
+#
+#   scripts/bench.sh [RUNTIME_SECONDS]     (default 5; env SIZE_MB=1024, QNBD=path)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+RUNTIME=${1:-5}
+SIZE_MB=${SIZE_MB:-1024}
+for t in qemu-nbd nbdkit nbdcopy fio; do
+    command -v "$t" >/dev/null || { echo "bench: $t is missing (bash scripts/install-deps.sh)" >&2; exit 77; }
+done
+if [ -z "${QNBD:-}" ]; then
+    cargo build --release -q
+    QNBD=$PWD/target/release/qnbd
+fi
+work=$(mktemp -d /var/tmp/qnbd-bench.XXXXXX)
+server_pid=""
+cleanup() {
+    [ -n "$server_pid" ] && kill "$server_pid" 2>/dev/null && wait "$server_pid" 2>/dev/null
+    rm -rf "$work"
+}
+trap cleanup EXIT
+
+img=$work/disk.raw
+src=$work/src.raw
+echo "bench: preparing a ${SIZE_MB} MiB image (random data, fully allocated)" >&2
+head -c $((SIZE_MB << 20)) /dev/urandom >"$src"
+cp "$src" "$img"
+
+port=$((11000 + RANDOM % 9000))
+sock=$work/nbd.sock
+
+# start SERVER TRANSPORT: sets server_pid and uri.
+start() {
+    local server=$1 transport=$2 addr=()
+    rm -f "$sock"
+    case $server in
+    qnbd | qemu-nbd)
+        local bin=$QNBD
+        [ "$server" = qemu-nbd ] && bin=qemu-nbd
+        if [ "$transport" = unix ]; then addr=(-k "$sock"); else addr=(-b 127.0.0.1 -p "$port"); fi
+        "$bin" -f raw -t -e 0 "${addr[@]}" "$img" 2>"$work/server.log" &
+        ;;
+    nbdkit-file | nbdkit-memory)
+        if [ "$transport" = unix ]; then addr=(-U "$sock"); else addr=(-i 127.0.0.1 -p "$port"); fi
+        local plugin=(file "file=$img")
+        [ "$server" = nbdkit-memory ] && plugin=(memory "size=${SIZE_MB}M")
+        nbdkit -f "${addr[@]}" "${plugin[@]}" 2>"$work/server.log" &
+        ;;
+    esac
+    server_pid=$!
+    if [ "$transport" = unix ]; then uri="nbd+unix:///?socket=$sock"; else uri="nbd://127.0.0.1:$port/"; fi
+    for _ in $(seq 200); do
+        nbdinfo --size "$uri" >/dev/null 2>&1 && return 0
+        sleep 0.05
+    done
+    echo "bench: $server did not start" >&2
+    cat "$work/server.log" >&2
+    exit 1
+}
+
+stop() {
+    kill "$server_pid" 2>/dev/null || true
+    wait "$server_pid" 2>/dev/null || true
+    server_pid=""
+    port=$((port + 1))
+}
+
+now() { date +%s.%N; }
+
+# Each workload prints one number: MiB/s or IOPS.
+w_seq_read() {
+    local t0 t1
+    t0=$(now)
+    nbdcopy --connections=4 --requests=64 "$uri" null:
+    t1=$(now)
+    echo "$SIZE_MB / ($t1 - $t0)" | bc -l
+}
+w_seq_write() {
+    local t0 t1
+    t0=$(now)
+    nbdcopy --connections=4 --requests=64 "$src" "$uri"
+    t1=$(now)
+    echo "$SIZE_MB / ($t1 - $t0)" | bc -l
+}
+fio_iops() {
+    local rw=$1 qd=$2
+    fio --name=b --ioengine=nbd --uri="$uri" --rw="$rw" --bs=4k --iodepth="$qd" \
+        --size="${SIZE_MB}M" --time_based --runtime="$RUNTIME" --ramp_time=1 \
+        --output-format=json 2>/dev/null | sed -n '/^{/,$p' |
+        python3 -c 'import json,sys; j=json.load(sys.stdin)["jobs"][0]; print(j["read"]["iops"]+j["write"]["iops"])'
+}
+w_rand_read_qd1() { fio_iops randread 1; }
+w_rand_read_qd32() { fio_iops randread 32; }
+w_rand_write_qd1() { fio_iops randwrite 1; }
+w_rand_write_qd32() { fio_iops randwrite 32; }
+
+workloads=(seq_read seq_write rand_read_qd1 rand_read_qd32 rand_write_qd1 rand_write_qd32)
+servers=(qnbd qemu-nbd nbdkit-file nbdkit-memory)
+declare -A result
+for transport in unix tcp; do
+    for server in "${servers[@]}"; do
+        start "$server" "$transport"
+        for w in "${workloads[@]}"; do
+            result[$transport/$w/$server]=$("w_$w")
+            echo "bench: $transport $w $server ${result[$transport/$w/$server]}" >&2
+        done
+        stop
+    done
+done
+
+printf '\n%-6s %-16s %10s %10s %12s %14s %10s %10s\n' transport workload qnbd qemu-nbd nbdkit-file nbdkit-memory qnbd/qemu qnbd/nbdkit
+for transport in unix tcp; do
+    for w in "${workloads[@]}"; do
+        q=${result[$transport/$w/qnbd]}
+        m=${result[$transport/$w/qemu-nbd]}
+        f=${result[$transport/$w/nbdkit-file]}
+        n=${result[$transport/$w/nbdkit-memory]}
+        printf '%-6s %-16s %10.0f %10.0f %12.0f %14.0f %9.2fx %9.2fx\n' "$transport" "$w" "$q" "$m" "$f" "$n" \
+            "$(echo "$q / $m" | bc -l)" "$(echo "$q / $f" | bc -l)"
+    done
+done
+echo "(seq_*: MiB/s with nbdcopy --connections=4; rand_*: 4 KiB IOPS with fio's nbd engine; runtime ${RUNTIME}s)"
