@@ -420,3 +420,178 @@ impl Handshake<'_> {
         self.send()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use backends::raw::{RawFile, RawOptions};
+    use backends::Device;
+    use std::os::unix::net::UnixStream;
+    use std::sync::Arc;
+
+    fn export() -> (Export, tempfile::NamedTempFile) {
+        let f = tempfile::NamedTempFile::new().unwrap();
+        f.as_file().set_len(1 << 20).unwrap();
+        let raw = RawFile::open(f.path(), RawOptions::default()).unwrap();
+        let dev = Device::new(Arc::new(raw));
+        (
+            Export::new("exp".into(), "desc".into(), dev, false, false),
+            f,
+        )
+    }
+
+    fn opt(code: u32, data: &[u8]) -> Vec<u8> {
+        let mut v = IHAVEOPT.to_be_bytes().to_vec();
+        v.extend_from_slice(&code.to_be_bytes());
+        v.extend_from_slice(&(data.len() as u32).to_be_bytes());
+        v.extend_from_slice(data);
+        v
+    }
+
+    /// Run the server side on `client_bytes`; returns (outcome, bytes the server sent).
+    fn handshake(client_bytes: Vec<u8>) -> (io::Result<Outcome>, Vec<u8>) {
+        let (export, _f) = export();
+        let (a, mut b) = UnixStream::pair().unwrap();
+        let writer = std::thread::spawn(move || {
+            let _ = b.write_all(&client_bytes);
+            let _ = b.shutdown(std::net::Shutdown::Write);
+            let mut got = Vec::new();
+            let _ = b.read_to_end(&mut got);
+            got
+        });
+        let mut s = Stream::Unix(a);
+        let deadline = Some(Instant::now() + std::time::Duration::from_secs(5));
+        let r = negotiate(&mut s, &export, deadline);
+        drop(s);
+        (r, writer.join().unwrap())
+    }
+
+    /// Option replies after the 18-byte greeting: (option, type, data).
+    fn replies(mut b: &[u8]) -> Vec<(u32, u32, Vec<u8>)> {
+        b = &b[18..];
+        let mut out = Vec::new();
+        while b.len() >= 20 {
+            let o = u32::from_be_bytes(b[8..12].try_into().unwrap());
+            let t = u32::from_be_bytes(b[12..16].try_into().unwrap());
+            let l = u32::from_be_bytes(b[16..20].try_into().unwrap()) as usize;
+            out.push((o, t, b[20..20 + l].to_vec()));
+            b = &b[20 + l..];
+        }
+        out
+    }
+
+    fn fixed() -> Vec<u8> {
+        1u32.to_be_bytes().to_vec()
+    }
+
+    #[test]
+    fn unknown_client_flags_drop_the_connection() {
+        let (r, _) = handshake(0x8000_0001u32.to_be_bytes().to_vec());
+        assert!(r.is_err());
+    }
+
+    #[test]
+    fn bad_option_magic_and_huge_lengths_drop_the_connection() {
+        let mut c = fixed();
+        c.extend_from_slice(&[0x55; 16]);
+        assert!(handshake(c).0.is_err());
+        let mut c = fixed();
+        c.extend_from_slice(&IHAVEOPT.to_be_bytes());
+        c.extend_from_slice(&OPT_GO.to_be_bytes());
+        c.extend_from_slice(&u32::MAX.to_be_bytes());
+        assert!(handshake(c).0.is_err());
+    }
+
+    #[test]
+    fn option_errors_are_qemus_and_the_handshake_goes_on() {
+        let mut c = fixed();
+        c.extend(opt(99, b"junk"));
+        c.extend(opt(OPT_LIST, b"x"));
+        c.extend(opt(OPT_GO, b"\x00\x00"));
+        let mut go = 4u32.to_be_bytes().to_vec();
+        go.extend_from_slice(b"nope\0\0");
+        c.extend(opt(OPT_GO, &go));
+        c.extend(opt(OPT_SET_META_CONTEXT, b""));
+        c.extend(opt(OPT_STRUCTURED_REPLY, b""));
+        c.extend(opt(OPT_STRUCTURED_REPLY, b""));
+        c.extend(opt(OPT_STARTTLS, b""));
+        c.extend(opt(OPT_ABORT, b""));
+        let (r, sent) = handshake(c);
+        assert!(matches!(r, Ok(Outcome::Closed)));
+        let reps = replies(&sent);
+        let types: Vec<u32> = reps.iter().map(|r| r.1).collect();
+        assert_eq!(
+            types,
+            vec![
+                REP_ERR_UNSUP,
+                REP_ERR_INVALID,
+                REP_ERR_INVALID,
+                REP_ERR_UNKNOWN,
+                REP_ERR_INVALID,
+                REP_ACK,
+                REP_ERR_INVALID,
+                REP_ERR_POLICY,
+                REP_ACK
+            ]
+        );
+        assert_eq!(reps[0].2, b"Unsupported option 99 (<unknown>)");
+        assert_eq!(reps[3].2, b"export 'nope' not present");
+    }
+
+    #[test]
+    fn list_then_go_reaches_transmission() {
+        let mut c = fixed();
+        c.extend(opt(OPT_LIST, b""));
+        c.extend(opt(OPT_STRUCTURED_REPLY, b""));
+        let mut go = 3u32.to_be_bytes().to_vec();
+        go.extend_from_slice(b"exp");
+        go.extend_from_slice(&1u16.to_be_bytes());
+        go.extend_from_slice(&INFO_NAME.to_be_bytes());
+        c.extend(opt(OPT_GO, &go));
+        let (r, sent) = handshake(c);
+        let Ok(Outcome::Transmission(neg)) = r else {
+            panic!("no transmission")
+        };
+        assert!(neg.structured);
+        let reps = replies(&sent);
+        assert_eq!(reps[0].1, REP_SERVER);
+        assert_eq!(&reps[0].2[4..], b"expdesc");
+        let infos: Vec<u16> = reps
+            .iter()
+            .filter(|r| r.1 == REP_INFO)
+            .map(|r| u16::from_be_bytes([r.2[0], r.2[1]]))
+            .collect();
+        assert_eq!(
+            infos,
+            vec![INFO_NAME, INFO_DESCRIPTION, INFO_BLOCK_SIZE, INFO_EXPORT]
+        );
+    }
+
+    #[test]
+    fn export_name_for_a_missing_export_closes_silently() {
+        let mut c = fixed();
+        c.extend(opt(OPT_EXPORT_NAME, b"other"));
+        let (r, sent) = handshake(c);
+        assert!(r.is_err());
+        assert_eq!(sent.len(), 18, "nothing but the greeting");
+    }
+
+    #[test]
+    fn random_bytes_never_panic() {
+        let mut seed = 0x9e3779b97f4a7c15u64;
+        for round in 0..300 {
+            let mut c = fixed();
+            if round % 2 == 0 {
+                c.extend(opt((round % 13) as u32, &[]));
+            }
+            let n = (seed % 200) as usize;
+            for _ in 0..n {
+                seed ^= seed << 13;
+                seed ^= seed >> 7;
+                seed ^= seed << 17;
+                c.push(seed as u8);
+            }
+            let _ = handshake(c);
+        }
+    }
+}
