@@ -1,0 +1,180 @@
+//! Raw-socket checks of the transmission phase: what happens to the connection after a bad
+//! request, exactly as the protocol (and qemu-nbd) says.
+
+mod common;
+use common::*;
+use std::io::{Read, Write};
+use std::os::unix::net::UnixStream;
+use std::time::Duration;
+
+const REQUEST_MAGIC: u32 = 0x2560_9513;
+
+/// Connect and negotiate with NBD_OPT_EXPORT_NAME "" (simple replies only).
+fn connect(s: &Server) -> UnixStream {
+    let mut c = UnixStream::connect(s.socket.as_ref().unwrap()).unwrap();
+    c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let mut greet = [0u8; 18];
+    c.read_exact(&mut greet).unwrap();
+    assert_eq!(&greet[..8], b"NBDMAGIC");
+    let mut m = 3u32.to_be_bytes().to_vec(); // fixed newstyle + no zeroes
+    m.extend_from_slice(b"IHAVEOPT");
+    m.extend_from_slice(&1u32.to_be_bytes());
+    m.extend_from_slice(&0u32.to_be_bytes());
+    c.write_all(&m).unwrap();
+    let mut info = [0u8; 10];
+    c.read_exact(&mut info).unwrap();
+    c
+}
+
+fn request(
+    c: &mut UnixStream,
+    flags: u16,
+    cmd: u16,
+    cookie: u64,
+    offset: u64,
+    len: u32,
+    payload: &[u8],
+) {
+    let mut m = REQUEST_MAGIC.to_be_bytes().to_vec();
+    m.extend_from_slice(&flags.to_be_bytes());
+    m.extend_from_slice(&cmd.to_be_bytes());
+    m.extend_from_slice(&cookie.to_be_bytes());
+    m.extend_from_slice(&offset.to_be_bytes());
+    m.extend_from_slice(&len.to_be_bytes());
+    m.extend_from_slice(payload);
+    let _ = c.write_all(&m);
+}
+
+/// Read a simple reply: (error, cookie).
+fn reply(c: &mut UnixStream) -> Option<(u32, u64)> {
+    let mut r = [0u8; 16];
+    c.read_exact(&mut r).ok()?;
+    assert_eq!(u32::from_be_bytes(r[..4].try_into().unwrap()), 0x6744_6698);
+    Some((
+        u32::from_be_bytes(r[4..8].try_into().unwrap()),
+        u64::from_be_bytes(r[8..].try_into().unwrap()),
+    ))
+}
+
+fn is_closed(c: &mut UnixStream) -> bool {
+    let mut b = [0u8; 1];
+    matches!(c.read(&mut b), Ok(0) | Err(_))
+}
+
+#[test]
+fn bad_requests_get_errors_and_the_connection_goes_on() {
+    let dir = tmpdir();
+    let img = make_raw(dir.path(), "p.raw", 1 << 20, &[]);
+    let s = Server::unix(QNBD, &["-f", "raw", "-t", img.to_str().unwrap()]);
+    let mut c = connect(&s);
+    request(&mut c, 0, 99, 1, 0, 0, &[]);
+    assert_eq!(reply(&mut c), Some((22, 1)), "unknown command: EINVAL");
+    request(&mut c, 0, 0, 2, 1 << 20, 512, &[]);
+    assert_eq!(reply(&mut c), Some((22, 2)), "read past the end: EINVAL");
+    request(&mut c, 0, 1, 3, (1 << 20) - 256, 512, &[7u8; 512]);
+    assert_eq!(
+        reply(&mut c),
+        Some((22, 3)),
+        "write past the end: EINVAL, payload drained"
+    );
+    request(&mut c, 0x8000, 0, 4, 0, 512, &[]);
+    assert_eq!(reply(&mut c), Some((22, 4)), "unknown flag: EINVAL");
+    request(&mut c, 0x04, 0, 5, 0, 512, &[]);
+    assert_eq!(
+        reply(&mut c),
+        Some((22, 5)),
+        "DF without structured replies: EINVAL"
+    );
+    request(&mut c, 0, 7, 6, 0, 512, &[]);
+    assert_eq!(
+        reply(&mut c),
+        Some((22, 6)),
+        "block status not negotiated: EINVAL"
+    );
+    request(&mut c, 0, 0, 7, 0, 33554944, &[]);
+    assert_eq!(
+        reply(&mut c),
+        Some((22, 7)),
+        "oversized read: EINVAL, connection stays"
+    );
+    // Still in step: a real write and read.
+    request(&mut c, 1, 1, 8, 4096, 4, b"abcd");
+    assert_eq!(reply(&mut c), Some((0, 8)));
+    request(&mut c, 0, 0, 9, 4096, 4, &[]);
+    assert_eq!(reply(&mut c), Some((0, 9)));
+    let mut d = [0u8; 4];
+    c.read_exact(&mut d).unwrap();
+    assert_eq!(&d, b"abcd");
+    request(&mut c, 0, 2, 10, 0, 0, &[]);
+    assert!(is_closed(&mut c), "NBD_CMD_DISC closes");
+}
+
+#[test]
+fn read_only_write_is_refused_and_its_payload_skipped() {
+    let dir = tmpdir();
+    let img = make_raw(dir.path(), "r.raw", 1 << 20, &[]);
+    let s = Server::unix(QNBD, &["-f", "raw", "-t", "-r", img.to_str().unwrap()]);
+    let mut c = connect(&s);
+    request(&mut c, 0, 1, 1, 0, 4096, &[0x55; 4096]);
+    assert_eq!(reply(&mut c), Some((1, 1)), "EPERM");
+    request(&mut c, 0, 3, 2, 0, 0, &[]);
+    assert_eq!(
+        reply(&mut c),
+        Some((0, 2)),
+        "flush after the refused write is parsed in step"
+    );
+}
+
+#[test]
+fn fatal_requests_drop_only_that_client() {
+    let dir = tmpdir();
+    let img = make_raw(dir.path(), "f.raw", 1 << 20, &[]);
+    let s = Server::unix(QNBD, &["-f", "raw", "-t", "-e", "0", img.to_str().unwrap()]);
+    // A write larger than 32 MiB: qemu-nbd drops the client without reading the payload.
+    let mut c = connect(&s);
+    request(&mut c, 0, 1, 1, 0, 33554944, &[]);
+    assert!(is_closed(&mut c));
+    // A bad magic.
+    let mut c = connect(&s);
+    c.write_all(&[0xab; 28]).unwrap();
+    assert!(is_closed(&mut c));
+    // The server is still there for others.
+    let mut c = connect(&s);
+    request(&mut c, 0, 3, 9, 0, 0, &[]);
+    assert_eq!(reply(&mut c), Some((0, 9)));
+}
+
+#[test]
+fn requests_in_flight_are_answered_out_of_order_with_their_cookies() {
+    let dir = tmpdir();
+    let img = make_raw(dir.path(), "o.raw", 8 << 20, &[]);
+    let s = Server::unix(QNBD, &["-f", "raw", "-t", img.to_str().unwrap()]);
+    let mut c = connect(&s);
+    for i in 0..64u64 {
+        request(
+            &mut c,
+            0,
+            1,
+            1000 + i,
+            i * 65536,
+            65536,
+            &vec![i as u8; 65536],
+        );
+    }
+    let mut seen: Vec<u64> = (0..64)
+        .map(|_| reply(&mut c).unwrap())
+        .map(|(e, k)| {
+            assert_eq!(e, 0);
+            k
+        })
+        .collect();
+    seen.sort();
+    assert_eq!(seen, (1000..1064).collect::<Vec<_>>());
+    drop(c);
+    let data = std::fs::read(&img).unwrap();
+    for i in 0..64usize {
+        assert!(data[i * 65536..(i + 1) * 65536]
+            .iter()
+            .all(|&b| b == i as u8));
+    }
+}
