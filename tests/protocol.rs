@@ -178,3 +178,80 @@ fn requests_in_flight_are_answered_out_of_order_with_their_cookies() {
             .all(|&b| b == i as u8));
     }
 }
+
+/// Negotiate (optionally) EXTENDED_HEADERS or STRUCTURED_REPLY, then GO; return the
+/// transmission flags from NBD_INFO_EXPORT.
+fn go_flags(s: &Server, ext: bool, sr: bool) -> u16 {
+    let mut c = UnixStream::connect(s.socket.as_ref().unwrap()).unwrap();
+    c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let mut greet = [0u8; 18];
+    c.read_exact(&mut greet).unwrap();
+    c.write_all(&3u32.to_be_bytes()).unwrap();
+    let opt = |c: &mut UnixStream, code: u32, data: &[u8]| {
+        let mut m = b"IHAVEOPT".to_vec();
+        m.extend_from_slice(&code.to_be_bytes());
+        m.extend_from_slice(&(data.len() as u32).to_be_bytes());
+        m.extend_from_slice(data);
+        c.write_all(&m).unwrap();
+    };
+    // Read option replies until ACK or error; return the INFO_EXPORT flags if seen.
+    let replies = |c: &mut UnixStream| -> Option<u16> {
+        let mut flags = None;
+        loop {
+            let mut h = [0u8; 20];
+            c.read_exact(&mut h).unwrap();
+            let typ = u32::from_be_bytes(h[12..16].try_into().unwrap());
+            let len = u32::from_be_bytes(h[16..20].try_into().unwrap()) as usize;
+            let mut d = vec![0u8; len];
+            c.read_exact(&mut d).unwrap();
+            if typ == 3 && d[..2] == [0, 0] {
+                flags = Some(u16::from_be_bytes([d[10], d[11]]));
+            }
+            if typ != 3 {
+                return flags;
+            }
+        }
+    };
+    if ext {
+        opt(&mut c, 11, &[]);
+        replies(&mut c);
+    }
+    if sr {
+        opt(&mut c, 8, &[]);
+        replies(&mut c);
+    }
+    let mut go = 0u32.to_be_bytes().to_vec();
+    go.extend_from_slice(&0u16.to_be_bytes());
+    opt(&mut c, 7, &go);
+    replies(&mut c).expect("INFO_EXPORT")
+}
+
+#[test]
+fn transmission_flags_equal_qemu_nbds() {
+    if !have("qemu-nbd") {
+        return;
+    }
+    let dir = tmpdir();
+    let img = make_raw(dir.path(), "fl.raw", 1 << 20, &[]);
+    let img = img.to_str().unwrap();
+    for args in [
+        vec!["-r"],
+        vec![],
+        vec!["-e", "2"],
+        vec!["-r", "-e", "0"],
+        vec!["-e", "3", "-A"],
+    ] {
+        let mut all = vec!["-f", "raw", "-t"];
+        all.extend(args.iter());
+        all.push(img);
+        let ours = Server::unix(QNBD, &all);
+        let theirs = Server::unix("qemu-nbd", &all);
+        for (ext, sr) in [(false, false), (false, true), (true, false)] {
+            assert_eq!(
+                format!("{:#x}", go_flags(&ours, ext, sr)),
+                format!("{:#x}", go_flags(&theirs, ext, sr)),
+                "flags for {args:?} ext={ext} sr={sr}"
+            );
+        }
+    }
+}

@@ -42,8 +42,9 @@ impl Export {
         !self.device.caps().writable
     }
 
-    /// The transmission flags for a connection that negotiated `structured` / `extended`.
-    pub fn flags(&self, structured: bool, extended: bool) -> TransmissionFlags {
+    /// The transmission flags for a connection that negotiated `structured` / `extended`
+    /// and (`contexts`) selected at least one meta context.
+    pub fn flags(&self, structured: bool, extended: bool, contexts: bool) -> TransmissionFlags {
         let caps = self.device.caps();
         let mut f = TransmissionFlags::HAS_FLAGS;
         if caps.flush {
@@ -74,7 +75,7 @@ impl Export {
         if self.multi_conn && caps.multi_conn {
             f |= TransmissionFlags::CAN_MULTI_CONN;
         }
-        if extended {
+        if extended && contexts {
             f |= TransmissionFlags::BLOCK_STAT_PAYLOAD;
         }
         f

@@ -188,9 +188,10 @@ impl Handshake<'_> {
         if self.meta_export.as_deref() != Some(self.export.name.as_str()) {
             self.neg.contexts.clear();
         }
+        let contexts = !self.neg.contexts.is_empty();
         let flags = self
             .export
-            .flags(self.neg.structured, self.neg.extended)
+            .flags(self.neg.structured, self.neg.extended, contexts)
             .bits();
         self.neg.flags = flags;
         self.out
@@ -317,9 +318,11 @@ impl Handshake<'_> {
             p.extend_from_slice(&v.to_be_bytes());
         }
         wire::encode_option_reply(&mut self.out, opt, REP_INFO, &p);
+        let contexts =
+            !self.neg.contexts.is_empty() && self.meta_export.as_deref() == Some(name.as_str());
         let flags = self
             .export
-            .flags(self.neg.structured, self.neg.extended)
+            .flags(self.neg.structured, self.neg.extended, contexts)
             .bits();
         let mut p = INFO_EXPORT.to_be_bytes().to_vec();
         p.extend_from_slice(&self.export.device.size().to_be_bytes());
