@@ -290,7 +290,7 @@ pub fn run(cli: Cli) {
             shared,
             persistent: cli.persistent,
             handshake_limit,
-            ..Default::default()
+            threads_per_connection: threads_per_connection(),
         },
     );
     tracing::info!("serving '{file}' ({} bytes)", server.export().device.size());
@@ -302,6 +302,15 @@ pub fn run(cli: Cli) {
     if let Err(e) = result {
         die(e);
     }
+}
+
+/// Worker threads per connection; `QNBD_THREADS` overrides the default (for tuning).
+fn threads_per_connection() -> usize {
+    std::env::var("QNBD_THREADS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .filter(|&n| n > 0)
+        .unwrap_or(ServerOptions::default().threads_per_connection)
 }
 
 fn lock_cleanup(c: &Mutex<Cleanup>) -> std::sync::MutexGuard<'_, Cleanup> {

@@ -12,9 +12,9 @@ use crate::nbd::proto::*;
 use crate::nbd::wire::{self, Request};
 use crate::transport::{write_all_vectored, Stream};
 use backends::{Error as BackendError, Extents, IoFlags};
+use parking_lot::Mutex;
 use std::io::{self, BufReader, IoSlice, Read, Write};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::Mutex;
 use std::thread::Scope;
 
 /// Reads at least this long look for holes to send as OFFSET_HOLE chunks.
@@ -37,10 +37,40 @@ struct Conn<'a> {
     max_threads: usize,
 }
 
+/// A buffer that only grows, so a worker alternating small and large requests zero-fills
+/// memory once, not on every growth.
+#[derive(Default)]
+struct GrowBuf {
+    v: Vec<u8>,
+    len: usize,
+}
+
+impl GrowBuf {
+    fn set_len(&mut self, n: usize) {
+        if self.v.len() < n {
+            self.v.resize(n, 0);
+        }
+        self.len = n;
+    }
+}
+
+impl std::ops::Deref for GrowBuf {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        &self.v[..self.len]
+    }
+}
+
+impl std::ops::DerefMut for GrowBuf {
+    fn deref_mut(&mut self) -> &mut [u8] {
+        &mut self.v[..self.len]
+    }
+}
+
 /// Per-worker scratch space, reused across requests.
 #[derive(Default)]
 struct Scratch {
-    data: Vec<u8>,
+    data: GrowBuf,
     hdr: Vec<u8>,
     extents: Extents,
 }
@@ -81,10 +111,7 @@ impl<'a> Conn<'a> {
         loop {
             self.idle.fetch_add(1, Ordering::SeqCst);
             let next = {
-                let mut rd = match self.reader.lock() {
-                    Ok(g) => g,
-                    Err(p) => p.into_inner(),
-                };
+                let mut rd = self.reader.lock();
                 self.idle.fetch_sub(1, Ordering::SeqCst);
                 if self.closing.load(Ordering::SeqCst) {
                     return;
@@ -126,7 +153,7 @@ impl<'a> Conn<'a> {
     }
 
     /// Read one request and its payload (into `data`). Errors end the connection.
-    fn next_request(&self, rd: &mut BufReader<Stream>, data: &mut Vec<u8>) -> io::Result<Next> {
+    fn next_request(&self, rd: &mut BufReader<Stream>, data: &mut GrowBuf) -> io::Result<Next> {
         let mut hdr = [0u8; wire::EXTENDED_REQUEST_LEN];
         let hdr = &mut hdr[..wire::request_len(self.neg.extended)];
         rd.read_exact(hdr)?;
@@ -146,13 +173,13 @@ impl<'a> Conn<'a> {
             return Ok(Next::Disconnect);
         }
         match validate::payload(&req, &self.neg) {
-            Payload::None => data.clear(),
+            Payload::None => data.set_len(0),
             Payload::Read(n) => {
-                data.resize(n, 0);
+                data.set_len(n);
                 rd.read_exact(data)?;
             }
             Payload::Drain(n) => {
-                data.clear();
+                data.set_len(0);
                 io::copy(&mut rd.by_ref().take(n as u64), &mut io::sink())?;
             }
             Payload::Fatal(msg) => return Err(io::Error::new(io::ErrorKind::InvalidData, msg)),
@@ -230,10 +257,7 @@ impl<'a> Conn<'a> {
     }
 
     fn write_reply(&self, bufs: &mut [IoSlice<'_>]) -> io::Result<()> {
-        let mut w = match self.writer.lock() {
-            Ok(g) => g,
-            Err(p) => p.into_inner(),
-        };
+        let mut w = self.writer.lock();
         write_all_vectored(&mut *w, bufs)
     }
 
@@ -289,7 +313,7 @@ impl<'a> Conn<'a> {
             );
             return self.write_reply(&mut [IoSlice::new(&s.hdr)]);
         }
-        s.data.resize(n, 0);
+        s.data.set_len(n);
         if self.structured() && len >= SPARSE_READ_MIN && !req.flags.contains(CmdFlags::DF) {
             if let Some(r) = self.sparse_read(req, len, s) {
                 return r;
@@ -512,10 +536,7 @@ impl<'a> Conn<'a> {
                 }
             }
         }
-        let mut w = match self.writer.lock() {
-            Ok(g) => g,
-            Err(p) => p.into_inner(),
-        };
+        let mut w = self.writer.lock();
         w.write_all(&s.hdr)
     }
 }
