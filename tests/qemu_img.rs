@@ -112,3 +112,24 @@ fn qemu_io_patterns_zeroes_discard_and_aio() {
     assert!(data[3200 * 1024..3264 * 1024].iter().all(|&b| b == 0x78));
     assert!(data[4095 * 1024..].iter().all(|&b| b == 0x42));
 }
+
+#[test]
+fn map_over_extended_headers_matches_qemu_nbd() {
+    // qemu 10's client negotiates extended headers, so this exercises BLOCK_STATUS_EXT.
+    if !have("qemu-img") || !have("qemu-nbd") {
+        return;
+    }
+    let dir = tmpdir();
+    let img = make_raw(
+        dir.path(),
+        "m.raw",
+        64 * MIB,
+        &[(0, &[9; 512]), (3 * MIB, &[8; 70000]), (40 * MIB, &[7; 4096])],
+    );
+    let mut maps = Vec::new();
+    for bin in [QNBD, "qemu-nbd"] {
+        let s = Server::unix(bin, &["-f", "raw", "-t", "-r", img.to_str().unwrap()]);
+        maps.push(ok(Command::new("qemu-img").args(["map", "--output=json", "-f", "raw", &s.uri()])));
+    }
+    assert_eq!(maps[0], maps[1]);
+}
