@@ -318,8 +318,11 @@ impl Handshake<'_> {
             p.extend_from_slice(&v.to_be_bytes());
         }
         wire::encode_option_reply(&mut self.out, opt, REP_INFO, &p);
-        let contexts =
-            !self.neg.contexts.is_empty() && self.meta_export.as_deref() == Some(name.as_str());
+        // qemu advertises BLOCK_STAT_PAYLOAD to INFO whenever headers are extended, and to GO
+        // only when meta contexts are selected for this export.
+        let contexts = opt == OPT_INFO
+            || (!self.neg.contexts.is_empty()
+                && self.meta_export.as_deref() == Some(name.as_str()));
         let flags = self
             .export
             .flags(self.neg.structured, self.neg.extended, contexts)
