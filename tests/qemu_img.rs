@@ -124,12 +124,22 @@ fn map_over_extended_headers_matches_qemu_nbd() {
         dir.path(),
         "m.raw",
         64 * MIB,
-        &[(0, &[9; 512]), (3 * MIB, &[8; 70000]), (40 * MIB, &[7; 4096])],
+        &[
+            (0, &[9; 512]),
+            (3 * MIB, &[8; 70000]),
+            (40 * MIB, &[7; 4096]),
+        ],
     );
     let mut maps = Vec::new();
     for bin in [QNBD, "qemu-nbd"] {
         let s = Server::unix(bin, &["-f", "raw", "-t", "-r", img.to_str().unwrap()]);
-        maps.push(ok(Command::new("qemu-img").args(["map", "--output=json", "-f", "raw", &s.uri()])));
+        maps.push(ok(Command::new("qemu-img").args([
+            "map",
+            "--output=json",
+            "-f",
+            "raw",
+            &s.uri(),
+        ])));
     }
     assert_eq!(maps[0], maps[1]);
 }
