@@ -3,6 +3,7 @@
 
 mod cli;
 mod daemon;
+mod list;
 mod listen;
 mod serve;
 

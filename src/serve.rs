@@ -92,9 +92,6 @@ fn check_modes(cli: &Cli) {
 }
 
 fn check_unsupported(cli: &Cli) {
-    if cli.list {
-        not_yet("-L/--list", "the TLS and NBD client issue");
-    }
     if cli.disconnect || cli.connect.is_some() {
         not_yet("-c/-d (kernel NBD devices)", "the kernel binder issue");
     }
@@ -146,7 +143,11 @@ pub fn run(cli: Cli) {
     if cli.disconnect {
         check_unsupported(&cli);
     }
-    if cli.args.len() != 1 && !cli.list {
+    if cli.list {
+        crate::list::run(&cli);
+        return;
+    }
+    if cli.args.len() != 1 {
         try_help();
     }
     check_unsupported(&cli);

@@ -32,3 +32,71 @@ fn qemu_nbd_list_sees_qnbd_as_it_sees_qemu_nbd() {
         assert_eq!(outs[0], outs[1], "qemu-nbd -L output for {args:?}");
     }
 }
+
+fn lists_equal(target: &[&str]) {
+    let ours = run(Command::new(QNBD).arg("-L").args(target));
+    let theirs = run(Command::new("qemu-nbd").arg("-L").args(target));
+    assert_eq!(
+        ours.status.code(),
+        theirs.status.code(),
+        "exit status for {target:?}"
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&ours.stdout),
+        String::from_utf8_lossy(&theirs.stdout),
+        "{target:?}"
+    );
+    let strip =
+        |b: &[u8], name: &str| String::from_utf8_lossy(b).replace(&format!("{name}:"), "PROG:");
+    assert_eq!(
+        strip(&ours.stderr, "qnbd"),
+        strip(&theirs.stderr, "qemu-nbd"),
+        "stderr for {target:?}"
+    );
+}
+
+#[test]
+fn qnbd_list_prints_what_qemu_nbd_list_prints() {
+    if !have("qemu-nbd") || !have("nbdkit") {
+        return;
+    }
+    let dir = tmpdir();
+    let img = make_raw(dir.path(), "l.raw", 64 << 20, &[]);
+    let img = img.to_str().unwrap();
+    // qemu-nbd and qnbd servers, Unix and TCP.
+    for bin in ["qemu-nbd", QNBD] {
+        let args = [
+            "-f", "raw", "-t", "-x", "exp2", "-D", "desc two", "-A", "-e", "3", img,
+        ];
+        let s = Server::unix(bin, &args);
+        lists_equal(&["-k", s.socket.as_ref().unwrap().to_str().unwrap()]);
+        let s = Server::tcp(bin, &args);
+        lists_equal(&["-b", "127.0.0.1", "-p", &s.port.unwrap().to_string()]);
+    }
+    // nbdkit with several exports and a description.
+    let sock = dir.path().join("nbdkit.sock");
+    let mut nbdkit = Command::new("nbdkit")
+        .args(["-f", "-U"])
+        .arg(&sock)
+        .args([
+            "--filter=exportname",
+            "memory",
+            "1M",
+            "exportname-list=explicit",
+            "exportname=alpha",
+            "exportname=beta",
+            "exportdesc=fixed:hello",
+        ])
+        .spawn()
+        .expect("nbdkit");
+    let start = std::time::Instant::now();
+    while !sock.exists() && start.elapsed() < std::time::Duration::from_secs(10) {
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    lists_equal(&["-k", sock.to_str().unwrap()]);
+    let _ = nbdkit.kill();
+    let _ = nbdkit.wait();
+    // Nothing listening.
+    lists_equal(&["-k", dir.path().join("none.sock").to_str().unwrap()]);
+    lists_equal(&["-b", "127.0.0.1", "-p", &free_port().to_string()]);
+}

@@ -1,5 +1,6 @@
 //! The NBD protocol: constants, pure wire encoding, and the server.
 
+pub mod client;
 pub mod proto;
 pub mod server;
 pub mod wire;

@@ -1,0 +1,381 @@
+//! The NBD client's handshake: fixed newstyle, LIST, INFO, GO, structured replies, extended
+//! headers and meta contexts. Used by `-L` now, and before a kernel bind (`-c`) later, where
+//! it must negotiate simple replies only.
+
+use crate::nbd::proto::*;
+use crate::nbd::wire::Reader;
+use crate::transport::Stream;
+use std::io::{self, Read, Write};
+
+/// Longest option reply we read; anything longer is a broken server.
+const MAX_REPLY_LEN: u32 = 1 << 20;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error("{0}")]
+    Io(#[from] io::Error),
+    #[error("{0}")]
+    Protocol(String),
+    /// The server refused an option: (what we asked, the reply type, the server's text).
+    #[error("{msg}")]
+    Refused { opt: u32, rep: u32, msg: String },
+}
+
+fn protocol(msg: impl Into<String>) -> ClientError {
+    ClientError::Protocol(msg.into())
+}
+
+impl ClientError {
+    /// The lines qemu-nbd prints for this error (without the program prefix on the first).
+    pub fn report(&self) -> String {
+        match self {
+            ClientError::Refused { opt, rep, msg } if *rep == REP_ERR_TLS_REQD => format!(
+                "TLS negotiation required before option {opt} ({})\nDid you forget a valid tls-creds?\nserver reported: {msg}",
+                opt_name(*opt)
+            ),
+            ClientError::Refused { opt, msg, .. } => {
+                format!("Option {opt} ({}) failed\nserver reported: {msg}", opt_name(*opt))
+            }
+            e => e.to_string(),
+        }
+    }
+}
+
+/// What a server says about one export.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ExportInfo {
+    pub name: String,
+    pub description: String,
+    pub size: u64,
+    pub flags: u16,
+    /// 0 when the server sent no NBD_INFO_BLOCK_SIZE.
+    pub min_block: u32,
+    pub opt_block: u32,
+    pub max_block: u32,
+    pub contexts: Vec<String>,
+}
+
+/// A connection in the handshake phase.
+pub struct Client {
+    stream: Stream,
+    pub structured: bool,
+    pub extended: bool,
+}
+
+struct OptReply {
+    rep: u32,
+    data: Vec<u8>,
+}
+
+impl Client {
+    /// Read the greeting and answer it.
+    pub fn start(mut stream: Stream) -> Result<Client, ClientError> {
+        let mut g = [0u8; 18];
+        stream.read_exact(&mut g)?;
+        let magic = u64::from_be_bytes(g[..8].try_into().unwrap_or_default());
+        let opts = u64::from_be_bytes(g[8..16].try_into().unwrap_or_default());
+        if magic != NBDMAGIC {
+            return Err(protocol("Bad initial magic received"));
+        }
+        if opts != IHAVEOPT {
+            return Err(protocol("Server does not support the newstyle protocol"));
+        }
+        let hflags = HandshakeFlags::from_bits_retain(u16::from_be_bytes([g[16], g[17]]));
+        if !hflags.contains(HandshakeFlags::FIXED_NEWSTYLE) {
+            return Err(protocol(
+                "Server does not support fixed newstyle negotiation",
+            ));
+        }
+        let mut cflags = ClientFlags::C_FIXED_NEWSTYLE;
+        if hflags.contains(HandshakeFlags::NO_ZEROES) {
+            cflags |= ClientFlags::C_NO_ZEROES;
+        }
+        stream.write_all(&cflags.bits().to_be_bytes())?;
+        Ok(Client {
+            stream,
+            structured: false,
+            extended: false,
+        })
+    }
+
+    pub fn into_stream(self) -> Stream {
+        self.stream
+    }
+
+    fn send_opt(&mut self, opt: u32, data: &[u8]) -> Result<(), ClientError> {
+        let mut m = Vec::with_capacity(16 + data.len());
+        m.extend_from_slice(&IHAVEOPT.to_be_bytes());
+        m.extend_from_slice(&opt.to_be_bytes());
+        m.extend_from_slice(&(data.len() as u32).to_be_bytes());
+        m.extend_from_slice(data);
+        self.stream.write_all(&m)?;
+        Ok(())
+    }
+
+    fn read_reply(&mut self, opt: u32) -> Result<OptReply, ClientError> {
+        let mut h = [0u8; 20];
+        self.stream.read_exact(&mut h)?;
+        let mut r = Reader::new(&h);
+        let magic = r.u64().unwrap_or(0);
+        let got_opt = r.u32().unwrap_or(0);
+        let rep = r.u32().unwrap_or(0);
+        let len = r.u32().unwrap_or(0);
+        if magic != REP_MAGIC {
+            return Err(protocol("Unexpected option reply magic"));
+        }
+        if got_opt != opt {
+            return Err(protocol(format!(
+                "Unexpected option type {got_opt:#x}, expected {opt:#x}"
+            )));
+        }
+        if len > MAX_REPLY_LEN {
+            return Err(protocol(format!(
+                "server's reply to option {opt} is too long ({len})"
+            )));
+        }
+        let mut data = vec![0u8; len as usize];
+        self.stream.read_exact(&mut data)?;
+        Ok(OptReply { rep, data })
+    }
+
+    fn refused(opt: u32, r: OptReply) -> ClientError {
+        ClientError::Refused {
+            opt,
+            rep: r.rep,
+            msg: String::from_utf8_lossy(&r.data).into_owned(),
+        }
+    }
+
+    /// Ask for an option with an ACK-only answer; Ok(false) when the server refuses it.
+    fn simple_opt(&mut self, opt: u32) -> Result<bool, ClientError> {
+        self.send_opt(opt, &[])?;
+        let r = self.read_reply(opt)?;
+        match r.rep {
+            REP_ACK => Ok(true),
+            rep if rep & 0x8000_0000 != 0 => Ok(false),
+            rep => Err(protocol(format!(
+                "unexpected reply {rep:#x} to option {}",
+                opt_name(opt)
+            ))),
+        }
+    }
+
+    /// Extended headers if the server has them, else structured replies if it has those.
+    pub fn negotiate_replies(&mut self) -> Result<(), ClientError> {
+        if self.simple_opt(OPT_EXTENDED_HEADERS)? {
+            self.extended = true;
+            self.structured = true;
+        } else if self.simple_opt(OPT_STRUCTURED_REPLY)? {
+            self.structured = true;
+        }
+        Ok(())
+    }
+
+    /// NBD_OPT_LIST: (name, description) of every export.
+    pub fn list(&mut self) -> Result<Vec<(String, String)>, ClientError> {
+        self.send_opt(OPT_LIST, &[])?;
+        let mut out = Vec::new();
+        loop {
+            let r = self.read_reply(OPT_LIST)?;
+            match r.rep {
+                REP_ACK => return Ok(out),
+                REP_SERVER => {
+                    let mut rd = Reader::new(&r.data);
+                    let n = rd.u32().ok_or_else(|| protocol("short NBD_REP_SERVER"))? as usize;
+                    let name = rd
+                        .bytes(n)
+                        .ok_or_else(|| protocol("bad NBD_REP_SERVER name length"))?;
+                    let rest = rd.bytes(rd.remaining()).unwrap_or_default();
+                    out.push((
+                        String::from_utf8_lossy(name).into_owned(),
+                        String::from_utf8_lossy(rest).into_owned(),
+                    ));
+                }
+                _ => return Err(Self::refused(OPT_LIST, r)),
+            }
+        }
+    }
+
+    /// NBD_OPT_INFO or NBD_OPT_GO for `name`, asking for the block sizes (and the name and
+    /// description). After a successful GO the connection is in transmission.
+    pub fn info_or_go(
+        &mut self,
+        opt: u32,
+        name: &str,
+        block_size: bool,
+    ) -> Result<ExportInfo, ClientError> {
+        let mut d = (name.len() as u32).to_be_bytes().to_vec();
+        d.extend_from_slice(name.as_bytes());
+        let items: Vec<u16> = if block_size {
+            vec![INFO_BLOCK_SIZE, INFO_NAME, INFO_DESCRIPTION]
+        } else {
+            vec![]
+        };
+        d.extend_from_slice(&(items.len() as u16).to_be_bytes());
+        for i in &items {
+            d.extend_from_slice(&i.to_be_bytes());
+        }
+        self.send_opt(opt, &d)?;
+        let mut info = ExportInfo {
+            name: name.to_string(),
+            ..Default::default()
+        };
+        let mut have_export = false;
+        loop {
+            let r = self.read_reply(opt)?;
+            match r.rep {
+                REP_ACK => {
+                    if !have_export {
+                        return Err(protocol("server sent no NBD_INFO_EXPORT"));
+                    }
+                    return Ok(info);
+                }
+                REP_INFO => {
+                    let mut rd = Reader::new(&r.data);
+                    let Some(typ) = rd.u16() else {
+                        return Err(protocol("short NBD_REP_INFO"));
+                    };
+                    match typ {
+                        INFO_EXPORT => {
+                            info.size =
+                                rd.u64().ok_or_else(|| protocol("short NBD_INFO_EXPORT"))?;
+                            info.flags =
+                                rd.u16().ok_or_else(|| protocol("short NBD_INFO_EXPORT"))?;
+                            have_export = true;
+                        }
+                        INFO_NAME => {
+                            info.name = String::from_utf8_lossy(
+                                rd.bytes(rd.remaining()).unwrap_or_default(),
+                            )
+                            .into();
+                        }
+                        INFO_DESCRIPTION => {
+                            info.description = String::from_utf8_lossy(
+                                rd.bytes(rd.remaining()).unwrap_or_default(),
+                            )
+                            .into();
+                        }
+                        INFO_BLOCK_SIZE => {
+                            let (a, b, c) = (rd.u32(), rd.u32(), rd.u32());
+                            let (Some(a), Some(b), Some(c)) = (a, b, c) else {
+                                return Err(protocol("short NBD_INFO_BLOCK_SIZE"));
+                            };
+                            info.min_block = a;
+                            info.opt_block = b;
+                            info.max_block = c;
+                        }
+                        _ => {} // Clients ignore information they do not know.
+                    }
+                }
+                _ => return Err(Self::refused(opt, r)),
+            }
+        }
+    }
+
+    /// NBD_OPT_LIST_META_CONTEXT with no query: every context the export offers.
+    pub fn list_meta_contexts(&mut self, name: &str) -> Result<Vec<String>, ClientError> {
+        let mut d = (name.len() as u32).to_be_bytes().to_vec();
+        d.extend_from_slice(name.as_bytes());
+        d.extend_from_slice(&0u32.to_be_bytes());
+        self.send_opt(OPT_LIST_META_CONTEXT, &d)?;
+        let mut out = Vec::new();
+        loop {
+            let r = self.read_reply(OPT_LIST_META_CONTEXT)?;
+            match r.rep {
+                REP_ACK => return Ok(out),
+                REP_META_CONTEXT => {
+                    let ctx = r
+                        .data
+                        .get(4..)
+                        .ok_or_else(|| protocol("short NBD_REP_META_CONTEXT"))?;
+                    out.push(String::from_utf8_lossy(ctx).into_owned());
+                }
+                rep if rep & 0x8000_0000 != 0 => return Ok(Vec::new()),
+                _ => return Err(Self::refused(OPT_LIST_META_CONTEXT, r)),
+            }
+        }
+    }
+
+    /// NBD_OPT_ABORT; the server may close before answering.
+    pub fn abort(mut self) {
+        if self.send_opt(OPT_ABORT, &[]).is_ok() {
+            let _ = self.read_reply(OPT_ABORT);
+        }
+        self.stream.shutdown();
+    }
+}
+
+/// Every export of a server, as `qemu-nbd -L` gathers them.
+pub fn list_exports(stream: Stream) -> Result<(Vec<ExportInfo>, bool), ClientError> {
+    let mut c = Client::start(stream)?;
+    c.negotiate_replies()?;
+    let names = c.list()?;
+    let mut out = Vec::new();
+    for (name, description) in names {
+        let mut info = c.info_or_go(OPT_INFO, &name, true)?;
+        info.name = name.clone();
+        info.description = description;
+        if c.structured {
+            info.contexts = c.list_meta_contexts(&name)?;
+        }
+        out.push(info);
+    }
+    let extended = c.extended;
+    c.abort();
+    Ok((out, extended))
+}
+
+/// qemu-nbd's `-L` listing.
+pub fn format_list(exports: &[ExportInfo], extended: bool) -> String {
+    use std::fmt::Write as _;
+    const FLAG_NAMES: [&str; 13] = [
+        "",
+        "readonly",
+        "flush",
+        "fua",
+        "rotational",
+        "trim",
+        "zeroes",
+        "df",
+        "multi",
+        "resize",
+        "cache",
+        "fast-zero",
+        "block-status-payload",
+    ];
+    let mut s = String::new();
+    let _ = writeln!(s, "exports available: {}", exports.len());
+    for e in exports {
+        let _ = writeln!(s, " export: '{}'", e.name);
+        if !e.description.is_empty() {
+            let _ = writeln!(s, "  description: {}", e.description);
+        }
+        if e.flags & TransmissionFlags::HAS_FLAGS.bits() != 0 {
+            let _ = writeln!(s, "  size:  {}", e.size);
+            let _ = write!(s, "  flags: {:#x} (", e.flags);
+            for (bit, name) in FLAG_NAMES.iter().enumerate() {
+                if !name.is_empty() && e.flags & (1 << bit) != 0 {
+                    let _ = write!(s, " {name}");
+                }
+            }
+            let _ = writeln!(s, " )");
+        }
+        if e.min_block != 0 {
+            let _ = writeln!(s, "  min block: {}", e.min_block);
+            let _ = writeln!(s, "  opt block: {}", e.opt_block);
+            let _ = writeln!(s, "  max block: {}", e.max_block);
+        }
+        let _ = writeln!(
+            s,
+            "  transaction size: {}",
+            if extended { "64-bit" } else { "32-bit" }
+        );
+        if !e.contexts.is_empty() {
+            let _ = writeln!(s, "  available meta contexts: {}", e.contexts.len());
+            for c in &e.contexts {
+                let _ = writeln!(s, "   {c}");
+            }
+        }
+    }
+    s
+}

@@ -1,0 +1,43 @@
+//! `-L`: list a server's exports in qemu-nbd's layout.
+
+use crate::cli::Cli;
+use crate::die;
+use frontends::nbd::client::{format_list, list_exports};
+use frontends::nbd::proto::DEFAULT_PORT;
+use frontends::transport::Stream;
+
+pub fn run(cli: &Cli) {
+    if cli.tls_creds.is_some() || !cli.object.is_empty() {
+        die("-L with --tls-creds/--object is not supported yet (planned: the TLS issue)");
+    }
+    let stream = if let Some(path) = &cli.socket {
+        match std::os::unix::net::UnixStream::connect(path) {
+            Ok(s) => Stream::Unix(s),
+            Err(e) => die(format!("Failed to connect to '{path}': {}", errno_text(&e))),
+        }
+    } else {
+        let host = cli.bind.clone().unwrap_or_else(|| "0.0.0.0".into());
+        let port = cli.port.clone().unwrap_or_else(|| DEFAULT_PORT.to_string());
+        let addr = format!("{host}:{port}");
+        let target = if host.contains(':') {
+            format!("[{host}]:{port}")
+        } else {
+            addr.clone()
+        };
+        match std::net::TcpStream::connect(target) {
+            Ok(s) => Stream::Tcp(s),
+            Err(e) => die(format!("Failed to connect to '{addr}': {}", errno_text(&e))),
+        }
+    };
+    match list_exports(stream) {
+        Ok((exports, extended)) => print!("{}", format_list(&exports, extended)),
+        Err(e) => die(e.report()),
+    }
+}
+
+fn errno_text(e: &std::io::Error) -> String {
+    match e.raw_os_error() {
+        Some(c) => nix::errno::Errno::from_raw(c).desc().to_string(),
+        None => e.to_string(),
+    }
+}
