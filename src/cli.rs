@@ -66,6 +66,12 @@ pub struct Cli {
     pub connect: Option<String>,
     #[arg(short = 'd', long = "disconnect", action = ArgAction::SetTrue)]
     pub disconnect: bool,
+    /// Beyond qemu-nbd: sockets bound to the device with -c (netlink only).
+    #[arg(long = "connections")]
+    pub connections: Option<String>,
+    /// Beyond qemu-nbd: how -c/-d talk to the kernel (auto, netlink, ioctl).
+    #[arg(long = "kernel-api")]
+    pub kernel_api: Option<String>,
 
     #[arg(short = 'f', long = "format")]
     pub format: Option<String>,
@@ -134,7 +140,10 @@ General purpose options:
 
 Kernel NBD client support:
   -c, --connect=DEV         connect FILE to the local NBD device DEV
+                            ('auto': the first free device, printed)
   -d, --disconnect          disconnect the specified device
+      --connections=N       bind N sockets to the device (multi-conn)
+      --kernel-api=API      auto (default), netlink or ioctl
 
 Block device options:
   -f, --format=FORMAT       set image format (raw, qcow2, ...)

@@ -2,6 +2,7 @@
 //! This crate only maps options onto them: no protocol and no image format here.
 
 mod cli;
+mod connect;
 mod daemon;
 mod list;
 mod listen;

@@ -23,14 +23,21 @@ fn not_yet(what: &str, issue: &str) -> ! {
 
 /// What to remove when the process ends, however it ends.
 #[derive(Default)]
-struct Cleanup {
+pub struct Cleanup {
     socket: Option<PathBuf>,
     pid_file: Option<PathBuf>,
     device: Option<Device>,
+    /// A kernel device bound with -c: disconnected first, while the server still answers.
+    pub unbind: Option<PathBuf>,
 }
 
 impl Cleanup {
-    fn run(&mut self) {
+    pub fn run(&mut self) {
+        if let Some(dev) = self.unbind.take() {
+            if let Err(e) = frontends::kernel::disconnect(&dev, frontends::kernel::Api::Auto) {
+                tracing::info!("disconnecting {}: {e}", dev.display());
+            }
+        }
         if let Some(d) = self.device.take() {
             if let Err(e) = d.flush() {
                 eprintln!("qnbd: flush on exit failed: {e}");
@@ -92,9 +99,6 @@ fn check_modes(cli: &Cli) {
 }
 
 fn check_unsupported(cli: &Cli) {
-    if cli.disconnect || cli.connect.is_some() {
-        not_yet("-c/-d (kernel NBD devices)", "the kernel binder issue");
-    }
     if !cli.object.is_empty() || cli.tls_creds.is_some() {
         not_yet("--object and --tls-creds", "the TLS issue");
     }
@@ -141,7 +145,10 @@ fn check_unsupported(cli: &Cli) {
 pub fn run(cli: Cli) {
     check_modes(&cli);
     if cli.disconnect {
-        check_unsupported(&cli);
+        if cli.args.len() != 1 {
+            try_help();
+        }
+        crate::connect::disconnect(&cli);
     }
     if cli.list {
         crate::list::run(&cli);
@@ -208,7 +215,11 @@ pub fn run(cli: Cli) {
         )),
     });
 
-    let readiness = if cli.fork {
+    if cli.connect.is_some() && cli.tls_creds.is_some() {
+        die("TLS is not supported with a host device");
+    }
+    // Like qemu-nbd, -c goes to the background once the device works, unless -v.
+    let readiness = if cli.fork || (cli.connect.is_some() && cli.verbose == 0) {
         match daemon::fork_and_wait() {
             Ok(r) => Some(r),
             Err(e) => die(format!("Failed to fork: {e}")),
@@ -247,6 +258,25 @@ pub fn run(cli: Cli) {
     };
     let device = Device::new(backend);
 
+    if let Some(dev) = cli.connect.clone() {
+        let mut cleanup = Cleanup {
+            device: Some(device.clone()),
+            ..Default::default()
+        };
+        write_pid_file(&cli, &mut cleanup);
+        let cleanup = Arc::new(Mutex::new(cleanup));
+        install_signal_handlers(cleanup.clone());
+        let multi = shared != 1 || crate::connect::connections(&cli) > 1;
+        let export = Export::new(
+            export_name,
+            description,
+            device,
+            multi,
+            cli.allocation_depth,
+        );
+        crate::connect::run(&cli, &dev, export, readiness, cleanup);
+    }
+
     let backlog = listen::backlog(shared, cli.persistent);
     let mut cleanup = Cleanup {
         device: Some(device.clone()),
@@ -268,13 +298,7 @@ pub fn run(cli: Cli) {
             Err(e) => die(e),
         }
     };
-    if let Some(p) = &cli.pid_file {
-        if let Err(e) = std::fs::write(p, format!("{}\n", std::process::id())) {
-            cleanup.run();
-            die(format!("Failed to write pid file '{p}': {e}"));
-        }
-        cleanup.pid_file = Some(PathBuf::from(p));
-    }
+    write_pid_file(&cli, &mut cleanup);
     let cleanup = Arc::new(Mutex::new(cleanup));
     install_signal_handlers(cleanup.clone());
 
@@ -314,7 +338,17 @@ fn threads_per_connection() -> usize {
         .unwrap_or(ServerOptions::default().threads_per_connection)
 }
 
-fn lock_cleanup(c: &Mutex<Cleanup>) -> std::sync::MutexGuard<'_, Cleanup> {
+fn write_pid_file(cli: &Cli, cleanup: &mut Cleanup) {
+    if let Some(p) = &cli.pid_file {
+        if let Err(e) = std::fs::write(p, format!("{}\n", std::process::id())) {
+            cleanup.run();
+            die(format!("Failed to write pid file '{p}': {e}"));
+        }
+        cleanup.pid_file = Some(PathBuf::from(p));
+    }
+}
+
+pub fn lock_cleanup(c: &Mutex<Cleanup>) -> std::sync::MutexGuard<'_, Cleanup> {
     match c.lock() {
         Ok(g) => g,
         Err(p) => p.into_inner(),

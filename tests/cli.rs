@@ -44,6 +44,9 @@ fn errors_match_qemu_nbd() {
         vec!["--tls-authz=a", img],
         vec!["--image-opts", "-f", "raw", img],
         vec!["-o", "999999999999", "-f", "raw", img],
+        vec!["-c", "/dev/nbd99", "-f", "raw", img],
+        vec!["-d", "/dev/nbd99"],
+        vec!["-c", "/dev/nbd0", "-x", "foo", "-v", "-f", "raw", img],
     ];
     for args in cases {
         let ours = fails(QNBD, &args);
@@ -85,7 +88,6 @@ fn later_features_say_not_supported_yet() {
     let img = make_raw(dir.path(), "n.raw", 1 << 20, &[]);
     let img = img.to_str().unwrap();
     for args in [
-        vec!["-c", "/dev/nbd0", img],
         vec!["-s", img],
         vec!["--cache=none", img],
         vec!["-B", "b0", img],

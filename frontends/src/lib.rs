@@ -2,5 +2,6 @@
 //! client, the kernel binder and ublk). Frontends know `backends::Device`, never a concrete
 //! image format.
 
+pub mod kernel;
 pub mod nbd;
 pub mod transport;

@@ -1,0 +1,156 @@
+//! `-c DEV` and `-d DEV`: serve the image to ourselves over socket pairs, negotiate as a
+//! client (simple replies only, as the kernel needs), and hand the sockets to the kernel.
+
+use crate::cli::{parse_c_number, Cli};
+use crate::daemon::Readiness;
+use crate::die;
+use crate::serve::Cleanup;
+use frontends::kernel::{self, Api, DeviceParams};
+use frontends::nbd::client::{Client, ClientError};
+use frontends::nbd::proto::OPT_GO;
+use frontends::nbd::server::{Export, Server, ServerOptions};
+use frontends::transport::Stream;
+use std::os::fd::OwnedFd;
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+pub fn api(cli: &Cli) -> Api {
+    match cli.kernel_api.as_deref() {
+        None | Some("auto") => Api::Auto,
+        Some("netlink") => Api::Netlink,
+        Some("ioctl") => Api::Ioctl,
+        Some(a) => die(format!("Invalid kernel API '{a}' (auto, netlink or ioctl)")),
+    }
+}
+
+pub fn connections(cli: &Cli) -> usize {
+    match cli.connections.as_deref() {
+        None => 1,
+        Some(s) => match parse_c_number(s) {
+            Some(n) if (1..=64).contains(&n) => n as usize,
+            _ => die(format!("Invalid number of connections '{s}'")),
+        },
+    }
+}
+
+/// `-d DEV`.
+pub fn disconnect(cli: &Cli) -> ! {
+    let Some(dev) = cli.args.first() else {
+        die("Invalid number of arguments");
+    };
+    match kernel::disconnect(Path::new(dev), api(cli)) {
+        Ok(()) => {
+            println!("{dev} disconnected");
+            std::process::exit(0);
+        }
+        Err(e) => die(e),
+    }
+}
+
+/// One self-connection: a server thread on one end, a negotiated client on the other.
+fn self_connect(
+    server: &Arc<Server>,
+) -> (
+    OwnedFd,
+    frontends::nbd::client::ExportInfo,
+    std::thread::JoinHandle<()>,
+) {
+    let (a, b) = match UnixStream::pair() {
+        Ok(p) => p,
+        Err(e) => die(format!("Failed to create a socket pair: {e}")),
+    };
+    let srv = server.clone();
+    let thread = match std::thread::Builder::new()
+        .name("serve".into())
+        .spawn(move || srv.serve_one(Stream::Unix(a)))
+    {
+        Ok(t) => t,
+        Err(e) => die(format!("cannot start a server thread: {e}")),
+    };
+    let go = Client::start(Stream::Unix(b)).and_then(|mut c| {
+        // Like qemu-nbd's -c thread: the default export, no structured replies.
+        let info = c.info_or_go(OPT_GO, "", false)?;
+        Ok((c, info))
+    });
+    match go {
+        Ok((c, info)) => match c.into_stream() {
+            Stream::Unix(s) => (OwnedFd::from(s), info, thread),
+            Stream::Tcp(_) => die("internal error: self-connection is not a Unix socket"),
+        },
+        Err(ClientError::Refused { msg, .. }) => die(format!(
+            "Requested export not available\nserver reported: {msg}"
+        )),
+        Err(e) => die(format!("Failed to negotiate with ourselves: {e}")),
+    }
+}
+
+/// `-c DEV`: returns only when the device is disconnected.
+pub fn run(
+    cli: &Cli,
+    dev: &str,
+    export: Export,
+    readiness: Option<Readiness>,
+    cleanup: Arc<Mutex<Cleanup>>,
+) -> ! {
+    let n = connections(cli);
+    let api = api(cli);
+    let server = Arc::new(Server::new(
+        export,
+        ServerOptions {
+            shared: 0,
+            persistent: true,
+            handshake_limit: None,
+            ..Default::default()
+        },
+    ));
+    let mut socks = Vec::with_capacity(n);
+    let mut threads = Vec::with_capacity(n);
+    let mut info = None;
+    for _ in 0..n {
+        let (fd, i, t) = self_connect(&server);
+        socks.push(fd);
+        threads.push(t);
+        info = Some(i);
+    }
+    let Some(info) = info else {
+        die("no connection")
+    };
+    let params = DeviceParams {
+        size: info.size,
+        flags: info.flags,
+        block_size: 512,
+        timeout: None,
+    };
+    let wanted = if dev == "auto" {
+        None
+    } else {
+        Some(PathBuf::from(dev))
+    };
+    let binding = match kernel::bind(wanted.as_deref(), socks, params, api) {
+        Ok(b) => b,
+        Err(e) => die(e),
+    };
+    let index = binding.index();
+    let path = kernel::device_path(index);
+    crate::serve::lock_cleanup(&cleanup).unbind = Some(path.clone());
+    if let Err(e) = kernel::wait_usable(index, info.size) {
+        let _ = binding.disconnect();
+        die(e);
+    }
+    tracing::info!("{} is connected to {}", path.display(), cli.args[0]);
+    if wanted.is_none() {
+        println!("{}", path.display());
+    }
+    if let Some(r) = readiness {
+        r.ready();
+    }
+    for t in threads {
+        let _ = t.join();
+    }
+    binding.wait();
+    let mut c = crate::serve::lock_cleanup(&cleanup);
+    c.unbind = None;
+    c.run();
+    std::process::exit(0);
+}
