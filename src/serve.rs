@@ -3,6 +3,8 @@
 
 use crate::cli::{parse_c_number, Cli};
 use crate::{daemon, die, listen};
+use backends::cache_mode::{CacheMode, Cached};
+use backends::detect_zeroes::{DetectZeroes, ZeroDetect};
 use backends::open::{open_image, Format, ImageOptions};
 use backends::Device;
 use frontends::nbd::proto::{DEFAULT_PORT, MAX_STRING_SIZE};
@@ -114,32 +116,42 @@ fn check_unsupported(cli: &Cli) {
     if cli.snapshot {
         not_yet("-s/--snapshot", "the qcow2 issue");
     }
-    if cli.nocache {
-        not_yet("-n/--nocache", "the image options issue");
-    }
-    match cli.cache.as_deref() {
-        None | Some("writeback") => {}
-        Some(m @ ("none" | "writethrough" | "directsync" | "unsafe")) => {
-            not_yet(&format!("--cache={m}"), "the image options issue")
-        }
-        Some(m) => die(format!("Invalid cache mode '{m}'")),
-    }
     match cli.aio.as_deref() {
         None | Some("threads") => {}
         Some(m @ ("native" | "io_uring")) => {
             not_yet(&format!("--aio={m}"), "the image options issue")
         }
-        Some(m) => die(format!("invalid aio mode '{m}'")),
+        Some(m) => die(format!("Invalid aio mode '{m}'")),
     }
-    match cli.detect_zeroes.as_deref() {
-        None | Some("off") => {}
-        Some(m @ ("on" | "unmap")) => {
-            not_yet(&format!("--detect-zeroes={m}"), "the image options issue")
-        }
+}
+
+/// `-n`, `--cache`, `--discard`, `--detect-zeroes`, with qemu-nbd's checks and messages.
+fn image_modes(cli: &Cli) -> (CacheMode, DetectZeroes, bool) {
+    let cache = match cli.cache.as_deref() {
+        None if cli.nocache => CacheMode::None,
+        None => CacheMode::Writeback,
+        Some(m) => match CacheMode::from_name(m) {
+            Some(c) => c,
+            None => die(format!("Invalid cache mode `{m}'")),
+        },
+    };
+    let discard = match cli.discard.as_deref() {
+        None | Some("ignore") | Some("off") => false,
+        Some("unmap") | Some("on") => true,
+        Some(m) => die(format!("Invalid discard mode `{m}'")),
+    };
+    let detect = match cli.detect_zeroes.as_deref() {
+        None | Some("off") => DetectZeroes::Off,
+        Some("on") => DetectZeroes::On,
+        Some("unmap") => DetectZeroes::Unmap,
         Some(m) => die(format!(
-            "parameter 'detect-zeroes' does not accept value '{m}'"
+            "Failed to parse detect_zeroes mode: invalid parameter value: {m}"
         )),
+    };
+    if detect == DetectZeroes::Unmap && !discard {
+        die("setting detect-zeroes to unmap is not allowed without setting discard operation to unmap");
     }
+    (cache, detect, discard)
 }
 
 pub fn run(cli: Cli) {
@@ -202,11 +214,7 @@ pub fn run(cli: Cli) {
             Err(_) => die(format!("Invalid port '{p}'")),
         },
     };
-    let discard = match cli.discard.as_deref() {
-        None | Some("ignore") | Some("off") => false,
-        Some("unmap") | Some("on") => true,
-        Some(m) => die(format!("Invalid discard option '{m}'")),
-    };
+    let (cache, detect_zeroes, discard) = image_modes(&cli);
     let format = cli.format.as_deref().map(|f| match Format::from_name(f) {
         Some(f) => f,
         None => die(format!(
@@ -234,6 +242,7 @@ pub fn run(cli: Cli) {
         format,
         read_only: cli.read_only,
         discard,
+        direct: cache.direct(),
         offset: 0,
         size: None,
     };
@@ -255,6 +264,12 @@ pub fn run(cli: Cli) {
         }
     } else {
         opened.backend
+    };
+    let backend = Cached::wrap(backend, cache);
+    let backend: Arc<dyn backends::BlockBackend> = if detect_zeroes != DetectZeroes::Off {
+        Arc::new(ZeroDetect::new(backend, detect_zeroes))
+    } else {
+        backend
     };
     let device = Device::new(backend);
 

@@ -89,7 +89,7 @@ fn later_features_say_not_supported_yet() {
     let img = img.to_str().unwrap();
     for args in [
         vec!["-s", img],
-        vec!["--cache=none", img],
+        vec!["--aio=io_uring", img],
         vec!["-B", "b0", img],
     ] {
         let msg = fails(QNBD, &args);

@@ -9,7 +9,10 @@
 //! Frontends should not call a backend directly: they wrap it in [`Device`], which validates
 //! nothing (the frontend has done that) but writes the emulation of optional features once.
 
+pub mod cache_mode;
+pub mod detect_zeroes;
 mod device;
+mod direct_io;
 mod error;
 mod extent;
 pub mod open;

@@ -42,6 +42,8 @@ pub struct ImageOptions {
     pub read_only: bool,
     /// `--discard=unmap`.
     pub discard: bool,
+    /// O_DIRECT on the image file (`--cache=none|directsync`, `-n`).
+    pub direct: bool,
     /// Byte window into the image (`-o`, `offset=`/`size=`).
     pub offset: u64,
     pub size: Option<u64>,
@@ -125,6 +127,7 @@ pub fn open_image(opts: &ImageOptions) -> Result<Opened> {
     let raw_opts = RawOptions {
         read_only: opts.read_only,
         discard: opts.discard,
+        direct: opts.direct,
     };
     let backend: Arc<dyn BlockBackend> = match format {
         Format::Raw => {

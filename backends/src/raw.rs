@@ -1,6 +1,7 @@
 //! Raw images: a regular file or a block device, with positional I/O and no lock.
 //! Holes are found with SEEK_DATA/SEEK_HOLE; trim and write-zeroes use fallocate.
 
+use crate::direct_io::DirectIo;
 use crate::{BlockBackend, Caps, Error, Extent, ExtentFlags, Extents, IoFlags, Result, Support};
 use std::fs::{File, OpenOptions};
 use std::io;
@@ -14,6 +15,8 @@ pub struct RawOptions {
     pub read_only: bool,
     /// `--discard=unmap`: TRIM and MAY_TRIM zeroing punch holes; otherwise TRIM is ignored.
     pub discard: bool,
+    /// O_DIRECT (`--cache=none|directsync`, `-n`).
+    pub direct: bool,
 }
 
 #[derive(Debug)]
@@ -23,17 +26,36 @@ pub struct RawFile {
     size: u64,
     is_block_device: bool,
     opts: RawOptions,
+    /// Set when the file is open with O_DIRECT.
+    direct: Option<DirectIo>,
 }
 
 impl RawFile {
     pub fn open(path: &Path, opts: RawOptions) -> Result<RawFile> {
+        let flags = if opts.direct {
+            libc::O_CLOEXEC | libc::O_DIRECT
+        } else {
+            libc::O_CLOEXEC
+        };
         let file = OpenOptions::new()
             .read(true)
             .write(!opts.read_only)
-            .custom_flags(libc::O_CLOEXEC)
+            .custom_flags(flags)
             .open(path)
             .map_err(|e| open_error(path, &e))?;
-        RawFile::from_file(file, path, opts)
+        let mut raw = RawFile::from_file(file, path, opts.clone())?;
+        if opts.direct {
+            let plain = OpenOptions::new()
+                .read(true)
+                .write(!opts.read_only)
+                .custom_flags(libc::O_CLOEXEC)
+                .open(path)
+                .map_err(|e| open_error(path, &e))?;
+            let len = plain.metadata().map_err(|e| open_error(path, &e))?.len();
+            let len = if raw.is_block_device { raw.size } else { len };
+            raw.direct = Some(DirectIo::new(plain, len));
+        }
+        Ok(raw)
     }
 
     /// Wrap an already open file (the `-s` overlay, tests).
@@ -58,6 +80,7 @@ impl RawFile {
             size,
             is_block_device,
             opts,
+            direct: None,
         })
     }
 
@@ -176,6 +199,11 @@ impl BlockBackend for RawFile {
     }
 
     fn read(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
+        if let Some(d) = &self.direct {
+            return d
+                .read(&self.file, offset, buf)
+                .map_err(|e| self.err("read", offset, buf.len() as u64, e));
+        }
         let mut done = 0usize;
         while done < buf.len() {
             match self.file.read_at(&mut buf[done..], offset + done as u64) {
@@ -193,6 +221,14 @@ impl BlockBackend for RawFile {
     }
 
     fn write(&self, offset: u64, buf: &[u8], flags: IoFlags) -> Result<()> {
+        if let Some(d) = &self.direct {
+            d.write(&self.file, offset, buf)
+                .map_err(|e| self.err("write", offset, buf.len() as u64, e))?;
+            if flags.contains(IoFlags::FUA) {
+                self.flush()?;
+            }
+            return Ok(());
+        }
         let r = if flags.contains(IoFlags::FUA) {
             self.write_dsync(offset, buf)
         } else {
@@ -243,9 +279,7 @@ impl BlockBackend for RawFile {
                     let mut pos = 0u64;
                     while pos < len {
                         let n = (len - pos).min(zeroes.len() as u64) as usize;
-                        self.file
-                            .write_all_at(&zeroes[..n], offset + pos)
-                            .map_err(|e| self.err("write zeroes", offset + pos, n as u64, e))?;
+                        self.write(offset + pos, &zeroes[..n], IoFlags::empty())?;
                         pos += n as u64;
                     }
                 }

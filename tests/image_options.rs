@@ -1,0 +1,211 @@
+//! Cache, discard, detect-zeroes and offset options, checked the way a user would: the open
+//! flags in /proc, the file's allocation, the bytes in the file.
+
+mod common;
+use common::*;
+use std::os::unix::fs::MetadataExt;
+use std::process::Command;
+
+const MIB: u64 = 1 << 20;
+
+/// The `flags:` field (octal) of the server's fd open on `img`.
+fn open_flags(pid: u32, img: &std::path::Path) -> Vec<u32> {
+    let img = std::fs::canonicalize(img).unwrap();
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .flatten()
+    {
+        if std::fs::read_link(e.path()).ok().as_deref() == Some(img.as_path()) {
+            let info = std::fs::read_to_string(format!(
+                "/proc/{pid}/fdinfo/{}",
+                e.file_name().to_string_lossy()
+            ))
+            .unwrap();
+            let f = info
+                .lines()
+                .find_map(|l| l.strip_prefix("flags:"))
+                .unwrap()
+                .trim()
+                .to_string();
+            out.push(u32::from_str_radix(&f, 8).unwrap());
+        }
+    }
+    out
+}
+
+const O_DIRECT: u32 = 0o40000;
+
+fn allocated(p: &std::path::Path) -> u64 {
+    std::fs::metadata(p).unwrap().blocks() * 512
+}
+
+#[test]
+fn cache_none_uses_o_direct_and_unaligned_io_works() {
+    if !have("qemu-io") {
+        return;
+    }
+    let dir = tempfile::Builder::new()
+        .prefix("qnbd-direct")
+        .tempdir_in("/var/tmp")
+        .unwrap();
+    let img = make_raw(dir.path(), "d.raw", 4 * MIB + 1000, &[(0, &[0x33; 8192])]);
+    for opt in ["--cache=none", "-n", "--cache=directsync"] {
+        let s = Server::unix(QNBD, &["-f", "raw", "-t", opt, img.to_str().unwrap()]);
+        let flags = open_flags(s.child.id(), &img);
+        assert!(
+            flags.iter().any(|f| f & O_DIRECT != 0),
+            "{opt}: no O_DIRECT fd in {flags:?}"
+        );
+        ok(Command::new("qemu-io").args([
+            "-f",
+            "raw",
+            "-c",
+            "write -P 0x44 1000 3000",
+            "-c",
+            "write -P 0x55 4M 1000",
+            "-c",
+            "read -P 0x44 1000 3000",
+            "-c",
+            "read -P 0x33 0 1000",
+            "-c",
+            "read -P 0x55 4M 1000",
+            &s.uri(),
+        ]));
+    }
+    let data = std::fs::read(&img).unwrap();
+    assert_eq!(data.len() as u64, 4 * MIB + 1000, "file size kept");
+    assert!(data[..1000].iter().all(|&b| b == 0x33));
+    assert!(data[1000..4000].iter().all(|&b| b == 0x44));
+    assert!(data[4000..8192].iter().all(|&b| b == 0x33));
+    assert!(data[4 * MIB as usize..].iter().all(|&b| b == 0x55));
+    // Without a cache option: no O_DIRECT.
+    let s = Server::unix(QNBD, &["-f", "raw", "-t", img.to_str().unwrap()]);
+    assert!(open_flags(s.child.id(), &img)
+        .iter()
+        .all(|f| f & O_DIRECT == 0));
+}
+
+#[test]
+fn trim_punches_holes_only_with_discard_unmap() {
+    if !have("qemu-io") {
+        return;
+    }
+    let dir = tmpdir();
+    for (args, expect_hole) in [(vec![], false), (vec!["--discard=unmap"], true)] {
+        let img = make_raw(
+            dir.path(),
+            "t.raw",
+            4 * MIB,
+            &[(0, &vec![0x66; 4 * MIB as usize])],
+        );
+        let before = allocated(&img);
+        let mut all = vec!["-f", "raw", "-t"];
+        all.extend(args.iter());
+        all.push(img.to_str().unwrap());
+        let s = Server::unix(QNBD, &all);
+        ok(Command::new("qemu-io").args(["-f", "raw", "-c", "discard 1M 2M", &s.uri()]));
+        drop(s);
+        let after = allocated(&img);
+        if expect_hole {
+            assert!(after <= before - 2 * MIB, "{args:?}: {before} -> {after}");
+        } else {
+            assert_eq!(after, before, "{args:?}: TRIM is ignored by default");
+        }
+    }
+}
+
+#[test]
+fn detect_zeroes_unmap_leaves_holes_where_zeroes_were_written() {
+    if !have("qemu-io") || !have("nbdinfo") {
+        return;
+    }
+    let dir = tmpdir();
+    let img = make_raw(
+        dir.path(),
+        "z.raw",
+        4 * MIB,
+        &[(0, &vec![0x77; 4 * MIB as usize])],
+    );
+    let before = allocated(&img);
+    let s = Server::unix(
+        QNBD,
+        &[
+            "-f",
+            "raw",
+            "-t",
+            "--detect-zeroes=unmap",
+            "--discard=unmap",
+            img.to_str().unwrap(),
+        ],
+    );
+    ok(Command::new("qemu-io").args(["-f", "raw", "-c", "write -P 0 1M 1M", &s.uri()]));
+    let map = ok(Command::new("nbdinfo").args(["--map", &s.uri()]));
+    assert!(map.contains("1048576     1048576    3  hole,zero"), "{map}");
+    drop(s);
+    assert!(allocated(&img) <= before - MIB);
+    let data = std::fs::read(&img).unwrap();
+    assert!(data[MIB as usize..2 * MIB as usize].iter().all(|&b| b == 0));
+    assert!(data[2 * MIB as usize..].iter().all(|&b| b == 0x77));
+
+    // qemu-nbd's rule: unmap needs --discard=unmap.
+    let out =
+        run(Command::new(QNBD).args(["-f", "raw", "--detect-zeroes=unmap", img.to_str().unwrap()]));
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr)
+        .contains("not allowed without setting discard operation to unmap"));
+}
+
+#[test]
+fn offset_exports_exactly_the_bytes_after_it() {
+    if !have("qemu-io") {
+        return;
+    }
+    let dir = tmpdir();
+    let img = make_raw(dir.path(), "o.raw", 4 * MIB, &[(MIB, b"start-of-export")]);
+    let s = Server::unix(
+        QNBD,
+        &["-f", "raw", "-t", "-o", "1048576", img.to_str().unwrap()],
+    );
+    let info = ok(Command::new("qemu-img").args(["info", "--output=json", &s.uri()]));
+    assert!(info.contains("\"virtual-size\": 3145728"), "{info}");
+    ok(Command::new("qemu-io").args([
+        "-f",
+        "raw",
+        "-c",
+        "read -v 0 15",
+        "-c",
+        "write -P 0x99 3145216 512",
+        &s.uri(),
+    ]));
+    drop(s);
+    let data = std::fs::read(&img).unwrap();
+    assert_eq!(&data[MIB as usize..MIB as usize + 15], b"start-of-export");
+    assert!(data[4 * MIB as usize - 512..].iter().all(|&b| b == 0x99));
+    assert!(data[..MIB as usize].iter().all(|&b| b == 0));
+}
+
+#[test]
+fn mode_errors_match_qemu_nbd() {
+    let dir = tmpdir();
+    let img = make_raw(dir.path(), "e.raw", MIB, &[]);
+    let img = img.to_str().unwrap();
+    for args in [
+        vec!["--cache=bogus", img],
+        vec!["--detect-zeroes=bogus", img],
+        vec!["--discard=bogus", img],
+        vec!["--aio=bogus", img],
+        vec!["-f", "raw", "--detect-zeroes=unmap", img],
+    ] {
+        let ours = run(Command::new(QNBD).args(&args));
+        assert_eq!(ours.status.code(), Some(1));
+        if have("qemu-nbd") {
+            let theirs = run(Command::new("qemu-nbd").args(&args));
+            assert_eq!(
+                String::from_utf8_lossy(&ours.stderr).replacen("qnbd:", "PROG:", 1),
+                String::from_utf8_lossy(&theirs.stderr).replacen("qemu-nbd:", "PROG:", 1),
+                "{args:?}"
+            );
+        }
+    }
+}
