@@ -4,6 +4,7 @@
 mod cli;
 mod connect;
 mod daemon;
+mod image_opts;
 mod list;
 mod listen;
 mod serve;

@@ -110,9 +110,6 @@ fn check_unsupported(cli: &Cli) {
     if cli.load_snapshot.is_some() {
         not_yet("-l/--load-snapshot", "the image options issue");
     }
-    if cli.image_opts {
-        not_yet("--image-opts", "the image options issue");
-    }
     if cli.snapshot {
         not_yet("-s/--snapshot", "the qcow2 issue");
     }
@@ -214,7 +211,15 @@ pub fn run(cli: Cli) {
             Err(_) => die(format!("Invalid port '{p}'")),
         },
     };
-    let (cache, detect_zeroes, discard) = image_modes(&cli);
+    let (mut cache, mut detect_zeroes, discard) = image_modes(&cli);
+    let image_opts = if cli.image_opts {
+        match crate::image_opts::parse(&cli.args[0], cli.read_only) {
+            Ok(p) => Some(p),
+            Err(e) => die(format!("Failed to blk_new_open '{}': {e}", cli.args[0])),
+        }
+    } else {
+        None
+    };
     let format = cli.format.as_deref().map(|f| match Format::from_name(f) {
         Some(f) => f,
         None => die(format!(
@@ -237,14 +242,28 @@ pub fn run(cli: Cli) {
     };
 
     let file = cli.args[0].clone();
-    let opts = ImageOptions {
-        path: PathBuf::from(&file),
-        format,
-        read_only: cli.read_only,
-        discard,
-        direct: cache.direct(),
-        offset: 0,
-        size: None,
+    let opts = match image_opts {
+        Some(p) => {
+            // The option string decides; command-line modes still apply where it is silent.
+            if p.cache != CacheMode::Writeback {
+                cache = p.cache;
+            }
+            if p.detect_zeroes != DetectZeroes::Off {
+                detect_zeroes = p.detect_zeroes;
+            }
+            let mut image = p.image;
+            image.discard |= discard;
+            image.direct |= cache.direct();
+            image
+        }
+        None => ImageOptions {
+            path: PathBuf::from(&file),
+            format,
+            read_only: cli.read_only,
+            discard,
+            direct: cache.direct(),
+            ..Default::default()
+        },
     };
     let opened = match open_image(&opts) {
         Ok(o) => o,

@@ -209,3 +209,69 @@ fn mode_errors_match_qemu_nbd() {
         }
     }
 }
+
+#[test]
+fn image_opts_slice_reads_and_writes_exactly_its_bytes() {
+    if !have("qemu-io") {
+        return;
+    }
+    let dir = tmpdir();
+    let img = make_raw(dir.path(), "s,lice.raw", 8 * MIB, &[(MIB, b"slice-start")]);
+    let spec = format!(
+        "driver=raw,offset=1M,size=2M,file.driver=file,file.filename={}",
+        img.display().to_string().replace(',', ",,")
+    );
+    let s = Server::unix(QNBD, &["-t", "--image-opts", &spec]);
+    let info = ok(Command::new("qemu-img").args(["info", "--output=json", &s.uri()]));
+    assert!(info.contains("\"virtual-size\": 2097152"), "{info}");
+    let out = ok(Command::new("qemu-io").args([
+        "-f",
+        "raw",
+        "-c",
+        "read -v 0 11",
+        "-c",
+        "write -P 0xab 0 2M",
+        &s.uri(),
+    ]));
+    assert!(out.contains("slice.start"), "{out}");
+    drop(s);
+    let data = std::fs::read(&img).unwrap();
+    let m = MIB as usize;
+    assert!(
+        data[..m].iter().all(|&b| b == 0),
+        "bytes before the slice untouched"
+    );
+    assert!(data[m..3 * m].iter().all(|&b| b == 0xab));
+    assert!(
+        data[3 * m..].iter().all(|&b| b == 0),
+        "bytes after the slice untouched"
+    );
+}
+
+#[test]
+fn image_opts_errors_match_qemu_nbd() {
+    let dir = tmpdir();
+    let img = make_raw(dir.path(), "io.raw", 64 * MIB, &[]);
+    let f = img.to_str().unwrap();
+    let specs = [
+        format!("driver=raw,offset=1M,size=100M,file.driver=file,file.filename={f}"),
+        format!("driver=raw,file.driver=file,file.filename={f},bogus=1"),
+        format!("driver=raw,file.driver=file,file.filename={f},file.bogus=1"),
+        format!("driver=bogus,file.filename={f}"),
+        "driver=raw,file.driver=file,file.filename=/nonexistent.img".to_string(),
+        format!("driver=raw,offset=x,file.filename={f}"),
+        format!("driver=qcow2,file.filename={f}"),
+    ];
+    for spec in specs {
+        let ours = run(Command::new(QNBD).args(["--image-opts", &spec]));
+        assert_eq!(ours.status.code(), Some(1), "{spec}");
+        if have("qemu-nbd") {
+            let theirs = run(Command::new("qemu-nbd").args(["--image-opts", &spec]));
+            assert_eq!(
+                String::from_utf8_lossy(&ours.stderr).replacen("qnbd:", "PROG:", 1),
+                String::from_utf8_lossy(&theirs.stderr).replacen("qemu-nbd:", "PROG:", 1),
+                "{spec}"
+            );
+        }
+    }
+}

@@ -24,8 +24,7 @@ impl Slice {
             Some(s) if offset.checked_add(s).is_some_and(|end| end <= inner_size) => s,
             Some(s) => {
                 return Err(Error::Open(format!(
-                    "The sum of offset ({offset}) and size ({s}) has to be smaller or equal to the \
-                     actual size of the containing file ({inner_size})"
+                    "The sum of offset ({offset}) and size ({s}) has to be smaller or equal to the  actual size of the containing file ({inner_size})"
                 )))
             }
         };
