@@ -1,0 +1,49 @@
+#!/usr/bin/env bash
+# Boot the test guest and run GUEST_SCRIPT in it, with the project's qnbd binary and the
+# script on a 9p share (cwd of the script). Exits with the script's status; 77 when the guest
+# cannot run on this machine; 124 on timeout (QNBD_VM_TIMEOUT, default 300 s).
+#   scripts/vm/run.sh GUEST_SCRIPT [SHARE_DIR]
+set -euo pipefail
+here=$(cd "$(dirname "$0")" && pwd)
+top=$(cd "$here/../.." && pwd)
+script=${1:?usage: run.sh GUEST_SCRIPT [SHARE_DIR]}
+share=${2:-}
+timeout_s=${QNBD_VM_TIMEOUT:-300}
+
+cache=$(bash "$here/build.sh") || {
+    rc=$?
+    echo "vm/run: SKIP: the test guest cannot be built here (build.sh exit $rc)" >&2
+    exit "$rc"
+}
+kver=$(cat "$cache/kernel.ok")
+qemu=$cache/root/usr/bin/qemu-system-x86_64
+if [ -z "$share" ]; then
+    share=$(mktemp -d /var/tmp/qnbd-vm-share.XXXXXX)
+    trap 'rm -rf "$share"' EXIT
+fi
+bin=""
+for b in "$top/target/release/qnbd" "$top/target/debug/qnbd"; do
+    [ -x "$b" ] && { bin=$b; break; }
+done
+[ -n "$bin" ] && cp "$bin" "$share/qnbd"
+cp "$script" "$share/guest-test.sh"
+rm -f "$share/guest-rc"
+log=$share/console.log
+echo "vm/run: booting $kver with $(basename "$script") (share $share)" >&2
+set +e
+timeout "$timeout_s" "$qemu" -L "$cache/root/usr/share/seabios" -L "$cache/root/usr/share/qemu" \
+    -accel tcg -smp 2 -m 1024 -nographic -no-reboot -nic none \
+    -kernel "$cache/root/boot/vmlinuz-$kver" -initrd "$cache/initrd.cpio.gz" \
+    -append 'console=ttyS0 quiet panic=-1' \
+    -virtfs "local,path=$share,mount_tag=share,security_model=none" </dev/null 2>&1 | tee "$log"
+qrc=${PIPESTATUS[0]}
+set -e
+if [ "$qrc" = 124 ]; then
+    echo "vm/run: the guest did not finish within ${timeout_s}s" >&2
+    exit 124
+fi
+if [ ! -f "$share/guest-rc" ]; then
+    echo "vm/run: the guest wrote no exit status (qemu exit $qrc); see the console above" >&2
+    exit 1
+fi
+exit "$(cat "$share/guest-rc")"
