@@ -21,10 +21,12 @@ if [ -z "$share" ]; then
     share=$(mktemp -d /var/tmp/qnbd-vm-share.XXXXXX)
     trap 'rm -rf "$share"' EXIT
 fi
-bin=""
-for b in "$top/target/release/qnbd" "$top/target/debug/qnbd"; do
-    [ -x "$b" ] && { bin=$b; break; }
-done
+bin=${QNBD_BIN:-}
+if [ -z "$bin" ]; then
+    for b in "$top/target/release/qnbd" "$top/target/debug/qnbd"; do
+        [ -x "$b" ] && { bin=$b; break; }
+    done
+fi
 [ -n "$bin" ] && cp "$bin" "$share/qnbd"
 cp "$script" "$share/guest-test.sh"
 rm -f "$share/guest-rc"

@@ -45,6 +45,9 @@ pub enum KernelError {
     /// The `nbd` generic netlink family is not there (module not loaded, old kernel).
     #[error("the kernel has no 'nbd' netlink family")]
     NoFamily,
+    /// The device is bound, or held open while unbound.
+    #[error("device is busy (already connected)")]
+    Busy,
 }
 
 fn errno_text(e: &io::Error) -> String {
@@ -117,12 +120,33 @@ pub fn bind(
         None => None,
     };
     if api != Api::Ioctl {
-        match netlink::connect(index, &sockets, &p) {
-            Ok(index) => return Ok(Binding::Netlink { index }),
-            Err(KernelError::NoFamily) if api == Api::Auto => {
-                tracing::info!("no nbd netlink family; using ioctls");
+        // A device merely held open (udev, blkid, a script's `head /dev/nbd0`) answers EBUSY
+        // for a moment: retry while it is not really bound, which is what makes `-c` safe to
+        // run in loops.
+        let start = Instant::now();
+        loop {
+            match netlink::connect(index, &sockets, &p) {
+                Ok(index) => return Ok(Binding::Netlink { index }),
+                Err(KernelError::NoFamily) if api == Api::Auto => {
+                    tracing::info!("no nbd netlink family; using ioctls");
+                    break;
+                }
+                Err(KernelError::Busy)
+                    if index.is_some_and(|i| !is_connected(i))
+                        && start.elapsed() < Duration::from_secs(10) =>
+                {
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+                Err(KernelError::Busy) => {
+                    let name = dev
+                        .map(|d| d.display().to_string())
+                        .unwrap_or_else(|| "the device".into());
+                    return Err(KernelError::Other(format!(
+                        "{name} is busy (already connected)"
+                    )));
+                }
+                Err(e) => return Err(e),
             }
-            Err(e) => return Err(e),
         }
     }
     let Some(dev) = dev else {

@@ -74,6 +74,18 @@ fn router() -> Result<(NlRouter, u16), KernelError> {
     Ok((sock, id))
 }
 
+/// The kernel answers EBUSY while the device is configured or merely held open by someone
+/// (an unconfigured nbd device gets a config on open); the caller decides whether to retry.
+fn classify(msg: &str) -> KernelError {
+    if msg.contains("error: -16") || msg.contains("Device or resource busy") {
+        KernelError::Busy
+    } else if msg.contains("error: -2,") || msg.contains("error: -19") {
+        KernelError::Netlink(format!("no such device: {msg}"))
+    } else {
+        nl_err(msg)
+    }
+}
+
 /// Send one command and return the index the kernel answers with, if any.
 fn request(cmd: NbdCmd, attrs: GenlBuffer<NbdAttr, Buffer>) -> Result<Option<u32>, KernelError> {
     let (sock, family) = router()?;
@@ -85,24 +97,11 @@ fn request(cmd: NbdCmd, attrs: GenlBuffer<NbdAttr, Buffer>) -> Result<Option<u32
         .map_err(nl_err)?;
     let recv = sock
         .send::<_, _, u16, Genlmsghdr<NbdCmd, NbdAttr>>(family, NlmF::ACK, NlPayload::Payload(msg))
-        .map_err(|e| {
-            let s = e.to_string();
-            if s.contains("Device or resource busy") || s.contains("EBUSY") {
-                KernelError::Other("device is busy (already connected)".into())
-            } else {
-                nl_err(s)
-            }
-        })?;
+        .map_err(|e| classify(&e.to_string()))?;
     let mut index = None;
     for m in recv {
-        let m: Nlmsghdr<u16, Genlmsghdr<NbdCmd, NbdAttr>> = m.map_err(|e| {
-            let s = e.to_string();
-            if s.contains("busy") || s.contains("EBUSY") || s.contains("16") {
-                KernelError::Other(format!("device is busy (already connected): {s}"))
-            } else {
-                nl_err(s)
-            }
-        })?;
+        let m: Nlmsghdr<u16, Genlmsghdr<NbdCmd, NbdAttr>> =
+            m.map_err(|e| classify(&e.to_string()))?;
         if let NlPayload::Payload(p) = m.nl_payload() {
             if let Ok(i) = p
                 .attrs()

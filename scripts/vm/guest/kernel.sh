@@ -11,8 +11,9 @@ fail=0
 ok() { pass=$((pass + 1)); echo "PASS: $*"; }
 bad() { fail=$((fail + 1)); echo "FAIL: $*"; }
 check() { # check DESC CMD...
-    d=$1; shift
-    if "$@" >$W/out 2>&1; then ok "$d"; else bad "$d"; sed 's/^/    /' $W/out; fi
+    desc=$1
+    shift
+    if "$@" >$W/out 2>&1; then ok "$desc"; else bad "$desc"; sed 's/^/    /' $W/out; fi
 }
 
 wait_gone() { # wait until /dev/nbdN has no connection
@@ -114,8 +115,7 @@ check "-d on an unbound device fails clearly" notbound_test
 
 # Race-free in scripts: 4 devices in parallel, cycles of -c, read partition, -d, with openers.
 race_one() {
-    dev=$1; img=$2; n=$3
-    c=0
+    local dev=$1 img=$2 n=$3 c=0
     while [ $c -lt "$n" ]; do
         $QNBD -f raw -c /dev/$dev $img || { echo "connect $dev $c failed"; return 1; }
         dd if=/dev/${dev}p1 of=/dev/null bs=64k count=16 2>/dev/null || { echo "read ${dev}p1 $c failed"; return 1; }
@@ -125,18 +125,20 @@ race_one() {
     done
 }
 race_test() {
-    for d in 0 1 2 3; do cp $W/gpt.img $W/gpt$d.img; done
+    local i p pids="" poker rc
+    for i in 0 1 2 3; do cp $W/gpt.img $W/gpt$i.img; done
     # udev-like openers poking the devices meanwhile.
-    ( while :; do for d in 0 1 2 3; do head -c 512 /dev/nbd$d >/dev/null 2>&1; done; done ) &
+    ( while :; do for i in 0 1 2 3; do head -c 512 /dev/nbd$i >/dev/null 2>&1; done; done ) &
     poker=$!
-    pids=""
-    for d in 0 1 2 3; do race_one nbd$d $W/gpt$d.img "${RACE_CYCLES:-20}" & pids="$pids $!"; done
+    for i in 0 1 2 3; do race_one nbd$i $W/gpt$i.img "$RACE_CYCLES" & pids="$pids $!"; done
     rc=0
     for p in $pids; do wait $p || rc=1; done
     kill $poker
     return $rc
 }
-if [ -f $W/gpt.img ]; then check "4 devices x ${RACE_CYCLES:-20} cycles of -c / read / -d" race_test; fi
+RACE_CYCLES=20
+[ -f /share/race-cycles ] && RACE_CYCLES=$(cat /share/race-cycles)
+if [ -f $W/gpt.img ]; then check "4 devices x $RACE_CYCLES cycles of -c / read / -d, with openers" race_test; fi
 
 echo "$pass passed, $fail failed"
 [ $fail -eq 0 ]
