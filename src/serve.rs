@@ -110,9 +110,6 @@ fn check_unsupported(cli: &Cli) {
     if cli.load_snapshot.is_some() {
         not_yet("-l/--load-snapshot", "the image options issue");
     }
-    if cli.snapshot {
-        not_yet("-s/--snapshot", "the qcow2 issue");
-    }
     match cli.aio.as_deref() {
         None | Some("threads") => {}
         Some(m @ ("native" | "io_uring")) => {
@@ -252,6 +249,7 @@ pub fn run(cli: Cli) {
                 detect_zeroes = p.detect_zeroes;
             }
             let mut image = p.image;
+            image.read_only |= cli.snapshot;
             image.discard |= discard;
             image.direct |= cache.direct();
             image
@@ -259,7 +257,8 @@ pub fn run(cli: Cli) {
         None => ImageOptions {
             path: PathBuf::from(&file),
             format,
-            read_only: cli.read_only,
+            // With -s the image itself is only ever read.
+            read_only: cli.read_only || cli.snapshot,
             discard,
             direct: cache.direct(),
             ..Default::default()
@@ -283,6 +282,15 @@ pub fn run(cli: Cli) {
         }
     } else {
         opened.backend
+    };
+    let backend: Arc<dyn backends::BlockBackend> = if cli.snapshot {
+        let dir = backends::cow_overlay::temp_dir();
+        match backends::cow_overlay::CowOverlay::new(backend, &dir, cli.read_only) {
+            Ok(o) => Arc::new(o),
+            Err(e) => die(format!("Failed to blk_new_open '{file}': {e}")),
+        }
+    } else {
+        backend
     };
     let backend = Cached::wrap(backend, cache);
     let backend: Arc<dyn backends::BlockBackend> = if detect_zeroes != DetectZeroes::Off {

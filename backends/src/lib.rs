@@ -10,6 +10,7 @@
 //! nothing (the frontend has done that) but writes the emulation of optional features once.
 
 pub mod cache_mode;
+pub mod cow_overlay;
 pub mod detect_zeroes;
 mod device;
 mod direct_io;
