@@ -2,7 +2,8 @@
 //! before it completes; `unsafe` ignores flushes. (`none`/`directsync` also open the file
 //! with O_DIRECT, which is the raw backend's business.)
 
-use crate::{BlockBackend, Caps, Extents, IoFlags, Result};
+use crate::filter::Filter;
+use crate::{BlockBackend, IoFlags, Result};
 use std::sync::Arc;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -69,15 +70,9 @@ impl Cached {
     }
 }
 
-impl BlockBackend for Cached {
-    fn size(&self) -> u64 {
-        self.inner.size()
-    }
-    fn caps(&self) -> Caps {
-        self.inner.caps()
-    }
-    fn read(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
-        self.inner.read(offset, buf)
+impl Filter for Cached {
+    fn inner(&self) -> &Arc<dyn BlockBackend> {
+        &self.inner
     }
     fn write(&self, offset: u64, buf: &[u8], flags: IoFlags) -> Result<()> {
         if self.mode.write_through() && self.inner.caps().fua == crate::Support::Native {
@@ -100,14 +95,5 @@ impl BlockBackend for Cached {
     fn write_zeroes(&self, offset: u64, len: u64, flags: IoFlags) -> Result<()> {
         self.inner.write_zeroes(offset, len, self.flags(flags))?;
         self.after(flags)
-    }
-    fn cache(&self, offset: u64, len: u64) -> Result<()> {
-        self.inner.cache(offset, len)
-    }
-    fn block_status(&self, offset: u64, len: u64, out: &mut Extents) -> Result<()> {
-        self.inner.block_status(offset, len, out)
-    }
-    fn format_name(&self) -> &'static str {
-        self.inner.format_name()
     }
 }

@@ -1,7 +1,8 @@
 //! `--detect-zeroes`: a write whose data is all zeroes becomes a write-zeroes, so the image
 //! stays sparse (with `unmap` and `--discard=unmap`, zeroes may deallocate).
 
-use crate::{BlockBackend, Caps, Extents, IoFlags, Result, Support};
+use crate::filter::Filter;
+use crate::{BlockBackend, IoFlags, Result, Support};
 use std::sync::Arc;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -33,15 +34,9 @@ pub fn is_zero(buf: &[u8]) -> bool {
     head.iter().all(|&b| b == 0) && words.iter().all(|&w| w == 0) && tail.iter().all(|&b| b == 0)
 }
 
-impl BlockBackend for ZeroDetect {
-    fn size(&self) -> u64 {
-        self.inner.size()
-    }
-    fn caps(&self) -> Caps {
-        self.inner.caps()
-    }
-    fn read(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
-        self.inner.read(offset, buf)
+impl Filter for ZeroDetect {
+    fn inner(&self) -> &Arc<dyn BlockBackend> {
+        &self.inner
     }
     fn write(&self, offset: u64, buf: &[u8], flags: IoFlags) -> Result<()> {
         if self.mode != DetectZeroes::Off
@@ -55,24 +50,6 @@ impl BlockBackend for ZeroDetect {
             return self.inner.write_zeroes(offset, buf.len() as u64, f);
         }
         self.inner.write(offset, buf, flags)
-    }
-    fn flush(&self) -> Result<()> {
-        self.inner.flush()
-    }
-    fn trim(&self, offset: u64, len: u64, flags: IoFlags) -> Result<()> {
-        self.inner.trim(offset, len, flags)
-    }
-    fn write_zeroes(&self, offset: u64, len: u64, flags: IoFlags) -> Result<()> {
-        self.inner.write_zeroes(offset, len, flags)
-    }
-    fn cache(&self, offset: u64, len: u64) -> Result<()> {
-        self.inner.cache(offset, len)
-    }
-    fn block_status(&self, offset: u64, len: u64, out: &mut Extents) -> Result<()> {
-        self.inner.block_status(offset, len, out)
-    }
-    fn format_name(&self) -> &'static str {
-        self.inner.format_name()
     }
 }
 

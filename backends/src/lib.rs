@@ -16,6 +16,7 @@ mod device;
 mod direct_io;
 mod error;
 mod extent;
+pub mod filter;
 pub mod open;
 mod probe_guard;
 pub mod raw;

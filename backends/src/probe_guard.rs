@@ -2,8 +2,9 @@
 //! that would make the image probe as another format is refused with EPERM, since the next
 //! open would then trust guest-written metadata.
 
+use crate::filter::Filter;
 use crate::open::{detect_format, Format};
-use crate::{BlockBackend, Caps, Error, Extents, IoFlags, Result};
+use crate::{BlockBackend, Error, IoFlags, Result};
 use std::sync::Arc;
 
 #[derive(Debug)]
@@ -39,36 +40,12 @@ impl ProbedRaw {
     }
 }
 
-impl BlockBackend for ProbedRaw {
-    fn size(&self) -> u64 {
-        self.inner.size()
-    }
-    fn caps(&self) -> Caps {
-        self.inner.caps()
-    }
-    fn read(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
-        self.inner.read(offset, buf)
+impl Filter for ProbedRaw {
+    fn inner(&self) -> &Arc<dyn BlockBackend> {
+        &self.inner
     }
     fn write(&self, offset: u64, buf: &[u8], flags: IoFlags) -> Result<()> {
         self.check_block0(offset, buf)?;
         self.inner.write(offset, buf, flags)
-    }
-    fn flush(&self) -> Result<()> {
-        self.inner.flush()
-    }
-    fn trim(&self, offset: u64, len: u64, flags: IoFlags) -> Result<()> {
-        self.inner.trim(offset, len, flags)
-    }
-    fn write_zeroes(&self, offset: u64, len: u64, flags: IoFlags) -> Result<()> {
-        self.inner.write_zeroes(offset, len, flags)
-    }
-    fn cache(&self, offset: u64, len: u64) -> Result<()> {
-        self.inner.cache(offset, len)
-    }
-    fn block_status(&self, offset: u64, len: u64, out: &mut Extents) -> Result<()> {
-        self.inner.block_status(offset, len, out)
-    }
-    fn format_name(&self) -> &'static str {
-        self.inner.format_name()
     }
 }

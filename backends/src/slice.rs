@@ -1,6 +1,7 @@
 //! A window `[offset, offset + size)` of another backend (`-o OFFSET`, `--image-opts offset=,size=`).
 
-use crate::{BlockBackend, Caps, Error, Extents, IoFlags, Result};
+use crate::filter::Filter;
+use crate::{BlockBackend, Error, Extents, IoFlags, Result};
 use std::sync::Arc;
 
 #[derive(Debug)]
@@ -36,45 +37,30 @@ impl Slice {
     }
 }
 
-impl BlockBackend for Slice {
+impl Filter for Slice {
+    fn inner(&self) -> &Arc<dyn BlockBackend> {
+        &self.inner
+    }
     fn size(&self) -> u64 {
         self.size
     }
-
-    fn caps(&self) -> Caps {
-        self.inner.caps()
-    }
-
     fn read(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
         self.inner.read(self.offset + offset, buf)
     }
-
     fn write(&self, offset: u64, buf: &[u8], flags: IoFlags) -> Result<()> {
         self.inner.write(self.offset + offset, buf, flags)
     }
-
-    fn flush(&self) -> Result<()> {
-        self.inner.flush()
-    }
-
     fn trim(&self, offset: u64, len: u64, flags: IoFlags) -> Result<()> {
         self.inner.trim(self.offset + offset, len, flags)
     }
-
     fn write_zeroes(&self, offset: u64, len: u64, flags: IoFlags) -> Result<()> {
         self.inner.write_zeroes(self.offset + offset, len, flags)
     }
-
     fn cache(&self, offset: u64, len: u64) -> Result<()> {
         self.inner.cache(self.offset + offset, len)
     }
-
     fn block_status(&self, offset: u64, len: u64, out: &mut Extents) -> Result<()> {
         self.inner.block_status(self.offset + offset, len, out)
-    }
-
-    fn format_name(&self) -> &'static str {
-        self.inner.format_name()
     }
 }
 
@@ -91,8 +77,8 @@ mod tests {
         let raw: Arc<dyn BlockBackend> =
             Arc::new(RawFile::open(f.path(), RawOptions::default()).unwrap());
         let s = Slice::new(raw.clone(), 4096, Some(1024)).unwrap();
-        assert_eq!(s.size(), 1024);
-        s.write(0, b"abc", IoFlags::empty()).unwrap();
+        assert_eq!(BlockBackend::size(&s), 1024);
+        BlockBackend::write(&s, 0, b"abc", IoFlags::empty()).unwrap();
         let mut b = [0u8; 3];
         f.as_file().read_exact_at(&mut b, 4096).unwrap();
         assert_eq!(&b, b"abc");

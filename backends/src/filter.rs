@@ -1,0 +1,74 @@
+//! Layers over another backend, in the spirit of nbdkit's filters: a layer names its inner
+//! backend and overrides only the calls it changes; every other call goes straight through.
+
+use crate::{BlockBackend, Caps, Extents, IoFlags, Result};
+use std::fmt::Debug;
+use std::sync::Arc;
+
+pub trait Filter: Send + Sync + Debug {
+    fn inner(&self) -> &Arc<dyn BlockBackend>;
+
+    fn size(&self) -> u64 {
+        self.inner().size()
+    }
+    fn caps(&self) -> Caps {
+        self.inner().caps()
+    }
+    fn read(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
+        self.inner().read(offset, buf)
+    }
+    fn write(&self, offset: u64, buf: &[u8], flags: IoFlags) -> Result<()> {
+        self.inner().write(offset, buf, flags)
+    }
+    fn flush(&self) -> Result<()> {
+        self.inner().flush()
+    }
+    fn trim(&self, offset: u64, len: u64, flags: IoFlags) -> Result<()> {
+        self.inner().trim(offset, len, flags)
+    }
+    fn write_zeroes(&self, offset: u64, len: u64, flags: IoFlags) -> Result<()> {
+        self.inner().write_zeroes(offset, len, flags)
+    }
+    fn cache(&self, offset: u64, len: u64) -> Result<()> {
+        self.inner().cache(offset, len)
+    }
+    fn block_status(&self, offset: u64, len: u64, out: &mut Extents) -> Result<()> {
+        self.inner().block_status(offset, len, out)
+    }
+    fn format_name(&self) -> &'static str {
+        self.inner().format_name()
+    }
+}
+
+impl<T: Filter> BlockBackend for T {
+    fn size(&self) -> u64 {
+        Filter::size(self)
+    }
+    fn caps(&self) -> Caps {
+        Filter::caps(self)
+    }
+    fn read(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
+        Filter::read(self, offset, buf)
+    }
+    fn write(&self, offset: u64, buf: &[u8], flags: IoFlags) -> Result<()> {
+        Filter::write(self, offset, buf, flags)
+    }
+    fn flush(&self) -> Result<()> {
+        Filter::flush(self)
+    }
+    fn trim(&self, offset: u64, len: u64, flags: IoFlags) -> Result<()> {
+        Filter::trim(self, offset, len, flags)
+    }
+    fn write_zeroes(&self, offset: u64, len: u64, flags: IoFlags) -> Result<()> {
+        Filter::write_zeroes(self, offset, len, flags)
+    }
+    fn cache(&self, offset: u64, len: u64) -> Result<()> {
+        Filter::cache(self, offset, len)
+    }
+    fn block_status(&self, offset: u64, len: u64, out: &mut Extents) -> Result<()> {
+        Filter::block_status(self, offset, len, out)
+    }
+    fn format_name(&self) -> &'static str {
+        Filter::format_name(self)
+    }
+}
