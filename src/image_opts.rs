@@ -2,6 +2,7 @@
 //! with `,,` standing for a comma in a value. Parsed into the same options `-f`/`-o`/`--cache`
 //! produce, with qemu's error wording.
 
+use backends::aio::AioMode;
 use backends::cache_mode::CacheMode;
 use backends::detect_zeroes::DetectZeroes;
 use backends::open::{Format, ImageOptions};
@@ -132,10 +133,9 @@ pub fn parse(s: &str, read_only: bool) -> Result<ParsedImageOpts, String> {
             "file" => filename = Some(v),
             "file.driver" => file_driver = Some(v),
             "file.filename" => filename = Some(v),
-            "file.aio" => match v.as_str() {
-                "threads" => {}
-                "native" | "io_uring" => return Err(format!("aio={v} is not supported yet")),
-                _ => return Err(format!("Invalid parameter 'aio': '{v}'")),
+            "file.aio" | "aio" if k == "file.aio" || is_protocol => match AioMode::from_name(&v) {
+                Some(m) => image.aio = m,
+                None => return Err(format!("Parameter 'aio' does not accept value '{v}'")),
             },
             "file.locking" => match v.as_str() {
                 "auto" | "on" | "off" => {}

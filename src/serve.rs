@@ -3,6 +3,7 @@
 
 use crate::cli::{parse_c_number, Cli};
 use crate::{daemon, die, listen};
+use backends::aio::AioMode;
 use backends::cache_mode::{CacheMode, Cached};
 use backends::detect_zeroes::{DetectZeroes, ZeroDetect};
 use backends::open::{open_image, Format, ImageOptions};
@@ -110,13 +111,6 @@ fn check_unsupported(cli: &Cli) {
     if cli.load_snapshot.is_some() {
         not_yet("-l/--load-snapshot", "the image options issue");
     }
-    match cli.aio.as_deref() {
-        None | Some("threads") => {}
-        Some(m @ ("native" | "io_uring")) => {
-            not_yet(&format!("--aio={m}"), "the image options issue")
-        }
-        Some(m) => die(format!("Invalid aio mode '{m}'")),
-    }
 }
 
 /// `-n`, `--cache`, `--discard`, `--detect-zeroes`, with qemu-nbd's checks and messages.
@@ -209,6 +203,10 @@ pub fn run(cli: Cli) {
         },
     };
     let (mut cache, mut detect_zeroes, discard) = image_modes(&cli);
+    let aio = match cli.aio.as_deref() {
+        None => AioMode::Threads,
+        Some(m) => AioMode::from_name(m).unwrap_or_else(|| die(format!("Invalid aio mode '{m}'"))),
+    };
     let image_opts = if cli.image_opts {
         match crate::image_opts::parse(&cli.args[0], cli.read_only) {
             Ok(p) => Some(p),
@@ -252,6 +250,9 @@ pub fn run(cli: Cli) {
             image.read_only |= cli.snapshot;
             image.discard |= discard;
             image.direct |= cache.direct();
+            if cli.aio.is_some() {
+                image.aio = aio;
+            }
             image
         }
         None => ImageOptions {
@@ -261,6 +262,7 @@ pub fn run(cli: Cli) {
             read_only: cli.read_only || cli.snapshot,
             discard,
             direct: cache.direct(),
+            aio,
             ..Default::default()
         },
     };

@@ -275,3 +275,80 @@ fn image_opts_errors_match_qemu_nbd() {
         }
     }
 }
+
+#[test]
+fn aio_modes_change_the_io_path() {
+    if !have("qemu-io") {
+        return;
+    }
+    let dir = tempfile::Builder::new()
+        .prefix("qnbd-aio")
+        .tempdir_in("/var/tmp")
+        .unwrap();
+    for (args, marker) in [
+        (vec!["--aio=io_uring"], "anon_inode:[io_uring]"),
+        (vec!["--aio=native", "--cache=none"], "[aio]"),
+        (vec!["--aio=threads"], ""),
+    ] {
+        let img = make_raw(dir.path(), "a.raw", 4 * MIB, &[(0, &[0x21; 65536])]);
+        let mut all = vec!["-f", "raw", "-t"];
+        all.extend(args.iter());
+        all.push(img.to_str().unwrap());
+        let s = Server::unix(QNBD, &all);
+        ok(Command::new("qemu-io").args([
+            "-f",
+            "raw",
+            "-c",
+            "read -P 0x21 0 64k",
+            "-c",
+            "write -P 0x43 1000 100000",
+            "-c",
+            "read -P 0x43 1000 100000",
+            &s.uri(),
+        ]));
+        if !marker.is_empty() {
+            // The rings live in the worker threads of a connection: look while one is open.
+            let mut bg = Command::new("qemu-io")
+                .args([
+                    "-f",
+                    "raw",
+                    "-c",
+                    "read 0 64k",
+                    "-c",
+                    "sleep 3000",
+                    &s.uri(),
+                ])
+                .stdout(std::process::Stdio::null())
+                .spawn()
+                .unwrap();
+            std::thread::sleep(std::time::Duration::from_millis(1500));
+            let pid = s.child.id();
+            let mut seen = String::new();
+            for e in std::fs::read_dir(format!("/proc/{pid}/fd"))
+                .unwrap()
+                .flatten()
+            {
+                if let Ok(l) = std::fs::read_link(e.path()) {
+                    seen.push_str(&l.to_string_lossy());
+                    seen.push('\n');
+                }
+            }
+            seen.push_str(
+                &std::fs::read_to_string(format!("/proc/{pid}/maps")).unwrap_or_default(),
+            );
+            assert!(
+                seen.contains(marker),
+                "{args:?}: no {marker} in the process"
+            );
+        }
+        drop(s);
+        let data = std::fs::read(&img).unwrap();
+        assert!(data[1000..101000].iter().all(|&b| b == 0x43), "{args:?}");
+    }
+    // qemu's rule: native AIO needs O_DIRECT.
+    let img = make_raw(dir.path(), "b.raw", MIB, &[]);
+    let out = run(Command::new(QNBD).args(["-f", "raw", "--aio=native", img.to_str().unwrap()]));
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr)
+        .contains("aio=native was specified, but it requires cache.direct=on"));
+}

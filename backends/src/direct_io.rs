@@ -4,6 +4,7 @@
 //! blocks at their ends. An unaligned write excludes all other writes for its duration, so a
 //! concurrent write to the same block can never be lost.
 
+use crate::aio::{self, AioMode};
 use parking_lot::RwLock;
 use std::alloc::{alloc_zeroed, dealloc, Layout};
 use std::fs::File;
@@ -65,10 +66,10 @@ fn up(x: u64) -> u64 {
 
 /// Read `[start, start + buf.len())` where start and length are aligned; short reads past the
 /// end of the file are zeroes.
-fn read_aligned(f: &File, start: u64, buf: &mut [u8]) -> io::Result<()> {
+fn read_aligned(mode: AioMode, f: &File, start: u64, buf: &mut [u8]) -> io::Result<()> {
     let mut done = 0;
     while done < buf.len() {
-        match f.read_at(&mut buf[done..], start + done as u64) {
+        match aio::read_at(mode, f, &mut buf[done..], start + done as u64) {
             Ok(0) => {
                 buf[done..].fill(0);
                 break;
@@ -89,10 +90,11 @@ pub struct DirectIo {
     /// multiple of [`ALIGN`]: an aligned write there would grow the file.
     plain: File,
     tail_start: u64,
+    mode: AioMode,
 }
 
 impl DirectIo {
-    pub fn new(plain: File, file_len: u64) -> DirectIo {
+    pub fn new(plain: File, file_len: u64, mode: AioMode) -> DirectIo {
         let tail_start = if file_len.is_multiple_of(ALIGN as u64) {
             u64::MAX
         } else {
@@ -102,18 +104,20 @@ impl DirectIo {
             rmw: RwLock::new(()),
             plain,
             tail_start,
+            mode,
         }
     }
 
     pub fn read(&self, f: &File, offset: u64, buf: &mut [u8]) -> io::Result<()> {
         if offset + buf.len() as u64 > self.tail_start {
             let _x = self.rmw.read();
-            return read_aligned(&self.plain, offset, buf);
+            return read_aligned(AioMode::Threads, &self.plain, offset, buf);
         }
         let start = down(offset);
         let end = up(offset + buf.len() as u64);
         let mut bounce = AlignedBuf::new((end - start) as usize);
         read_aligned(
+            self.mode,
             f,
             start,
             &mut bounce.as_mut_slice()[..(end - start) as usize],
@@ -144,15 +148,15 @@ impl DirectIo {
             let _x = self.rmw.write();
             let b = bounce.as_mut_slice();
             // Only the first and last block hold bytes this write does not cover.
-            read_aligned(f, start, &mut b[..ALIGN])?;
+            read_aligned(self.mode, f, start, &mut b[..ALIGN])?;
             if len > ALIGN {
-                read_aligned(f, end - ALIGN as u64, &mut b[len - ALIGN..len])?;
+                read_aligned(self.mode, f, end - ALIGN as u64, &mut b[len - ALIGN..len])?;
             }
             let skip = (offset - start) as usize;
             b[skip..skip + buf.len()].copy_from_slice(buf);
-            return f.write_all_at(&b[..len], start);
+            return aio::write_all_at(self.mode, f, &b[..len], start);
         }
-        f.write_all_at(&bounce.as_slice()[..len], start)
+        aio::write_all_at(self.mode, f, &bounce.as_slice()[..len], start)
     }
 }
 
@@ -185,6 +189,7 @@ mod tests {
                 .open(&p)
                 .unwrap(),
             65636,
+            AioMode::Threads,
         );
         d.write(&f, 1000, b"hello world").unwrap();
         d.write(&f, 8192, &[0x22; 4096]).unwrap();

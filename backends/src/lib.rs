@@ -9,6 +9,7 @@
 //! Frontends should not call a backend directly: they wrap it in [`Device`], which validates
 //! nothing (the frontend has done that) but writes the emulation of optional features once.
 
+pub mod aio;
 pub mod cache_mode;
 pub mod cow_overlay;
 pub mod detect_zeroes;

@@ -44,6 +44,8 @@ pub struct ImageOptions {
     pub discard: bool,
     /// O_DIRECT on the image file (`--cache=none|directsync`, `-n`).
     pub direct: bool,
+    /// `--aio`.
+    pub aio: crate::aio::AioMode,
     /// Byte window into the image (`-o`, `offset=`/`size=`).
     pub offset: u64,
     pub size: Option<u64>,
@@ -102,6 +104,12 @@ fn read_head(path: &Path) -> Result<Vec<u8>> {
 /// Open an image as qemu's block layer would: probe or check the format, open the format
 /// driver over the file, then apply the byte window.
 pub fn open_image(opts: &ImageOptions) -> Result<Opened> {
+    if opts.aio == crate::aio::AioMode::Native && !opts.direct {
+        return Err(Error::Open(
+            "aio=native was specified, but it requires cache.direct=on, which was not specified."
+                .into(),
+        ));
+    }
     let head = read_head(&opts.path)?;
     let detected = detect_format(&head);
     let mut warnings = Vec::new();
@@ -128,6 +136,7 @@ pub fn open_image(opts: &ImageOptions) -> Result<Opened> {
         read_only: opts.read_only,
         discard: opts.discard,
         direct: opts.direct,
+        aio: opts.aio,
     };
     let backend: Arc<dyn BlockBackend> = match format {
         Format::Raw => {

@@ -1,6 +1,7 @@
 //! Raw images: a regular file or a block device, with positional I/O and no lock.
 //! Holes are found with SEEK_DATA/SEEK_HOLE; trim and write-zeroes use fallocate.
 
+use crate::aio::{self, AioMode};
 use crate::direct_io::DirectIo;
 use crate::{BlockBackend, Caps, Error, Extent, ExtentFlags, Extents, IoFlags, Result, Support};
 use std::fs::{File, OpenOptions};
@@ -17,6 +18,8 @@ pub struct RawOptions {
     pub discard: bool,
     /// O_DIRECT (`--cache=none|directsync`, `-n`).
     pub direct: bool,
+    /// `--aio`.
+    pub aio: AioMode,
 }
 
 #[derive(Debug)]
@@ -53,7 +56,7 @@ impl RawFile {
                 .map_err(|e| open_error(path, &e))?;
             let len = plain.metadata().map_err(|e| open_error(path, &e))?.len();
             let len = if raw.is_block_device { raw.size } else { len };
-            raw.direct = Some(DirectIo::new(plain, len));
+            raw.direct = Some(DirectIo::new(plain, len, opts.aio));
         }
         Ok(raw)
     }
@@ -206,7 +209,12 @@ impl BlockBackend for RawFile {
         }
         let mut done = 0usize;
         while done < buf.len() {
-            match self.file.read_at(&mut buf[done..], offset + done as u64) {
+            match aio::read_at(
+                self.opts.aio,
+                &self.file,
+                &mut buf[done..],
+                offset + done as u64,
+            ) {
                 Ok(0) => {
                     // Past the end of a file whose size is not a sector multiple.
                     buf[done..].fill(0);
@@ -229,7 +237,15 @@ impl BlockBackend for RawFile {
             }
             return Ok(());
         }
-        let r = if flags.contains(IoFlags::FUA) {
+        let r = if self.opts.aio != AioMode::Threads {
+            aio::write_all_at(self.opts.aio, &self.file, buf, offset).and_then(|()| {
+                if flags.contains(IoFlags::FUA) {
+                    self.file.sync_data()
+                } else {
+                    Ok(())
+                }
+            })
+        } else if flags.contains(IoFlags::FUA) {
             self.write_dsync(offset, buf)
         } else {
             self.file.write_all_at(buf, offset)
