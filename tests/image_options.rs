@@ -336,6 +336,7 @@ fn aio_modes_change_the_io_path() {
             seen.push_str(
                 &std::fs::read_to_string(format!("/proc/{pid}/maps")).unwrap_or_default(),
             );
+            let _ = bg.wait();
             assert!(
                 seen.contains(marker),
                 "{args:?}: no {marker} in the process"
