@@ -37,11 +37,14 @@ start() {
     local server=$1 transport=$2 addr=()
     rm -f "$sock"
     case $server in
-    qnbd | qemu-nbd)
-        local bin=$QNBD
+    qnbd | qemu-nbd | qnbd-*)
+        local bin=$QNBD extra=()
         [ "$server" = qemu-nbd ] && bin=qemu-nbd
+        [ "$server" = qnbd-io_uring ] && extra=(--aio=io_uring)
+        [ "$server" = qnbd-native ] && extra=(--aio=native --cache=none)
+        [ "$server" = qnbd-cache-none ] && extra=(--cache=none)
         if [ "$transport" = unix ]; then addr=(-k "$sock"); else addr=(-b 127.0.0.1 -p "$port"); fi
-        "$bin" -f raw -t -e 0 "${addr[@]}" "$img" 2>"$work/server.log" &
+        "$bin" -f raw -t -e 0 "${extra[@]}" "${addr[@]}" "$img" 2>"$work/server.log" &
         ;;
     nbdkit-file | nbdkit-memory)
         if [ "$transport" = unix ]; then addr=(-U "$sock"); else addr=(-i 127.0.0.1 -p "$port"); fi
@@ -123,3 +126,21 @@ for transport in unix tcp; do
     done
 done
 echo "(seq_*: MiB/s with nbdcopy --connections=4; rand_*: 4 KiB IOPS with fio's nbd engine; runtime ${RUNTIME}s)"
+
+# The I/O paths of --aio and --cache=none, on the Unix socket.
+aio_workloads=(seq_read rand_read_qd1 rand_read_qd32 rand_write_qd32)
+aio_servers=(qnbd qnbd-io_uring qnbd-cache-none qnbd-native)
+declare -A aio
+for server in "${aio_servers[@]}"; do
+    start "$server" unix
+    for w in "${aio_workloads[@]}"; do
+        aio[$w/$server]=$("w_$w")
+        echo "bench: unix $w $server ${aio[$w/$server]}" >&2
+    done
+    stop
+done
+printf '\n%-16s %12s %14s %16s %22s\n' workload "aio=threads" "aio=io_uring" "cache=none" "aio=native,cache=none"
+for w in "${aio_workloads[@]}"; do
+    printf '%-16s %12.0f %14.0f %16.0f %22.0f\n' "$w" "${aio[$w/qnbd]}" "${aio[$w/qnbd-io_uring]}" \
+        "${aio[$w/qnbd-cache-none]}" "${aio[$w/qnbd-native]}"
+done
