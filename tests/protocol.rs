@@ -255,3 +255,39 @@ fn transmission_flags_equal_qemu_nbds() {
         }
     }
 }
+
+#[test]
+fn random_bytes_after_the_handshake_never_take_the_server_down() {
+    let dir = tmpdir();
+    let img = make_raw(dir.path(), "z.raw", 1 << 20, &[]);
+    let s = Server::unix(QNBD, &["-f", "raw", "-t", "-e", "0", img.to_str().unwrap()]);
+    let mut seed = 0x2545_f491_4f6c_dd1du64;
+    let mut next = || {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        seed
+    };
+    for round in 0..200u64 {
+        let mut c = connect(&s);
+        let mut junk = Vec::new();
+        // Half the rounds start with a valid request magic so the fields behind it get fuzzed.
+        if round % 2 == 0 {
+            junk.extend_from_slice(&REQUEST_MAGIC.to_be_bytes());
+        }
+        for _ in 0..(next() % 120) {
+            junk.push(next() as u8);
+        }
+        let _ = c.write_all(&junk);
+        let _ = c.shutdown(std::net::Shutdown::Write);
+        let mut sink = Vec::new();
+        let _ = c.read_to_end(&mut sink);
+    }
+    let mut c = connect(&s);
+    request(&mut c, 0, 3, 1, 0, 0, &[]);
+    assert_eq!(
+        reply(&mut c),
+        Some((0, 1)),
+        "the server still serves after 200 hostile clients"
+    );
+}
