@@ -19,7 +19,9 @@ mod error;
 mod extent;
 pub mod filter;
 pub mod open;
+pub mod overlay;
 mod probe_guard;
+pub mod qcow2;
 pub mod raw;
 pub mod slice;
 

@@ -49,7 +49,14 @@ pub struct ImageOptions {
     /// Byte window into the image (`-o`, `offset=`/`size=`).
     pub offset: u64,
     pub size: Option<u64>,
+    /// `-s`: writes go to a temporary qcow2 overlay; the image is only read.
+    pub snapshot: bool,
+    /// How deep in a backing chain this image is (0 for the image itself).
+    pub chain_depth: u32,
 }
+
+/// Longest backing chain followed, counting the top image.
+pub const MAX_BACKING_DEPTH: u32 = 16;
 
 /// What was opened, and what a user should be warned about.
 pub struct Opened {
@@ -133,7 +140,7 @@ pub fn open_image(opts: &ImageOptions) -> Result<Opened> {
         }
     };
     let raw_opts = RawOptions {
-        read_only: opts.read_only,
+        read_only: opts.read_only || opts.snapshot,
         discard: opts.discard,
         direct: opts.direct,
         aio: opts.aio,
@@ -141,18 +148,25 @@ pub fn open_image(opts: &ImageOptions) -> Result<Opened> {
     let backend: Arc<dyn BlockBackend> = match format {
         Format::Raw => {
             let raw = Arc::new(RawFile::open(&opts.path, raw_opts)?);
-            if opts.format.is_none() && !opts.read_only {
+            if opts.format.is_none() && !opts.read_only && !opts.snapshot {
                 Arc::new(crate::probe_guard::ProbedRaw::new(raw))
             } else {
                 raw
             }
         }
-        Format::Qcow2 => {
-            return Err(Error::Open(format!(
-                "'{}': qcow2 images are not supported yet",
-                opts.path.display()
-            )))
-        }
+        Format::Qcow2 => Arc::new(open_qcow2(opts, opts.read_only || opts.snapshot)?),
+    };
+    let backend: Arc<dyn BlockBackend> = if opts.snapshot {
+        let dir = crate::cow_overlay::temp_dir();
+        Arc::new(crate::overlay::TempOverlay::create(
+            &opts.path,
+            format,
+            backend,
+            &dir,
+            opts.discard,
+        )?)
+    } else {
+        backend
     };
     let backend: Arc<dyn BlockBackend> = if opts.offset != 0 || opts.size.is_some() {
         Arc::new(Slice::new(backend, opts.offset, opts.size)?)
@@ -164,6 +178,41 @@ pub fn open_image(opts: &ImageOptions) -> Result<Opened> {
         format,
         warnings,
     })
+}
+
+fn open_qcow2(opts: &ImageOptions, read_only: bool) -> Result<crate::qcow2::Qcow2> {
+    let depth = opts.chain_depth;
+    let open_backing = |path: &Path, fmt: Option<&str>| -> Result<Arc<dyn BlockBackend>> {
+        if depth + 1 >= MAX_BACKING_DEPTH {
+            return Err(Error::Open(format!(
+                "Backing chain of '{}' is deeper than {MAX_BACKING_DEPTH} images",
+                opts.path.display()
+            )));
+        }
+        let format = match fmt {
+            Some(name) => Some(
+                Format::from_name(name)
+                    .ok_or_else(|| Error::Open(format!("Unknown driver '{name}'")))?,
+            ),
+            None => None,
+        };
+        let o = ImageOptions {
+            path: path.to_path_buf(),
+            format,
+            read_only: true,
+            chain_depth: depth + 1,
+            ..Default::default()
+        };
+        Ok(open_image(&o)?.backend)
+    };
+    crate::qcow2::Qcow2::open(
+        &opts.path,
+        crate::qcow2::Qcow2Options {
+            read_only,
+            discard: opts.discard,
+        },
+        &open_backing,
+    )
 }
 
 #[cfg(test)]
