@@ -97,7 +97,7 @@ fn check_table(
     if bytes == 0 {
         return Ok(());
     }
-    if offset % cluster_size != 0 {
+    if !offset.is_multiple_of(cluster_size) {
         return Err(format!("{what} offset {offset:#x} is not cluster aligned"));
     }
     if offset == 0 {
@@ -371,7 +371,7 @@ pub(crate) mod tests {
     /// A valid v3 header for a 64 MiB image with 64 KiB clusters, one field per line.
     pub fn valid_v3() -> Vec<u8> {
         let mut b = vec![0u8; 65536];
-        let mut put32 =
+        let put32 =
             |b: &mut Vec<u8>, at: usize, v: u32| b[at..at + 4].copy_from_slice(&v.to_be_bytes());
         put32(&mut b, 0, MAGIC);
         put32(&mut b, 4, 3); // version

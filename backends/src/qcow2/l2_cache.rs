@@ -32,10 +32,9 @@ impl L2Cache {
     pub fn get(&mut self, off: u64) -> Option<&mut Table> {
         self.tick += 1;
         let tick = self.tick;
-        self.map.get_mut(&off).map(|t| {
-            t.last_use = tick;
-            t
-        })
+        let t = self.map.get_mut(&off)?;
+        t.last_use = tick;
+        Some(t)
     }
 
     pub fn contains(&self, off: u64) -> bool {

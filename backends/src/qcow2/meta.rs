@@ -60,7 +60,7 @@ impl Meta {
         if off == 0 {
             return Ok(None);
         }
-        if off % geo.cs != 0 {
+        if !off.is_multiple_of(geo.cs) {
             return Err(f.corrupt(format!("L2 table offset {off:#x} is not cluster aligned")));
         }
         Ok(Some((off, e & COPIED != 0)))

@@ -34,6 +34,9 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 const STRIPES: usize = 256;
+
+/// Opens a backing file read-only: (resolved path, backing_fmt).
+pub type OpenBacking<'a> = dyn Fn(&Path, Option<&str>) -> Result<Arc<dyn BlockBackend>> + 'a;
 const L2_CACHE_BYTES: usize = 32 << 20;
 
 /// How a qcow2 image is opened.
@@ -74,7 +77,7 @@ impl Geo {
             return Ok(Sc::Compressed);
         }
         let host = e.host();
-        if host % self.cs != 0 {
+        if !host.is_multiple_of(self.cs) {
             return Err(format!("cluster offset {host:#x} is not cluster aligned"));
         }
         if !self.extended {
@@ -122,11 +125,7 @@ fn open_err(path: &Path, msg: impl std::fmt::Display) -> Error {
 impl Qcow2 {
     /// Open the image; `open_backing` opens a backing file read-only given its resolved path
     /// and `backing_fmt` (the caller keeps probing and the depth limit in one place).
-    pub fn open(
-        path: &Path,
-        opts: Qcow2Options,
-        open_backing: &dyn Fn(&Path, Option<&str>) -> Result<Arc<dyn BlockBackend>>,
-    ) -> Result<Qcow2> {
+    pub fn open(path: &Path, opts: Qcow2Options, open_backing: &OpenBacking<'_>) -> Result<Qcow2> {
         let file = OpenOptions::new()
             .read(true)
             .write(!opts.read_only)

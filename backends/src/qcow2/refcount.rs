@@ -139,7 +139,7 @@ impl Refcounts {
         if off == 0 {
             return Ok(None);
         }
-        if off % self.cs() != 0 || off >= MAX_HOST {
+        if !off.is_multiple_of(self.cs()) || off >= MAX_HOST {
             return Err(f.corrupt(format!(
                 "refcount block {r} at {off:#x} is not cluster aligned"
             )));
