@@ -1,0 +1,245 @@
+//! qcow2 header features against qemu-img: lazy refcounts, persistent bitmaps, refused
+//! features, the backing depth limit, fast zeroing and zero-cluster status.
+
+use backends::open::{open_image, Format, ImageOptions};
+use backends::{BlockBackend, Error, ExtentFlags, Extents, IoFlags};
+use std::path::Path;
+use std::process::Command;
+use std::sync::Arc;
+
+fn run(dir: &Path, prog: &str, args: &[&str]) -> String {
+    let out = Command::new(prog)
+        .current_dir(dir)
+        .args(args)
+        .output()
+        .unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success(), "{prog} {args:?}: {text}");
+    text
+}
+
+fn open(img: &Path, read_only: bool) -> backends::Result<Arc<dyn BlockBackend>> {
+    open_image(&ImageOptions {
+        path: img.to_path_buf(),
+        format: Some(Format::Qcow2),
+        read_only,
+        ..Default::default()
+    })
+    .map(|o| o.backend)
+}
+
+#[test]
+fn lazy_refcounts_image_stays_clean() {
+    let dir = tempfile::tempdir().unwrap();
+    run(
+        dir.path(),
+        "qemu-img",
+        &[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-o",
+            "lazy_refcounts=on",
+            "l.qcow2",
+            "8M",
+        ],
+    );
+    let img = dir.path().join("l.qcow2");
+    {
+        let b = open(&img, false).unwrap();
+        b.write(12345, &[5u8; 70000], IoFlags::empty()).unwrap();
+    }
+    let check = run(dir.path(), "qemu-img", &["check", "l.qcow2"]);
+    assert!(check.contains("No errors"), "{check}");
+    let io = run(
+        dir.path(),
+        "qemu-io",
+        &["-c", "read -P 5 12345 70000", "l.qcow2"],
+    );
+    assert!(!io.contains("Pattern verification failed"), "{io}");
+}
+
+#[test]
+fn bitmaps_are_marked_inconsistent_by_writes() {
+    let dir = tempfile::tempdir().unwrap();
+    run(
+        dir.path(),
+        "qemu-img",
+        &["create", "-q", "-f", "qcow2", "b.qcow2", "8M"],
+    );
+    run(
+        dir.path(),
+        "qemu-img",
+        &["bitmap", "--add", "b.qcow2", "b0"],
+    );
+    let img = dir.path().join("b.qcow2");
+    {
+        // Read-only opens leave the header alone.
+        let b = open(&img, true).unwrap();
+        let mut buf = [0u8; 512];
+        b.read(0, &mut buf).unwrap();
+    }
+    let info = run(dir.path(), "qemu-img", &["info", "b.qcow2"]);
+    assert!(info.contains("b0"), "{info}");
+    {
+        let b = open(&img, false).unwrap();
+        b.write(0, &[1u8; 4096], IoFlags::empty()).unwrap();
+    }
+    // The autoclear bit is gone: qemu no longer trusts (or lists) the stale bitmap.
+    let info = run(dir.path(), "qemu-img", &["info", "b.qcow2"]);
+    assert!(!info.contains("name: b0"), "{info}");
+    // The bitmap's own clusters are leaked now (qemu says so, exit 3), never corrupt.
+    let out = Command::new("qemu-img")
+        .current_dir(dir.path())
+        .args(["check", "b.qcow2"])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        matches!(out.status.code(), Some(0) | Some(3)) && !text.contains("ERROR"),
+        "{text}"
+    );
+}
+
+#[test]
+fn external_data_file_is_refused_by_name() {
+    let dir = tempfile::tempdir().unwrap();
+    run(
+        dir.path(),
+        "qemu-img",
+        &[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-o",
+            "data_file=d.raw",
+            "e.qcow2",
+            "8M",
+        ],
+    );
+    let e = open(&dir.path().join("e.qcow2"), true).unwrap_err();
+    assert_eq!(
+        e.to_string(),
+        "Unsupported qcow2 feature(s): external data file"
+    );
+}
+
+#[test]
+fn corrupt_images_open_read_only_only() {
+    let dir = tempfile::tempdir().unwrap();
+    run(
+        dir.path(),
+        "qemu-img",
+        &["create", "-q", "-f", "qcow2", "c.qcow2", "8M"],
+    );
+    let img = dir.path().join("c.qcow2");
+    let mut bytes = std::fs::read(&img).unwrap();
+    bytes[79] |= 2;
+    std::fs::write(&img, &bytes).unwrap();
+    assert!(open(&img, true).is_ok());
+    let e = open(&img, false).unwrap_err();
+    assert!(e.to_string().contains("corrupt"), "{e}");
+}
+
+#[test]
+fn backing_chain_depth_is_limited() {
+    let dir = tempfile::tempdir().unwrap();
+    run(
+        dir.path(),
+        "qemu-img",
+        &["create", "-q", "-f", "raw", "0.img", "1M"],
+    );
+    for i in 1..=20 {
+        let (b, f) = (
+            format!("{}.img", i - 1),
+            if i == 1 { "raw" } else { "qcow2" },
+        );
+        run(
+            dir.path(),
+            "qemu-img",
+            &[
+                "create",
+                "-q",
+                "-f",
+                "qcow2",
+                "-b",
+                &b,
+                "-F",
+                f,
+                &format!("{i}.img"),
+            ],
+        );
+    }
+    assert!(open(&dir.path().join("10.img"), true).is_ok());
+    let e = open(&dir.path().join("20.img"), true).unwrap_err();
+    assert!(e.to_string().contains("deeper than"), "{e}");
+    // A missing backing file names itself as qemu does.
+    std::fs::remove_file(dir.path().join("0.img")).unwrap();
+    let e = open(&dir.path().join("1.img"), true).unwrap_err();
+    assert!(
+        e.to_string()
+            .starts_with("Could not open backing file: Could not open"),
+        "{e}"
+    );
+}
+
+#[test]
+fn fast_zero_and_zero_cluster_status() {
+    let dir = tempfile::tempdir().unwrap();
+    run(
+        dir.path(),
+        "qemu-img",
+        &["create", "-q", "-f", "raw", "base.raw", "4M"],
+    );
+    run(
+        dir.path(),
+        "qemu-io",
+        &["-f", "raw", "-c", "write -P 0x11 0 4M", "base.raw"],
+    );
+    for (name, opts) in [("v3.qcow2", "compat=1.1"), ("v2.qcow2", "compat=0.10")] {
+        run(
+            dir.path(),
+            "qemu-img",
+            &[
+                "create", "-q", "-f", "qcow2", "-o", opts, "-b", "base.raw", "-F", "raw", name,
+            ],
+        );
+        let b = open(&dir.path().join(name), false).unwrap();
+        let whole = b.write_zeroes(0, 65536, IoFlags::FAST_ZERO);
+        let partial = b.write_zeroes(65536 + 512, 512, IoFlags::FAST_ZERO);
+        assert!(
+            matches!(partial, Err(Error::NotSupported(_))),
+            "{name}: {partial:?}"
+        );
+        if name == "v3.qcow2" {
+            whole.unwrap();
+            let mut ext = Extents::new();
+            b.block_status(0, 65536 * 2, &mut ext).unwrap();
+            let e = ext.as_slice();
+            assert_eq!(
+                (e[0].len, e[0].flags, e[0].depth),
+                (65536, ExtentFlags::HOLE | ExtentFlags::ZERO, 1)
+            );
+            assert_eq!((e[1].flags, e[1].depth), (ExtentFlags::empty(), 2));
+        } else {
+            assert!(
+                matches!(whole, Err(Error::NotSupported(_))),
+                "{name}: {whole:?}"
+            );
+            b.write_zeroes(0, 65536, IoFlags::empty()).unwrap();
+        }
+        let mut buf = vec![1u8; 65536 + 1024];
+        b.read(0, &mut buf).unwrap();
+        assert!(buf[..65536].iter().all(|&x| x == 0));
+        assert!(buf[65536..].iter().all(|&x| x == 0x11));
+        drop(b);
+        let check = run(dir.path(), "qemu-img", &["check", name]);
+        assert!(check.contains("No errors"), "{check}");
+    }
+}
