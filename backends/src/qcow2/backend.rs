@@ -125,19 +125,17 @@ impl BlockBackend for Qcow2 {
     }
 
     fn read(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
-        let mut done = 0usize;
-        for (g, in_off, n) in self.pieces(offset, buf.len() as u64) {
-            self.read_piece(g, in_off, &mut buf[done..done + n as usize])?;
-            done += n as usize;
+        if buf.len() as u64 <= self.geo.cs - (offset & (self.geo.cs - 1)) {
+            return self.read_piece(offset >> self.geo.cluster_bits, offset & (self.geo.cs - 1), buf);
         }
-        Ok(())
+        self.read_batched(offset, buf)
     }
 
     fn write(&self, offset: u64, buf: &[u8], flags: IoFlags) -> Result<()> {
-        let mut done = 0usize;
-        for (g, in_off, n) in self.pieces(offset, buf.len() as u64) {
-            self.write_piece(g, in_off, &buf[done..done + n as usize])?;
-            done += n as usize;
+        if buf.len() as u64 <= self.geo.cs - (offset & (self.geo.cs - 1)) {
+            self.write_piece(offset >> self.geo.cluster_bits, offset & (self.geo.cs - 1), buf)?;
+        } else {
+            self.write_batched(offset, buf)?;
         }
         if flags.contains(IoFlags::FUA) {
             self.flush()?;

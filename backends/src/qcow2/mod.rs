@@ -13,6 +13,7 @@
 //! applied (written by the next flush). A crash can leak clusters, never corrupt.
 
 mod backend;
+mod batch;
 mod compressed;
 mod file;
 pub mod header;
