@@ -53,6 +53,8 @@ pub struct ImageOptions {
     pub snapshot: bool,
     /// How deep in a backing chain this image is (0 for the image itself).
     pub chain_depth: u32,
+    /// `-l`: export this internal snapshot (by id, then by name) read-only; qcow2 only.
+    pub load_snapshot: Option<String>,
 }
 
 /// Longest backing chain followed, counting the top image.
@@ -63,6 +65,9 @@ pub struct Opened {
     pub backend: Arc<dyn BlockBackend>,
     pub format: Format,
     pub warnings: Vec<String>,
+    /// With `snapshot`: the temporary overlay file, removed when the backend is dropped
+    /// (a signal handler should remove it too).
+    pub temp_overlay: Option<PathBuf>,
 }
 
 const QCOW2_MAGIC: &[u8; 4] = b"QFI\xfb";
@@ -156,15 +161,13 @@ pub fn open_image(opts: &ImageOptions) -> Result<Opened> {
         }
         Format::Qcow2 => Arc::new(open_qcow2(opts, opts.read_only || opts.snapshot)?),
     };
+    let mut temp_overlay = None;
     let backend: Arc<dyn BlockBackend> = if opts.snapshot {
         let dir = crate::cow_overlay::temp_dir();
-        Arc::new(crate::overlay::TempOverlay::create(
-            &opts.path,
-            format,
-            backend,
-            &dir,
-            opts.discard,
-        )?)
+        let ov =
+            crate::overlay::TempOverlay::create(&opts.path, format, backend, &dir, opts.discard)?;
+        temp_overlay = Some(ov.path());
+        Arc::new(ov)
     } else {
         backend
     };
@@ -177,6 +180,7 @@ pub fn open_image(opts: &ImageOptions) -> Result<Opened> {
         backend,
         format,
         warnings,
+        temp_overlay,
     })
 }
 
@@ -210,6 +214,7 @@ fn open_qcow2(opts: &ImageOptions, read_only: bool) -> Result<crate::qcow2::Qcow
         crate::qcow2::Qcow2Options {
             read_only,
             discard: opts.discard,
+            load_snapshot: opts.load_snapshot.clone(),
         },
         &open_backing,
     )

@@ -50,6 +50,7 @@ impl TempOverlay {
             Qcow2Options {
                 read_only: false,
                 discard,
+                load_snapshot: None,
             },
             &|_, _| Ok(base.clone()),
         )?;

@@ -270,6 +270,18 @@ fn writes_keep_internal_snapshots() {
         }
         check_clean(&img);
         assert!(to_raw(&img, dir.path()) == model, "{name}: active layer");
+        // -l: the snapshot itself, read-only, by name.
+        let snap = open_image(&ImageOptions {
+            path: img.clone(),
+            format: Some(Format::Qcow2),
+            read_only: true,
+            load_snapshot: Some("s1".into()),
+            ..Default::default()
+        })
+        .unwrap()
+        .backend;
+        assert!(read_all(&*snap) == data, "{name}: -l s1");
+        drop(snap);
         qemu_img(&["snapshot", "-a", "s1", img.to_str().unwrap()]);
         check_clean(&img);
         assert!(
@@ -421,7 +433,10 @@ fn snapshot_overlay_leaves_image_alone() {
         let mut model = data.clone();
         model[4096..14_096].fill(1);
         assert!(read_all(&*b) == model);
+        let tmp = opened.temp_overlay.clone().unwrap();
+        assert!(tmp.exists());
         drop(b);
+        assert!(!tmp.exists());
         assert!(std::fs::read(&path).unwrap() == before);
     }
 }

@@ -126,14 +126,22 @@ impl BlockBackend for Qcow2 {
 
     fn read(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
         if buf.len() as u64 <= self.geo.cs - (offset & (self.geo.cs - 1)) {
-            return self.read_piece(offset >> self.geo.cluster_bits, offset & (self.geo.cs - 1), buf);
+            return self.read_piece(
+                offset >> self.geo.cluster_bits,
+                offset & (self.geo.cs - 1),
+                buf,
+            );
         }
         self.read_batched(offset, buf)
     }
 
     fn write(&self, offset: u64, buf: &[u8], flags: IoFlags) -> Result<()> {
         if buf.len() as u64 <= self.geo.cs - (offset & (self.geo.cs - 1)) {
-            self.write_piece(offset >> self.geo.cluster_bits, offset & (self.geo.cs - 1), buf)?;
+            self.write_piece(
+                offset >> self.geo.cluster_bits,
+                offset & (self.geo.cs - 1),
+                buf,
+            )?;
         } else {
             self.write_batched(offset, buf)?;
         }

@@ -46,6 +46,9 @@ pub struct Qcow2Options {
     pub read_only: bool,
     /// `--discard=unmap`: trim and MAY_TRIM release clusters.
     pub discard: bool,
+    /// Export this internal snapshot (matched by id, then by name) instead of the active
+    /// layer; requires `read_only`.
+    pub load_snapshot: Option<String>,
 }
 
 /// The image's fixed geometry.
@@ -187,6 +190,31 @@ impl Qcow2 {
             file_len,
         )?;
         let snapshots = snapshot::read_table(&f, h.snapshots_offset, h.nb_snapshots, geo.cs)?;
+        let mut geo = geo;
+        let mut l1 = l1;
+        if let Some(want) = &opts.load_snapshot {
+            if !opts.read_only {
+                return Err(Error::Open(
+                    "Loading a snapshot requires a read-only image".into(),
+                ));
+            }
+            let s = snapshots
+                .iter()
+                .find(|s| &s.id == want)
+                .or_else(|| snapshots.iter().find(|s| &s.name == want))
+                .ok_or_else(|| {
+                    Error::Open("Failed to load snapshot: Can't find snapshot".into())
+                })?;
+            let size = s.disk_size.unwrap_or(h.size);
+            let needed = size.div_ceil(1u64 << (geo.cluster_bits + geo.l2_bits));
+            if u64::from(s.l1_size) < needed || size > i64::MAX as u64 {
+                return Err(f.corrupt(format!("snapshot '{want}': L1 table too small")));
+            }
+            let mut raw = vec![0u8; s.l1_size as usize * 8];
+            f.read("read snapshot L1 table", s.l1_table_offset, &mut raw)?;
+            l1 = l2_cache::decode(&raw);
+            geo.size = size & !511;
+        }
         let backing = match &h.backing_file {
             Some(name) if !name.is_empty() => {
                 let p = resolve_backing(path, name);
