@@ -20,6 +20,7 @@ pub mod header;
 mod l2_cache;
 mod meta;
 mod refcount;
+mod repair;
 pub mod snapshot;
 mod status;
 mod zero;
@@ -159,11 +160,14 @@ impl Qcow2 {
             ));
         }
         if !opts.read_only && h.incompatible & header::INCOMPAT_DIRTY != 0 {
-            // qemu repairs the refcounts of a dirty lazy-refcounts image here; we cannot yet.
-            return Err(Error::Open(format!(
-                "'{}' has unflushed lazy refcounts (dirty bit set): run 'qemu-img check -r all' first",
-                path.display()
-            )));
+            // Unflushed lazy refcounts: rebuild them as qemu does, then open again. Bitmaps
+            // are dropped first so their clusters may be counted as free.
+            clear_autoclear(&f, &h)?;
+            let (snaps, len) =
+                snapshot::read_table(&f, h.snapshots_offset, h.nb_snapshots, 1 << h.cluster_bits)?;
+            repair::rebuild(&f, &h, &snaps, len)?;
+            drop(f);
+            return Self::open(path, opts, open_backing);
         }
         let extended = h.extended_l2();
         let cb = h.cluster_bits;
@@ -189,7 +193,7 @@ impl Qcow2 {
             u64::from(h.refcount_table_clusters),
             file_len,
         )?;
-        let snapshots = snapshot::read_table(&f, h.snapshots_offset, h.nb_snapshots, geo.cs)?;
+        let (snapshots, _) = snapshot::read_table(&f, h.snapshots_offset, h.nb_snapshots, geo.cs)?;
         let mut geo = geo;
         let mut l1 = l1;
         if let Some(want) = &opts.load_snapshot {
@@ -224,12 +228,8 @@ impl Qcow2 {
             }
             _ => None,
         };
-        if !opts.read_only && h.autoclear != 0 {
-            // We do not update persistent bitmaps, so, as the spec asks of software that does
-            // not know an autoclear feature, clear the bits: qemu then treats the bitmaps as
-            // inconsistent instead of trusting stale ones.
-            f.write("write header", header::OFF_AUTOCLEAR, &0u64.to_be_bytes())?;
-            f.sync()?;
+        if !opts.read_only {
+            clear_autoclear(&f, &h)?;
         }
         let table_bytes = geo.cs as usize;
         let meta = Meta {
@@ -537,6 +537,17 @@ impl Qcow2 {
             bm: ((zero & !touched) << 32) | alloc | touched,
         })
     }
+}
+
+/// We do not update persistent bitmaps, so, as the spec asks of software that does not know
+/// an autoclear feature, clear the bits before any write: qemu then treats the bitmaps as
+/// inconsistent (and their clusters as leaked) instead of trusting stale ones.
+fn clear_autoclear(f: &ImageFile, h: &Header) -> Result<()> {
+    if h.autoclear != 0 {
+        f.write("write header", header::OFF_AUTOCLEAR, &0u64.to_be_bytes())?;
+        f.sync()?;
+    }
+    Ok(())
 }
 
 fn unreachable_state() -> Result<()> {

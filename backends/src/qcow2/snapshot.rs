@@ -25,7 +25,7 @@ pub fn read_table(
     offset: u64,
     count: u32,
     cluster_size: u64,
-) -> Result<Vec<Snapshot>> {
+) -> Result<(Vec<Snapshot>, u64)> {
     let mut out = Vec::with_capacity(count.min(1024) as usize);
     let mut pos = offset;
     for i in 0..count {
@@ -75,5 +75,5 @@ pub fn read_table(
         });
         pos += (40 + var).div_ceil(8) * 8;
     }
-    Ok(out)
+    Ok((out, pos - offset))
 }
