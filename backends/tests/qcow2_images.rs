@@ -452,10 +452,18 @@ fn hostile_images_fail_cleanly() {
     for n in [0, 3, 50, 100, 104, 4095, 4096, 8192, 20000, good.len() / 2] {
         variants.push(good[..n.min(good.len())].to_vec());
     }
-    for _ in 0..300 {
+    let rounds: u64 = std::env::var("QNBD_FUZZ_ROUNDS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(300);
+    rng = Rng(std::env::var("QNBD_FUZZ_SEED")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(99));
+    for _ in 0..rounds {
         let mut v = good.clone();
         for _ in 0..1 + rng.below(4) {
-            let lim = if rng.below(2) == 0 { 112 } else { 4096 * 4 };
+            let lim = if rng.below(2) == 0 { 112 } else { 4096 * 8 };
             let at = rng.below(lim) as usize;
             v[at] ^= 1 << rng.below(8);
         }
