@@ -28,6 +28,8 @@ fn not_yet(what: &str, issue: &str) -> ! {
 #[derive(Default)]
 pub struct Cleanup {
     socket: Option<PathBuf>,
+    /// The temporary overlay of `-s`.
+    overlay: Option<PathBuf>,
     pid_file: Option<PathBuf>,
     device: Option<Device>,
     /// A kernel device bound with -c: disconnected first, while the server still answers.
@@ -47,6 +49,9 @@ impl Cleanup {
             }
         }
         if let Some(p) = self.socket.take() {
+            let _ = std::fs::remove_file(p);
+        }
+        if let Some(p) = self.overlay.take() {
             let _ = std::fs::remove_file(p);
         }
         if let Some(p) = self.pid_file.take() {
@@ -108,9 +113,21 @@ fn check_unsupported(cli: &Cli) {
     if !cli.bitmap.is_empty() {
         not_yet("-B/--bitmap", "the image options issue");
     }
-    if cli.load_snapshot.is_some() {
-        not_yet("-l/--load-snapshot", "the image options issue");
+}
+
+/// `-l`: `snapshot.id=ID`, `snapshot.name=NAME` or a bare ID_OR_NAME.
+fn snapshot_param(s: &str) -> String {
+    for part in s.split(',') {
+        if let Some(v) = part
+            .strip_prefix("snapshot.id=")
+            .or_else(|| part.strip_prefix("snapshot.name="))
+        {
+            if !v.is_empty() {
+                return v.to_string();
+            }
+        }
     }
+    s.to_string()
 }
 
 /// `-n`, `--cache`, `--discard`, `--detect-zeroes`, with qemu-nbd's checks and messages.
@@ -203,6 +220,7 @@ pub fn run(cli: Cli) {
         },
     };
     let (mut cache, mut detect_zeroes, discard) = image_modes(&cli);
+    let load_snapshot = cli.load_snapshot.as_deref().map(snapshot_param);
     let aio = match cli.aio.as_deref() {
         None => AioMode::Threads,
         Some(m) => AioMode::from_name(m).unwrap_or_else(|| die(format!("Invalid aio mode '{m}'"))),
@@ -247,7 +265,9 @@ pub fn run(cli: Cli) {
                 detect_zeroes = p.detect_zeroes;
             }
             let mut image = p.image;
-            image.read_only |= cli.snapshot;
+            image.snapshot |= cli.snapshot;
+            image.load_snapshot = load_snapshot.clone();
+            image.read_only |= load_snapshot.is_some();
             image.discard |= discard;
             image.direct |= cache.direct();
             if cli.aio.is_some() {
@@ -258,8 +278,10 @@ pub fn run(cli: Cli) {
         None => ImageOptions {
             path: PathBuf::from(&file),
             format,
-            // With -s the image itself is only ever read.
-            read_only: cli.read_only || cli.snapshot,
+            // -l exports a snapshot, which qemu-nbd always makes read-only.
+            read_only: cli.read_only || load_snapshot.is_some(),
+            snapshot: cli.snapshot,
+            load_snapshot: load_snapshot.clone(),
             discard,
             direct: cache.direct(),
             aio,
@@ -273,6 +295,10 @@ pub fn run(cli: Cli) {
     for w in &opened.warnings {
         eprintln!("{w}");
     }
+    let overlay = opened.temp_overlay.clone();
+    if load_snapshot.is_some() && opened.format == Format::Raw {
+        die("Failed to load snapshot: Block format 'raw' used by device '' does not support temporarily loading internal snapshots");
+    }
     let backend = if offset != 0 {
         let inner_size = opened.backend.size();
         if offset > inner_size {
@@ -285,15 +311,6 @@ pub fn run(cli: Cli) {
     } else {
         opened.backend
     };
-    let backend: Arc<dyn backends::BlockBackend> = if cli.snapshot {
-        let dir = backends::cow_overlay::temp_dir();
-        match backends::cow_overlay::CowOverlay::new(backend, &dir, cli.read_only) {
-            Ok(o) => Arc::new(o),
-            Err(e) => die(format!("Failed to blk_new_open '{file}': {e}")),
-        }
-    } else {
-        backend
-    };
     let backend = Cached::wrap(backend, cache);
     let backend: Arc<dyn backends::BlockBackend> = if detect_zeroes != DetectZeroes::Off {
         Arc::new(ZeroDetect::new(backend, detect_zeroes))
@@ -305,6 +322,7 @@ pub fn run(cli: Cli) {
     if let Some(dev) = cli.connect.clone() {
         let mut cleanup = Cleanup {
             device: Some(device.clone()),
+            overlay: overlay.clone(),
             ..Default::default()
         };
         write_pid_file(&cli, &mut cleanup);
@@ -324,6 +342,7 @@ pub fn run(cli: Cli) {
     let backlog = listen::backlog(shared, cli.persistent);
     let mut cleanup = Cleanup {
         device: Some(device.clone()),
+        overlay,
         ..Default::default()
     };
     let listeners = if let Some(k) = &cli.socket {
@@ -333,13 +352,19 @@ pub fn run(cli: Cli) {
                 cleanup.socket = Some(path);
                 vec![l]
             }
-            Err(e) => die(e),
+            Err(e) => {
+                cleanup.run();
+                die(e)
+            }
         }
     } else {
         let host = cli.bind.clone().unwrap_or_else(|| "0.0.0.0".into());
         match listen::tcp(&host, port, backlog) {
             Ok(l) => l,
-            Err(e) => die(e),
+            Err(e) => {
+                cleanup.run();
+                die(e)
+            }
         }
     };
     write_pid_file(&cli, &mut cleanup);

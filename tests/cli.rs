@@ -45,6 +45,7 @@ fn errors_match_qemu_nbd() {
         vec!["--image-opts", "-f", "raw", img],
         vec!["-o", "999999999999", "-f", "raw", img],
         vec!["-c", "/dev/nbd99", "-f", "raw", img],
+        vec!["-l", "snap0", "-f", "raw", img],
         vec!["-d", "/dev/nbd99"],
         vec!["-c", "/dev/nbd0", "-x", "foo", "-v", "-f", "raw", img],
     ];
@@ -88,7 +89,6 @@ fn later_features_say_not_supported_yet() {
     let img = make_raw(dir.path(), "n.raw", 1 << 20, &[]);
     let img = img.to_str().unwrap();
     for args in [
-        vec!["-l", "snap0", img],
         vec!["--object", "secret,id=s0,data=x", img],
         vec!["-B", "b0", img],
     ] {
