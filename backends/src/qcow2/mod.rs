@@ -120,6 +120,10 @@ pub struct Qcow2 {
     backing: Option<Arc<dyn BlockBackend>>,
     opts: Qcow2Options,
     snapshots: Vec<snapshot::Snapshot>,
+    /// The last cluster inflated, by descriptor: small sequential reads of a compressed
+    /// cluster inflate it once. Descriptors are never reused for other data (this engine
+    /// never writes compressed clusters), so the key cannot go stale.
+    last_inflated: Mutex<Option<(u64, Arc<Vec<u8>>)>>,
 }
 
 fn open_err(path: &Path, msg: impl std::fmt::Display) -> Error {
@@ -250,6 +254,7 @@ impl Qcow2 {
             backing,
             opts,
             snapshots,
+            last_inflated: Mutex::new(None),
         })
     }
 
@@ -308,13 +313,20 @@ impl Qcow2 {
         self.backing.as_ref().is_none_or(|b| pos >= b.size())
     }
 
-    fn read_compressed(&self, e: Entry) -> Result<Vec<u8>> {
+    fn read_compressed(&self, e: Entry) -> Result<Arc<Vec<u8>>> {
+        if let Some((d, data)) = &*self.last_inflated.lock() {
+            if *d == e.desc {
+                return Ok(data.clone());
+            }
+        }
         let (off, len) = compressed::locate(e.desc, self.geo.cluster_bits);
         let mut input = vec![0u8; len as usize];
         self.f.read("read compressed cluster", off, &mut input)?;
         let mut out = vec![0u8; self.geo.cs as usize];
         compressed::decompress(self.geo.compression, &input, &mut out)
             .map_err(|m| self.corrupt(format!("compressed cluster at {off:#x}: {m}")))?;
+        let out = Arc::new(out);
+        *self.last_inflated.lock() = Some((e.desc, out.clone()));
         Ok(out)
     }
 
