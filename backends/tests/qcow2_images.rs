@@ -447,7 +447,6 @@ fn hostile_images_fail_cleanly() {
     let (src, _) = pattern_raw(dir.path(), 1 << 20, 13);
     let good = std::fs::read(make(dir.path(), "good", &["-o", "cluster_size=4k"], &src)).unwrap();
     let bad = dir.path().join("bad.qcow2");
-    let mut rng = Rng(99);
     let mut variants: Vec<Vec<u8>> = Vec::new();
     for n in [0, 3, 50, 100, 104, 4095, 4096, 8192, 20000, good.len() / 2] {
         variants.push(good[..n.min(good.len())].to_vec());
@@ -456,7 +455,7 @@ fn hostile_images_fail_cleanly() {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(300);
-    rng = Rng(std::env::var("QNBD_FUZZ_SEED")
+    let mut rng = Rng(std::env::var("QNBD_FUZZ_SEED")
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(99));
