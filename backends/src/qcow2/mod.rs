@@ -11,6 +11,13 @@
 //! Flush order (see [`Qcow2::flush_meta`]): data and refcount blocks, sync; refcount table
 //! entries, sync; L2 tables, sync; L1 entries, sync; then queued refcount decreases are
 //! applied (written by the next flush). A crash can leak clusters, never corrupt.
+//!
+//! Policies: refcounts are always kept eagerly, so the dirty bit is never set (lazy refcounts
+//! are a permission, not a duty); a dirty image opened read-write has its refcounts rebuilt
+//! (`repair.rs`). Persistent bitmaps are not updated: a read-write open clears the autoclear
+//! bits, so qemu treats the bitmaps as inconsistent (their clusters show as leaked).
+//! Not done yet: O_DIRECT on qcow2 files, qemu's metadata-overlap checks against hostile L2
+//! entries, external data files and encryption (both refused at open).
 
 mod backend;
 mod batch;
