@@ -302,7 +302,11 @@ fn unflushed_metadata_only_leaks() {
     let dir = tempfile::tempdir().unwrap();
     for opts in ["cluster_size=512", "cluster_size=64k", "extended_l2=on"] {
         let _ = std::fs::remove_file(dir.path().join("u.qcow2"));
-        run(dir.path(), "qemu-img", &["create", "-q", "-f", "qcow2", "-o", opts, "u.qcow2", "16M"]);
+        run(
+            dir.path(),
+            "qemu-img",
+            &["create", "-q", "-f", "qcow2", "-o", opts, "u.qcow2", "16M"],
+        );
         run(dir.path(), "qemu-io", &["-c", "write -P 1 0 2M", "u.qcow2"]);
         run(dir.path(), "qemu-img", &["snapshot", "-c", "s", "u.qcow2"]);
         let b = open(&dir.path().join("u.qcow2"), false).unwrap();
@@ -314,8 +318,15 @@ fn unflushed_metadata_only_leaks() {
             }
         }
         std::mem::forget(b);
-        let out = Command::new("qemu-img").current_dir(dir.path()).args(["check", "u.qcow2"]).output().unwrap();
+        let out = Command::new("qemu-img")
+            .current_dir(dir.path())
+            .args(["check", "u.qcow2"])
+            .output()
+            .unwrap();
         let text = String::from_utf8_lossy(&out.stdout);
-        assert!(matches!(out.status.code(), Some(0) | Some(3)) && !text.contains("ERROR"), "{opts}: {text}");
+        assert!(
+            matches!(out.status.code(), Some(0) | Some(3)) && !text.contains("ERROR"),
+            "{opts}: {text}"
+        );
     }
 }
