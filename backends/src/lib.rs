@@ -11,7 +11,6 @@
 
 pub mod aio;
 pub mod cache_mode;
-pub mod cow_overlay;
 pub mod detect_zeroes;
 mod device;
 mod direct_io;

@@ -163,7 +163,7 @@ pub fn open_image(opts: &ImageOptions) -> Result<Opened> {
     };
     let mut temp_overlay = None;
     let backend: Arc<dyn BlockBackend> = if opts.snapshot {
-        let dir = crate::cow_overlay::temp_dir();
+        let dir = crate::overlay::temp_dir();
         let ov =
             crate::overlay::TempOverlay::create(&opts.path, format, backend, &dir, opts.discard)?;
         temp_overlay = Some(ov.path());

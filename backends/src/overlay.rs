@@ -12,6 +12,13 @@ use std::sync::Arc;
 
 const CLUSTER_BITS: u32 = 16;
 
+/// Where qemu-nbd puts its temporary overlay: $TMPDIR, else /var/tmp.
+pub fn temp_dir() -> PathBuf {
+    std::env::var_os("TMPDIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("/var/tmp"))
+}
+
 #[derive(Debug)]
 pub struct TempOverlay {
     // Declared first: dropped (and flushed) before the file is removed.
