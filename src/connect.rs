@@ -76,7 +76,7 @@ fn self_connect(
     match go {
         Ok((c, info)) => match c.into_stream() {
             Stream::Unix(s) => (OwnedFd::from(s), info, thread),
-            Stream::Tcp(_) => die("internal error: self-connection is not a Unix socket"),
+            _ => die("internal error: self-connection is not a Unix socket"),
         },
         Err(ClientError::Refused { msg, .. }) => die(format!(
             "Requested export not available\nserver reported: {msg}"

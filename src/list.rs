@@ -4,12 +4,10 @@ use crate::cli::Cli;
 use crate::die;
 use frontends::nbd::client::{format_list, list_exports};
 use frontends::nbd::proto::DEFAULT_PORT;
+use frontends::tls::Creds;
 use frontends::transport::Stream;
 
-pub fn run(cli: &Cli) {
-    if cli.tls_creds.is_some() || !cli.object.is_empty() {
-        die("-L with --tls-creds/--object is not supported yet (planned: the TLS issue)");
-    }
+pub fn run(cli: &Cli, tls: Option<&Creds>) {
     let stream = if let Some(path) = &cli.socket {
         match std::os::unix::net::UnixStream::connect(path) {
             Ok(s) => Stream::Unix(s),
@@ -29,7 +27,17 @@ pub fn run(cli: &Cli) {
             Err(e) => die(format!("Failed to connect to '{addr}': {}", errno_text(&e))),
         }
     };
-    match list_exports(stream) {
+    // qemu checks the server certificate against --tls-hostname, else the -b address; over
+    // a Unix socket there is no name to check.
+    let hostname = cli.tls_hostname.clone().or_else(|| {
+        if cli.socket.is_some() {
+            None
+        } else {
+            Some(cli.bind.clone().unwrap_or_else(|| "0.0.0.0".into()))
+        }
+    });
+    let tls = tls.map(|c| (c, hostname.as_deref()));
+    match list_exports(stream, tls) {
         Ok((exports, extended)) => print!("{}", format_list(&exports, extended)),
         Err(e) => die(e.report()),
     }

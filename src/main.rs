@@ -7,6 +7,7 @@ mod daemon;
 mod image_opts;
 mod list;
 mod listen;
+mod object;
 mod serve;
 
 use clap::Parser;
@@ -65,6 +66,12 @@ fn main() {
     if cli.help {
         print!("{}", cli::HELP);
         return;
+    }
+    for o in &cli.object {
+        if let Some(text) = object::help(o) {
+            print!("{text}");
+            return;
+        }
     }
     if cli.version {
         print!("{}", cli::version());

@@ -10,6 +10,7 @@ use backends::open::{open_image, Format, ImageOptions};
 use backends::Device;
 use frontends::nbd::proto::{DEFAULT_PORT, MAX_STRING_SIZE};
 use frontends::nbd::server::{Export, Server, ServerOptions};
+use frontends::tls::{Creds, Endpoint, ServerTls};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -107,9 +108,6 @@ fn check_modes(cli: &Cli) {
 }
 
 fn check_unsupported(cli: &Cli) {
-    if !cli.object.is_empty() || cli.tls_creds.is_some() {
-        not_yet("--object and --tls-creds", "the TLS issue");
-    }
     if !cli.bitmap.is_empty() {
         not_yet("-B/--bitmap", "the image options issue");
     }
@@ -160,7 +158,10 @@ fn image_modes(cli: &Cli) -> (CacheMode, DetectZeroes, bool) {
 }
 
 pub fn run(cli: Cli) {
+    // qemu-nbd creates objects while it reads its options, before any other check.
+    let objects = crate::object::Objects::create(&cli.object).unwrap_or_else(|e| die(e));
     check_modes(&cli);
+    let tls = tls_creds(&cli, &objects);
     if cli.disconnect {
         if cli.args.len() != 1 {
             try_help();
@@ -168,7 +169,7 @@ pub fn run(cli: Cli) {
         crate::connect::disconnect(&cli);
     }
     if cli.list {
-        crate::list::run(&cli);
+        crate::list::run(&cli, tls.as_ref());
         return;
     }
     if cli.args.len() != 1 {
@@ -241,9 +242,6 @@ pub fn run(cli: Cli) {
         )),
     });
 
-    if cli.connect.is_some() && cli.tls_creds.is_some() {
-        die("TLS is not supported with a host device");
-    }
     // Like qemu-nbd, -c goes to the background once the device works, unless -v.
     let readiness = if cli.fork || (cli.connect.is_some() && cli.verbose == 0) {
         match daemon::fork_and_wait() {
@@ -385,6 +383,15 @@ pub fn run(cli: Cli) {
             persistent: cli.persistent,
             handshake_limit,
             threads_per_connection: threads_per_connection(),
+            tls: tls.map(|creds| {
+                Arc::new(ServerTls {
+                    creds,
+                    authz: cli
+                        .tls_authz
+                        .as_ref()
+                        .map(|id| (id.clone(), objects.authz(id))),
+                })
+            }),
         },
     );
     tracing::info!("serving '{file}' ({} bytes)", server.export().device.size());
@@ -395,6 +402,29 @@ pub fn run(cli: Cli) {
     lock_cleanup(&cleanup).run();
     if let Err(e) = result {
         die(e);
+    }
+}
+
+/// `--tls-creds`, checked as qemu-nbd checks it before it opens anything.
+fn tls_creds(cli: &Cli, objects: &crate::object::Objects) -> Option<Creds> {
+    let id = cli.tls_creds.as_ref()?;
+    if cli.connect.is_some() {
+        die("TLS is not supported with a host device");
+    }
+    if cli.tls_authz.is_some() && cli.list {
+        die("TLS authorization is incompatible with export list");
+    }
+    if cli.tls_hostname.is_some() && !cli.list {
+        die("TLS hostname is only supported with export list");
+    }
+    let want = if cli.list {
+        Endpoint::Client
+    } else {
+        Endpoint::Server
+    };
+    match objects.tls_creds(id, want) {
+        Ok(c) => Some(c),
+        Err(e) => die(format!("Failed to get TLS creds: {e}")),
     }
 }
 

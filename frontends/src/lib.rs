@@ -4,4 +4,5 @@
 
 pub mod kernel;
 pub mod nbd;
+pub mod tls;
 pub mod transport;

@@ -1,4 +1,5 @@
-//! The byte streams frontends speak NBD over: TCP and Unix sockets (TLS joins here later).
+//! The byte streams frontends speak NBD over: TCP and Unix sockets, and TLS on either (a
+//! plain socket whose other end a TLS pump serves, see `tls::engine`).
 
 use std::io::{self, IoSlice, Read, Write};
 use std::net::{Shutdown, TcpStream};
@@ -10,6 +11,47 @@ use std::time::Duration;
 pub enum Stream {
     Tcp(TcpStream),
     Unix(UnixStream),
+    Tls(Box<TlsStream>),
+}
+
+/// The plaintext side of a TLS session on `net`.
+#[derive(Debug)]
+pub struct TlsStream {
+    plain: UnixStream,
+    /// The network socket, kept only for its options and for `peer()`.
+    net: Stream,
+    peer: String,
+    identity: Option<String>,
+}
+
+impl TlsStream {
+    pub(crate) fn new(
+        plain: UnixStream,
+        net: Stream,
+        peer: String,
+        identity: Option<String>,
+    ) -> Self {
+        TlsStream {
+            plain,
+            net,
+            peer,
+            identity,
+        }
+    }
+
+    /// The distinguished name or PSK username the peer authenticated with.
+    pub fn identity(&self) -> Option<&str> {
+        self.identity.as_deref()
+    }
+
+    fn try_clone(&self) -> io::Result<TlsStream> {
+        Ok(TlsStream {
+            plain: self.plain.try_clone()?,
+            net: self.net.try_clone()?,
+            peer: self.peer.clone(),
+            identity: self.identity.clone(),
+        })
+    }
 }
 
 impl Stream {
@@ -17,13 +59,20 @@ impl Stream {
         Ok(match self {
             Stream::Tcp(s) => Stream::Tcp(s.try_clone()?),
             Stream::Unix(s) => Stream::Unix(s.try_clone()?),
+            Stream::Tls(s) => Stream::Tls(Box::new(s.try_clone()?)),
         })
+    }
+
+    pub fn is_tls(&self) -> bool {
+        matches!(self, Stream::Tls(_))
     }
 
     pub fn shutdown(&self) {
         let _ = match self {
             Stream::Tcp(s) => s.shutdown(Shutdown::Both),
             Stream::Unix(s) => s.shutdown(Shutdown::Both),
+            // The pump sees the end, sends close_notify and then closes the network side.
+            Stream::Tls(s) => s.plain.shutdown(Shutdown::Both),
         };
     }
 
@@ -31,13 +80,18 @@ impl Stream {
         match self {
             Stream::Tcp(s) => s.set_read_timeout(t),
             Stream::Unix(s) => s.set_read_timeout(t),
+            Stream::Tls(s) => s.plain.set_read_timeout(t),
         }
     }
 
     /// Latency matters more than packet count for small replies.
     pub fn set_nodelay(&self) {
-        if let Stream::Tcp(s) = self {
-            let _ = s.set_nodelay(true);
+        match self {
+            Stream::Tcp(s) => {
+                let _ = s.set_nodelay(true);
+            }
+            Stream::Tls(s) => s.net.set_nodelay(),
+            Stream::Unix(_) => {}
         }
     }
 
@@ -48,6 +102,7 @@ impl Stream {
                 .map(|a| a.to_string())
                 .unwrap_or_else(|_| "?".into()),
             Stream::Unix(_) => "unix".into(),
+            Stream::Tls(s) => s.peer.clone(),
         }
     }
 }
@@ -57,6 +112,7 @@ impl Read for Stream {
         match self {
             Stream::Tcp(s) => s.read(buf),
             Stream::Unix(s) => s.read(buf),
+            Stream::Tls(s) => s.plain.read(buf),
         }
     }
 }
@@ -66,12 +122,14 @@ impl Write for Stream {
         match self {
             Stream::Tcp(s) => s.write(buf),
             Stream::Unix(s) => s.write(buf),
+            Stream::Tls(s) => s.plain.write(buf),
         }
     }
     fn write_vectored(&mut self, bufs: &[IoSlice<'_>]) -> io::Result<usize> {
         match self {
             Stream::Tcp(s) => s.write_vectored(bufs),
             Stream::Unix(s) => s.write_vectored(bufs),
+            Stream::Tls(s) => s.plain.write_vectored(bufs),
         }
     }
     fn flush(&mut self) -> io::Result<()> {
@@ -84,6 +142,7 @@ impl AsRawFd for Stream {
         match self {
             Stream::Tcp(s) => s.as_raw_fd(),
             Stream::Unix(s) => s.as_raw_fd(),
+            Stream::Tls(s) => s.plain.as_raw_fd(),
         }
     }
 }

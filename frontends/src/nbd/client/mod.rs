@@ -4,6 +4,7 @@
 
 use crate::nbd::proto::*;
 use crate::nbd::wire::Reader;
+use crate::tls::{self, Creds};
 use crate::transport::Stream;
 use std::io::{self, Read, Write};
 
@@ -160,6 +161,32 @@ impl Client {
         }
     }
 
+    /// NBD_OPT_STARTTLS and the TLS handshake; afterwards every option travels encrypted.
+    pub fn start_tls(&mut self, creds: &Creds, hostname: Option<&str>) -> Result<(), ClientError> {
+        self.send_opt(OPT_STARTTLS, &[])?;
+        let r = self.read_reply(OPT_STARTTLS)?;
+        if r.rep != REP_ACK {
+            let msg = String::from_utf8_lossy(&r.data).into_owned();
+            return Err(protocol(format!(
+                "Server rejected request to start TLS {:x}{}",
+                r.rep,
+                if msg.is_empty() {
+                    String::new()
+                } else {
+                    format!("\nserver reported: {msg}")
+                }
+            )));
+        }
+        if !r.data.is_empty() {
+            return Err(protocol(format!(
+                "Start TLS response was not zero {}",
+                r.data.len()
+            )));
+        }
+        tls::connect(&mut self.stream, creds, hostname)
+            .map_err(|e| ClientError::Protocol(e.to_string()))
+    }
+
     /// Extended headers if the server has them, else structured replies if it has those.
     pub fn negotiate_replies(&mut self) -> Result<(), ClientError> {
         if self.simple_opt(OPT_EXTENDED_HEADERS)? {
@@ -306,8 +333,14 @@ impl Client {
 }
 
 /// Every export of a server, as `qemu-nbd -L` gathers them.
-pub fn list_exports(stream: Stream) -> Result<(Vec<ExportInfo>, bool), ClientError> {
+pub fn list_exports(
+    stream: Stream,
+    tls: Option<(&Creds, Option<&str>)>,
+) -> Result<(Vec<ExportInfo>, bool), ClientError> {
     let mut c = Client::start(stream)?;
+    if let Some((creds, hostname)) = tls {
+        c.start_tls(creds, hostname)?;
+    }
     c.negotiate_replies()?;
     let names = c.list()?;
     let mut out = Vec::new();

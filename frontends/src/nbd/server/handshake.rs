@@ -5,6 +5,7 @@ use super::export::{Export, MAX_BLOCK, MIN_BLOCK, PREFERRED_BLOCK};
 use super::meta::{self, MetaContext};
 use crate::nbd::proto::*;
 use crate::nbd::wire::{self, Reader};
+use crate::tls::{self, ServerTls};
 use crate::transport::Stream;
 use std::io::{self, Read, Write};
 use std::time::Instant;
@@ -38,6 +39,9 @@ struct Handshake<'a> {
     /// The export the current meta context selection was made for.
     meta_export: Option<String>,
     out: Vec<u8>,
+    /// `--tls-creds`; until STARTTLS succeeds only STARTTLS is served.
+    tls: Option<&'a ServerTls>,
+    tls_done: bool,
 }
 
 fn protocol_error(msg: impl Into<String>) -> io::Error {
@@ -49,6 +53,7 @@ pub fn negotiate(
     stream: &mut Stream,
     export: &Export,
     deadline: Option<Instant>,
+    tls: Option<&ServerTls>,
 ) -> io::Result<Outcome> {
     let mut hs = Handshake {
         stream,
@@ -57,6 +62,8 @@ pub fn negotiate(
         neg: Negotiated::default(),
         meta_export: None,
         out: Vec::new(),
+        tls,
+        tls_done: false,
     };
     hs.run()
 }
@@ -141,6 +148,30 @@ impl Handshake<'_> {
             self.read_exact(&mut data)?;
             tracing::trace!("option {} ({opt}), {len} bytes", opt_name(opt));
 
+            if self.tls.is_some() && !self.tls_done {
+                if !fixed {
+                    return Err(protocol_error(format!("Unsupported option {opt:#x}")));
+                }
+                match opt {
+                    OPT_STARTTLS => self.start_tls(&data)?,
+                    // EXPORT_NAME cannot be refused but by hanging up.
+                    OPT_EXPORT_NAME => {
+                        return Err(protocol_error(format!(
+                            "Option {opt:#x} not permitted before TLS"
+                        )))
+                    }
+                    _ => {
+                        // qemu answers even ABORT with TLS_REQD, then closes.
+                        let msg = format!("Option {opt:#x} not permitted before TLS");
+                        let r = self.error(opt, REP_ERR_TLS_REQD, &msg);
+                        if opt == OPT_ABORT {
+                            return Ok(Outcome::Closed);
+                        }
+                        r?;
+                    }
+                }
+                continue;
+            }
             if opt == OPT_EXPORT_NAME {
                 return self.opt_export_name(&data, no_zeroes);
             }
@@ -222,8 +253,45 @@ impl Handshake<'_> {
         self.send()
     }
 
-    fn opt_starttls(&mut self, _data: &[u8]) -> io::Result<()> {
+    fn opt_starttls(&mut self, data: &[u8]) -> io::Result<()> {
+        if !data.is_empty() {
+            return self.error(
+                OPT_STARTTLS,
+                REP_ERR_INVALID,
+                "option 'starttls' has unexpected length",
+            );
+        }
+        if self.tls.is_some() {
+            return self.error(OPT_STARTTLS, REP_ERR_INVALID, "TLS already enabled");
+        }
         self.error(OPT_STARTTLS, REP_ERR_POLICY, "TLS not configured")
+    }
+
+    /// STARTTLS while TLS is required: acknowledge, run the TLS handshake, and carry on with
+    /// the options inside the session. A malformed request ends the connection (qemu).
+    fn start_tls(&mut self, data: &[u8]) -> io::Result<()> {
+        let Some(tls) = self.tls else {
+            return Ok(());
+        };
+        if !data.is_empty() {
+            let _ = self.error(
+                OPT_STARTTLS,
+                REP_ERR_INVALID,
+                "option 'starttls' has unexpected length",
+            );
+            return Err(protocol_error("STARTTLS with a payload"));
+        }
+        self.reply(OPT_STARTTLS, REP_ACK, &[])?;
+        if let Err(e) = tls::accept(self.stream, tls, self.deadline) {
+            // qemu reports every failed negotiation, TLS ones included, on stderr.
+            tracing::warn!("option negotiation failed: {e}");
+            return Err(io::Error::new(
+                io::ErrorKind::PermissionDenied,
+                e.to_string(),
+            ));
+        }
+        self.tls_done = true;
+        Ok(())
     }
 
     fn opt_structured_reply(&mut self, data: &[u8]) -> io::Result<()> {
@@ -467,7 +535,7 @@ mod tests {
         });
         let mut s = Stream::Unix(a);
         let deadline = Some(Instant::now() + std::time::Duration::from_secs(5));
-        let r = negotiate(&mut s, &export, deadline);
+        let r = negotiate(&mut s, &export, deadline, None);
         drop(s);
         (r, writer.join().unwrap())
     }

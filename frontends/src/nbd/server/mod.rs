@@ -10,6 +10,7 @@ mod validate;
 pub use export::Export;
 pub use handshake::Negotiated;
 
+use crate::tls::ServerTls;
 use crate::transport::Stream;
 use std::io;
 use std::net::TcpListener;
@@ -34,7 +35,7 @@ impl Listener {
 }
 
 /// How the server runs; the export itself is in [`Export`].
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub struct ServerOptions {
     /// `-e`: most clients at once; 0 is unlimited.
     pub shared: u32,
@@ -44,6 +45,8 @@ pub struct ServerOptions {
     pub handshake_limit: Option<Duration>,
     /// Worker threads per connection.
     pub threads_per_connection: usize,
+    /// `--tls-creds`: every client must STARTTLS first (FORCEDTLS).
+    pub tls: Option<Arc<ServerTls>>,
 }
 
 impl Default for ServerOptions {
@@ -53,6 +56,7 @@ impl Default for ServerOptions {
             persistent: false,
             handshake_limit: Some(Duration::from_secs(10)),
             threads_per_connection: default_threads_per_connection(),
+            tls: None,
         }
     }
 }
@@ -196,7 +200,7 @@ fn handle_connection_tracked(
     state: &(Mutex<State>, Condvar),
 ) -> bool {
     let deadline = opts.handshake_limit.map(|d| Instant::now() + d);
-    match handshake::negotiate(&mut stream, export, deadline) {
+    match handshake::negotiate(&mut stream, export, deadline, opts.tls.as_deref()) {
         Ok(handshake::Outcome::Transmission(neg)) => {
             lock(&state.0).serving += 1;
             if let Err(e) = transmission::serve(stream, export, neg, opts.threads_per_connection) {
@@ -215,7 +219,7 @@ fn handle_connection_tracked(
 
 fn handle_connection(mut stream: Stream, export: &Export, opts: &ServerOptions) {
     let deadline = opts.handshake_limit.map(|d| Instant::now() + d);
-    match handshake::negotiate(&mut stream, export, deadline) {
+    match handshake::negotiate(&mut stream, export, deadline, opts.tls.as_deref()) {
         Ok(handshake::Outcome::Transmission(neg)) => {
             if let Err(e) = transmission::serve(stream, export, neg, opts.threads_per_connection) {
                 tracing::info!("connection ended: {e}");

@@ -1,0 +1,200 @@
+//! TLS for NBD (qemu's `tls-creds-x509` and `tls-creds-psk`), shared by the server and the
+//! client: x509 on rustls, PSK on OpenSSL (rustls has none), both behind one engine trait
+//! and one pump that turns a session into a plain socket for the NBD code.
+
+pub mod authz;
+pub mod engine;
+pub mod psk;
+pub mod x509;
+
+use crate::transport::Stream;
+use authz::Authz;
+use std::sync::Arc;
+use std::time::Instant;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Endpoint {
+    Server,
+    Client,
+}
+
+impl Endpoint {
+    pub fn parse(s: &str) -> Option<Endpoint> {
+        match s {
+            "server" => Some(Endpoint::Server),
+            "client" => Some(Endpoint::Client),
+            _ => None,
+        }
+    }
+    pub fn name(self) -> &'static str {
+        match self {
+            Endpoint::Server => "server",
+            Endpoint::Client => "client",
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum TlsError {
+    #[error("{0}")]
+    Creds(String),
+    #[error("Expected TLS credentials for a {} endpoint", .0.name())]
+    WrongEndpoint(Endpoint),
+    #[error("{0}")]
+    Handshake(String),
+    #[error("{0}")]
+    Denied(String),
+}
+
+/// Which TLS versions a GnuTLS priority string (`priority=`) leaves enabled. Only the
+/// version keywords are honoured: cipher choices stay with each library's secure defaults,
+/// which is what GnuTLS' NORMAL gives too.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Versions {
+    pub tls12: bool,
+    pub tls13: bool,
+}
+
+impl Default for Versions {
+    fn default() -> Self {
+        Versions {
+            tls12: true,
+            tls13: true,
+        }
+    }
+}
+
+impl Versions {
+    pub fn from_priority(p: Option<&str>) -> Result<Versions, TlsError> {
+        let mut v = Versions::default();
+        let Some(p) = p else { return Ok(v) };
+        for tok in p.split(':') {
+            match tok {
+                "-VERS-ALL" | "-VERS-TLS-ALL" => {
+                    v.tls12 = false;
+                    v.tls13 = false;
+                }
+                "+VERS-ALL" | "+VERS-TLS-ALL" => v = Versions::default(),
+                "-VERS-TLS1.2" => v.tls12 = false,
+                "-VERS-TLS1.3" => v.tls13 = false,
+                "+VERS-TLS1.2" => v.tls12 = true,
+                "+VERS-TLS1.3" => v.tls13 = true,
+                _ => {}
+            }
+        }
+        if !v.tls12 && !v.tls13 {
+            return Err(TlsError::Creds(format!(
+                "TLS priority '{p}' enables no TLS version this build supports (1.2, 1.3)"
+            )));
+        }
+        Ok(v)
+    }
+
+    fn rustls(self) -> &'static [&'static rustls::SupportedProtocolVersion] {
+        static BOTH: &[&rustls::SupportedProtocolVersion] =
+            &[&rustls::version::TLS13, &rustls::version::TLS12];
+        static V12: &[&rustls::SupportedProtocolVersion] = &[&rustls::version::TLS12];
+        static V13: &[&rustls::SupportedProtocolVersion] = &[&rustls::version::TLS13];
+        match (self.tls12, self.tls13) {
+            (true, false) => V12,
+            (false, true) => V13,
+            _ => BOTH,
+        }
+    }
+}
+
+/// Loaded credentials of either kind.
+#[derive(Clone)]
+pub enum Creds {
+    X509(x509::X509Creds),
+    Psk(psk::PskCreds),
+}
+
+impl Creds {
+    pub fn endpoint(&self) -> Endpoint {
+        match self {
+            Creds::X509(x509::X509Creds::Server(_)) => Endpoint::Server,
+            Creds::X509(x509::X509Creds::Client { .. }) => Endpoint::Client,
+            Creds::Psk(p) => p.endpoint(),
+        }
+    }
+
+    fn kind(&self) -> &'static str {
+        match self {
+            Creds::X509(_) => "x509",
+            Creds::Psk(_) => "PSK",
+        }
+    }
+}
+
+/// The server's TLS policy: `--tls-creds` and `--tls-authz`.
+#[derive(Clone)]
+pub struct ServerTls {
+    pub creds: Creds,
+    /// `--tls-authz=ID`, and the object if one has that id (qemu looks it up per client).
+    pub authz: Option<(String, Option<Arc<dyn Authz>>)>,
+}
+
+/// Run the server side of the TLS handshake on `stream` (after STARTTLS was acknowledged),
+/// check the peer against `--tls-authz`, and turn `stream` into the session's plaintext.
+pub fn accept(
+    stream: &mut Stream,
+    tls: &ServerTls,
+    deadline: Option<Instant>,
+) -> Result<(), TlsError> {
+    let mut engine = match &tls.creds {
+        Creds::X509(c) => c.server_engine()?,
+        Creds::Psk(p) => p.engine(Endpoint::Server)?,
+    };
+    let early = engine::handshake(engine.as_mut(), stream, deadline)
+        .map_err(|e| TlsError::Handshake(format!("TLS handshake failed: {e}")))?;
+    let identity = engine.peer_identity();
+    if let Some((id, authz)) = &tls.authz {
+        let Some(authz) = authz else {
+            return Err(TlsError::Denied(format!(
+                "No authorization object with id '{id}'"
+            )));
+        };
+        let kind = tls.creds.kind();
+        let Some(who) = identity.as_deref() else {
+            return Err(TlsError::Denied(format!(
+                "TLS {kind} authz check failed: the client did not authenticate"
+            )));
+        };
+        match authz.is_allowed(who) {
+            Ok(true) => {}
+            Ok(false) => {
+                return Err(TlsError::Denied(format!(
+                    "TLS {kind} authz check for {who} is denied"
+                )))
+            }
+            Err(e) => return Err(TlsError::Denied(e)),
+        }
+    }
+    if let Some(who) = &identity {
+        tracing::info!("TLS client authenticated as {who}");
+    }
+    let net = stream
+        .try_clone()
+        .map_err(|e| TlsError::Handshake(e.to_string()))?;
+    *stream = engine::into_stream(engine, net, early, identity)
+        .map_err(|e| TlsError::Handshake(e.to_string()))?;
+    Ok(())
+}
+
+/// Run the client side of the handshake; `hostname` is the name the server certificate
+/// must carry (x509); None checks no name.
+pub fn connect(stream: &mut Stream, creds: &Creds, hostname: Option<&str>) -> Result<(), TlsError> {
+    let mut engine = match creds {
+        Creds::X509(c) => c.client_engine(hostname)?,
+        Creds::Psk(p) => p.engine(Endpoint::Client)?,
+    };
+    let early = engine::handshake(engine.as_mut(), stream, None)
+        .map_err(|e| TlsError::Handshake(e.to_string()))?;
+    let net = stream
+        .try_clone()
+        .map_err(|e| TlsError::Handshake(e.to_string()))?;
+    *stream = engine::into_stream(engine, net, early, None)
+        .map_err(|e| TlsError::Handshake(e.to_string()))?;
+    Ok(())
+}

@@ -1,0 +1,512 @@
+//! x509 credentials (qemu's `tls-creds-x509`) on rustls: the files qemu reads from `dir=`,
+//! the server and client configurations, and the peer's distinguished name in the form
+//! qemu's `--tls-authz` compares against.
+
+use super::engine::Engine;
+use super::{Endpoint, TlsError, Versions};
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, CertificateRevocationListDer, PrivateKeyDer, ServerName};
+use rustls::server::WebPkiClientVerifier;
+use rustls::{ClientConfig, Connection, DigitallySignedStruct, RootCertStore, ServerConfig};
+use std::io::{self, Read, Write};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+/// File names inside `dir=`, as qemu's crypto/tlscredsx509.h names them.
+const CA_CERT: &str = "ca-cert.pem";
+const CA_CRL: &str = "ca-crl.pem";
+const SERVER_CERT: &str = "server-cert.pem";
+const SERVER_KEY: &str = "server-key.pem";
+const CLIENT_CERT: &str = "client-cert.pem";
+const CLIENT_KEY: &str = "client-key.pem";
+
+/// What `--object tls-creds-x509,...` says.
+#[derive(Clone, Debug)]
+pub struct X509Options {
+    pub dir: PathBuf,
+    pub endpoint: Endpoint,
+    pub verify_peer: bool,
+    /// The private key's passphrase (`passwordid=` names a secret holding it).
+    pub key_password: Option<Vec<u8>>,
+    pub versions: Versions,
+}
+
+#[derive(Clone)]
+pub enum X509Creds {
+    Server(Arc<ServerConfig>),
+    Client {
+        /// Checks the server certificate's chain and name.
+        named: Arc<ClientConfig>,
+        /// Checks the chain only: qemu checks no name when it has none (a Unix socket).
+        unnamed: Arc<ClientConfig>,
+    },
+}
+
+fn provider() -> Arc<rustls::crypto::CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+/// qemu's wording for a file it must have and cannot open.
+fn access(path: &Path, required: bool) -> Result<Option<PathBuf>, TlsError> {
+    match std::fs::metadata(path) {
+        Ok(_) => Ok(Some(path.to_path_buf())),
+        Err(e) if e.kind() == io::ErrorKind::NotFound && !required => Ok(None),
+        Err(e) => Err(TlsError::Creds(format!(
+            "Unable to access credentials {}: {}",
+            path.display(),
+            errno_text(&e)
+        ))),
+    }
+}
+
+pub(crate) fn errno_text(e: &io::Error) -> String {
+    match e.raw_os_error() {
+        Some(c) => nix::errno::Errno::from_raw(c).desc().to_string(),
+        None => e.to_string(),
+    }
+}
+
+fn read(path: &Path) -> Result<Vec<u8>, TlsError> {
+    std::fs::read(path).map_err(|e| {
+        TlsError::Creds(format!(
+            "Unable to read {}: {}",
+            path.display(),
+            errno_text(&e)
+        ))
+    })
+}
+
+fn certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
+    let pem = read(path)?;
+    let certs: Result<Vec<_>, _> = CertificateDer::pem_slice_iter(&pem).collect();
+    match certs {
+        Ok(c) if !c.is_empty() => Ok(c),
+        Ok(_) => Err(TlsError::Creds(format!(
+            "Unable to import certificate {}: no PEM certificate in the file",
+            path.display()
+        ))),
+        Err(e) => Err(TlsError::Creds(format!(
+            "Unable to import certificate {}: {e}",
+            path.display()
+        ))),
+    }
+}
+
+fn key(path: &Path, password: Option<&[u8]>) -> Result<PrivateKeyDer<'static>, TlsError> {
+    let pem = read(path)?;
+    let bad =
+        |why: String| TlsError::Creds(format!("Unable to load key {}: {why}", path.display()));
+    if let Some(pw) = password {
+        // rustls reads only clear keys; OpenSSL decrypts the PKCS#8 / legacy PEM forms that
+        // certtool and openssl write.
+        let k = openssl::pkey::PKey::private_key_from_pem_passphrase(&pem, pw)
+            .map_err(|e| bad(format!("cannot decrypt with the given password: {e}")))?;
+        let der = k.private_key_to_pkcs8().map_err(|e| bad(e.to_string()))?;
+        return Ok(PrivateKeyDer::Pkcs8(der.into()));
+    }
+    if pem.windows(9).any(|w| w == b"ENCRYPTED") {
+        return Err(bad(
+            "the key is encrypted; give its password with passwordid=".into(),
+        ));
+    }
+    PrivateKeyDer::from_pem_slice(&pem).map_err(|e| bad(e.to_string()))
+}
+
+fn roots(ca: &Path) -> Result<RootCertStore, TlsError> {
+    let mut store = RootCertStore::empty();
+    for c in certs(ca)? {
+        store.add(c).map_err(|e| {
+            TlsError::Creds(format!(
+                "Unable to load CA certificate {}: {e}",
+                ca.display()
+            ))
+        })?;
+    }
+    Ok(store)
+}
+
+fn crls(path: &Path) -> Result<Vec<CertificateRevocationListDer<'static>>, TlsError> {
+    let pem = read(path)?;
+    CertificateRevocationListDer::pem_slice_iter(&pem)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| {
+            TlsError::Creds(format!(
+                "Unable to load CA revocation list {}: {e}",
+                path.display()
+            ))
+        })
+}
+
+impl X509Creds {
+    /// Load the files `endpoint` needs from `dir`, in qemu's order (so the first missing
+    /// file is the one qemu would name).
+    pub fn load(o: &X509Options) -> Result<X509Creds, TlsError> {
+        let d = &o.dir;
+        let ca = access(&d.join(CA_CERT), true)?;
+        match o.endpoint {
+            Endpoint::Server => {
+                let crl = access(&d.join(CA_CRL), false)?;
+                let cert = access(&d.join(SERVER_CERT), true)?;
+                let key_file = access(&d.join(SERVER_KEY), true)?;
+                let (Some(ca), Some(cert), Some(key_file)) = (ca, cert, key_file) else {
+                    unreachable!("required files were checked")
+                };
+                let chain = certs(&cert)?;
+                let key = key(&key_file, o.key_password.as_deref())?;
+                let builder = ServerConfig::builder_with_provider(provider())
+                    .with_protocol_versions(o.versions.rustls())
+                    .map_err(|e| TlsError::Creds(e.to_string()))?;
+                let builder = if o.verify_peer {
+                    let mut v = WebPkiClientVerifier::builder_with_provider(
+                        Arc::new(roots(&ca)?),
+                        provider(),
+                    );
+                    if let Some(crl) = crl {
+                        v = v.with_crls(crls(&crl)?);
+                    }
+                    let v = v
+                        .build()
+                        .map_err(|e| TlsError::Creds(format!("{}: {e}", ca.display())))?;
+                    builder.with_client_cert_verifier(v)
+                } else {
+                    builder.with_no_client_auth()
+                };
+                let config = builder.with_single_cert(chain, key).map_err(|e| {
+                    TlsError::Creds(format!(
+                        "Cannot load certificate {} & key {}: {e}",
+                        cert.display(),
+                        key_file.display()
+                    ))
+                })?;
+                Ok(X509Creds::Server(Arc::new(config)))
+            }
+            Endpoint::Client => {
+                let cert = access(&d.join(CLIENT_CERT), false)?;
+                let key_file = access(&d.join(CLIENT_KEY), false)?;
+                let Some(ca) = ca else {
+                    unreachable!("required files were checked")
+                };
+                let client_auth = match (cert, key_file) {
+                    (Some(cert), Some(key_file)) => {
+                        let chain = certs(&cert)?;
+                        let key = key(&key_file, o.key_password.as_deref())?;
+                        Some((chain, key, cert, key_file))
+                    }
+                    _ => None,
+                };
+                let verifier: Arc<dyn ServerCertVerifier> = if o.verify_peer {
+                    rustls::client::WebPkiServerVerifier::builder_with_provider(
+                        Arc::new(roots(&ca)?),
+                        provider(),
+                    )
+                    .build()
+                    .map_err(|e| TlsError::Creds(format!("{}: {e}", ca.display())))?
+                } else {
+                    Arc::new(NoVerify(provider()))
+                };
+                let build =
+                    |v: Arc<dyn ServerCertVerifier>| -> Result<Arc<ClientConfig>, TlsError> {
+                        let b = ClientConfig::builder_with_provider(provider())
+                            .with_protocol_versions(o.versions.rustls())
+                            .map_err(|e| TlsError::Creds(e.to_string()))?
+                            .dangerous()
+                            .with_custom_certificate_verifier(v);
+                        let config = match &client_auth {
+                            Some((chain, key, cert, key_file)) => b
+                                .with_client_auth_cert(chain.clone(), key.clone_key())
+                                .map_err(|e| {
+                                    TlsError::Creds(format!(
+                                        "Cannot load certificate {} & key {}: {e}",
+                                        cert.display(),
+                                        key_file.display()
+                                    ))
+                                })?,
+                            None => b.with_no_client_auth(),
+                        };
+                        Ok(Arc::new(config))
+                    };
+                let named = build(verifier.clone())?;
+                let unnamed = build(Arc::new(ChainOnly(verifier)))?;
+                Ok(X509Creds::Client { named, unnamed })
+            }
+        }
+    }
+
+    pub fn server_engine(&self) -> Result<Box<dyn Engine>, TlsError> {
+        match self {
+            X509Creds::Server(c) => {
+                let conn = rustls::ServerConnection::new(c.clone())
+                    .map_err(|e| TlsError::Handshake(e.to_string()))?;
+                Ok(Box::new(RustlsEngine::new(conn.into())))
+            }
+            X509Creds::Client { .. } => Err(TlsError::WrongEndpoint(Endpoint::Server)),
+        }
+    }
+
+    pub fn client_engine(&self, hostname: Option<&str>) -> Result<Box<dyn Engine>, TlsError> {
+        match self {
+            X509Creds::Client { named, unnamed } => {
+                let (config, name) = match hostname {
+                    Some(h) => {
+                        let name = ServerName::try_from(h.to_string()).map_err(|_| {
+                            TlsError::Handshake(format!("'{h}' is not a valid TLS host name"))
+                        })?;
+                        (named, name)
+                    }
+                    // An address sends no SNI; the verifier ignores the name.
+                    None => (
+                        unnamed,
+                        ServerName::IpAddress(std::net::Ipv4Addr::LOCALHOST.into()),
+                    ),
+                };
+                let conn = rustls::ClientConnection::new(config.clone(), name)
+                    .map_err(|e| TlsError::Handshake(e.to_string()))?;
+                Ok(Box::new(RustlsEngine::new(conn.into())))
+            }
+            X509Creds::Server(_) => Err(TlsError::WrongEndpoint(Endpoint::Client)),
+        }
+    }
+}
+
+/// Verifies the chain and lets a name mismatch pass: for connections with no host name.
+#[derive(Debug)]
+struct ChainOnly(Arc<dyn ServerCertVerifier>);
+
+impl ServerCertVerifier for ChainOnly {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        server_name: &ServerName<'_>,
+        ocsp: &[u8],
+        now: rustls::pki_types::UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        use rustls::CertificateError::{NotValidForName, NotValidForNameContext};
+        match self
+            .0
+            .verify_server_cert(end_entity, intermediates, server_name, ocsp, now)
+        {
+            Err(rustls::Error::InvalidCertificate(
+                NotValidForName | NotValidForNameContext { .. },
+            )) => Ok(ServerCertVerified::assertion()),
+            r => r,
+        }
+    }
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.0.verify_tls12_signature(message, cert, dss)
+    }
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.0.verify_tls13_signature(message, cert, dss)
+    }
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.0.supported_verify_schemes()
+    }
+}
+
+/// `verify-peer=off` on a client: qemu then accepts any server certificate.
+#[derive(Debug)]
+struct NoVerify(Arc<rustls::crypto::CryptoProvider>);
+
+impl ServerCertVerifier for NoVerify {
+    fn verify_server_cert(
+        &self,
+        _end_entity: &CertificateDer<'_>,
+        _intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp: &[u8],
+        _now: rustls::pki_types::UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        Ok(ServerCertVerified::assertion())
+    }
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.0.signature_verification_algorithms.supported_schemes()
+    }
+}
+
+struct RustlsEngine {
+    conn: Connection,
+}
+
+impl RustlsEngine {
+    fn new(mut conn: Connection) -> Self {
+        // The pump hands over at most one socket read's worth at a time.
+        conn.set_buffer_limit(None);
+        RustlsEngine { conn }
+    }
+}
+
+fn tls_err(e: rustls::Error) -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidData, e.to_string())
+}
+
+impl Engine for RustlsEngine {
+    fn handshaking(&self) -> bool {
+        self.conn.is_handshaking()
+    }
+
+    fn feed(&mut self, mut ciphertext: &[u8], plain: &mut Vec<u8>) -> io::Result<bool> {
+        let mut closed = false;
+        while !ciphertext.is_empty() {
+            self.conn.read_tls(&mut ciphertext)?;
+            let state = self.conn.process_new_packets().map_err(tls_err)?;
+            let n = state.plaintext_bytes_to_read();
+            if n > 0 {
+                let start = plain.len();
+                plain.resize(start + n, 0);
+                self.conn.reader().read_exact(&mut plain[start..])?;
+            }
+            closed |= state.peer_has_closed();
+        }
+        Ok(closed)
+    }
+
+    fn write_plain(&mut self, data: &[u8]) -> io::Result<()> {
+        self.conn.writer().write_all(data)
+    }
+
+    fn take_tls(&mut self, out: &mut Vec<u8>) {
+        while self.conn.wants_write() {
+            if self.conn.write_tls(out).is_err() {
+                break;
+            }
+        }
+    }
+
+    fn close(&mut self) {
+        self.conn.send_close_notify();
+    }
+
+    fn peer_identity(&self) -> Option<String> {
+        let cert = self.conn.peer_certificates()?.first()?;
+        distinguished_name(cert.as_ref())
+    }
+}
+
+/// The subject of a DER certificate as GnuTLS' `gnutls_x509_crt_get_dn` prints it, which is
+/// what qemu's authz objects match: RDNs in certificate order joined by ",", multi-valued
+/// RDNs by "+", short names for the usual attributes, RFC 4514 escaping.
+pub fn distinguished_name(der: &[u8]) -> Option<String> {
+    let (_, cert) = x509_parser::parse_x509_certificate(der).ok()?;
+    let mut out = String::new();
+    for (i, rdn) in cert.subject().iter_rdn().enumerate() {
+        if i > 0 {
+            out.push(',');
+        }
+        for (j, atv) in rdn.iter().enumerate() {
+            if j > 0 {
+                out.push('+');
+            }
+            let oid = atv.attr_type().to_id_string();
+            match attribute_name(&oid) {
+                Some(name) => {
+                    out.push_str(name);
+                    out.push('=');
+                    match atv.as_str() {
+                        Ok(v) => escape_into(&mut out, v),
+                        Err(_) => hex_into(&mut out, atv.attr_value().data),
+                    }
+                }
+                None => {
+                    out.push_str(&oid);
+                    out.push('=');
+                    hex_into(&mut out, atv.attr_value().data);
+                }
+            }
+        }
+    }
+    Some(out)
+}
+
+fn attribute_name(oid: &str) -> Option<&'static str> {
+    Some(match oid {
+        "2.5.4.3" => "CN",
+        "2.5.4.4" => "SN",
+        "2.5.4.5" => "serialNumber",
+        "2.5.4.6" => "C",
+        "2.5.4.7" => "L",
+        "2.5.4.8" => "ST",
+        "2.5.4.9" => "street",
+        "2.5.4.10" => "O",
+        "2.5.4.11" => "OU",
+        "2.5.4.12" => "title",
+        "2.5.4.42" => "GN",
+        "2.5.4.43" => "initials",
+        "2.5.4.44" => "generationQualifier",
+        "2.5.4.46" => "dnQualifier",
+        "2.5.4.65" => "pseudonym",
+        "0.9.2342.19200300.100.1.1" => "UID",
+        "0.9.2342.19200300.100.1.25" => "DC",
+        "1.2.840.113549.1.9.1" => "EMAIL",
+        _ => return None,
+    })
+}
+
+fn escape_into(out: &mut String, v: &str) {
+    let n = v.chars().count();
+    for (i, c) in v.chars().enumerate() {
+        let special = matches!(c, ',' | '+' | '"' | '\\' | '<' | '>' | ';')
+            || (i == 0 && (c == '#' || c == ' '))
+            || (i + 1 == n && c == ' ');
+        if special {
+            out.push('\\');
+        }
+        out.push(c);
+    }
+}
+
+/// RFC 4514's form for values that are not strings: `#` and the hex of the DER value.
+fn hex_into(out: &mut String, data: &[u8]) {
+    out.push('#');
+    for b in data {
+        out.push_str(&format!("{b:02x}"));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn escaping_follows_rfc4514() {
+        let mut s = String::new();
+        escape_into(&mut s, "#a,b+c ");
+        assert_eq!(s, "\\#a\\,b\\+c\\ ");
+    }
+}

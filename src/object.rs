@@ -1,0 +1,543 @@
+//! `--object`: qemu's user-creatable objects that qemu-nbd uses, in both of qemu's syntaxes
+//! (`type,id=ID,key=value` with `,,` escaping and dotted keys, or a JSON object), with
+//! qemu's messages. Objects are created in command-line order, as qemu does, so a secret must
+//! come before the credentials that use it.
+
+use base64::Engine as _;
+use frontends::tls::authz::{self, Authz};
+use frontends::tls::psk::{PskCreds, PskOptions};
+use frontends::tls::x509::{X509Creds, X509Options};
+use frontends::tls::{Creds, Endpoint, Versions};
+use serde_json::{Map, Value};
+use std::path::PathBuf;
+use std::sync::Arc;
+
+pub enum Object {
+    Secret(Vec<u8>),
+    Creds(Creds),
+    Authz(Arc<dyn Authz>),
+}
+
+#[derive(Default)]
+pub struct Objects {
+    list: Vec<(String, Object)>,
+}
+
+/// Types qnbd creates, with the properties each takes (for `TYPE,help` and the key check).
+const TYPES: &[(&str, &[(&str, &str)])] = &[
+    (
+        "authz-list",
+        &[("policy", "QAuthZListPolicy"), ("rules", "QAuthZListRule")],
+    ),
+    (
+        "authz-listfile",
+        &[("filename", "string"), ("refresh", "bool")],
+    ),
+    ("authz-simple", &[("identity", "string")]),
+    (
+        "secret",
+        &[
+            ("data", "string"),
+            ("file", "string"),
+            ("format", "QCryptoSecretFormat"),
+            ("iv", "string"),
+            ("keyid", "string"),
+        ],
+    ),
+    (
+        "tls-creds-psk",
+        &[
+            ("dir", "string"),
+            ("endpoint", "QCryptoTLSCredsEndpoint"),
+            ("priority", "string"),
+            ("username", "string"),
+            ("verify-peer", "bool"),
+        ],
+    ),
+    (
+        "tls-creds-x509",
+        &[
+            ("dir", "string"),
+            ("endpoint", "QCryptoTLSCredsEndpoint"),
+            ("passwordid", "string"),
+            ("priority", "string"),
+            ("sanity-check", "bool"),
+            ("verify-peer", "bool"),
+        ],
+    ),
+];
+
+/// What `--object help` and `--object TYPE,help` print; None when the argument is no help
+/// request.
+pub fn help(arg: &str) -> Option<String> {
+    if arg == "help" || arg == "?" {
+        let mut s = String::from("List of user creatable objects:\n");
+        for (t, _) in TYPES {
+            s.push_str(&format!("  {t}\n"));
+        }
+        return Some(s);
+    }
+    let (ty, rest) = arg.split_once(',')?;
+    if rest != "help" && rest != "?" {
+        return None;
+    }
+    let (_, props) = TYPES.iter().find(|(t, _)| *t == ty)?;
+    let mut s = format!("{ty} options:\n");
+    for (k, v) in *props {
+        s.push_str(&format!("  {k}=<{v}>\n"));
+    }
+    Some(s)
+}
+
+/// Where a value came from decides how it is read: keyval strings are converted ("on" is
+/// a bool), JSON values must already have the right type.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Syntax {
+    Keyval,
+    Json,
+}
+
+/// Split `type,a=b,c.0.d=e` (`,,` is a comma) into a JSON object, dotted keys nested and
+/// numeric components turned into arrays, as qemu's keyval parser does.
+fn parse_keyval(s: &str) -> Result<Map<String, Value>, String> {
+    let mut items = Vec::new();
+    let mut cur = String::new();
+    let mut chars = s.chars().peekable();
+    while let Some(c) = chars.next() {
+        if c == ',' {
+            if chars.peek() == Some(&',') {
+                chars.next();
+                cur.push(',');
+            } else {
+                items.push(std::mem::take(&mut cur));
+            }
+        } else {
+            cur.push(c);
+        }
+    }
+    items.push(cur);
+    let mut root = Map::new();
+    for (i, it) in items.into_iter().enumerate() {
+        let (k, v) = match it.split_once('=') {
+            Some((k, v)) => (k.to_string(), v.to_string()),
+            // The first item may leave out its key: it is the type.
+            None if i == 0 => ("qom-type".to_string(), it.clone()),
+            None => return Err(format!("Expected '=' after parameter '{it}'")),
+        };
+        if k.is_empty() {
+            return Err(format!("Invalid parameter '{it}'"));
+        }
+        let mut node = &mut root;
+        let parts: Vec<&str> = k.split('.').collect();
+        for p in &parts[..parts.len() - 1] {
+            let entry = node
+                .entry(p.to_string())
+                .or_insert_with(|| Value::Object(Map::new()));
+            node = match entry {
+                Value::Object(m) => m,
+                _ => return Err(format!("Parameter '{k}' conflicts with '{p}'")),
+            };
+        }
+        let last = parts[parts.len() - 1].to_string();
+        if node.contains_key(&last) {
+            return Err(format!("Parameter '{k}' is set more than once"));
+        }
+        node.insert(last, Value::String(v));
+    }
+    Ok(arrays(Value::Object(root))
+        .as_object()
+        .cloned()
+        .unwrap_or_default())
+}
+
+/// Objects whose keys are all 0..n become arrays.
+fn arrays(v: Value) -> Value {
+    match v {
+        Value::Object(m) => {
+            let mut idx: Vec<usize> = Vec::new();
+            let numeric = !m.is_empty()
+                && m.keys().all(|k| match k.parse::<usize>() {
+                    Ok(n) => {
+                        idx.push(n);
+                        true
+                    }
+                    Err(_) => false,
+                });
+            if numeric {
+                idx.sort_unstable();
+                if idx.iter().enumerate().all(|(i, &n)| i == n) {
+                    let mut out = vec![Value::Null; idx.len()];
+                    for (k, val) in m {
+                        if let Ok(n) = k.parse::<usize>() {
+                            out[n] = arrays(val);
+                        }
+                    }
+                    return Value::Array(out);
+                }
+            }
+            Value::Object(m.into_iter().map(|(k, v)| (k, arrays(v))).collect())
+        }
+        other => other,
+    }
+}
+
+/// The properties of one object, consumed as they are read so leftovers can be refused.
+struct Props {
+    map: Map<String, Value>,
+    syntax: Syntax,
+}
+
+impl Props {
+    fn str(&mut self, key: &str) -> Result<Option<String>, String> {
+        match self.map.remove(key) {
+            None => Ok(None),
+            Some(Value::String(s)) => Ok(Some(s)),
+            Some(_) => Err(format!(
+                "Invalid parameter type for '{key}', expected: string"
+            )),
+        }
+    }
+
+    fn bool(&mut self, key: &str) -> Result<Option<bool>, String> {
+        match self.map.remove(key) {
+            None => Ok(None),
+            Some(Value::Bool(b)) if self.syntax == Syntax::Json => Ok(Some(b)),
+            Some(Value::String(s)) if self.syntax == Syntax::Keyval => match s.as_str() {
+                "on" | "yes" | "true" | "y" => Ok(Some(true)),
+                "off" | "no" | "false" | "n" => Ok(Some(false)),
+                _ => Err(format!("Parameter '{key}' expects 'on' or 'off'")),
+            },
+            Some(_) => Err(format!(
+                "Invalid parameter type for '{key}', expected: boolean"
+            )),
+        }
+    }
+
+    fn choice<T>(&mut self, key: &str, parse: fn(&str) -> Option<T>) -> Result<Option<T>, String> {
+        match self.str(key)? {
+            None => Ok(None),
+            Some(s) => parse(&s)
+                .map(Some)
+                .ok_or_else(|| format!("Parameter '{key}' does not accept value '{s}'")),
+        }
+    }
+
+    fn finish(&self) -> Result<(), String> {
+        match self.map.keys().next() {
+            Some(k) => Err(format!("Parameter '{k}' is unexpected")),
+            None => Ok(()),
+        }
+    }
+}
+
+impl Objects {
+    /// Create the objects of every `--object`, in order.
+    pub fn create(args: &[String]) -> Result<Objects, String> {
+        let mut objects = Objects::default();
+        for a in args {
+            objects.add(a)?;
+        }
+        Ok(objects)
+    }
+
+    fn add(&mut self, arg: &str) -> Result<(), String> {
+        let (map, syntax) = if arg.trim_start().starts_with('{') {
+            let v: Value =
+                serde_json::from_str(arg).map_err(|e| format!("JSON parse error, {e}"))?;
+            match v {
+                Value::Object(m) => (m, Syntax::Json),
+                _ => return Err("Invalid parameter type, expected: object".into()),
+            }
+        } else {
+            (parse_keyval(arg)?, Syntax::Keyval)
+        };
+        let mut p = Props { map, syntax };
+        let ty = p
+            .str("qom-type")?
+            .ok_or("Parameter 'qom-type' is missing")?;
+        if !TYPES.iter().any(|(t, _)| *t == ty) {
+            return Err(format!("Parameter 'qom-type' does not accept value '{ty}'"));
+        }
+        let id = p.str("id")?.ok_or("Parameter 'id' is missing")?;
+        if self.list.iter().any(|(i, _)| *i == id) {
+            return Err(format!(
+                "attempt to add duplicate property '{id}' to object (type 'container')"
+            ));
+        }
+        let obj = match ty.as_str() {
+            "secret" => Object::Secret(self.secret(&mut p)?),
+            "tls-creds-x509" => Object::Creds(self.x509(&mut p)?),
+            "tls-creds-psk" => Object::Creds(psk(&mut p)?),
+            "authz-simple" => {
+                let identity = p.str("identity")?;
+                let identity = identity.ok_or("Parameter 'identity' is missing")?;
+                Object::Authz(Arc::new(authz::Simple { identity }))
+            }
+            "authz-list" => {
+                // The list's own checks use the JSON form; keyval strings were already
+                // nested into the same shape.
+                let list = authz::List::from_json(&Value::Object(std::mem::take(&mut p.map)))?;
+                Object::Authz(Arc::new(list))
+            }
+            "authz-listfile" => {
+                let file = p
+                    .str("filename")?
+                    .ok_or("Parameter 'filename' is missing")?;
+                let refresh = p.bool("refresh")?.unwrap_or(true);
+                p.finish()?;
+                Object::Authz(Arc::new(authz::ListFile::new(file.into(), refresh)?))
+            }
+            _ => unreachable!("types were checked against TYPES"),
+        };
+        p.finish()?;
+        self.list.push((id, obj));
+        Ok(())
+    }
+
+    fn get(&self, id: &str) -> Option<&Object> {
+        self.list.iter().find(|(i, _)| i == id).map(|(_, o)| o)
+    }
+
+    fn secret_bytes(&self, id: &str) -> Result<&[u8], String> {
+        match self.get(id) {
+            Some(Object::Secret(s)) => Ok(s),
+            _ => Err(format!("No secret with id '{id}'")),
+        }
+    }
+
+    fn secret(&self, p: &mut Props) -> Result<Vec<u8>, String> {
+        let data = p.str("data")?;
+        let file = p.str("file")?;
+        let base64 = p
+            .choice("format", |s| match s {
+                "raw" => Some(false),
+                "base64" => Some(true),
+                _ => None,
+            })?
+            .unwrap_or(false);
+        let keyid = p.str("keyid")?;
+        let iv = p.str("iv")?;
+        p.finish()?;
+        let mut bytes = match (data, file) {
+            (Some(_), Some(_)) => return Err("'file' and 'data' are mutually exclusive".into()),
+            (None, None) => return Err("Either 'file' or 'data' must be provided".into()),
+            (Some(d), None) => d.into_bytes(),
+            (None, Some(f)) => std::fs::read(&f).map_err(|e| {
+                format!(
+                    "Unable to read {f}: Failed to open file “{f}”: {}",
+                    errno_text(&e)
+                )
+            })?,
+        };
+        let b64 = |what: &str, s: &[u8]| {
+            base64::engine::general_purpose::STANDARD
+                .decode(s.trim_ascii())
+                .map_err(|e| format!("Unable to decode {what}: {e}"))
+        };
+        if let Some(k) = keyid {
+            // An encrypted secret: base64 AES-256-CBC ciphertext under another secret.
+            let key = self.secret_bytes(&k)?;
+            if key.len() != 32 {
+                return Err("Key should be 32 bytes in length".into());
+            }
+            let iv = iv.ok_or("IV is required to decrypt secret")?;
+            let iv = b64("the IV", iv.as_bytes())?;
+            if iv.len() != 16 {
+                return Err(format!("IV should be 16 bytes in length not {}", iv.len()));
+            }
+            let ct = b64("the secret", &bytes)?;
+            bytes =
+                openssl::symm::decrypt(openssl::symm::Cipher::aes_256_cbc(), key, Some(&iv), &ct)
+                    .map_err(|e| format!("Unable to decrypt secret: {e}"))?;
+        } else if iv.is_some() {
+            return Err("'iv' requires 'keyid'".into());
+        }
+        if base64 {
+            bytes = b64("the secret", &bytes)?;
+        }
+        Ok(bytes)
+    }
+
+    fn x509(&self, p: &mut Props) -> Result<Creds, String> {
+        let (dir, endpoint, verify_peer, versions) = creds_common(p)?;
+        let _sanity_check = p.bool("sanity-check")?;
+        let key_password = match p.str("passwordid")? {
+            Some(id) => Some(self.secret_bytes(&id)?.to_vec()),
+            None => None,
+        };
+        p.finish()?;
+        let o = X509Options {
+            dir,
+            endpoint,
+            verify_peer,
+            key_password,
+            versions,
+        };
+        X509Creds::load(&o)
+            .map(Creds::X509)
+            .map_err(|e| e.to_string())
+    }
+
+    /// `--tls-creds=ID` for a role (`endpoint`), with qemu's messages.
+    pub fn tls_creds(&self, id: &str, want: Endpoint) -> Result<Creds, String> {
+        let c = match self.get(id) {
+            None => return Err(format!("No TLS credentials with id '{id}'")),
+            Some(Object::Creds(c)) => c,
+            Some(_) => return Err(format!("Object with id '{id}' is not TLS credentials")),
+        };
+        if c.endpoint() != want {
+            return Err(format!(
+                "Expected TLS credentials for a {} endpoint",
+                want.name()
+            ));
+        }
+        Ok(c.clone())
+    }
+
+    /// `--tls-authz=ID`; None when no authz object has that id (refused per client, as qemu).
+    pub fn authz(&self, id: &str) -> Option<Arc<dyn Authz>> {
+        match self.get(id) {
+            Some(Object::Authz(a)) => Some(a.clone()),
+            _ => None,
+        }
+    }
+}
+
+fn creds_common(p: &mut Props) -> Result<(PathBuf, Endpoint, bool, Versions), String> {
+    let endpoint = p
+        .choice("endpoint", Endpoint::parse)?
+        .unwrap_or(Endpoint::Client);
+    let verify_peer = p.bool("verify-peer")?.unwrap_or(true);
+    let priority = p.str("priority")?;
+    let dir = p.str("dir")?.ok_or("Missing 'dir' property value")?;
+    let versions = Versions::from_priority(priority.as_deref()).map_err(|e| e.to_string())?;
+    Ok((dir.into(), endpoint, verify_peer, versions))
+}
+
+fn psk(p: &mut Props) -> Result<Creds, String> {
+    let (dir, endpoint, _verify_peer, versions) = creds_common(p)?;
+    let username = p.str("username")?;
+    p.finish()?;
+    let o = PskOptions {
+        dir,
+        endpoint,
+        username,
+        versions,
+    };
+    PskCreds::load(&o)
+        .map(Creds::Psk)
+        .map_err(|e| e.to_string())
+}
+
+fn errno_text(e: &std::io::Error) -> String {
+    match e.raw_os_error() {
+        Some(c) => nix::errno::Errno::from_raw(c).desc().to_string(),
+        None => e.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn err(arg: &str) -> String {
+        match Objects::create(&[arg.to_string()]) {
+            Ok(_) => panic!("{arg} was accepted"),
+            Err(e) => e,
+        }
+    }
+
+    #[test]
+    fn keyval_nests_dotted_keys_into_arrays() {
+        let m = parse_keyval("authz-list,id=a,rules.0.match=CN=x,,y,rules.0.policy=allow").unwrap();
+        assert_eq!(m["qom-type"], "authz-list");
+        assert_eq!(m["rules"][0]["match"], "CN=x,y");
+        assert_eq!(m["rules"][0]["policy"], "allow");
+    }
+
+    #[test]
+    fn errors_are_qemus() {
+        assert_eq!(
+            err("foo,id=x"),
+            "Parameter 'qom-type' does not accept value 'foo'"
+        );
+        assert_eq!(err("authz-simple,identity=x"), "Parameter 'id' is missing");
+        assert_eq!(err("authz-simple,id=a"), "Parameter 'identity' is missing");
+        assert_eq!(
+            err("authz-simple,id=a,identity=x,junk"),
+            "Expected '=' after parameter 'junk'"
+        );
+        assert_eq!(
+            err("authz-simple,id=a,identity=x,bogus=1"),
+            "Parameter 'bogus' is unexpected"
+        );
+        assert_eq!(
+            err("secret,id=s"),
+            "Either 'file' or 'data' must be provided"
+        );
+        assert_eq!(
+            err("secret,id=s,data=x,file=y"),
+            "'file' and 'data' are mutually exclusive"
+        );
+        assert_eq!(
+            err("secret,id=s,data=x,format=hex"),
+            "Parameter 'format' does not accept value 'hex'"
+        );
+        assert_eq!(
+            err("tls-creds-x509,id=t,endpoint=server"),
+            "Missing 'dir' property value"
+        );
+        assert_eq!(
+            err("tls-creds-x509,id=t,endpoint=sideways,dir=x"),
+            "Parameter 'endpoint' does not accept value 'sideways'"
+        );
+        assert_eq!(
+            err("tls-creds-x509,id=t,dir=x,verify-peer=maybe"),
+            "Parameter 'verify-peer' expects 'on' or 'off'"
+        );
+        assert_eq!(
+            err(r#"{"qom-type":"tls-creds-x509","id":"t","dir":"d","verify-peer":"on"}"#),
+            "Invalid parameter type for 'verify-peer', expected: boolean"
+        );
+        assert_eq!(
+            err(r#"{"qom-type":"authz-list","id":"a","rules":[{"policy":"allow"}]}"#),
+            "Parameter 'rules[0].match' is missing"
+        );
+        assert_eq!(
+            err("authz-list,id=a,rules=x"),
+            "Invalid parameter type for 'rules', expected: array"
+        );
+        assert!(err(r#"{"qom-type":"secret""#).starts_with("JSON parse error"));
+    }
+
+    #[test]
+    fn secrets_decode_and_decrypt() {
+        let key = [7u8; 32];
+        let iv = [9u8; 16];
+        let ct = openssl::symm::encrypt(
+            openssl::symm::Cipher::aes_256_cbc(),
+            &key,
+            Some(&iv),
+            b"hunter2",
+        )
+        .unwrap();
+        let e = base64::engine::general_purpose::STANDARD;
+        let args = vec![
+            format!("secret,id=k,data={},format=base64", e.encode(key)),
+            format!(
+                "secret,id=s,data={},keyid=k,iv={}",
+                e.encode(&ct),
+                e.encode(iv)
+            ),
+            "secret,id=b,data=aGVsbG8=,format=base64".to_string(),
+        ];
+        let o = Objects::create(&args).unwrap();
+        assert_eq!(o.secret_bytes("s").unwrap(), b"hunter2");
+        assert_eq!(o.secret_bytes("b").unwrap(), b"hello");
+        let dup = vec![args[2].clone(), args[2].replace("id=b", "id=b")];
+        assert_eq!(
+            Objects::create(&dup).err().unwrap(),
+            "attempt to add duplicate property 'b' to object (type 'container')"
+        );
+    }
+}
