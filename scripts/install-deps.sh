@@ -5,8 +5,9 @@ set -euo pipefail
 export DEBIAN_FRONTEND=noninteractive
 apt-get update -qq
 apt-get install -y -qq --no-remove \
-    qemu-utils libnbd-bin nbdkit python3-libnbd fio gnutls-bin openssl bc >/dev/null
-for t in qemu-img qemu-io qemu-nbd nbdinfo nbdcopy nbdkit fio; do
+    qemu-utils libnbd-bin nbdkit python3-libnbd fio gnutls-bin openssl bc \
+    libssl-dev pkg-config >/dev/null
+for t in qemu-img qemu-io qemu-nbd nbdinfo nbdcopy nbdkit fio certtool psktool; do
     command -v "$t" >/dev/null || { echo "install-deps: $t is still missing" >&2; exit 1; }
 done
 /usr/bin/python3 -c 'import nbd' || { echo "install-deps: python3-libnbd does not load" >&2; exit 1; }

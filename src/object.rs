@@ -242,8 +242,13 @@ impl Objects {
 
     fn add(&mut self, arg: &str) -> Result<(), String> {
         let (map, syntax) = if arg.trim_start().starts_with('{') {
-            let v: Value =
-                serde_json::from_str(arg).map_err(|e| format!("JSON parse error, {e}"))?;
+            let v: Value = serde_json::from_str(arg).map_err(|e| {
+                if e.is_eof() {
+                    "JSON parse error, premature EOI".to_string()
+                } else {
+                    format!("JSON parse error, {e}")
+                }
+            })?;
             match v {
                 Value::Object(m) => (m, Syntax::Json),
                 _ => return Err("Invalid parameter type, expected: object".into()),
@@ -534,7 +539,7 @@ mod tests {
         let o = Objects::create(&args).unwrap();
         assert_eq!(o.secret_bytes("s").unwrap(), b"hunter2");
         assert_eq!(o.secret_bytes("b").unwrap(), b"hello");
-        let dup = vec![args[2].clone(), args[2].replace("id=b", "id=b")];
+        let dup = vec![args[2].clone(), args[2].clone()];
         assert_eq!(
             Objects::create(&dup).err().unwrap(),
             "attempt to add duplicate property 'b' to object (type 'container')"

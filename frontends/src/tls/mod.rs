@@ -147,7 +147,7 @@ pub fn accept(
         Creds::Psk(p) => p.engine(Endpoint::Server)?,
     };
     let early = engine::handshake(engine.as_mut(), stream, deadline)
-        .map_err(|e| TlsError::Handshake(format!("TLS handshake failed: {e}")))?;
+        .map_err(|e| TlsError::Handshake(e.to_string()))?;
     let identity = engine.peer_identity();
     if let Some((id, authz)) = &tls.authz {
         let Some(authz) = authz else {

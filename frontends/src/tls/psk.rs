@@ -55,7 +55,7 @@ fn parse_keys(text: &str, file: &str) -> Result<HashMap<String, Vec<u8>>, TlsErr
 }
 
 fn decode_hex(s: &str) -> Option<Vec<u8>> {
-    if s.len() % 2 != 0 {
+    if !s.len().is_multiple_of(2) {
         return None;
     }
     (0..s.len())

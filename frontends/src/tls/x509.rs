@@ -238,7 +238,7 @@ impl X509Creds {
             X509Creds::Server(c) => {
                 let conn = rustls::ServerConnection::new(c.clone())
                     .map_err(|e| TlsError::Handshake(e.to_string()))?;
-                Ok(Box::new(RustlsEngine::new(conn.into())))
+                Ok(Box::new(RustlsEngine::new(conn.into(), None)))
             }
             X509Creds::Client { .. } => Err(TlsError::WrongEndpoint(Endpoint::Server)),
         }
@@ -262,7 +262,10 @@ impl X509Creds {
                 };
                 let conn = rustls::ClientConnection::new(config.clone(), name)
                     .map_err(|e| TlsError::Handshake(e.to_string()))?;
-                Ok(Box::new(RustlsEngine::new(conn.into())))
+                Ok(Box::new(RustlsEngine::new(
+                    conn.into(),
+                    hostname.map(String::from),
+                )))
             }
             X509Creds::Server(_) => Err(TlsError::WrongEndpoint(Endpoint::Client)),
         }
@@ -362,18 +365,43 @@ impl ServerCertVerifier for NoVerify {
 
 struct RustlsEngine {
     conn: Connection,
+    /// The name the server certificate was checked against (client side), for messages.
+    hostname: Option<String>,
 }
 
 impl RustlsEngine {
-    fn new(mut conn: Connection) -> Self {
+    fn new(mut conn: Connection, hostname: Option<String>) -> Self {
         // The pump hands over at most one socket read's worth at a time.
         conn.set_buffer_limit(None);
-        RustlsEngine { conn }
+        RustlsEngine { conn, hostname }
     }
-}
 
-fn tls_err(e: rustls::Error) -> io::Error {
-    io::Error::new(io::ErrorKind::InvalidData, e.to_string())
+    /// GnuTLS' (qemu's) wording for the verification failures users meet.
+    fn error(&self, e: rustls::Error) -> io::Error {
+        use rustls::CertificateError as C;
+        let msg = match &e {
+            rustls::Error::NoCertificatesPresented => {
+                "Verify failed: No certificate was found.".into()
+            }
+            rustls::Error::InvalidCertificate(c) => match c {
+                C::UnknownIssuer | C::BadSignature => {
+                    "The certificate hasn't got a known issuer".into()
+                }
+                C::Revoked => "The certificate has been revoked".into(),
+                C::Expired | C::ExpiredContext { .. } => "The certificate has expired".into(),
+                C::NotValidYet | C::NotValidYetContext { .. } => {
+                    "The certificate is not yet activated".into()
+                }
+                C::NotValidForName | C::NotValidForNameContext { .. } => format!(
+                    "Certificate does not match the hostname {}",
+                    self.hostname.as_deref().unwrap_or("")
+                ),
+                _ => format!("The certificate is not trusted: {e}"),
+            },
+            _ => e.to_string(),
+        };
+        io::Error::new(io::ErrorKind::InvalidData, msg)
+    }
 }
 
 impl Engine for RustlsEngine {
@@ -385,7 +413,7 @@ impl Engine for RustlsEngine {
         let mut closed = false;
         while !ciphertext.is_empty() {
             self.conn.read_tls(&mut ciphertext)?;
-            let state = self.conn.process_new_packets().map_err(tls_err)?;
+            let state = self.conn.process_new_packets().map_err(|e| self.error(e))?;
             let n = state.plaintext_bytes_to_read();
             if n > 0 {
                 let start = plain.len();

@@ -115,7 +115,16 @@ impl Client {
 
     fn read_reply(&mut self, opt: u32) -> Result<OptReply, ClientError> {
         let mut h = [0u8; 20];
-        self.stream.read_exact(&mut h)?;
+        if let Err(e) = self.stream.read_exact(&mut h) {
+            if e.kind() != io::ErrorKind::UnexpectedEof {
+                return Err(e.into());
+            }
+            return Err(protocol(if self.stream.is_tls() {
+                "Failed to read option reply: Cannot read from TLS channel: The TLS connection was non-properly terminated."
+            } else {
+                "Failed to read option reply: Unexpected end-of-file before all data were read"
+            }));
+        }
         let mut r = Reader::new(&h);
         let magic = r.u64().unwrap_or(0);
         let got_opt = r.u32().unwrap_or(0);

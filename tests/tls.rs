@@ -1,0 +1,813 @@
+//! TLS: x509 and PSK servers against qemu's and libnbd's clients, `--tls-authz`, `-L` over
+//! TLS against qemu-nbd, the plaintext refusals, and the errors for bad `--object`s. All
+//! certificates are made here with certtool, PSK keys with psktool.
+
+mod common;
+use common::*;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+const CLIENT_DN: &str = "C=GB,ST=London,L=London,O=Example,CN=laptop.example.com";
+
+fn certtool(dir: &Path, args: &[&str]) {
+    let out = run(Command::new("certtool").current_dir(dir).args(args));
+    assert!(
+        out.status.success(),
+        "certtool {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+fn template(dir: &Path, name: &str, text: &str) -> String {
+    std::fs::write(dir.join(name), text).expect("template");
+    name.to_string()
+}
+
+/// A CA; returns its directory (ca-cert.pem, ca-key.pem).
+fn make_ca(root: &Path, name: &str) -> PathBuf {
+    let d = root.join(name);
+    std::fs::create_dir_all(&d).expect("mkdir");
+    certtool(&d, &["--generate-privkey", "--outfile", "ca-key.pem"]);
+    let t = template(
+        &d,
+        "ca.info",
+        &format!("cn = {name}\nca\ncert_signing_key\n"),
+    );
+    certtool(
+        &d,
+        &[
+            "--generate-self-signed",
+            "--load-privkey",
+            "ca-key.pem",
+            "--template",
+            &t,
+            "--outfile",
+            "ca-cert.pem",
+        ],
+    );
+    d
+}
+
+/// A certificate signed by `ca`, written as `{role}-cert.pem`/`{role}-key.pem` into a new
+/// directory `out` beside the CA's certificate, the layout qemu's `dir=` expects.
+fn make_cert(root: &Path, ca: &Path, out: &str, role: &str, info: &str) -> PathBuf {
+    let d = root.join(out);
+    std::fs::create_dir_all(&d).expect("mkdir");
+    std::fs::copy(ca.join("ca-cert.pem"), d.join("ca-cert.pem")).expect("copy ca");
+    let key = format!("{role}-key.pem");
+    let cert = format!("{role}-cert.pem");
+    certtool(&d, &["--generate-privkey", "--outfile", &key]);
+    let t = template(&d, "info", info);
+    let ca_key = ca.join("ca-key.pem").display().to_string();
+    let ca_cert = ca.join("ca-cert.pem").display().to_string();
+    certtool(
+        &d,
+        &[
+            "--generate-certificate",
+            "--load-ca-privkey",
+            &ca_key,
+            "--load-ca-certificate",
+            &ca_cert,
+            "--load-privkey",
+            &key,
+            "--template",
+            &t,
+            "--outfile",
+            &cert,
+        ],
+    );
+    d
+}
+
+struct Pki {
+    _tmp: tempfile::TempDir,
+    root: PathBuf,
+    server: PathBuf,
+    client: PathBuf,
+    /// A client certificate from another CA.
+    foreign: PathBuf,
+    /// The right CA, a different DN.
+    intruder: PathBuf,
+    /// The CA only: no client certificate.
+    anonymous: PathBuf,
+}
+
+fn pki() -> Pki {
+    let tmp = tmpdir();
+    let root = tmp.path().to_path_buf();
+    let ca = make_ca(&root, "ca");
+    let other = make_ca(&root, "other-ca");
+    let server = make_cert(
+        &root,
+        &ca,
+        "server",
+        "server",
+        "organization = Example\ncn = localhost\ndns_name = localhost\nip_address = 127.0.0.1\ntls_www_server\nencryption_key\nsigning_key\n",
+    );
+    let client_info = "country = GB\nstate = London\nlocality = London\norganization = Example\ncn = laptop.example.com\ntls_www_client\nencryption_key\nsigning_key\n";
+    let client = make_cert(&root, &ca, "client", "client", client_info);
+    let foreign = make_cert(&root, &other, "foreign", "client", client_info);
+    let intruder = make_cert(
+        &root,
+        &ca,
+        "intruder",
+        "client",
+        "organization = Elsewhere\ncn = intruder.example.com\ntls_www_client\nencryption_key\nsigning_key\n",
+    );
+    let anonymous = root.join("anonymous");
+    std::fs::create_dir_all(&anonymous).expect("mkdir");
+    std::fs::copy(ca.join("ca-cert.pem"), anonymous.join("ca-cert.pem")).expect("copy");
+    Pki {
+        _tmp: tmp,
+        root,
+        server,
+        client,
+        foreign,
+        intruder,
+        anonymous,
+    }
+}
+
+fn have_all() -> bool {
+    have("certtool") && have("qemu-img") && have("qemu-io") && have("qemu-nbd") && have("nbdinfo")
+}
+
+/// A server on 127.0.0.1 whose stderr is kept for the test to read.
+struct Tls {
+    child: Child,
+    port: u16,
+    log: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl Tls {
+    fn start(bin: &str, args: &[String]) -> Tls {
+        let dir = tmpdir();
+        let pid = dir.path().join("pid");
+        let log = dir.path().join("stderr");
+        let port = free_port();
+        let child = Command::new(bin)
+            .args(["-b", "127.0.0.1", "-p", &port.to_string(), "-t"])
+            .arg(format!("--pid-file={}", pid.display()))
+            .args(args)
+            .stdin(Stdio::null())
+            .stderr(std::fs::File::create(&log).expect("log"))
+            .spawn()
+            .expect("spawn server");
+        let mut t = Tls {
+            child,
+            port,
+            log,
+            _dir: dir,
+        };
+        let start = Instant::now();
+        while !std::fs::read_to_string(&pid).is_ok_and(|s| s.ends_with('\n')) {
+            if let Ok(Some(st)) = t.child.try_wait() {
+                panic!("{bin} exited: {st}: {}", t.stderr());
+            }
+            assert!(
+                start.elapsed() < Duration::from_secs(20),
+                "server not ready"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        t
+    }
+
+    fn stderr(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// stderr once it has `lines` lines (the server may log just after the client gave up).
+    fn stderr_after(&self, lines: usize) -> String {
+        let start = Instant::now();
+        loop {
+            let s = self.stderr();
+            if s.lines().count() >= lines || start.elapsed() > Duration::from_secs(5) {
+                return s;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// qemu's `--image-opts` for this server with client credentials `creds` (an id).
+    fn opts(&self, creds: &str) -> String {
+        format!(
+            "driver=nbd,host=127.0.0.1,port={},tls-creds={creds}",
+            self.port
+        )
+    }
+}
+
+impl Drop for Tls {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn x509_server(dir: &Path, extra: &str) -> String {
+    format!(
+        "tls-creds-x509,id=tls0,endpoint=server,dir={},verify-peer=on{extra}",
+        dir.display()
+    )
+}
+
+fn x509_client(dir: &Path) -> String {
+    format!(
+        "tls-creds-x509,id=tls0,endpoint=client,dir={}",
+        dir.display()
+    )
+}
+
+fn patterned_image(dir: &Path) -> PathBuf {
+    let data: Vec<u8> = (0..65536u32).map(|i| (i * 7 + 3) as u8).collect();
+    make_raw(
+        dir,
+        "disk.img",
+        4 << 20,
+        &[(0, &data), (3 << 20, &[0xab; 4096])],
+    )
+}
+
+/// `qemu-img info` through TLS with the given client creds; (success, stderr).
+fn qemu_img_info(server: &Tls, creds_object: &str) -> (bool, String) {
+    let out = run(Command::new("qemu-img").args([
+        "info",
+        "--object",
+        creds_object,
+        "--image-opts",
+        &server.opts("tls0"),
+    ]));
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+fn s(v: &[&str]) -> Vec<String> {
+    v.iter().map(|x| x.to_string()).collect()
+}
+
+#[test]
+fn x509_server_serves_qemu_and_libnbd_clients() {
+    if !have_all() || !have_nbdsh() {
+        return;
+    }
+    let p = pki();
+    let img = patterned_image(&p.root);
+    let srv = Tls::start(
+        QNBD,
+        &s(&[
+            "--object",
+            &x509_server(&p.server, ""),
+            "--tls-creds",
+            "tls0",
+            "-f",
+            "raw",
+            img.to_str().unwrap(),
+        ]),
+    );
+    // qemu-img: the export equals the file.
+    let cmp = ok(Command::new("qemu-img").args([
+        "compare",
+        "--object",
+        &x509_client(&p.client),
+        "--image-opts",
+        &srv.opts("tls0"),
+        &format!("driver=raw,file.filename={}", img.display()),
+    ]));
+    assert!(cmp.contains("identical"), "{cmp}");
+    // qemu-io: write, then read the same bytes back.
+    let io = ok(Command::new("qemu-io").args([
+        "--object",
+        &x509_client(&p.client),
+        "--image-opts",
+        &srv.opts("tls0"),
+        "-c",
+        "write -P 0x5a 1M 64k",
+        "-c",
+        "read -P 0x5a 1M 64k",
+    ]));
+    assert!(
+        !io.contains("fail") && !io.contains("Pattern verification failed"),
+        "{io}"
+    );
+    let bytes = std::fs::read(&img).expect("read image");
+    assert!(bytes[1 << 20..(1 << 20) + 65536].iter().all(|&b| b == 0x5a));
+    // nbdinfo (libnbd, GnuTLS) with the same certificate directory.
+    let uri = format!(
+        "nbds://localhost:{}/?tls-certificates={}",
+        srv.port,
+        p.client.display()
+    );
+    let info = ok(Command::new("nbdinfo").arg(&uri));
+    assert!(info.contains("with TLS"), "{info}");
+    assert!(info.contains("export-size: 4194304"), "{info}");
+    // nbdsh: TLS negotiated, and the bytes read equal the file's.
+    let script = format!(
+        "import nbd\nh = nbd.NBD()\nh.set_tls(nbd.TLS_REQUIRE)\nh.set_tls_certificates('{}')\nh.connect_uri('nbds://localhost:{}/')\nassert h.get_tls_negotiated()\nprint(h.pread(65536, 0).hex())\n",
+        p.client.display(),
+        srv.port
+    );
+    let got = ok(Command::new(PYTHON).args(["-c", &script]));
+    let want: String = bytes[..65536].iter().map(|b| format!("{b:02x}")).collect();
+    assert_eq!(got.trim(), want);
+}
+
+#[test]
+fn verify_peer_refuses_missing_and_foreign_certificates() {
+    if !have_all() {
+        return;
+    }
+    let p = pki();
+    let img = patterned_image(&p.root);
+    let srv = Tls::start(
+        QNBD,
+        &s(&[
+            "--object",
+            &x509_server(&p.server, ""),
+            "--tls-creds",
+            "tls0",
+            "-f",
+            "raw",
+            "-r",
+            img.to_str().unwrap(),
+        ]),
+    );
+    let (good, err) = qemu_img_info(&srv, &x509_client(&p.client));
+    assert!(good, "{err}");
+    let (no_cert, err) = qemu_img_info(&srv, &x509_client(&p.anonymous));
+    assert!(!no_cert, "a client without a certificate got in");
+    assert!(err.contains("TLS"), "{err}");
+    let (foreign, _) = qemu_img_info(&srv, &x509_client(&p.foreign));
+    assert!(!foreign, "a certificate from another CA got in");
+    let log = srv.stderr_after(2);
+    assert!(
+        log.contains("option negotiation failed: Verify failed: No certificate was found."),
+        "{log}"
+    );
+    // GnuTLS sends a client certificate only when its issuer is one the server named, so the
+    // foreign one never leaves the client: the server sees no certificate again (as qemu-nbd).
+    assert_eq!(log.matches("No certificate was found").count(), 2, "{log}");
+
+    // verify-peer=off: no client certificate needed.
+    let open = Tls::start(
+        QNBD,
+        &s(&[
+            "--object",
+            &format!(
+                "tls-creds-x509,id=tls0,endpoint=server,dir={},verify-peer=off",
+                p.server.display()
+            ),
+            "--tls-creds",
+            "tls0",
+            "-r",
+            "-f",
+            "raw",
+            img.to_str().unwrap(),
+        ]),
+    );
+    let (anon, err) = qemu_img_info(&open, &x509_client(&p.anonymous));
+    assert!(anon, "{err}");
+}
+
+#[test]
+fn tls_authz_allows_one_dn_and_refuses_another() {
+    if !have_all() {
+        return;
+    }
+    let p = pki();
+    let img = patterned_image(&p.root);
+    // The man page's form: commas inside the identity doubled.
+    let simple = format!(
+        "authz-simple,id=auth0,identity={}",
+        CLIENT_DN.replace(',', ",,")
+    );
+    let list = r#"{"qom-type":"authz-list","id":"auth0","policy":"deny","rules":[{"match":"*CN=laptop.example.com","policy":"allow","format":"glob"}]}"#.to_string();
+    let acl = p.root.join("acl.json");
+    std::fs::write(
+        &acl,
+        format!(r#"{{"policy":"deny","rules":[{{"match":"{CLIENT_DN}","policy":"allow","format":"exact"}}]}}"#),
+    )
+    .expect("acl");
+    let listfile = format!(
+        "authz-listfile,id=auth0,filename={},refresh=on",
+        acl.display()
+    );
+    for authz in [simple, list, listfile] {
+        let srv = Tls::start(
+            QNBD,
+            &s(&[
+                "--object",
+                &x509_server(&p.server, ""),
+                "--object",
+                &authz,
+                "--tls-creds",
+                "tls0",
+                "--tls-authz",
+                "auth0",
+                "-r",
+                "-f",
+                "raw",
+                img.to_str().unwrap(),
+            ]),
+        );
+        let (allowed, err) = qemu_img_info(&srv, &x509_client(&p.client));
+        assert!(allowed, "{authz}: {err}");
+        let (refused, err) = qemu_img_info(&srv, &x509_client(&p.intruder));
+        assert!(!refused, "{authz}: the intruder got in");
+        assert!(err.contains("TLS"), "{err}");
+        let log = srv.stderr_after(1);
+        assert!(
+            log.contains("TLS x509 authz check for O=Elsewhere,CN=intruder.example.com is denied"),
+            "{authz}: {log}"
+        );
+    }
+    // qemu-nbd computes the same DN: its authz-simple admits our client with this string.
+    let srv = Tls::start(
+        "qemu-nbd",
+        &s(&[
+            "--object",
+            &x509_server(&p.server, ""),
+            "--object",
+            &format!(
+                "authz-simple,id=auth0,identity={}",
+                CLIENT_DN.replace(',', ",,")
+            ),
+            "--tls-creds",
+            "tls0",
+            "--tls-authz",
+            "auth0",
+            "-r",
+            "-f",
+            "raw",
+            img.to_str().unwrap(),
+        ]),
+    );
+    let (allowed, err) = qemu_img_info(&srv, &x509_client(&p.client));
+    assert!(allowed, "qemu-nbd refused the DN qnbd uses: {err}");
+}
+
+fn psk_dir(root: &Path, name: &str, user: &str) -> PathBuf {
+    let d = root.join(name);
+    std::fs::create_dir_all(&d).expect("mkdir");
+    ok(Command::new("psktool")
+        .args(["-u", user, "-p"])
+        .arg(d.join("keys.psk")));
+    d
+}
+
+#[test]
+fn psk_server_serves_qemu_client_and_refuses_a_wrong_key() {
+    if !have_all() || !have("psktool") {
+        return;
+    }
+    let tmp = tmpdir();
+    let root = tmp.path();
+    let img = patterned_image(root);
+    let keys = psk_dir(root, "psk", "alice");
+    let wrong = psk_dir(root, "wrong", "alice");
+    let srv = Tls::start(
+        QNBD,
+        &s(&[
+            "--object",
+            &format!(
+                "tls-creds-psk,id=tls0,endpoint=server,dir={}",
+                keys.display()
+            ),
+            "--tls-creds",
+            "tls0",
+            "-f",
+            "raw",
+            img.to_str().unwrap(),
+        ]),
+    );
+    let client = |dir: &Path| {
+        format!(
+            "tls-creds-psk,id=tls0,endpoint=client,dir={},username=alice",
+            dir.display()
+        )
+    };
+    let cmp = ok(Command::new("qemu-img").args([
+        "compare",
+        "--object",
+        &client(&keys),
+        "--image-opts",
+        &srv.opts("tls0"),
+        &format!("driver=raw,file.filename={}", img.display()),
+    ]));
+    assert!(cmp.contains("identical"), "{cmp}");
+    ok(Command::new("qemu-io").args([
+        "--object",
+        &client(&keys),
+        "--image-opts",
+        &srv.opts("tls0"),
+        "-c",
+        "write -P 0x33 2M 4k",
+    ]));
+    let bytes = std::fs::read(&img).expect("read");
+    assert!(bytes[2 << 20..(2 << 20) + 4096].iter().all(|&b| b == 0x33));
+    let (ok_wrong, err) = qemu_img_info(&srv, &client(&wrong));
+    assert!(!ok_wrong, "a wrong key got in");
+    assert!(err.contains("TLS"), "{err}");
+
+    // libnbd's PSK support too.
+    let uri = format!(
+        "nbds://alice@127.0.0.1:{}/?tls-psk-file={}",
+        srv.port,
+        keys.join("keys.psk").display()
+    );
+    let info = ok(Command::new("nbdinfo").arg(&uri));
+    assert!(info.contains("with TLS"), "{info}");
+}
+
+#[test]
+fn list_over_tls_prints_what_qemu_nbd_prints() {
+    if !have_all() || !have("psktool") {
+        return;
+    }
+    let p = pki();
+    let img = patterned_image(&p.root);
+    let keys = psk_dir(&p.root, "psk", "alice");
+    // x509 servers (qemu-nbd's and ours), listed by both.
+    for bin in ["qemu-nbd", QNBD] {
+        let srv = Tls::start(
+            bin,
+            &s(&[
+                "--object",
+                &x509_server(&p.server, ""),
+                "--tls-creds",
+                "tls0",
+                "-x",
+                "exp",
+                "-D",
+                "a disk",
+                "-r",
+                "-f",
+                "raw",
+                img.to_str().unwrap(),
+            ]),
+        );
+        let list = |lister: &str, extra: &[&str]| {
+            let out = run(Command::new(lister)
+                .args(["-L", "-b", "127.0.0.1", "-p", &srv.port.to_string()])
+                .args(["--object", &x509_client(&p.client), "--tls-creds", "tls0"])
+                .args(extra));
+            (
+                out.status.code(),
+                String::from_utf8_lossy(&out.stdout).into_owned(),
+                String::from_utf8_lossy(&out.stderr).replace("qemu-nbd:", "qnbd:"),
+            )
+        };
+        let theirs = list("qemu-nbd", &[]);
+        let ours = list(QNBD, &[]);
+        assert_eq!(theirs.0, Some(0), "{bin}: {}", theirs.2);
+        assert!(theirs.1.contains("export: 'exp'"), "{}", theirs.1);
+        assert_eq!(ours, theirs, "{bin}: qnbd -L differs from qemu-nbd -L");
+        // A name the certificate does not carry.
+        let theirs = list("qemu-nbd", &["--tls-hostname", "wrong.example"]);
+        let ours = list(QNBD, &["--tls-hostname", "wrong.example"]);
+        assert_eq!(ours, theirs);
+        assert!(ours
+            .2
+            .contains("Certificate does not match the hostname wrong.example"));
+    }
+    // The man page's PSK example: a qemu-nbd PSK server on a Unix socket, listed by qnbd.
+    let dir = tmpdir();
+    let sock = dir.path().join("psk.sock");
+    let pid = dir.path().join("pid");
+    let mut qemu = Command::new("qemu-nbd")
+        .args(["-t", "-k"])
+        .arg(&sock)
+        .arg(format!("--pid-file={}", pid.display()))
+        .args([
+            "--object",
+            &format!(
+                "tls-creds-psk,id=tls0,endpoint=server,dir={}",
+                keys.display()
+            ),
+            "--tls-creds",
+            "tls0",
+            "-x",
+            "psk-export",
+            "-r",
+            "-f",
+            "raw",
+        ])
+        .arg(&img)
+        .stdin(Stdio::null())
+        .spawn()
+        .expect("qemu-nbd");
+    let start = Instant::now();
+    while !std::fs::read_to_string(&pid).is_ok_and(|s| s.ends_with('\n')) {
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "qemu-nbd not ready"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let list = |lister: &str, user: &str| {
+        let out = run(Command::new(lister).arg("-L").arg("-k").arg(&sock).args([
+            "--object",
+            &format!(
+                "tls-creds-psk,id=tls0,endpoint=client,dir={},username={user}",
+                keys.display()
+            ),
+            "--tls-creds",
+            "tls0",
+        ]));
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).replace("qemu-nbd:", "qnbd:"),
+        )
+    };
+    let theirs = list("qemu-nbd", "alice");
+    assert!(theirs.1.contains("psk-export"), "{theirs:?}");
+    assert_eq!(list(QNBD, "alice"), theirs);
+    // A user the key file does not have: refused before connecting, as qemu-nbd does.
+    assert_eq!(list(QNBD, "bob"), list("qemu-nbd", "bob"));
+    let _ = qemu.kill();
+    let _ = qemu.wait();
+}
+
+#[test]
+fn plaintext_clients_get_tls_required_and_no_data() {
+    if !have_all() || !have_nbdsh() {
+        return;
+    }
+    let p = pki();
+    let img = patterned_image(&p.root);
+    let srv = Tls::start(
+        QNBD,
+        &s(&[
+            "--object",
+            &x509_server(&p.server, ""),
+            "--tls-creds",
+            "tls0",
+            "-f",
+            "raw",
+            img.to_str().unwrap(),
+        ]),
+    );
+    // libnbd in option mode: every option but STARTTLS is refused with TLS_REQD.
+    let script = format!(
+        r#"
+import nbd
+h = nbd.NBD()
+h.set_opt_mode(True)
+h.set_tls(nbd.TLS_DISABLE)
+h.connect_tcp('127.0.0.1', '{port}')
+for name, call in [('list', lambda: h.opt_list(lambda n, d: 0)),
+                   ('info', lambda: h.opt_info()),
+                   ('go', lambda: h.opt_go())]:
+    try:
+        r = call()
+        raise AssertionError(name + ' succeeded before TLS')
+    except nbd.Error as e:
+        assert 'TLS' in str(e) or 'not permitted' in str(e) or e.errno is not None, str(e)
+print('refused')
+"#,
+        port = srv.port
+    );
+    let out = ok(Command::new(PYTHON).args(["-c", &script]));
+    assert_eq!(out.trim(), "refused");
+
+    // Raw protocol: the exact error text, and EXPORT_NAME ends the connection with no data.
+    let script = format!(
+        r#"
+import socket, struct
+def conn():
+    s = socket.create_connection(('127.0.0.1', {port}))
+    g = s.recv(18, socket.MSG_WAITALL)
+    assert g[:8] == b'NBDMAGIC', g
+    s.sendall(struct.pack('>I', 1))
+    return s
+def opt(s, o, data=b''):
+    s.sendall(struct.pack('>QII', 0x49484156454F5054, o, len(data)) + data)
+s = conn()
+opt(s, 3)
+h = s.recv(20, socket.MSG_WAITALL)
+magic, o, rep, ln = struct.unpack('>QIII', h)
+text = s.recv(ln, socket.MSG_WAITALL)
+print(hex(rep), text.decode())
+opt(s, 1, b'')
+rest = b''
+while True:
+    b = s.recv(4096)
+    if not b:
+        break
+    rest += b
+print('after EXPORT_NAME:', len(rest))
+"#,
+        port = srv.port
+    );
+    let out = ok(Command::new(PYTHON).args(["-c", &script]));
+    assert!(
+        out.contains("0x80000005 Option 0x3 not permitted before TLS"),
+        "{out}"
+    );
+    assert!(out.contains("after EXPORT_NAME: 0"), "{out}");
+}
+
+#[test]
+fn bad_objects_and_credentials_fail_like_qemu_nbd() {
+    if !have("qemu-nbd") || !have("certtool") {
+        return;
+    }
+    let tmp = tmpdir();
+    let d = tmp.path();
+    let img = make_raw(d, "d.img", 1 << 20, &[]);
+    let locked = d.join("locked");
+    std::fs::create_dir_all(&locked).expect("mkdir");
+    let cases: Vec<Vec<String>> = vec![
+        s(&["--object", "foo,id=x"]),
+        s(&[
+            "--object",
+            "tls-creds-x509,endpoint=server,dir=/nonexistent",
+        ]),
+        s(&["--object", "tls-creds-x509,id=t,endpoint=sideways,dir=x"]),
+        s(&[
+            "--object",
+            "tls-creds-x509,id=t,endpoint=server,dir=x,verify-peer=maybe",
+        ]),
+        s(&[
+            "--object",
+            "tls-creds-x509,id=t,endpoint=server,dir=/nonexistent",
+            "--tls-creds",
+            "t",
+        ]),
+        s(&[
+            "--object",
+            &format!(
+                "tls-creds-x509,id=t,endpoint=server,dir={}",
+                locked.display()
+            ),
+            "--tls-creds",
+            "t",
+        ]),
+        s(&[
+            "--object",
+            "tls-creds-psk,id=t,endpoint=server,dir=/nonexistent",
+            "--tls-creds",
+            "t",
+        ]),
+        s(&[
+            "--object",
+            "tls-creds-x509,id=t,endpoint=server,dir=/etc/passwd",
+            "--tls-creds",
+            "t",
+        ]),
+        s(&[
+            "--object",
+            "tls-creds-x509,id=t,endpoint=server",
+            "--tls-creds",
+            "t",
+        ]),
+        s(&["--object", "secret,id=s0", "-r"]),
+        s(&["--object", "secret,id=s0,file=/nonexistent", "-r"]),
+        s(&["--object", "secret,id=s0,data=x", "--tls-creds", "s0"]),
+        s(&["--tls-creds", "nope"]),
+        s(&["--object", "authz-simple,id=a0", "-r"]),
+        s(&["--object", "authz-simple,id=a0,identity=x,junk"]),
+        s(&[
+            "--object",
+            "authz-simple,id=a0,identity=x",
+            "--object",
+            "authz-simple,id=a0,identity=y",
+        ]),
+        s(&["--object", r#"{"qom-type":"secret""#]),
+        s(&[
+            "--object",
+            r#"{"qom-type":"tls-creds-x509","id":"t","dir":5}"#,
+        ]),
+        s(&[
+            "--object",
+            r#"{"qom-type":"authz-list","id":"a","rules":[{"policy":"allow"}]}"#,
+        ]),
+        s(&["--tls-authz", "a0"]),
+    ];
+    for args in cases {
+        let outs: Vec<(Option<i32>, String)> = ["qemu-nbd", QNBD]
+            .iter()
+            .map(|bin| {
+                let out = run(Command::new(bin)
+                    .args(&args)
+                    .args(["-f", "raw"])
+                    .arg(&img)
+                    .stdin(Stdio::null()));
+                let err = String::from_utf8_lossy(&out.stderr)
+                    .replace("qemu-nbd:", "qnbd:")
+                    .lines()
+                    .next()
+                    .unwrap_or("")
+                    .to_string();
+                (out.status.code(), err)
+            })
+            .collect();
+        assert_eq!(outs[1], outs[0], "{args:?}");
+        assert_eq!(outs[1].0, Some(1), "{args:?}");
+    }
+}
