@@ -811,3 +811,160 @@ fn bad_objects_and_credentials_fail_like_qemu_nbd() {
         assert_eq!(outs[1].0, Some(1), "{args:?}");
     }
 }
+
+#[test]
+fn encrypted_server_key_needs_its_password() {
+    if !have_all() {
+        return;
+    }
+    let p = pki();
+    let img = patterned_image(&p.root);
+    // The server's key again, encrypted, with a certificate for it.
+    let enc = p.root.join("encrypted");
+    std::fs::create_dir_all(&enc).expect("mkdir");
+    std::fs::copy(p.server.join("ca-cert.pem"), enc.join("ca-cert.pem")).expect("copy");
+    certtool(
+        &enc,
+        &[
+            "--generate-privkey",
+            "--password",
+            "s3cret",
+            "--outfile",
+            "server-key.pem",
+        ],
+    );
+    let info = template(
+        &enc,
+        "info",
+        "cn = localhost\ndns_name = localhost\nip_address = 127.0.0.1\ntls_www_server\nencryption_key\nsigning_key\n",
+    );
+    let ca = p.root.join("ca");
+    certtool(
+        &enc,
+        &[
+            "--generate-certificate",
+            "--load-ca-privkey",
+            ca.join("ca-key.pem").to_str().unwrap(),
+            "--load-ca-certificate",
+            ca.join("ca-cert.pem").to_str().unwrap(),
+            "--load-privkey",
+            "server-key.pem",
+            "--password",
+            "s3cret",
+            "--template",
+            &info,
+            "--outfile",
+            "server-cert.pem",
+        ],
+    );
+    let creds = format!(
+        "tls-creds-x509,id=tls0,endpoint=server,dir={},passwordid=sec0",
+        enc.display()
+    );
+    let srv = Tls::start(
+        QNBD,
+        &s(&[
+            "--object",
+            "secret,id=sec0,data=s3cret",
+            "--object",
+            &creds,
+            "--tls-creds",
+            "tls0",
+            "-r",
+            "-f",
+            "raw",
+            img.to_str().unwrap(),
+        ]),
+    );
+    let (good, err) = qemu_img_info(&srv, &x509_client(&p.client));
+    assert!(good, "{err}");
+    drop(srv);
+    // A wrong password, and none: the same refusal as qemu-nbd's.
+    for secret in ["secret,id=sec0,data=wrong", "secret,id=other,data=x"] {
+        let creds = if secret.contains("other") {
+            creds.replace(",passwordid=sec0", "")
+        } else {
+            creds.clone()
+        };
+        let outs: Vec<(Option<i32>, String)> = ["qemu-nbd", QNBD]
+            .iter()
+            .map(|bin| {
+                let out = run(Command::new(bin)
+                    .args([
+                        "--object",
+                        secret,
+                        "--object",
+                        &creds,
+                        "--tls-creds",
+                        "tls0",
+                    ])
+                    .args(["-r", "-f", "raw"])
+                    .arg(&img)
+                    .stdin(Stdio::null()));
+                (
+                    out.status.code(),
+                    String::from_utf8_lossy(&out.stderr).replace("qemu-nbd:", "qnbd:"),
+                )
+            })
+            .collect();
+        assert_eq!(outs[1], outs[0], "{secret}");
+        assert!(outs[1].1.contains("Decryption has failed."), "{outs:?}");
+    }
+}
+
+#[test]
+fn psk_authz_checks_the_username_in_tls_1_3_and_1_2() {
+    if !have_all() || !have("psktool") {
+        return;
+    }
+    let tmp = tmpdir();
+    let root = tmp.path();
+    let img = patterned_image(root);
+    let keys = psk_dir(root, "psk", "alice");
+    let mut f = std::fs::OpenOptions::new()
+        .append(true)
+        .open(keys.join("keys.psk"))
+        .expect("keys");
+    std::io::Write::write_all(&mut f, b"mallory:00112233445566778899aabbccddeeff\n")
+        .expect("append");
+    let srv = Tls::start(
+        QNBD,
+        &s(&[
+            "--object",
+            &format!(
+                "tls-creds-psk,id=tls0,endpoint=server,dir={}",
+                keys.display()
+            ),
+            "--object",
+            "authz-simple,id=auth0,identity=alice",
+            "--tls-creds",
+            "tls0",
+            "--tls-authz",
+            "auth0",
+            "-r",
+            "-f",
+            "raw",
+            img.to_str().unwrap(),
+        ]),
+    );
+    // qemu's own PSK priority, and one limited to TLS 1.2 ((EC)DHE-PSK).
+    for priority in ["", ",priority=NORMAL:-VERS-TLS1.3:+ECDHE-PSK:+DHE-PSK:+PSK"] {
+        let client = |user: &str| {
+            format!(
+                "tls-creds-psk,id=tls0,endpoint=client,dir={},username={user}{priority}",
+                keys.display()
+            )
+        };
+        let (alice, err) = qemu_img_info(&srv, &client("alice"));
+        assert!(alice, "{priority}: {err}");
+        let (mallory, _) = qemu_img_info(&srv, &client("mallory"));
+        assert!(!mallory, "{priority}: mallory got in");
+    }
+    let log = srv.stderr_after(2);
+    assert_eq!(
+        log.matches("TLS PSK authz check for mallory is denied")
+            .count(),
+        2,
+        "{log}"
+    );
+}

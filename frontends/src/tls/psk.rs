@@ -5,15 +5,23 @@
 use super::engine::Engine;
 use super::x509::errno_text;
 use super::{Endpoint, TlsError, Versions};
+use openssl::ex_data::Index;
 use openssl::ssl::{
     ErrorCode, Ssl, SslContext, SslContextBuilder, SslMethod, SslStream, SslVersion,
 };
 use std::collections::HashMap;
 use std::io::{self, Read, Write};
 use std::path::PathBuf;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 const KEYS_FILE: &str = "keys.psk";
+
+/// Where the server callback leaves the username the client gave: OpenSSL's own
+/// `SSL_get_psk_identity` answers only for TLS 1.2.
+fn identity_index() -> Option<Index<Ssl, String>> {
+    static INDEX: OnceLock<Option<Index<Ssl, String>>> = OnceLock::new();
+    *INDEX.get_or_init(|| Ssl::new_ex_index().ok())
+}
 /// qemu's default client username.
 pub const DEFAULT_USERNAME: &str = "qemu";
 
@@ -112,10 +120,13 @@ impl PskCreds {
                 let dh = openssl::dh::Dh::get_2048_256().map_err(ssl_err)?;
                 b.set_tmp_dh(&dh).map_err(ssl_err)?;
                 let keys = Arc::new(keys);
-                b.set_psk_server_callback(move |_ssl, identity, out| {
+                b.set_psk_server_callback(move |ssl, identity, out| {
                     let id = identity.map(String::from_utf8_lossy).unwrap_or_default();
                     match keys.get(id.as_ref()) {
                         Some(k) if k.len() <= out.len() => {
+                            if let Some(idx) = identity_index() {
+                                ssl.set_ex_data(idx, id.to_string());
+                            }
                             out[..k.len()].copy_from_slice(k);
                             Ok(k.len())
                         }
@@ -290,11 +301,14 @@ impl Engine for OpensslEngine {
         match &self.client_name {
             // As a client we authenticated the server by the key alone.
             Some(_) => None,
-            None => self
-                .s
-                .ssl()
-                .psk_identity()
-                .map(|id| String::from_utf8_lossy(id).into_owned()),
+            None => identity_index()
+                .and_then(|idx| self.s.ssl().ex_data(idx).cloned())
+                .or_else(|| {
+                    self.s
+                        .ssl()
+                        .psk_identity()
+                        .map(|id| String::from_utf8_lossy(id).into_owned())
+                }),
         }
     }
 }

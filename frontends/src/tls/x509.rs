@@ -93,24 +93,39 @@ fn certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
     }
 }
 
-fn key(path: &Path, password: Option<&[u8]>) -> Result<PrivateKeyDer<'static>, TlsError> {
-    let pem = read(path)?;
-    let bad =
-        |why: String| TlsError::Creds(format!("Unable to load key {}: {why}", path.display()));
-    if let Some(pw) = password {
-        // rustls reads only clear keys; OpenSSL decrypts the PKCS#8 / legacy PEM forms that
-        // certtool and openssl write.
-        let k = openssl::pkey::PKey::private_key_from_pem_passphrase(&pem, pw)
-            .map_err(|e| bad(format!("cannot decrypt with the given password: {e}")))?;
-        let der = k.private_key_to_pkcs8().map_err(|e| bad(e.to_string()))?;
-        return Ok(PrivateKeyDer::Pkcs8(der.into()));
+/// The private key, decrypted with `password` if given; Err is GnuTLS' reason text.
+fn key(path: &Path, password: Option<&[u8]>) -> Result<PrivateKeyDer<'static>, String> {
+    let pem = std::fs::read(path).map_err(|e| errno_text(&e))?;
+    let encrypted = pem.windows(9).any(|w| w == b"ENCRYPTED");
+    match password {
+        // rustls reads only clear keys; OpenSSL decrypts the PKCS#8 and legacy PEM forms
+        // that certtool and openssl write.
+        Some(pw) => {
+            let k = openssl::pkey::PKey::private_key_from_pem_passphrase(&pem, pw)
+                .map_err(|_| "Decryption has failed.".to_string())?;
+            let der = k.private_key_to_pkcs8().map_err(|e| e.to_string())?;
+            Ok(PrivateKeyDer::Pkcs8(der.into()))
+        }
+        None if encrypted => Err("Decryption has failed.".into()),
+        None => PrivateKeyDer::from_pem_slice(&pem).map_err(|e| e.to_string()),
     }
-    if pem.windows(9).any(|w| w == b"ENCRYPTED") {
-        return Err(bad(
-            "the key is encrypted; give its password with passwordid=".into(),
-        ));
-    }
-    PrivateKeyDer::from_pem_slice(&pem).map_err(|e| bad(e.to_string()))
+}
+
+fn cert_and_key(
+    cert: &Path,
+    key_file: &Path,
+    password: Option<&[u8]>,
+) -> Result<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>), TlsError> {
+    let fail = |why: String| {
+        TlsError::Creds(format!(
+            "Cannot load certificate '{}' & key '{}': {why}",
+            cert.display(),
+            key_file.display()
+        ))
+    };
+    let chain = certs(cert)?;
+    let key = key(key_file, password).map_err(fail)?;
+    Ok((chain, key))
 }
 
 fn roots(ca: &Path) -> Result<RootCertStore, TlsError> {
@@ -152,8 +167,7 @@ impl X509Creds {
                 let (Some(ca), Some(cert), Some(key_file)) = (ca, cert, key_file) else {
                     unreachable!("required files were checked")
                 };
-                let chain = certs(&cert)?;
-                let key = key(&key_file, o.key_password.as_deref())?;
+                let (chain, key) = cert_and_key(&cert, &key_file, o.key_password.as_deref())?;
                 let builder = ServerConfig::builder_with_provider(provider())
                     .with_protocol_versions(o.versions.rustls())
                     .map_err(|e| TlsError::Creds(e.to_string()))?;
@@ -174,7 +188,7 @@ impl X509Creds {
                 };
                 let config = builder.with_single_cert(chain, key).map_err(|e| {
                     TlsError::Creds(format!(
-                        "Cannot load certificate {} & key {}: {e}",
+                        "Cannot load certificate '{}' & key '{}': {e}",
                         cert.display(),
                         key_file.display()
                     ))
@@ -189,8 +203,8 @@ impl X509Creds {
                 };
                 let client_auth = match (cert, key_file) {
                     (Some(cert), Some(key_file)) => {
-                        let chain = certs(&cert)?;
-                        let key = key(&key_file, o.key_password.as_deref())?;
+                        let (chain, key) =
+                            cert_and_key(&cert, &key_file, o.key_password.as_deref())?;
                         Some((chain, key, cert, key_file))
                     }
                     _ => None,
@@ -217,7 +231,7 @@ impl X509Creds {
                                 .with_client_auth_cert(chain.clone(), key.clone_key())
                                 .map_err(|e| {
                                     TlsError::Creds(format!(
-                                        "Cannot load certificate {} & key {}: {e}",
+                                        "Cannot load certificate '{}' & key '{}': {e}",
                                         cert.display(),
                                         key_file.display()
                                     ))
