@@ -574,63 +574,66 @@ fn list_over_tls_prints_what_qemu_nbd_prints() {
             .2
             .contains("Certificate does not match the hostname wrong.example"));
     }
-    // The man page's PSK example: a qemu-nbd PSK server on a Unix socket, listed by qnbd.
-    let dir = tmpdir();
-    let sock = dir.path().join("psk.sock");
-    let pid = dir.path().join("pid");
-    let mut qemu = Command::new("qemu-nbd")
-        .args(["-t", "-k"])
-        .arg(&sock)
-        .arg(format!("--pid-file={}", pid.display()))
-        .args([
-            "--object",
-            &format!(
-                "tls-creds-psk,id=tls0,endpoint=server,dir={}",
-                keys.display()
-            ),
-            "--tls-creds",
-            "tls0",
-            "-x",
-            "psk-export",
-            "-r",
-            "-f",
-            "raw",
-        ])
-        .arg(&img)
-        .stdin(Stdio::null())
-        .spawn()
-        .expect("qemu-nbd");
-    let start = Instant::now();
-    while !std::fs::read_to_string(&pid).is_ok_and(|s| s.ends_with('\n')) {
-        assert!(
-            start.elapsed() < Duration::from_secs(20),
-            "qemu-nbd not ready"
-        );
-        std::thread::sleep(Duration::from_millis(10));
+    // The man page's PSK example: a PSK server on a Unix socket (qemu-nbd's, then ours),
+    // listed by qemu-nbd and by qnbd.
+    for server in ["qemu-nbd", QNBD] {
+        let dir = tmpdir();
+        let sock = dir.path().join("psk.sock");
+        let pid = dir.path().join("pid");
+        let mut qemu = Command::new(server)
+            .args(["-t", "-k"])
+            .arg(&sock)
+            .arg(format!("--pid-file={}", pid.display()))
+            .args([
+                "--object",
+                &format!(
+                    "tls-creds-psk,id=tls0,endpoint=server,dir={}",
+                    keys.display()
+                ),
+                "--tls-creds",
+                "tls0",
+                "-x",
+                "psk-export",
+                "-r",
+                "-f",
+                "raw",
+            ])
+            .arg(&img)
+            .stdin(Stdio::null())
+            .spawn()
+            .expect("qemu-nbd");
+        let start = Instant::now();
+        while !std::fs::read_to_string(&pid).is_ok_and(|s| s.ends_with('\n')) {
+            assert!(
+                start.elapsed() < Duration::from_secs(20),
+                "qemu-nbd not ready"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let list = |lister: &str, user: &str| {
+            let out = run(Command::new(lister).arg("-L").arg("-k").arg(&sock).args([
+                "--object",
+                &format!(
+                    "tls-creds-psk,id=tls0,endpoint=client,dir={},username={user}",
+                    keys.display()
+                ),
+                "--tls-creds",
+                "tls0",
+            ]));
+            (
+                out.status.code(),
+                String::from_utf8_lossy(&out.stdout).into_owned(),
+                String::from_utf8_lossy(&out.stderr).replace("qemu-nbd:", "qnbd:"),
+            )
+        };
+        let theirs = list("qemu-nbd", "alice");
+        assert!(theirs.1.contains("psk-export"), "{theirs:?}");
+        assert_eq!(list(QNBD, "alice"), theirs);
+        // A user the key file does not have: refused before connecting, as qemu-nbd does.
+        assert_eq!(list(QNBD, "bob"), list("qemu-nbd", "bob"));
+        let _ = qemu.kill();
+        let _ = qemu.wait();
     }
-    let list = |lister: &str, user: &str| {
-        let out = run(Command::new(lister).arg("-L").arg("-k").arg(&sock).args([
-            "--object",
-            &format!(
-                "tls-creds-psk,id=tls0,endpoint=client,dir={},username={user}",
-                keys.display()
-            ),
-            "--tls-creds",
-            "tls0",
-        ]));
-        (
-            out.status.code(),
-            String::from_utf8_lossy(&out.stdout).into_owned(),
-            String::from_utf8_lossy(&out.stderr).replace("qemu-nbd:", "qnbd:"),
-        )
-    };
-    let theirs = list("qemu-nbd", "alice");
-    assert!(theirs.1.contains("psk-export"), "{theirs:?}");
-    assert_eq!(list(QNBD, "alice"), theirs);
-    // A user the key file does not have: refused before connecting, as qemu-nbd does.
-    assert_eq!(list(QNBD, "bob"), list("qemu-nbd", "bob"));
-    let _ = qemu.kill();
-    let _ = qemu.wait();
 }
 
 #[test]
