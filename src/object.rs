@@ -4,6 +4,7 @@
 //! come before the credentials that use it.
 
 use base64::Engine as _;
+use frontends::tls::anon::AnonCreds;
 use frontends::tls::authz::{self, Authz};
 use frontends::tls::psk::{PskCreds, PskOptions};
 use frontends::tls::x509::{X509Creds, X509Options};
@@ -42,6 +43,15 @@ const TYPES: &[(&str, &[(&str, &str)])] = &[
             ("format", "QCryptoSecretFormat"),
             ("iv", "string"),
             ("keyid", "string"),
+        ],
+    ),
+    (
+        "tls-creds-anon",
+        &[
+            ("dir", "string"),
+            ("endpoint", "QCryptoTLSCredsEndpoint"),
+            ("priority", "string"),
+            ("verify-peer", "bool"),
         ],
     ),
     (
@@ -273,6 +283,7 @@ impl Objects {
             "secret" => Object::Secret(self.secret(&mut p)?),
             "tls-creds-x509" => Object::Creds(self.x509(&mut p)?),
             "tls-creds-psk" => Object::Creds(psk(&mut p)?),
+            "tls-creds-anon" => Object::Creds(anon(&mut p)?),
             "authz-simple" => {
                 let identity = p.str("identity")?;
                 let identity = identity.ok_or("Parameter 'identity' is missing")?;
@@ -431,6 +442,19 @@ fn psk(p: &mut Props) -> Result<Creds, String> {
     };
     PskCreds::load(&o)
         .map(Creds::Psk)
+        .map_err(|e| e.to_string())
+}
+
+fn anon(p: &mut Props) -> Result<Creds, String> {
+    let endpoint = p
+        .choice("endpoint", Endpoint::parse)?
+        .unwrap_or(Endpoint::Client);
+    let _verify_peer = p.bool("verify-peer")?;
+    let _priority = p.str("priority")?;
+    let dir = p.str("dir")?;
+    p.finish()?;
+    AnonCreds::load(dir.map(PathBuf::from), endpoint)
+        .map(Creds::Anon)
         .map_err(|e| e.to_string())
 }
 

@@ -971,3 +971,45 @@ fn psk_authz_checks_the_username_in_tls_1_3_and_1_2() {
         "{log}"
     );
 }
+
+#[test]
+fn anonymous_tls_interoperates_both_ways() {
+    if !have_all() {
+        return;
+    }
+    let tmp = tmpdir();
+    let img = patterned_image(tmp.path());
+    let anon = |end: &str| format!("tls-creds-anon,id=tls0,endpoint={end}");
+    for server in [QNBD, "qemu-nbd"] {
+        let srv = Tls::start(
+            server,
+            &s(&[
+                "--object",
+                &anon("server"),
+                "--tls-creds",
+                "tls0",
+                "-x",
+                "anon",
+                "-r",
+                "-f",
+                "raw",
+                img.to_str().unwrap(),
+            ]),
+        );
+        let cmp = ok(Command::new("qemu-img").args([
+            "compare",
+            "--object",
+            &anon("client"),
+            "--image-opts",
+            &format!("{},export=anon", srv.opts("tls0")),
+            &format!("driver=raw,file.filename={}", img.display()),
+        ]));
+        assert!(cmp.contains("identical"), "{server}: {cmp}");
+        let list = |bin: &str| {
+            ok(Command::new(bin)
+                .args(["-L", "-b", "127.0.0.1", "-p", &srv.port.to_string()])
+                .args(["--object", &anon("client"), "--tls-creds", "tls0"]))
+        };
+        assert_eq!(list(QNBD), list("qemu-nbd"), "{server}");
+    }
+}

@@ -1,9 +1,11 @@
-//! TLS for NBD (qemu's `tls-creds-x509` and `tls-creds-psk`), shared by the server and the
-//! client: x509 on rustls, PSK on OpenSSL (rustls has none), both behind one engine trait
+//! TLS for NBD (qemu's `tls-creds-x509`, `tls-creds-psk`, `tls-creds-anon`), shared by the
+//! server and the client: x509 on rustls, PSK and anonymous on OpenSSL (rustls has neither), both behind one engine trait
 //! and one pump that turns a session into a plain socket for the NBD code.
 
+pub mod anon;
 pub mod authz;
 pub mod engine;
+mod openssl_engine;
 pub mod psk;
 pub mod x509;
 
@@ -108,6 +110,7 @@ impl Versions {
 pub enum Creds {
     X509(x509::X509Creds),
     Psk(psk::PskCreds),
+    Anon(anon::AnonCreds),
 }
 
 impl Creds {
@@ -116,6 +119,7 @@ impl Creds {
             Creds::X509(x509::X509Creds::Server(_)) => Endpoint::Server,
             Creds::X509(x509::X509Creds::Client { .. }) => Endpoint::Client,
             Creds::Psk(p) => p.endpoint(),
+            Creds::Anon(a) => a.endpoint(),
         }
     }
 
@@ -123,6 +127,7 @@ impl Creds {
         match self {
             Creds::X509(_) => "x509",
             Creds::Psk(_) => "PSK",
+            Creds::Anon(_) => "anonymous",
         }
     }
 }
@@ -145,6 +150,7 @@ pub fn accept(
     let mut engine = match &tls.creds {
         Creds::X509(c) => c.server_engine()?,
         Creds::Psk(p) => p.engine(Endpoint::Server)?,
+        Creds::Anon(a) => a.engine(Endpoint::Server)?,
     };
     let early = engine::handshake(engine.as_mut(), stream, deadline)
         .map_err(|e| TlsError::Handshake(e.to_string()))?;
@@ -188,6 +194,7 @@ pub fn connect(stream: &mut Stream, creds: &Creds, hostname: Option<&str>) -> Re
     let mut engine = match creds {
         Creds::X509(c) => c.client_engine(hostname)?,
         Creds::Psk(p) => p.engine(Endpoint::Client)?,
+        Creds::Anon(a) => a.engine(Endpoint::Client)?,
     };
     let early = engine::handshake(engine.as_mut(), stream, None)
         .map_err(|e| TlsError::Handshake(e.to_string()))?;

@@ -3,25 +3,16 @@
 //! SHA-256 suite, which is what GnuTLS (qemu) negotiates, and TLS 1.2 (EC)DHE-PSK/PSK.
 
 use super::engine::Engine;
+use super::openssl_engine::{identity_index, limit_versions, ssl_err, OpensslEngine};
 use super::x509::errno_text;
 use super::{Endpoint, TlsError, Versions};
-use openssl::ex_data::Index;
-use openssl::ssl::{
-    ErrorCode, Ssl, SslContext, SslContextBuilder, SslMethod, SslStream, SslVersion,
-};
+use openssl::ssl::{SslContext, SslContextBuilder, SslMethod};
 use std::collections::HashMap;
-use std::io::{self, Read, Write};
 use std::path::PathBuf;
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 
 const KEYS_FILE: &str = "keys.psk";
 
-/// Where the server callback leaves the username the client gave: OpenSSL's own
-/// `SSL_get_psk_identity` answers only for TLS 1.2.
-fn identity_index() -> Option<Index<Ssl, String>> {
-    static INDEX: OnceLock<Option<Index<Ssl, String>>> = OnceLock::new();
-    *INDEX.get_or_init(|| Ssl::new_ex_index().ok())
-}
 /// qemu's default client username.
 pub const DEFAULT_USERNAME: &str = "qemu";
 
@@ -70,25 +61,6 @@ fn decode_hex(s: &str) -> Option<Vec<u8>> {
         .step_by(2)
         .map(|i| u8::from_str_radix(s.get(i..i + 2)?, 16).ok())
         .collect()
-}
-
-fn ssl_err(e: impl std::fmt::Display) -> TlsError {
-    TlsError::Creds(format!("OpenSSL: {e}"))
-}
-
-fn limit_versions(b: &mut SslContextBuilder, v: Versions) -> Result<(), TlsError> {
-    let min = if v.tls12 {
-        SslVersion::TLS1_2
-    } else {
-        SslVersion::TLS1_3
-    };
-    let max = if v.tls13 {
-        SslVersion::TLS1_3
-    } else {
-        SslVersion::TLS1_2
-    };
-    b.set_min_proto_version(Some(min)).map_err(ssl_err)?;
-    b.set_max_proto_version(Some(max)).map_err(ssl_err)
 }
 
 impl PskCreds {
@@ -171,145 +143,11 @@ impl PskCreds {
         if self.endpoint != want {
             return Err(TlsError::WrongEndpoint(want));
         }
-        let mut ssl = Ssl::new(&self.ctx).map_err(ssl_err)?;
-        match want {
-            Endpoint::Server => ssl.set_accept_state(),
-            Endpoint::Client => ssl.set_connect_state(),
-        }
-        let mut engine = OpensslEngine {
-            s: SslStream::new(ssl, MemIo::default()).map_err(ssl_err)?,
-            done: false,
-            client_name: None,
+        let client_name = match want {
+            Endpoint::Server => None,
+            Endpoint::Client => Some(self.username.clone()),
         };
-        match want {
-            Endpoint::Server => {}
-            Endpoint::Client => {
-                engine.client_name = Some(self.username.clone());
-                // Produce the ClientHello now, so the handshake loop has something to send.
-                engine.step()?;
-            }
-        }
-        Ok(Box::new(engine))
-    }
-}
-
-/// OpenSSL's view of the network: bytes we were given, bytes it wants sent.
-#[derive(Default)]
-struct MemIo {
-    input: Vec<u8>,
-    pos: usize,
-    output: Vec<u8>,
-}
-
-impl Read for MemIo {
-    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        let left = &self.input[self.pos..];
-        if left.is_empty() {
-            return Err(io::ErrorKind::WouldBlock.into());
-        }
-        let n = left.len().min(buf.len());
-        buf[..n].copy_from_slice(&left[..n]);
-        self.pos += n;
-        if self.pos == self.input.len() {
-            self.input.clear();
-            self.pos = 0;
-        }
-        Ok(n)
-    }
-}
-
-impl Write for MemIo {
-    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        self.output.extend_from_slice(buf);
-        Ok(buf.len())
-    }
-    fn flush(&mut self) -> io::Result<()> {
-        Ok(())
-    }
-}
-
-struct OpensslEngine {
-    s: SslStream<MemIo>,
-    done: bool,
-    client_name: Option<String>,
-}
-
-fn io_err(e: openssl::ssl::Error) -> io::Error {
-    io::Error::new(io::ErrorKind::InvalidData, e.to_string())
-}
-
-impl OpensslEngine {
-    /// Advance the handshake as far as the input allows.
-    fn step(&mut self) -> Result<(), TlsError> {
-        if self.done {
-            return Ok(());
-        }
-        match self.s.do_handshake() {
-            Ok(()) => {
-                self.done = true;
-                Ok(())
-            }
-            Err(e) if e.code() == ErrorCode::WANT_READ => Ok(()),
-            Err(e) => Err(TlsError::Handshake(e.to_string())),
-        }
-    }
-}
-
-impl Engine for OpensslEngine {
-    fn handshaking(&self) -> bool {
-        !self.done
-    }
-
-    fn feed(&mut self, ciphertext: &[u8], plain: &mut Vec<u8>) -> io::Result<bool> {
-        self.s.get_mut().input.extend_from_slice(ciphertext);
-        if !self.done {
-            self.step()
-                .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e.to_string()))?;
-            if !self.done {
-                return Ok(false);
-            }
-        }
-        let mut buf = [0u8; 16384];
-        loop {
-            match self.s.ssl_read(&mut buf) {
-                Ok(0) => return Ok(true),
-                Ok(n) => plain.extend_from_slice(&buf[..n]),
-                Err(e) if e.code() == ErrorCode::WANT_READ => return Ok(false),
-                Err(e) if e.code() == ErrorCode::ZERO_RETURN => return Ok(true),
-                Err(e) => return Err(io_err(e)),
-            }
-        }
-    }
-
-    fn write_plain(&mut self, mut data: &[u8]) -> io::Result<()> {
-        while !data.is_empty() {
-            let n = self.s.ssl_write(data).map_err(io_err)?;
-            data = &data[n..];
-        }
-        Ok(())
-    }
-
-    fn take_tls(&mut self, out: &mut Vec<u8>) {
-        out.append(&mut self.s.get_mut().output);
-    }
-
-    fn close(&mut self) {
-        let _ = self.s.shutdown();
-    }
-
-    fn peer_identity(&self) -> Option<String> {
-        match &self.client_name {
-            // As a client we authenticated the server by the key alone.
-            Some(_) => None,
-            None => identity_index()
-                .and_then(|idx| self.s.ssl().ex_data(idx).cloned())
-                .or_else(|| {
-                    self.s
-                        .ssl()
-                        .psk_identity()
-                        .map(|id| String::from_utf8_lossy(id).into_owned())
-                }),
-        }
+        OpensslEngine::start(&self.ctx, want, client_name)
     }
 }
 

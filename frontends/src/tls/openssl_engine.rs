@@ -1,0 +1,179 @@
+//! OpenSSL as an [`Engine`]: the session runs on memory buffers (OpenSSL's I/O is a `Read`
+//! + `Write` pair over two byte vectors), so the common pump drives it like rustls. Used by
+//! the credential kinds rustls cannot serve: PSK and anonymous.
+
+use super::engine::Engine;
+use super::{Endpoint, TlsError, Versions};
+use openssl::ex_data::Index;
+use openssl::ssl::{ErrorCode, Ssl, SslContext, SslContextBuilder, SslStream, SslVersion};
+use std::io::{self, Read, Write};
+use std::sync::OnceLock;
+
+/// Where the server callback leaves the username the client gave: OpenSSL's own
+/// `SSL_get_psk_identity` answers only for TLS 1.2.
+pub(crate) fn identity_index() -> Option<Index<Ssl, String>> {
+    static INDEX: OnceLock<Option<Index<Ssl, String>>> = OnceLock::new();
+    *INDEX.get_or_init(|| Ssl::new_ex_index().ok())
+}
+pub(crate) fn ssl_err(e: impl std::fmt::Display) -> TlsError {
+    TlsError::Creds(format!("OpenSSL: {e}"))
+}
+
+pub(crate) fn limit_versions(b: &mut SslContextBuilder, v: Versions) -> Result<(), TlsError> {
+    let min = if v.tls12 {
+        SslVersion::TLS1_2
+    } else {
+        SslVersion::TLS1_3
+    };
+    let max = if v.tls13 {
+        SslVersion::TLS1_3
+    } else {
+        SslVersion::TLS1_2
+    };
+    b.set_min_proto_version(Some(min)).map_err(ssl_err)?;
+    b.set_max_proto_version(Some(max)).map_err(ssl_err)
+}
+
+/// OpenSSL's view of the network: bytes we were given, bytes it wants sent.
+#[derive(Default)]
+struct MemIo {
+    input: Vec<u8>,
+    pos: usize,
+    output: Vec<u8>,
+}
+
+impl Read for MemIo {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let left = &self.input[self.pos..];
+        if left.is_empty() {
+            return Err(io::ErrorKind::WouldBlock.into());
+        }
+        let n = left.len().min(buf.len());
+        buf[..n].copy_from_slice(&left[..n]);
+        self.pos += n;
+        if self.pos == self.input.len() {
+            self.input.clear();
+            self.pos = 0;
+        }
+        Ok(n)
+    }
+}
+
+impl Write for MemIo {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.output.extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+pub(crate) struct OpensslEngine {
+    s: SslStream<MemIo>,
+    done: bool,
+    client_name: Option<String>,
+}
+
+fn io_err(e: openssl::ssl::Error) -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidData, e.to_string())
+}
+
+impl OpensslEngine {
+    /// A session on `ctx`; a client's first flight is produced at once. `client_name` marks
+    /// a client (whose peer, the server, has no identity to report).
+    pub(crate) fn start(
+        ctx: &SslContext,
+        role: Endpoint,
+        client_name: Option<String>,
+    ) -> Result<Box<dyn Engine>, TlsError> {
+        let mut ssl = Ssl::new(ctx).map_err(ssl_err)?;
+        match role {
+            Endpoint::Server => ssl.set_accept_state(),
+            Endpoint::Client => ssl.set_connect_state(),
+        }
+        let mut engine = OpensslEngine {
+            s: SslStream::new(ssl, MemIo::default()).map_err(ssl_err)?,
+            done: false,
+            client_name,
+        };
+        if role == Endpoint::Client {
+            // Produce the ClientHello now, so the handshake loop has something to send.
+            engine.step()?;
+        }
+        Ok(Box::new(engine))
+    }
+
+    /// Advance the handshake as far as the input allows.
+    fn step(&mut self) -> Result<(), TlsError> {
+        if self.done {
+            return Ok(());
+        }
+        match self.s.do_handshake() {
+            Ok(()) => {
+                self.done = true;
+                Ok(())
+            }
+            Err(e) if e.code() == ErrorCode::WANT_READ => Ok(()),
+            Err(e) => Err(TlsError::Handshake(e.to_string())),
+        }
+    }
+}
+
+impl Engine for OpensslEngine {
+    fn handshaking(&self) -> bool {
+        !self.done
+    }
+
+    fn feed(&mut self, ciphertext: &[u8], plain: &mut Vec<u8>) -> io::Result<bool> {
+        self.s.get_mut().input.extend_from_slice(ciphertext);
+        if !self.done {
+            self.step()
+                .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e.to_string()))?;
+            if !self.done {
+                return Ok(false);
+            }
+        }
+        let mut buf = [0u8; 16384];
+        loop {
+            match self.s.ssl_read(&mut buf) {
+                Ok(0) => return Ok(true),
+                Ok(n) => plain.extend_from_slice(&buf[..n]),
+                Err(e) if e.code() == ErrorCode::WANT_READ => return Ok(false),
+                Err(e) if e.code() == ErrorCode::ZERO_RETURN => return Ok(true),
+                Err(e) => return Err(io_err(e)),
+            }
+        }
+    }
+
+    fn write_plain(&mut self, mut data: &[u8]) -> io::Result<()> {
+        while !data.is_empty() {
+            let n = self.s.ssl_write(data).map_err(io_err)?;
+            data = &data[n..];
+        }
+        Ok(())
+    }
+
+    fn take_tls(&mut self, out: &mut Vec<u8>) {
+        out.append(&mut self.s.get_mut().output);
+    }
+
+    fn close(&mut self) {
+        let _ = self.s.shutdown();
+    }
+
+    fn peer_identity(&self) -> Option<String> {
+        match &self.client_name {
+            // As a client we authenticated the server by the key alone.
+            Some(_) => None,
+            None => identity_index()
+                .and_then(|idx| self.s.ssl().ex_data(idx).cloned())
+                .or_else(|| {
+                    self.s
+                        .ssl()
+                        .psk_identity()
+                        .map(|id| String::from_utf8_lossy(id).into_owned())
+                }),
+        }
+    }
+}
