@@ -1,6 +1,6 @@
-//! OpenSSL as an [`Engine`]: the session runs on memory buffers (OpenSSL's I/O is a `Read`
-//! + `Write` pair over two byte vectors), so the common pump drives it like rustls. Used by
-//! the credential kinds rustls cannot serve: PSK and anonymous.
+//! OpenSSL as an [`Engine`]: the session runs on memory buffers (OpenSSL's I/O is a reader
+//! and writer over two byte vectors), so the common pump drives it like rustls. Used by the
+//! credential kinds rustls cannot serve: PSK and anonymous.
 
 use super::engine::Engine;
 use super::{Endpoint, TlsError, Versions};
