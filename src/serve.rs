@@ -21,10 +21,6 @@ fn try_help() -> ! {
     std::process::exit(1);
 }
 
-fn not_yet(what: &str, issue: &str) -> ! {
-    die(format!("{what} is not supported yet (planned: {issue})"))
-}
-
 /// What to remove when the process ends, however it ends.
 #[derive(Default)]
 pub struct Cleanup {
@@ -45,7 +41,7 @@ impl Cleanup {
             }
         }
         if let Some(d) = self.device.take() {
-            if let Err(e) = d.flush() {
+            if let Err(e) = d.close() {
                 eprintln!("qnbd: flush on exit failed: {e}");
             }
         }
@@ -104,12 +100,6 @@ fn check_modes(cli: &Cli) {
             die("--selinux-label is not permitted without --socket");
         }
         die("SELinux support not enabled in this binary");
-    }
-}
-
-fn check_unsupported(cli: &Cli) {
-    if !cli.bitmap.is_empty() {
-        not_yet("-B/--bitmap", "the image options issue");
     }
 }
 
@@ -175,7 +165,6 @@ pub fn run(cli: Cli) {
     if cli.args.len() != 1 {
         try_help();
     }
-    check_unsupported(&cli);
 
     let shared = match cli.shared.as_deref() {
         None => 1,
@@ -288,6 +277,8 @@ pub fn run(cli: Cli) {
     };
     let opened = match open_image(&opts) {
         Ok(o) => o,
+        // qemu-nbd loads a snapshot after the open succeeded, so its message has no prefix.
+        Err(e) if e.to_string().starts_with("Failed to load snapshot") => die(e),
         Err(e) => die(format!("Failed to blk_new_open '{file}': {e}")),
     };
     for w in &opened.warnings {
@@ -316,6 +307,13 @@ pub fn run(cli: Cli) {
         backend
     };
     let device = Device::new(backend);
+    for name in &cli.bitmap {
+        if let Err(e) = device.bitmap_check(name) {
+            // Release the image as qemu does (its bitmaps were marked in use at open).
+            let _ = device.close();
+            die(e);
+        }
+    }
 
     if let Some(dev) = cli.connect.clone() {
         let mut cleanup = Cleanup {
@@ -333,7 +331,8 @@ pub fn run(cli: Cli) {
             device,
             multi,
             cli.allocation_depth,
-        );
+        )
+        .with_bitmaps(cli.allocation_depth, &cli.bitmap);
         crate::connect::run(&cli, &dev, export, readiness, cleanup);
     }
 
@@ -375,7 +374,8 @@ pub fn run(cli: Cli) {
         device,
         shared != 1,
         cli.allocation_depth,
-    );
+    )
+    .with_bitmaps(cli.allocation_depth, &cli.bitmap);
     let server = Server::new(
         export,
         ServerOptions {

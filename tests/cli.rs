@@ -84,15 +84,6 @@ fn port_in_use_is_an_error() {
 }
 
 #[test]
-fn later_features_say_not_supported_yet() {
-    let dir = tmpdir();
-    let img = make_raw(dir.path(), "n.raw", 1 << 20, &[]);
-    let img = img.to_str().unwrap();
-    let msg = fails(QNBD, &["-B", "b0", img]);
-    assert!(msg.contains("not supported yet"), "{msg}");
-}
-
-#[test]
 fn exits_after_the_last_client_unless_persistent() {
     if !have("qemu-io") {
         return;

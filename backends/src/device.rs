@@ -95,6 +95,36 @@ impl Device {
         self.backend.flush()
     }
 
+    /// Release the image (stores what qemu stores on close); the last call on the device.
+    pub fn close(&self) -> Result<()> {
+        self.backend.close()
+    }
+
+    /// `-B NAME`: can this dirty bitmap be exported? Err is qemu's message.
+    pub fn bitmap_check(&self, name: &str) -> Result<()> {
+        self.backend.bitmap_check(name)
+    }
+
+    /// Dirty-bitmap extents from `offset`, clipped like [`Device::block_status`].
+    pub fn bitmap_status(
+        &self,
+        name: &str,
+        offset: u64,
+        len: u64,
+        out: &mut Extents,
+    ) -> Result<()> {
+        self.check_range(offset, len)?;
+        out.clear();
+        if len == 0 {
+            return Ok(());
+        }
+        self.backend.bitmap_status(name, offset, len, out)?;
+        if out.is_empty() {
+            return Err(Error::Invalid(format!("no extent reported at {offset:#x}")));
+        }
+        Ok(())
+    }
+
     pub fn trim(&self, offset: u64, len: u64, flags: IoFlags) -> Result<()> {
         self.check_writable()?;
         self.check_range(offset, len)?;

@@ -10,6 +10,8 @@ bitflags! {
         const HOLE = 1;
         /// Reads as zeroes.
         const ZERO = 2;
+        /// Set in a dirty bitmap (`qemu:dirty-bitmap:NAME` contexts only).
+        const DIRTY = 4;
     }
 }
 

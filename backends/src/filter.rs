@@ -38,6 +38,15 @@ pub trait Filter: Send + Sync + Debug {
     fn format_name(&self) -> &'static str {
         self.inner().format_name()
     }
+    fn bitmap_check(&self, name: &str) -> Result<()> {
+        self.inner().bitmap_check(name)
+    }
+    fn bitmap_status(&self, name: &str, offset: u64, len: u64, out: &mut Extents) -> Result<()> {
+        self.inner().bitmap_status(name, offset, len, out)
+    }
+    fn close(&self) -> Result<()> {
+        self.inner().close()
+    }
 }
 
 impl<T: Filter> BlockBackend for T {
@@ -70,5 +79,14 @@ impl<T: Filter> BlockBackend for T {
     }
     fn format_name(&self) -> &'static str {
         Filter::format_name(self)
+    }
+    fn bitmap_check(&self, name: &str) -> Result<()> {
+        Filter::bitmap_check(self, name)
+    }
+    fn bitmap_status(&self, name: &str, offset: u64, len: u64, out: &mut Extents) -> Result<()> {
+        Filter::bitmap_status(self, name, offset, len, out)
+    }
+    fn close(&self) -> Result<()> {
+        Filter::close(self)
     }
 }

@@ -139,4 +139,22 @@ pub trait BlockBackend: Send + Sync + Debug {
 
     /// The format's name, as `qemu-img info` prints it.
     fn format_name(&self) -> &'static str;
+
+    /// Whether persistent dirty bitmap `name` exists here (or in a backing file) and can be
+    /// exported; Err carries qemu's message.
+    fn bitmap_check(&self, name: &str) -> Result<()> {
+        Err(Error::Open(format!("Bitmap '{name}' is not found")))
+    }
+
+    /// Like `block_status`, for dirty bitmap `name`: dirty runs carry [`ExtentFlags::DIRTY`].
+    fn bitmap_status(&self, name: &str, offset: u64, len: u64, out: &mut Extents) -> Result<()> {
+        let _ = (name, offset, len, out);
+        Err(Error::NotSupported("dirty bitmaps"))
+    }
+
+    /// The image is being released: write what is kept only until close (qemu stores
+    /// persistent bitmaps then). Calls after close are not allowed.
+    fn close(&self) -> Result<()> {
+        self.flush()
+    }
 }

@@ -62,6 +62,10 @@ impl Filter for Slice {
     fn block_status(&self, offset: u64, len: u64, out: &mut Extents) -> Result<()> {
         self.inner.block_status(self.offset + offset, len, out)
     }
+    fn bitmap_status(&self, name: &str, offset: u64, len: u64, out: &mut Extents) -> Result<()> {
+        self.inner
+            .bitmap_status(name, self.offset + offset, len, out)
+    }
 }
 
 #[cfg(test)]

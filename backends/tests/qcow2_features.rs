@@ -65,44 +65,86 @@ fn lazy_refcounts_image_stays_clean() {
 }
 
 #[test]
-fn bitmaps_are_marked_inconsistent_by_writes() {
+fn bitmaps_track_writes_and_are_stored_on_close() {
     let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
     run(
-        dir.path(),
+        d,
         "qemu-img",
         &["create", "-q", "-f", "qcow2", "b.qcow2", "8M"],
     );
+    run(d, "qemu-img", &["bitmap", "--add", "b.qcow2", "b0"]);
     run(
-        dir.path(),
+        d,
         "qemu-img",
-        &["bitmap", "--add", "b.qcow2", "b0"],
+        &["bitmap", "--add", "--disable", "b.qcow2", "b1"],
     );
-    let img = dir.path().join("b.qcow2");
+    let img = d.join("b.qcow2");
     {
         // Read-only opens leave the header alone.
         let b = open(&img, true).unwrap();
         let mut buf = [0u8; 512];
         b.read(0, &mut buf).unwrap();
+        assert!(b.bitmap_check("b0").is_ok());
     }
-    let info = run(dir.path(), "qemu-img", &["info", "b.qcow2"]);
-    assert!(info.contains("b0"), "{info}");
+    assert!(!run(d, "qemu-img", &["info", "b.qcow2"]).contains("in-use"));
     {
         let b = open(&img, false).unwrap();
-        b.write(0, &[1u8; 4096], IoFlags::empty()).unwrap();
+        // While open read-write the bitmaps are marked in use on disk.
+        let info = run(d, "qemu-img", &["info", "-U", "b.qcow2"]);
+        assert_eq!(info.matches("in-use").count(), 2, "{info}");
+        b.write((1 << 20) + 100, &[1u8; 4096], IoFlags::empty())
+            .unwrap();
+        let mut ext = Extents::new();
+        b.bitmap_status("b0", 0, 8 << 20, &mut ext).unwrap();
+        let dirty: Vec<(u64, bool)> = ext
+            .iter()
+            .map(|e| (e.len, e.flags.contains(backends::ExtentFlags::DIRTY)))
+            .collect();
+        assert_eq!(
+            dirty,
+            vec![(1 << 20, false), (65536, true), ((7 << 20) - 65536, false)]
+        );
+        b.close().unwrap();
     }
-    // The autoclear bit is gone: qemu no longer trusts (or lists) the stale bitmap.
-    let info = run(dir.path(), "qemu-img", &["info", "b.qcow2"]);
-    assert!(!info.contains("name: b0"), "{info}");
-    // The bitmap's own clusters are leaked now (qemu says so, exit 3), never corrupt.
+    // Stored: consistent again, the disabled one untouched, and the image clean.
+    let info = run(d, "qemu-img", &["info", "b.qcow2"]);
+    assert!(
+        !info.contains("in-use") && info.contains("name: b0"),
+        "{info}"
+    );
     let out = Command::new("qemu-img")
-        .current_dir(dir.path())
+        .current_dir(d)
         .args(["check", "b.qcow2"])
         .output()
         .unwrap();
     let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success() && text.contains("No errors"), "{text}");
+    {
+        let b = open(&img, true).unwrap();
+        let mut ext = Extents::new();
+        b.bitmap_status("b0", 1 << 20, 65536, &mut ext).unwrap();
+        assert!(ext
+            .iter()
+            .all(|e| e.flags.contains(backends::ExtentFlags::DIRTY)));
+        let mut ext = Extents::new();
+        b.bitmap_status("b1", 1 << 20, 65536, &mut ext).unwrap();
+        assert!(ext
+            .iter()
+            .all(|e| !e.flags.contains(backends::ExtentFlags::DIRTY)));
+    }
+    // A process that dies with the image open leaves the bitmaps in use: inconsistent.
+    {
+        let b = open(&img, false).unwrap();
+        b.write(0, &[2u8; 512], IoFlags::empty()).unwrap();
+        std::mem::forget(b);
+    }
+    assert!(run(d, "qemu-img", &["info", "-U", "b.qcow2"]).contains("in-use"));
+    let b = open(&img, true).unwrap();
+    let e = b.bitmap_check("b0").unwrap_err().to_string();
     assert!(
-        matches!(out.status.code(), Some(0) | Some(3)) && !text.contains("ERROR"),
-        "{text}"
+        e.contains("Bitmap 'b0' is inconsistent and cannot be used"),
+        "{e}"
     );
 }
 

@@ -1,7 +1,8 @@
 //! The `BlockBackend` face of a qcow2 image, and the metadata flush.
 
-use super::Qcow2;
-use crate::{BlockBackend, Caps, Extents, IoFlags, Result, Support};
+use super::{bitmap, header, Qcow2};
+use crate::{BlockBackend, Caps, Error, Extents, IoFlags, Result, Support};
+use std::sync::atomic::Ordering;
 
 impl Qcow2 {
     /// Write every dirty table, in an order that keeps the image consistent at each step:
@@ -90,8 +91,150 @@ impl Qcow2 {
     }
 }
 
+impl Qcow2 {
+    /// Set the bits of the enabled bitmaps for a completed write.
+    fn mark_dirty(&self, offset: u64, len: u64) {
+        if self.tracking.load(Ordering::Relaxed) {
+            if let Some(b) = self.bitmaps.lock().as_mut() {
+                b.mark(offset, len);
+            }
+        }
+    }
+
+    /// `n` contiguous new clusters (bitmap tables and the directory must be contiguous).
+    fn alloc_run(&self, n: u64) -> Result<u64> {
+        let cs = self.geo.cs;
+        let mut m = self.meta.lock();
+        let mut stray = Vec::new();
+        let mut run: Vec<u64> = Vec::new();
+        while (run.len() as u64) < n.max(1) {
+            let v = m.bump();
+            let (off, _) = m.rc.alloc(&self.f, v)?;
+            if run.last().is_some_and(|&l| l + cs != off) {
+                stray.append(&mut run);
+            }
+            run.push(off);
+        }
+        for off in stray {
+            let v = m.bump();
+            m.rc.change(&self.f, off >> self.geo.cluster_bits, -1, v)?;
+        }
+        Ok(run[0])
+    }
+
+    /// Write `data` from `off`, zero-padded to whole clusters (reused clusters hold garbage).
+    fn write_clusters(&self, op: &'static str, off: u64, data: &[u8]) -> Result<()> {
+        let cs = self.geo.cs as usize;
+        let mut buf = data.to_vec();
+        buf.resize(data.len().div_ceil(cs).max(1) * cs, 0);
+        self.f.write(op, off, &buf)
+    }
+
+    /// Close-time work for persistent bitmaps (qemu's qcow2_store_persistent_dirty_bitmaps):
+    /// changed ones get new tables and data, a new directory is written and published in
+    /// the header, IN_USE is cleared, then the old clusters are freed. Unchanged ones only
+    /// have IN_USE cleared in place. A crash in between leaks clusters, never corrupts.
+    pub fn store_bitmaps(&self) -> Result<()> {
+        if self.opts.read_only || self.opts.load_snapshot.is_some() {
+            return Ok(());
+        }
+        let mut guard = self.bitmaps.lock();
+        let Some(bm) = guard.as_mut() else {
+            return Ok(());
+        };
+        self.tracking.store(false, Ordering::Relaxed);
+        let owned: Vec<usize> = (0..bm.list.len())
+            .filter(|&i| bm.list[i].enabled() || bm.list[i].problem.is_none())
+            .collect();
+        if owned.is_empty() {
+            return Ok(());
+        }
+        self.flush_meta()?;
+        let cs = self.geo.cs;
+        if !bm.any_changed() {
+            let (_, at) = bm.encode_directory();
+            for &i in &owned {
+                let flags = bm.list[i].entry.flags & !bitmap::IN_USE;
+                bm.list[i].entry.flags = flags;
+                self.f.write(
+                    "clear bitmap in use",
+                    bm.ext.dir_offset + at[i] as u64 + 12,
+                    &flags.to_be_bytes(),
+                )?;
+            }
+            self.f.sync()?;
+            *guard = None;
+            return Ok(());
+        }
+        let mut old: Vec<u64> = Vec::new();
+        for &i in &owned {
+            let b = &mut bm.list[i];
+            b.entry.flags &= !bitmap::IN_USE;
+            if !b.changed() {
+                continue;
+            }
+            let table_size = b.entry.table_size as usize;
+            let mut table = vec![0u8; table_size * 8];
+            let mut clusters = Vec::new();
+            for (k, data) in b.serialize(cs).unwrap_or_default() {
+                let off = self.alloc_run(1)?;
+                self.write_clusters("write bitmap data", off, data)?;
+                if let Some(slot) = table.get_mut(k * 8..k * 8 + 8) {
+                    slot.copy_from_slice(&off.to_be_bytes());
+                }
+                clusters.push(off);
+            }
+            let tclusters = (table.len() as u64).div_ceil(cs);
+            let toff = self.alloc_run(tclusters)?;
+            self.write_clusters("write bitmap table", toff, &table)?;
+            clusters.extend((0..tclusters).map(|k| toff + k * cs));
+            old.extend(b.take_old_clusters());
+            b.entry.table_offset = toff;
+            b.stored(clusters);
+        }
+        let (dir, _) = bm.encode_directory();
+        let dclusters = (dir.len() as u64).div_ceil(cs);
+        let doff = self.alloc_run(dclusters)?;
+        self.write_clusters("write bitmap directory", doff, &dir)?;
+        let old_dir = bm.ext.dir_offset;
+        let old_dir_clusters = bm.ext.dir_size.div_ceil(cs);
+        // New clusters and their refcounts durable before the header points at them.
+        self.flush_meta()?;
+        self.f.sync()?;
+        bm.ext.dir_offset = doff;
+        bm.ext.dir_size = dir.len() as u64;
+        bm.ext.nb_bitmaps = bm.list.len() as u32;
+        self.f
+            .write("write bitmaps extension", bm.ext.pos, &bm.ext.encode())?;
+        let autoclear =
+            self.header.autoclear & header::AUTOCLEAR_BITMAPS | header::AUTOCLEAR_BITMAPS;
+        self.f.write(
+            "write header",
+            header::OFF_AUTOCLEAR,
+            &autoclear.to_be_bytes(),
+        )?;
+        self.f.sync()?;
+        {
+            let mut m = self.meta.lock();
+            for k in 0..old_dir_clusters {
+                old.push(old_dir + k * cs);
+            }
+            for off in old {
+                let v = m.bump();
+                m.rc.change(&self.f, off >> self.geo.cluster_bits, -1, v)?;
+            }
+        }
+        *guard = None;
+        drop(guard);
+        self.flush_meta()
+    }
+}
+
 impl Drop for Qcow2 {
     fn drop(&mut self) {
+        if let Err(e) = self.store_bitmaps() {
+            tracing::error!("storing the bitmaps of '{}': {e}", self.f.path.display());
+        }
         // Twice: the first flush applies queued refcount decreases, the second writes them.
         for _ in 0..2 {
             if let Err(e) = self.flush_meta() {
@@ -145,6 +288,7 @@ impl BlockBackend for Qcow2 {
         } else {
             self.write_batched(offset, buf)?;
         }
+        self.mark_dirty(offset, buf.len() as u64);
         if flags.contains(IoFlags::FUA) {
             self.flush()?;
         }
@@ -159,6 +303,7 @@ impl BlockBackend for Qcow2 {
     fn trim(&self, offset: u64, len: u64, flags: IoFlags) -> Result<()> {
         if self.opts.discard {
             self.discard(offset, len)?;
+            self.mark_dirty(offset, len);
         }
         if flags.contains(IoFlags::FUA) {
             self.flush()?;
@@ -168,6 +313,7 @@ impl BlockBackend for Qcow2 {
 
     fn write_zeroes(&self, offset: u64, len: u64, flags: IoFlags) -> Result<()> {
         self.zero(offset, len, flags)?;
+        self.mark_dirty(offset, len);
         if flags.contains(IoFlags::FUA) {
             self.flush()?;
         }
@@ -180,5 +326,50 @@ impl BlockBackend for Qcow2 {
 
     fn format_name(&self) -> &'static str {
         "qcow2"
+    }
+
+    fn bitmap_check(&self, name: &str) -> Result<()> {
+        if let Some(bm) = self.bitmaps.lock().as_ref() {
+            if let Some(b) = bm.find(name) {
+                if b.entry.flags & bitmap::IN_USE != 0 || b.problem.is_some() {
+                    return Err(Error::Open(format!(
+                        "Bitmap '{name}' is inconsistent and cannot be used"
+                    )));
+                }
+                return Ok(());
+            }
+        }
+        // qemu looks down the chain (an overlay of -s finds its base's bitmaps).
+        match &self.backing {
+            Some(b) => b.bitmap_check(name),
+            None => Err(Error::Open(format!("Bitmap '{name}' is not found"))),
+        }
+    }
+
+    fn bitmap_status(&self, name: &str, offset: u64, len: u64, out: &mut Extents) -> Result<()> {
+        if let Some(bm) = self.bitmaps.lock().as_ref() {
+            if bm.find(name).is_some() {
+                bm.status(name, offset, len, self.geo.size, out);
+                return Ok(());
+            }
+        }
+        match &self.backing {
+            Some(b) if offset < b.size() => {
+                let n = len.min(b.size() - offset);
+                b.bitmap_status(name, offset, n, out)
+            }
+            // Past the backing file's end nothing can be dirty in it.
+            Some(_) => {
+                out.push(crate::Extent::new(len, crate::ExtentFlags::empty(), 0));
+                Ok(())
+            }
+            None => Err(Error::NotSupported("dirty bitmaps")),
+        }
+    }
+
+    fn close(&self) -> Result<()> {
+        self.store_bitmaps()?;
+        self.flush_meta()?;
+        self.flush_meta()
     }
 }

@@ -63,6 +63,8 @@ pub struct Header {
     /// (type, bit, name) from the feature name table extension.
     pub feature_names: Vec<(u8, u8, String)>,
     pub has_bitmaps: bool,
+    /// The bitmaps extension, when present and well formed.
+    pub bitmaps: Option<super::bitmap::BitmapsExt>,
 }
 
 fn be32(b: &[u8], at: usize) -> Option<u32> {
@@ -170,6 +172,7 @@ pub fn parse(b: &[u8], file_len: u64) -> Result<Header, String> {
         backing_format: None,
         feature_names: Vec::new(),
         has_bitmaps: false,
+        bitmaps: None,
     };
     if header_length > 104 {
         h.compression = match b[104] {
@@ -304,7 +307,17 @@ fn parse_extensions(
                     ));
                 }
             }
-            EXT_BITMAPS => h.has_bitmaps = true,
+            EXT_BITMAPS => {
+                h.has_bitmaps = true;
+                if data.len() >= 24 {
+                    h.bitmaps = Some(super::bitmap::BitmapsExt {
+                        nb_bitmaps: be32(data, 0).unwrap_or(0),
+                        dir_size: be64(data, 8).unwrap_or(0),
+                        dir_offset: be64(data, 16).unwrap_or(0),
+                        pos: pos as u64,
+                    });
+                }
+            }
             EXT_DATA_FILE => {}
             _ => {}
         }

@@ -14,13 +14,14 @@
 //!
 //! Policies: refcounts are always kept eagerly, so the dirty bit is never set (lazy refcounts
 //! are a permission, not a duty); a dirty image opened read-write has its refcounts rebuilt
-//! (`repair.rs`). Persistent bitmaps are not updated: a read-write open clears the autoclear
-//! bits, so qemu treats the bitmaps as inconsistent (their clusters show as leaked).
+//! (`repair.rs`). Persistent dirty bitmaps are kept as qemu keeps them (`bitmap.rs`): marked
+//! in use while open read-write, tracking writes, stored on close.
 //! Not done yet: O_DIRECT on qcow2 files, qemu's metadata-overlap checks against hostile L2
 //! entries, external data files and encryption (both refused at open).
 
 mod backend;
 mod batch;
+pub mod bitmap;
 mod compressed;
 mod file;
 pub mod header;
@@ -131,6 +132,9 @@ pub struct Qcow2 {
     /// cluster inflate it once. Descriptors are never reused for other data (this engine
     /// never writes compressed clusters), so the key cannot go stale.
     last_inflated: Mutex<Option<(u64, Arc<Vec<u8>>)>>,
+    /// Persistent dirty bitmaps; `tracking` says whether any enabled one needs marking.
+    bitmaps: Mutex<Option<bitmap::Bitmaps>>,
+    tracking: std::sync::atomic::AtomicBool,
 }
 
 fn open_err(path: &Path, msg: impl std::fmt::Display) -> Error {
@@ -239,9 +243,10 @@ impl Qcow2 {
             }
             _ => None,
         };
-        if !opts.read_only {
-            clear_autoclear(&f, &h)?;
-        }
+        let bitmaps = open_bitmaps(&f, &h, &geo, &opts, file_len)?;
+        let tracking = bitmaps
+            .as_ref()
+            .is_some_and(|b| !opts.read_only && b.list.iter().any(|x| x.enabled()));
         let table_bytes = geo.cs as usize;
         let meta = Meta {
             l1,
@@ -262,6 +267,8 @@ impl Qcow2 {
             opts,
             snapshots,
             last_inflated: Mutex::new(None),
+            bitmaps: Mutex::new(bitmaps),
+            tracking: std::sync::atomic::AtomicBool::new(tracking),
         })
     }
 
@@ -558,9 +565,63 @@ impl Qcow2 {
     }
 }
 
-/// We do not update persistent bitmaps, so, as the spec asks of software that does not know
-/// an autoclear feature, clear the bits before any write: qemu then treats the bitmaps as
-/// inconsistent (and their clusters as leaked) instead of trusting stale ones.
+/// Load the bitmaps. Read-write, mark the ones we now own IN_USE on disk and clear the
+/// autoclear bits we do not implement (bit 1, raw external data, needs a data file we
+/// refuse anyway); when the bitmaps cannot be understood, clear every bit, so qemu treats
+/// them as inconsistent instead of trusting stale ones.
+fn open_bitmaps(
+    f: &ImageFile,
+    h: &Header,
+    geo: &Geo,
+    opts: &Qcow2Options,
+    file_len: u64,
+) -> Result<Option<bitmap::Bitmaps>> {
+    let consistent = h.autoclear & header::AUTOCLEAR_BITMAPS != 0;
+    let loaded = match h.bitmaps {
+        Some(ext) if ext.nb_bitmaps > 0 => {
+            match bitmap::Bitmaps::load(f, ext, geo.cluster_bits, geo.size, file_len, consistent) {
+                Ok(b) => Some(b),
+                Err(e) => {
+                    tracing::warn!("{}: ignoring its dirty bitmaps: {e}", f.path.display());
+                    None
+                }
+            }
+        }
+        _ => None,
+    };
+    if opts.read_only || opts.load_snapshot.is_some() {
+        return Ok(loaded);
+    }
+    let Some(b) = loaded else {
+        clear_autoclear(f, h)?;
+        return Ok(None);
+    };
+    let keep = h.autoclear & header::AUTOCLEAR_BITMAPS;
+    if h.autoclear != keep {
+        f.write("write header", header::OFF_AUTOCLEAR, &keep.to_be_bytes())?;
+    }
+    let (_, at) = b.encode_directory();
+    let mut any = false;
+    for (e, pos) in b.list.iter().zip(at) {
+        if e.enabled() || (e.problem.is_none() && e.entry.flags & bitmap::IN_USE == 0) {
+            let flags = e.entry.flags | bitmap::IN_USE;
+            f.write(
+                "mark bitmap in use",
+                b.ext.dir_offset + pos as u64 + 12,
+                &flags.to_be_bytes(),
+            )?;
+            any = true;
+        }
+    }
+    if any || h.autoclear != keep {
+        f.sync()?;
+    }
+    Ok(Some(b))
+}
+
+/// As the spec asks of software that does not know an autoclear feature, clear the bits
+/// before any write: qemu then treats the bitmaps as inconsistent (and their clusters as
+/// leaked) instead of trusting stale ones.
 fn clear_autoclear(f: &ImageFile, h: &Header) -> Result<()> {
     if h.autoclear != 0 {
         f.write("write header", header::OFF_AUTOCLEAR, &0u64.to_be_bytes())?;

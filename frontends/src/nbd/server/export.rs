@@ -11,7 +11,8 @@ pub struct Export {
     pub device: Device,
     /// CAN_MULTI_CONN: qemu-nbd sets it unless `-e 1`.
     pub multi_conn: bool,
-    /// The metadata contexts offered (`base:allocation`, and with `-A` `qemu:allocation-depth`).
+    /// The metadata contexts offered (`base:allocation`, with `-A` `qemu:allocation-depth`,
+    /// with `-B` `qemu:dirty-bitmap:NAME`).
     pub contexts: Vec<MetaContext>,
 }
 
@@ -34,8 +35,14 @@ impl Export {
             description,
             device,
             multi_conn,
-            contexts: meta::available(allocation_depth),
+            contexts: meta::available(allocation_depth, &[]),
         }
+    }
+
+    /// Offer `qemu:dirty-bitmap:NAME` for each `-B NAME` (the device has checked them).
+    pub fn with_bitmaps(mut self, allocation_depth: bool, bitmaps: &[String]) -> Export {
+        self.contexts = meta::available(allocation_depth, bitmaps);
+        self
     }
 
     pub fn read_only(&self) -> bool {

@@ -8,6 +8,8 @@ use crate::nbd::proto::{CONTEXT_ALLOCATION_DEPTH, CONTEXT_BASE_ALLOCATION};
 pub enum ContextKind {
     BaseAllocation,
     AllocationDepth,
+    /// `qemu:dirty-bitmap:NAME` for `-B NAME`.
+    DirtyBitmap(String),
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -18,8 +20,8 @@ pub struct MetaContext {
     pub kind: ContextKind,
 }
 
-/// The contexts one export offers, in qemu's order and with qemu's ids.
-pub fn available(allocation_depth: bool) -> Vec<MetaContext> {
+/// The contexts one export offers, in qemu's order (bitmaps last, the last `-B` first).
+pub fn available(allocation_depth: bool, bitmaps: &[String]) -> Vec<MetaContext> {
     let mut v = vec![MetaContext {
         id: 0,
         name: CONTEXT_BASE_ALLOCATION.into(),
@@ -30,6 +32,13 @@ pub fn available(allocation_depth: bool) -> Vec<MetaContext> {
             id: 1,
             name: CONTEXT_ALLOCATION_DEPTH.into(),
             kind: ContextKind::AllocationDepth,
+        });
+    }
+    for name in bitmaps.iter().rev() {
+        v.push(MetaContext {
+            id: v.len() as u32,
+            name: format!("qemu:dirty-bitmap:{name}"),
+            kind: ContextKind::DirtyBitmap(name.clone()),
         });
     }
     v
@@ -58,7 +67,7 @@ mod tests {
 
     #[test]
     fn queries_match_as_qemu_does() {
-        let all = available(true);
+        let all = available(true, &["b0".to_string(), "b1".to_string()]);
         let names = |q: &str| {
             list_matches(&all, q)
                 .iter()
@@ -66,7 +75,18 @@ mod tests {
                 .collect::<Vec<_>>()
         };
         assert_eq!(names("base:"), vec!["base:allocation"]);
-        assert_eq!(names("qemu:"), vec!["qemu:allocation-depth"]);
+        assert_eq!(
+            names("qemu:"),
+            vec![
+                "qemu:allocation-depth",
+                "qemu:dirty-bitmap:b1",
+                "qemu:dirty-bitmap:b0"
+            ]
+        );
+        assert_eq!(
+            names("qemu:dirty-bitmap:"),
+            vec!["qemu:dirty-bitmap:b1", "qemu:dirty-bitmap:b0"]
+        );
         assert_eq!(
             names("qemu:allocation-depth"),
             vec!["qemu:allocation-depth"]

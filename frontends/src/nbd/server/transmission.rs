@@ -426,18 +426,25 @@ impl<'a> Conn<'a> {
         Some(self.write_reply(&mut iov))
     }
 
-    fn block_status(&self, req: &Request, len: u64, s: &mut Scratch) -> io::Result<()> {
+    /// Extents of `[offset, offset + len)` for one source (allocation, or a dirty bitmap),
+    /// at most MAX_EXTENTS, only the first call's worth with REQ_ONE.
+    fn gather(
+        &self,
+        bitmap: Option<&str>,
+        offset: u64,
+        len: u64,
+        req_one: bool,
+        scratch: &mut Extents,
+    ) -> Result<Vec<backends::Extent>, BackendError> {
         let dev = &self.export.device;
-        let req_one = req.flags.contains(CmdFlags::REQ_ONE);
-        // Gather extents for the whole range (or the first call's worth with REQ_ONE).
         let mut all: Vec<backends::Extent> = Vec::new();
         let mut pos = 0u64;
         while pos < len && all.len() < MAX_EXTENTS {
-            if let Err(e) = dev.block_status(req.offset + pos, len - pos, &mut s.extents) {
-                let r = self.backend_reject(req, &e);
-                return self.send_error(req, r, &mut s.hdr);
+            match bitmap {
+                None => dev.block_status(offset + pos, len - pos, scratch)?,
+                Some(name) => dev.bitmap_status(name, offset + pos, len - pos, scratch)?,
             }
-            for e in s.extents.iter() {
+            for e in scratch.iter() {
                 if pos >= len {
                     break;
                 }
@@ -449,6 +456,11 @@ impl<'a> Conn<'a> {
                 break;
             }
         }
+        Ok(all)
+    }
+
+    fn block_status(&self, req: &Request, len: u64, s: &mut Scratch) -> io::Result<()> {
+        let req_one = req.flags.contains(CmdFlags::REQ_ONE);
         let contexts: Vec<&MetaContext> =
             if self.neg.extended && req.flags.contains(CmdFlags::PAYLOAD_LEN) {
                 let ids: Vec<u32> = s.data[8..]
@@ -463,14 +475,44 @@ impl<'a> Conn<'a> {
             } else {
                 self.neg.contexts.iter().collect()
             };
+        // Allocation once for the contexts that share it, each bitmap on its own.
+        let mut sources: Vec<Vec<backends::Extent>> = Vec::with_capacity(contexts.len());
+        let mut allocation: Option<usize> = None;
+        let mut which = Vec::with_capacity(contexts.len());
+        for ctx in &contexts {
+            let bitmap = match &ctx.kind {
+                ContextKind::DirtyBitmap(name) => Some(name.as_str()),
+                _ => None,
+            };
+            if bitmap.is_none() {
+                if let Some(i) = allocation {
+                    which.push(i);
+                    continue;
+                }
+            }
+            match self.gather(bitmap, req.offset, len, req_one, &mut s.extents) {
+                Ok(v) => sources.push(v),
+                Err(e) => {
+                    let r = self.backend_reject(req, &e);
+                    return self.send_error(req, r, &mut s.hdr);
+                }
+            }
+            if bitmap.is_none() {
+                allocation = Some(sources.len() - 1);
+            }
+            which.push(sources.len() - 1);
+        }
         s.hdr.clear();
         let ext = self.neg.extended;
         for (i, ctx) in contexts.iter().enumerate() {
             let mut runs: Vec<(u64, u32)> = Vec::new();
-            for e in &all {
+            for e in &sources[which[i]] {
                 let v = match ctx.kind {
                     ContextKind::BaseAllocation => e.flags.bits() & (STATE_HOLE | STATE_ZERO),
                     ContextKind::AllocationDepth => e.depth,
+                    ContextKind::DirtyBitmap(_) => {
+                        u32::from(e.flags.contains(backends::ExtentFlags::DIRTY))
+                    }
                 };
                 match runs.last_mut() {
                     Some(last) if last.1 == v => last.0 += e.len,

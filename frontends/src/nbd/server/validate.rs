@@ -191,7 +191,7 @@ mod tests {
             structured,
             extended: false,
             contexts: if structured {
-                meta::available(false)
+                meta::available(false, &[])
             } else {
                 vec![]
             },
