@@ -6,6 +6,7 @@ use backends::aio::AioMode;
 use backends::cache_mode::CacheMode;
 use backends::detect_zeroes::DetectZeroes;
 use backends::open::{Format, ImageOptions};
+use backends::qcow2::BackingChoice;
 use std::path::PathBuf;
 
 /// What an option string asks for beyond [`ImageOptions`].
@@ -95,6 +96,8 @@ pub fn parse(s: &str, read_only: bool) -> Result<ParsedImageOpts, String> {
     let mut driver: Option<String> = None;
     let mut file_driver: Option<String> = None;
     let mut filename: Option<String> = None;
+    let mut backing_driver: Option<String> = None;
+    let mut backing_file: Option<String> = None;
     for (k, v) in &pairs {
         if k == "driver" {
             driver = Some(v.clone());
@@ -136,6 +139,54 @@ pub fn parse(s: &str, read_only: bool) -> Result<ParsedImageOpts, String> {
             "file.aio" | "aio" if k == "file.aio" || is_protocol => match AioMode::from_name(&v) {
                 Some(m) => image.aio = m,
                 None => return Err(format!("Parameter 'aio' does not accept value '{v}'")),
+            },
+            // qcow2's own options. The tuning ones (caches, overlap checks, discard passing)
+            // are checked as qemu checks them; this engine sizes its caches itself.
+            "backing" if fmt_name == "qcow2" => {
+                if !v.is_empty() {
+                    return Err(format!(
+                        "Could not open backing file: Cannot find device='{v}' nor node-name='{v}'"
+                    ));
+                }
+                eprintln!(
+                    "qnbd: warning: Use of \"backing\": \"\" is deprecated; use \"backing\": null instead"
+                );
+                image.backing = BackingChoice::None;
+            }
+            "backing.driver" if fmt_name == "qcow2" => backing_driver = Some(v),
+            "backing.file" | "backing.file.filename" if fmt_name == "qcow2" => {
+                backing_file = Some(v)
+            }
+            "backing.file.driver" if fmt_name == "qcow2" => {
+                if v != "file" && v != "host_device" {
+                    return Err(format!("Unknown protocol '{v}'"));
+                }
+            }
+            "lazy-refcounts" | "pass-discard-request" | "pass-discard-snapshot"
+            | "pass-discard-other" | "discard-no-unref"
+                if fmt_name == "qcow2" =>
+            {
+                on_off(&k, &v)?;
+            }
+            "l2-cache-size" | "l2-cache-entry-size" | "refcount-cache-size" | "cache-size"
+                if fmt_name == "qcow2" =>
+            {
+                parse_size(&k, &v)?;
+            }
+            "cache-clean-interval" if fmt_name == "qcow2" => {
+                if v.parse::<u64>().is_err() {
+                    return Err(
+                        "Parameter 'cache-clean-interval' expects a non-negative number".into(),
+                    );
+                }
+            }
+            "overlap-check" if fmt_name == "qcow2" => match v.as_str() {
+                "none" | "constant" | "cached" | "all" => {}
+                _ => {
+                    return Err(format!(
+                        "Unsupported value '{v}' for qcow2 option 'overlap-check'. Allowed are any of the following: none, constant, cached, all"
+                    ))
+                }
             },
             "file.locking" => match v.as_str() {
                 "auto" | "on" | "off" => {}
@@ -179,6 +230,23 @@ pub fn parse(s: &str, read_only: bool) -> Result<ParsedImageOpts, String> {
             None => return Err(format!("Unknown driver '{d}'")),
         },
     };
+    match (backing_file, backing_driver) {
+        (Some(f), d) => {
+            if let Some(d) = &d {
+                if Format::from_name(d).is_none() {
+                    return Err(format!("Could not open backing file: Unknown driver '{d}'"));
+                }
+            }
+            image.backing = BackingChoice::File(PathBuf::from(f), d);
+        }
+        (None, Some(d)) => {
+            if Format::from_name(&d).is_none() {
+                return Err(format!("Could not open backing file: Unknown driver '{d}'"));
+            }
+            image.backing = BackingChoice::HeaderAs(d);
+        }
+        (None, None) => {}
+    }
     let Some(filename) = filename else {
         return Err("A block device must be specified for \"file\"".into());
     };

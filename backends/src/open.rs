@@ -55,6 +55,8 @@ pub struct ImageOptions {
     pub chain_depth: u32,
     /// `-l`: export this internal snapshot (by id, then by name) read-only; qcow2 only.
     pub load_snapshot: Option<String>,
+    /// qcow2 `backing=` / `backing.file.filename=` from `--image-opts`.
+    pub backing: crate::qcow2::BackingChoice,
 }
 
 /// Longest backing chain followed, counting the top image.
@@ -215,6 +217,7 @@ fn open_qcow2(opts: &ImageOptions, read_only: bool) -> Result<crate::qcow2::Qcow
             read_only,
             discard: opts.discard,
             load_snapshot: opts.load_snapshot.clone(),
+            backing: opts.backing.clone(),
         },
         &open_backing,
     )

@@ -57,7 +57,7 @@ impl TempOverlay {
             Qcow2Options {
                 read_only: false,
                 discard,
-                load_snapshot: None,
+                ..Default::default()
             },
             &|_, _| Ok(base.clone()),
         )?;

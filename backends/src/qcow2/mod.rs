@@ -49,6 +49,20 @@ const STRIPES: usize = 256;
 pub type OpenBacking<'a> = dyn Fn(&Path, Option<&str>) -> Result<Arc<dyn BlockBackend>> + 'a;
 const L2_CACHE_BYTES: usize = 32 << 20;
 
+/// Which backing file to use (qemu's `backing=` options).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub enum BackingChoice {
+    /// The one the header names, if any.
+    #[default]
+    FromHeader,
+    /// None at all: unallocated clusters read as zeroes.
+    None,
+    /// This file, with this format (None: probe), instead of the header's.
+    File(PathBuf, Option<String>),
+    /// The header's file, opened with this format.
+    HeaderAs(String),
+}
+
 /// How a qcow2 image is opened.
 #[derive(Clone, Debug, Default)]
 pub struct Qcow2Options {
@@ -58,6 +72,7 @@ pub struct Qcow2Options {
     /// Export this internal snapshot (matched by id, then by name) instead of the active
     /// layer; requires `read_only`.
     pub load_snapshot: Option<String>,
+    pub backing: BackingChoice,
 }
 
 /// The image's fixed geometry.
@@ -234,8 +249,20 @@ impl Qcow2 {
             l1 = l2_cache::decode(&raw);
             geo.size = size & !511;
         }
-        let backing = match &h.backing_file {
-            Some(name) if !name.is_empty() => {
+        let backing = match (&opts.backing, &h.backing_file) {
+            (BackingChoice::None, _) => None,
+            (BackingChoice::File(p, fmt), _) => Some(
+                open_backing(p, fmt.as_deref())
+                    .map_err(|e| Error::Open(format!("Could not open backing file: {e}")))?,
+            ),
+            (BackingChoice::HeaderAs(fmt), Some(name)) if !name.is_empty() => {
+                let p = resolve_backing(path, name);
+                Some(
+                    open_backing(&p, Some(fmt))
+                        .map_err(|e| Error::Open(format!("Could not open backing file: {e}")))?,
+                )
+            }
+            (BackingChoice::FromHeader, Some(name)) if !name.is_empty() => {
                 let p = resolve_backing(path, name);
                 let b = open_backing(&p, h.backing_format.as_deref())
                     .map_err(|e| Error::Open(format!("Could not open backing file: {e}")))?;
