@@ -330,3 +330,83 @@ fn hostile_qcow2_files_fail_with_the_file_named() {
         }
     }
 }
+
+/// Open flags of `pid`'s descriptors for `img` (from /proc/PID/fdinfo).
+fn open_flags(pid: u32, img: &Path) -> Vec<u32> {
+    let img = std::fs::canonicalize(img).expect("canonicalize");
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .expect("fd dir")
+        .flatten()
+    {
+        if std::fs::read_link(e.path()).ok().as_deref() == Some(img.as_path()) {
+            let info = std::fs::read_to_string(format!(
+                "/proc/{pid}/fdinfo/{}",
+                e.file_name().to_string_lossy()
+            ))
+            .unwrap_or_default();
+            if let Some(f) = info.lines().find_map(|l| l.strip_prefix("flags:")) {
+                out.push(u32::from_str_radix(f.trim(), 8).unwrap_or(0));
+            }
+        }
+    }
+    out
+}
+
+#[test]
+fn cache_none_opens_qcow2_with_o_direct() {
+    if !have("qemu-img") || !have("qemu-io") || !have_nbdsh() {
+        return;
+    }
+    const O_DIRECT: u32 = 0o40000;
+    // tmpfs has no O_DIRECT: use a disk-backed directory.
+    let dir = tempfile::Builder::new()
+        .prefix("qnbd-test")
+        .tempdir_in("/var/tmp")
+        .expect("tempdir");
+    let d = dir.path();
+    let src = source(d);
+    qemu_img(
+        d,
+        &[
+            "convert",
+            "-q",
+            "-f",
+            "raw",
+            "-O",
+            "qcow2",
+            src.to_str().unwrap(),
+            "img.qcow2",
+        ],
+    );
+    let img = d.join("img.qcow2");
+    for mode in [["--cache=none"], ["-n"]] {
+        let model = d.join("model.raw");
+        let mut s = Server::unix(
+            QNBD,
+            &[
+                "-f",
+                "qcow2",
+                "-t",
+                "-e",
+                "8",
+                mode[0],
+                img.to_str().unwrap(),
+            ],
+        );
+        let flags = open_flags(s.child.id(), &img);
+        assert!(
+            flags.iter().any(|f| f & O_DIRECT != 0),
+            "{mode:?}: no O_DIRECT descriptor for the image: {flags:?}"
+        );
+        let out = nbdsh_script(
+            "random_writes.py",
+            &s.uri(),
+            &[model.to_str().unwrap(), "5"],
+        );
+        assert_eq!(out.trim(), "ok");
+        assert!(s.terminate().is_some_and(|st| st.success()));
+        check_clean(&img);
+        assert!(identical(&model, "raw", &img, "qcow2"), "{mode:?}");
+    }
+}

@@ -218,6 +218,7 @@ fn open_qcow2(opts: &ImageOptions, read_only: bool) -> Result<crate::qcow2::Qcow
             discard: opts.discard,
             load_snapshot: opts.load_snapshot.clone(),
             backing: opts.backing.clone(),
+            direct: opts.direct,
         },
         &open_backing,
     )
