@@ -139,7 +139,11 @@ fi
 # has no qcow2 plugin or filter, so qemu-nbd is the only peer here.
 raw_img=$img
 if want qcow2; then
-qcow2_fresh() { rm -f "$work/disk.qcow2"; qemu-img create -q -f qcow2 "$work/disk.qcow2" "${SIZE_MB}M"; }
+qcow2_fresh() {
+    rm -f "$work/disk.qcow2"
+    qemu-img create -q -f qcow2 "$work/disk.qcow2" "${SIZE_MB}M"
+    sync
+}
 # qemu-img convert leaves unwritten (fallocated) extents under the clusters it writes, and
 # ext4 then converts extents on every later write; a plain copy gives the qcow2 file the
 # same host state as the raw image (also made by cp), so the table compares formats only.
@@ -148,6 +152,8 @@ qcow2_full() {
     qemu-img convert -q -f raw -O qcow2 "$src" "$work/conv.qcow2"
     cp --sparse=never "$work/conv.qcow2" "$work/disk.qcow2"
     rm -f "$work/conv.qcow2"
+    # Let the copy's dirty pages reach the disk now, not during the measurement.
+    sync
 }
 q_workloads=(fresh/rand_write_qd1 fresh/rand_write_qd32 full/seq_read full/rand_read_qd32 full/rand_write_qd32)
 declare -A q2
@@ -155,6 +161,7 @@ for server in qnbd qemu-nbd qnbd-raw; do
     for wk in "${q_workloads[@]}"; do
         kind=${wk%%/*} w=${wk#*/}
         if [ "$server" = qnbd-raw ]; then
+            sync
             fmt=raw img=$raw_img
             start qnbd unix
         else
