@@ -17,12 +17,12 @@ pub struct ParsedImageOpts {
     pub detect_zeroes: DetectZeroes,
 }
 
-/// Split `a=b,c=d,,e` into pairs, `,,` being a literal comma.
-pub fn split_opts(s: &str) -> Result<Vec<(String, String)>, String> {
-    let mut out = Vec::new();
+/// Split `a,b,,c` at single commas, `,,` standing for a comma inside an item (qemu's
+/// option-string escaping, shared by `--image-opts` and `--object`).
+pub fn split_items(s: &str) -> Vec<String> {
+    let mut items = Vec::new();
     let mut cur = String::new();
     let mut chars = s.chars().peekable();
-    let mut items = Vec::new();
     while let Some(c) = chars.next() {
         if c == ',' {
             if chars.peek() == Some(&',') {
@@ -36,7 +36,13 @@ pub fn split_opts(s: &str) -> Result<Vec<(String, String)>, String> {
         }
     }
     items.push(cur);
-    for it in items {
+    items
+}
+
+/// Split `a=b,c=d,,e` into pairs, `,,` being a literal comma.
+pub fn split_opts(s: &str) -> Result<Vec<(String, String)>, String> {
+    let mut out = Vec::new();
+    for it in split_items(s) {
         if it.is_empty() {
             continue;
         }

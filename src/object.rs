@@ -110,24 +110,8 @@ enum Syntax {
 /// Split `type,a=b,c.0.d=e` (`,,` is a comma) into a JSON object, dotted keys nested and
 /// numeric components turned into arrays, as qemu's keyval parser does.
 fn parse_keyval(s: &str) -> Result<Map<String, Value>, String> {
-    let mut items = Vec::new();
-    let mut cur = String::new();
-    let mut chars = s.chars().peekable();
-    while let Some(c) = chars.next() {
-        if c == ',' {
-            if chars.peek() == Some(&',') {
-                chars.next();
-                cur.push(',');
-            } else {
-                items.push(std::mem::take(&mut cur));
-            }
-        } else {
-            cur.push(c);
-        }
-    }
-    items.push(cur);
     let mut root = Map::new();
-    for (i, it) in items.into_iter().enumerate() {
+    for (i, it) in crate::image_opts::split_items(s).into_iter().enumerate() {
         let (k, v) = match it.split_once('=') {
             Some((k, v)) => (k.to_string(), v.to_string()),
             // The first item may leave out its key: it is the type.

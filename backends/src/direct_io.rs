@@ -64,9 +64,9 @@ fn up(x: u64) -> u64 {
     down(x + ALIGN as u64 - 1)
 }
 
-/// Read `[start, start + buf.len())` where start and length are aligned; short reads past the
-/// end of the file are zeroes.
-fn read_aligned(mode: AioMode, f: &File, start: u64, buf: &mut [u8]) -> io::Result<()> {
+/// Fill `buf` from `start` (callers using O_DIRECT pass aligned values); bytes past the end
+/// of the file read as zeroes.
+pub(crate) fn read_full_at(mode: AioMode, f: &File, start: u64, buf: &mut [u8]) -> io::Result<()> {
     let mut done = 0;
     while done < buf.len() {
         match aio::read_at(mode, f, &mut buf[done..], start + done as u64) {
@@ -111,12 +111,12 @@ impl DirectIo {
     pub fn read(&self, f: &File, offset: u64, buf: &mut [u8]) -> io::Result<()> {
         if offset + buf.len() as u64 > self.tail_start {
             let _x = self.rmw.read();
-            return read_aligned(AioMode::Threads, &self.plain, offset, buf);
+            return read_full_at(AioMode::Threads, &self.plain, offset, buf);
         }
         let start = down(offset);
         let end = up(offset + buf.len() as u64);
         let mut bounce = AlignedBuf::new((end - start) as usize);
-        read_aligned(
+        read_full_at(
             self.mode,
             f,
             start,
@@ -148,9 +148,9 @@ impl DirectIo {
             let _x = self.rmw.write();
             let b = bounce.as_mut_slice();
             // Only the first and last block hold bytes this write does not cover.
-            read_aligned(self.mode, f, start, &mut b[..ALIGN])?;
+            read_full_at(self.mode, f, start, &mut b[..ALIGN])?;
             if len > ALIGN {
-                read_aligned(self.mode, f, end - ALIGN as u64, &mut b[len - ALIGN..len])?;
+                read_full_at(self.mode, f, end - ALIGN as u64, &mut b[len - ALIGN..len])?;
             }
             let skip = (offset - start) as usize;
             b[skip..skip + buf.len()].copy_from_slice(buf);

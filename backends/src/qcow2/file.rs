@@ -34,24 +34,14 @@ impl ImageFile {
             if direct_ok(offset, buf.len()) {
                 let mut bounce = crate::direct_io::AlignedBuf::new(buf.len());
                 let b = &mut bounce.as_mut_slice()[..buf.len()];
-                read_full(d, offset, b).map_err(|e| self.err(op, offset, buf.len() as u64, e))?;
+                crate::direct_io::read_full_at(crate::aio::AioMode::Threads, d, offset, b)
+                    .map_err(|e| self.err(op, offset, buf.len() as u64, e))?;
                 buf.copy_from_slice(b);
                 return Ok(());
             }
         }
-        let mut done = 0;
-        while done < buf.len() {
-            match self.file.read_at(&mut buf[done..], offset + done as u64) {
-                Ok(0) => {
-                    buf[done..].fill(0);
-                    break;
-                }
-                Ok(n) => done += n,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) => return Err(self.err(op, offset, buf.len() as u64, e)),
-            }
-        }
-        Ok(())
+        crate::direct_io::read_full_at(crate::aio::AioMode::Threads, &self.file, offset, buf)
+            .map_err(|e| self.err(op, offset, buf.len() as u64, e))
     }
 
     pub fn write(&self, op: &'static str, offset: u64, buf: &[u8]) -> Result<()> {
@@ -95,23 +85,6 @@ impl ImageFile {
     pub fn corrupt(&self, msg: String) -> Error {
         corrupt(&self.path, msg)
     }
-}
-
-/// Fill `buf` from `offset`; past the end of the file reads zeroes.
-fn read_full(f: &File, offset: u64, buf: &mut [u8]) -> io::Result<()> {
-    let mut done = 0;
-    while done < buf.len() {
-        match f.read_at(&mut buf[done..], offset + done as u64) {
-            Ok(0) => {
-                buf[done..].fill(0);
-                break;
-            }
-            Ok(n) => done += n,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(e),
-        }
-    }
-    Ok(())
 }
 
 pub fn corrupt(path: &Path, msg: String) -> Error {

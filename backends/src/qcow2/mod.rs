@@ -163,23 +163,11 @@ impl Qcow2 {
     /// Open the image; `open_backing` opens a backing file read-only given its resolved path
     /// and `backing_fmt` (the caller keeps probing and the depth limit in one place).
     pub fn open(path: &Path, opts: Qcow2Options, open_backing: &OpenBacking<'_>) -> Result<Qcow2> {
-        let file = OpenOptions::new()
-            .read(true)
-            .write(!opts.read_only)
-            .custom_flags(libc::O_CLOEXEC)
-            .open(path)
-            .map_err(|e| {
-                let msg = e
-                    .raw_os_error()
-                    .map(|c| nix::errno::Errno::from_raw(c).desc().to_string())
-                    .unwrap_or_else(|| e.to_string());
-                Error::Open(format!("Could not open '{}': {msg}", path.display()))
-            })?;
-        let direct = if opts.direct {
-            let d = OpenOptions::new()
+        let open_with = |flags: i32| {
+            OpenOptions::new()
                 .read(true)
                 .write(!opts.read_only)
-                .custom_flags(libc::O_CLOEXEC | libc::O_DIRECT)
+                .custom_flags(libc::O_CLOEXEC | flags)
                 .open(path)
                 .map_err(|e| {
                     let msg = e
@@ -187,8 +175,11 @@ impl Qcow2 {
                         .map(|c| nix::errno::Errno::from_raw(c).desc().to_string())
                         .unwrap_or_else(|| e.to_string());
                     Error::Open(format!("Could not open '{}': {msg}", path.display()))
-                })?;
-            Some(d)
+                })
+        };
+        let file = open_with(0)?;
+        let direct = if opts.direct {
+            Some(open_with(libc::O_DIRECT)?)
         } else {
             None
         };
