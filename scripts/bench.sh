@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
 # Throughput of qnbd beside qemu-nbd and nbdkit (file plugin; memory plugin as the loopback
 # limit) on one raw image, over a Unix socket and TCP; then qcow2 (fresh and fully
-# allocated) beside qemu-nbd; then qnbd's --aio/--cache I/O paths. Not a test: it prints
+# allocated) beside qemu-nbd; then TLS; then qnbd's --aio/--cache I/O paths. Not a test: it prints
 # tables of MiB/s or IOPS and the ratios.
 #
 #   scripts/bench.sh [RUNTIME_SECONDS]     (default 5; env SIZE_MB=1024, QNBD=path,
-#                                           SECTIONS="raw qcow2 aio" to pick tables)
+#                                           SECTIONS="raw qcow2 tls aio" to pick tables)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 RUNTIME=${1:-5}
@@ -46,18 +46,33 @@ start() {
         [ "$server" = qnbd-io_uring ] && extra=(--aio=io_uring)
         [ "$server" = qnbd-native ] && extra=(--aio=native --cache=none)
         [ "$server" = qnbd-cache-none ] && extra=(--cache=none)
-        if [ "$transport" = unix ]; then addr=(-k "$sock"); else addr=(-b 127.0.0.1 -p "$port"); fi
+        case $transport in
+        unix) addr=(-k "$sock") ;;
+        tcp) addr=(-b 127.0.0.1 -p "$port") ;;
+        tls) addr=(-b 127.0.0.1 -p "$port" --tls-creds tls0
+            --object "tls-creds-x509,id=tls0,endpoint=server,dir=$work/pki/server,verify-peer=off") ;;
+        esac
         "$bin" -f "$fmt" -t -e 0 "${extra[@]}" "${addr[@]}" "$img" 2>"$work/server.log" &
         ;;
     nbdkit-file | nbdkit-memory)
-        if [ "$transport" = unix ]; then addr=(-U "$sock"); else addr=(-i 127.0.0.1 -p "$port"); fi
+        case $transport in
+        unix) addr=(-U "$sock") ;;
+        tcp) addr=(-i 127.0.0.1 -p "$port") ;;
+        tls) addr=(-i 127.0.0.1 -p "$port" --tls=require "--tls-certificates=$work/pki/server") ;;
+        esac
         local plugin=(file "file=$img")
         [ "$server" = nbdkit-memory ] && plugin=(memory "size=${SIZE_MB}M")
         nbdkit -f "${addr[@]}" "${plugin[@]}" 2>"$work/server.log" &
         ;;
     esac
     server_pid=$!
-    if [ "$transport" = unix ]; then uri="nbd+unix:///?socket=$sock"; else uri="nbd://127.0.0.1:$port/"; fi
+    case $transport in
+    unix) uri="nbd+unix:///?socket=$sock" ;;
+    tcp) uri="nbd://127.0.0.1:$port/" ;;
+    # fio's nbd engine refuses URIs naming local files (tls-certificates=), so the clients
+    # do not verify the server here; the encryption is the same.
+    tls) uri="nbds://127.0.0.1:$port/?tls-verify-peer=false" ;;
+    esac
     for _ in $(seq 200); do
         nbdinfo --size "$uri" >/dev/null 2>&1 && return 0
         sleep 0.05
@@ -103,7 +118,7 @@ w_rand_read_qd32() { fio_iops randread 32; }
 w_rand_write_qd1() { fio_iops randwrite 1; }
 w_rand_write_qd32() { fio_iops randwrite 32; }
 
-want() { [[ " ${SECTIONS:-raw qcow2 aio} " == *" $1 "* ]]; }
+want() { [[ " ${SECTIONS:-raw qcow2 tls aio} " == *" $1 "* ]]; }
 
 workloads=(seq_read seq_write rand_read_qd1 rand_read_qd32 rand_write_qd1 rand_write_qd32)
 if want raw; then
@@ -182,6 +197,43 @@ for wk in "${q_workloads[@]}"; do
         "$(echo "$q / $m" | bc -l)" "$(echo "$q / $r" | bc -l)"
 done
 echo "(Unix socket; fresh: a new empty qcow2 per run; full: converted from the random raw image, then copied)"
+fi
+
+# TLS (x509, no client certificate) over TCP: the cost of encryption in each server.
+make_pki() {
+    local d=$work/pki
+    mkdir -p "$d/server"
+    certtool --generate-privkey --outfile "$d/ca-key.pem" 2>/dev/null
+    printf 'cn = bench CA\nca\ncert_signing_key\n' >"$d/ca.info"
+    certtool --generate-self-signed --load-privkey "$d/ca-key.pem" --template "$d/ca.info" \
+        --outfile "$d/ca-cert.pem" 2>/dev/null
+    certtool --generate-privkey --outfile "$d/server/server-key.pem" 2>/dev/null
+    printf 'cn = localhost\nip_address = 127.0.0.1\ntls_www_server\nencryption_key\nsigning_key\n' >"$d/server.info"
+    certtool --generate-certificate --load-ca-privkey "$d/ca-key.pem" --load-ca-certificate "$d/ca-cert.pem" \
+        --load-privkey "$d/server/server-key.pem" --template "$d/server.info" \
+        --outfile "$d/server/server-cert.pem" 2>/dev/null
+    cp "$d/ca-cert.pem" "$d/server/"
+}
+if want tls; then
+    command -v certtool >/dev/null || { echo "bench: certtool is missing (gnutls-bin)" >&2; exit 77; }
+    make_pki
+    tls_workloads=(seq_read seq_write rand_read_qd32 rand_write_qd32)
+    declare -A tlsr
+    for server in qnbd qemu-nbd nbdkit-file; do
+        start "$server" tls
+        for w in "${tls_workloads[@]}"; do
+            tlsr[$w/$server]=$("w_$w")
+            echo "bench: tls $w $server ${tlsr[$w/$server]}" >&2
+        done
+        stop
+    done
+    printf '\n%-16s %10s %10s %12s %10s %12s\n' "TLS workload" qnbd qemu-nbd nbdkit-file qnbd/qemu qnbd/nbdkit
+    for w in "${tls_workloads[@]}"; do
+        q=${tlsr[$w/qnbd]} m=${tlsr[$w/qemu-nbd]} f=${tlsr[$w/nbdkit-file]}
+        printf '%-16s %10.0f %10.0f %12.0f %9.2fx %11.2fx\n' "$w" "$q" "$m" "$f" \
+            "$(echo "$q / $m" | bc -l)" "$(echo "$q / $f" | bc -l)"
+    done
+    echo "(TCP with x509 TLS, raw image)"
 fi
 
 # The I/O paths of --aio and --cache=none, on the Unix socket.

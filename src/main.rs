@@ -27,7 +27,10 @@ fn init_logging(verbose: u8, trace: bool) {
         (1, _) => "info",
         _ => "warn",
     };
-    let filter = EnvFilter::try_from_env("QNBD_LOG").unwrap_or_else(|_| EnvFilter::new(level));
+    // rustls warns about clients' harmless quirks (an IP address sent as SNI) on every
+    // connection; qemu-nbd says nothing there, so only its errors get through by default.
+    let filter = EnvFilter::try_from_env("QNBD_LOG")
+        .unwrap_or_else(|_| EnvFilter::new(format!("{level},rustls=error")));
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
         .with_env_filter(filter)

@@ -1016,3 +1016,30 @@ fn anonymous_tls_interoperates_both_ways() {
         assert_eq!(list(QNBD), list("qemu-nbd"), "{server}");
     }
 }
+
+#[test]
+fn list_with_tls_against_a_plain_server_is_denied_like_qemu_nbd() {
+    if !have_all() {
+        return;
+    }
+    let p = pki();
+    let img = patterned_image(&p.root);
+    let srv = Tls::start(QNBD, &s(&["-r", "-f", "raw", img.to_str().unwrap()]));
+    let list = |bin: &str| {
+        let out = run(Command::new(bin)
+            .args(["-L", "-b", "127.0.0.1", "-p", &srv.port.to_string()])
+            .args(["--object", &x509_client(&p.client), "--tls-creds", "tls0"]));
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stderr).replace("qemu-nbd:", "qnbd:"),
+        )
+    };
+    let theirs = list("qemu-nbd");
+    assert!(
+        theirs
+            .1
+            .contains("Denied by server for option 5 (starttls)"),
+        "{theirs:?}"
+    );
+    assert_eq!(list(QNBD), theirs);
+}

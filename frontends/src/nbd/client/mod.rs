@@ -34,6 +34,10 @@ impl ClientError {
                 "TLS negotiation required before option {opt} ({})\nDid you forget a valid tls-creds?\nserver reported: {msg}",
                 opt_name(*opt)
             ),
+            ClientError::Refused { opt, rep, msg } if *rep == REP_ERR_POLICY => format!(
+                "Denied by server for option {opt} ({})\nserver reported: {msg}",
+                opt_name(*opt)
+            ),
             ClientError::Refused { opt, msg, .. } => {
                 format!("Option {opt} ({}) failed\nserver reported: {msg}", opt_name(*opt))
             }
@@ -174,16 +178,13 @@ impl Client {
     pub fn start_tls(&mut self, creds: &Creds, hostname: Option<&str>) -> Result<(), ClientError> {
         self.send_opt(OPT_STARTTLS, &[])?;
         let r = self.read_reply(OPT_STARTTLS)?;
+        if r.rep & 0x8000_0000 != 0 {
+            return Err(Self::refused(OPT_STARTTLS, r));
+        }
         if r.rep != REP_ACK {
-            let msg = String::from_utf8_lossy(&r.data).into_owned();
             return Err(protocol(format!(
-                "Server rejected request to start TLS {:x}{}",
-                r.rep,
-                if msg.is_empty() {
-                    String::new()
-                } else {
-                    format!("\nserver reported: {msg}")
-                }
+                "Server rejected request to start TLS {:x}",
+                r.rep
             )));
         }
         if !r.data.is_empty() {
