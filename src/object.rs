@@ -360,7 +360,7 @@ impl Objects {
 
     fn x509(&self, p: &mut Props) -> Result<Creds, String> {
         let (dir, endpoint, verify_peer, versions) = creds_common(p)?;
-        let _sanity_check = p.bool("sanity-check")?;
+        let sanity_check = p.bool("sanity-check")?.unwrap_or(true);
         let key_password = match p.str("passwordid")? {
             Some(id) => Some(self.secret_bytes(&id)?.to_vec()),
             None => None,
@@ -372,6 +372,7 @@ impl Objects {
             verify_peer,
             key_password,
             versions,
+            sanity_check,
         };
         X509Creds::load(&o)
             .map(Creds::X509)

@@ -1043,3 +1043,90 @@ fn list_with_tls_against_a_plain_server_is_denied_like_qemu_nbd() {
     );
     assert_eq!(list(QNBD), theirs);
 }
+
+#[test]
+fn certificate_sanity_checks_match_qemu_nbd() {
+    if !have_all() {
+        return;
+    }
+    let p = pki();
+    let img = patterned_image(&p.root);
+    let dir = |name: &str, files: &[(&Path, &str)]| {
+        let d = p.root.join(name);
+        std::fs::create_dir_all(&d).expect("mkdir");
+        for (from, to) in files {
+            std::fs::copy(from, d.join(to)).expect("copy");
+        }
+        d
+    };
+    let ca = p.server.join("ca-cert.pem");
+    let cert = p.server.join("server-cert.pem");
+    let key = p.server.join("server-key.pem");
+    let junk = p.root.join("junk.pem");
+    std::fs::write(&junk, "not a certificate\n").expect("write");
+    let other_ca = p.root.join("other-ca").join("ca-cert.pem");
+    let cases = [
+        // A leaf certificate where the CA should be.
+        dir(
+            "not-a-ca",
+            &[
+                (&p.client.join("client-cert.pem"), "ca-cert.pem"),
+                (&cert, "server-cert.pem"),
+                (&key, "server-key.pem"),
+            ],
+        ),
+        dir(
+            "junk-ca",
+            &[
+                (&junk, "ca-cert.pem"),
+                (&cert, "server-cert.pem"),
+                (&key, "server-key.pem"),
+            ],
+        ),
+        // Our certificate is not signed by the CA in the directory.
+        dir(
+            "wrong-ca",
+            &[
+                (&other_ca, "ca-cert.pem"),
+                (&cert, "server-cert.pem"),
+                (&key, "server-key.pem"),
+            ],
+        ),
+        dir(
+            "good",
+            &[
+                (&ca, "ca-cert.pem"),
+                (&cert, "server-cert.pem"),
+                (&key, "server-key.pem"),
+            ],
+        ),
+    ];
+    for d in &cases {
+        let outs: Vec<(Option<i32>, String)> = ["qemu-nbd", QNBD]
+            .iter()
+            .map(|bin| {
+                let mut child = Command::new(bin)
+                    .args([
+                        "--object",
+                        &format!("tls-creds-x509,id=t,endpoint=server,dir={}", d.display()),
+                    ])
+                    .args(["--tls-creds", "t", "-r", "-f", "raw", "-k"])
+                    .arg(p.root.join(format!("{}.sock", bin.len())))
+                    .arg(&img)
+                    .stdin(Stdio::null())
+                    .stderr(Stdio::piped())
+                    .spawn()
+                    .expect("spawn");
+                // A good directory starts a server: stop it after a moment.
+                std::thread::sleep(Duration::from_millis(700));
+                let _ = child.kill();
+                let out = child.wait_with_output().expect("wait");
+                (
+                    out.status.code(),
+                    String::from_utf8_lossy(&out.stderr).replace("qemu-nbd:", "qnbd:"),
+                )
+            })
+            .collect();
+        assert_eq!(outs[1], outs[0], "{}", d.display());
+    }
+}

@@ -7,6 +7,7 @@ pub mod authz;
 pub mod engine;
 mod openssl_engine;
 pub mod psk;
+mod sanity;
 pub mod x509;
 
 use crate::transport::Stream;

@@ -30,6 +30,8 @@ pub struct X509Options {
     /// The private key's passphrase (`passwordid=` names a secret holding it).
     pub key_password: Option<Vec<u8>>,
     pub versions: Versions,
+    /// `sanity-check=on` (qemu's default): check the certificates at load as qemu does.
+    pub sanity_check: bool,
 }
 
 #[derive(Clone)]
@@ -128,9 +130,22 @@ fn cert_and_key(
     Ok((chain, key))
 }
 
+/// The CA list, with qemu's message when it is not one.
+fn ca_certs(ca: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
+    match std::fs::metadata(ca) {
+        Err(_) => certs(ca),
+        Ok(_) => certs(ca).map_err(|_| {
+            TlsError::Creds(format!(
+                "Unable to import CA certificate list {}",
+                ca.display()
+            ))
+        }),
+    }
+}
+
 fn roots(ca: &Path) -> Result<RootCertStore, TlsError> {
     let mut store = RootCertStore::empty();
-    for c in certs(ca)? {
+    for c in ca_certs(ca)? {
         store.add(c).map_err(|e| {
             TlsError::Creds(format!(
                 "Unable to load CA certificate {}: {e}",
@@ -168,6 +183,11 @@ impl X509Creds {
                     unreachable!("required files were checked")
                 };
                 let (chain, key) = cert_and_key(&cert, &key_file, o.key_password.as_deref())?;
+                if o.sanity_check {
+                    let ca_der: Vec<Vec<u8>> = ca_certs(&ca)?.iter().map(|c| c.to_vec()).collect();
+                    let own: Vec<Vec<u8>> = chain.iter().map(|c| c.to_vec()).collect();
+                    super::sanity::check(&ca, &ca_der, Some(&cert), &own, true)?;
+                }
                 let builder = ServerConfig::builder_with_provider(provider())
                     .with_protocol_versions(o.versions.rustls())
                     .map_err(|e| TlsError::Creds(e.to_string()))?;
@@ -205,9 +225,22 @@ impl X509Creds {
                     (Some(cert), Some(key_file)) => {
                         let (chain, key) =
                             cert_and_key(&cert, &key_file, o.key_password.as_deref())?;
+                        if o.sanity_check {
+                            let ca_der: Vec<Vec<u8>> =
+                                ca_certs(&ca)?.iter().map(|c| c.to_vec()).collect();
+                            let own: Vec<Vec<u8>> = chain.iter().map(|c| c.to_vec()).collect();
+                            super::sanity::check(&ca, &ca_der, Some(&cert), &own, false)?;
+                        }
                         Some((chain, key, cert, key_file))
                     }
-                    _ => None,
+                    _ => {
+                        if o.sanity_check {
+                            let ca_der: Vec<Vec<u8>> =
+                                ca_certs(&ca)?.iter().map(|c| c.to_vec()).collect();
+                            super::sanity::check(&ca, &ca_der, None, &[], false)?;
+                        }
+                        None
+                    }
                 };
                 let verifier: Arc<dyn ServerCertVerifier> = if o.verify_peer {
                     rustls::client::WebPkiServerVerifier::builder_with_provider(
