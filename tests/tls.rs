@@ -428,6 +428,29 @@ fn tls_authz_allows_one_dn_and_refuses_another() {
             "{authz}: {log}"
         );
     }
+    // An authz id with no object behind it refuses every client, as qemu-nbd does.
+    let srv = Tls::start(
+        QNBD,
+        &s(&[
+            "--object",
+            &x509_server(&p.server, ""),
+            "--tls-creds",
+            "tls0",
+            "--tls-authz",
+            "nosuch",
+            "-r",
+            "-f",
+            "raw",
+            img.to_str().unwrap(),
+        ]),
+    );
+    let (allowed, _) = qemu_img_info(&srv, &x509_client(&p.client));
+    assert!(!allowed, "no authz object, yet the client got in");
+    let log = srv.stderr_after(1);
+    assert!(
+        log.contains("option negotiation failed: Cannot find QAuthZ object ID nosuch"),
+        "{log}"
+    );
     // qemu-nbd computes the same DN: its authz-simple admits our client with this string.
     let srv = Tls::start(
         "qemu-nbd",

@@ -159,7 +159,7 @@ pub fn accept(
     if let Some((id, authz)) = &tls.authz {
         let Some(authz) = authz else {
             return Err(TlsError::Denied(format!(
-                "No authorization object with id '{id}'"
+                "Cannot find QAuthZ object ID {id}"
             )));
         };
         let kind = tls.creds.kind();
