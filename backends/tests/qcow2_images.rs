@@ -512,3 +512,51 @@ fn hostile_images_fail_cleanly() {
     }
     assert!(errors > 10);
 }
+
+#[test]
+fn hostile_bitmaps_fail_cleanly() {
+    let dir = tempfile::tempdir().unwrap();
+    let (src, _) = pattern_raw(dir.path(), 1 << 20, 21);
+    let img = make(dir.path(), "bm", &["-o", "cluster_size=4k"], &src);
+    for (name, extra) in [("b0", &[][..]), ("b1", &["-g", "512"][..])] {
+        let mut args = vec!["bitmap", "--add"];
+        args.extend_from_slice(extra);
+        args.extend_from_slice(&[img.to_str().unwrap(), name]);
+        qemu_img(&args);
+    }
+    let good = std::fs::read(&img).unwrap();
+    let bad = dir.path().join("bad.qcow2");
+    let mut rng = Rng(4242);
+    // Flip bytes anywhere in the metadata: the header cluster holds the bitmaps extension,
+    // the directory and tables sit in the clusters qemu-img allocated last.
+    let meta_end = good.len().min(64 * 4096);
+    for round in 0..200 {
+        let mut v = good.clone();
+        for _ in 0..1 + rng.below(3) {
+            let at = if round % 2 == 0 {
+                rng.below(4096) as usize
+            } else {
+                good.len() - 1 - rng.below((good.len() - 4096).min(meta_end) as u64) as usize
+            };
+            v[at] ^= 1 << rng.below(8);
+        }
+        std::fs::write(&bad, &v).unwrap();
+        for ro in [true, false] {
+            if let Ok(o) = open_image(&ImageOptions {
+                path: bad.clone(),
+                format: Some(Format::Qcow2),
+                read_only: ro,
+                ..Default::default()
+            }) {
+                let b = o.backend;
+                let _ = b.bitmap_check("b0");
+                let mut ext = Extents::new();
+                let _ = b.bitmap_status("b1", 0, b.size().min(1 << 20), &mut ext);
+                if !ro {
+                    let _ = b.write(4096, &[7u8; 8192], IoFlags::empty());
+                }
+                let _ = b.close();
+            }
+        }
+    }
+}

@@ -21,6 +21,8 @@ const MAX_BITMAPS: u32 = 65535;
 const MAX_DIRECTORY_SIZE: u64 = 64 << 20;
 const MAX_NAME: usize = 1023;
 const MAX_TABLE_SIZE: u64 = 0x0800_0000;
+/// qemu's BME_MAX_PHYS_SIZE: the most bitmap data one bitmap may hold in memory.
+const MAX_DATA_BYTES: u64 = 0x2000_0000;
 const ENTRY_OFFSET_MASK: u64 = 0x00ff_ffff_ffff_fe00;
 
 /// The header extension: where the directory is.
@@ -343,6 +345,11 @@ fn load_one(
         return Err(format!("unknown flags {:#x}", e.flags));
     }
     let bytes = data_len(size, e.granularity_bits);
+    if bytes > MAX_DATA_BYTES {
+        return Err(format!(
+            "bitmap of {bytes} bytes is larger than {MAX_DATA_BYTES}"
+        ));
+    }
     let want = bytes.div_ceil(cs);
     if u64::from(e.table_size) != want || want > MAX_TABLE_SIZE {
         return Err(format!(
