@@ -80,8 +80,16 @@ fn dirty_bitmap_maps_equal_qemu_nbd() {
     assert_eq!(maps(QNBD, &img, &["b2"]), maps("qemu-nbd", &img, &["b2"]));
 }
 
+/// Run `bin` expecting it to refuse; on a private socket, so parallel tests never meet on
+/// the default port (qemu-nbd binds it before it looks at bitmaps or snapshots).
 fn refusal(bin: &str, args: &[&str]) -> (Option<i32>, String) {
-    let out = run(Command::new(bin).args(args).stdin(Stdio::null()));
+    let dir = tmpdir();
+    let sock = dir.path().join("r.sock");
+    let out = run(Command::new(bin)
+        .arg("-k")
+        .arg(&sock)
+        .args(args)
+        .stdin(Stdio::null()));
     (
         out.status.code(),
         String::from_utf8_lossy(&out.stderr).replace("qemu-nbd:", "qnbd:"),

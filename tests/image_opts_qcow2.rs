@@ -85,7 +85,10 @@ fn qcow2_image_opts_behave_like_qemu_nbd() {
         let outs: Vec<(Option<i32>, String)> = [QNBD, "qemu-nbd"]
             .iter()
             .map(|bin| {
+                // A private socket: parallel tests must not meet on the default port.
                 let out = run(Command::new(bin)
+                    .arg("-k")
+                    .arg(d.join("refused.sock"))
                     .args(["-r", "--image-opts", &spec])
                     .stdin(Stdio::null()));
                 (

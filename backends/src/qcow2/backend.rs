@@ -138,6 +138,8 @@ impl Qcow2 {
         if self.opts.read_only || self.opts.load_snapshot.is_some() {
             return Ok(());
         }
+        // Wait for writes in flight; later ones are refused.
+        *self.closing.write() = true;
         let mut guard = self.bitmaps.lock();
         let Some(bm) = guard.as_mut() else {
             return Ok(());
@@ -279,6 +281,10 @@ impl BlockBackend for Qcow2 {
     }
 
     fn write(&self, offset: u64, buf: &[u8], flags: IoFlags) -> Result<()> {
+        let closing = self.closing.read();
+        if *closing {
+            return Err(Error::Invalid("the image is being closed".into()));
+        }
         if buf.len() as u64 <= self.geo.cs - (offset & (self.geo.cs - 1)) {
             self.write_piece(
                 offset >> self.geo.cluster_bits,
@@ -289,6 +295,7 @@ impl BlockBackend for Qcow2 {
             self.write_batched(offset, buf)?;
         }
         self.mark_dirty(offset, buf.len() as u64);
+        drop(closing);
         if flags.contains(IoFlags::FUA) {
             self.flush()?;
         }
@@ -302,6 +309,10 @@ impl BlockBackend for Qcow2 {
 
     fn trim(&self, offset: u64, len: u64, flags: IoFlags) -> Result<()> {
         if self.opts.discard {
+            let closing = self.closing.read();
+            if *closing {
+                return Err(Error::Invalid("the image is being closed".into()));
+            }
             self.discard(offset, len)?;
             self.mark_dirty(offset, len);
         }
@@ -312,8 +323,13 @@ impl BlockBackend for Qcow2 {
     }
 
     fn write_zeroes(&self, offset: u64, len: u64, flags: IoFlags) -> Result<()> {
+        let closing = self.closing.read();
+        if *closing {
+            return Err(Error::Invalid("the image is being closed".into()));
+        }
         self.zero(offset, len, flags)?;
         self.mark_dirty(offset, len);
+        drop(closing);
         if flags.contains(IoFlags::FUA) {
             self.flush()?;
         }

@@ -152,6 +152,9 @@ pub struct Qcow2 {
     /// Persistent dirty bitmaps; `tracking` says whether any enabled one needs marking.
     bitmaps: Mutex<Option<bitmap::Bitmaps>>,
     tracking: std::sync::atomic::AtomicBool,
+    /// True once closing began. Writes hold it shared from their start to the marking of
+    /// the bitmaps, so none can land after the bitmaps were stored as consistent.
+    closing: RwLock<bool>,
 }
 
 fn open_err(path: &Path, msg: impl std::fmt::Display) -> Error {
@@ -307,6 +310,7 @@ impl Qcow2 {
             last_inflated: Mutex::new(None),
             bitmaps: Mutex::new(bitmaps),
             tracking: std::sync::atomic::AtomicBool::new(tracking),
+            closing: RwLock::new(false),
         })
     }
 
