@@ -1153,3 +1153,66 @@ fn certificate_sanity_checks_match_qemu_nbd() {
         assert_eq!(outs[1], outs[0], "{}", d.display());
     }
 }
+
+#[test]
+fn garbage_after_starttls_drops_only_that_client() {
+    if !have_all() {
+        return;
+    }
+    let p = pki();
+    let img = patterned_image(&p.root);
+    let srv = Tls::start(
+        QNBD,
+        &s(&[
+            "--object",
+            &format!(
+                "tls-creds-x509,id=tls0,endpoint=server,dir={},verify-peer=off",
+                p.server.display()
+            ),
+            "--tls-creds",
+            "tls0",
+            "--handshake-limit",
+            "3",
+            "-r",
+            "-f",
+            "raw",
+            img.to_str().unwrap(),
+        ]),
+    );
+    // Random bytes instead of a ClientHello, a truncated ClientHello, and silence: each
+    // client is dropped (silence at the handshake limit), and the server goes on.
+    let script = format!(
+        r#"
+import random, socket, struct, time
+def starttls():
+    s = socket.create_connection(('127.0.0.1', {port}))
+    s.settimeout(10)
+    assert s.recv(18, socket.MSG_WAITALL)[:8] == b'NBDMAGIC'
+    s.sendall(struct.pack('>I', 1))
+    s.sendall(struct.pack('>QII', 0x49484156454F5054, 5, 0))
+    h = s.recv(20, socket.MSG_WAITALL)
+    assert struct.unpack('>QIII', h)[2] == 1, h
+    return s
+r = random.Random(7)
+for payload in [bytes(r.randrange(256) for _ in range(3000)), b'\x16\x03\x01\x02\x00\x01\x00\x01\xfc', b'']:
+    s = starttls()
+    t0 = time.time()
+    if payload:
+        s.sendall(payload)
+    while True:
+        try:
+            if not s.recv(4096):
+                break
+        except ConnectionResetError:
+            break
+    assert time.time() - t0 < 8, 'not dropped'
+    s.close()
+print('ok')
+"#,
+        port = srv.port
+    );
+    let out = ok(Command::new(PYTHON).args(["-c", &script]));
+    assert_eq!(out.trim(), "ok");
+    let (good, err) = qemu_img_info(&srv, &x509_client(&p.anonymous));
+    assert!(good, "the server stopped serving after bad clients: {err}");
+}
