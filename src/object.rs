@@ -359,7 +359,9 @@ impl Objects {
     }
 
     fn x509(&self, p: &mut Props) -> Result<Creds, String> {
-        let (dir, endpoint, verify_peer, versions) = creds_common(p)?;
+        let common = CredsCommon::read(p)?;
+        let (dir, versions) = common.dir_and_versions()?;
+        let (endpoint, verify_peer) = (common.endpoint, common.verify_peer);
         let sanity_check = p.bool("sanity-check")?.unwrap_or(true);
         let key_password = match p.str("passwordid")? {
             Some(id) => Some(self.secret_bytes(&id)?.to_vec()),
@@ -404,19 +406,39 @@ impl Objects {
     }
 }
 
-fn creds_common(p: &mut Props) -> Result<(PathBuf, Endpoint, bool, Versions), String> {
-    let endpoint = p
-        .choice("endpoint", Endpoint::parse)?
-        .unwrap_or(Endpoint::Client);
-    let verify_peer = p.bool("verify-peer")?.unwrap_or(true);
-    let priority = p.str("priority")?;
-    let dir = p.str("dir")?.ok_or("Missing 'dir' property value")?;
-    let versions = Versions::from_priority(priority.as_deref()).map_err(|e| e.to_string())?;
-    Ok((dir.into(), endpoint, verify_peer, versions))
+/// The properties every TLS credentials type shares.
+struct CredsCommon {
+    endpoint: Endpoint,
+    verify_peer: bool,
+    priority: Option<String>,
+    dir: Option<String>,
+}
+
+impl CredsCommon {
+    fn read(p: &mut Props) -> Result<CredsCommon, String> {
+        Ok(CredsCommon {
+            endpoint: p
+                .choice("endpoint", Endpoint::parse)?
+                .unwrap_or(Endpoint::Client),
+            verify_peer: p.bool("verify-peer")?.unwrap_or(true),
+            priority: p.str("priority")?,
+            dir: p.str("dir")?,
+        })
+    }
+
+    /// `dir=`, which x509 and PSK credentials need, and the versions `priority=` allows.
+    fn dir_and_versions(&self) -> Result<(PathBuf, Versions), String> {
+        let dir = self.dir.clone().ok_or("Missing 'dir' property value")?;
+        let versions =
+            Versions::from_priority(self.priority.as_deref()).map_err(|e| e.to_string())?;
+        Ok((dir.into(), versions))
+    }
 }
 
 fn psk(p: &mut Props) -> Result<Creds, String> {
-    let (dir, endpoint, _verify_peer, versions) = creds_common(p)?;
+    let common = CredsCommon::read(p)?;
+    let (dir, versions) = common.dir_and_versions()?;
+    let endpoint = common.endpoint;
     let username = p.str("username")?;
     p.finish()?;
     let o = PskOptions {
@@ -431,14 +453,11 @@ fn psk(p: &mut Props) -> Result<Creds, String> {
 }
 
 fn anon(p: &mut Props) -> Result<Creds, String> {
-    let endpoint = p
-        .choice("endpoint", Endpoint::parse)?
-        .unwrap_or(Endpoint::Client);
-    let _verify_peer = p.bool("verify-peer")?;
-    let _priority = p.str("priority")?;
-    let dir = p.str("dir")?;
+    // Anonymous TLS is TLS 1.2 only and authenticates nobody: the priority and
+    // verify-peer are accepted as qemu accepts them.
+    let common = CredsCommon::read(p)?;
     p.finish()?;
-    AnonCreds::load(dir.map(PathBuf::from), endpoint)
+    AnonCreds::load(common.dir.map(PathBuf::from), common.endpoint)
         .map(Creds::Anon)
         .map_err(|e| e.to_string())
 }

@@ -207,6 +207,14 @@ impl Drop for Tls {
     }
 }
 
+/// `bin` serving `img` (raw) with TLS credentials `creds` as `tls0`, plus `extra` options.
+fn tls_server(bin: &str, creds: &str, extra: &[&str], img: &Path) -> Tls {
+    let mut args = vec!["--object", creds, "--tls-creds", "tls0"];
+    args.extend_from_slice(extra);
+    args.extend_from_slice(&["-f", "raw", img.to_str().unwrap()]);
+    Tls::start(bin, &s(&args))
+}
+
 fn x509_server(dir: &Path, extra: &str) -> String {
     format!(
         "tls-creds-x509,id=tls0,endpoint=server,dir={},verify-peer=on{extra}",
@@ -257,18 +265,7 @@ fn x509_server_serves_qemu_and_libnbd_clients() {
     }
     let p = pki();
     let img = patterned_image(&p.root);
-    let srv = Tls::start(
-        QNBD,
-        &s(&[
-            "--object",
-            &x509_server(&p.server, ""),
-            "--tls-creds",
-            "tls0",
-            "-f",
-            "raw",
-            img.to_str().unwrap(),
-        ]),
-    );
+    let srv = tls_server(QNBD, &x509_server(&p.server, ""), &[], &img);
     // qemu-img: the export equals the file.
     let cmp = ok(Command::new("qemu-img").args([
         "compare",
@@ -356,21 +353,14 @@ fn verify_peer_refuses_missing_and_foreign_certificates() {
     assert_eq!(log.matches("No certificate was found").count(), 2, "{log}");
 
     // verify-peer=off: no client certificate needed.
-    let open = Tls::start(
+    let open = tls_server(
         QNBD,
-        &s(&[
-            "--object",
-            &format!(
-                "tls-creds-x509,id=tls0,endpoint=server,dir={},verify-peer=off",
-                p.server.display()
-            ),
-            "--tls-creds",
-            "tls0",
-            "-r",
-            "-f",
-            "raw",
-            img.to_str().unwrap(),
-        ]),
+        &format!(
+            "tls-creds-x509,id=tls0,endpoint=server,dir={},verify-peer=off",
+            p.server.display()
+        ),
+        &["-r"],
+        &img,
     );
     let (anon, err) = qemu_img_info(&open, &x509_client(&p.anonymous));
     assert!(anon, "{err}");
@@ -400,22 +390,11 @@ fn tls_authz_allows_one_dn_and_refuses_another() {
         acl.display()
     );
     for authz in [simple, list, listfile] {
-        let srv = Tls::start(
+        let srv = tls_server(
             QNBD,
-            &s(&[
-                "--object",
-                &x509_server(&p.server, ""),
-                "--object",
-                &authz,
-                "--tls-creds",
-                "tls0",
-                "--tls-authz",
-                "auth0",
-                "-r",
-                "-f",
-                "raw",
-                img.to_str().unwrap(),
-            ]),
+            &x509_server(&p.server, ""),
+            &["--object", &authz, "--tls-authz", "auth0", "-r"],
+            &img,
         );
         let (allowed, err) = qemu_img_info(&srv, &x509_client(&p.client));
         assert!(allowed, "{authz}: {err}");
@@ -429,20 +408,11 @@ fn tls_authz_allows_one_dn_and_refuses_another() {
         );
     }
     // An authz id with no object behind it refuses every client, as qemu-nbd does.
-    let srv = Tls::start(
+    let srv = tls_server(
         QNBD,
-        &s(&[
-            "--object",
-            &x509_server(&p.server, ""),
-            "--tls-creds",
-            "tls0",
-            "--tls-authz",
-            "nosuch",
-            "-r",
-            "-f",
-            "raw",
-            img.to_str().unwrap(),
-        ]),
+        &x509_server(&p.server, ""),
+        &["--tls-authz", "nosuch", "-r"],
+        &img,
     );
     let (allowed, _) = qemu_img_info(&srv, &x509_client(&p.client));
     assert!(!allowed, "no authz object, yet the client got in");
@@ -452,25 +422,20 @@ fn tls_authz_allows_one_dn_and_refuses_another() {
         "{log}"
     );
     // qemu-nbd computes the same DN: its authz-simple admits our client with this string.
-    let srv = Tls::start(
+    let srv = tls_server(
         "qemu-nbd",
-        &s(&[
-            "--object",
-            &x509_server(&p.server, ""),
+        &x509_server(&p.server, ""),
+        &[
             "--object",
             &format!(
                 "authz-simple,id=auth0,identity={}",
                 CLIENT_DN.replace(',', ",,")
             ),
-            "--tls-creds",
-            "tls0",
             "--tls-authz",
             "auth0",
             "-r",
-            "-f",
-            "raw",
-            img.to_str().unwrap(),
-        ]),
+        ],
+        &img,
     );
     let (allowed, err) = qemu_img_info(&srv, &x509_client(&p.client));
     assert!(allowed, "qemu-nbd refused the DN qnbd uses: {err}");
@@ -495,20 +460,14 @@ fn psk_server_serves_qemu_client_and_refuses_a_wrong_key() {
     let img = patterned_image(root);
     let keys = psk_dir(root, "psk", "alice");
     let wrong = psk_dir(root, "wrong", "alice");
-    let srv = Tls::start(
+    let srv = tls_server(
         QNBD,
-        &s(&[
-            "--object",
-            &format!(
-                "tls-creds-psk,id=tls0,endpoint=server,dir={}",
-                keys.display()
-            ),
-            "--tls-creds",
-            "tls0",
-            "-f",
-            "raw",
-            img.to_str().unwrap(),
-        ]),
+        &format!(
+            "tls-creds-psk,id=tls0,endpoint=server,dir={}",
+            keys.display()
+        ),
+        &[],
+        &img,
     );
     let client = |dir: &Path| {
         format!(
@@ -559,22 +518,11 @@ fn list_over_tls_prints_what_qemu_nbd_prints() {
     let keys = psk_dir(&p.root, "psk", "alice");
     // x509 servers (qemu-nbd's and ours), listed by both.
     for bin in ["qemu-nbd", QNBD] {
-        let srv = Tls::start(
+        let srv = tls_server(
             bin,
-            &s(&[
-                "--object",
-                &x509_server(&p.server, ""),
-                "--tls-creds",
-                "tls0",
-                "-x",
-                "exp",
-                "-D",
-                "a disk",
-                "-r",
-                "-f",
-                "raw",
-                img.to_str().unwrap(),
-            ]),
+            &x509_server(&p.server, ""),
+            &["-x", "exp", "-D", "a disk", "-r"],
+            &img,
         );
         let list = |lister: &str, extra: &[&str]| {
             let out = run(Command::new(lister)
@@ -669,18 +617,7 @@ fn plaintext_clients_get_tls_required_and_no_data() {
     }
     let p = pki();
     let img = patterned_image(&p.root);
-    let srv = Tls::start(
-        QNBD,
-        &s(&[
-            "--object",
-            &x509_server(&p.server, ""),
-            "--tls-creds",
-            "tls0",
-            "-f",
-            "raw",
-            img.to_str().unwrap(),
-        ]),
-    );
+    let srv = tls_server(QNBD, &x509_server(&p.server, ""), &[], &img);
     // libnbd in option mode: every option but STARTTLS is refused with TLS_REQD.
     let script = format!(
         r#"
@@ -956,25 +893,20 @@ fn psk_authz_checks_the_username_in_tls_1_3_and_1_2() {
         .expect("keys");
     std::io::Write::write_all(&mut f, b"mallory:00112233445566778899aabbccddeeff\n")
         .expect("append");
-    let srv = Tls::start(
+    let srv = tls_server(
         QNBD,
-        &s(&[
-            "--object",
-            &format!(
-                "tls-creds-psk,id=tls0,endpoint=server,dir={}",
-                keys.display()
-            ),
+        &format!(
+            "tls-creds-psk,id=tls0,endpoint=server,dir={}",
+            keys.display()
+        ),
+        &[
             "--object",
             "authz-simple,id=auth0,identity=alice",
-            "--tls-creds",
-            "tls0",
             "--tls-authz",
             "auth0",
             "-r",
-            "-f",
-            "raw",
-            img.to_str().unwrap(),
-        ]),
+        ],
+        &img,
     );
     // qemu's own PSK priority, and one limited to TLS 1.2 ((EC)DHE-PSK).
     for priority in ["", ",priority=NORMAL:-VERS-TLS1.3:+ECDHE-PSK:+DHE-PSK:+PSK"] {
@@ -1007,21 +939,7 @@ fn anonymous_tls_interoperates_both_ways() {
     let img = patterned_image(tmp.path());
     let anon = |end: &str| format!("tls-creds-anon,id=tls0,endpoint={end}");
     for server in [QNBD, "qemu-nbd"] {
-        let srv = Tls::start(
-            server,
-            &s(&[
-                "--object",
-                &anon("server"),
-                "--tls-creds",
-                "tls0",
-                "-x",
-                "anon",
-                "-r",
-                "-f",
-                "raw",
-                img.to_str().unwrap(),
-            ]),
-        );
+        let srv = tls_server(server, &anon("server"), &["-x", "anon", "-r"], &img);
         let cmp = ok(Command::new("qemu-img").args([
             "compare",
             "--object",

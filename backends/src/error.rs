@@ -35,6 +35,9 @@ pub enum Error {
     /// No room left to allocate.
     #[error("no space left: {0}")]
     NoSpace(String),
+    /// `-l`: the image opened, the snapshot did not (qemu reports it apart from the open).
+    #[error("Failed to load snapshot: {0}")]
+    LoadSnapshot(String),
 }
 
 impl Error {
@@ -66,7 +69,7 @@ impl Error {
                 Some(libc::EOPNOTSUPP) => libc::ENOTSUP,
                 _ => libc::EIO,
             },
-            Error::Open(_) | Error::Corrupt { .. } => libc::EIO,
+            Error::Open(_) | Error::Corrupt { .. } | Error::LoadSnapshot(_) => libc::EIO,
             Error::NotSupported(_) => libc::ENOTSUP,
             Error::ReadOnly => libc::EPERM,
             Error::Invalid(_) => libc::EINVAL,

@@ -92,6 +92,15 @@ impl Qcow2 {
 }
 
 impl Qcow2 {
+    /// A guard that keeps closing from starting while a write runs; Err once it began.
+    fn writes_open(&self) -> Result<parking_lot::RwLockReadGuard<'_, bool>> {
+        let closing = self.closing.read();
+        if *closing {
+            return Err(Error::Invalid("the image is being closed".into()));
+        }
+        Ok(closing)
+    }
+
     /// Set the bits of the enabled bitmaps for a completed write.
     fn mark_dirty(&self, offset: u64, len: u64) {
         if self.tracking.load(Ordering::Relaxed) {
@@ -281,10 +290,7 @@ impl BlockBackend for Qcow2 {
     }
 
     fn write(&self, offset: u64, buf: &[u8], flags: IoFlags) -> Result<()> {
-        let closing = self.closing.read();
-        if *closing {
-            return Err(Error::Invalid("the image is being closed".into()));
-        }
+        let closing = self.writes_open()?;
         if buf.len() as u64 <= self.geo.cs - (offset & (self.geo.cs - 1)) {
             self.write_piece(
                 offset >> self.geo.cluster_bits,
@@ -309,10 +315,7 @@ impl BlockBackend for Qcow2 {
 
     fn trim(&self, offset: u64, len: u64, flags: IoFlags) -> Result<()> {
         if self.opts.discard {
-            let closing = self.closing.read();
-            if *closing {
-                return Err(Error::Invalid("the image is being closed".into()));
-            }
+            let _closing = self.writes_open()?;
             self.discard(offset, len)?;
             self.mark_dirty(offset, len);
         }
@@ -323,10 +326,7 @@ impl BlockBackend for Qcow2 {
     }
 
     fn write_zeroes(&self, offset: u64, len: u64, flags: IoFlags) -> Result<()> {
-        let closing = self.closing.read();
-        if *closing {
-            return Err(Error::Invalid("the image is being closed".into()));
-        }
+        let closing = self.writes_open()?;
         self.zero(offset, len, flags)?;
         self.mark_dirty(offset, len);
         drop(closing);

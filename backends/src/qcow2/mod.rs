@@ -250,9 +250,7 @@ impl Qcow2 {
                 .iter()
                 .find(|s| &s.id == want)
                 .or_else(|| snapshots.iter().find(|s| &s.name == want))
-                .ok_or_else(|| {
-                    Error::Open("Failed to load snapshot: Can't find snapshot".into())
-                })?;
+                .ok_or_else(|| Error::LoadSnapshot("Can't find snapshot".into()))?;
             let size = s.disk_size.unwrap_or(h.size);
             let needed = size.div_ceil(1u64 << (geo.cluster_bits + geo.l2_bits));
             if u64::from(s.l1_size) < needed || size > i64::MAX as u64 {

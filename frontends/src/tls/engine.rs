@@ -103,15 +103,20 @@ struct Shared {
 impl Shared {
     /// Send what the engine has queued; `engine` is the caller's guard, released before the
     /// network write so the other direction can go on meanwhile.
-    fn flush(&self, mut engine: parking_lot::MutexGuard<'_, Box<dyn Engine>>) -> io::Result<()> {
-        let mut out = Vec::new();
-        engine.take_tls(&mut out);
+    /// `out` is the caller's scratch buffer, reused so a pump allocates nothing per record.
+    fn flush(
+        &self,
+        mut engine: parking_lot::MutexGuard<'_, Box<dyn Engine>>,
+        out: &mut Vec<u8>,
+    ) -> io::Result<()> {
+        out.clear();
+        engine.take_tls(out);
         if out.is_empty() {
             return Ok(());
         }
         let mut w = self.net_write.lock();
         drop(engine);
-        w.write_all(&out)
+        w.write_all(out)
     }
 }
 
@@ -157,7 +162,7 @@ pub fn into_stream(
             // peer's own close ends the receive pump).
             let mut eng = s.engine.lock();
             eng.close();
-            let _ = s.flush(eng);
+            let _ = s.flush(eng, &mut Vec::new());
             net_ctl.shutdown();
             let _ = plain_rd.shutdown(std::net::Shutdown::Both);
         })?;
@@ -178,6 +183,7 @@ fn pump_in(
     }
     let mut buf = vec![0u8; CHUNK];
     let mut plain = Vec::with_capacity(CHUNK);
+    let mut out = Vec::new();
     loop {
         let n = match net.read(&mut buf) {
             Ok(0) => return Ok(()),
@@ -188,7 +194,7 @@ fn pump_in(
         plain.clear();
         let mut eng = s.engine.lock();
         let fed = eng.feed(&buf[..n], &mut plain);
-        s.flush(eng)?;
+        s.flush(eng, &mut out)?;
         let closed = fed?;
         if !plain.is_empty() {
             plain_out.write_all(&plain)?;
@@ -201,6 +207,7 @@ fn pump_in(
 
 fn pump_out(s: &Shared, plain_in: &mut UnixStream) -> io::Result<()> {
     let mut buf = vec![0u8; CHUNK];
+    let mut out = Vec::with_capacity(CHUNK + 1024);
     loop {
         let n = match plain_in.read(&mut buf) {
             Ok(0) => return Ok(()),
@@ -210,6 +217,6 @@ fn pump_out(s: &Shared, plain_in: &mut UnixStream) -> io::Result<()> {
         };
         let mut eng = s.engine.lock();
         eng.write_plain(&buf[..n])?;
-        s.flush(eng)?;
+        s.flush(eng, &mut out)?;
     }
 }
