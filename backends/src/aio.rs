@@ -56,12 +56,27 @@ fn uring_rw(f: &File, op: Op, ptr: *mut u8, len: usize, offset: u64) -> io::Resu
         // wait for the completion below before returning, so the kernel never outlives it.
         unsafe { ring.submission().push(&sqe) }
             .map_err(|_| io::Error::other("io_uring queue full"))?;
-        ring.submit_and_wait(1)?;
-        let cqe = ring
-            .completion()
-            .next()
-            .ok_or_else(|| io::Error::other("io_uring: no completion"))?;
-        let res = cqe.result();
+        let res = loop {
+            if let Some(cqe) = ring.completion().next() {
+                break cqe.result();
+            }
+            match ring.submit_and_wait(1) {
+                Ok(_) => {}
+                // A signal or a full completion queue: the request may be in flight and
+                // still using the buffer, so wait on for it.
+                Err(e)
+                    if matches!(
+                        e.raw_os_error(),
+                        Some(libc::EINTR | libc::EAGAIN | libc::EBUSY)
+                    ) => {}
+                Err(e) if !ring.submission().is_empty() => {
+                    // Never submitted: drop the ring so the entry can never be.
+                    *slot = None;
+                    return Err(e);
+                }
+                Err(_) => std::thread::sleep(std::time::Duration::from_micros(50)),
+            }
+        };
         if res < 0 {
             Err(io::Error::from_raw_os_error(-res))
         } else {

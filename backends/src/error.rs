@@ -38,6 +38,9 @@ pub enum Error {
     /// `-l`: the image opened, the snapshot did not (qemu reports it apart from the open).
     #[error("Failed to load snapshot: {0}")]
     LoadSnapshot(String),
+    /// The image was marked corrupt and is no longer served (qemu detaches its driver).
+    #[error("No medium found")]
+    NoMedium,
 }
 
 impl Error {
@@ -74,6 +77,7 @@ impl Error {
             Error::ReadOnly => libc::EPERM,
             Error::Invalid(_) => libc::EINVAL,
             Error::NoSpace(_) => libc::ENOSPC,
+            Error::NoMedium => libc::ENOMEDIUM,
         }
     }
 }

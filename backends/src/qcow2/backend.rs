@@ -1,99 +1,14 @@
-//! The `BlockBackend` face of a qcow2 image, and the metadata flush.
+//! The `BlockBackend` face of a qcow2 image, and what happens at close (bitmaps stored,
+//! everything flushed).
 
 use super::{bitmap, header, Qcow2};
 use crate::{BlockBackend, Caps, Error, Extents, IoFlags, Result, Support};
 use std::sync::atomic::Ordering;
 
 impl Qcow2 {
-    /// Write every dirty table, in an order that keeps the image consistent at each step:
-    /// data and refcount blocks (sync), refcount table entries (sync), L2 tables (sync),
-    /// L1 entries (sync). Refcount decreases queued before this flush are applied at its end,
-    /// once nothing on disk points to the released clusters; the next flush writes them.
-    pub fn flush_meta(&self) -> Result<()> {
-        if self.opts.read_only {
-            return Ok(());
-        }
-        let _fl = self.flush_lock.lock();
-        let (rsnap, l2snap, l1snap, frees, high) = {
-            let mut m = self.meta.lock();
-            let l1: Vec<(usize, u64)> = m.l1_dirty.iter().map(|&i| (i, m.l1[i])).collect();
-            m.l1_dirty.clear();
-            (
-                m.rc.snapshot(),
-                m.l2.snapshot(),
-                l1,
-                std::mem::take(&mut m.rc.pending_free),
-                m.rc.alloc_high(),
-            )
-        };
-        let r = self.write_snapshots(&rsnap, &l2snap, &l1snap, high);
-        let mut m = self.meta.lock();
-        if let Err(e) = r {
-            for (i, _) in &l1snap {
-                m.l1_dirty.insert(*i);
-            }
-            m.rc.pending_free.extend(frees);
-            return Err(e);
-        }
-        m.rc.mark_clean(&rsnap);
-        m.l2.mark_clean(&l2snap);
-        for (off, len) in frees {
-            let v = m.bump();
-            m.rc.free_range(&self.f, off, len, v)?;
-            // A freed L2 table must not be found in the cache if its cluster is reused.
-            let cs = self.geo.cs;
-            let mut c = off & !(cs - 1);
-            while c < off + len {
-                m.l2.remove(c);
-                c += cs;
-            }
-        }
-        Ok(())
-    }
-
-    fn write_snapshots(
-        &self,
-        rsnap: &super::refcount::RefSnapshot,
-        l2snap: &[(u64, Vec<u8>, u64)],
-        l1snap: &[(usize, u64)],
-        high: u64,
-    ) -> Result<()> {
-        // Clusters handed out but never written (holes) must still lie inside the file.
-        if self.f.len()? < high {
-            self.f.set_len(high)?;
-        }
-        for (off, data, _) in &rsnap.blocks {
-            self.f.write("write refcount block", *off, data)?;
-        }
-        self.f.sync()?;
-        if rsnap.table_dirty {
-            // Under the lock: a concurrent table growth may move the table.
-            self.meta.lock().rc.write_table_entries(&self.f)?;
-            self.f.sync()?;
-        }
-        if !l2snap.is_empty() {
-            for (off, data, _) in l2snap {
-                self.f.write("write L2 table", *off, data)?;
-            }
-            self.f.sync()?;
-        }
-        if !l1snap.is_empty() {
-            for (i, v) in l1snap {
-                self.f.write(
-                    "write L1 table",
-                    self.l1_offset + *i as u64 * 8,
-                    &v.to_be_bytes(),
-                )?;
-            }
-            self.f.sync()?;
-        }
-        Ok(())
-    }
-}
-
-impl Qcow2 {
     /// A guard that keeps closing from starting while a write runs; Err once it began.
     fn writes_open(&self) -> Result<parking_lot::RwLockReadGuard<'_, bool>> {
+        self.usable()?;
         let closing = self.closing.read();
         if *closing {
             return Err(Error::Invalid("the image is being closed".into()));
@@ -101,7 +16,8 @@ impl Qcow2 {
         Ok(closing)
     }
 
-    /// Set the bits of the enabled bitmaps for a completed write.
+    /// Set the bits of the enabled bitmaps for a write (also one that failed part way, as
+    /// qemu does: some of it may have landed).
     fn mark_dirty(&self, offset: u64, len: u64) {
         if self.tracking.load(Ordering::Relaxed) {
             if let Some(b) = self.bitmaps.lock().as_mut() {
@@ -110,23 +26,28 @@ impl Qcow2 {
         }
     }
 
+    /// The end of every write-type request: bitmaps, the write generation, corruption.
+    fn finish_write(&self, offset: u64, len: u64, r: Result<()>) -> Result<()> {
+        self.mark_dirty(offset, len);
+        self.write_gen.fetch_add(1, Ordering::AcqRel);
+        self.checked(r)
+    }
+
     /// `n` contiguous new clusters (bitmap tables and the directory must be contiguous).
     fn alloc_run(&self, n: u64) -> Result<u64> {
         let cs = self.geo.cs;
-        let mut m = self.meta.lock();
         let mut stray = Vec::new();
         let mut run: Vec<u64> = Vec::new();
         while (run.len() as u64) < n.max(1) {
-            let v = m.bump();
-            let (off, _) = m.rc.alloc(&self.f, v)?;
+            let (off, _) = self.with_meta(|m| m.alloc(&self.f))?;
             if run.last().is_some_and(|&l| l + cs != off) {
                 stray.append(&mut run);
             }
             run.push(off);
         }
+        let mut m = self.meta.lock();
         for off in stray {
-            let v = m.bump();
-            m.rc.change(&self.f, off >> self.geo.cluster_bits, -1, v)?;
+            m.unalloc(&self.f, off, self.geo.cluster_bits)?;
         }
         Ok(run[0])
     }
@@ -136,7 +57,8 @@ impl Qcow2 {
         let cs = self.geo.cs as usize;
         let mut buf = data.to_vec();
         buf.resize(data.len().div_ceil(cs).max(1) * cs, 0);
-        self.f.write(op, off, &buf)
+        super::refcount::check_overlap(&self.f, &self.meta.lock().map, off, buf.len() as u64, None)
+            .and_then(|()| self.f.write(op, off, &buf, false))
     }
 
     /// Close-time work for persistent bitmaps (qemu's qcow2_store_persistent_dirty_bitmaps):
@@ -149,6 +71,9 @@ impl Qcow2 {
         }
         // Wait for writes in flight; later ones are refused.
         *self.closing.write() = true;
+        if self.corrupt.load(Ordering::Acquire) {
+            return Ok(());
+        }
         let mut guard = self.bitmaps.lock();
         let Some(bm) = guard.as_mut() else {
             return Ok(());
@@ -160,7 +85,7 @@ impl Qcow2 {
         if owned.is_empty() {
             return Ok(());
         }
-        self.flush_meta()?;
+        self.flush_all()?;
         let cs = self.geo.cs;
         if !bm.any_changed() {
             let (_, at) = bm.encode_directory();
@@ -171,6 +96,7 @@ impl Qcow2 {
                     "clear bitmap in use",
                     bm.ext.dir_offset + at[i] as u64 + 12,
                     &flags.to_be_bytes(),
+                    false,
                 )?;
             }
             self.f.sync()?;
@@ -210,48 +136,61 @@ impl Qcow2 {
         let old_dir = bm.ext.dir_offset;
         let old_dir_clusters = bm.ext.dir_size.div_ceil(cs);
         // New clusters and their refcounts durable before the header points at them.
-        self.flush_meta()?;
+        self.flush_all()?;
         self.f.sync()?;
         bm.ext.dir_offset = doff;
         bm.ext.dir_size = dir.len() as u64;
         bm.ext.nb_bitmaps = bm.list.len() as u32;
-        self.f
-            .write("write bitmaps extension", bm.ext.pos, &bm.ext.encode())?;
+        self.f.write(
+            "write bitmaps extension",
+            bm.ext.pos,
+            &bm.ext.encode(),
+            false,
+        )?;
         let autoclear =
             self.header.autoclear & header::AUTOCLEAR_BITMAPS | header::AUTOCLEAR_BITMAPS;
         self.f.write(
             "write header",
             header::OFF_AUTOCLEAR,
             &autoclear.to_be_bytes(),
+            false,
         )?;
         self.f.sync()?;
         {
             let mut m = self.meta.lock();
+            m.map.clear_ranges(super::overlap::Kind::BitmapDir);
+            m.map
+                .add_range(super::overlap::Kind::BitmapDir, doff, dir.len() as u64);
             for k in 0..old_dir_clusters {
                 old.push(old_dir + k * cs);
             }
             for off in old {
-                let v = m.bump();
-                m.rc.change(&self.f, off >> self.geo.cluster_bits, -1, v)?;
+                m.pending_free.push((off, cs));
             }
         }
         *guard = None;
         drop(guard);
-        self.flush_meta()
+        self.flush_all()
+    }
+
+    /// Everything qemu does when it releases a writable image: bitmaps stored, caches and
+    /// queued decreases written, synced.
+    fn close_image(&self) -> Result<()> {
+        self.store_bitmaps()?;
+        if self.corrupt.load(Ordering::Acquire) {
+            return Ok(());
+        }
+        self.flush_all()
     }
 }
 
 impl Drop for Qcow2 {
     fn drop(&mut self) {
-        if let Err(e) = self.store_bitmaps() {
-            tracing::error!("storing the bitmaps of '{}': {e}", self.f.path.display());
+        if self.opts.read_only {
+            return;
         }
-        // Twice: the first flush applies queued refcount decreases, the second writes them.
-        for _ in 0..2 {
-            if let Err(e) = self.flush_meta() {
-                tracing::error!("flushing '{}' on close: {e}", self.f.path.display());
-                return;
-            }
+        if let Err(e) = self.close_image() {
+            tracing::error!("closing '{}': {e}", self.f.path().display());
         }
     }
 }
@@ -268,7 +207,7 @@ impl BlockBackend for Qcow2 {
         Caps {
             writable: true,
             flush: true,
-            fua: Support::Emulate,
+            fua: Support::Native,
             trim: true,
             zero: Support::Native,
             fast_zero: true,
@@ -279,28 +218,31 @@ impl BlockBackend for Qcow2 {
     }
 
     fn read(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
-        if buf.len() as u64 <= self.geo.cs - (offset & (self.geo.cs - 1)) {
-            return self.read_piece(
+        self.usable()?;
+        let r = if buf.len() as u64 <= self.geo.cs - (offset & (self.geo.cs - 1)) {
+            self.read_piece(
                 offset >> self.geo.cluster_bits,
                 offset & (self.geo.cs - 1),
                 buf,
-            );
-        }
-        self.read_batched(offset, buf)
+            )
+        } else {
+            self.read_batched(offset, buf)
+        };
+        self.checked(r)
     }
 
     fn write(&self, offset: u64, buf: &[u8], flags: IoFlags) -> Result<()> {
         let closing = self.writes_open()?;
-        if buf.len() as u64 <= self.geo.cs - (offset & (self.geo.cs - 1)) {
+        let r = if buf.len() as u64 <= self.geo.cs - (offset & (self.geo.cs - 1)) {
             self.write_piece(
                 offset >> self.geo.cluster_bits,
                 offset & (self.geo.cs - 1),
                 buf,
-            )?;
+            )
         } else {
-            self.write_batched(offset, buf)?;
-        }
-        self.mark_dirty(offset, buf.len() as u64);
+            self.write_batched(offset, buf)
+        };
+        self.finish_write(offset, buf.len() as u64, r)?;
         drop(closing);
         if flags.contains(IoFlags::FUA) {
             self.flush()?;
@@ -309,15 +251,14 @@ impl BlockBackend for Qcow2 {
     }
 
     fn flush(&self) -> Result<()> {
-        // flush_meta always syncs the data before anything else.
-        self.flush_meta()
+        Qcow2::flush(self)
     }
 
     fn trim(&self, offset: u64, len: u64, flags: IoFlags) -> Result<()> {
         if self.opts.discard {
             let _closing = self.writes_open()?;
-            self.discard(offset, len)?;
-            self.mark_dirty(offset, len);
+            let r = self.discard(offset, len);
+            self.finish_write(offset, len, r)?;
         }
         if flags.contains(IoFlags::FUA) {
             self.flush()?;
@@ -327,8 +268,12 @@ impl BlockBackend for Qcow2 {
 
     fn write_zeroes(&self, offset: u64, len: u64, flags: IoFlags) -> Result<()> {
         let closing = self.writes_open()?;
-        self.zero(offset, len, flags)?;
-        self.mark_dirty(offset, len);
+        let r = self.zero(offset, len, flags);
+        if matches!(r, Err(Error::NotSupported(_))) {
+            // FAST_ZERO refused before anything changed.
+            return r;
+        }
+        self.finish_write(offset, len, r)?;
         drop(closing);
         if flags.contains(IoFlags::FUA) {
             self.flush()?;
@@ -337,7 +282,9 @@ impl BlockBackend for Qcow2 {
     }
 
     fn block_status(&self, offset: u64, len: u64, out: &mut Extents) -> Result<()> {
-        self.status(offset, len, out)
+        self.usable()?;
+        let r = self.status(offset, len, out);
+        self.checked(r)
     }
 
     fn format_name(&self) -> &'static str {
@@ -384,8 +331,9 @@ impl BlockBackend for Qcow2 {
     }
 
     fn close(&self) -> Result<()> {
-        self.store_bitmaps()?;
-        self.flush_meta()?;
-        self.flush_meta()
+        if self.opts.read_only {
+            return Ok(());
+        }
+        self.close_image()
     }
 }

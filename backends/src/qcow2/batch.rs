@@ -46,13 +46,18 @@ impl Qcow2 {
             .collect()
     }
 
-    fn resolve(&self, batch: &mut [Piece], entries: &mut Vec<Entry>) -> Result<()> {
+    /// Look up every piece; for a write, in-place targets are overlap-checked too.
+    fn resolve(&self, batch: &mut [Piece], entries: &mut Vec<Entry>, write: bool) -> Result<()> {
         entries.clear();
         let mut m = self.meta.lock();
         for p in batch.iter_mut() {
             let e = m.entry(&self.f, &self.geo, p.g)?.unwrap_or_default();
             if self.in_place(e, self.touched_mask(p.in_off, p.n)) {
-                p.host = Some(e.host() + p.in_off);
+                let host = e.host() + p.in_off;
+                if write {
+                    self.check_data(&m, host, p.n)?;
+                }
+                p.host = Some(host);
             }
             entries.push(e);
         }
@@ -83,7 +88,7 @@ impl Qcow2 {
         let mut entries = Vec::with_capacity(BATCH);
         for batch in plan.chunks_mut(BATCH) {
             let _guards = self.lock_stripes(batch);
-            self.resolve(batch, &mut entries)?;
+            self.resolve(batch, &mut entries, false)?;
             for (i, j) in Self::runs(batch) {
                 let first = &batch[i];
                 let last = &batch[j - 1];
@@ -104,13 +109,13 @@ impl Qcow2 {
         for batch in plan.chunks_mut(BATCH) {
             {
                 let _guards = self.lock_stripes(batch);
-                self.resolve(batch, &mut entries)?;
+                self.resolve(batch, &mut entries, true)?;
                 for (i, j) in Self::runs(batch) {
                     let first = &batch[i];
                     let last = &batch[j - 1];
                     let src = &buf[first.at..last.at + last.n as usize];
                     match first.host {
-                        Some(h) => self.f.write("write", h, src)?,
+                        Some(h) => self.f.write("write", h, src, false)?,
                         None => slow.push((first.g, first.in_off, first.at, first.n)),
                     }
                 }

@@ -7,7 +7,7 @@
 //! points the header extension at it, clears IN_USE and frees the old clusters. A bitmap
 //! found IN_USE at open (a crash left it) is inconsistent: kept as it is, never exported.
 
-use super::file::ImageFile;
+use crate::file::HostFile;
 use crate::{Extent, ExtentFlags, Extents};
 
 pub const IN_USE: u32 = 1;
@@ -161,7 +161,7 @@ impl Bitmaps {
     /// Read the directory and every bitmap's data. `consistent` is false when the autoclear
     /// bit is clear (a program that does not know bitmaps wrote the image).
     pub fn load(
-        f: &ImageFile,
+        f: &HostFile,
         ext: BitmapsExt,
         cluster_bits: u32,
         size: u64,
@@ -326,7 +326,7 @@ fn data_len(size: u64, granularity_bits: u8) -> u64 {
 
 /// Read one bitmap: its bits and the clusters it occupies.
 fn load_one(
-    f: &ImageFile,
+    f: &HostFile,
     e: &DirEntry,
     cs: u64,
     size: u64,

@@ -1,10 +1,13 @@
-//! The metadata state behind one lock: the active L1 table, the L2 cache and the refcounts.
-//! Only short in-memory work and the occasional table load happen under it; data I/O never.
+//! The metadata state behind one lock: the active L1 table, the L2 cache, the refcounts, the
+//! metadata map for overlap checks, the refcount decreases waiting for a flush, and the file
+//! length. Only in-memory work, table loads and (rarely) a file extension happen under it;
+//! data I/O never does, and table writes only in the flush (see `flush.rs`).
 
-use super::file::ImageFile;
-use super::l2_cache::{decode, L2Cache};
+use super::cache::TableCache;
+use super::overlap::{Kind, MetaMap};
 use super::refcount::Refcounts;
 use super::Geo;
+use crate::file::HostFile;
 use crate::Result;
 use std::collections::BTreeSet;
 
@@ -35,23 +38,66 @@ impl Entry {
     }
 }
 
+/// The outcome of a metadata step that may need the refcount table to grow first: the
+/// caller then drops the lock, grows it (`Qcow2::grow_refcounts`) and runs the step again.
+pub enum Step<T> {
+    Done(T),
+    /// Range index that has no room in the refcount table.
+    Grow(u64),
+}
+
+/// `need!(expr)`: the value of a `Result<Step<T>>`, or return `Ok(Step::Grow)` from here.
+macro_rules! need {
+    ($e:expr) => {
+        match $e? {
+            $crate::qcow2::meta::Step::Done(v) => v,
+            $crate::qcow2::meta::Step::Grow(r) => return Ok($crate::qcow2::meta::Step::Grow(r)),
+        }
+    };
+}
+pub(crate) use need;
+
 #[derive(Debug)]
 pub struct Meta {
     pub l1: Vec<u64>,
+    /// L1 entries whose new value is not yet on disk.
     pub l1_dirty: BTreeSet<usize>,
-    pub l2: L2Cache,
+    pub l2: TableCache,
     pub rc: Refcounts,
+    pub map: MetaMap,
+    /// Byte ranges to release once the pointer removals that freed them are durable.
+    pub pending_free: Vec<(u64, u64)>,
+    /// The file's length: only extensions made here change it, and it never shrinks.
+    pub file_len: u64,
     /// Bumped on every change, so a flush can tell what changed while it wrote.
-    pub version: u64,
+    version: u64,
 }
 
 impl Meta {
+    pub fn new(l1: Vec<u64>, l2: TableCache, rc: Refcounts, map: MetaMap, file_len: u64) -> Meta {
+        Meta {
+            l1,
+            l1_dirty: BTreeSet::new(),
+            l2,
+            rc,
+            map,
+            pending_free: Vec::new(),
+            file_len,
+            version: 0,
+        }
+    }
+
     pub fn bump(&mut self) -> u64 {
         self.version += 1;
         self.version
     }
 
-    fn l2_offset(&self, f: &ImageFile, geo: &Geo, l1i: usize) -> Result<Option<(u64, bool)>> {
+    /// Anything a flush would write.
+    pub fn any_dirty(&self) -> bool {
+        !self.l1_dirty.is_empty() || self.l2.any_dirty() || self.rc.any_dirty()
+    }
+
+    fn l2_offset(&self, f: &HostFile, geo: &Geo, l1i: usize) -> Result<Option<(u64, bool)>> {
         let e = *self
             .l1
             .get(l1i)
@@ -61,100 +107,152 @@ impl Meta {
             return Ok(None);
         }
         if !off.is_multiple_of(geo.cs) {
-            return Err(f.corrupt(format!("L2 table offset {off:#x} is not cluster aligned")));
+            return Err(f.corrupt(format!(
+                "L2 table offset {off:#x} unaligned (L1 index: {l1i:#x})"
+            )));
         }
         Ok(Some((off, e & COPIED != 0)))
     }
 
-    fn load_l2(&mut self, f: &ImageFile, geo: &Geo, off: u64) -> Result<()> {
+    fn load_l2(&mut self, f: &HostFile, geo: &Geo, off: u64) -> Result<()> {
         if !self.l2.contains(off) {
             let mut raw = vec![0u8; geo.cs as usize];
             f.read("read L2 table", off, &mut raw)?;
-            self.l2.insert(off, decode(&raw), false, 0);
+            self.l2.insert(off, raw, false, 0);
         }
         Ok(())
     }
 
+    fn entry_at(&self, geo: &Geo, g: u64) -> usize {
+        let idx = (g & ((1 << geo.l2_bits) - 1)) as usize;
+        idx * if geo.extended { 16 } else { 8 }
+    }
+
     /// The entry for guest cluster `g`; `None` when its whole L2 range is unallocated.
-    pub fn entry(&mut self, f: &ImageFile, geo: &Geo, g: u64) -> Result<Option<Entry>> {
+    pub fn entry(&mut self, f: &HostFile, geo: &Geo, g: u64) -> Result<Option<Entry>> {
         let l1i = (g >> geo.l2_bits) as usize;
         let Some((off, _)) = self.l2_offset(f, geo, l1i)? else {
             return Ok(None);
         };
         self.load_l2(f, geo, off)?;
-        let idx = (g & ((1 << geo.l2_bits) - 1)) as usize;
+        let at = self.entry_at(geo, g);
         let t = self
             .l2
             .get(off)
             .ok_or_else(|| f.corrupt(format!("L2 table {off:#x} vanished from the cache")))?;
-        Ok(Some(if geo.extended {
-            Entry {
-                desc: t.words[idx * 2],
-                bm: t.words[idx * 2 + 1],
-            }
-        } else {
-            Entry {
-                desc: t.words[idx],
-                bm: 0,
-            }
+        Ok(Some(Entry {
+            desc: t.be64(at),
+            bm: if geo.extended { t.be64(at + 8) } else { 0 },
         }))
+    }
+
+    /// Allocate a cluster and make the file cover it: (offset, never written before).
+    pub fn alloc(&mut self, f: &HostFile) -> Result<Step<(u64, bool)>> {
+        let v = self.bump();
+        match self.rc.alloc(f, v, &mut self.map)? {
+            Some(got) => {
+                self.cover(f)?;
+                Ok(Step::Done(got))
+            }
+            None => Ok(Step::Grow(self.rc.growth_index())),
+        }
+    }
+
+    /// Extend the file over everything the allocator handed out, before anyone writes there:
+    /// all extensions happen here, under the lock, so none can undo another.
+    pub fn cover(&mut self, f: &HostFile) -> Result<()> {
+        if self.rc.high > self.file_len {
+            f.grow_to(self.rc.high)?;
+            self.file_len = self.rc.high;
+        }
+        Ok(())
     }
 
     /// Make the L2 table for L1 index `l1i` ours to modify: allocate a new one, or copy one
     /// shared with a snapshot (the old copy is released after the new L1 entry is durable).
-    pub fn l2_for_write(&mut self, f: &ImageFile, geo: &Geo, l1i: usize) -> Result<u64> {
+    pub fn l2_for_write(&mut self, f: &HostFile, geo: &Geo, l1i: usize) -> Result<Step<u64>> {
         let cur = self.l2_offset(f, geo, l1i)?;
         if let Some((off, true)) = cur {
             self.load_l2(f, geo, off)?;
-            return Ok(off);
+            return Ok(Step::Done(off));
         }
-        let words = match cur {
+        let data = match cur {
             Some((off, _)) => {
                 self.load_l2(f, geo, off)?;
                 self.l2
                     .get(off)
-                    .map(|t| t.words.clone())
+                    .map(|t| t.data().to_vec())
                     .ok_or_else(|| f.corrupt(format!("L2 table {off:#x} vanished")))?
             }
-            None => vec![0u64; (geo.cs / 8) as usize],
+            None => vec![0u8; geo.cs as usize],
         };
+        let (new, _) = need!(self.alloc(f));
         let v = self.bump();
-        let (new, _) = self.rc.alloc(f, v)?;
-        self.l2.insert(new, words, true, v);
+        self.l2.insert(new, data, true, v);
+        self.map.add_cluster(Kind::ActiveL2, new);
         self.l1[l1i] = new | COPIED;
         self.l1_dirty.insert(l1i);
         if let Some((old, _)) = cur {
-            self.rc.pending_free.push((old, geo.cs));
+            // Only a snapshot's L1 points at the old table now.
+            self.map.remove_cluster(old);
+            self.pending_free.push((old, geo.cs));
         }
-        Ok(new)
+        Ok(Step::Done(new))
     }
 
-    pub fn set_entry(&mut self, f: &ImageFile, geo: &Geo, g: u64, e: Entry) -> Result<()> {
-        let off = self.l2_for_write(f, geo, (g >> geo.l2_bits) as usize)?;
+    pub fn set_entry(&mut self, f: &HostFile, geo: &Geo, g: u64, e: Entry) -> Result<Step<()>> {
+        let off = need!(self.l2_for_write(f, geo, (g >> geo.l2_bits) as usize));
         let v = self.bump();
-        let idx = (g & ((1 << geo.l2_bits) - 1)) as usize;
+        let at = self.entry_at(geo, g);
+        let extended = geo.extended;
         let t = self
             .l2
             .get(off)
             .ok_or_else(|| f.corrupt(format!("L2 table {off:#x} vanished from the cache")))?;
-        if geo.extended {
-            t.words[idx * 2] = e.desc;
-            t.words[idx * 2 + 1] = e.bm;
-        } else {
-            t.words[idx] = e.desc;
-        }
-        t.dirty = true;
-        t.version = v;
-        Ok(())
+        let n = if extended { 16 } else { 8 };
+        t.modify(at, n, v, |d| {
+            d[at..at + 8].copy_from_slice(&e.desc.to_be_bytes());
+            if extended {
+                d[at + 8..at + 16].copy_from_slice(&e.bm.to_be_bytes());
+            }
+        });
+        Ok(Step::Done(()))
     }
 
     /// Release the host storage `old` referenced, once the entry replacing it is durable.
     pub fn queue_free(&mut self, geo: &Geo, old: Entry) {
         if old.compressed() {
             let (off, len) = super::compressed::sectors(old.desc, geo.cluster_bits);
-            self.rc.pending_free.push((off, len));
+            self.pending_free.push((off, len));
         } else if old.host() != 0 {
-            self.rc.pending_free.push((old.host(), geo.cs));
+            self.pending_free.push((old.host(), geo.cs));
         }
+    }
+
+    /// Apply queued decreases (their pointer removals are durable now). A cluster that reaches
+    /// zero is dropped from the caches unwritten, so stale table contents can never land on
+    /// it after it is reused.
+    pub fn apply_frees(&mut self, f: &HostFile, geo: &Geo, frees: &[(u64, u64)]) -> Result<()> {
+        for &(off, len) in frees {
+            if len == 0 {
+                continue;
+            }
+            let first = off >> geo.cluster_bits;
+            let last = (off + len - 1) >> geo.cluster_bits;
+            for c in first..=last {
+                let v = self.bump();
+                if self.rc.decrease(f, c, v)? == 0 {
+                    self.l2.remove(c << geo.cluster_bits);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Give back a cluster nothing ever pointed at (a failed write's, a stray one).
+    pub fn unalloc(&mut self, f: &HostFile, off: u64, cluster_bits: u32) -> Result<()> {
+        let v = self.bump();
+        self.rc.decrease(f, off >> cluster_bits, v)?;
+        Ok(())
     }
 }

@@ -1,19 +1,32 @@
 //! Refcounts: the refcount table, a cache of refcount blocks (any width from 1 to 64 bits), and
-//! the cluster allocator built on them.
+//! the cluster allocator built on them. Everything here runs under the metadata lock.
 //!
-//! Ordering rules kept here: a new refcount block reaches disk before the table entry that
-//! points to it; a grown table is complete on disk before the header points to it; refcount
-//! decreases are queued (`pending_free`) and applied only after the pointers they drop are on
-//! disk, so a crash can leak clusters but never leave a referenced cluster with refcount 0.
+//! Rules kept here (the flush in `flush.rs` writes the dirty state in this order):
+//! - An allocation raises the refcount in the cached block *before* anything can point at the
+//!   cluster, so a flush always writes the increase before the pointer (a crash leaks, never
+//!   dangles).
+//! - A range without a refcount block gets one in its own first cluster (it counts itself);
+//!   the block is dirty and its table entry is dirty: the flush writes blocks, syncs, then
+//!   table entries.
+//! - Decreases are never made here on the caller's behalf: callers queue them and the flush
+//!   applies them after the pointers they drop are durable (`Meta::pending_free`).
+//! - Growing the table ([`Refcounts::grow`]) is the one synchronous structural change: under
+//!   the flush gate and the metadata lock, dirty blocks are written and synced, then new
+//!   blocks and the new table at the end of the file, sync, the header switched, sync, and only
+//!   then the old table freed.
 
-use super::file::ImageFile;
+use super::cache::TableCache;
 use super::header::{MAX_REFTABLE_BYTES, OFF_REFTABLE};
+use super::overlap::{Kind, MetaMap};
+use crate::file::HostFile;
 use crate::{Error, Result};
-use std::collections::{BTreeSet, HashMap};
+use std::collections::BTreeSet;
 
 const REFBLOCK_MASK: u64 = !0x1ff;
 /// Host offsets stay below 2^56 (the L2 entry's offset field is bits 9..55).
-const MAX_HOST: u64 = 1 << 56;
+pub const MAX_HOST: u64 = 1 << 56;
+/// Refcount blocks kept in memory.
+const BLOCK_CACHE_BYTES: usize = 16 << 20;
 
 /// Read entry `i` of a refcount block of `1 << order`-bit entries.
 pub fn get_ref(data: &[u8], i: usize, order: u32) -> u64 {
@@ -47,19 +60,14 @@ pub fn set_ref(data: &mut [u8], i: usize, order: u32, v: u64) {
     }
 }
 
-#[derive(Debug)]
-struct Block {
-    data: Vec<u8>,
-    dirty: bool,
-    version: u64,
-    last_use: u64,
-}
-
-/// Dirty state copied out under the lock, written without it.
-#[derive(Debug, Default)]
-pub struct RefSnapshot {
-    pub blocks: Vec<(u64, Vec<u8>, u64)>,
-    pub table_dirty: bool,
+/// Byte range of entry `i` inside a block (whole bytes, for dirty tracking).
+fn entry_bytes(i: usize, order: u32) -> (usize, usize) {
+    let bits = 1usize << order;
+    if bits < 8 {
+        (i * bits / 8, 1)
+    } else {
+        (i * bits / 8, bits / 8)
+    }
 }
 
 #[derive(Debug)]
@@ -70,34 +78,39 @@ pub struct Refcounts {
     table_offset: u64,
     table_clusters: u64,
     table_dirty: BTreeSet<usize>,
-    blocks: HashMap<u64, Block>,
-    tick: u64,
-    max_blocks: usize,
+    pub blocks: TableCache,
     /// Lowest cluster index that may be free.
     free_hint: u64,
-    /// Every byte at or past this offset has never been written: such clusters read as zeroes.
-    alloc_high: u64,
-    /// Byte ranges to decrement once the pointer removals are durable.
-    pub pending_free: Vec<(u64, u64)>,
+    /// Every byte at or past this offset has never been written (reads as zeroes), and
+    /// every cluster handed out or holding a new block lies below it.
+    pub high: u64,
 }
 
 impl Refcounts {
-    pub fn new(
-        f: &ImageFile,
+    /// Load the table and record it and its blocks in `map`.
+    pub fn open(
+        f: &HostFile,
         cluster_bits: u32,
         order: u32,
         table_offset: u64,
         table_clusters: u64,
         file_len: u64,
+        map: &mut MetaMap,
     ) -> Result<Refcounts> {
         let bytes = table_clusters << cluster_bits;
         let mut raw = vec![0u8; bytes as usize];
         f.read("read refcount table", table_offset, &mut raw)?;
-        let table = raw
+        let table: Vec<u64> = raw
             .chunks_exact(8)
             .map(|c| u64::from_be_bytes(c.try_into().unwrap_or([0; 8])))
             .collect();
-        let cs = 1u64 << cluster_bits;
+        map.add_range(Kind::RefTable, table_offset, bytes);
+        for e in &table {
+            let off = e & REFBLOCK_MASK;
+            if off != 0 {
+                map.add_cluster(Kind::RefBlock, off);
+            }
+        }
         Ok(Refcounts {
             cluster_bits,
             order,
@@ -105,12 +118,9 @@ impl Refcounts {
             table_offset,
             table_clusters,
             table_dirty: BTreeSet::new(),
-            blocks: HashMap::new(),
-            tick: 0,
-            max_blocks: ((16usize << 20) >> cluster_bits).max(16),
+            blocks: TableCache::new(BLOCK_CACHE_BYTES, 1 << cluster_bits),
             free_hint: 0,
-            alloc_high: file_len.div_ceil(cs) * cs,
-            pending_free: Vec::new(),
+            high: file_len.div_ceil(1 << cluster_bits) << cluster_bits,
         })
     }
 
@@ -122,16 +132,8 @@ impl Refcounts {
         1 << (self.cluster_bits + 3 - self.order)
     }
 
-    fn max_value(&self) -> u64 {
-        if self.order == 6 {
-            u64::MAX
-        } else {
-            (1u64 << (1 << self.order)) - 1
-        }
-    }
-
     /// The cached block for range `r`, loading it; None when the table has no block there.
-    fn block(&mut self, f: &ImageFile, r: u64) -> Result<Option<u64>> {
+    fn block(&mut self, f: &HostFile, r: u64) -> Result<Option<u64>> {
         let Some(&entry) = self.table.get(r as usize) else {
             return Ok(None);
         };
@@ -141,88 +143,42 @@ impl Refcounts {
         }
         if !off.is_multiple_of(self.cs()) || off >= MAX_HOST {
             return Err(f.corrupt(format!(
-                "refcount block {r} at {off:#x} is not cluster aligned"
+                "Refblock offset {off:#x} unaligned (reftable index: {r:#x})"
             )));
         }
-        self.tick += 1;
-        if let Some(b) = self.blocks.get_mut(&off) {
-            b.last_use = self.tick;
-            return Ok(Some(off));
+        if !self.blocks.contains(off) {
+            let mut data = vec![0u8; self.cs() as usize];
+            f.read("read refcount block", off, &mut data)?;
+            self.blocks.insert(off, data, false, 0);
         }
-        self.evict();
-        let mut data = vec![0u8; self.cs() as usize];
-        f.read("read refcount block", off, &mut data)?;
-        self.blocks.insert(
-            off,
-            Block {
-                data,
-                dirty: false,
-                version: 0,
-                last_use: self.tick,
-            },
-        );
         Ok(Some(off))
     }
 
-    fn evict(&mut self) {
-        if self.blocks.len() < self.max_blocks {
-            return;
-        }
-        if let Some((&k, _)) = self
-            .blocks
-            .iter()
-            .filter(|(_, b)| !b.dirty)
-            .min_by_key(|(_, b)| b.last_use)
-        {
-            self.blocks.remove(&k);
-        }
-    }
-
-    #[allow(dead_code)]
-    pub fn refcount(&mut self, f: &ImageFile, cluster: u64) -> Result<u64> {
-        let per = self.per_block();
-        match self.block(f, cluster / per)? {
-            None => Ok(0),
-            Some(k) => Ok(get_ref(
-                &self.blocks[&k].data,
-                (cluster % per) as usize,
-                self.order,
-            )),
-        }
-    }
-
     fn set(&mut self, key: u64, i: u64, v: u64, version: u64) {
-        if let Some(b) = self.blocks.get_mut(&key) {
-            set_ref(&mut b.data, i as usize, self.order, v);
-            b.dirty = true;
-            b.version = version;
+        let order = self.order;
+        let (at, n) = entry_bytes(i as usize, order);
+        if let Some(t) = self.blocks.get(key) {
+            t.modify(at, n, version, |d| set_ref(d, i as usize, order, v));
         }
     }
 
-    /// Add `delta` (±1) to one cluster's refcount.
-    pub fn change(&mut self, f: &ImageFile, cluster: u64, delta: i64, version: u64) -> Result<()> {
+    /// Drop one reference to a cluster; returns the new count.
+    pub fn decrease(&mut self, f: &HostFile, cluster: u64, version: u64) -> Result<u64> {
         let per = self.per_block();
-        let key = match self.block(f, cluster / per)? {
-            Some(k) => k,
-            None if delta > 0 => self.ensure_block(f, cluster / per, version)?,
-            None => {
-                return Err(f.corrupt(format!(
-                    "freeing cluster {:#x} that has no refcount block",
-                    cluster << self.cluster_bits
-                )))
-            }
+        let Some(key) = self.block(f, cluster / per)? else {
+            return Err(f.corrupt(format!(
+                "freeing cluster {:#x} that has no refcount block",
+                cluster << self.cluster_bits
+            )));
         };
         let i = cluster % per;
-        let old = get_ref(&self.blocks[&key].data, i as usize, self.order);
-        let new = if delta >= 0 {
-            old.checked_add(delta as u64)
-                .filter(|&v| v <= self.max_value())
-        } else {
-            old.checked_sub(delta.unsigned_abs())
-        };
-        let Some(new) = new else {
+        let old = self
+            .blocks
+            .get(key)
+            .map_or(0, |t| get_ref(t.data(), i as usize, self.order));
+        let Some(new) = old.checked_sub(1) else {
             return Err(f.corrupt(format!(
-                "refcount of cluster {:#x} would go from {old} by {delta}",
+                "refcount of cluster {:#x} would drop below zero",
                 cluster << self.cluster_bits
             )));
         };
@@ -230,84 +186,139 @@ impl Refcounts {
         if new == 0 {
             self.free_hint = self.free_hint.min(cluster);
         }
-        Ok(())
+        Ok(new)
     }
 
-    /// Make sure range `r` has a refcount block. A missing block means every cluster in its
-    /// range is free, so the block goes into the range's own first cluster.
-    fn ensure_block(&mut self, f: &ImageFile, r: u64, version: u64) -> Result<u64> {
-        if r >= self.table.len() as u64 {
-            self.grow(f, r, version)?;
-        }
-        if let Some(k) = self.block(f, r)? {
-            return Ok(k);
-        }
-        let per = self.per_block();
-        let off = (r * per) << self.cluster_bits;
-        if off >= MAX_HOST {
-            return Err(Error::NoSpace(format!(
-                "{}: image too large",
-                f.path.display()
-            )));
-        }
-        let mut data = vec![0u8; self.cs() as usize];
-        set_ref(&mut data, 0, self.order, 1);
-        self.tick += 1;
-        self.evict();
-        self.blocks.insert(
-            off,
-            Block {
-                data,
-                dirty: true,
-                version,
-                last_use: self.tick,
-            },
-        );
-        self.table[r as usize] = off;
-        self.table_dirty.insert(r as usize);
-        self.alloc_high = self.alloc_high.max(off + self.cs());
-        Ok(off)
-    }
-
-    /// Allocate one cluster with refcount 1. Returns its offset and whether it is known to
-    /// read as zeroes (never written before).
-    pub fn alloc(&mut self, f: &ImageFile, version: u64) -> Result<(u64, bool)> {
+    /// Allocate one cluster with refcount 1: its offset and whether it was never written
+    /// (reads as zeroes), or None when the refcount table must grow first
+    /// ([`Refcounts::grow`], under the flush gate). The caller makes the file cover
+    /// [`Refcounts::high`] before anything writes there.
+    pub fn alloc(
+        &mut self,
+        f: &HostFile,
+        version: u64,
+        map: &mut MetaMap,
+    ) -> Result<Option<(u64, bool)>> {
         let per = self.per_block();
         let mut c = self.free_hint;
         loop {
-            if (c << self.cluster_bits) >= MAX_HOST || c >= (MAX_HOST >> self.cluster_bits) {
+            if c >= (MAX_HOST >> self.cluster_bits) {
                 return Err(Error::NoSpace(format!(
                     "{}: image too large",
-                    f.path.display()
+                    f.path().display()
                 )));
             }
             let r = c / per;
-            let key = self.ensure_block(f, r, version)?;
-            let data = &self.blocks[&key].data;
-            let found = (c % per..per).find(|&i| get_ref(data, i as usize, self.order) == 0);
+            if r >= self.table.len() as u64 {
+                return Ok(None);
+            }
+            let key = match self.block(f, r)? {
+                Some(k) => k,
+                None => self.install_block(f, r, version, map)?,
+            };
+            let order = self.order;
+            let found = self
+                .blocks
+                .get(key)
+                .and_then(|t| (c % per..per).find(|&i| get_ref(t.data(), i as usize, order) == 0));
             match found {
                 Some(i) => {
-                    let cluster = r * per + i;
                     self.set(key, i, 1, version);
+                    let cluster = r * per + i;
                     self.free_hint = cluster + 1;
                     let off = cluster << self.cluster_bits;
-                    let fresh = off >= self.alloc_high;
-                    self.alloc_high = self.alloc_high.max(off + self.cs());
-                    return Ok((off, fresh));
+                    let fresh = off >= self.high;
+                    self.high = self.high.max(off + self.cs());
+                    return Ok(Some((off, fresh)));
                 }
                 None => c = (r + 1) * per,
             }
         }
     }
 
+    /// Range `r` has no block: every cluster in it is free, so the block goes in the range's
+    /// own first cluster and counts itself.
+    fn install_block(
+        &mut self,
+        f: &HostFile,
+        r: u64,
+        version: u64,
+        map: &mut MetaMap,
+    ) -> Result<u64> {
+        let off = (r * self.per_block()) << self.cluster_bits;
+        if let Some(k) = map.check(off, self.cs(), None) {
+            return Err(f.corrupt(format!(
+                "Preventing invalid write on metadata (overlaps with {})",
+                k.name()
+            )));
+        }
+        let mut data = vec![0u8; self.cs() as usize];
+        set_ref(&mut data, 0, self.order, 1);
+        self.blocks.insert(off, data, true, version);
+        self.table[r as usize] = off;
+        self.table_dirty.insert(r as usize);
+        map.add_cluster(Kind::RefBlock, off);
+        self.high = self.high.max(off + self.cs());
+        Ok(off)
+    }
+
+    /// Dirty table entries: `(file offset, value)` of each, for the flush.
+    pub fn dirty_entries(&self) -> Vec<(usize, u64)> {
+        self.table_dirty
+            .iter()
+            .map(|&i| (i, self.table[i]))
+            .collect()
+    }
+
+    pub fn entry_offset(&self, i: usize) -> u64 {
+        self.table_offset + i as u64 * 8
+    }
+
+    /// After `written` reached the disk: entries unchanged since are clean.
+    pub fn mark_entries_clean(&mut self, written: &[(usize, u64)]) {
+        for &(i, v) in written {
+            if self.table.get(i) == Some(&v) {
+                self.table_dirty.remove(&i);
+            }
+        }
+    }
+
+    pub fn any_dirty(&self) -> bool {
+        !self.table_dirty.is_empty() || self.blocks.any_dirty()
+    }
+
+    /// The first range index past the table (what an allocation that found no room needs).
+    pub fn growth_index(&self) -> u64 {
+        self.table.len() as u64
+    }
+
+    /// Is range `r` inside the table?
+    pub fn covers(&self, r: u64) -> bool {
+        r < self.table.len() as u64
+    }
+
     /// Move the table to a bigger one at the first uncovered cluster, with its own new
-    /// refcount blocks in front of it.
-    fn grow(&mut self, f: &ImageFile, need_r: u64, version: u64) -> Result<()> {
+    /// refcount blocks in front of it. The caller holds the flush gate and the metadata lock,
+    /// so nothing else writes metadata meanwhile.
+    pub fn grow(
+        &mut self,
+        f: &HostFile,
+        need_r: u64,
+        version: u64,
+        map: &mut MetaMap,
+    ) -> Result<()> {
         let cs = self.cs();
         let per = self.per_block();
-        // Pointers in the new table must not precede their blocks on disk.
-        self.write_dirty_blocks(f)?;
+        // The new table carries every in-memory pointer: their blocks must be durable first.
+        let copies = self.blocks.dirty_copies();
+        for c in &copies {
+            check_overlap(f, map, c.offset, cs, Some(Kind::RefBlock))?;
+            for (off, data) in &c.runs {
+                f.write("write refcount block", *off, data, false)?;
+            }
+        }
         f.sync()?;
+        self.blocks.mark_clean(&copies);
         let old_n = self.table.len() as u64;
         let start = old_n * per;
         let mut k = 1u64;
@@ -326,10 +337,19 @@ impl Refcounts {
         {
             return Err(Error::NoSpace(format!(
                 "{}: refcount table cannot grow further",
-                f.path.display()
+                f.path().display()
             )));
         }
         let area_end = start + k + tclusters;
+        check_overlap(
+            f,
+            map,
+            start << self.cluster_bits,
+            (k + tclusters) << self.cluster_bits,
+            None,
+        )?;
+        f.grow_to(area_end << self.cluster_bits)?;
+        self.high = self.high.max(area_end << self.cluster_bits);
         let mut table = self.table.clone();
         table.resize(entries as usize, 0);
         for i in 0..k {
@@ -340,102 +360,52 @@ impl Refcounts {
                 set_ref(&mut data, (c - lo) as usize, self.order, 1);
             }
             let off = (start + i) << self.cluster_bits;
-            f.write("write refcount block", off, &data)?;
+            f.write("write refcount block", off, &data, false)?;
             table[r as usize] = off;
-            self.blocks.insert(
-                off,
-                Block {
-                    data,
-                    dirty: false,
-                    version: 0,
-                    last_use: self.tick,
-                },
-            );
+            self.blocks.insert(off, data, false, 0);
+            map.add_cluster(Kind::RefBlock, off);
         }
         let table_off = (start + k) << self.cluster_bits;
         let mut raw = Vec::with_capacity((tclusters * cs) as usize);
         for e in &table {
             raw.extend_from_slice(&e.to_be_bytes());
         }
-        f.write("write refcount table", table_off, &raw)?;
+        f.write("write refcount table", table_off, &raw, false)?;
         f.sync()?;
         let mut hdr = [0u8; 12];
         hdr[..8].copy_from_slice(&table_off.to_be_bytes());
         hdr[8..].copy_from_slice(&(tclusters as u32).to_be_bytes());
-        f.write("write header", OFF_REFTABLE, &hdr)?;
+        f.write("write header", OFF_REFTABLE, &hdr, false)?;
         f.sync()?;
         let (old_off, old_clusters) = (self.table_offset, self.table_clusters);
         self.table = table;
         self.table_offset = table_off;
         self.table_clusters = tclusters;
         self.table_dirty.clear();
-        self.alloc_high = self.alloc_high.max(area_end << self.cluster_bits);
-        // The old table is unreferenced on disk now: free it at once.
+        map.clear_ranges(Kind::RefTable);
+        map.add_range(Kind::RefTable, table_off, tclusters * cs);
+        // The header no longer points at the old table, durably: free it at once.
         for c in 0..old_clusters {
-            self.change(f, (old_off >> self.cluster_bits) + c, -1, version)?;
+            self.decrease(f, (old_off >> self.cluster_bits) + c, version)?;
         }
         Ok(())
     }
+}
 
-    fn write_dirty_blocks(&mut self, f: &ImageFile) -> Result<()> {
-        for (&off, b) in self.blocks.iter_mut().filter(|(_, b)| b.dirty) {
-            f.write("write refcount block", off, &b.data)?;
-            b.dirty = false;
-        }
-        Ok(())
-    }
-
-    pub fn snapshot(&self) -> RefSnapshot {
-        RefSnapshot {
-            blocks: self
-                .blocks
-                .iter()
-                .filter(|(_, b)| b.dirty)
-                .map(|(&o, b)| (o, b.data.clone(), b.version))
-                .collect(),
-            table_dirty: !self.table_dirty.is_empty(),
-        }
-    }
-
-    pub fn mark_clean(&mut self, snap: &RefSnapshot) {
-        for (off, _, v) in &snap.blocks {
-            if let Some(b) = self.blocks.get_mut(off) {
-                if b.version == *v {
-                    b.dirty = false;
-                }
-            }
-        }
-    }
-
-    /// Write the dirty table entries (called with the metadata lock held: the table may move).
-    pub fn write_table_entries(&mut self, f: &ImageFile) -> Result<()> {
-        let dirty = std::mem::take(&mut self.table_dirty);
-        for &i in &dirty {
-            let off = self.table_offset + i as u64 * 8;
-            if let Err(e) = f.write("write refcount table", off, &self.table[i].to_be_bytes()) {
-                self.table_dirty.extend(dirty);
-                return Err(e);
-            }
-        }
-        Ok(())
-    }
-
-    /// Free `len` bytes at `off` (a compressed cluster may span two host clusters).
-    pub fn free_range(&mut self, f: &ImageFile, off: u64, len: u64, version: u64) -> Result<()> {
-        if len == 0 {
-            return Ok(());
-        }
-        let first = off >> self.cluster_bits;
-        let last = (off + len - 1) >> self.cluster_bits;
-        for c in first..=last {
-            self.change(f, c, -1, version)?;
-        }
-        Ok(())
-    }
-
-    /// Host end of the allocated area (for extending the file at flush).
-    pub fn alloc_high(&self) -> u64 {
-        self.alloc_high
+/// A metadata write about to land on other metadata marks the image corrupt (qemu's check).
+pub fn check_overlap(
+    f: &HostFile,
+    map: &MetaMap,
+    off: u64,
+    len: u64,
+    own: Option<Kind>,
+) -> Result<()> {
+    match map.check(off, len, own) {
+        None => Ok(()),
+        Some(k) => Err(f.corrupt(format!(
+            "Preventing invalid write on metadata (overlaps with {})",
+            k.name()
+        ))),
     }
 }
 

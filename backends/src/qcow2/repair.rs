@@ -4,19 +4,24 @@
 //! past the end of everything in use, point the header at them and clear the dirty bit.
 
 use super::compressed;
-use super::file::ImageFile;
 use super::header::{Header, INCOMPAT_DIRTY, OFF_INCOMPAT, OFF_REFTABLE};
-use super::l2_cache::decode;
 use super::meta::{COMPRESSED, OFFSET_MASK};
 use super::refcount::set_ref;
 use super::snapshot::Snapshot;
+use crate::file::HostFile;
 use crate::{Error, Result};
 
 /// Refuse to count images with more clusters than this (the counts live in memory).
 const MAX_CLUSTERS: u64 = 1 << 28;
 
+fn decode(raw: &[u8]) -> Vec<u64> {
+    raw.chunks_exact(8)
+        .map(|c| u64::from_be_bytes(c.try_into().unwrap_or([0; 8])))
+        .collect()
+}
+
 struct Counter<'a> {
-    f: &'a ImageFile,
+    f: &'a HostFile,
     cluster_bits: u32,
     counts: Vec<u64>,
 }
@@ -68,7 +73,7 @@ impl Counter<'_> {
 }
 
 pub fn rebuild(
-    f: &ImageFile,
+    f: &HostFile,
     h: &Header,
     snapshots: &[Snapshot],
     snap_table_len: u64,
@@ -79,7 +84,7 @@ pub fn rebuild(
     if file_clusters > MAX_CLUSTERS {
         return Err(Error::Open(format!(
             "'{}' is dirty and too large to repair here: run 'qemu-img check -r all'",
-            f.path.display()
+            f.path().display()
         )));
     }
     let mut c = Counter {
@@ -134,21 +139,22 @@ pub fn rebuild(
             set_ref(&mut data, (i - lo) as usize, order, c.counts[i as usize]);
         }
         let off = (start + b) << cb;
-        f.write("write refcount block", off, &data)?;
+        f.write("write refcount block", off, &data, false)?;
         table[(b * 8) as usize..(b * 8 + 8) as usize].copy_from_slice(&off.to_be_bytes());
     }
     let table_off = (start + k) << cb;
-    f.write("write refcount table", table_off, &table)?;
+    f.write("write refcount table", table_off, &table, false)?;
     f.sync()?;
     let mut hdr = [0u8; 12];
     hdr[..8].copy_from_slice(&table_off.to_be_bytes());
     hdr[8..].copy_from_slice(&(t as u32).to_be_bytes());
-    f.write("write header", OFF_REFTABLE, &hdr)?;
+    f.write("write header", OFF_REFTABLE, &hdr, false)?;
     f.sync()?;
     f.write(
         "write header",
         OFF_INCOMPAT,
         &(h.incompatible & !INCOMPAT_DIRTY).to_be_bytes(),
+        false,
     )?;
     f.sync()?;
     let mut back = [0u8; 8];
@@ -158,7 +164,7 @@ pub fn rebuild(
     }
     tracing::info!(
         "'{}': rebuilt the refcounts of a dirty image",
-        f.path.display()
+        f.path().display()
     );
     Ok(())
 }

@@ -1,8 +1,11 @@
 //! The internal snapshot table. Writes keep snapshots intact through refcounts and the COPIED
 //! flag; this table is parsed so it is validated at open, and for listing/loading snapshots.
 
-use super::file::ImageFile;
+use crate::file::HostFile;
 use crate::Result;
+
+/// qemu's QCOW_MAX_SNAPSHOTS_SIZE: the table may not exceed 64 MiB.
+const MAX_TABLE_BYTES: u64 = 64 << 20;
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Snapshot {
@@ -21,7 +24,7 @@ pub struct Snapshot {
 /// Parse `count` entries at `offset`. The table is bounded: 64 KiB entries, each at most
 /// 40 + 64 KiB extra + 2 × 64 KiB strings, read in pieces.
 pub fn read_table(
-    f: &ImageFile,
+    f: &HostFile,
     offset: u64,
     count: u32,
     cluster_size: u64,
@@ -74,6 +77,9 @@ pub fn read_table(
             disk_size,
         });
         pos += (40 + var).div_ceil(8) * 8;
+        if pos - offset > MAX_TABLE_BYTES {
+            return Err(crate::Error::Open("Snapshot table is too big".into()));
+        }
     }
     Ok((out, pos - offset))
 }

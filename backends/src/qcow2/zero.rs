@@ -2,7 +2,7 @@
 //! only metadata; partial ones fall back to writing zeroes (write-zeroes) or are ignored
 //! (discard, as qemu does).
 
-use super::meta::{Entry, ALL_ZERO, COPIED, ZERO};
+use super::meta::{need, Entry, Step, ALL_ZERO, COPIED, ZERO};
 use super::{Qcow2, Sc};
 use crate::{Error, IoFlags, Result};
 
@@ -87,7 +87,6 @@ impl Qcow2 {
             return Ok(());
         }
         let sc = self.geo.sc_bits;
-        let scs = 1u64 << sc;
         let end = in_off + n;
         let mut full_mask = 0u64;
         let mut i = in_off >> sc;
@@ -102,25 +101,28 @@ impl Qcow2 {
             }
             i += 1;
         }
-        let _ = scs;
         if full_mask != 0 {
             let _s = self.stripe(g).write();
-            let mut m = self.meta.lock();
-            let old = m.entry(&self.f, &self.geo, g)?.unwrap_or_default();
-            if old.compressed() {
-                drop(m);
+            let compressed = self.with_meta(|m| {
+                let old = m.entry(&self.f, &self.geo, g)?.unwrap_or_default();
+                if old.compressed() {
+                    return Ok(Step::Done(true));
+                }
+                let new = Entry {
+                    desc: old.desc,
+                    bm: (old.bm | (full_mask << 32)) & !full_mask,
+                };
+                if new != old {
+                    need!(m.set_entry(&self.f, &self.geo, g, new));
+                }
+                Ok(Step::Done(false))
+            })?;
+            if compressed {
                 drop(_s);
                 // Compressed clusters have no subclusters: write the zeroes.
                 let a = full_mask.trailing_zeros() as u64;
                 let b = 64 - full_mask.leading_zeros() as u64;
                 return self.write_piece(g, a << sc, &vec![0u8; ((b - a) << sc) as usize]);
-            }
-            let new = Entry {
-                desc: old.desc,
-                bm: (old.bm | (full_mask << 32)) & !full_mask,
-            };
-            if new != old {
-                m.set_entry(&self.f, &self.geo, g, new)?;
             }
         }
         Ok(())
@@ -130,14 +132,34 @@ impl Qcow2 {
     /// "zero" here (v2 over a backing file): the caller writes zeroes.
     fn set_whole(&self, g: u64, op: Op) -> Result<bool> {
         let _s = self.stripe(g).write();
-        let mut m = self.meta.lock();
-        let old = m.entry(&self.f, &self.geo, g)?.unwrap_or_default();
         let has_backing = !self.backing_is_zero(g << self.geo.cluster_bits);
-        let keep = old.owned_host() && matches!(op, Op::Zero { unmap: false });
-        let new = if !self.geo.extended {
+        self.with_meta(|m| {
+            let old = m.entry(&self.f, &self.geo, g)?.unwrap_or_default();
+            let keep = old.owned_host() && matches!(op, Op::Zero { unmap: false });
+            let Some(new) = self.whole_entry(old, op, keep, has_backing) else {
+                return Ok(Step::Done(false));
+            };
+            // Nothing to record for never-written clusters without a backing file: they
+            // already read as zeroes, and skipping avoids allocating L2 tables for a
+            // whole-disk zeroing.
+            if new == old || (old == Entry::default() && !has_backing) {
+                return Ok(Step::Done(true));
+            }
+            need!(m.set_entry(&self.f, &self.geo, g, new));
+            if !keep {
+                m.queue_free(&self.geo, old);
+            }
+            Ok(Step::Done(true))
+        })
+    }
+
+    /// The entry a whole-cluster zero or discard leaves; None when the format cannot say
+    /// "zero" here (v2 over a backing file): the caller writes zeroes.
+    fn whole_entry(&self, old: Entry, op: Op, keep: bool, has_backing: bool) -> Option<Entry> {
+        Some(if !self.geo.extended {
             if self.geo.version < 3 {
                 if has_backing && op != Op::Discard {
-                    return Ok(false);
+                    return None;
                 }
                 Entry::default()
             } else if keep {
@@ -162,19 +184,6 @@ impl Qcow2 {
                 desc: 0,
                 bm: ALL_ZERO,
             }
-        };
-        if new == old || (old == Entry::default() && !has_backing && op == Op::Discard) {
-            return Ok(true);
-        }
-        // Nothing to record for never-written clusters without a backing file: they already
-        // read as zeroes, and skipping avoids allocating L2 tables for a whole-disk zeroing.
-        if old == Entry::default() && !has_backing {
-            return Ok(true);
-        }
-        m.set_entry(&self.f, &self.geo, g, new)?;
-        if !keep {
-            m.queue_free(&self.geo, old);
-        }
-        Ok(true)
+        })
     }
 }

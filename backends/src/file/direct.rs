@@ -1,11 +1,15 @@
-//! O_DIRECT I/O for the raw backend (`--cache=none|directsync`, `-n`): the kernel wants the
-//! buffer address, offset and length aligned, NBD clients may send any byte range, so every
-//! request goes through an aligned bounce buffer, and unaligned writes read-modify-write the
-//! blocks at their ends. An unaligned write excludes all other writes for its duration, so a
-//! concurrent write to the same block can never be lost.
+//! O_DIRECT I/O (`--cache=none|directsync`, `-n`): the kernel wants the buffer address,
+//! offset and length aligned, clients may send any byte range, so every request goes through
+//! an aligned bounce buffer and unaligned writes read-modify-write the blocks at their ends.
+//!
+//! Locking rule: a read-modify-write holds [`DirectIo::rmw`] exclusively from its read to its
+//! write; every other write-type operation on the file (aligned writes, fallocate zeroing and
+//! hole punching, the ragged tail) holds it shared. So no write, zeroing or discard that lands
+//! inside the read-modify-written blocks can be undone by the stale bytes written back.
 
+use super::read_full_at;
 use crate::aio::{self, AioMode};
-use parking_lot::RwLock;
+use parking_lot::{RwLock, RwLockReadGuard};
 use std::alloc::{alloc_zeroed, dealloc, Layout};
 use std::fs::File;
 use std::io;
@@ -64,24 +68,6 @@ fn up(x: u64) -> u64 {
     down(x + ALIGN as u64 - 1)
 }
 
-/// Fill `buf` from `start` (callers using O_DIRECT pass aligned values); bytes past the end
-/// of the file read as zeroes.
-pub(crate) fn read_full_at(mode: AioMode, f: &File, start: u64, buf: &mut [u8]) -> io::Result<()> {
-    let mut done = 0;
-    while done < buf.len() {
-        match aio::read_at(mode, f, &mut buf[done..], start + done as u64) {
-            Ok(0) => {
-                buf[done..].fill(0);
-                break;
-            }
-            Ok(n) => done += n,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(e),
-        }
-    }
-    Ok(())
-}
-
 /// Positional I/O through aligned bounce buffers.
 #[derive(Debug)]
 pub struct DirectIo {
@@ -108,6 +94,11 @@ impl DirectIo {
         }
     }
 
+    /// Held by write-type operations that are not a read-modify-write.
+    pub fn shared(&self) -> RwLockReadGuard<'_, ()> {
+        self.rmw.read()
+    }
+
     pub fn read(&self, f: &File, offset: u64, buf: &mut [u8]) -> io::Result<()> {
         if offset + buf.len() as u64 > self.tail_start {
             let _x = self.rmw.read();
@@ -127,8 +118,8 @@ impl DirectIo {
         Ok(())
     }
 
-    /// Write `buf` at `offset`, durable in the device when it returns (as O_DIRECT is; the
-    /// device's own cache still needs a flush).
+    /// Write `buf` at `offset`, in the device when it returns (as O_DIRECT is; the device's
+    /// own cache still needs a flush).
     pub fn write(&self, f: &File, offset: u64, buf: &[u8]) -> io::Result<()> {
         if offset + buf.len() as u64 > self.tail_start {
             let _x = self.rmw.write();
@@ -137,26 +128,23 @@ impl DirectIo {
         }
         let start = down(offset);
         let end = up(offset + buf.len() as u64);
-        let aligned = start == offset && end == offset + buf.len() as u64;
         let len = (end - start) as usize;
         let mut bounce = AlignedBuf::new(len);
-        let _guard;
-        if aligned {
-            _guard = Some(self.rmw.read());
+        if start == offset && end == offset + buf.len() as u64 {
+            let _x = self.rmw.read();
             bounce.as_mut_slice()[..len].copy_from_slice(buf);
-        } else {
-            let _x = self.rmw.write();
-            let b = bounce.as_mut_slice();
-            // Only the first and last block hold bytes this write does not cover.
-            read_full_at(self.mode, f, start, &mut b[..ALIGN])?;
-            if len > ALIGN {
-                read_full_at(self.mode, f, end - ALIGN as u64, &mut b[len - ALIGN..len])?;
-            }
-            let skip = (offset - start) as usize;
-            b[skip..skip + buf.len()].copy_from_slice(buf);
-            return aio::write_all_at(self.mode, f, &b[..len], start);
+            return aio::write_all_at(self.mode, f, &bounce.as_slice()[..len], start);
         }
-        aio::write_all_at(self.mode, f, &bounce.as_slice()[..len], start)
+        let _x = self.rmw.write();
+        let b = bounce.as_mut_slice();
+        // Only the first and last block hold bytes this write does not cover.
+        read_full_at(self.mode, f, start, &mut b[..ALIGN])?;
+        if len > ALIGN {
+            read_full_at(self.mode, f, end - ALIGN as u64, &mut b[len - ALIGN..len])?;
+        }
+        let skip = (offset - start) as usize;
+        b[skip..skip + buf.len()].copy_from_slice(buf);
+        aio::write_all_at(self.mode, f, &b[..len], start)
     }
 }
 

@@ -1,0 +1,370 @@
+//! The host-file layer: one type for an open image file, used by every format.
+//!
+//! [`HostFile`] gives positional I/O with the file name and offset in every error, the
+//! `--cache` modes (O_DIRECT through aligned bounce buffers, [`direct`]), `--aio`, fallocate,
+//! hole seeking, qemu's image locks ([`lock`]), and two things formats rely on for safety:
+//! - **fdatasync failure is sticky** (as qemu's file-posix): once a sync failed, the kernel may
+//!   have dropped the dirty pages, so every later [`HostFile::sync`] fails too.
+//! - **The file only grows while it is served**: [`HostFile::grow_to`] never shrinks it, and
+//!   nothing here truncates.
+//!
+//! Tests can attach a [`record::Recorder`] to see every write and sync in issue order (crash
+//! states are built from it), and set `QNBD_TEST_SYNC_DELAY_US` to widen race windows around
+//! syncs.
+
+pub mod direct;
+pub mod record;
+
+use crate::aio::{self, AioMode};
+use crate::{Error, Result};
+use direct::DirectIo;
+use record::Recorder;
+use std::fs::{File, OpenOptions};
+use std::io;
+use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
+use std::os::unix::io::AsRawFd;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicI32, Ordering};
+use std::sync::Arc;
+
+/// How to open an image file (qemu's `file` driver options that apply here).
+#[derive(Clone, Debug, Default)]
+pub struct FileOptions {
+    pub read_only: bool,
+    /// O_DIRECT (`--cache=none|directsync`, `-n`, `cache.direct=on`).
+    pub direct: bool,
+    /// `--aio`.
+    pub aio: AioMode,
+}
+
+#[derive(Debug)]
+pub struct HostFile {
+    /// The descriptor for I/O: opened with O_DIRECT when `direct` is set.
+    file: File,
+    path: PathBuf,
+    read_only: bool,
+    is_block_device: bool,
+    aio: AioMode,
+    direct: Option<DirectIo>,
+    /// errno of the first failed sync, returned by every later one.
+    sync_failed: AtomicI32,
+    recorder: Option<Arc<Recorder>>,
+}
+
+/// qemu's wording: "Could not open 'PATH': No such file or directory".
+pub fn open_error(path: &Path, e: &io::Error) -> Error {
+    Error::Open(format!(
+        "Could not open '{}': {}",
+        path.display(),
+        errno_text(e)
+    ))
+}
+
+/// The C library's text for an error, as qemu prints it (no "(os error N)" suffix).
+pub fn errno_text(e: &io::Error) -> String {
+    match e.raw_os_error() {
+        Some(code) => nix::errno::Errno::from_raw(code).desc().to_string(),
+        None => e.to_string(),
+    }
+}
+
+impl HostFile {
+    pub fn open(path: &Path, opts: &FileOptions) -> Result<HostFile> {
+        let open = |flags: i32| {
+            OpenOptions::new()
+                .read(true)
+                .write(!opts.read_only)
+                .custom_flags(libc::O_CLOEXEC | flags)
+                .open(path)
+                .map_err(|e| open_error(path, &e))
+        };
+        let file = open(if opts.direct { libc::O_DIRECT } else { 0 })?;
+        let mut hf = HostFile::from_file(file, path, opts.read_only, opts.aio)?;
+        if opts.direct {
+            let len = hf.len()?;
+            hf.direct = Some(DirectIo::new(open(0)?, len, opts.aio));
+        }
+        Ok(hf)
+    }
+
+    /// Wrap a file opened elsewhere (buffered I/O).
+    pub fn from_file(file: File, path: &Path, read_only: bool, aio: AioMode) -> Result<HostFile> {
+        let meta = file.metadata().map_err(|e| open_error(path, &e))?;
+        Ok(HostFile {
+            file,
+            path: path.to_path_buf(),
+            read_only,
+            is_block_device: meta.file_type().is_block_device(),
+            aio,
+            direct: None,
+            sync_failed: AtomicI32::new(0),
+            recorder: None,
+        })
+    }
+
+    /// Record every write, length change and sync from now on (crash-state tests).
+    pub fn set_recorder(&mut self, r: Arc<Recorder>) {
+        self.recorder = Some(r);
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    pub fn file(&self) -> &File {
+        &self.file
+    }
+
+    pub fn is_block_device(&self) -> bool {
+        self.is_block_device
+    }
+
+    pub fn read_only(&self) -> bool {
+        self.read_only
+    }
+
+    pub fn is_direct(&self) -> bool {
+        self.direct.is_some()
+    }
+
+    pub fn err(&self, op: &'static str, offset: u64, len: u64, e: io::Error) -> Error {
+        Error::io(op, &self.path, offset, len, e)
+    }
+
+    pub fn corrupt(&self, msg: String) -> Error {
+        Error::Corrupt {
+            path: self.path.clone(),
+            msg,
+        }
+    }
+
+    /// Fill `buf` from `offset`; bytes past the end of the file read as zeroes.
+    pub fn read(&self, op: &'static str, offset: u64, buf: &mut [u8]) -> Result<()> {
+        let r = match &self.direct {
+            Some(d) => d.read(&self.file, offset, buf),
+            None => read_full_at(self.aio, &self.file, offset, buf),
+        };
+        r.map_err(|e| self.err(op, offset, buf.len() as u64, e))
+    }
+
+    /// Write all of `buf` at `offset`; with `dsync` it is durable when this returns.
+    pub fn write(&self, op: &'static str, offset: u64, buf: &[u8], dsync: bool) -> Result<()> {
+        let r = match &self.direct {
+            Some(d) => d.write(&self.file, offset, buf).and_then(|()| {
+                if dsync {
+                    self.sync_raw()
+                } else {
+                    Ok(())
+                }
+            }),
+            None if dsync && self.aio == AioMode::Threads => write_dsync(&self.file, offset, buf),
+            None => aio::write_all_at(self.aio, &self.file, buf, offset).and_then(|()| {
+                if dsync {
+                    self.sync_raw()
+                } else {
+                    Ok(())
+                }
+            }),
+        };
+        match r {
+            Ok(()) => {
+                if let Some(rec) = &self.recorder {
+                    rec.write(offset, buf);
+                    if dsync {
+                        rec.sync();
+                    }
+                }
+                Ok(())
+            }
+            Err(e) => {
+                if dsync && self.direct.is_none() {
+                    // As with a failed sync, the page cache may now hold pages marked clean.
+                    let code = e.raw_os_error().unwrap_or(libc::EIO);
+                    self.sync_failed.store(code, Ordering::Release);
+                }
+                Err(self.err(op, offset, buf.len() as u64, e))
+            }
+        }
+    }
+
+    fn sync_raw(&self) -> io::Result<()> {
+        record::test_delay();
+        self.file.sync_data()
+    }
+
+    /// fdatasync. A failure is remembered: the kernel may have marked the failed pages clean,
+    /// so no later sync may report success (qemu's `page_cache_inconsistent`).
+    pub fn sync(&self) -> Result<()> {
+        if self.read_only {
+            return Ok(());
+        }
+        let failed = self.sync_failed.load(Ordering::Acquire);
+        if failed != 0 {
+            return Err(self.err("flush", 0, 0, io::Error::from_raw_os_error(failed)));
+        }
+        if let Some(rec) = &self.recorder {
+            // Recorded at the start: writes logged before it completed before it began.
+            rec.sync();
+        }
+        match self.sync_raw() {
+            Ok(()) => Ok(()),
+            Err(e) => {
+                if self.direct.is_none() {
+                    let code = e.raw_os_error().unwrap_or(libc::EIO);
+                    self.sync_failed.store(code, Ordering::Release);
+                }
+                Err(self.err("flush", 0, 0, e))
+            }
+        }
+    }
+
+    /// The file's length (a block device's size).
+    pub fn len(&self) -> Result<u64> {
+        if self.is_block_device {
+            // SAFETY: lseek on an owned, open fd; positional I/O elsewhere ignores the offset.
+            let end = unsafe { libc::lseek(self.file.as_raw_fd(), 0, libc::SEEK_END) };
+            if end < 0 {
+                return Err(self.err("seek", 0, 0, io::Error::last_os_error()));
+            }
+            return Ok(end as u64);
+        }
+        self.file
+            .metadata()
+            .map(|m| m.len())
+            .map_err(|e| self.err("stat", 0, 0, e))
+    }
+
+    /// Make the file at least `len` bytes long (a sparse extension); never shrinks it. The
+    /// caller keeps concurrent calls apart (the length read here must be current).
+    pub fn grow_to(&self, len: u64) -> Result<()> {
+        if self.is_block_device || self.len()? >= len {
+            return Ok(());
+        }
+        self.file
+            .set_len(len)
+            .map_err(|e| self.err("extend", len, 0, e))?;
+        if let Some(rec) = &self.recorder {
+            rec.set_len(len);
+        }
+        Ok(())
+    }
+
+    fn fallocate(&self, mode: libc::c_int, offset: u64, len: u64) -> io::Result<()> {
+        // An unaligned O_DIRECT read-modify-write must not interleave with this.
+        let _x = self.direct.as_ref().map(|d| d.shared());
+        // SAFETY: fallocate on an owned, open fd with plain integer arguments.
+        let r = unsafe { libc::fallocate(self.file.as_raw_fd(), mode, offset as i64, len as i64) };
+        if r == 0 {
+            if let Some(rec) = &self.recorder {
+                rec.zero(offset, len);
+            }
+            Ok(())
+        } else {
+            Err(io::Error::last_os_error())
+        }
+    }
+
+    /// Deallocate the range; it reads as zeroes afterwards. The size is kept.
+    pub fn punch_hole(&self, offset: u64, len: u64) -> io::Result<()> {
+        self.fallocate(
+            libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+            offset,
+            len,
+        )
+    }
+
+    /// Make the range read as zeroes without writing them; a regular file keeps its size.
+    pub fn zero_range(&self, offset: u64, len: u64) -> io::Result<()> {
+        let mode = if self.is_block_device {
+            libc::FALLOC_FL_ZERO_RANGE
+        } else {
+            libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE
+        };
+        self.fallocate(mode, offset, len)
+    }
+
+    /// SEEK_DATA / SEEK_HOLE: None where the kernel says ENXIO (no more data).
+    pub fn seek(&self, offset: u64, whence: libc::c_int) -> io::Result<Option<u64>> {
+        // SAFETY: lseek on an owned, open fd; pread/pwrite elsewhere do not use the position.
+        let r = unsafe { libc::lseek(self.file.as_raw_fd(), offset as i64, whence) };
+        if r >= 0 {
+            return Ok(Some(r as u64));
+        }
+        let e = io::Error::last_os_error();
+        if e.raw_os_error() == Some(libc::ENXIO) {
+            Ok(None)
+        } else {
+            Err(e)
+        }
+    }
+
+    /// Prefetch hint.
+    pub fn will_need(&self, offset: u64, len: u64) {
+        // SAFETY: posix_fadvise on an owned, open fd with integer arguments.
+        let r = unsafe {
+            libc::posix_fadvise(
+                self.file.as_raw_fd(),
+                offset as i64,
+                len as i64,
+                libc::POSIX_FADV_WILLNEED,
+            )
+        };
+        if r != 0 {
+            tracing::debug!(
+                "posix_fadvise WILLNEED failed: {}",
+                io::Error::from_raw_os_error(r)
+            );
+        }
+    }
+}
+
+/// Fill `buf` from `start`; bytes past the end of the file read as zeroes.
+pub(crate) fn read_full_at(mode: AioMode, f: &File, start: u64, buf: &mut [u8]) -> io::Result<()> {
+    let mut done = 0;
+    while done < buf.len() {
+        match aio::read_at(mode, f, &mut buf[done..], start + done as u64) {
+            Ok(0) => {
+                buf[done..].fill(0);
+                break;
+            }
+            Ok(n) => done += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
+/// A write that is durable when it returns (pwritev2 with RWF_DSYNC).
+fn write_dsync(f: &File, offset: u64, buf: &[u8]) -> io::Result<()> {
+    let mut done = 0usize;
+    while done < buf.len() {
+        let rest = &buf[done..];
+        let iov = libc::iovec {
+            iov_base: rest.as_ptr() as *mut libc::c_void,
+            iov_len: rest.len(),
+        };
+        // SAFETY: iov points into `buf`, which outlives the call; pwritev2 only reads it.
+        let n = unsafe {
+            libc::pwritev2(
+                f.as_raw_fd(),
+                &iov,
+                1,
+                (offset + done as u64) as i64,
+                libc::RWF_DSYNC,
+            )
+        };
+        if n < 0 {
+            let e = io::Error::last_os_error();
+            if e.kind() == io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(e);
+        }
+        if n == 0 {
+            return Err(io::ErrorKind::WriteZero.into());
+        }
+        done += n as usize;
+    }
+    Ok(())
+}

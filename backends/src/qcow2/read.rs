@@ -1,0 +1,63 @@
+//! Reads: one guest cluster at a time under its stripe (shared), from the data cluster, the
+//! backing file, zeroes, or an inflated compressed cluster.
+
+use super::meta::Entry;
+use super::{compressed, Qcow2, Sc};
+use crate::{Error, Result};
+use std::sync::Arc;
+
+impl Qcow2 {
+    pub(super) fn read_compressed(&self, e: Entry) -> Result<Arc<Vec<u8>>> {
+        if let Some((d, data)) = &*self.last_inflated.lock() {
+            if *d == e.desc {
+                return Ok(data.clone());
+            }
+        }
+        let (off, len) = compressed::locate(e.desc, self.geo.cluster_bits);
+        let mut input = vec![0u8; len as usize];
+        self.f.read("read compressed cluster", off, &mut input)?;
+        let mut out = vec![0u8; self.geo.cs as usize];
+        compressed::decompress(self.geo.compression, &input, &mut out)
+            .map_err(|m| self.corrupt_err(format!("compressed cluster at {off:#x}: {m}")))?;
+        let out = Arc::new(out);
+        *self.last_inflated.lock() = Some((e.desc, out.clone()));
+        Ok(out)
+    }
+
+    /// Fill `buf` with what guest cluster `g` holds at `in_off`, given its entry.
+    pub(super) fn read_mapped(&self, g: u64, e: Entry, in_off: u64, buf: &mut [u8]) -> Result<()> {
+        let base = g << self.geo.cluster_bits;
+        if e.compressed() {
+            let data = self.read_compressed(e)?;
+            buf.copy_from_slice(&data[in_off as usize..in_off as usize + buf.len()]);
+            return Ok(());
+        }
+        let end = in_off + buf.len() as u64;
+        let sc = self.geo.sc_bits;
+        let mut pos = in_off;
+        while pos < end {
+            let st = self.state(e, pos >> sc)?;
+            let mut run_end = (((pos >> sc) + 1) << sc).min(end);
+            while run_end < end && self.state(e, run_end >> sc)? == st {
+                run_end = (((run_end >> sc) + 1) << sc).min(end);
+            }
+            let piece = &mut buf[(pos - in_off) as usize..(run_end - in_off) as usize];
+            match st {
+                Sc::Data => self.f.read("read", e.host() + pos, piece)?,
+                Sc::Zero => piece.fill(0),
+                Sc::Unalloc => self.read_backing(base + pos, piece)?,
+                Sc::Compressed => {
+                    return Err(Error::Invalid("compressed state inside a cluster".into()))
+                }
+            }
+            pos = run_end;
+        }
+        Ok(())
+    }
+
+    pub(super) fn read_piece(&self, g: u64, in_off: u64, buf: &mut [u8]) -> Result<()> {
+        let _s = self.stripe(g).read();
+        let e = self.entry(g)?;
+        self.read_mapped(g, e, in_off, buf)
+    }
+}
