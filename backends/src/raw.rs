@@ -40,7 +40,7 @@ impl RawFile {
 
     pub fn from_host_file(file: HostFile, opts: RawOptions) -> Result<RawFile> {
         // qemu's block layer counts whole 512-byte sectors: a ragged tail reads as zeroes.
-        let size = file.len()?.div_ceil(512) * 512;
+        let size = file.size()?.div_ceil(512) * 512;
         Ok(RawFile { file, size, opts })
     }
 

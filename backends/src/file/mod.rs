@@ -81,7 +81,7 @@ impl HostFile {
         let file = open(if opts.direct { libc::O_DIRECT } else { 0 })?;
         let mut hf = HostFile::from_file(file, path, opts.read_only, opts.aio)?;
         if opts.direct {
-            let len = hf.len()?;
+            let len = hf.size()?;
             hf.direct = Some(DirectIo::new(open(0)?, len, opts.aio));
         }
         Ok(hf)
@@ -219,7 +219,7 @@ impl HostFile {
     }
 
     /// The file's length (a block device's size).
-    pub fn len(&self) -> Result<u64> {
+    pub fn size(&self) -> Result<u64> {
         if self.is_block_device {
             // SAFETY: lseek on an owned, open fd; positional I/O elsewhere ignores the offset.
             let end = unsafe { libc::lseek(self.file.as_raw_fd(), 0, libc::SEEK_END) };
@@ -237,7 +237,7 @@ impl HostFile {
     /// Make the file at least `len` bytes long (a sparse extension); never shrinks it. The
     /// caller keeps concurrent calls apart (the length read here must be current).
     pub fn grow_to(&self, len: u64) -> Result<()> {
-        if self.is_block_device || self.len()? >= len {
+        if self.is_block_device || self.size()? >= len {
             return Ok(());
         }
         self.file

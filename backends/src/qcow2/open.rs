@@ -77,7 +77,7 @@ impl Qcow2 {
             snapshot::read_table(&f, h.snapshots_offset, h.nb_snapshots, geo.cs)?;
         let (l1, size) = load_l1(&f, &h, &geo, &opts, &snapshots)?;
         let geo = Geo { size, ..geo };
-        let file_len = f.len()?;
+        let file_len = f.size()?;
         let mut map = MetaMap::new(geo.cluster_bits);
         map.add_range(Kind::ActiveL1, h.l1_table_offset, u64::from(h.l1_size) * 8);
         map.add_range(Kind::SnapshotTable, h.snapshots_offset, snap_bytes);
@@ -139,7 +139,7 @@ impl Qcow2 {
 /// may be counted as free).
 fn read_header(f: &HostFile, opts: &Qcow2Options) -> Result<Header> {
     let open_err = |m: String| Error::Open(m);
-    let file_len = f.len()?;
+    let file_len = f.size()?;
     let mut head = vec![0u8; 4096.min(file_len as usize)];
     f.read("read header", 0, &mut head)?;
     let bits = header::peek_cluster_bits(&head).map_err(open_err)?;

@@ -80,7 +80,7 @@ pub fn rebuild(
 ) -> Result<()> {
     let cb = h.cluster_bits;
     let cs = 1u64 << cb;
-    let file_clusters = f.len()?.div_ceil(cs);
+    let file_clusters = f.size()?.div_ceil(cs);
     if file_clusters > MAX_CLUSTERS {
         return Err(Error::Open(format!(
             "'{}' is dirty and too large to repair here: run 'qemu-img check -r all'",
