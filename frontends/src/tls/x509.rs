@@ -40,8 +40,12 @@ pub enum X509Creds {
     Client {
         /// Checks the server certificate's chain and name.
         named: Arc<ClientConfig>,
-        /// Checks the chain only: qemu checks no name when it has none (a Unix socket).
+        /// Checks the chain only, for a connection with no name (a Unix socket without
+        /// `--tls-hostname`): the handshake completes, and `tls::connect` then refuses the
+        /// server as qemu does if `verify_peer` (see `tls::check_server_name`).
         unnamed: Arc<ClientConfig>,
+        /// `verify-peer=on` (the default): the server certificate is checked at all.
+        verify_peer: bool,
     },
 }
 
@@ -275,9 +279,24 @@ impl X509Creds {
                     };
                 let named = build(verifier.clone())?;
                 let unnamed = build(Arc::new(ChainOnly(verifier)))?;
-                Ok(X509Creds::Client { named, unnamed })
+                Ok(X509Creds::Client {
+                    named,
+                    unnamed,
+                    verify_peer: o.verify_peer,
+                })
             }
         }
+    }
+
+    /// A client that checks the server certificate (and so needs a name to check it against).
+    pub fn verifies_peer(&self) -> bool {
+        matches!(
+            self,
+            X509Creds::Client {
+                verify_peer: true,
+                ..
+            }
+        )
     }
 
     pub fn server_engine(&self) -> Result<Box<dyn Engine>, TlsError> {
@@ -293,7 +312,7 @@ impl X509Creds {
 
     pub fn client_engine(&self, hostname: Option<&str>) -> Result<Box<dyn Engine>, TlsError> {
         match self {
-            X509Creds::Client { named, unnamed } => {
+            X509Creds::Client { named, unnamed, .. } => {
                 let (config, name) = match hostname {
                     Some(h) => {
                         let name = ServerName::try_from(h.to_string()).map_err(|_| {
@@ -319,7 +338,8 @@ impl X509Creds {
     }
 }
 
-/// Verifies the chain and lets a name mismatch pass: for connections with no host name.
+/// Verifies the chain and lets a name mismatch pass: for connections with no host name, which
+/// `tls::connect` refuses once the handshake is over, as qemu does, unless `verify-peer=off`.
 #[derive(Debug)]
 struct ChainOnly(Arc<dyn ServerCertVerifier>);
 
