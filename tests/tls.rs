@@ -337,9 +337,7 @@ fn verify_peer_refuses_missing_and_foreign_certificates() {
     assert!(good, "{err}");
     let (no_cert, err) = qemu_img_info(&srv, &x509_client(&p.anonymous));
     assert!(!no_cert, "a client without a certificate got in");
-    // In TLS 1.3 the client may finish its side of the handshake before the server checks
-    // its certificate, so it sees either the alert or a closed socket; the server's log
-    // (checked below) says why.
+    // What the client hears: see refused_clients_hear_what_qemu_nbd_clients_hear.
     assert!(!err.is_empty(), "refused without a word");
     let (foreign, _) = qemu_img_info(&srv, &x509_client(&p.foreign));
     assert!(!foreign, "a certificate from another CA got in");
@@ -439,6 +437,68 @@ fn tls_authz_allows_one_dn_and_refuses_another() {
     );
     let (allowed, err) = qemu_img_info(&srv, &x509_client(&p.client));
     assert!(allowed, "qemu-nbd refused the DN qnbd uses: {err}");
+}
+
+/// A client refused after the handshake (no certificate under verify-peer=on, a DN
+/// `--tls-authz` denies) hears from qnbd what it hears from qemu-nbd: GnuTLS' server completes
+/// the handshake, checks the client, and closes without an alert, so qemu's client reports
+/// a non-properly terminated connection (a fatal alert would read "A TLS fatal alert has been
+/// received"). In TLS 1.3 and in 1.2.
+#[test]
+fn refused_clients_hear_what_qemu_nbd_clients_hear() {
+    if !have_all() {
+        return;
+    }
+    let p = pki();
+    let img = patterned_image(&p.root);
+    let authz = format!(
+        "authz-simple,id=auth0,identity={}",
+        CLIENT_DN.replace(',', ",,")
+    );
+    const CLOSED: &str = "Failed to read option reply: Cannot read from TLS channel: The TLS connection was non-properly terminated.";
+    for prio in ["", ",priority=NORMAL:-VERS-TLS1.3"] {
+        // (server, why the client is refused, what qemu-img said after "Could not open '…': ")
+        let mut heard = Vec::new();
+        for server in ["qemu-nbd", QNBD] {
+            let srv = tls_server(
+                server,
+                &x509_server(&p.server, prio),
+                &["--object", &authz, "--tls-authz", "auth0", "-r"],
+                &img,
+            );
+            let (allowed, err) = qemu_img_info(&srv, &x509_client(&p.client));
+            assert!(allowed, "{server}{prio}: {err}");
+            for (why, dir) in [
+                ("no certificate", &p.anonymous),
+                ("a denied DN", &p.intruder),
+            ] {
+                let (allowed, err) = qemu_img_info(&srv, &x509_client(dir));
+                assert!(!allowed, "{server}{prio}: {why} got in");
+                let msg = err
+                    .split_once("': ")
+                    .map_or(err.as_str(), |(_, m)| m)
+                    .trim_end()
+                    .to_string();
+                heard.push((why, msg));
+            }
+            let log = srv.stderr_after(2);
+            assert!(
+                log.contains("option negotiation failed: Verify failed: No certificate was found."),
+                "{server}{prio}: {log}"
+            );
+            assert!(
+                log.contains(
+                    "option negotiation failed: TLS x509 authz check for O=Elsewhere,CN=intruder.example.com is denied"
+                ),
+                "{server}{prio}: {log}"
+            );
+        }
+        let (theirs, ours) = heard.split_at(2);
+        assert_eq!(ours, theirs, "{prio}: qnbd's refusals read differently");
+        for (why, msg) in ours {
+            assert_eq!(msg, CLOSED, "{prio}: {why}");
+        }
+    }
 }
 
 fn psk_dir(root: &Path, name: &str, user: &str) -> PathBuf {
