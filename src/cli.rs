@@ -98,9 +98,12 @@ pub struct Cli {
     pub args: Vec<String>,
 }
 
-pub const HELP: &str = "\
-Usage: qnbd [OPTIONS] FILE
-  or:  qnbd -L [OPTIONS]
+/// `--help` for a program started as `invocation` (argv[0], which qemu-nbd's usage prints).
+pub fn help(invocation: &str) -> String {
+    format!("Usage: {invocation} [OPTIONS] FILE\n  or:  {invocation} -L [OPTIONS]\n{HELP_BODY}")
+}
+
+const HELP_BODY: &str = "\
 qnbd: a qemu-nbd compatible Network Block Device server
 
   -h, --help                display this help and exit
@@ -166,9 +169,10 @@ Block device options:
       --image-opts          treat FILE as a full set of image options
 ";
 
-pub fn version() -> String {
+/// `-V` for a program started as `invocation` (argv[0], which qemu-nbd's version prints).
+pub fn version(invocation: &str) -> String {
     format!(
-        "qnbd {} (compatible with qemu-nbd 10.0.2)\n\
+        "{invocation} {} (compatible with qemu-nbd 10.0.2)\n\
          A Rust reimplementation of qemu-nbd.\n",
         env!("CARGO_PKG_VERSION")
     )

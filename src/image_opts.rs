@@ -155,7 +155,8 @@ pub fn parse(s: &str, read_only: bool) -> Result<ParsedImageOpts, String> {
                     ));
                 }
                 eprintln!(
-                    "qnbd: warning: Use of \"backing\": \"\" is deprecated; use \"backing\": null instead"
+                    "{}: warning: Use of \"backing\": \"\" is deprecated; use \"backing\": null instead",
+                    crate::prog::name()
                 );
                 image.backing = BackingChoice::None;
             }

@@ -4,7 +4,7 @@ use crate::cli::Cli;
 use crate::die;
 use frontends::nbd::client::{format_list, list_exports};
 use frontends::nbd::proto::DEFAULT_PORT;
-use frontends::tls::Creds;
+use frontends::tls::{Creds, Transport};
 use frontends::transport::Stream;
 
 pub fn run(cli: &Cli, tls: Option<&Creds>) {
@@ -27,16 +27,15 @@ pub fn run(cli: &Cli, tls: Option<&Creds>) {
             Err(e) => die(format!("Failed to connect to '{addr}': {}", errno_text(&e))),
         }
     };
-    // qemu checks the server certificate against --tls-hostname, else the -b address; over
-    // a Unix socket there is no name to check.
-    let hostname = cli.tls_hostname.clone().or_else(|| {
-        if cli.socket.is_some() {
-            None
-        } else {
-            Some(cli.bind.clone().unwrap_or_else(|| "0.0.0.0".into()))
-        }
-    });
-    let tls = tls.map(|c| (c, hostname.as_deref()));
+    // The certificate's name is the TLS client's business (frontends::tls::server_name):
+    // --tls-hostname, else the -b address; an x509 client over a Unix socket needs the former.
+    let transport = match &cli.socket {
+        Some(_) => Transport::Unix,
+        None => Transport::Tcp {
+            host: cli.bind.as_deref().unwrap_or("0.0.0.0"),
+        },
+    };
+    let tls = tls.map(|c| (c, transport, cli.tls_hostname.as_deref()));
     match list_exports(stream, tls) {
         Ok((exports, extended)) => print!("{}", format_list(&exports, extended)),
         Err(e) => die(e.report()),

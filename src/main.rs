@@ -8,14 +8,16 @@ mod image_opts;
 mod list;
 mod listen;
 mod object;
+mod prog;
 mod serve;
 
 use clap::Parser;
 use cli::Cli;
 
-/// Print `qnbd: MSG` and exit 1, as qemu-nbd's error_report + exit(EXIT_FAILURE).
+/// Print `NAME: MSG` and exit 1, as qemu-nbd's error_report + exit(EXIT_FAILURE); NAME is
+/// the program's name (`prog::name`), `qemu-nbd` when installed as qemu-nbd.
 pub fn die(msg: impl std::fmt::Display) -> ! {
-    eprintln!("qnbd: {msg}");
+    eprintln!("{}: {msg}", prog::name());
     std::process::exit(1);
 }
 
@@ -61,13 +63,16 @@ fn main() {
                 }
                 _ => first.to_string(),
             };
-            eprintln!("qnbd: {msg}");
-            eprintln!("qnbd: Try `qnbd --help' for more information.");
-            std::process::exit(1);
+            // getopt's complaint names argv[0] whole; qemu-nbd's hint is an error_report.
+            eprintln!("{}: {msg}", prog::invocation());
+            die(format!(
+                "Try `{} --help' for more information.",
+                prog::invocation()
+            ));
         }
     };
     if cli.help {
-        print!("{}", cli::HELP);
+        print!("{}", cli::help(prog::invocation()));
         return;
     }
     for o in &cli.object {
@@ -77,7 +82,7 @@ fn main() {
         }
     }
     if cli.version {
-        print!("{}", cli::version());
+        print!("{}", cli::version(prog::invocation()));
         return;
     }
     init_logging(cli.verbose, !cli.trace.is_empty());

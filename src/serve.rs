@@ -16,9 +16,11 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 fn try_help() -> ! {
-    eprintln!("qnbd: Invalid number of arguments");
-    eprintln!("Try `qnbd --help' for more information.");
-    std::process::exit(1);
+    // error_report, then an error_printf without the prefix, as qemu-nbd.
+    die(format!(
+        "Invalid number of arguments\nTry `{} --help' for more information.",
+        crate::prog::invocation()
+    ));
 }
 
 /// What to remove when the process ends, however it ends.
@@ -42,7 +44,7 @@ impl Cleanup {
         }
         if let Some(d) = self.device.take() {
             if let Err(e) = d.close() {
-                eprintln!("qnbd: flush on exit failed: {e}");
+                eprintln!("{}: flush on exit failed: {e}", crate::prog::name());
             }
         }
         if let Some(p) = self.socket.take() {

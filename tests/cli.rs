@@ -4,10 +4,12 @@
 mod common;
 use common::*;
 use std::io::Read;
+use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-/// Run `bin args` expecting failure; returns stderr with the program name replaced by PROG.
+/// Run `bin args` expecting failure; returns stderr with the program name replaced by PROG
+/// (both argv[0] as run, which some lines print whole, and its basename, the messages' prefix).
 fn fails(bin: &str, args: &[&str]) -> String {
     let out = run(Command::new(bin).args(args));
     assert_eq!(
@@ -16,17 +18,27 @@ fn fails(bin: &str, args: &[&str]) -> String {
         "{bin} {args:?} should exit 1: {out:?}"
     );
     let name = if bin == QNBD { "qnbd" } else { "qemu-nbd" };
-    String::from_utf8_lossy(&out.stderr)
-        .replace(&format!("{name}:"), "PROG:")
-        .replace(&format!("`{name} "), "`PROG ")
+    let mut text = String::from_utf8_lossy(&out.stderr).into_owned();
+    for prog in [bin, name] {
+        text = text
+            .replace(&format!("{prog}:"), "PROG:")
+            .replace(&format!("`{prog} "), "`PROG ");
+    }
+    text
 }
 
-#[test]
-fn errors_match_qemu_nbd() {
-    let dir = tmpdir();
-    let img = make_raw(dir.path(), "e.raw", 1 << 20, &[]);
-    let img = img.to_str().unwrap();
-    let cases: Vec<Vec<&str>> = vec![
+/// Held by the tests that run qemu-nbd's failing command lines: qemu-nbd binds the default
+/// port (10809) before it opens the image, so two at once would fail with "Failed to find an
+/// available port" instead.
+static DEFAULT_PORT: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn default_port() -> std::sync::MutexGuard<'static, ()> {
+    DEFAULT_PORT.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Every command line whose error tests compare with qemu-nbd's; `img` is a 1 MiB raw image.
+fn error_cases(img: &str) -> Vec<Vec<&str>> {
+    vec![
         vec!["/nonexistent.img"],
         vec!["-f", "bogus", img],
         vec!["-f", "qcow2", img],
@@ -48,8 +60,16 @@ fn errors_match_qemu_nbd() {
         vec!["-l", "snap0", "-f", "raw", img],
         vec!["-d", "/dev/nbd99"],
         vec!["-c", "/dev/nbd0", "-x", "foo", "-v", "-f", "raw", img],
-    ];
-    for args in cases {
+    ]
+}
+
+#[test]
+fn errors_match_qemu_nbd() {
+    let dir = tmpdir();
+    let img = make_raw(dir.path(), "e.raw", 1 << 20, &[]);
+    let img = img.to_str().unwrap();
+    let _port = default_port();
+    for args in error_cases(img) {
         let ours = fails(QNBD, &args);
         assert!(!ours.is_empty());
         if have("qemu-nbd") {
@@ -188,8 +208,98 @@ fn handshake_limit_drops_a_silent_client() {
 
 #[test]
 fn help_and_version() {
+    // Both name the program by argv[0] as run, as qemu-nbd's do.
     let out = ok(Command::new(QNBD).arg("--help"));
     assert!(out.contains("--handshake-limit=N"));
+    assert!(out.starts_with(&format!("Usage: {QNBD} [OPTIONS] FILE\n  or:  {QNBD} -L")));
     let out = ok(Command::new(QNBD).arg("-V"));
-    assert!(out.starts_with("qnbd "));
+    assert!(out.starts_with(&format!("{QNBD} ")), "{out}");
+}
+
+/// Where `tool` is on $PATH.
+fn which(tool: &str) -> Option<std::path::PathBuf> {
+    let path = std::env::var_os("PATH")?;
+    std::env::split_paths(&path)
+        .map(|d| d.join(tool))
+        .find(|p| p.is_file())
+}
+
+/// The `qemu-nbd` in `dir`, run through $PATH (argv[0] `qemu-nbd`) or as a shell runs
+/// `./qemu-nbd` in `dir`.
+fn as_qemu_nbd(dir: &Path, via_path: bool) -> Command {
+    use std::os::unix::process::CommandExt;
+    if via_path {
+        let path = std::env::var("PATH").unwrap_or_default();
+        let mut c = Command::new("qemu-nbd");
+        c.env("PATH", format!("{}:{path}", dir.display()));
+        c
+    } else {
+        let mut c = Command::new(dir.join("qemu-nbd"));
+        c.arg0("./qemu-nbd").current_dir(dir);
+        c
+    }
+}
+
+/// qnbd installed as qemu-nbd (a symlink named `qemu-nbd`) speaks as qemu-nbd: for every
+/// error case, stderr and the exit code equal the real qemu-nbd's byte for byte, run through
+/// $PATH (argv[0] `qemu-nbd`) and as `./qemu-nbd` (where getopt's complaints, the "Try"
+/// hint, --help and -V print argv[0] whole and the messages' prefix is its basename).
+#[test]
+fn a_symlink_named_qemu_nbd_speaks_as_qemu_nbd() {
+    if !have("qemu-nbd") {
+        return;
+    }
+    let real = which("qemu-nbd").expect("qemu-nbd runs, so it is on $PATH");
+    let dir = tmpdir();
+    let img = make_raw(dir.path(), "e.raw", 1 << 20, &[]);
+    let img = img.to_str().unwrap();
+    // Two directories, each with a `qemu-nbd`: ours and the real one.
+    let ours = dir.path().join("ours");
+    let theirs = dir.path().join("theirs");
+    for (d, target) in [(&ours, Path::new(QNBD)), (&theirs, real.as_path())] {
+        std::fs::create_dir(d).expect("mkdir");
+        std::os::unix::fs::symlink(target, d.join("qemu-nbd")).expect("symlink");
+    }
+    let held = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let port = held.local_addr().expect("addr").port().to_string();
+    let mut cases = error_cases(img);
+    cases.push(vec!["-f", "raw", "-b", "127.0.0.1", "-p", &port, img]);
+    let _port = default_port();
+    for via_path in [true, false] {
+        // Ours is the one that runs from `ours` (qnbd's -V says it is compatible).
+        let v = ok(as_qemu_nbd(&ours, via_path).arg("-V"));
+        assert!(v.contains("compatible with qemu-nbd"), "not qnbd: {v}");
+        for args in &cases {
+            let stderr_and_code = |d: &Path| {
+                let out = run(as_qemu_nbd(d, via_path).args(args));
+                (
+                    String::from_utf8_lossy(&out.stderr).into_owned(),
+                    out.status.code(),
+                )
+            };
+            let mine = stderr_and_code(&ours);
+            assert_eq!(
+                mine,
+                stderr_and_code(&theirs),
+                "{args:?} (via $PATH: {via_path}): qnbd as qemu-nbd differs"
+            );
+            assert_eq!(mine.1, Some(1), "{args:?}");
+            assert!(
+                mine.0.starts_with("qemu-nbd: ") || mine.0.starts_with("./qemu-nbd: "),
+                "{mine:?}"
+            );
+        }
+        // --help's usage lines and -V's first word name the program as qemu-nbd's do.
+        let usage = |d: &Path| {
+            let out = ok(as_qemu_nbd(d, via_path).arg("--help"));
+            out.lines().take(2).collect::<Vec<_>>().join("\n")
+        };
+        assert_eq!(usage(&ours), usage(&theirs), "via $PATH: {via_path}");
+        let version = |d: &Path| {
+            let out = ok(as_qemu_nbd(d, via_path).arg("-V"));
+            out.split_whitespace().next().unwrap_or("").to_string()
+        };
+        assert_eq!(version(&ours), version(&theirs), "via $PATH: {via_path}");
+    }
+    drop(held);
 }

@@ -337,9 +337,7 @@ fn verify_peer_refuses_missing_and_foreign_certificates() {
     assert!(good, "{err}");
     let (no_cert, err) = qemu_img_info(&srv, &x509_client(&p.anonymous));
     assert!(!no_cert, "a client without a certificate got in");
-    // In TLS 1.3 the client may finish its side of the handshake before the server checks
-    // its certificate, so it sees either the alert or a closed socket; the server's log
-    // (checked below) says why.
+    // What the client hears: see refused_clients_hear_what_qemu_nbd_clients_hear.
     assert!(!err.is_empty(), "refused without a word");
     let (foreign, _) = qemu_img_info(&srv, &x509_client(&p.foreign));
     assert!(!foreign, "a certificate from another CA got in");
@@ -439,6 +437,68 @@ fn tls_authz_allows_one_dn_and_refuses_another() {
     );
     let (allowed, err) = qemu_img_info(&srv, &x509_client(&p.client));
     assert!(allowed, "qemu-nbd refused the DN qnbd uses: {err}");
+}
+
+/// A client refused after the handshake (no certificate under verify-peer=on, a DN
+/// `--tls-authz` denies) hears from qnbd what it hears from qemu-nbd: GnuTLS' server completes
+/// the handshake, checks the client, and closes without an alert, so qemu's client reports
+/// a non-properly terminated connection (a fatal alert would read "A TLS fatal alert has been
+/// received"). In TLS 1.3 and in 1.2.
+#[test]
+fn refused_clients_hear_what_qemu_nbd_clients_hear() {
+    if !have_all() {
+        return;
+    }
+    let p = pki();
+    let img = patterned_image(&p.root);
+    let authz = format!(
+        "authz-simple,id=auth0,identity={}",
+        CLIENT_DN.replace(',', ",,")
+    );
+    const CLOSED: &str = "Failed to read option reply: Cannot read from TLS channel: The TLS connection was non-properly terminated.";
+    for prio in ["", ",priority=NORMAL:-VERS-TLS1.3"] {
+        // (server, why the client is refused, what qemu-img said after "Could not open '…': ")
+        let mut heard = Vec::new();
+        for server in ["qemu-nbd", QNBD] {
+            let srv = tls_server(
+                server,
+                &x509_server(&p.server, prio),
+                &["--object", &authz, "--tls-authz", "auth0", "-r"],
+                &img,
+            );
+            let (allowed, err) = qemu_img_info(&srv, &x509_client(&p.client));
+            assert!(allowed, "{server}{prio}: {err}");
+            for (why, dir) in [
+                ("no certificate", &p.anonymous),
+                ("a denied DN", &p.intruder),
+            ] {
+                let (allowed, err) = qemu_img_info(&srv, &x509_client(dir));
+                assert!(!allowed, "{server}{prio}: {why} got in");
+                let msg = err
+                    .split_once("': ")
+                    .map_or(err.as_str(), |(_, m)| m)
+                    .trim_end()
+                    .to_string();
+                heard.push((why, msg));
+            }
+            let log = srv.stderr_after(2);
+            assert!(
+                log.contains("option negotiation failed: Verify failed: No certificate was found."),
+                "{server}{prio}: {log}"
+            );
+            assert!(
+                log.contains(
+                    "option negotiation failed: TLS x509 authz check for O=Elsewhere,CN=intruder.example.com is denied"
+                ),
+                "{server}{prio}: {log}"
+            );
+        }
+        let (theirs, ours) = heard.split_at(2);
+        assert_eq!(ours, theirs, "{prio}: qnbd's refusals read differently");
+        for (why, msg) in ours {
+            assert_eq!(msg, CLOSED, "{prio}: {why}");
+        }
+    }
 }
 
 fn psk_dir(root: &Path, name: &str, user: &str) -> PathBuf {
@@ -607,6 +667,145 @@ fn list_over_tls_prints_what_qemu_nbd_prints() {
         assert_eq!(list(QNBD, "bob"), list("qemu-nbd", "bob"));
         let _ = qemu.kill();
         let _ = qemu.wait();
+    }
+}
+
+/// `-L` over a Unix socket with x509 credentials: qemu 10 checks the server certificate
+/// against `--tls-hostname` and, without one, refuses the server ("No hostname for certificate
+/// validation") once the chain has passed. Against qemu-nbd's server and ours, listed by
+/// qemu-nbd and by qnbd: no name refused, the right name accepted, a wrong name refused.
+#[test]
+fn list_over_a_unix_socket_checks_x509_against_tls_hostname() {
+    if !have_all() {
+        return;
+    }
+    let p = pki();
+    let img = patterned_image(&p.root);
+    let img = img.to_str().unwrap();
+    // The server asks for no client certificate, so what the client says depends on its own
+    // checks only (a server refusing the foreign client below could otherwise speak first).
+    let creds = format!(
+        "tls-creds-x509,id=tls0,endpoint=server,dir={},verify-peer=off",
+        p.server.display()
+    );
+    for server in ["qemu-nbd", QNBD] {
+        let srv = Server::unix(
+            server,
+            &[
+                "--object",
+                &creds,
+                "--tls-creds",
+                "tls0",
+                "-t",
+                "-x",
+                "exp",
+                "-r",
+                "-f",
+                "raw",
+                img,
+            ],
+        );
+        let sock = srv.socket.clone().expect("socket");
+        let list = |lister: &str, client: &str, extra: &[&str]| {
+            let out = run(Command::new(lister)
+                .arg("-L")
+                .arg("-k")
+                .arg(&sock)
+                .args(["--object", client, "--tls-creds", "tls0"])
+                .args(extra));
+            (
+                out.status.code(),
+                String::from_utf8_lossy(&out.stdout).into_owned(),
+                String::from_utf8_lossy(&out.stderr)
+                    .replace("qemu-nbd:", "PROG:")
+                    .replace("qnbd:", "PROG:"),
+            )
+        };
+        let client = x509_client(&p.client);
+        for lister in ["qemu-nbd", QNBD] {
+            let what = format!("{server} listed by {lister}");
+            // No --tls-hostname: refused, with qemu's words and nothing listed.
+            let none = list(lister, &client, &[]);
+            assert_eq!(
+                none,
+                (
+                    Some(1),
+                    String::new(),
+                    "PROG: No hostname for certificate validation\n".to_string()
+                ),
+                "{what}"
+            );
+            // The name the certificate carries: listed.
+            let good = list(lister, &client, &["--tls-hostname", "localhost"]);
+            assert_eq!(good.0, Some(0), "{what}: {}", good.2);
+            assert!(good.1.contains("export: 'exp'"), "{what}: {}", good.1);
+            // Another name: refused.
+            let wrong = list(lister, &client, &["--tls-hostname=wrong.example"]);
+            assert_eq!(
+                wrong,
+                (
+                    Some(1),
+                    String::new(),
+                    "PROG: Certificate does not match the hostname wrong.example\n".to_string()
+                ),
+                "{what}"
+            );
+        }
+        assert_eq!(
+            list(QNBD, &client, &["--tls-hostname", "localhost"]),
+            list("qemu-nbd", &client, &["--tls-hostname", "localhost"]),
+            "{server}"
+        );
+        // The chain is checked before the name: a client trusting another CA hears that first.
+        let foreign = x509_client(&p.foreign);
+        let theirs = list("qemu-nbd", &foreign, &[]);
+        assert!(
+            theirs
+                .2
+                .contains("The certificate hasn't got a known issuer"),
+            "{server}: {theirs:?}"
+        );
+        assert_eq!(list(QNBD, &foreign, &[]), theirs, "{server}");
+        // verify-peer=off checks no certificate, so it needs no name.
+        let unchecked = format!("{client},verify-peer=off");
+        let theirs = list("qemu-nbd", &unchecked, &[]);
+        assert_eq!(theirs.0, Some(0), "{server}: {theirs:?}");
+        assert_eq!(list(QNBD, &unchecked, &[]), theirs, "{server}");
+    }
+    // Anonymous credentials have no certificate and so no name either (PSK: see
+    // list_over_tls_prints_what_qemu_nbd_prints).
+    for server in ["qemu-nbd", QNBD] {
+        let srv = Server::unix(
+            server,
+            &[
+                "--object",
+                "tls-creds-anon,id=tls0,endpoint=server",
+                "--tls-creds",
+                "tls0",
+                "-t",
+                "-x",
+                "anon",
+                "-r",
+                "-f",
+                "raw",
+                img,
+            ],
+        );
+        let list = |lister: &str| {
+            ok(Command::new(lister)
+                .arg("-L")
+                .arg("-k")
+                .arg(srv.socket.as_ref().expect("socket"))
+                .args([
+                    "--object",
+                    "tls-creds-anon,id=tls0,endpoint=client",
+                    "--tls-creds",
+                    "tls0",
+                ]))
+        };
+        let theirs = list("qemu-nbd");
+        assert!(theirs.contains("export: 'anon'"), "{server}: {theirs}");
+        assert_eq!(list(QNBD), theirs, "{server}");
     }
 }
 

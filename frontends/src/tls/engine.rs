@@ -31,6 +31,10 @@ pub trait Engine: Send {
     /// Who the peer proved to be: the certificate's distinguished name in GnuTLS' form, or
     /// the PSK username. None when the peer did not authenticate.
     fn peer_identity(&self) -> Option<String>;
+    /// True once the peer presented a certificate that passed verification (x509 only).
+    fn peer_certified(&self) -> bool {
+        false
+    }
 }
 
 const CHUNK: usize = 64 * 1024;

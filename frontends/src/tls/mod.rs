@@ -117,7 +117,7 @@ pub enum Creds {
 impl Creds {
     pub fn endpoint(&self) -> Endpoint {
         match self {
-            Creds::X509(x509::X509Creds::Server(_)) => Endpoint::Server,
+            Creds::X509(x509::X509Creds::Server { .. }) => Endpoint::Server,
             Creds::X509(x509::X509Creds::Client { .. }) => Endpoint::Client,
             Creds::Psk(p) => p.endpoint(),
             Creds::Anon(a) => a.endpoint(),
@@ -141,8 +141,28 @@ pub struct ServerTls {
     pub authz: Option<(String, Option<Arc<dyn Authz>>)>,
 }
 
+/// GnuTLS' (qemu's) words for a client without a certificate under `verify-peer=on`.
+pub const NO_CLIENT_CERTIFICATE: &str = "Verify failed: No certificate was found.";
+
 /// Run the server side of the TLS handshake on `stream` (after STARTTLS was acknowledged),
-/// check the peer against `--tls-authz`, and turn `stream` into the session's plaintext.
+/// check the peer against `verify-peer` and `--tls-authz`, and turn `stream` into the
+/// session's plaintext.
+///
+/// How a refused client is let go: as qemu-nbd's GnuTLS does. qemu completes the handshake
+/// and checks the client afterwards (no certificate under `verify-peer=on`, a DN or PSK user
+/// `--tls-authz` denies), then closes the socket without a TLS alert, so its GnuTLS clients
+/// (qemu-img, qemu-io, nbdinfo) report "The TLS connection was non-properly terminated".
+/// rustls demanding the certificate itself would end the handshake with a fatal alert
+/// instead ("A TLS fatal alert has been received"); so the x509 server only requests one
+/// (`allow_unauthenticated`) and this function refuses its absence. This weakens nothing:
+/// a certificate that is presented is still verified during the handshake, and the client
+/// must still prove it holds the key; every refusal here happens before the session carries
+/// one byte of NBD, and the session is dropped unused. Only the alert is missing, which TLS
+/// leaves to the implementation (RFC 8446 6.2: SHOULD), and which tells the client no more
+/// than the closed connection does. One case still ends with an alert: a client presenting
+/// a certificate the CA did not sign (GnuTLS clients send none then, since the server names
+/// its CA; qemu-nbd would finish the handshake and close). Deferring that check past the
+/// handshake would mean accepting any chain for a while, which is not worth a message.
 pub fn accept(
     stream: &mut Stream,
     tls: &ServerTls,
@@ -156,6 +176,11 @@ pub fn accept(
     let early = engine::handshake(engine.as_mut(), stream, deadline)
         .map_err(|e| TlsError::Handshake(e.to_string()))?;
     let identity = engine.peer_identity();
+    if let Creds::X509(c) = &tls.creds {
+        if c.verifies_peer() && !engine.peer_certified() {
+            return Err(TlsError::Handshake(NO_CLIENT_CERTIFICATE.into()));
+        }
+    }
     if let Some((id, authz)) = &tls.authz {
         let Some(authz) = authz else {
             return Err(TlsError::Denied(format!(
@@ -189,20 +214,87 @@ pub fn accept(
     Ok(())
 }
 
-/// Run the client side of the handshake; `hostname` is the name the server certificate
-/// must carry (x509); None checks no name.
-pub fn connect(stream: &mut Stream, creds: &Creds, hostname: Option<&str>) -> Result<(), TlsError> {
+/// How a TLS client reaches its server: all that qemu's rule for the certificate name needs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Transport<'a> {
+    /// A Unix socket: it has no host name.
+    Unix,
+    /// TCP to `host`, as the user gave it (`-b`, a block device's `host=`): a name or an address.
+    Tcp { host: &'a str },
+}
+
+/// qemu's words when an x509 client has no name to check the server's certificate against.
+pub const NO_HOSTNAME: &str = "No hostname for certificate validation";
+
+/// The name the server's x509 certificate must carry, decided as every qemu TLS client
+/// decides it: `--tls-hostname` (a block device's `tls-hostname=`) when given, else the TCP
+/// host it connects to; over a Unix socket without `--tls-hostname`, none. Every TLS client
+/// (`-L` today, the nbd client of `--image-opts driver=nbd` and the handshake before `-c`
+/// against a remote server tomorrow) goes through [`connect`], which applies this rule and
+/// [`check_server_name`]'s refusal, so none of them can connect without a name to check.
+pub fn server_name<'a>(transport: Transport<'a>, tls_hostname: Option<&'a str>) -> Option<&'a str> {
+    match (tls_hostname, transport) {
+        (Some(name), _) => Some(name),
+        (None, Transport::Tcp { host }) => Some(host),
+        (None, Transport::Unix) => None,
+    }
+}
+
+/// qemu 10 (crypto/tlssession.c) refuses an x509 server whose certificate it verifies when
+/// it has no name to check it against, after the chain passed ("The certificate hasn't got a
+/// known issuer" comes first) and after the handshake completed, with [`NO_HOSTNAME`]. It
+/// checks no name with `verify-peer=off`, nor for PSK and anonymous credentials (which have
+/// no certificate), so those connect over a Unix socket without `--tls-hostname`.
+fn check_server_name(creds: &Creds, name: Option<&str>) -> Result<(), TlsError> {
+    match creds {
+        Creds::X509(c) if c.verifies_peer() && name.is_none() => {
+            Err(TlsError::Handshake(NO_HOSTNAME.into()))
+        }
+        _ => Ok(()),
+    }
+}
+
+/// Run the client side of the handshake towards a server reached over `transport`, checking
+/// an x509 server certificate against the name [`server_name`] gives.
+pub fn connect(
+    stream: &mut Stream,
+    creds: &Creds,
+    transport: Transport<'_>,
+    tls_hostname: Option<&str>,
+) -> Result<(), TlsError> {
+    let name = server_name(transport, tls_hostname);
     let mut engine = match creds {
-        Creds::X509(c) => c.client_engine(hostname)?,
+        Creds::X509(c) => c.client_engine(name)?,
         Creds::Psk(p) => p.engine(Endpoint::Client)?,
         Creds::Anon(a) => a.engine(Endpoint::Client)?,
     };
     let early = engine::handshake(engine.as_mut(), stream, None)
         .map_err(|e| TlsError::Handshake(e.to_string()))?;
+    // As qemu: the chain was checked during the handshake; the missing name refuses the
+    // server now, before one byte of NBD travels in the session. The session is dropped
+    // without close_notify, as qemu's client drops it.
+    check_server_name(creds, name)?;
     let net = stream
         .try_clone()
         .map_err(|e| TlsError::Handshake(e.to_string()))?;
     *stream = engine::into_stream(engine, net, early, None)
         .map_err(|e| TlsError::Handshake(e.to_string()))?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn server_name_follows_qemu() {
+        let tcp = Transport::Tcp { host: "10.0.0.1" };
+        assert_eq!(server_name(tcp, None), Some("10.0.0.1"));
+        assert_eq!(server_name(tcp, Some("nbd.example")), Some("nbd.example"));
+        assert_eq!(server_name(Transport::Unix, None), None);
+        assert_eq!(
+            server_name(Transport::Unix, Some("nbd.example")),
+            Some("nbd.example")
+        );
+    }
 }

@@ -36,12 +36,21 @@ pub struct X509Options {
 
 #[derive(Clone)]
 pub enum X509Creds {
-    Server(Arc<ServerConfig>),
+    Server {
+        config: Arc<ServerConfig>,
+        /// `verify-peer=on`: a client must present a certificate the CA signed; one that
+        /// presents none is refused after the handshake (`tls::accept`), as qemu does.
+        verify_peer: bool,
+    },
     Client {
         /// Checks the server certificate's chain and name.
         named: Arc<ClientConfig>,
-        /// Checks the chain only: qemu checks no name when it has none (a Unix socket).
+        /// Checks the chain only, for a connection with no name (a Unix socket without
+        /// `--tls-hostname`): the handshake completes, and `tls::connect` then refuses the
+        /// server as qemu does if `verify_peer` (see `tls::check_server_name`).
         unnamed: Arc<ClientConfig>,
+        /// `verify-peer=on` (the default): the server certificate is checked at all.
+        verify_peer: bool,
     },
 }
 
@@ -192,10 +201,16 @@ impl X509Creds {
                     .with_protocol_versions(o.versions.rustls())
                     .map_err(|e| TlsError::Creds(e.to_string()))?;
                 let builder = if o.verify_peer {
+                    // A certificate is requested, not demanded, as GnuTLS does for qemu-nbd
+                    // (GNUTLS_CERT_REQUEST): one that is presented is verified here, during
+                    // the handshake; a client that presents none completes the handshake and
+                    // is then refused by tls::accept before any NBD option is read. See
+                    // `tls::accept` for why.
                     let mut v = WebPkiClientVerifier::builder_with_provider(
                         Arc::new(roots(&ca)?),
                         provider(),
-                    );
+                    )
+                    .allow_unauthenticated();
                     if let Some(crl) = crl {
                         v = v.with_crls(crls(&crl)?);
                     }
@@ -213,7 +228,10 @@ impl X509Creds {
                         key_file.display()
                     ))
                 })?;
-                Ok(X509Creds::Server(Arc::new(config)))
+                Ok(X509Creds::Server {
+                    config: Arc::new(config),
+                    verify_peer: o.verify_peer,
+                })
             }
             Endpoint::Client => {
                 let cert = access(&d.join(CLIENT_CERT), false)?;
@@ -275,15 +293,29 @@ impl X509Creds {
                     };
                 let named = build(verifier.clone())?;
                 let unnamed = build(Arc::new(ChainOnly(verifier)))?;
-                Ok(X509Creds::Client { named, unnamed })
+                Ok(X509Creds::Client {
+                    named,
+                    unnamed,
+                    verify_peer: o.verify_peer,
+                })
+            }
+        }
+    }
+
+    /// `verify-peer=on`: a client checks the server certificate (and so needs a name to check
+    /// it against); a server requires a client certificate.
+    pub fn verifies_peer(&self) -> bool {
+        match self {
+            X509Creds::Server { verify_peer, .. } | X509Creds::Client { verify_peer, .. } => {
+                *verify_peer
             }
         }
     }
 
     pub fn server_engine(&self) -> Result<Box<dyn Engine>, TlsError> {
         match self {
-            X509Creds::Server(c) => {
-                let conn = rustls::ServerConnection::new(c.clone())
+            X509Creds::Server { config, .. } => {
+                let conn = rustls::ServerConnection::new(config.clone())
                     .map_err(|e| TlsError::Handshake(e.to_string()))?;
                 Ok(Box::new(RustlsEngine::new(conn.into(), None)))
             }
@@ -293,7 +325,7 @@ impl X509Creds {
 
     pub fn client_engine(&self, hostname: Option<&str>) -> Result<Box<dyn Engine>, TlsError> {
         match self {
-            X509Creds::Client { named, unnamed } => {
+            X509Creds::Client { named, unnamed, .. } => {
                 let (config, name) = match hostname {
                     Some(h) => {
                         let name = ServerName::try_from(h.to_string()).map_err(|_| {
@@ -314,12 +346,13 @@ impl X509Creds {
                     hostname.map(String::from),
                 )))
             }
-            X509Creds::Server(_) => Err(TlsError::WrongEndpoint(Endpoint::Client)),
+            X509Creds::Server { .. } => Err(TlsError::WrongEndpoint(Endpoint::Client)),
         }
     }
 }
 
-/// Verifies the chain and lets a name mismatch pass: for connections with no host name.
+/// Verifies the chain and lets a name mismatch pass: for connections with no host name, which
+/// `tls::connect` refuses once the handshake is over, as qemu does, unless `verify-peer=off`.
 #[derive(Debug)]
 struct ChainOnly(Arc<dyn ServerCertVerifier>);
 
@@ -427,9 +460,7 @@ impl RustlsEngine {
     fn error(&self, e: rustls::Error) -> io::Error {
         use rustls::CertificateError as C;
         let msg = match &e {
-            rustls::Error::NoCertificatesPresented => {
-                "Verify failed: No certificate was found.".into()
-            }
+            rustls::Error::NoCertificatesPresented => super::NO_CLIENT_CERTIFICATE.into(),
             rustls::Error::InvalidCertificate(c) => match c {
                 C::UnknownIssuer | C::BadSignature => {
                     "The certificate hasn't got a known issuer".into()
@@ -486,6 +517,11 @@ impl Engine for RustlsEngine {
 
     fn close(&mut self) {
         self.conn.send_close_notify();
+    }
+
+    fn peer_certified(&self) -> bool {
+        // rustls keeps the peer's certificates only once its verifier accepted them.
+        !self.handshaking() && self.conn.peer_certificates().is_some_and(|c| !c.is_empty())
     }
 
     fn peer_identity(&self) -> Option<String> {

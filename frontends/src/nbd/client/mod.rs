@@ -174,8 +174,15 @@ impl Client {
         }
     }
 
-    /// NBD_OPT_STARTTLS and the TLS handshake; afterwards every option travels encrypted.
-    pub fn start_tls(&mut self, creds: &Creds, hostname: Option<&str>) -> Result<(), ClientError> {
+    /// NBD_OPT_STARTTLS and the TLS handshake with a server reached over `transport`;
+    /// afterwards every option travels encrypted. The server certificate's name is checked by
+    /// qemu's rule ([`tls::server_name`]).
+    pub fn start_tls(
+        &mut self,
+        creds: &Creds,
+        transport: tls::Transport<'_>,
+        tls_hostname: Option<&str>,
+    ) -> Result<(), ClientError> {
         self.send_opt(OPT_STARTTLS, &[])?;
         let r = self.read_reply(OPT_STARTTLS)?;
         if r.rep & 0x8000_0000 != 0 {
@@ -193,7 +200,7 @@ impl Client {
                 r.data.len()
             )));
         }
-        tls::connect(&mut self.stream, creds, hostname)
+        tls::connect(&mut self.stream, creds, transport, tls_hostname)
             .map_err(|e| ClientError::Protocol(e.to_string()))
     }
 
@@ -342,14 +349,15 @@ impl Client {
     }
 }
 
-/// Every export of a server, as `qemu-nbd -L` gathers them.
+/// Every export of a server, as `qemu-nbd -L` gathers them; `tls` is the credentials, how
+/// the server is reached and `--tls-hostname`.
 pub fn list_exports(
     stream: Stream,
-    tls: Option<(&Creds, Option<&str>)>,
+    tls: Option<(&Creds, tls::Transport<'_>, Option<&str>)>,
 ) -> Result<(Vec<ExportInfo>, bool), ClientError> {
     let mut c = Client::start(stream)?;
-    if let Some((creds, hostname)) = tls {
-        c.start_tls(creds, hostname)?;
+    if let Some((creds, transport, tls_hostname)) = tls {
+        c.start_tls(creds, transport, tls_hostname)?;
     }
     c.negotiate_replies()?;
     let names = c.list()?;
