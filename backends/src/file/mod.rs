@@ -171,7 +171,8 @@ impl HostFile {
                 if let Some(rec) = &self.recorder {
                     rec.write(offset, buf);
                     if dsync {
-                        rec.sync();
+                        let id = rec.sync();
+                        rec.sync_done(id);
                     }
                 }
                 Ok(())
@@ -202,12 +203,15 @@ impl HostFile {
         if failed != 0 {
             return Err(self.err("flush", 0, 0, io::Error::from_raw_os_error(failed)));
         }
-        if let Some(rec) = &self.recorder {
-            // Recorded at the start: writes logged before it completed before it began.
-            rec.sync();
-        }
+        // Recorded at the start: writes logged before it completed before it began.
+        let id = self.recorder.as_ref().map(|r| r.sync());
         match self.sync_raw() {
-            Ok(()) => Ok(()),
+            Ok(()) => {
+                if let (Some(rec), Some(id)) = (&self.recorder, id) {
+                    rec.sync_done(id);
+                }
+                Ok(())
+            }
             Err(e) => {
                 if self.direct.is_none() {
                     let code = e.raw_os_error().unwrap_or(libc::EIO);

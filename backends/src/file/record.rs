@@ -5,8 +5,9 @@
 use parking_lot::Mutex;
 use std::sync::OnceLock;
 
-/// One change to the file, in the order the calls completed (a sync is logged as it starts,
-/// so every write logged before it is covered by it).
+/// One change to the file, in the order the calls completed. A sync is logged twice: as it
+/// starts (every write logged before it is covered by it) and once it completed (a crash
+/// after that point cannot lose those writes).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Event {
     Write {
@@ -18,7 +19,9 @@ pub enum Event {
         len: u64,
     },
     SetLen(u64),
-    Sync,
+    /// A sync started; the id pairs it with its completion.
+    Sync(u64),
+    SyncDone(u64),
     /// A point the test marks (a request acknowledged, a flush started or returned).
     Mark(u64),
 }
@@ -48,8 +51,16 @@ impl Recorder {
         self.events.lock().push(Event::SetLen(len));
     }
 
-    pub(crate) fn sync(&self) {
-        self.events.lock().push(Event::Sync);
+    /// Log a sync's start; its id (its position in the log) goes to [`Recorder::sync_done`].
+    pub(crate) fn sync(&self) -> u64 {
+        let mut e = self.events.lock();
+        let id = e.len() as u64;
+        e.push(Event::Sync(id));
+        id
+    }
+
+    pub(crate) fn sync_done(&self, id: u64) {
+        self.events.lock().push(Event::SyncDone(id));
     }
 
     /// Log a test's own marker; returns its position in the log.
