@@ -4,7 +4,6 @@
 use crate::cli::{parse_c_number, Cli};
 use crate::daemon::Readiness;
 use crate::die;
-use crate::serve::Cleanup;
 use frontends::kernel::{self, Api, DeviceParams};
 use frontends::nbd::client::{Client, ClientError};
 use frontends::nbd::proto::OPT_GO;
@@ -13,7 +12,7 @@ use frontends::transport::Stream;
 use std::os::fd::OwnedFd;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 pub fn api(cli: &Cli) -> Api {
     match cli.kernel_api.as_deref() {
@@ -86,13 +85,7 @@ fn self_connect(
 }
 
 /// `-c DEV`: returns only when the device is disconnected.
-pub fn run(
-    cli: &Cli,
-    dev: &str,
-    export: Export,
-    readiness: Option<Readiness>,
-    cleanup: Arc<Mutex<Cleanup>>,
-) -> ! {
+pub fn run(cli: &Cli, dev: &str, export: Export, readiness: Option<Readiness>) -> ! {
     let n = connections(cli);
     let api = api(cli);
     let server = Arc::new(Server::new(
@@ -133,7 +126,7 @@ pub fn run(
     };
     let index = binding.index();
     let path = kernel::device_path(index);
-    crate::serve::lock_cleanup(&cleanup).unbind = Some(path.clone());
+    crate::cleanup::get().unbind = Some(path.clone());
     if let Err(e) = kernel::wait_usable(index, info.size) {
         let _ = binding.disconnect();
         die(e);
@@ -149,8 +142,7 @@ pub fn run(
         let _ = t.join();
     }
     binding.wait();
-    let mut c = crate::serve::lock_cleanup(&cleanup);
-    c.unbind = None;
-    c.run();
+    crate::cleanup::get().unbind = None;
+    crate::cleanup::run();
     std::process::exit(0);
 }

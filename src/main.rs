@@ -1,6 +1,7 @@
 //! qnbd: a qemu-nbd compatible command line over the `backends` and `frontends` crates.
 //! This crate only maps options onto them: no protocol and no image format here.
 
+mod cleanup;
 mod cli;
 mod connect;
 mod daemon;
@@ -16,8 +17,10 @@ use cli::Cli;
 
 /// Print `NAME: MSG` and exit 1, as qemu-nbd's error_report + exit(EXIT_FAILURE); NAME is
 /// the program's name (`prog::name`), `qemu-nbd` when installed as qemu-nbd.
+/// Whatever was created so far is undone first (the image closed, the overlay removed).
 pub fn die(msg: impl std::fmt::Display) -> ! {
     eprintln!("{}: {msg}", prog::name());
+    cleanup::run_on_error();
     std::process::exit(1);
 }
 

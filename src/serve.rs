@@ -2,7 +2,7 @@
 //! serve, and clean up on exit or signal.
 
 use crate::cli::{parse_c_number, Cli};
-use crate::{daemon, die, listen};
+use crate::{cleanup, daemon, die, listen};
 use backends::aio::AioMode;
 use backends::cache_mode::{CacheMode, Cached};
 use backends::detect_zeroes::{DetectZeroes, ZeroDetect};
@@ -12,7 +12,7 @@ use frontends::nbd::proto::{DEFAULT_PORT, MAX_STRING_SIZE};
 use frontends::nbd::server::{Export, Server, ServerOptions};
 use frontends::tls::{Creds, Endpoint, ServerTls};
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 fn try_help() -> ! {
@@ -21,42 +21,6 @@ fn try_help() -> ! {
         "Invalid number of arguments\nTry `{} --help' for more information.",
         crate::prog::invocation()
     ));
-}
-
-/// What to remove when the process ends, however it ends.
-#[derive(Default)]
-pub struct Cleanup {
-    socket: Option<PathBuf>,
-    /// The temporary overlay of `-s`.
-    overlay: Option<PathBuf>,
-    pid_file: Option<PathBuf>,
-    device: Option<Device>,
-    /// A kernel device bound with -c: disconnected first, while the server still answers.
-    pub unbind: Option<PathBuf>,
-}
-
-impl Cleanup {
-    pub fn run(&mut self) {
-        if let Some(dev) = self.unbind.take() {
-            if let Err(e) = frontends::kernel::disconnect(&dev, frontends::kernel::Api::Auto) {
-                tracing::info!("disconnecting {}: {e}", dev.display());
-            }
-        }
-        if let Some(d) = self.device.take() {
-            if let Err(e) = d.close() {
-                eprintln!("{}: flush on exit failed: {e}", crate::prog::name());
-            }
-        }
-        if let Some(p) = self.socket.take() {
-            let _ = std::fs::remove_file(p);
-        }
-        if let Some(p) = self.overlay.take() {
-            let _ = std::fs::remove_file(p);
-        }
-        if let Some(p) = self.pid_file.take() {
-            let _ = std::fs::remove_file(p);
-        }
-    }
 }
 
 /// Reject, with qemu-nbd's words, combinations it rejects before touching anything.
@@ -286,7 +250,11 @@ pub fn run(cli: Cli) {
     for w in &opened.warnings {
         eprintln!("{w}");
     }
-    let overlay = opened.temp_overlay.clone();
+    {
+        let mut c = cleanup::get();
+        c.image = Some(opened.backend.clone());
+        c.overlay = opened.temp_overlay.clone();
+    }
     if load_snapshot.is_some() && opened.format == Format::Raw {
         die("Failed to load snapshot: Block format 'raw' used by device '' does not support temporarily loading internal snapshots");
     }
@@ -311,21 +279,14 @@ pub fn run(cli: Cli) {
     let device = Device::new(backend);
     for name in &cli.bitmap {
         if let Err(e) = device.bitmap_check(name) {
-            // Release the image as qemu does (its bitmaps were marked in use at open).
-            let _ = device.close();
+            // die() releases the image as qemu does (its bitmaps were marked in use at open).
             die(e);
         }
     }
 
     if let Some(dev) = cli.connect.clone() {
-        let mut cleanup = Cleanup {
-            device: Some(device.clone()),
-            overlay: overlay.clone(),
-            ..Default::default()
-        };
-        write_pid_file(&cli, &mut cleanup);
-        let cleanup = Arc::new(Mutex::new(cleanup));
-        install_signal_handlers(cleanup.clone());
+        write_pid_file(&cli);
+        install_signal_handlers();
         let multi = shared != 1 || crate::connect::connections(&cli) > 1;
         let export = Export::new(
             export_name,
@@ -335,40 +296,28 @@ pub fn run(cli: Cli) {
             cli.allocation_depth,
         )
         .with_bitmaps(cli.allocation_depth, &cli.bitmap);
-        crate::connect::run(&cli, &dev, export, readiness, cleanup);
+        crate::connect::run(&cli, &dev, export, readiness);
     }
 
     let backlog = listen::backlog(shared, cli.persistent);
-    let mut cleanup = Cleanup {
-        device: Some(device.clone()),
-        overlay,
-        ..Default::default()
-    };
     let listeners = if let Some(k) = &cli.socket {
         let path = PathBuf::from(k);
         match listen::unix(&path, backlog) {
             Ok(l) => {
-                cleanup.socket = Some(path);
+                cleanup::get().socket = Some(path);
                 vec![l]
             }
-            Err(e) => {
-                cleanup.run();
-                die(e)
-            }
+            Err(e) => die(e),
         }
     } else {
         let host = cli.bind.clone().unwrap_or_else(|| "0.0.0.0".into());
         match listen::tcp(&host, port, backlog) {
             Ok(l) => l,
-            Err(e) => {
-                cleanup.run();
-                die(e)
-            }
+            Err(e) => die(e),
         }
     };
-    write_pid_file(&cli, &mut cleanup);
-    let cleanup = Arc::new(Mutex::new(cleanup));
-    install_signal_handlers(cleanup.clone());
+    write_pid_file(&cli);
+    install_signal_handlers();
 
     let export = Export::new(
         export_name,
@@ -401,7 +350,7 @@ pub fn run(cli: Cli) {
         r.ready();
     }
     let result = server.run(listeners);
-    lock_cleanup(&cleanup).run();
+    cleanup::run();
     if let Err(e) = result {
         die(e);
     }
@@ -439,25 +388,17 @@ fn threads_per_connection() -> usize {
         .unwrap_or(ServerOptions::default().threads_per_connection)
 }
 
-fn write_pid_file(cli: &Cli, cleanup: &mut Cleanup) {
+fn write_pid_file(cli: &Cli) {
     if let Some(p) = &cli.pid_file {
         if let Err(e) = std::fs::write(p, format!("{}\n", std::process::id())) {
-            cleanup.run();
             die(format!("Failed to write pid file '{p}': {e}"));
         }
-        cleanup.pid_file = Some(PathBuf::from(p));
-    }
-}
-
-pub fn lock_cleanup(c: &Mutex<Cleanup>) -> std::sync::MutexGuard<'_, Cleanup> {
-    match c.lock() {
-        Ok(g) => g,
-        Err(p) => p.into_inner(),
+        cleanup::get().pid_file = Some(PathBuf::from(p));
     }
 }
 
 /// SIGTERM, SIGINT and SIGHUP: flush, remove what we created, exit 0 (as qemu-nbd).
-fn install_signal_handlers(cleanup: Arc<Mutex<Cleanup>>) {
+fn install_signal_handlers() {
     use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
     let mut signals = match signal_hook::iterator::Signals::new([SIGTERM, SIGINT, SIGHUP]) {
         Ok(s) => s,
@@ -468,7 +409,7 @@ fn install_signal_handlers(cleanup: Arc<Mutex<Cleanup>>) {
         .spawn(move || {
             if let Some(sig) = signals.forever().next() {
                 tracing::info!("signal {sig}: shutting down");
-                lock_cleanup(&cleanup).run();
+                cleanup::run();
                 std::process::exit(0);
             }
         });

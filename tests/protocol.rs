@@ -291,3 +291,48 @@ fn random_bytes_after_the_handshake_never_take_the_server_down() {
         "the server still serves after 200 hostile clients"
     );
 }
+
+/// A client that floods options and never reads the replies blocks the server's writes; the
+/// handshake limit must end it (qemu-nbd's limit covers the whole handshake), so with one
+/// slot (`-e 1`) the next client is served.
+#[test]
+fn handshake_limit_drops_a_client_that_never_reads() {
+    let dir = tmpdir();
+    let img = make_raw(dir.path(), "a.img", 1 << 20, &[]);
+    let s = Server::unix(
+        QNBD,
+        &[
+            "-t",
+            "-e",
+            "1",
+            "--handshake-limit",
+            "2",
+            "-f",
+            "raw",
+            img.to_str().unwrap(),
+        ],
+    );
+    let mut c = UnixStream::connect(s.socket.as_ref().unwrap()).unwrap();
+    let mut greet = [0u8; 18];
+    c.read_exact(&mut greet).unwrap();
+    c.write_all(&3u32.to_be_bytes()).unwrap();
+    c.set_write_timeout(Some(Duration::from_secs(1))).unwrap();
+    // NBD_OPT_LIST over and over: each asks for a reply we never read.
+    let mut list = b"IHAVEOPT".to_vec();
+    list.extend_from_slice(&3u32.to_be_bytes());
+    list.extend_from_slice(&0u32.to_be_bytes());
+    let flood = list.repeat(4096);
+    while c.write_all(&flood).is_ok() {}
+    std::thread::sleep(Duration::from_secs(3));
+    let start = std::time::Instant::now();
+    let out = run(std::process::Command::new("timeout")
+        .args(["20", "qemu-img", "info", "--output=json"])
+        .arg(s.uri()));
+    assert!(
+        out.status.success(),
+        "the next client was not served: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(start.elapsed() < Duration::from_secs(10));
+    drop(c);
+}

@@ -76,11 +76,28 @@ impl Stream {
         };
     }
 
+    /// Drop the connection at once, without a polite TLS close (which could wait on a peer
+    /// that does not read): after a failed handshake.
+    pub fn abort(&self) {
+        if let Stream::Tls(s) = self {
+            s.net.shutdown();
+        }
+        self.shutdown();
+    }
+
     pub fn set_read_timeout(&self, t: Option<Duration>) -> io::Result<()> {
         match self {
             Stream::Tcp(s) => s.set_read_timeout(t),
             Stream::Unix(s) => s.set_read_timeout(t),
             Stream::Tls(s) => s.plain.set_read_timeout(t),
+        }
+    }
+
+    pub fn set_write_timeout(&self, t: Option<Duration>) -> io::Result<()> {
+        match self {
+            Stream::Tcp(s) => s.set_write_timeout(t),
+            Stream::Unix(s) => s.set_write_timeout(t),
+            Stream::Tls(s) => s.plain.set_write_timeout(t),
         }
     }
 

@@ -56,7 +56,17 @@ pub fn handshake(
     loop {
         engine.take_tls(&mut out);
         if !out.is_empty() {
-            sock.write_all(&out)?;
+            if let Some(d) = deadline {
+                let left = d.saturating_duration_since(Instant::now());
+                if left.is_zero() {
+                    return Err(timed_out());
+                }
+                sock.set_write_timeout(Some(left))?;
+            }
+            sock.write_all(&out).map_err(|e| match e.kind() {
+                io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut => timed_out(),
+                _ => e,
+            })?;
             out.clear();
         }
         if !engine.handshaking() {

@@ -68,34 +68,54 @@ pub fn negotiate(
     hs.run()
 }
 
+fn time_limit() -> io::Error {
+    io::Error::new(io::ErrorKind::TimedOut, "handshake time limit reached")
+}
+
+/// A timeout of the socket is the handshake limit running out.
+fn limit_error(e: io::Error) -> io::Error {
+    if matches!(
+        e.kind(),
+        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+    ) {
+        time_limit()
+    } else {
+        e
+    }
+}
+
 impl Handshake<'_> {
-    fn read_exact(&mut self, buf: &mut [u8]) -> io::Result<()> {
-        if let Some(d) = self.deadline {
-            let left = d.saturating_duration_since(Instant::now());
-            if left.is_zero() {
-                return Err(io::Error::new(
-                    io::ErrorKind::TimedOut,
-                    "handshake time limit reached",
-                ));
-            }
-            self.stream.set_read_timeout(Some(left))?;
+    /// The time left before the handshake limit, None without one.
+    fn left(&self) -> io::Result<Option<std::time::Duration>> {
+        let Some(d) = self.deadline else {
+            return Ok(None);
+        };
+        let left = d.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(time_limit());
         }
-        self.stream.read_exact(buf).map_err(|e| {
-            if matches!(
-                e.kind(),
-                io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
-            ) {
-                io::Error::new(io::ErrorKind::TimedOut, "handshake time limit reached")
-            } else {
-                e
-            }
-        })
+        Ok(Some(left))
     }
 
+    fn read_exact(&mut self, buf: &mut [u8]) -> io::Result<()> {
+        if let Some(left) = self.left()? {
+            self.stream.set_read_timeout(Some(left))?;
+        }
+        self.stream.read_exact(buf).map_err(limit_error)
+    }
+
+    /// The limit bounds writes too: a client that never reads its replies is dropped.
     fn send(&mut self) -> io::Result<()> {
-        let r = self.stream.write_all(&self.out);
+        let r = match self.left() {
+            Ok(Some(left)) => self
+                .stream
+                .set_write_timeout(Some(left))
+                .and_then(|()| self.stream.write_all(&self.out)),
+            Ok(None) => self.stream.write_all(&self.out),
+            Err(e) => Err(e),
+        };
         self.out.clear();
-        r
+        r.map_err(limit_error)
     }
 
     fn reply(&mut self, opt: u32, rep: u32, data: &[u8]) -> io::Result<()> {

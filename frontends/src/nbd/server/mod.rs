@@ -211,7 +211,7 @@ fn handle_connection_tracked(
         Ok(handshake::Outcome::Closed) => false,
         Err(e) => {
             tracing::info!("handshake failed: {e}");
-            stream.shutdown();
+            stream.abort();
             false
         }
     }
@@ -226,6 +226,9 @@ fn handle_connection(mut stream: Stream, export: &Export, opts: &ServerOptions) 
             }
         }
         Ok(handshake::Outcome::Closed) => {}
-        Err(e) => tracing::info!("handshake failed: {e}"),
+        Err(e) => {
+            tracing::info!("handshake failed: {e}");
+            stream.abort();
+        }
     }
 }

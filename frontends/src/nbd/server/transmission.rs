@@ -83,6 +83,7 @@ pub fn serve(
     max_threads: usize,
 ) -> io::Result<()> {
     stream.set_read_timeout(None)?;
+    stream.set_write_timeout(None)?;
     stream.set_nodelay();
     let conn = Conn {
         export,

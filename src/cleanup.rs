@@ -1,0 +1,70 @@
+//! What to undo when the process ends, however it ends — an error (`die`), a signal, the
+//! last client leaving, `-d`: the kernel device unbound, the image closed (qemu stores
+//! persistent bitmaps then), and the files we created removed (socket, `-s` overlay, pid
+//! file). One process-wide record, filled in as things are created.
+
+use backends::BlockBackend;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex, MutexGuard};
+
+pub struct Cleanup {
+    /// A kernel device bound with -c: disconnected first, while the server still answers.
+    pub unbind: Option<PathBuf>,
+    /// The opened image (closing it closes what it is layered on).
+    pub image: Option<Arc<dyn BlockBackend>>,
+    pub socket: Option<PathBuf>,
+    /// The temporary overlay of `-s`.
+    pub overlay: Option<PathBuf>,
+    pub pid_file: Option<PathBuf>,
+}
+
+static CLEANUP: Mutex<Cleanup> = Mutex::new(Cleanup {
+    unbind: None,
+    image: None,
+    socket: None,
+    overlay: None,
+    pid_file: None,
+});
+
+/// The record, to add what was just created.
+pub fn get() -> MutexGuard<'static, Cleanup> {
+    CLEANUP.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Undo everything recorded (each item once).
+pub fn run() {
+    get().run();
+}
+
+/// From `die`: skipped if the record is held right now (by the caller, in the middle of a
+/// change), since waiting would deadlock.
+pub fn run_on_error() {
+    if let Ok(mut c) = CLEANUP.try_lock() {
+        c.run();
+    }
+}
+
+impl Cleanup {
+    fn run(&mut self) {
+        if let Some(dev) = self.unbind.take() {
+            if let Err(e) = frontends::kernel::disconnect(&dev, frontends::kernel::Api::Auto) {
+                tracing::info!("disconnecting {}: {e}", dev.display());
+            }
+        }
+        if let Some(b) = self.image.take() {
+            if let Err(e) = b.close() {
+                eprintln!("{}: flush on exit failed: {e}", crate::prog::name());
+            }
+        }
+        for p in [
+            self.socket.take(),
+            self.overlay.take(),
+            self.pid_file.take(),
+        ]
+        .into_iter()
+        .flatten()
+        {
+            let _ = std::fs::remove_file(p);
+        }
+    }
+}
