@@ -233,18 +233,21 @@ impl BlockBackend for Qcow2 {
 
     fn write(&self, offset: u64, buf: &[u8], flags: IoFlags) -> Result<()> {
         let closing = self.writes_open()?;
+        let fua = flags.contains(IoFlags::FUA);
         let r = if buf.len() as u64 <= self.geo.cs - (offset & (self.geo.cs - 1)) {
-            self.write_piece(
+            self.write_piece_fua(
                 offset >> self.geo.cluster_bits,
                 offset & (self.geo.cs - 1),
                 buf,
+                fua,
             )
         } else {
-            self.write_batched(offset, buf)
+            self.write_batched(offset, buf).map(|()| false)
         };
-        self.finish_write(offset, buf.len() as u64, r)?;
+        let durable = *r.as_ref().unwrap_or(&false);
+        self.finish_write(offset, buf.len() as u64, r.map(|_| ()))?;
         drop(closing);
-        if flags.contains(IoFlags::FUA) {
+        if fua && !durable {
             self.flush()?;
         }
         Ok(())

@@ -56,6 +56,12 @@ impl Table {
         });
     }
 
+    /// Is the page holding byte `at` changed since it was last written?
+    pub fn page_dirty(&self, at: usize) -> bool {
+        let i = at / self.page();
+        self.dirty[i / 64] >> (i % 64) & 1 != 0
+    }
+
     pub fn is_dirty(&self) -> bool {
         self.dirty.iter().any(|&w| w != 0)
     }

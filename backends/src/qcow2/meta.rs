@@ -146,6 +146,21 @@ impl Meta {
         }))
     }
 
+    /// Is the mapping of guest cluster `g` on disk as it is here? Then its L2 entry, the L1
+    /// entry above it and the refcounts they rely on were written and synced by a flush (a
+    /// table is marked clean only after the flush's final sync).
+    pub fn mapping_durable(&mut self, f: &HostFile, geo: &Geo, g: u64) -> Result<bool> {
+        let l1i = (g >> geo.l2_bits) as usize;
+        if self.l1_dirty.contains(&l1i) {
+            return Ok(false);
+        }
+        let Some((off, _)) = self.l2_offset(f, geo, l1i)? else {
+            return Ok(false);
+        };
+        let at = self.entry_at(geo, g);
+        Ok(self.l2.get(off).is_some_and(|t| !t.page_dirty(at)))
+    }
+
     /// Allocate a cluster and make the file cover it: (offset, never written before).
     pub fn alloc(&mut self, f: &HostFile) -> Result<Step<(u64, bool)>> {
         let v = self.bump();

@@ -52,6 +52,18 @@ impl Qcow2 {
     }
 
     pub(super) fn write_piece(&self, g: u64, in_off: u64, data: &[u8]) -> Result<()> {
+        self.write_piece_fua(g, in_off, data, false).map(|_| ())
+    }
+
+    /// With `fua`, an in-place write over a mapping that is already durable is written with
+    /// O_DSYNC and needs no flush: returns whether the write is durable.
+    pub(super) fn write_piece_fua(
+        &self,
+        g: u64,
+        in_off: u64,
+        data: &[u8],
+        fua: bool,
+    ) -> Result<bool> {
         let n = data.len() as u64;
         let touched = self.touched_mask(in_off, n);
         {
@@ -61,14 +73,16 @@ impl Qcow2 {
             if self.in_place(e, touched) {
                 let host = e.host() + in_off;
                 self.check_data(&m, host, n)?;
+                let dsync = fua && m.mapping_durable(&self.f, &self.geo, g)?;
                 drop(m);
-                return self.f.write("write", host, data, false);
+                self.f.write("write", host, data, dsync)?;
+                return Ok(dsync);
             }
         }
         let _s = self.stripe(g).write();
         let plan = self.with_meta(|m| self.plan_write(m, g, in_off, n, touched))?;
         let (old, target, fresh, reuse) = match plan {
-            Plan::InPlace(host) => return self.f.write("write", host, data, false),
+            Plan::InPlace(host) => return self.f.write("write", host, data, false).map(|()| false),
             Plan::Alloc {
                 old,
                 target,
@@ -100,7 +114,7 @@ impl Qcow2 {
             // Dirty tables cannot be evicted: make them clean.
             self.flush()?;
         }
-        Ok(())
+        Ok(false)
     }
 
     /// Under the metadata lock, with the stripe held exclusively: where the write goes.
