@@ -9,8 +9,8 @@
 //!   nothing here truncates.
 //!
 //! Tests can attach a [`record::Recorder`] to see every write and sync in issue order (crash
-//! states are built from it), and set `QNBD_TEST_SYNC_DELAY_US` to widen race windows around
-//! syncs.
+//! states are built from it), and set `QNBD_TEST_DELAY_US` to widen race windows around
+//! syncs and lock hand-offs.
 
 pub mod direct;
 pub mod record;

@@ -1,6 +1,6 @@
 //! Test hooks: a recorder of a file's writes and syncs in issue order, from which crash tests
-//! build every state a power cut could leave (CrashMonkey style), and a delay before syncs
-//! (`QNBD_TEST_SYNC_DELAY_US`) that widens the windows where races would show.
+//! build every state a power cut could leave (CrashMonkey style), and a delay at syncs and
+//! lock hand-offs (`QNBD_TEST_DELAY_US`) that widens the windows where races would show.
 
 use parking_lot::Mutex;
 use std::sync::OnceLock;
@@ -76,11 +76,13 @@ impl Recorder {
     }
 }
 
-/// Sleep a pseudo-random 0..N µs when `QNBD_TEST_SYNC_DELAY_US=N` is set (tests only).
-pub(crate) fn test_delay() {
+/// Sleep a pseudo-random 0..N µs when `QNBD_TEST_DELAY_US=N` is set (tests only): called at
+/// syncs and where the engine drops a lock between two steps of one change, to widen the
+/// windows where a race would show.
+pub fn test_delay() {
     static MAX_US: OnceLock<u64> = OnceLock::new();
     let max = *MAX_US.get_or_init(|| {
-        std::env::var("QNBD_TEST_SYNC_DELAY_US")
+        std::env::var("QNBD_TEST_DELAY_US")
             .ok()
             .and_then(|v| v.parse().ok())
             .unwrap_or(0)

@@ -47,6 +47,7 @@ impl Qcow2 {
     /// Write the dirty metadata and sync; the caller holds the gate.
     fn writeback(&self, _gate: &mut Gate) -> Result<()> {
         let cut = self.copy_cut()?;
+        crate::file::record::test_delay();
         let r = self.write_cut(&cut);
         let mut m = self.meta.lock();
         if let Err(e) = r {

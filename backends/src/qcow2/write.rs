@@ -90,6 +90,7 @@ impl Qcow2 {
                 reuse,
             } => (old, target, fresh, reuse),
         };
+        crate::file::record::test_delay();
         let new = match self.fill_cluster(g, old, target, fresh, reuse, in_off, data) {
             Ok(e) => e,
             Err(e) => {
@@ -102,6 +103,7 @@ impl Qcow2 {
                 return Err(e);
             }
         };
+        crate::file::record::test_delay();
         let over = self.with_meta(|m| {
             need!(m.set_entry(&self.f, &self.geo, g, new));
             if !reuse {
