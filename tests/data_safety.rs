@@ -1,0 +1,394 @@
+//! Data safety through the real binary and real clients:
+//! - the concurrent verifier (`tests/nbdsh/verify.py`, libnbd): many connections, mixed
+//!   WRITE/FUA/FLUSH/WRITE_ZEROES/TRIM/READ, every acknowledged write reads back, the image
+//!   checks clean — over raw, raw `-n`, and qcow2 with 512 B to 2 MiB clusters, extended L2,
+//!   compressed clusters, a backing file and an internal snapshot;
+//! - the crash loop (`tests/nbdsh/crash.py`): `kill -9` under that load, every write
+//!   acknowledged with FUA or before a completed FLUSH is in the file, `qemu-img check` finds
+//!   no corruption;
+//! - a write that would land on metadata fails, marks the image corrupt and leaves the header
+//!   intact; failed starts leave no overlay and no bitmap in use.
+//!
+//! `QNBD_VERIFY_WRITES` (per variant, default 20000) and `QNBD_CRASH_ROUNDS` (per variant,
+//! default 10) scale the runs; `scripts/soak.sh` runs them long.
+
+mod common;
+use common::*;
+use std::path::Path;
+use std::process::Command;
+
+fn env_num(name: &str, default: u64) -> u64 {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+fn script(name: &str) -> String {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/nbdsh")
+        .join(name)
+        .display()
+        .to_string()
+}
+
+/// A directory on a real file system (O_DIRECT fails on tmpfs).
+fn var_tmpdir() -> tempfile::TempDir {
+    tempfile::Builder::new()
+        .prefix("qnbd-safety")
+        .tempdir_in("/var/tmp")
+        .expect("tempdir")
+}
+
+fn sh(cmd: &str) {
+    ok(Command::new("sh").args(["-c", cmd]));
+}
+
+/// A raw file of `mib` MiB with recognisable, compressible contents.
+fn patterned_raw(path: &Path, mib: u64) {
+    let mut block = Vec::with_capacity(1 << 20);
+    for i in 0..(1u64 << 20) / 64 {
+        block.extend_from_slice(format!("{:063}\n", i * 7).as_bytes());
+    }
+    let mut all = Vec::with_capacity((mib << 20) as usize);
+    for _ in 0..mib {
+        all.extend_from_slice(&block);
+    }
+    std::fs::write(path, all).expect("write pattern");
+}
+
+fn qcow2_check(img: &Path) {
+    let out = run(Command::new("qemu-img")
+        .args(["check", "-f", "qcow2"])
+        .arg(img));
+    let text =
+        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    assert!(
+        matches!(out.status.code(), Some(0) | Some(3)) && !text.contains("ERROR"),
+        "qemu-img check {}: {text}",
+        img.display()
+    );
+}
+
+/// Serve `img` with `args`, run the verifier with `vopts`, stop the server, check the image.
+fn verify(img: &Path, args: &[&str], vopts: &[&str]) {
+    if !have("qemu-img") || !have_nbdsh() {
+        return;
+    }
+    let mut all = vec!["-t", "-e", "0"];
+    all.extend_from_slice(args);
+    all.push(img.to_str().unwrap());
+    let mut s = Server::unix(QNBD, &all);
+    let writes = env_num("QNBD_VERIFY_WRITES", 20000).to_string();
+    let out = ok(Command::new(PYTHON)
+        .arg(script("verify.py"))
+        .arg(s.uri())
+        .args(["--conns", "8", "--writes", &writes, "--seed", "7"])
+        .args(vopts));
+    eprintln!("{} {args:?}: {}", img.display(), out.trim());
+    assert!(out.contains(" 0 lost"), "{out}");
+    s.terminate().expect("server exits on SIGTERM");
+    if args.contains(&"qcow2") {
+        qcow2_check(img);
+    }
+}
+
+#[test]
+fn verifier_raw() {
+    let d = tmpdir();
+    let img = make_raw(d.path(), "a.raw", 128 << 20, &[]);
+    verify(&img, &["-f", "raw"], &[]);
+}
+
+#[test]
+fn verifier_raw_o_direct() {
+    let d = var_tmpdir();
+    let img = make_raw(d.path(), "a.raw", 128 << 20, &[]);
+    verify(&img, &["-f", "raw", "-n"], &[]);
+}
+
+fn qcow2(dir: &Path, opts: &str) -> std::path::PathBuf {
+    let img = dir.join("a.qcow2");
+    ok(Command::new("qemu-img")
+        .args(["create", "-q", "-f", "qcow2", "-o", opts])
+        .arg(&img)
+        .arg("128M"));
+    img
+}
+
+#[test]
+fn verifier_qcow2_512_byte_clusters() {
+    let d = tmpdir();
+    let img = qcow2(d.path(), "cluster_size=512");
+    verify(&img, &["-f", "qcow2"], &[]);
+}
+
+#[test]
+fn verifier_qcow2_4k_clusters_discard() {
+    let d = tmpdir();
+    let img = qcow2(d.path(), "cluster_size=4096");
+    verify(
+        &img,
+        &["-f", "qcow2", "--discard=unmap"],
+        &["--trim-zeroes=4096"],
+    );
+}
+
+#[test]
+fn verifier_qcow2_64k_clusters_o_direct() {
+    let d = var_tmpdir();
+    let img = qcow2(d.path(), "cluster_size=65536");
+    verify(&img, &["-f", "qcow2", "-n"], &[]);
+}
+
+#[test]
+fn verifier_qcow2_2m_clusters() {
+    let d = tmpdir();
+    let img = qcow2(d.path(), "cluster_size=2097152");
+    verify(&img, &["-f", "qcow2"], &[]);
+}
+
+#[test]
+fn verifier_qcow2_extended_l2() {
+    let d = tmpdir();
+    let img = qcow2(d.path(), "extended_l2=on,cluster_size=65536");
+    verify(&img, &["-f", "qcow2", "--discard=unmap"], &[]);
+}
+
+#[test]
+fn verifier_qcow2_compressed_clusters() {
+    if !have("qemu-img") {
+        return;
+    }
+    let d = tmpdir();
+    let raw = d.path().join("src.raw");
+    patterned_raw(&raw, 128);
+    let img = d.path().join("c.qcow2");
+    sh(&format!(
+        "qemu-img convert -c -f raw -O qcow2 {} {}",
+        raw.display(),
+        img.display()
+    ));
+    verify(&img, &["-f", "qcow2"], &[]);
+}
+
+#[test]
+fn verifier_qcow2_over_a_backing_file_leaves_the_base_alone() {
+    if !have("qemu-img") {
+        return;
+    }
+    let d = tmpdir();
+    let base = d.path().join("base.raw");
+    patterned_raw(&base, 128);
+    let before = std::fs::read(&base).unwrap();
+    let img = d.path().join("top.qcow2");
+    sh(&format!(
+        "qemu-img create -q -f qcow2 -b {} -F raw {}",
+        base.display(),
+        img.display()
+    ));
+    verify(&img, &["-f", "qcow2"], &[]);
+    assert!(std::fs::read(&base).unwrap() == before, "the base changed");
+}
+
+#[test]
+fn verifier_qcow2_with_an_internal_snapshot_keeps_it() {
+    if !have("qemu-img") {
+        return;
+    }
+    let d = tmpdir();
+    let raw = d.path().join("src.raw");
+    patterned_raw(&raw, 128);
+    let img = d.path().join("s.qcow2");
+    sh(&format!(
+        "qemu-img convert -f raw -O qcow2 {} {} && qemu-img snapshot -c s1 {}",
+        raw.display(),
+        img.display(),
+        img.display()
+    ));
+    verify(&img, &["-f", "qcow2", "--discard=unmap"], &[]);
+    let snap = d.path().join("snap.raw");
+    sh(&format!(
+        "qemu-img convert -f qcow2 -l s1 -O raw {} {}",
+        img.display(),
+        snap.display()
+    ));
+    assert!(
+        std::fs::read(&snap).unwrap() == std::fs::read(&raw).unwrap(),
+        "the snapshot's contents changed"
+    );
+}
+
+/// `kill -9` under load, `rounds` times.
+fn crash(format: &str, create: &str, server_opts: &str, rounds: u64) {
+    if !have("qemu-img") || !have_nbdsh() {
+        return;
+    }
+    let d = var_tmpdir();
+    let out = ok(Command::new(PYTHON)
+        .arg(script("crash.py"))
+        .arg("--server")
+        .arg(format!(
+            "{QNBD} -t -e 0 -f {format} {server_opts} -k {{sock}} {{img}}"
+        ))
+        .args(["--create", create, "--format", format, "--prefill"])
+        .args(["--rounds", &rounds.to_string(), "--seed", "3"])
+        .arg("--workdir")
+        .arg(d.path()));
+    let last = out.lines().last().unwrap_or("").to_string();
+    eprintln!("crash {format} {create} {server_opts}: {last}");
+    assert!(
+        last.contains(" 0 lost") && last.contains(" 0 corrupt"),
+        "{out}"
+    );
+}
+
+fn crash_rounds() -> u64 {
+    env_num("QNBD_CRASH_ROUNDS", 10)
+}
+
+#[test]
+fn crash_loop_raw() {
+    crash("raw", "truncate -s 64M {img}", "", crash_rounds());
+}
+
+#[test]
+fn crash_loop_raw_o_direct() {
+    crash("raw", "truncate -s 64M {img}", "-n", crash_rounds());
+}
+
+#[test]
+fn crash_loop_qcow2_4k_clusters() {
+    crash(
+        "qcow2",
+        "qemu-img create -q -f qcow2 -o cluster_size=4096 {img} 64M",
+        "--discard=unmap",
+        crash_rounds(),
+    );
+}
+
+#[test]
+fn crash_loop_qcow2_64k_clusters() {
+    crash(
+        "qcow2",
+        "qemu-img create -q -f qcow2 {img} 64M",
+        "",
+        crash_rounds(),
+    );
+}
+
+#[test]
+fn crash_loop_qcow2_512_byte_clusters() {
+    crash(
+        "qcow2",
+        "qemu-img create -q -f qcow2 -o cluster_size=512,refcount_bits=64 {img} 16M",
+        "",
+        crash_rounds(),
+    );
+}
+
+/// A write that would land on metadata (here: the refcount table's first entry zeroed, so
+/// the next allocation would put a refcount block over the header) fails with EIO, the image
+/// gets qemu's corrupt bit and message, later requests fail, and nothing else changed.
+#[test]
+fn a_write_onto_metadata_is_refused_and_marks_the_image_corrupt() {
+    if !have("qemu-img") || !have("qemu-io") {
+        return;
+    }
+    let d = tmpdir();
+    let img = d.path().join("img.qcow2");
+    sh(&format!(
+        "qemu-img create -q -f qcow2 {} 64M",
+        img.display()
+    ));
+    let mut bytes = std::fs::read(&img).unwrap();
+    let rt = u64::from_be_bytes(bytes[48..56].try_into().unwrap()) as usize;
+    bytes[rt..rt + 8].fill(0);
+    std::fs::write(&img, &bytes).unwrap();
+    let log = d.path().join("stderr");
+    let sock = d.path().join("s.sock");
+    let mut child = Command::new(QNBD)
+        .args(["-t", "-f", "qcow2", "-k"])
+        .arg(&sock)
+        .arg(&img)
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    for _ in 0..200 {
+        if sock.exists() {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let uri = format!("nbd+unix:///?socket={}", sock.display());
+    let w = run(Command::new("qemu-io").args(["-f", "raw", "-c", "write -P 0x55 0 64k", &uri]));
+    let text = String::from_utf8_lossy(&w.stdout).to_string() + &String::from_utf8_lossy(&w.stderr);
+    assert!(text.contains("write failed: Input/output error"), "{text}");
+    let r = run(Command::new("qemu-io").args(["-f", "raw", "-c", "read 0 512", &uri]));
+    let text = String::from_utf8_lossy(&r.stdout).to_string() + &String::from_utf8_lossy(&r.stderr);
+    assert!(text.contains("read failed: Invalid argument"), "{text}");
+    let _ = Command::new("kill").arg(child.id().to_string()).status();
+    let _ = child.wait();
+    let err = std::fs::read_to_string(&log).unwrap();
+    assert!(
+        err.contains(
+            "qcow2: Marking image as corrupt: Preventing invalid write on metadata (overlaps with "
+        ) && err.contains("; further corruption events will be suppressed"),
+        "{err}"
+    );
+    let after = std::fs::read(&img).unwrap();
+    let changed: Vec<usize> = (0..bytes.len().min(after.len()))
+        .filter(|&i| bytes[i] != after[i])
+        .collect();
+    assert_eq!(changed, vec![79], "only the corrupt bit changes");
+    let info = ok(Command::new("qemu-img").arg("info").arg(&img));
+    assert!(
+        info.contains("file format: qcow2") && info.contains("corrupt: true"),
+        "{info}"
+    );
+    let again = run(Command::new(QNBD).args(["-f", "qcow2"]).arg(&img));
+    assert_eq!(
+        String::from_utf8_lossy(&again.stderr).trim(),
+        format!(
+            "qnbd: Failed to blk_new_open '{}': qcow2: Image is corrupt; cannot be opened read/write",
+            img.display()
+        )
+    );
+}
+
+/// Failing after the image is open (`-o` past the end, a socket that cannot be bound, a
+/// missing `-B` bitmap) releases the image: no bitmap stays in use, no `-s` overlay remains.
+#[test]
+fn failed_starts_leave_nothing_behind() {
+    if !have("qemu-img") {
+        return;
+    }
+    let d = tmpdir();
+    let img = d.path().join("a.qcow2");
+    sh(&format!(
+        "qemu-img create -q -f qcow2 {0} 64M && qemu-img bitmap --add {0} b0",
+        img.display()
+    ));
+    let tmp = d.path().join("tmp");
+    std::fs::create_dir(&tmp).unwrap();
+    let i = img.to_str().unwrap();
+    let cases: [&[&str]; 4] = [
+        &["-o", "1073741824", "-f", "qcow2", i],
+        &["-s", "-o", "1073741824", "-f", "qcow2", i],
+        &["-s", "-f", "qcow2", "-k", "/nonexistent/dir/s.sock", i],
+        &["-s", "-f", "qcow2", "-B", "nope", i],
+    ];
+    for args in cases {
+        let out = run(Command::new(QNBD).env("TMPDIR", &tmp).args(args));
+        assert_eq!(out.status.code(), Some(1), "{args:?}");
+        let info = ok(Command::new("qemu-img")
+            .args(["info", "--output=json"])
+            .arg(&img));
+        assert!(
+            !info.contains("in-use"),
+            "{args:?} left the bitmap in use: {info}"
+        );
+        let left: Vec<_> = std::fs::read_dir(&tmp).unwrap().collect();
+        assert!(left.is_empty(), "{args:?} left {left:?}");
+    }
+}
