@@ -6,7 +6,6 @@ use backends::aio::AioMode;
 use backends::cache_mode::CacheMode;
 use backends::detect_zeroes::DetectZeroes;
 use backends::open::{Format, ImageOptions};
-use backends::qcow2::BackingChoice;
 use std::path::PathBuf;
 
 /// What an option string asks for beyond [`ImageOptions`].
@@ -54,40 +53,7 @@ pub fn split_opts(s: &str) -> Result<Vec<(String, String)>, String> {
     Ok(out)
 }
 
-/// qemu's size syntax: a number with an optional k/M/G/T/P/E suffix (powers of 1024).
-pub fn parse_size(key: &str, v: &str) -> Result<u64, String> {
-    let err = || {
-        format!(
-            "Parameter '{key}' expects a non-negative number below 2^64\nOptional suffix k, M, G, T, P or E means kilo-, mega-, giga-, tera-, peta-\nand exabytes, respectively."
-        )
-    };
-    let (num, mult) = match v.char_indices().last() {
-        Some((i, c)) if c.is_ascii_alphabetic() => {
-            let shift = match c.to_ascii_lowercase() {
-                'b' => 0,
-                'k' => 10,
-                'm' => 20,
-                'g' => 30,
-                't' => 40,
-                'p' => 50,
-                'e' => 60,
-                _ => return Err(err()),
-            };
-            (&v[..i], 1u64 << shift)
-        }
-        _ => (v, 1),
-    };
-    let n: u64 = num.trim().parse().map_err(|_| err())?;
-    n.checked_mul(mult).ok_or_else(err)
-}
-
-fn on_off(key: &str, v: &str) -> Result<bool, String> {
-    match v {
-        "on" | "yes" | "true" | "y" => Ok(true),
-        "off" | "no" | "false" | "n" => Ok(false),
-        _ => Err(format!("Parameter '{key}' expects 'on' or 'off'")),
-    }
-}
+use backends::format::parse_bool as on_off;
 
 /// Turn an option string into image options; `read_only` comes from `-r`.
 pub fn parse(s: &str, read_only: bool) -> Result<ParsedImageOpts, String> {
@@ -102,8 +68,6 @@ pub fn parse(s: &str, read_only: bool) -> Result<ParsedImageOpts, String> {
     let mut driver: Option<String> = None;
     let mut file_driver: Option<String> = None;
     let mut filename: Option<String> = None;
-    let mut backing_driver: Option<String> = None;
-    let mut backing_file: Option<String> = None;
     for (k, v) in &pairs {
         if k == "driver" {
             driver = Some(v.clone());
@@ -111,7 +75,23 @@ pub fn parse(s: &str, read_only: bool) -> Result<ParsedImageOpts, String> {
     }
     let fmt_name = driver.clone().unwrap_or_default();
     let is_protocol = fmt_name == "file" || fmt_name == "host_device";
+    // The format's own keys (raw's window, qcow2's backing and tuning options).
+    let format_driver = if is_protocol {
+        None
+    } else {
+        Format::from_name(if fmt_name.is_empty() {
+            "raw"
+        } else {
+            &fmt_name
+        })
+    };
     for (k, v) in pairs {
+        if let Some(d) = format_driver {
+            if let Some(r) = (d.driver().option)(&k, &v, &mut image) {
+                r?;
+                continue;
+            }
+        }
         match k.as_str() {
             "driver" => {}
             "read-only" => image.read_only |= on_off(&k, &v)?,
@@ -137,63 +117,12 @@ pub fn parse(s: &str, read_only: bool) -> Result<ParsedImageOpts, String> {
                 }
             }
             "filename" if is_protocol => filename = Some(v),
-            "offset" if fmt_name == "raw" => image.offset = parse_size(&k, &v)?,
-            "size" if fmt_name == "raw" => image.size = Some(parse_size(&k, &v)?),
             "file" => filename = Some(v),
             "file.driver" => file_driver = Some(v),
             "file.filename" => filename = Some(v),
             "file.aio" | "aio" if k == "file.aio" || is_protocol => match AioMode::from_name(&v) {
                 Some(m) => image.aio = m,
                 None => return Err(format!("Parameter 'aio' does not accept value '{v}'")),
-            },
-            // qcow2's own options. The tuning ones (caches, overlap checks, discard passing)
-            // are checked as qemu checks them; this engine sizes its caches itself.
-            "backing" if fmt_name == "qcow2" => {
-                if !v.is_empty() {
-                    return Err(format!(
-                        "Could not open backing file: Cannot find device='{v}' nor node-name='{v}'"
-                    ));
-                }
-                eprintln!(
-                    "{}: warning: Use of \"backing\": \"\" is deprecated; use \"backing\": null instead",
-                    crate::prog::name()
-                );
-                image.backing = BackingChoice::None;
-            }
-            "backing.driver" if fmt_name == "qcow2" => backing_driver = Some(v),
-            "backing.file" | "backing.file.filename" if fmt_name == "qcow2" => {
-                backing_file = Some(v)
-            }
-            "backing.file.driver" if fmt_name == "qcow2" => {
-                if v != "file" && v != "host_device" {
-                    return Err(format!("Unknown protocol '{v}'"));
-                }
-            }
-            "lazy-refcounts" | "pass-discard-request" | "pass-discard-snapshot"
-            | "pass-discard-other" | "discard-no-unref"
-                if fmt_name == "qcow2" =>
-            {
-                on_off(&k, &v)?;
-            }
-            "l2-cache-size" | "l2-cache-entry-size" | "refcount-cache-size" | "cache-size"
-                if fmt_name == "qcow2" =>
-            {
-                parse_size(&k, &v)?;
-            }
-            "cache-clean-interval" if fmt_name == "qcow2" => {
-                if v.parse::<u64>().is_err() {
-                    return Err(
-                        "Parameter 'cache-clean-interval' expects a non-negative number".into(),
-                    );
-                }
-            }
-            "overlap-check" if fmt_name == "qcow2" => match v.as_str() {
-                "none" | "constant" | "cached" | "all" => {}
-                _ => {
-                    return Err(format!(
-                        "Unsupported value '{v}' for qcow2 option 'overlap-check'. Allowed are any of the following: none, constant, cached, all"
-                    ))
-                }
             },
             "file.locking" => match v.as_str() {
                 "auto" | "on" | "off" => {}
@@ -231,29 +160,12 @@ pub fn parse(s: &str, read_only: bool) -> Result<ParsedImageOpts, String> {
     }
     image.format = match driver.as_deref() {
         None => None,
-        Some("file") | Some("host_device") | Some("raw") => Some(Format::Raw),
+        Some("file") | Some("host_device") => Some(Format::raw()),
         Some(d) => match Format::from_name(d) {
             Some(f) => Some(f),
             None => return Err(format!("Unknown driver '{d}'")),
         },
     };
-    match (backing_file, backing_driver) {
-        (Some(f), d) => {
-            if let Some(d) = &d {
-                if Format::from_name(d).is_none() {
-                    return Err(format!("Could not open backing file: Unknown driver '{d}'"));
-                }
-            }
-            image.backing = BackingChoice::File(PathBuf::from(f), d);
-        }
-        (None, Some(d)) => {
-            if Format::from_name(&d).is_none() {
-                return Err(format!("Could not open backing file: Unknown driver '{d}'"));
-            }
-            image.backing = BackingChoice::HeaderAs(d);
-        }
-        (None, None) => {}
-    }
     let Some(filename) = filename else {
         return Err("A block device must be specified for \"file\"".into());
     };
@@ -288,7 +200,7 @@ mod tests {
         assert_eq!(p.image.offset, 1 << 20);
         assert_eq!(p.image.size, Some(100 << 20));
         assert_eq!(p.image.path, PathBuf::from("disk.img"));
-        assert_eq!(p.image.format, Some(Format::Raw));
+        assert_eq!(p.image.format, Some(Format::raw()));
     }
 
     #[test]
@@ -315,13 +227,5 @@ mod tests {
         assert!(parse("driver=raw,offset=x,file.filename=x", false)
             .unwrap_err()
             .starts_with("Parameter 'offset'"));
-    }
-
-    #[test]
-    fn sizes() {
-        assert_eq!(parse_size("s", "4096"), Ok(4096));
-        assert_eq!(parse_size("s", "2G"), Ok(2 << 30));
-        assert!(parse_size("s", "-1").is_err());
-        assert!(parse_size("s", "99999999999E").is_err());
     }
 }

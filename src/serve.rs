@@ -183,7 +183,12 @@ pub fn run(cli: Cli) {
     };
     let image_opts = if cli.image_opts {
         match crate::image_opts::parse(&cli.args[0], cli.read_only) {
-            Ok(p) => Some(p),
+            Ok(p) => {
+                for w in &p.image.warnings {
+                    eprintln!("{}: warning: {w}", crate::prog::name());
+                }
+                Some(p)
+            }
             Err(e) => die(format!("Failed to blk_new_open '{}': {e}", cli.args[0])),
         }
     } else {
@@ -255,7 +260,7 @@ pub fn run(cli: Cli) {
         c.image = Some(opened.backend.clone());
         c.overlay = opened.temp_overlay.clone();
     }
-    if load_snapshot.is_some() && opened.format == Format::Raw {
+    if load_snapshot.is_some() && opened.format == Format::raw() {
         die("Failed to load snapshot: Block format 'raw' used by device '' does not support temporarily loading internal snapshots");
     }
     let backend = if offset != 0 {

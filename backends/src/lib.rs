@@ -17,6 +17,7 @@ mod error;
 mod extent;
 pub mod file;
 pub mod filter;
+pub mod format;
 pub mod open;
 pub mod overlay;
 mod probe_guard;

@@ -3,18 +3,29 @@
 //! open would then trust guest-written metadata.
 
 use crate::filter::Filter;
-use crate::open::{detect_format, Format};
 use crate::{BlockBackend, Error, IoFlags, Result};
 use std::sync::Arc;
 
-#[derive(Debug)]
 pub struct ProbedRaw {
     inner: Arc<dyn BlockBackend>,
+    /// Does a first sector look like an image format other than raw? (The opener's probe.)
+    looks_formatted: fn(&[u8]) -> bool,
+}
+
+impl std::fmt::Debug for ProbedRaw {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ProbedRaw")
+            .field("inner", &self.inner)
+            .finish()
+    }
 }
 
 impl ProbedRaw {
-    pub fn new(inner: Arc<dyn BlockBackend>) -> ProbedRaw {
-        ProbedRaw { inner }
+    pub fn new(inner: Arc<dyn BlockBackend>, looks_formatted: fn(&[u8]) -> bool) -> ProbedRaw {
+        ProbedRaw {
+            inner,
+            looks_formatted,
+        }
     }
 
     /// The first sector as it would be after writing `buf` at `offset`.
@@ -27,7 +38,7 @@ impl ProbedRaw {
         let start = offset as usize;
         let n = buf.len().min(head.len().saturating_sub(start));
         head[start..start + n].copy_from_slice(&buf[..n]);
-        if detect_format(&head) != Format::Raw {
+        if (self.looks_formatted)(&head) {
             return Err(Error::Io {
                 op: "write",
                 path: "block 0 of a probed raw image".into(),

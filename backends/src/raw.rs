@@ -3,8 +3,45 @@
 
 use crate::aio::AioMode;
 use crate::file::{FileOptions, HostFile};
+use crate::format::{parse_size, Driver, ImageOptions, OpenBacking};
 use crate::{BlockBackend, Caps, Error, Extent, ExtentFlags, Extents, IoFlags, Result, Support};
 use std::path::Path;
+use std::sync::Arc;
+
+pub static DRIVER: Driver = Driver {
+    name: "raw",
+    // Raw is what probing falls back to.
+    probe: |_| false,
+    open: open_driver,
+    option,
+    has_metadata: false,
+};
+
+fn open_driver(
+    file: HostFile,
+    opts: &ImageOptions,
+    _backing: &OpenBacking<'_>,
+) -> Result<Arc<dyn BlockBackend>> {
+    let raw = RawFile::from_host_file(
+        file,
+        RawOptions {
+            read_only: opts.read_only || opts.snapshot,
+            discard: opts.discard,
+            direct: opts.direct,
+            aio: opts.aio,
+        },
+    )?;
+    Ok(Arc::new(raw))
+}
+
+/// raw's own `--image-opts` keys: a window into the file.
+fn option(key: &str, v: &str, opts: &mut ImageOptions) -> Option<std::result::Result<(), String>> {
+    Some(match key {
+        "offset" => parse_size(key, v).map(|n| opts.offset = n),
+        "size" => parse_size(key, v).map(|n| opts.size = Some(n)),
+        _ => return None,
+    })
+}
 
 /// How a raw image is opened (the parts of qemu's `file` driver options we honour).
 #[derive(Clone, Debug, Default)]

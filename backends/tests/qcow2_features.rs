@@ -25,7 +25,7 @@ fn run(dir: &Path, prog: &str, args: &[&str]) -> String {
 fn open(img: &Path, read_only: bool) -> backends::Result<Arc<dyn BlockBackend>> {
     open_image(&ImageOptions {
         path: img.to_path_buf(),
-        format: Some(Format::Qcow2),
+        format: Some(Format::from_name("qcow2").unwrap()),
         read_only,
         ..Default::default()
     })

@@ -66,7 +66,7 @@ fn to_raw(img: &Path, dir: &Path) -> Vec<u8> {
 fn open(img: &Path, read_only: bool) -> Arc<dyn BlockBackend> {
     open_image(&ImageOptions {
         path: img.to_path_buf(),
-        format: Some(Format::Qcow2),
+        format: Some(Format::from_name("qcow2").unwrap()),
         read_only,
         discard: true,
         ..Default::default()
@@ -273,7 +273,7 @@ fn writes_keep_internal_snapshots() {
         // -l: the snapshot itself, read-only, by name.
         let snap = open_image(&ImageOptions {
             path: img.clone(),
-            format: Some(Format::Qcow2),
+            format: Some(Format::from_name("qcow2").unwrap()),
             read_only: true,
             load_snapshot: Some("s1".into()),
             ..Default::default()
@@ -418,7 +418,10 @@ fn snapshot_overlay_leaves_image_alone() {
     let dir = tempfile::tempdir().unwrap();
     let (src, data) = pattern_raw(dir.path(), 2 << 20, 9);
     let img = make(dir.path(), "base", &[], &src);
-    for (path, format) in [(src.clone(), Format::Raw), (img.clone(), Format::Qcow2)] {
+    for (path, format) in [
+        (src.clone(), Format::raw()),
+        (img.clone(), Format::from_name("qcow2").unwrap()),
+    ] {
         let before = std::fs::read(&path).unwrap();
         let opened = open_image(&ImageOptions {
             path: path.clone(),
@@ -485,7 +488,7 @@ fn hostile_images_fail_cleanly() {
         for ro in [true, false] {
             let r = open_image(&ImageOptions {
                 path: bad.clone(),
-                format: Some(Format::Qcow2),
+                format: Some(Format::from_name("qcow2").unwrap()),
                 read_only: ro,
                 ..Default::default()
             });
@@ -544,7 +547,7 @@ fn hostile_bitmaps_fail_cleanly() {
         for ro in [true, false] {
             if let Ok(o) = open_image(&ImageOptions {
                 path: bad.clone(),
-                format: Some(Format::Qcow2),
+                format: Some(Format::from_name("qcow2").unwrap()),
                 read_only: ro,
                 ..Default::default()
             }) {

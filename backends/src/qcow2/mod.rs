@@ -62,6 +62,8 @@ mod batch;
 pub mod bitmap;
 mod cache;
 mod compressed;
+pub mod create;
+mod driver;
 mod flush;
 pub mod header;
 mod meta;
@@ -84,12 +86,11 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 
-pub use open::{BackingChoice, Qcow2Options};
+pub use crate::format::{BackingChoice, OpenBacking};
+pub use driver::DRIVER;
+pub use open::Qcow2Options;
 
 const STRIPES: usize = 256;
-
-/// Opens a backing file read-only: (resolved path, backing_fmt).
-pub type OpenBacking<'a> = dyn Fn(&Path, Option<&str>) -> Result<Arc<dyn BlockBackend>> + 'a;
 
 /// The image's fixed geometry.
 #[derive(Clone, Debug)]

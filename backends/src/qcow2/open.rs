@@ -7,30 +7,17 @@ use super::header::{self, Header};
 use super::meta::Meta;
 use super::overlap::{Kind, MetaMap};
 use super::refcount::Refcounts;
-use super::{bitmap, repair, resolve_backing, snapshot, Gate, Geo, OpenBacking, Qcow2, STRIPES};
+use super::{bitmap, repair, resolve_backing, snapshot, Gate, Geo, Qcow2, STRIPES};
 use crate::file::{FileOptions, HostFile};
+use crate::format::{BackingChoice, OpenBacking};
 use crate::{BlockBackend, Error, Result};
 use parking_lot::{Mutex, RwLock};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64};
 use std::sync::Arc;
 
 /// Bytes of L2 tables kept in memory.
 const L2_CACHE_BYTES: usize = 32 << 20;
-
-/// Which backing file to use (qemu's `backing=` options).
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub enum BackingChoice {
-    /// The one the header names, if any.
-    #[default]
-    FromHeader,
-    /// None at all: unallocated clusters read as zeroes.
-    None,
-    /// This file, with this format (None: probe), instead of the header's.
-    File(PathBuf, Option<String>),
-    /// The header's file, opened with this format.
-    HeaderAs(String),
-}
 
 /// How a qcow2 image is opened.
 #[derive(Clone, Debug, Default)]

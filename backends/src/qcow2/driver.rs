@@ -1,0 +1,98 @@
+//! qcow2 as a format driver: recognised by its magic, opened on a host file, and its own
+//! `--image-opts` keys checked as qemu checks them.
+
+use super::{Qcow2, Qcow2Options};
+use crate::file::HostFile;
+use crate::format::{parse_bool, parse_size, BackingChoice, Driver, ImageOptions, OpenBacking};
+use crate::{BlockBackend, Result};
+use std::path::PathBuf;
+use std::sync::Arc;
+
+pub static DRIVER: Driver = Driver {
+    name: "qcow2",
+    probe,
+    open,
+    option,
+    has_metadata: true,
+};
+
+fn probe(head: &[u8]) -> bool {
+    head.len() >= 8
+        && head[..4] == super::header::MAGIC.to_be_bytes()
+        && u32::from_be_bytes([head[4], head[5], head[6], head[7]]) >= 2
+}
+
+fn open(
+    file: HostFile,
+    opts: &ImageOptions,
+    backing: &OpenBacking<'_>,
+) -> Result<Arc<dyn BlockBackend>> {
+    let q = Qcow2::open_file(
+        file,
+        Qcow2Options {
+            read_only: opts.read_only || opts.snapshot,
+            discard: opts.discard,
+            load_snapshot: opts.load_snapshot.clone(),
+            backing: opts.backing.clone(),
+            direct: opts.direct,
+        },
+        backing,
+    )?;
+    Ok(Arc::new(q))
+}
+
+/// qcow2's own options. The tuning ones (caches, overlap checks, discard passing) are checked
+/// as qemu checks them; this engine sizes its caches itself and always runs the `cached`
+/// overlap checks.
+fn option(key: &str, v: &str, opts: &mut ImageOptions) -> Option<std::result::Result<(), String>> {
+    let r = match key {
+        "backing" => {
+            if !v.is_empty() {
+                return Some(Err(format!(
+                    "Could not open backing file: Cannot find device='{v}' nor node-name='{v}'"
+                )));
+            }
+            opts.warnings.push(
+                "Use of \"backing\": \"\" is deprecated; use \"backing\": null instead".into(),
+            );
+            opts.backing = BackingChoice::None;
+            Ok(())
+        }
+        "backing.driver" => {
+            opts.backing = match std::mem::take(&mut opts.backing) {
+                BackingChoice::File(p, _) => BackingChoice::File(p, Some(v.to_string())),
+                _ => BackingChoice::HeaderAs(v.to_string()),
+            };
+            Ok(())
+        }
+        "backing.file" | "backing.file.filename" => {
+            let fmt = match std::mem::take(&mut opts.backing) {
+                BackingChoice::HeaderAs(d) | BackingChoice::File(_, Some(d)) => Some(d),
+                _ => None,
+            };
+            opts.backing = BackingChoice::File(PathBuf::from(v), fmt);
+            Ok(())
+        }
+        "backing.file.driver" if v != "file" && v != "host_device" => {
+            Err(format!("Unknown protocol '{v}'"))
+        }
+        "backing.file.driver" => Ok(()),
+        "lazy-refcounts" | "pass-discard-request" | "pass-discard-snapshot"
+        | "pass-discard-other" | "discard-no-unref" => parse_bool(key, v).map(|_| ()),
+        "l2-cache-size" | "l2-cache-entry-size" | "refcount-cache-size" | "cache-size" => {
+            parse_size(key, v).map(|_| ())
+        }
+        "cache-clean-interval" => match v.parse::<u64>() {
+            Ok(_) => Ok(()),
+            Err(_) => Err("Parameter 'cache-clean-interval' expects a non-negative number".into()),
+        },
+        "overlap-check" => match v {
+            "none" | "constant" | "cached" | "all" => Ok(()),
+            _ => Err(format!(
+                "Unsupported value '{v}' for qcow2 option 'overlap-check'. Allowed are any of the following: none, constant, cached, all"
+            )),
+        },
+        _ => return None,
+    };
+    Some(r)
+}
