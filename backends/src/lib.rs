@@ -16,6 +16,7 @@ mod device;
 mod direct_io;
 mod error;
 mod extent;
+pub mod file;
 pub mod filter;
 pub mod open;
 pub mod overlay;
