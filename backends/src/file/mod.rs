@@ -13,6 +13,7 @@
 //! syncs and lock hand-offs.
 
 pub mod direct;
+pub mod lock;
 pub mod record;
 
 use crate::aio::{self, AioMode};
