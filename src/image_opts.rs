@@ -124,10 +124,11 @@ pub fn parse(s: &str, read_only: bool) -> Result<ParsedImageOpts, String> {
                 Some(m) => image.aio = m,
                 None => return Err(format!("Parameter 'aio' does not accept value '{v}'")),
             },
-            "file.locking" => match v.as_str() {
-                "auto" | "on" | "off" => {}
-                _ => return Err(format!("Parameter 'locking' does not accept value '{v}'")),
-            },
+            "file.locking" | "locking" if k == "file.locking" || is_protocol => {
+                image.locking =
+                    backends::file::lock::Locking::from_name(&v).map_err(|e| e.to_string())?
+            }
+            "force-share" => image.force_share = on_off(&k, &v)?,
             k if k.starts_with("file.") => {
                 return Err(format!(
                     "Block protocol '{}' doesn't support the option '{}'",

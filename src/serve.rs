@@ -249,7 +249,7 @@ pub fn run(cli: Cli) {
     let opened = match open_image(&opts) {
         Ok(o) => o,
         // qemu-nbd loads a snapshot after the open succeeded, so its message has no prefix.
-        Err(e @ backends::Error::LoadSnapshot(_)) => die(e),
+        Err(e @ (backends::Error::LoadSnapshot(_) | backends::Error::Export(_))) => die(e),
         Err(e) => die(format!("Failed to blk_new_open '{file}': {e}")),
     };
     for w in &opened.warnings {

@@ -38,6 +38,10 @@ pub enum Error {
     /// `-l`: the image opened, the snapshot did not (qemu reports it apart from the open).
     #[error("Failed to load snapshot: {0}")]
     LoadSnapshot(String),
+    /// Adding the export failed after the image opened (qemu-nbd reports it without the
+    /// open's prefix): a raw image's lock conflict on the resize permission.
+    #[error("{0}")]
+    Export(String),
     /// The image was marked corrupt and is no longer served (qemu detaches its driver).
     #[error("No medium found")]
     NoMedium,
@@ -72,7 +76,9 @@ impl Error {
                 Some(libc::EOPNOTSUPP) => libc::ENOTSUP,
                 _ => libc::EIO,
             },
-            Error::Open(_) | Error::Corrupt { .. } | Error::LoadSnapshot(_) => libc::EIO,
+            Error::Open(_) | Error::Corrupt { .. } | Error::LoadSnapshot(_) | Error::Export(_) => {
+                libc::EIO
+            }
             Error::NotSupported(_) => libc::ENOTSUP,
             Error::ReadOnly => libc::EPERM,
             Error::Invalid(_) => libc::EINVAL,

@@ -104,6 +104,10 @@ pub struct ImageOptions {
     pub load_snapshot: Option<String>,
     /// `backing=` / `backing.file.filename=` from `--image-opts`.
     pub backing: BackingChoice,
+    /// `locking=` of the image file (`file.locking` in `--image-opts`).
+    pub locking: crate::file::lock::Locking,
+    /// `force-share=on`: take no "unshared" locks (read-only only).
+    pub force_share: bool,
     /// Warnings for the user gathered while the options were read (qemu's deprecations),
     /// printed as `NAME: warning: TEXT`.
     pub warnings: Vec<String>,

@@ -1,7 +1,8 @@
 //! Opening an image: the one list of format drivers, probing, the backing-chain depth limit,
 //! and the layers every open may add (`-s` overlay, byte window).
 
-use crate::file::{FileOptions, HostFile};
+use crate::file::lock::Role;
+use crate::file::{FileOptions, HostFile, LockSpec};
 use crate::format::Driver;
 use crate::slice::Slice;
 use crate::{BlockBackend, Error, Result};
@@ -106,17 +107,37 @@ pub fn open_image(opts: &ImageOptions) -> Result<Opened> {
         }
     };
     let read_only = opts.read_only || opts.snapshot;
+    if opts.force_share && !opts.read_only {
+        return Err(Error::Open(
+            "force-share=on can only be used with read-only images".into(),
+        ));
+    }
+    // qemu's lock bytes: a backing file, and the original under -s, are only read.
+    let role = if opts.chain_depth > 0 || opts.snapshot {
+        Role::Backing
+    } else if format.driver().has_metadata {
+        Role::Qcow2
+    } else {
+        Role::Raw
+    };
     let file = HostFile::open(
         &opts.path,
         &FileOptions {
             read_only,
             direct: opts.direct,
             aio: opts.aio,
+            lock: Some(LockSpec {
+                locking: opts.locking,
+                role,
+                force_share: opts.force_share,
+            }),
         },
     )?;
     let depth = opts.chain_depth;
     let top = &opts.path;
-    let open_backing = move |path: &Path, fmt: Option<&str>| open_backing(top, depth, path, fmt);
+    let locking = opts.locking;
+    let open_backing =
+        move |path: &Path, fmt: Option<&str>| open_backing(top, depth, locking, path, fmt);
     let backend = (format.driver().open)(file, opts, &open_backing)?;
     let backend: Arc<dyn BlockBackend> =
         if format == Format::raw() && opts.format.is_none() && !read_only {
@@ -156,6 +177,7 @@ pub fn open_image(opts: &ImageOptions) -> Result<Opened> {
 fn open_backing(
     top: &Path,
     depth: u32,
+    locking: crate::file::lock::Locking,
     path: &Path,
     fmt: Option<&str>,
 ) -> Result<Arc<dyn BlockBackend>> {
@@ -177,6 +199,7 @@ fn open_backing(
         format,
         read_only: true,
         chain_depth: depth + 1,
+        locking,
         ..Default::default()
     };
     Ok(open_image(&o)?.backend)

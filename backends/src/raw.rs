@@ -70,6 +70,7 @@ impl RawFile {
                 read_only: opts.read_only,
                 direct: opts.direct,
                 aio: opts.aio,
+                lock: None,
             },
         )?;
         RawFile::from_host_file(file, opts)

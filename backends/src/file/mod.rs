@@ -19,6 +19,7 @@ pub mod record;
 use crate::aio::{self, AioMode};
 use crate::{Error, Result};
 use direct::DirectIo;
+use lock::{ImageLock, Locking, Perm, Role, Stage};
 use record::Recorder;
 use std::fs::{File, OpenOptions};
 use std::io;
@@ -36,6 +37,18 @@ pub struct FileOptions {
     pub direct: bool,
     /// `--aio`.
     pub aio: AioMode,
+    /// qemu's image locks to take (None: none, for files nobody else can know about).
+    pub lock: Option<LockSpec>,
+}
+
+/// Which of qemu's image locks a file gets.
+#[derive(Clone, Copy, Debug)]
+pub struct LockSpec {
+    /// `locking=auto|on|off`.
+    pub locking: Locking,
+    pub role: Role,
+    /// `force-share=on`: share every permission (read-only opens only).
+    pub force_share: bool,
 }
 
 #[derive(Debug)]
@@ -49,6 +62,8 @@ pub struct HostFile {
     direct: Option<DirectIo>,
     /// errno of the first failed sync, returned by every later one.
     sync_failed: AtomicI32,
+    /// qemu's image locks, released (explicit unlock, then close) when the file is dropped.
+    lock: parking_lot::Mutex<Option<ImageLock>>,
     recorder: Option<Arc<Recorder>>,
 }
 
@@ -80,7 +95,12 @@ impl HostFile {
                 .map_err(|e| open_error(path, &e))
         };
         let file = open(if opts.direct { libc::O_DIRECT } else { 0 })?;
+        let lock = match opts.lock {
+            Some(spec) => Some(take_locks(&file, path, spec, opts.read_only)?),
+            None => None,
+        };
         let mut hf = HostFile::from_file(file, path, opts.read_only, opts.aio)?;
+        *hf.lock.lock() = lock;
         if opts.direct {
             let len = hf.size()?;
             hf.direct = Some(DirectIo::new(open(0)?, len, opts.aio));
@@ -99,6 +119,7 @@ impl HostFile {
             aio,
             direct: None,
             sync_failed: AtomicI32::new(0),
+            lock: parking_lot::Mutex::new(None),
             recorder: None,
         })
     }
@@ -321,6 +342,23 @@ impl HostFile {
             );
         }
     }
+}
+
+/// qemu's locks for a file opened with `spec`; a refusal carries qemu's message, and says
+/// whether qemu-nbd reports it at open or when the export is added (raw's second step).
+fn take_locks(file: &File, path: &Path, spec: LockSpec, read_only: bool) -> Result<ImageLock> {
+    let name = path.display().to_string();
+    if spec.force_share {
+        let (perm, _) = lock::perms_for(spec.role, read_only);
+        return ImageLock::acquire(file, &name, spec.locking, perm, Perm::ALL)
+            .map_err(|e| Error::Open(e.to_string()));
+    }
+    ImageLock::acquire_role(file, &name, spec.locking, spec.role, read_only).map_err(|e| {
+        match e.stage {
+            Stage::Open => Error::Open(e.to_string()),
+            Stage::Export => Error::Export(e.to_string()),
+        }
+    })
 }
 
 /// Fill `buf` from `start`; bytes past the end of the file read as zeroes.
