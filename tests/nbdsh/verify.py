@@ -5,7 +5,8 @@ Usage (needs Debian's libnbd bindings, so run it with /usr/bin/python3):
     qemu-nbd -t -e 0 -f qcow2 -k /tmp/x.sock IMG &        # or qnbd, same options
     /usr/bin/python3 tests/nbdsh/verify.py 'nbd+unix:///?socket=/tmp/x.sock' \\
         [--conns 4] [--writes 20000] [--depth 16] [--seed 1] [--max-len 256K] \\
-        [--trim-zeroes[=ALIGN]] [--no-trim] [--no-zero] [--region LO:HI]
+        [--trim-zeroes[=ALIGN]] [--no-trim] [--no-zero] [--no-fast-zero] [--region LO:HI]
+        [--strict-fast-zero]
 
 What it does
 ------------
@@ -38,12 +39,13 @@ Rules checked
    sectors either as it was or zeroed: the NBD spec only says the server "SHOULD NOT alter the
    contents of the export" then, and qemu-nbd 10 does zero the first part of a long request
    before it fails (the next READ of such a sector settles which one it is).
+   --strict-fast-zero enforces the SHOULD: the data must be unchanged.
 3. TRIM makes its sectors UNKNOWN (not checked until rewritten): the server may keep the old
-   data, zero it, or anything in between. With --trim-zeroes the trimmed sectors become known
-   zeroes instead (true for qnbd's qcow2 without a backing file with --discard=unmap). With
-   --trim-zeroes=ALIGN only the whole ALIGN-aligned blocks inside a TRIM become zeroes and the
-   rest of it becomes unknown: qemu only discards whole qcow2 clusters, so for qemu-nbd pass
-   the cluster size.
+   data, zero it, or anything in between. With --trim-zeroes=ALIGN the whole ALIGN-aligned
+   blocks inside a TRIM become known zeroes and the rest of it unknown: for qcow2 without a
+   backing file served with --discard=unmap, pass the cluster size (qemu-nbd and qnbd both
+   discard whole clusters only and leave the data of a partly trimmed cluster alone).
+   --trim-zeroes without a value means ALIGN=512 (every trimmed sector reads back as zero).
 4. Any NBD error other than that ENOTSUP is a failure (the tool only sends valid requests).
 5. At the end every handle flushes, then the whole region is read back on the first handle and
    compared with the model (known sectors only); sectors outside the region are not modelled.
@@ -259,7 +261,10 @@ def main():
                     help="TRIMmed sectors read back as zeroes (only whole ALIGN blocks, if given)")
     ap.add_argument("--no-trim", action="store_true")
     ap.add_argument("--no-zero", action="store_true")
+    ap.add_argument("--no-fast-zero", action="store_true")
     ap.add_argument("--region", default=None, metavar="LO:HI")
+    ap.add_argument("--strict-fast-zero", action="store_true",
+                    help="a FAST_ZERO failing with ENOTSUP must leave the data unchanged")
     ap.add_argument("--max-report", type=int, default=10)
     args = ap.parse_args()
     trim_align = parse_size(args.trim_zeroes) if args.trim_zeroes is not None else None
@@ -284,7 +289,8 @@ def main():
         "fua": h0.can_fua(), "flush": h0.can_flush(),
         "zero": h0.can_zero() and not args.no_zero,
         "trim": h0.can_trim() and not args.no_trim,
-        "fast_zero": h0.can_fast_zero() and h0.can_zero() and not args.no_zero,
+        "fast_zero": (h0.can_fast_zero() and h0.can_zero() and not args.no_zero
+                      and not args.no_fast_zero),
     }
     pat = Pattern(args.seed)
 
@@ -361,7 +367,7 @@ def main():
                 # The spec only says SHOULD NOT alter the export here (qemu-nbd does zero
                 # some of a long request): each sector keeps its old data or reads zeroes.
                 stats["enotsup"] += 1
-                for i in range(s, e):
+                for i in range(s, e) if not args.strict_fast_zero else ():
                     if known[i] == KNOWN:
                         known[i] = OLD_OR_ZERO
             else:
