@@ -47,7 +47,11 @@ Rules checked
    discard whole clusters only and leave the data of a partly trimmed cluster alone).
    --trim-zeroes without a value means ALIGN=512 (every trimmed sector reads back as zero).
 4. Any NBD error other than that ENOTSUP is a failure (the tool only sends valid requests).
-5. At the end every handle flushes, then the whole region is read back on the first handle and
+5. A READ on one handle sees what was acknowledged on every other handle. That holds for a
+   server with one cache shared by all connections, as qemu-nbd and qnbd are; the NBD spec
+   itself only promises it after FLUSH or FUA and with NBD_FLAG_CAN_MULTI_CONN, so for other
+   servers use --conns 1 (the tool prints a note when multi-conn is not advertised).
+6. At the end every handle flushes, then the whole region is read back on the first handle and
    compared with the model (known sectors only); sectors outside the region are not modelled.
 
 Exit status 0 and one summary line if nothing was wrong; otherwise exit 1 after printing the
@@ -293,6 +297,9 @@ def main():
                       and not args.no_fast_zero),
     }
     pat = Pattern(args.seed)
+    if args.conns > 1 and not h0.can_multi_conn():
+        print("verify: note: the server does not advertise multi-conn; reads on one "
+              "connection are still expected to see writes acknowledged on the others")
 
     # The model: the region's content, known/unknown per sector, last writer per sector.
     model = bytearray(hi - lo)
