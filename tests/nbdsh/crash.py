@@ -518,7 +518,11 @@ class Round:
                                capture_output=True, text=True)
             text = c.stdout + c.stderr
             if c.returncode not in (0, 3) or "ERROR" in text:
-                corrupt_image = "qemu-img check exit %d:\n%s" % (c.returncode, text[-2000:])
+                lines = [l for l in text.splitlines() if "ERROR" in l]
+                more = len(lines) - 8
+                lines = lines[:8] + (["... %d more ERROR lines" % more] if more > 0 else [])
+                lines += [l for l in text.splitlines() if "were found" in l]
+                corrupt_image = "qemu-img check exit %d:\n%s" % (c.returncode, "\n".join(lines))
         c = subprocess.run(["qemu-img", "convert", "-f", args.format, "-O", "raw",
                             self.img, self.out], capture_output=True, text=True)
         if c.returncode != 0:
