@@ -11,7 +11,10 @@ pub fn run(cli: &Cli, tls: Option<&Creds>) {
     let stream = if let Some(path) = &cli.socket {
         match std::os::unix::net::UnixStream::connect(path) {
             Ok(s) => Stream::Unix(s),
-            Err(e) => die(format!("Failed to connect to '{path}': {}", errno_text(&e))),
+            Err(e) => die(format!(
+                "Failed to connect to '{path}': {}",
+                backends::errno_text(&e)
+            )),
         }
     } else {
         let host = cli.bind.clone().unwrap_or_else(|| "0.0.0.0".into());
@@ -24,7 +27,10 @@ pub fn run(cli: &Cli, tls: Option<&Creds>) {
         };
         match std::net::TcpStream::connect(target) {
             Ok(s) => Stream::Tcp(s),
-            Err(e) => die(format!("Failed to connect to '{addr}': {}", errno_text(&e))),
+            Err(e) => die(format!(
+                "Failed to connect to '{addr}': {}",
+                backends::errno_text(&e)
+            )),
         }
     };
     // The certificate's name is the TLS client's business (frontends::tls::server_name):
@@ -39,12 +45,5 @@ pub fn run(cli: &Cli, tls: Option<&Creds>) {
     match list_exports(stream, tls) {
         Ok((exports, extended)) => print!("{}", format_list(&exports, extended)),
         Err(e) => die(e.report()),
-    }
-}
-
-fn errno_text(e: &std::io::Error) -> String {
-    match e.raw_os_error() {
-        Some(c) => nix::errno::Errno::from_raw(c).desc().to_string(),
-        None => e.to_string(),
     }
 }

@@ -26,10 +26,15 @@ pub fn unix(path: &Path, backlog: i32) -> Result<Listener, String> {
     let sock =
         Socket::new(Domain::UNIX, Type::STREAM.cloexec(), None).map_err(|e| e.to_string())?;
     let addr = socket2::SockAddr::unix(path).map_err(|e| e.to_string())?;
-    sock.bind(&addr)
-        .map_err(|e| format!("Failed to bind socket to {}: {e}", path.display()))?;
+    sock.bind(&addr).map_err(|e| {
+        format!(
+            "Failed to bind socket to {}: {}",
+            path.display(),
+            backends::errno_text(&e)
+        )
+    })?;
     sock.listen(backlog)
-        .map_err(|e| format!("Failed to listen on socket: {e}"))?;
+        .map_err(|e| format!("Failed to listen on socket: {}", backends::errno_text(&e)))?;
     Ok(Listener::Unix(UnixListener::from(
         std::os::fd::OwnedFd::from(sock),
     )))
@@ -59,10 +64,7 @@ pub fn tcp(host: &str, port: u16, backlog: i32) -> Result<Vec<Listener>, String>
         }
     }
     if out.is_empty() {
-        let e = last_err.map(|e| {
-            let code = e.raw_os_error().unwrap_or(libc::EINVAL);
-            nix::errno::Errno::from_raw(code).desc().to_string()
-        });
+        let e = last_err.map(|e| backends::errno_text(&e));
         return Err(format!(
             "Failed to find an available port: {}",
             e.unwrap_or_else(|| "no address".into())

@@ -325,7 +325,7 @@ impl Objects {
             (None, Some(f)) => std::fs::read(&f).map_err(|e| {
                 format!(
                     "Unable to read {f}: Failed to open file “{f}”: {}",
-                    errno_text(&e)
+                    backends::errno_text(&e)
                 )
             })?,
         };
@@ -460,13 +460,6 @@ fn anon(p: &mut Props) -> Result<Creds, String> {
     AnonCreds::load(common.dir.map(PathBuf::from), common.endpoint)
         .map(Creds::Anon)
         .map_err(|e| e.to_string())
-}
-
-fn errno_text(e: &std::io::Error) -> String {
-    match e.raw_os_error() {
-        Some(c) => nix::errno::Errno::from_raw(c).desc().to_string(),
-        None => e.to_string(),
-    }
 }
 
 #[cfg(test)]

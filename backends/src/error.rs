@@ -47,6 +47,14 @@ pub enum Error {
     NoMedium,
 }
 
+/// The C library's text for an error, as qemu prints it (no "(os error N)" suffix).
+pub fn errno_text(e: &io::Error) -> String {
+    match e.raw_os_error() {
+        Some(code) => nix::errno::Errno::from_raw(code).desc().to_string(),
+        None => e.to_string(),
+    }
+}
+
 impl Error {
     pub fn io(
         op: &'static str,

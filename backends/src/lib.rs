@@ -26,7 +26,7 @@ pub mod raw;
 pub mod slice;
 
 pub use device::Device;
-pub use error::{Error, Result};
+pub use error::{errno_text, Error, Result};
 pub use extent::{Extent, ExtentFlags, Extents};
 
 use bitflags::bitflags;

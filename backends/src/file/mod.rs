@@ -17,6 +17,7 @@ pub mod lock;
 pub mod record;
 
 use crate::aio::{self, AioMode};
+use crate::error::errno_text;
 use crate::{Error, Result};
 use direct::DirectIo;
 use lock::{ImageLock, Locking, Perm, Role, Stage};
@@ -74,14 +75,6 @@ pub fn open_error(path: &Path, e: &io::Error) -> Error {
         path.display(),
         errno_text(e)
     ))
-}
-
-/// The C library's text for an error, as qemu prints it (no "(os error N)" suffix).
-pub fn errno_text(e: &io::Error) -> String {
-    match e.raw_os_error() {
-        Some(code) => nix::errno::Errno::from_raw(code).desc().to_string(),
-        None => e.to_string(),
-    }
 }
 
 impl HostFile {

@@ -43,7 +43,7 @@ impl IoctlBinding {
             .open(dev)
             .map_err(|e| KernelError::Open {
                 path: dev.display().to_string(),
-                msg: super::errno_text(&e),
+                msg: backends::errno_text(&e),
             })?;
         let fd = f.as_raw_fd();
         let err = |what: &str, e: std::io::Error| {

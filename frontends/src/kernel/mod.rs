@@ -7,7 +7,6 @@ mod ioctl;
 mod netlink;
 
 use std::fs::OpenOptions;
-use std::io;
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -48,13 +47,6 @@ pub enum KernelError {
     /// The device is bound, or held open while unbound.
     #[error("device is busy (already connected)")]
     Busy,
-}
-
-fn errno_text(e: &io::Error) -> String {
-    match e.raw_os_error() {
-        Some(c) => nix::errno::Errno::from_raw(c).desc().to_string(),
-        None => e.to_string(),
-    }
 }
 
 /// `/dev/nbd7` → 7.
@@ -106,7 +98,7 @@ pub fn bind(
         if let Err(e) = OpenOptions::new().read(true).write(true).open(d) {
             return Err(KernelError::Open {
                 path: d.display().to_string(),
-                msg: errno_text(&e),
+                msg: backends::errno_text(&e),
             });
         }
     }
@@ -178,7 +170,11 @@ pub fn disconnect(dev: &Path, api: Api) -> Result<(), KernelError> {
         .write(true)
         .open(dev)
         .map_err(|e| {
-            KernelError::Other(format!("Cannot open {}: {}", dev.display(), errno_text(&e)))
+            KernelError::Other(format!(
+                "Cannot open {}: {}",
+                dev.display(),
+                backends::errno_text(&e)
+            ))
         })?;
     let index = device_index(dev).ok_or_else(|| {
         KernelError::Other(format!(
@@ -245,7 +241,7 @@ pub fn wait_usable(index: u32, size: u64) -> Result<(), KernelError> {
         .open(&dev)
         .map_err(|e| KernelError::Open {
             path: dev.display().to_string(),
-            msg: errno_text(&e),
+            msg: backends::errno_text(&e),
         })?;
     ioctl::reread_partitions(f.as_raw_fd());
     Ok(())

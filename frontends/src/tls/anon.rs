@@ -4,8 +4,8 @@
 
 use super::engine::Engine;
 use super::openssl_engine::{ssl_err, OpensslEngine};
-use super::x509::errno_text;
 use super::{Endpoint, TlsError};
+use backends::errno_text;
 use openssl::ssl::{SslContext, SslContextBuilder, SslMethod, SslVersion};
 use std::path::PathBuf;
 

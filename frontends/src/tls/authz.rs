@@ -187,7 +187,7 @@ impl ListFile {
             format!(
                 "Unable to read {}: {}",
                 path.display(),
-                super::x509::errno_text(&e)
+                backends::errno_text(&e)
             )
         })?;
         let mtime = std::fs::metadata(path).and_then(|m| m.modified()).ok();

@@ -4,8 +4,8 @@
 
 use super::engine::Engine;
 use super::openssl_engine::{identity_index, limit_versions, ssl_err, OpensslEngine};
-use super::x509::errno_text;
 use super::{Endpoint, TlsError, Versions};
+use backends::errno_text;
 use openssl::ssl::{SslContext, SslContextBuilder, SslMethod};
 use std::collections::HashMap;
 use std::path::PathBuf;

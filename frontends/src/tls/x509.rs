@@ -66,15 +66,8 @@ fn access(path: &Path, required: bool) -> Result<Option<PathBuf>, TlsError> {
         Err(e) => Err(TlsError::Creds(format!(
             "Unable to access credentials {}: {}",
             path.display(),
-            errno_text(&e)
+            backends::errno_text(&e)
         ))),
-    }
-}
-
-pub(crate) fn errno_text(e: &io::Error) -> String {
-    match e.raw_os_error() {
-        Some(c) => nix::errno::Errno::from_raw(c).desc().to_string(),
-        None => e.to_string(),
     }
 }
 
@@ -83,7 +76,7 @@ fn read(path: &Path) -> Result<Vec<u8>, TlsError> {
         TlsError::Creds(format!(
             "Unable to read {}: {}",
             path.display(),
-            errno_text(&e)
+            backends::errno_text(&e)
         ))
     })
 }
@@ -106,7 +99,7 @@ fn certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
 
 /// The private key, decrypted with `password` if given; Err is GnuTLS' reason text.
 fn key(path: &Path, password: Option<&[u8]>) -> Result<PrivateKeyDer<'static>, String> {
-    let pem = std::fs::read(path).map_err(|e| errno_text(&e))?;
+    let pem = std::fs::read(path).map_err(|e| backends::errno_text(&e))?;
     let encrypted = pem.windows(9).any(|w| w == b"ENCRYPTED");
     match password {
         // rustls reads only clear keys; OpenSSL decrypts the PKCS#8 and legacy PEM forms
