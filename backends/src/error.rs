@@ -17,7 +17,32 @@ pub enum Error {
         #[source]
         source: io::Error,
     },
-    /// Opening or probing an image failed; the message is complete (qemu's wording).
+    /// Opening the image file failed.
+    #[error("Could not open '{path}': {reason}")]
+    CouldNotOpen { path: PathBuf, reason: String },
+    /// qemu's image locks refused the open; the message is qemu's (with its hint line).
+    #[error("{0}")]
+    Locked(String),
+    /// The format's header refused the file (qemu's message).
+    #[error("{0}")]
+    Header(String),
+    #[error("Unknown driver '{0}'")]
+    UnknownDriver(String),
+    #[error("Could not open backing file: {0}")]
+    Backing(Box<Error>),
+    #[error("Backing chain of '{}' is deeper than {depth} images", path.display())]
+    ChainTooDeep { path: PathBuf, depth: u32 },
+    #[error("qcow2: Image is corrupt; cannot be opened read/write")]
+    CorruptReadWrite,
+    #[error("force-share=on can only be used with read-only images")]
+    ForceShareReadWrite,
+    #[error("aio=native was specified, but it requires cache.direct=on, which was not specified.")]
+    NativeAioNeedsDirect,
+    #[error("Bitmap '{0}' is not found")]
+    BitmapNotFound(String),
+    #[error("Bitmap '{0}' is inconsistent and cannot be used")]
+    BitmapInconsistent(String),
+    /// Any other refusal at open; the message is complete (qemu's wording).
     #[error("{0}")]
     Open(String),
     /// The image's metadata is inconsistent or hostile.
@@ -84,14 +109,13 @@ impl Error {
                 Some(libc::EOPNOTSUPP) => libc::ENOTSUP,
                 _ => libc::EIO,
             },
-            Error::Open(_) | Error::Corrupt { .. } | Error::LoadSnapshot(_) | Error::Export(_) => {
-                libc::EIO
-            }
+            Error::NoMedium => libc::ENOMEDIUM,
             Error::NotSupported(_) => libc::ENOTSUP,
             Error::ReadOnly => libc::EPERM,
             Error::Invalid(_) => libc::EINVAL,
             Error::NoSpace(_) => libc::ENOSPC,
-            Error::NoMedium => libc::ENOMEDIUM,
+            // Open-time refusals and corruption: the request cannot be served.
+            _ => libc::EIO,
         }
     }
 }

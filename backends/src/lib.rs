@@ -144,7 +144,7 @@ pub trait BlockBackend: Send + Sync + Debug {
     /// Whether persistent dirty bitmap `name` exists here (or in a backing file) and can be
     /// exported; Err carries qemu's message.
     fn bitmap_check(&self, name: &str) -> Result<()> {
-        Err(Error::Open(format!("Bitmap '{name}' is not found")))
+        Err(Error::BitmapNotFound(name.to_string()))
     }
 
     /// Like `block_status`, for dirty bitmap `name`: dirty runs carry [`ExtentFlags::DIRTY`].

@@ -89,10 +89,7 @@ fn probed_raw_warning(path: &Path) -> String {
 /// open the format driver over it, then add the `-s` overlay and the byte window.
 pub fn open_image(opts: &ImageOptions) -> Result<Opened> {
     if opts.aio == crate::aio::AioMode::Native && !opts.direct {
-        return Err(Error::Open(
-            "aio=native was specified, but it requires cache.direct=on, which was not specified."
-                .into(),
-        ));
+        return Err(Error::NativeAioNeedsDirect);
     }
     let head = read_head(&opts.path)?;
     let mut warnings = Vec::new();
@@ -108,9 +105,7 @@ pub fn open_image(opts: &ImageOptions) -> Result<Opened> {
     };
     let read_only = opts.read_only || opts.snapshot;
     if opts.force_share && !opts.read_only {
-        return Err(Error::Open(
-            "force-share=on can only be used with read-only images".into(),
-        ));
+        return Err(Error::ForceShareReadWrite);
     }
     // qemu's lock bytes: a backing file, and the original under -s, are only read.
     let role = if opts.chain_depth > 0 || opts.snapshot {
@@ -182,16 +177,15 @@ fn open_backing(
     fmt: Option<&str>,
 ) -> Result<Arc<dyn BlockBackend>> {
     if depth + 1 >= MAX_BACKING_DEPTH {
-        return Err(Error::Open(format!(
-            "Backing chain of '{}' is deeper than {MAX_BACKING_DEPTH} images",
-            top.display()
-        )));
+        return Err(Error::ChainTooDeep {
+            path: top.to_path_buf(),
+            depth: MAX_BACKING_DEPTH,
+        });
     }
     let format = match fmt {
-        Some(name) => Some(
-            Format::from_name(name)
-                .ok_or_else(|| Error::Open(format!("Unknown driver '{name}'")))?,
-        ),
+        Some(name) => {
+            Some(Format::from_name(name).ok_or_else(|| Error::UnknownDriver(name.to_string()))?)
+        }
         None => None,
     };
     let o = ImageOptions {

@@ -35,22 +35,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdin, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-/// True if `tool` runs; otherwise a loud SKIP line, or a panic under QNBD_REQUIRE_TOOLS.
-fn have(tool: &str) -> bool {
-    let ok = Command::new(tool)
-        .arg("--version")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success());
-    if !ok {
-        eprintln!("SKIP: {tool} is not installed; this test did not run");
-        if std::env::var_os("QNBD_REQUIRE_TOOLS").is_some() {
-            panic!("{tool} is required (QNBD_REQUIRE_TOOLS is set)");
-        }
-    }
-    ok
-}
+mod common;
+use common::have;
 
 fn have_qemu() -> bool {
     // Evaluate all three so every missing tool is named.

@@ -7,48 +7,8 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::Arc;
 
-struct Rng(u64);
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-}
-
-fn qemu_img(args: &[&str]) -> String {
-    let out = Command::new("qemu-img")
-        .args(args)
-        .output()
-        .expect("qemu-img runs");
-    assert!(
-        out.status.success(),
-        "qemu-img {args:?}: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-fn check_clean(img: &Path) {
-    let out = Command::new("qemu-img")
-        .args(["check", img.to_str().unwrap()])
-        .output()
-        .unwrap();
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(
-        out.status.success() && text.contains("No errors"),
-        "check {img:?}: {text}"
-    );
-}
+mod common;
+use common::{check_clean, qemu_img, Rng};
 
 fn to_raw(img: &Path, dir: &Path) -> Vec<u8> {
     let raw = dir.join("converted.raw");
@@ -89,7 +49,7 @@ fn read_all(b: &dyn BlockBackend) -> Vec<u8> {
 
 /// A raw file with patterned data, a few zero runs and unwritten holes.
 fn pattern_raw(dir: &Path, size: usize, seed: u64) -> (PathBuf, Vec<u8>) {
-    let mut rng = Rng(seed);
+    let mut rng = Rng::new(seed);
     let mut data = vec![0u8; size];
     let mut pos = 0;
     while pos < size {
@@ -151,7 +111,7 @@ fn hammer(b: &Arc<dyn BlockBackend>, model: &mut [u8], seed: u64) {
     let quarter = size / 8;
     let mut plans: Vec<Vec<(u64, Vec<u8>)>> = Vec::new();
     for t in 0..4u64 {
-        let mut rng = Rng(seed * 31 + t + 1);
+        let mut rng = Rng::new(seed * 31 + t + 1);
         let mut plan = Vec::new();
         for _ in 0..40 {
             let len = if rng.below(4) == 0 {
@@ -458,10 +418,12 @@ fn hostile_images_fail_cleanly() {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(300);
-    let mut rng = Rng(std::env::var("QNBD_FUZZ_SEED")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(99));
+    let mut rng = Rng::new(
+        std::env::var("QNBD_FUZZ_SEED")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(99),
+    );
     for _ in 0..rounds {
         let mut v = good.clone();
         for _ in 0..1 + rng.below(4) {
@@ -529,7 +491,7 @@ fn hostile_bitmaps_fail_cleanly() {
     }
     let good = std::fs::read(&img).unwrap();
     let bad = dir.path().join("bad.qcow2");
-    let mut rng = Rng(4242);
+    let mut rng = Rng::new(4242);
     // Flip bytes anywhere in the metadata: the header cluster holds the bitmaps extension,
     // the directory and tables sit in the clusters qemu-img allocated last.
     let meta_end = good.len().min(64 * 4096);

@@ -70,11 +70,10 @@ pub struct HostFile {
 
 /// qemu's wording: "Could not open 'PATH': No such file or directory".
 pub fn open_error(path: &Path, e: &io::Error) -> Error {
-    Error::Open(format!(
-        "Could not open '{}': {}",
-        path.display(),
-        errno_text(e)
-    ))
+    Error::CouldNotOpen {
+        path: path.to_path_buf(),
+        reason: errno_text(e),
+    }
 }
 
 impl HostFile {
@@ -344,11 +343,11 @@ fn take_locks(file: &File, path: &Path, spec: LockSpec, read_only: bool) -> Resu
     if spec.force_share {
         let (perm, _) = lock::perms_for(spec.role, read_only);
         return ImageLock::acquire(file, &name, spec.locking, perm, Perm::ALL)
-            .map_err(|e| Error::Open(e.to_string()));
+            .map_err(|e| Error::Locked(e.to_string()));
     }
     ImageLock::acquire_role(file, &name, spec.locking, spec.role, read_only).map_err(|e| {
         match e.stage {
-            Stage::Open => Error::Open(e.to_string()),
+            Stage::Open => Error::Locked(e.to_string()),
             Stage::Export => Error::Export(e.to_string()),
         }
     })

@@ -298,9 +298,7 @@ impl BlockBackend for Qcow2 {
         if let Some(bm) = self.bitmaps.lock().as_ref() {
             if let Some(b) = bm.find(name) {
                 if b.entry.flags & bitmap::IN_USE != 0 || b.problem.is_some() {
-                    return Err(Error::Open(format!(
-                        "Bitmap '{name}' is inconsistent and cannot be used"
-                    )));
+                    return Err(Error::BitmapInconsistent(name.to_string()));
                 }
                 return Ok(());
             }
@@ -308,7 +306,7 @@ impl BlockBackend for Qcow2 {
         // qemu looks down the chain (an overlay of -s finds its base's bitmaps).
         match &self.backing {
             Some(b) => b.bitmap_check(name),
-            None => Err(Error::Open(format!("Bitmap '{name}' is not found"))),
+            None => Err(Error::BitmapNotFound(name.to_string())),
         }
     }
 

@@ -34,7 +34,7 @@ pub struct Qcow2Options {
 }
 
 fn backing_err(e: Error) -> Error {
-    Error::Open(format!("Could not open backing file: {e}"))
+    Error::Backing(Box::new(e))
 }
 
 impl Qcow2 {
@@ -125,7 +125,7 @@ impl Qcow2 {
 /// (unflushed lazy refcounts, rebuilt as qemu does, bitmaps dropped first so their clusters
 /// may be counted as free).
 fn read_header(f: &HostFile, opts: &Qcow2Options) -> Result<Header> {
-    let open_err = |m: String| Error::Open(m);
+    let open_err = Error::Header;
     let file_len = f.size()?;
     let mut head = vec![0u8; 4096.min(file_len as usize)];
     f.read("read header", 0, &mut head)?;
@@ -137,9 +137,7 @@ fn read_header(f: &HostFile, opts: &Qcow2Options) -> Result<Header> {
         return Ok(h);
     }
     if h.incompatible & header::INCOMPAT_CORRUPT != 0 {
-        return Err(Error::Open(
-            "qcow2: Image is corrupt; cannot be opened read/write".into(),
-        ));
+        return Err(Error::CorruptReadWrite);
     }
     if h.incompatible & header::INCOMPAT_DIRTY == 0 {
         return Ok(h);

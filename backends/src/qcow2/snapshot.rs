@@ -78,7 +78,7 @@ pub fn read_table(
         });
         pos += (40 + var).div_ceil(8) * 8;
         if pos - offset > MAX_TABLE_BYTES {
-            return Err(crate::Error::Open("Snapshot table is too big".into()));
+            return Err(crate::Error::Header("Snapshot table is too big".into()));
         }
     }
     Ok((out, pos - offset))
