@@ -3,7 +3,7 @@
 //! it must negotiate simple replies only.
 
 use crate::nbd::proto::*;
-use crate::nbd::wire::Reader;
+use crate::nbd::wire::{self, Info, Reader};
 use crate::tls::{self, Creds};
 use crate::transport::Stream;
 use std::io::{self, Read, Write};
@@ -223,18 +223,10 @@ impl Client {
             let r = self.read_reply(OPT_LIST)?;
             match r.rep {
                 REP_ACK => return Ok(out),
-                REP_SERVER => {
-                    let mut rd = Reader::new(&r.data);
-                    let n = rd.u32().ok_or_else(|| protocol("short NBD_REP_SERVER"))? as usize;
-                    let name = rd
-                        .bytes(n)
-                        .ok_or_else(|| protocol("bad NBD_REP_SERVER name length"))?;
-                    let rest = rd.bytes(rd.remaining()).unwrap_or_default();
-                    out.push((
-                        String::from_utf8_lossy(name).into_owned(),
-                        String::from_utf8_lossy(rest).into_owned(),
-                    ));
-                }
+                REP_SERVER => out.push(
+                    wire::decode_rep_server(&r.data)
+                        .ok_or_else(|| protocol("bad NBD_REP_SERVER name length"))?,
+                ),
                 _ => return Err(Self::refused(OPT_LIST, r)),
             }
         }
@@ -248,17 +240,13 @@ impl Client {
         name: &str,
         block_size: bool,
     ) -> Result<ExportInfo, ClientError> {
-        let mut d = (name.len() as u32).to_be_bytes().to_vec();
-        d.extend_from_slice(name.as_bytes());
-        let items: Vec<u16> = if block_size {
-            vec![INFO_BLOCK_SIZE, INFO_NAME, INFO_DESCRIPTION]
+        let items: &[u16] = if block_size {
+            &[INFO_BLOCK_SIZE, INFO_NAME, INFO_DESCRIPTION]
         } else {
-            vec![]
+            &[]
         };
-        d.extend_from_slice(&(items.len() as u16).to_be_bytes());
-        for i in &items {
-            d.extend_from_slice(&i.to_be_bytes());
-        }
+        let mut d = Vec::new();
+        wire::encode_info_request(&mut d, name, items);
         self.send_opt(opt, &d)?;
         let mut info = ExportInfo {
             name: name.to_string(),
@@ -274,43 +262,27 @@ impl Client {
                     }
                     return Ok(info);
                 }
-                REP_INFO => {
-                    let mut rd = Reader::new(&r.data);
-                    let Some(typ) = rd.u16() else {
-                        return Err(protocol("short NBD_REP_INFO"));
-                    };
-                    match typ {
-                        INFO_EXPORT => {
-                            info.size =
-                                rd.u64().ok_or_else(|| protocol("short NBD_INFO_EXPORT"))?;
-                            info.flags =
-                                rd.u16().ok_or_else(|| protocol("short NBD_INFO_EXPORT"))?;
-                            have_export = true;
-                        }
-                        INFO_NAME => {
-                            info.name = String::from_utf8_lossy(
-                                rd.bytes(rd.remaining()).unwrap_or_default(),
-                            )
-                            .into();
-                        }
-                        INFO_DESCRIPTION => {
-                            info.description = String::from_utf8_lossy(
-                                rd.bytes(rd.remaining()).unwrap_or_default(),
-                            )
-                            .into();
-                        }
-                        INFO_BLOCK_SIZE => {
-                            let (a, b, c) = (rd.u32(), rd.u32(), rd.u32());
-                            let (Some(a), Some(b), Some(c)) = (a, b, c) else {
-                                return Err(protocol("short NBD_INFO_BLOCK_SIZE"));
-                            };
-                            info.min_block = a;
-                            info.opt_block = b;
-                            info.max_block = c;
-                        }
-                        _ => {} // Clients ignore information they do not know.
+                REP_INFO => match wire::decode_info(&r.data) {
+                    Some(Info::Export { size, flags }) => {
+                        info.size = size;
+                        info.flags = flags;
+                        have_export = true;
                     }
-                }
+                    Some(Info::Name(n)) => info.name = n,
+                    Some(Info::Description(d)) => info.description = d,
+                    Some(Info::BlockSize {
+                        min,
+                        preferred,
+                        max,
+                    }) => {
+                        info.min_block = min;
+                        info.opt_block = preferred;
+                        info.max_block = max;
+                    }
+                    // Clients ignore information they do not know.
+                    Some(Info::Unknown(_)) => {}
+                    None => return Err(protocol("short NBD_REP_INFO")),
+                },
                 _ => return Err(Self::refused(opt, r)),
             }
         }
@@ -318,9 +290,8 @@ impl Client {
 
     /// NBD_OPT_LIST_META_CONTEXT with no query: every context the export offers.
     pub fn list_meta_contexts(&mut self, name: &str) -> Result<Vec<String>, ClientError> {
-        let mut d = (name.len() as u32).to_be_bytes().to_vec();
-        d.extend_from_slice(name.as_bytes());
-        d.extend_from_slice(&0u32.to_be_bytes());
+        let mut d = Vec::new();
+        wire::encode_meta_request(&mut d, name, &[]);
         self.send_opt(OPT_LIST_META_CONTEXT, &d)?;
         let mut out = Vec::new();
         loop {
@@ -328,11 +299,9 @@ impl Client {
             match r.rep {
                 REP_ACK => return Ok(out),
                 REP_META_CONTEXT => {
-                    let ctx = r
-                        .data
-                        .get(4..)
+                    let (_, ctx) = wire::decode_meta_context(&r.data)
                         .ok_or_else(|| protocol("short NBD_REP_META_CONTEXT"))?;
-                    out.push(String::from_utf8_lossy(ctx).into_owned());
+                    out.push(ctx);
                 }
                 rep if rep & 0x8000_0000 != 0 => return Ok(Vec::new()),
                 _ => return Err(Self::refused(OPT_LIST_META_CONTEXT, r)),

@@ -4,7 +4,7 @@
 use super::export::{Export, MAX_BLOCK, MIN_BLOCK, PREFERRED_BLOCK};
 use super::meta::{self, MetaContext};
 use crate::nbd::proto::*;
-use crate::nbd::wire::{self, Reader};
+use crate::nbd::wire::{self, Info};
 use crate::tls::{self, ServerTls};
 use crate::transport::Stream;
 use std::io::{self, Read, Write};
@@ -116,6 +116,13 @@ impl Handshake<'_> {
         };
         self.out.clear();
         r.map_err(limit_error)
+    }
+
+    /// Queue one NBD_REP_INFO (sent with the next reply).
+    fn info(&mut self, opt: u32, info: &Info) {
+        let mut p = Vec::new();
+        wire::encode_info(&mut p, info);
+        wire::encode_option_reply(&mut self.out, opt, REP_INFO, &p);
     }
 
     fn reply(&mut self, opt: u32, rep: u32, data: &[u8]) -> io::Result<()> {
@@ -263,11 +270,8 @@ impl Handshake<'_> {
                 "option 'list' has unexpected length",
             );
         }
-        let name = self.export.name.as_bytes();
-        let mut rep = Vec::with_capacity(4 + name.len() + self.export.description.len());
-        rep.extend_from_slice(&(name.len() as u32).to_be_bytes());
-        rep.extend_from_slice(name);
-        rep.extend_from_slice(self.export.description.as_bytes());
+        let mut rep = Vec::new();
+        wire::encode_rep_server(&mut rep, &self.export.name, &self.export.description);
         wire::encode_option_reply(&mut self.out, OPT_LIST, REP_SERVER, &rep);
         wire::encode_option_reply(&mut self.out, OPT_LIST, REP_ACK, &[]);
         self.send()
@@ -354,28 +358,9 @@ impl Handshake<'_> {
         self.reply(opt, REP_ACK, &[])
     }
 
-    /// Parse `u32 namelen, name, u16 n, n * u16` (INFO/GO).
-    fn parse_info_request(data: &[u8]) -> Option<(String, Vec<u16>)> {
-        let mut r = Reader::new(data);
-        let namelen = r.u32()? as usize;
-        if namelen > MAX_STRING_SIZE {
-            return None;
-        }
-        let name = String::from_utf8(r.bytes(namelen)?.to_vec()).ok()?;
-        let n = r.u16()? as usize;
-        let mut items = Vec::with_capacity(n);
-        for _ in 0..n {
-            items.push(r.u16()?);
-        }
-        if r.remaining() != 0 {
-            return None;
-        }
-        Some((name, items))
-    }
-
     /// INFO and GO; true when GO succeeded and transmission begins.
     fn opt_info_go(&mut self, opt: u32, data: &[u8]) -> io::Result<bool> {
-        let Some((name, items)) = Self::parse_info_request(data) else {
+        let Some((name, items)) = wire::decode_info_request(data) else {
             self.error(
                 opt,
                 REP_ERR_INVALID,
@@ -392,20 +377,19 @@ impl Handshake<'_> {
             return Ok(false);
         }
         if items.contains(&INFO_NAME) {
-            let mut p = INFO_NAME.to_be_bytes().to_vec();
-            p.extend_from_slice(self.export.name.as_bytes());
-            wire::encode_option_reply(&mut self.out, opt, REP_INFO, &p);
+            self.info(opt, &Info::Name(self.export.name.clone()));
         }
         if !self.export.description.is_empty() {
-            let mut p = INFO_DESCRIPTION.to_be_bytes().to_vec();
-            p.extend_from_slice(self.export.description.as_bytes());
-            wire::encode_option_reply(&mut self.out, opt, REP_INFO, &p);
+            self.info(opt, &Info::Description(self.export.description.clone()));
         }
-        let mut p = INFO_BLOCK_SIZE.to_be_bytes().to_vec();
-        for v in [MIN_BLOCK, PREFERRED_BLOCK, MAX_BLOCK] {
-            p.extend_from_slice(&v.to_be_bytes());
-        }
-        wire::encode_option_reply(&mut self.out, opt, REP_INFO, &p);
+        self.info(
+            opt,
+            &Info::BlockSize {
+                min: MIN_BLOCK,
+                preferred: PREFERRED_BLOCK,
+                max: MAX_BLOCK,
+            },
+        );
         // qemu advertises BLOCK_STAT_PAYLOAD to INFO whenever headers are extended, and to GO
         // only when meta contexts are selected for this export.
         let contexts = opt == OPT_INFO
@@ -415,10 +399,8 @@ impl Handshake<'_> {
             .export
             .flags(self.neg.structured, self.neg.extended, contexts)
             .bits();
-        let mut p = INFO_EXPORT.to_be_bytes().to_vec();
-        p.extend_from_slice(&self.export.device.size().to_be_bytes());
-        p.extend_from_slice(&flags.to_be_bytes());
-        wire::encode_option_reply(&mut self.out, opt, REP_INFO, &p);
+        let size = self.export.device.size();
+        self.info(opt, &Info::Export { size, flags });
         wire::encode_option_reply(&mut self.out, opt, REP_ACK, &[]);
         self.send()?;
         if opt == OPT_GO {
@@ -429,30 +411,6 @@ impl Handshake<'_> {
             return Ok(true);
         }
         Ok(false)
-    }
-
-    /// Parse `u32 namelen, name, u32 n, n * (u32 len, query)`.
-    fn parse_meta_request(data: &[u8]) -> Option<(String, Vec<String>)> {
-        let mut r = Reader::new(data);
-        let namelen = r.u32()? as usize;
-        if namelen > MAX_STRING_SIZE {
-            return None;
-        }
-        let name = String::from_utf8(r.bytes(namelen)?.to_vec()).ok()?;
-        let n = r.u32()? as usize;
-        // Each query takes at least 4 bytes: bound the allocation by what was sent.
-        let mut queries = Vec::with_capacity(n.min(r.remaining() / 4));
-        for _ in 0..n {
-            let len = r.u32()? as usize;
-            if len > MAX_STRING_SIZE {
-                return None;
-            }
-            queries.push(String::from_utf8_lossy(r.bytes(len)?).into_owned());
-        }
-        if r.remaining() != 0 {
-            return None;
-        }
-        Some((name, queries))
     }
 
     fn opt_meta_context(&mut self, opt: u32, data: &[u8]) -> io::Result<()> {
@@ -469,7 +427,7 @@ impl Handshake<'_> {
             );
             return self.error(opt, REP_ERR_INVALID, &msg);
         }
-        let Some((name, queries)) = Self::parse_meta_request(data) else {
+        let Some((name, queries)) = wire::decode_meta_request(data) else {
             return self.error(
                 opt,
                 REP_ERR_INVALID,
@@ -502,8 +460,8 @@ impl Handshake<'_> {
         }
         for c in &chosen {
             let id = if set { c.id } else { 0 };
-            let mut p = id.to_be_bytes().to_vec();
-            p.extend_from_slice(c.name.as_bytes());
+            let mut p = Vec::new();
+            wire::encode_meta_context(&mut p, id, &c.name);
             wire::encode_option_reply(&mut self.out, opt, REP_META_CONTEXT, &p);
         }
         wire::encode_option_reply(&mut self.out, opt, REP_ACK, &[]);

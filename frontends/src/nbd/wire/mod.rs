@@ -1,6 +1,12 @@
 //! Pure encoding and decoding of NBD messages: no I/O, lengths checked before use, so every
 //! decoder can be fed hostile bytes in unit tests and fuzzers.
 
+mod chunk;
+mod option;
+
+pub use chunk::*;
+pub use option::*;
+
 use super::proto::*;
 
 /// A transmission-phase request, from either header style.
@@ -33,13 +39,13 @@ pub fn request_len(extended: bool) -> usize {
     }
 }
 
-fn be16(b: &[u8]) -> u16 {
+pub(crate) fn be16(b: &[u8]) -> u16 {
     u16::from_be_bytes([b[0], b[1]])
 }
-fn be32(b: &[u8]) -> u32 {
+pub(crate) fn be32(b: &[u8]) -> u32 {
     u32::from_be_bytes([b[0], b[1], b[2], b[3]])
 }
-fn be64(b: &[u8]) -> u64 {
+pub(crate) fn be64(b: &[u8]) -> u64 {
     let mut a = [0u8; 8];
     a.copy_from_slice(&b[..8]);
     u64::from_be_bytes(a)
@@ -110,63 +116,6 @@ pub fn encode_option_reply(out: &mut Vec<u8>, opt: u32, rep: u32, data: &[u8]) {
     out.extend_from_slice(&rep.to_be_bytes());
     out.extend_from_slice(&(data.len() as u32).to_be_bytes());
     out.extend_from_slice(data);
-}
-
-pub fn encode_simple_reply(out: &mut Vec<u8>, error: u32, cookie: u64) {
-    out.extend_from_slice(&SIMPLE_REPLY_MAGIC.to_be_bytes());
-    out.extend_from_slice(&error.to_be_bytes());
-    out.extend_from_slice(&cookie.to_be_bytes());
-}
-
-/// The header of one structured (or, with extended headers, extended) reply chunk.
-/// `offset` is the request's offset; only the extended header carries it.
-pub fn encode_chunk_header(
-    out: &mut Vec<u8>,
-    extended: bool,
-    flags: u16,
-    typ: u16,
-    cookie: u64,
-    offset: u64,
-    payload_len: u64,
-) {
-    if extended {
-        out.extend_from_slice(&EXTENDED_REPLY_MAGIC.to_be_bytes());
-    } else {
-        out.extend_from_slice(&STRUCTURED_REPLY_MAGIC.to_be_bytes());
-    }
-    out.extend_from_slice(&flags.to_be_bytes());
-    out.extend_from_slice(&typ.to_be_bytes());
-    out.extend_from_slice(&cookie.to_be_bytes());
-    if extended {
-        out.extend_from_slice(&offset.to_be_bytes());
-        out.extend_from_slice(&payload_len.to_be_bytes());
-    } else {
-        out.extend_from_slice(&(payload_len as u32).to_be_bytes());
-    }
-}
-
-/// An NBD_REPLY_TYPE_ERROR chunk with its message (cut to what a u16 length allows).
-pub fn encode_error_chunk(
-    out: &mut Vec<u8>,
-    extended: bool,
-    cookie: u64,
-    offset: u64,
-    error: u32,
-    msg: &str,
-) {
-    let msg = &msg.as_bytes()[..msg.len().min(4096)];
-    encode_chunk_header(
-        out,
-        extended,
-        REPLY_FLAG_DONE,
-        REPLY_TYPE_ERROR,
-        cookie,
-        offset,
-        6 + msg.len() as u64,
-    );
-    out.extend_from_slice(&error.to_be_bytes());
-    out.extend_from_slice(&(msg.len() as u16).to_be_bytes());
-    out.extend_from_slice(msg);
 }
 
 /// A cursor over option data that never reads past its end.

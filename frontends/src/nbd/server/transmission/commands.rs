@@ -1,0 +1,307 @@
+//! Serving one request and building its reply: the command dispatch, reads (sparse ones as
+//! OFFSET_HOLE chunks), BLOCK_STATUS over the selected meta contexts, and errors in the
+//! reply style the client negotiated.
+
+use super::{status, Conn, Scratch};
+use crate::nbd::proto::*;
+use crate::nbd::server::meta::{ContextKind, MetaContext};
+use crate::nbd::server::validate::{self, Reject};
+use crate::nbd::wire::{self, Request};
+use backends::{Error as BackendError, Extents, IoFlags};
+use std::io::{self, IoSlice};
+
+/// Reads at least this long look for holes to send as OFFSET_HOLE chunks.
+const SPARSE_READ_MIN: u64 = 64 * 1024;
+/// Most extents gathered for one BLOCK_STATUS reply; the client asks again for the rest.
+const MAX_EXTENTS: usize = 65536;
+
+impl Conn<'_> {
+    fn structured(&self) -> bool {
+        self.neg.structured || self.neg.extended
+    }
+
+    pub(super) fn handle(&self, req: &Request, s: &mut Scratch) -> io::Result<()> {
+        let len = validate::effect_len(req, &s.data, &self.neg);
+        if let Err(r) = validate::validate(req, len, &s.data, &self.neg, self.export.device.size())
+        {
+            tracing::debug!("{} refused: {}", cmd_name(req.cmd), r.msg);
+            return self.send_error(req, r, &mut s.hdr);
+        }
+        let dev = &self.export.device;
+        let fua = if req.flags.contains(CmdFlags::FUA) {
+            IoFlags::FUA
+        } else {
+            IoFlags::empty()
+        };
+        let result = match req.cmd {
+            CMD_READ => return self.read(req, len, s),
+            CMD_BLOCK_STATUS => return self.block_status(req, len, s),
+            CMD_WRITE => dev.write(req.offset, &s.data, fua),
+            CMD_FLUSH => dev.flush(),
+            CMD_TRIM => dev.trim(req.offset, len, fua),
+            CMD_WRITE_ZEROES => {
+                let mut f = fua;
+                if !req.flags.contains(CmdFlags::NO_HOLE) {
+                    f |= IoFlags::MAY_TRIM;
+                }
+                if req.flags.contains(CmdFlags::FAST_ZERO) {
+                    f |= IoFlags::FAST_ZERO;
+                }
+                dev.write_zeroes(req.offset, len, f)
+            }
+            CMD_CACHE => dev.cache(req.offset, len),
+            _ => Err(BackendError::Invalid(format!(
+                "invalid request type ({}) received",
+                req.cmd
+            ))),
+        };
+        match result {
+            Ok(()) => self.send_ok(req, &mut s.hdr),
+            Err(e) => self.send_error(req, self.backend_reject(req, &e), &mut s.hdr),
+        }
+    }
+
+    fn backend_reject(&self, req: &Request, e: &BackendError) -> Reject {
+        let mut errno = wire_errno(e.errno());
+        if errno == ENOTSUP && !req.flags.contains(CmdFlags::FAST_ZERO) {
+            errno = EINVAL;
+        }
+        if errno == EOVERFLOW && !req.flags.contains(CmdFlags::DF) {
+            errno = EINVAL;
+        }
+        // qemu-nbd reports failed requests only to the client.
+        tracing::debug!(
+            "{} at {:#x} length {:#x} failed: {e}",
+            cmd_name(req.cmd),
+            req.offset,
+            req.len
+        );
+        Reject {
+            errno,
+            msg: e.to_string(),
+        }
+    }
+
+    fn send_ok(&self, req: &Request, hdr: &mut Vec<u8>) -> io::Result<()> {
+        hdr.clear();
+        if self.neg.extended {
+            wire::encode_done(hdr, true, req.cookie, req.offset);
+        } else {
+            wire::encode_simple_reply(hdr, 0, req.cookie);
+        }
+        self.write_reply(&mut [IoSlice::new(hdr)])
+    }
+
+    fn send_error(&self, req: &Request, r: Reject, hdr: &mut Vec<u8>) -> io::Result<()> {
+        hdr.clear();
+        if self.structured() {
+            wire::encode_error_chunk(
+                hdr,
+                self.neg.extended,
+                req.cookie,
+                req.offset,
+                r.errno,
+                &r.msg,
+            );
+        } else {
+            wire::encode_simple_reply(hdr, r.errno, req.cookie);
+        }
+        self.write_reply(&mut [IoSlice::new(hdr)])
+    }
+
+    fn read(&self, req: &Request, len: u64, s: &mut Scratch) -> io::Result<()> {
+        let dev = &self.export.device;
+        let n = len as usize;
+        let ext = self.neg.extended;
+        if self.structured() && n == 0 {
+            s.hdr.clear();
+            wire::encode_done(&mut s.hdr, ext, req.cookie, req.offset);
+            return self.write_reply(&mut [IoSlice::new(&s.hdr)]);
+        }
+        s.data.set_len(n);
+        if self.structured() && len >= SPARSE_READ_MIN && !req.flags.contains(CmdFlags::DF) {
+            if let Some(r) = self.sparse_read(req, len, s) {
+                return r;
+            }
+        }
+        if let Err(e) = dev.read(req.offset, &mut s.data[..n]) {
+            let r = self.backend_reject(req, &e);
+            return self.send_error(req, r, &mut s.hdr);
+        }
+        s.hdr.clear();
+        if self.structured() {
+            wire::encode_data_header(
+                &mut s.hdr,
+                ext,
+                REPLY_FLAG_DONE,
+                req.cookie,
+                req.offset,
+                req.offset,
+                len,
+            );
+        } else {
+            wire::encode_simple_reply(&mut s.hdr, 0, req.cookie);
+        }
+        self.write_reply(&mut [IoSlice::new(&s.hdr), IoSlice::new(&s.data[..n])])
+    }
+
+    /// A structured read that sends zero runs as OFFSET_HOLE chunks. None: no hole found,
+    /// read it plainly.
+    fn sparse_read(&self, req: &Request, len: u64, s: &mut Scratch) -> Option<io::Result<()>> {
+        let dev = &self.export.device;
+        let ext = self.neg.extended;
+        // (offset in request, length, is hole)
+        let mut runs: Vec<(u64, u64, bool)> = Vec::new();
+        let mut pos = 0u64;
+        while pos < len {
+            if dev
+                .block_status(req.offset + pos, len - pos, &mut s.extents)
+                .is_err()
+            {
+                return None;
+            }
+            for e in s.extents.iter() {
+                if pos >= len {
+                    break;
+                }
+                let l = e.len.min(len - pos);
+                let hole = e.flags.contains(backends::ExtentFlags::ZERO);
+                match runs.last_mut() {
+                    Some(last) if last.2 == hole => last.1 += l,
+                    _ => runs.push((pos, l, hole)),
+                }
+                pos += l;
+            }
+        }
+        if !runs.iter().any(|r| r.2) {
+            return None;
+        }
+        for &(off, l, hole) in &runs {
+            if !hole {
+                let range = off as usize..(off + l) as usize;
+                if let Err(e) = dev.read(req.offset + off, &mut s.data[range]) {
+                    let r = self.backend_reject(req, &e);
+                    return Some(self.send_error(req, r, &mut s.hdr));
+                }
+            }
+        }
+        s.hdr.clear();
+        let mut marks = Vec::with_capacity(runs.len());
+        for (i, &(off, l, hole)) in runs.iter().enumerate() {
+            let flags = if i + 1 == runs.len() {
+                REPLY_FLAG_DONE
+            } else {
+                0
+            };
+            let start = s.hdr.len();
+            if hole {
+                let at = req.offset + off;
+                wire::encode_hole(&mut s.hdr, ext, flags, req.cookie, req.offset, at, l as u32);
+            } else {
+                let at = req.offset + off;
+                wire::encode_data_header(&mut s.hdr, ext, flags, req.cookie, req.offset, at, l);
+            }
+            marks.push((start, s.hdr.len()));
+        }
+        let mut iov = Vec::with_capacity(runs.len() * 2);
+        for (&(off, l, hole), &(a, b)) in runs.iter().zip(&marks) {
+            iov.push(IoSlice::new(&s.hdr[a..b]));
+            if !hole {
+                iov.push(IoSlice::new(&s.data[off as usize..(off + l) as usize]));
+            }
+        }
+        Some(self.write_reply(&mut iov))
+    }
+
+    /// Extents of `[offset, offset + len)` for one source (allocation, or a dirty bitmap),
+    /// at most MAX_EXTENTS, only the first call's worth with REQ_ONE.
+    fn gather(
+        &self,
+        bitmap: Option<&str>,
+        offset: u64,
+        len: u64,
+        req_one: bool,
+        scratch: &mut Extents,
+    ) -> Result<Vec<backends::Extent>, BackendError> {
+        let dev = &self.export.device;
+        let mut all: Vec<backends::Extent> = Vec::new();
+        let mut pos = 0u64;
+        while pos < len && all.len() < MAX_EXTENTS {
+            match bitmap {
+                None => dev.block_status(offset + pos, len - pos, scratch)?,
+                Some(name) => dev.bitmap_status(name, offset + pos, len - pos, scratch)?,
+            }
+            for e in scratch.iter() {
+                if pos >= len {
+                    break;
+                }
+                let l = e.len.min(len - pos);
+                all.push(backends::Extent::new(l, e.flags, e.depth));
+                pos += l;
+            }
+            if req_one {
+                break;
+            }
+        }
+        Ok(all)
+    }
+
+    fn block_status(&self, req: &Request, len: u64, s: &mut Scratch) -> io::Result<()> {
+        let req_one = req.flags.contains(CmdFlags::REQ_ONE);
+        let contexts: Vec<&MetaContext> =
+            if self.neg.extended && req.flags.contains(CmdFlags::PAYLOAD_LEN) {
+                let ids: Vec<u32> = s.data[8..]
+                    .chunks_exact(4)
+                    .map(|c| u32::from_be_bytes([c[0], c[1], c[2], c[3]]))
+                    .collect();
+                self.neg
+                    .contexts
+                    .iter()
+                    .filter(|c| ids.contains(&c.id))
+                    .collect()
+            } else {
+                self.neg.contexts.iter().collect()
+            };
+        // Allocation once for the contexts that share it, each bitmap on its own.
+        let mut sources: Vec<Vec<backends::Extent>> = Vec::with_capacity(contexts.len());
+        let mut allocation: Option<usize> = None;
+        let mut which = Vec::with_capacity(contexts.len());
+        for ctx in &contexts {
+            let bitmap = match &ctx.kind {
+                ContextKind::DirtyBitmap(name) => Some(name.as_str()),
+                _ => None,
+            };
+            if bitmap.is_none() {
+                if let Some(i) = allocation {
+                    which.push(i);
+                    continue;
+                }
+            }
+            match self.gather(bitmap, req.offset, len, req_one, &mut s.extents) {
+                Ok(v) => sources.push(v),
+                Err(e) => {
+                    let r = self.backend_reject(req, &e);
+                    return self.send_error(req, r, &mut s.hdr);
+                }
+            }
+            if bitmap.is_none() {
+                allocation = Some(sources.len() - 1);
+            }
+            which.push(sources.len() - 1);
+        }
+        s.hdr.clear();
+        let ext = self.neg.extended;
+        for (i, ctx) in contexts.iter().enumerate() {
+            let runs = status::runs(&ctx.kind, &sources[which[i]], req_one, ext);
+            let flags = if i + 1 == contexts.len() {
+                REPLY_FLAG_DONE
+            } else {
+                0
+            };
+            wire::encode_block_status(
+                &mut s.hdr, ext, flags, req.cookie, req.offset, ctx.id, &runs,
+            );
+        }
+        self.write_reply(&mut [IoSlice::new(&s.hdr)])
+    }
+}

@@ -1,0 +1,195 @@
+//! The transmission phase. Worker threads share one connection in nbdkit's style: a worker
+//! takes the read lock, reads one request with its payload, lets go, serves it straight from
+//! the backend, and writes the whole reply with one `writev` under the write lock. Requests
+//! are served concurrently and replied to out of order; no lock is held across backend I/O.
+//! Workers are spawned lazily, so a client with one request in flight costs two threads.
+//! This file holds the threads, locks and socket I/O; `commands.rs` serves each request and
+//! builds its reply, `status.rs` turns extents into BLOCK_STATUS runs.
+
+mod commands;
+mod status;
+
+use super::export::Export;
+use super::handshake::Negotiated;
+use super::validate::{self, Payload};
+use crate::nbd::proto::*;
+use crate::nbd::wire::{self, Request};
+use crate::transport::{write_all_vectored, Stream};
+use backends::Extents;
+use parking_lot::Mutex;
+use std::io::{self, BufReader, IoSlice, Read};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::thread::Scope;
+
+const READ_BUFFER: usize = 256 * 1024;
+
+struct Conn<'a> {
+    pub(super) export: &'a Export,
+    pub(super) neg: Negotiated,
+    reader: Mutex<BufReader<Stream>>,
+    writer: Mutex<Stream>,
+    /// A handle used only to shut the socket down from any thread.
+    control: Stream,
+    closing: AtomicBool,
+    /// Workers waiting for the read lock.
+    idle: AtomicUsize,
+    threads: AtomicUsize,
+    max_threads: usize,
+}
+
+/// A buffer that only grows, so a worker alternating small and large requests zero-fills
+/// memory once, not on every growth.
+#[derive(Default)]
+struct GrowBuf {
+    v: Vec<u8>,
+    len: usize,
+}
+
+impl GrowBuf {
+    pub(super) fn set_len(&mut self, n: usize) {
+        if self.v.len() < n {
+            self.v.resize(n, 0);
+        }
+        self.len = n;
+    }
+}
+
+impl std::ops::Deref for GrowBuf {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        &self.v[..self.len]
+    }
+}
+
+impl std::ops::DerefMut for GrowBuf {
+    fn deref_mut(&mut self) -> &mut [u8] {
+        &mut self.v[..self.len]
+    }
+}
+
+/// Per-worker scratch space, reused across requests.
+#[derive(Default)]
+struct Scratch {
+    pub(super) data: GrowBuf,
+    pub(super) hdr: Vec<u8>,
+    pub(super) extents: Extents,
+}
+
+/// Serve requests on `stream` until the client disconnects or breaks the protocol.
+pub fn serve(
+    stream: Stream,
+    export: &Export,
+    neg: Negotiated,
+    max_threads: usize,
+) -> io::Result<()> {
+    stream.set_read_timeout(None)?;
+    stream.set_write_timeout(None)?;
+    stream.set_nodelay();
+    let conn = Conn {
+        export,
+        neg,
+        reader: Mutex::new(BufReader::with_capacity(READ_BUFFER, stream.try_clone()?)),
+        writer: Mutex::new(stream.try_clone()?),
+        control: stream,
+        closing: AtomicBool::new(false),
+        idle: AtomicUsize::new(0),
+        threads: AtomicUsize::new(1),
+        max_threads: max_threads.max(1),
+    };
+    std::thread::scope(|s| conn.worker(s));
+    conn.control.shutdown();
+    Ok(())
+}
+
+enum Next {
+    Request(Request),
+    Disconnect,
+}
+
+impl<'a> Conn<'a> {
+    fn worker<'s>(&'s self, scope: &'s Scope<'s, '_>) {
+        let mut scratch = Scratch::default();
+        loop {
+            self.idle.fetch_add(1, Ordering::SeqCst);
+            let next = {
+                let mut rd = self.reader.lock();
+                self.idle.fetch_sub(1, Ordering::SeqCst);
+                if self.closing.load(Ordering::SeqCst) {
+                    return;
+                }
+                self.next_request(&mut rd, &mut scratch.data)
+            };
+            let req = match next {
+                Ok(Next::Request(r)) => r,
+                Ok(Next::Disconnect) => {
+                    tracing::debug!("client sent NBD_CMD_DISC");
+                    self.closing.store(true, Ordering::SeqCst);
+                    return;
+                }
+                Err(e) => {
+                    if e.kind() != io::ErrorKind::UnexpectedEof {
+                        tracing::info!("dropping client: {e}");
+                    }
+                    self.close();
+                    return;
+                }
+            };
+            if self.idle.load(Ordering::SeqCst) == 0
+                && self.threads.load(Ordering::SeqCst) < self.max_threads
+            {
+                self.threads.fetch_add(1, Ordering::SeqCst);
+                scope.spawn(move || self.worker(scope));
+            }
+            if let Err(e) = self.handle(&req, &mut scratch) {
+                tracing::info!("cannot send reply: {e}");
+                self.close();
+                return;
+            }
+        }
+    }
+
+    fn close(&self) {
+        self.closing.store(true, Ordering::SeqCst);
+        self.control.shutdown();
+    }
+
+    /// Read one request and its payload (into `data`). Errors end the connection.
+    fn next_request(&self, rd: &mut BufReader<Stream>, data: &mut GrowBuf) -> io::Result<Next> {
+        let mut hdr = [0u8; wire::EXTENDED_REQUEST_LEN];
+        let hdr = &mut hdr[..wire::request_len(self.neg.extended)];
+        rd.read_exact(hdr)?;
+        let req = match wire::decode_request(hdr, self.neg.extended) {
+            Ok(Some(r)) => r,
+            Ok(None) => return Err(io::ErrorKind::UnexpectedEof.into()),
+            Err(e) => return Err(io::Error::new(io::ErrorKind::InvalidData, e.to_string())),
+        };
+        tracing::trace!(
+            cmd = cmd_name(req.cmd),
+            offset = req.offset,
+            len = req.len,
+            flags = req.flags.bits(),
+            "request"
+        );
+        if req.cmd == CMD_DISC {
+            return Ok(Next::Disconnect);
+        }
+        match validate::payload(&req, &self.neg) {
+            Payload::None => data.set_len(0),
+            Payload::Read(n) => {
+                data.set_len(n);
+                rd.read_exact(data)?;
+            }
+            Payload::Drain(n) => {
+                data.set_len(0);
+                io::copy(&mut rd.by_ref().take(n as u64), &mut io::sink())?;
+            }
+            Payload::Fatal(msg) => return Err(io::Error::new(io::ErrorKind::InvalidData, msg)),
+        }
+        Ok(Next::Request(req))
+    }
+
+    pub(super) fn write_reply(&self, bufs: &mut [IoSlice<'_>]) -> io::Result<()> {
+        let mut w = self.writer.lock();
+        write_all_vectored(&mut *w, bufs)
+    }
+}
