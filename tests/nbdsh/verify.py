@@ -64,64 +64,18 @@ import math
 import os
 import random
 import select
-import struct
 import sys
 import time
 from array import array
 
 import nbd
+from nbdsafety import SECTOR, ZERO_SECTOR, Pattern, parse_size
 
-SECTOR = 512
-MAGIC = b"QVFY"
-HDR = struct.Struct("<4sIQ")
-POOL_LEN = 1 << 16
-ZERO_SECTOR = bytes(SECTOR)
 
 READ, WRITE, ZERO, TRIM, FLUSH = "READ", "WRITE", "ZERO", "TRIM", "FLUSH"
 # Sector states in the model.
 UNKNOWN, KNOWN, OLD_OR_ZERO = 0, 1, 2
 ALL_KNOWN = bytes([KNOWN]) * (1 << 20)
-
-
-def parse_size(s):
-    s = s.strip()
-    mult = 1
-    suffixes = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
-    if s and s[-1].upper() in suffixes:
-        mult = suffixes[s[-1].upper()]
-        s = s[:-1]
-    return int(s, 0) * mult
-
-
-class Pattern:
-    """Recognisable sector contents: header (magic, writer, sector) + 496 pool bytes."""
-
-    def __init__(self, seed):
-        self.pool = random.Random(seed ^ 0x5EED).randbytes(POOL_LEN + SECTOR)
-
-    def sector(self, wid, sec):
-        k = (wid * 7919 + sec * 104729) % POOL_LEN
-        return HDR.pack(MAGIC, wid & 0xFFFFFFFF, sec) + self.pool[k:k + SECTOR - HDR.size]
-
-    def data(self, wid, first_sec, nsec):
-        return b"".join([self.sector(wid, s) for s in range(first_sec, first_sec + nsec)])
-
-    def describe(self, b, sec, initial=None):
-        """What a 512-byte sector holds, for reports."""
-        b = bytes(b)
-        if b[:4] == MAGIC:
-            _, wid, where = HDR.unpack(b[:HDR.size])
-            d = "write #%d" % wid
-            if where != sec:
-                d += " (meant for sector %d)" % where
-            elif b != self.sector(wid, where):
-                d += " (torn)"
-            return d
-        if b == ZERO_SECTOR:
-            return "zeroes"
-        if initial is not None and b == bytes(initial):
-            return "old"
-        return "foreign %s..." % b[:16].hex()
 
 
 class Op:
