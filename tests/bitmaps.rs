@@ -7,39 +7,19 @@ use common::*;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
-fn qemu_img(d: &Path, args: &[&str]) -> String {
-    ok(Command::new("qemu-img").current_dir(d).args(args))
-}
-
-fn qemu_io(uri_or_file: &str, fmt: &str, cmds: &[&str]) {
-    let mut c = Command::new("qemu-io");
-    c.args(["-f", fmt]);
-    for cmd in cmds {
-        c.args(["-c", cmd]);
-    }
-    ok(c.arg(uri_or_file));
-}
-
 /// An image with three bitmaps (enabled, disabled, coarser granularity) and writes since.
 fn image_with_bitmaps(d: &Path, name: &str) -> PathBuf {
     qemu_img(d, &["create", "-q", "-f", "qcow2", name, "16M"]);
-    qemu_io(
-        name_path(d, name).to_str().unwrap(),
-        "qcow2",
-        &["write -P 1 0 1M"],
-    );
+    qemu_io(d, "qcow2", name, &["write -P 1 0 1M"]);
     qemu_img(d, &["bitmap", "--add", name, "b0"]);
     qemu_img(d, &["bitmap", "--add", "--disable", name, "b1"]);
     qemu_img(d, &["bitmap", "--add", "-g", "128k", name, "b2"]);
     qemu_io(
-        name_path(d, name).to_str().unwrap(),
+        d,
         "qcow2",
+        name,
         &["write -P 2 100k 8k", "write -z 3M 1M", "write -P 3 9M 100"],
     );
-    name_path(d, name)
-}
-
-fn name_path(d: &Path, name: &str) -> PathBuf {
     d.join(name)
 }
 
@@ -147,7 +127,7 @@ fn writes_through_qnbd_mark_bitmaps_and_store_them() {
     let twin = d.join("twin.qcow2");
     std::fs::copy(&ours, &twin).expect("copy");
     // The twin gets the same writes from qemu itself.
-    qemu_io(twin.to_str().unwrap(), "qcow2", &WRITES);
+    qemu_io(Path::new("."), "qcow2", twin.to_str().unwrap(), &WRITES);
 
     let mut s = Server::unix(
         QNBD,
@@ -159,7 +139,7 @@ fn writes_through_qnbd_mark_bitmaps_and_store_them() {
         3,
         "marked in use while open: {info}"
     );
-    qemu_io(&s.uri(), "raw", &WRITES);
+    qemu_io(Path::new("."), "raw", &s.uri(), &WRITES);
     // The exported bitmap follows the writes while the server runs.
     let live = ok(Command::new("nbdinfo")
         .arg("--map=qemu:dirty-bitmap:b0")
@@ -195,11 +175,16 @@ fn load_snapshot_reads_what_snapshot_apply_restores() {
     qemu_img(d, &["create", "-q", "-f", "qcow2", "s.qcow2", "8M"]);
     let img = d.join("s.qcow2");
     let img_s = img.to_str().unwrap();
-    qemu_io(img_s, "qcow2", &["write -P 1 0 2M"]);
+    qemu_io(Path::new("."), "qcow2", img_s, &["write -P 1 0 2M"]);
     qemu_img(d, &["snapshot", "-c", "first", "s.qcow2"]);
-    qemu_io(img_s, "qcow2", &["write -P 2 1M 2M"]);
+    qemu_io(Path::new("."), "qcow2", img_s, &["write -P 2 1M 2M"]);
     qemu_img(d, &["snapshot", "-c", "second", "s.qcow2"]);
-    qemu_io(img_s, "qcow2", &["write -P 3 0 512k", "write -z 6M 1M"]);
+    qemu_io(
+        Path::new("."),
+        "qcow2",
+        img_s,
+        &["write -P 3 0 512k", "write -z 6M 1M"],
+    );
     // What each snapshot holds, as qemu-img snapshot -a restores it.
     let restored = |name: &str| {
         let copy = d.join(format!("restored-{name}.qcow2"));

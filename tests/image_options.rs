@@ -8,32 +8,6 @@ use std::process::Command;
 
 const MIB: u64 = 1 << 20;
 
-/// The `flags:` field (octal) of the server's fd open on `img`.
-fn open_flags(pid: u32, img: &std::path::Path) -> Vec<u32> {
-    let img = std::fs::canonicalize(img).unwrap();
-    let mut out = Vec::new();
-    for e in std::fs::read_dir(format!("/proc/{pid}/fd"))
-        .unwrap()
-        .flatten()
-    {
-        if std::fs::read_link(e.path()).ok().as_deref() == Some(img.as_path()) {
-            let info = std::fs::read_to_string(format!(
-                "/proc/{pid}/fdinfo/{}",
-                e.file_name().to_string_lossy()
-            ))
-            .unwrap();
-            let f = info
-                .lines()
-                .find_map(|l| l.strip_prefix("flags:"))
-                .unwrap()
-                .trim()
-                .to_string();
-            out.push(u32::from_str_radix(&f, 8).unwrap());
-        }
-    }
-    out
-}
-
 const O_DIRECT: u32 = 0o40000;
 
 fn allocated(p: &std::path::Path) -> u64 {

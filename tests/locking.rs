@@ -39,15 +39,6 @@ fn bytes(v: &[u64]) -> BTreeSet<u64> {
     v.iter().copied().collect()
 }
 
-fn qcow2(dir: &Path, name: &str) -> std::path::PathBuf {
-    let p = dir.join(name);
-    ok(Command::new("qemu-img")
-        .args(["create", "-q", "-f", "qcow2"])
-        .arg(&p)
-        .arg("64M"));
-    p
-}
-
 /// Run in `dir` (so messages name the file as given) and return (exit code, stderr).
 fn try_run(dir: &Path, prog: &str, args: &[&str]) -> (i32, String) {
     let out = run(Command::new(prog).current_dir(dir).args(args));
@@ -71,7 +62,7 @@ fn qnbd_serving_qcow2_read_write_locks_as_qemu_nbd() {
         return;
     }
     let d = tmpdir();
-    let img = qcow2(d.path(), "a.qcow2");
+    let img = make_qcow2(d.path(), "a.qcow2", "", "64M");
     let mut s = Server::unix(QNBD, &["-t", "-f", "qcow2", img.to_str().unwrap()]);
     assert_eq!(locked_bytes(&img), bytes(&[100, 101, 103, 201, 203]));
     let dir = d.path();
@@ -125,7 +116,7 @@ fn qnbd_refuses_an_image_qemu_nbd_serves() {
         return;
     }
     let d = tmpdir();
-    let img = qcow2(d.path(), "a.qcow2");
+    let img = make_qcow2(d.path(), "a.qcow2", "", "64M");
     let held = bytes(&[100, 101, 103, 201, 203]);
     let _q = Server::unix("qemu-nbd", &["-t", "-f", "qcow2", img.to_str().unwrap()]);
     assert_eq!(locked_bytes(&img), held);
@@ -156,7 +147,7 @@ fn read_only_holders_coexist_and_a_writer_is_refused() {
         return;
     }
     let d = tmpdir();
-    let img = qcow2(d.path(), "a.qcow2");
+    let img = make_qcow2(d.path(), "a.qcow2", "", "64M");
     let i = img.to_str().unwrap();
     let _a = Server::unix(QNBD, &["-t", "-r", "-f", "qcow2", i]);
     let _b = Server::unix("qemu-nbd", &["-t", "-r", "-f", "qcow2", i]);
@@ -247,7 +238,7 @@ fn backing_files_are_locked_read_only() {
         return;
     }
     let d = tmpdir();
-    let base = qcow2(d.path(), "base.qcow2");
+    let base = make_qcow2(d.path(), "base.qcow2", "", "64M");
     ok(Command::new("qemu-img").current_dir(d.path()).args([
         "create",
         "-q",
@@ -283,7 +274,7 @@ fn snapshot_mode_locks_the_original_as_a_backing_file() {
         return;
     }
     let d = tmpdir();
-    let img = qcow2(d.path(), "a.qcow2");
+    let img = make_qcow2(d.path(), "a.qcow2", "", "64M");
     let _s = Server::unix(QNBD, &["-t", "-s", "-f", "qcow2", img.to_str().unwrap()]);
     assert_eq!(locked_bytes(&img), bytes(&[100, 201, 203]));
 }
@@ -296,7 +287,7 @@ fn locking_off_and_kill_9() {
         return;
     }
     let d = tmpdir();
-    let img = qcow2(d.path(), "a.qcow2");
+    let img = make_qcow2(d.path(), "a.qcow2", "", "64M");
     let opts = format!(
         "driver=qcow2,file.driver=file,file.locking=off,file.filename={}",
         img.display()

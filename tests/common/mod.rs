@@ -228,3 +228,77 @@ pub fn nbdsh_script(script: &str, uri: &str, extra: &[&str]) -> String {
         .join(script);
     ok(Command::new(PYTHON).arg(path).arg(uri).args(extra))
 }
+
+/// Run qemu-img in `dir` (so messages name files as given) and require success.
+pub fn qemu_img(dir: &Path, args: &[&str]) -> String {
+    ok(Command::new("qemu-img").current_dir(dir).args(args))
+}
+
+/// Run qemu-io commands on `target` (a file in `dir`, or a URI) in format `fmt`.
+pub fn qemu_io(dir: &Path, fmt: &str, target: &str, cmds: &[&str]) -> String {
+    let mut c = Command::new("qemu-io");
+    c.current_dir(dir).args(["-f", fmt]);
+    for cmd in cmds {
+        c.args(["-c", cmd]);
+    }
+    ok(c.arg(target))
+}
+
+/// A new qcow2 image `name` in `dir` of `size`, with `-o opts` when not empty.
+pub fn make_qcow2(dir: &Path, name: &str, opts: &str, size: &str) -> PathBuf {
+    let mut args = vec!["create", "-q", "-f", "qcow2"];
+    if !opts.is_empty() {
+        args.extend(["-o", opts]);
+    }
+    args.extend([name, size]);
+    qemu_img(dir, &args);
+    dir.join(name)
+}
+
+/// `qemu-img check` finds no errors and no leaks.
+pub fn check_clean(img: &Path) {
+    let out = run(Command::new("qemu-img").args(["check"]).arg(img));
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && text.contains("No errors were found"),
+        "qemu-img check {}: {text}{}",
+        img.display(),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// `qemu-img check` finds no corruption (leaked clusters are allowed: exit 0 or 3).
+pub fn check_no_corruption(img: &Path) {
+    let out = run(Command::new("qemu-img")
+        .args(["check", "-f", "qcow2"])
+        .arg(img));
+    let text =
+        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    assert!(
+        matches!(out.status.code(), Some(0) | Some(3)) && !text.contains("ERROR"),
+        "qemu-img check {}: {text}",
+        img.display()
+    );
+}
+
+/// The open flags (octal `flags:` of /proc/PID/fdinfo) of each of `pid`'s descriptors on `img`.
+pub fn open_flags(pid: u32, img: &Path) -> Vec<u32> {
+    let img = std::fs::canonicalize(img).expect("canonicalize");
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .expect("fd dir")
+        .flatten()
+    {
+        if std::fs::read_link(e.path()).ok().as_deref() == Some(img.as_path()) {
+            let info = std::fs::read_to_string(format!(
+                "/proc/{pid}/fdinfo/{}",
+                e.file_name().to_string_lossy()
+            ))
+            .unwrap_or_default();
+            if let Some(f) = info.lines().find_map(|l| l.strip_prefix("flags:")) {
+                out.push(u32::from_str_radix(f.trim(), 8).unwrap_or(0));
+            }
+        }
+    }
+    out
+}
