@@ -3,6 +3,9 @@
 
 #![allow(dead_code)]
 
+pub mod matrix;
+pub mod pki;
+
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};

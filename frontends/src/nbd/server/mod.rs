@@ -199,6 +199,7 @@ fn handle_connection_tracked(
     opts: &ServerOptions,
     state: &(Mutex<State>, Condvar),
 ) -> bool {
+    let _span = connection_span(&stream, export).entered();
     let deadline = opts.handshake_limit.map(|d| Instant::now() + d);
     match handshake::negotiate(&mut stream, export, deadline, opts.tls.as_deref()) {
         Ok(handshake::Outcome::Transmission(neg)) => {
@@ -217,7 +218,13 @@ fn handle_connection_tracked(
     }
 }
 
+/// Every log line of a connection names its peer and export (worker threads enter it too).
+fn connection_span(stream: &Stream, export: &Export) -> tracing::Span {
+    tracing::info_span!("conn", peer = %stream.peer(), export = %export.name)
+}
+
 fn handle_connection(mut stream: Stream, export: &Export, opts: &ServerOptions) {
+    let _span = connection_span(&stream, export).entered();
     let deadline = opts.handshake_limit.map(|d| Instant::now() + d);
     match handshake::negotiate(&mut stream, export, deadline, opts.tls.as_deref()) {
         Ok(handshake::Outcome::Transmission(neg)) => {

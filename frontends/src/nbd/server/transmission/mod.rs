@@ -35,6 +35,8 @@ struct Conn<'a> {
     idle: AtomicUsize,
     threads: AtomicUsize,
     max_threads: usize,
+    /// The connection's span, entered by every worker thread.
+    span: tracing::Span,
 }
 
 /// A buffer that only grows, so a worker alternating small and large requests zero-fills
@@ -95,6 +97,7 @@ pub fn serve(
         idle: AtomicUsize::new(0),
         threads: AtomicUsize::new(1),
         max_threads: max_threads.max(1),
+        span: tracing::Span::current(),
     };
     std::thread::scope(|s| conn.worker(s));
     conn.control.shutdown();
@@ -108,6 +111,7 @@ enum Next {
 
 impl<'a> Conn<'a> {
     fn worker<'s>(&'s self, scope: &'s Scope<'s, '_>) {
+        let _span = self.span.clone().entered();
         let mut scratch = Scratch::default();
         loop {
             self.idle.fetch_add(1, Ordering::SeqCst);
