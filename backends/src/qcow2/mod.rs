@@ -60,6 +60,7 @@
 mod backend;
 mod batch;
 pub mod bitmap;
+mod bitmap_store;
 mod cache;
 mod compressed;
 pub mod create;

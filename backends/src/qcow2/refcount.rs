@@ -70,6 +70,24 @@ fn entry_bytes(i: usize, order: u32) -> (usize, usize) {
     }
 }
 
+/// Where a grown refcount table goes, in clusters: `blocks` new refcount blocks from
+/// `start`, then the table.
+struct Area {
+    start: u64,
+    blocks: u64,
+    table_clusters: u64,
+}
+
+impl Area {
+    fn end(&self) -> u64 {
+        self.start + self.blocks + self.table_clusters
+    }
+
+    fn table_offset(&self, cluster_bits: u32) -> u64 {
+        (self.start + self.blocks) << cluster_bits
+    }
+}
+
 #[derive(Debug)]
 pub struct Refcounts {
     cluster_bits: u32,
@@ -307,83 +325,120 @@ impl Refcounts {
         version: u64,
         map: &mut MetaMap,
     ) -> Result<()> {
-        let cs = self.cs();
-        let per = self.per_block();
         // The new table carries every in-memory pointer: their blocks must be durable first.
         let copies = self.blocks.dirty_copies();
         for c in &copies {
-            check_overlap(f, map, c.offset, cs, Some(Kind::RefBlock))?;
+            check_overlap(f, map, c.offset, self.cs(), Some(Kind::RefBlock))?;
             for (off, data) in &c.runs {
                 f.write("write refcount block", *off, data, false)?;
             }
         }
         f.sync()?;
         self.blocks.mark_clean(&copies);
+        let area = self.growth_area(f, need_r)?;
+        check_overlap(
+            f,
+            map,
+            area.start << self.cluster_bits,
+            (area.end() - area.start) << self.cluster_bits,
+            None,
+        )?;
+        f.grow_to(area.end() << self.cluster_bits)?;
+        self.high = self.high.max(area.end() << self.cluster_bits);
+        let table = self.write_area(f, map, &area)?;
+        self.switch_table(f, map, table, &area, version)
+    }
+
+    /// Where the new blocks and table go: past every covered cluster, `blocks` blocks that
+    /// cover themselves and the table, then a table 50 % larger than needed.
+    fn growth_area(&self, f: &HostFile, need_r: u64) -> Result<Area> {
+        let cs = self.cs();
+        let per = self.per_block();
         let old_n = self.table.len() as u64;
         let start = old_n * per;
         let mut k = 1u64;
-        let (entries, tclusters) = loop {
+        let table_clusters = loop {
             let want = (need_r + 1).max(old_n + k);
             let want = want + want / 2;
             let tclusters = (want * 8).div_ceil(cs);
             let k2 = (k + tclusters).div_ceil(per);
             if k2 <= k {
-                break (tclusters * cs / 8, tclusters);
+                break tclusters;
             }
             k = k2;
         };
-        if tclusters * cs > MAX_REFTABLE_BYTES
-            || ((start + k + tclusters) << self.cluster_bits) >= MAX_HOST
+        let area = Area {
+            start,
+            blocks: k,
+            table_clusters,
+        };
+        if table_clusters * cs > MAX_REFTABLE_BYTES || (area.end() << self.cluster_bits) >= MAX_HOST
         {
             return Err(Error::NoSpace(format!(
                 "{}: refcount table cannot grow further",
                 f.path().display()
             )));
         }
-        let area_end = start + k + tclusters;
-        check_overlap(
-            f,
-            map,
-            start << self.cluster_bits,
-            (k + tclusters) << self.cluster_bits,
-            None,
-        )?;
-        f.grow_to(area_end << self.cluster_bits)?;
-        self.high = self.high.max(area_end << self.cluster_bits);
+        Ok(area)
+    }
+
+    /// Write the area's new blocks and the new table (every entry, old and new); sync.
+    fn write_area(&mut self, f: &HostFile, map: &mut MetaMap, area: &Area) -> Result<Vec<u64>> {
+        let cs = self.cs();
+        let per = self.per_block();
+        let old_n = self.table.len() as u64;
         let mut table = self.table.clone();
-        table.resize(entries as usize, 0);
-        for i in 0..k {
+        table.resize((area.table_clusters * cs / 8) as usize, 0);
+        for i in 0..area.blocks {
             let r = old_n + i;
             let mut data = vec![0u8; cs as usize];
             let lo = r * per;
-            for c in lo.max(start)..(lo + per).min(area_end) {
+            for c in lo.max(area.start)..(lo + per).min(area.end()) {
                 set_ref(&mut data, (c - lo) as usize, self.order, 1);
             }
-            let off = (start + i) << self.cluster_bits;
+            let off = (area.start + i) << self.cluster_bits;
             f.write("write refcount block", off, &data, false)?;
             table[r as usize] = off;
             self.blocks.insert(off, data, false, 0);
             map.add_cluster(Kind::RefBlock, off);
         }
-        let table_off = (start + k) << self.cluster_bits;
-        let mut raw = Vec::with_capacity((tclusters * cs) as usize);
-        for e in &table {
-            raw.extend_from_slice(&e.to_be_bytes());
-        }
-        f.write("write refcount table", table_off, &raw, false)?;
+        let raw: Vec<u8> = table.iter().flat_map(|e| e.to_be_bytes()).collect();
+        f.write(
+            "write refcount table",
+            area.table_offset(self.cluster_bits),
+            &raw,
+            false,
+        )?;
         f.sync()?;
+        Ok(table)
+    }
+
+    /// Point the header at the new table (synced), take it in memory, free the old one.
+    fn switch_table(
+        &mut self,
+        f: &HostFile,
+        map: &mut MetaMap,
+        table: Vec<u64>,
+        area: &Area,
+        version: u64,
+    ) -> Result<()> {
+        let table_off = area.table_offset(self.cluster_bits);
         let mut hdr = [0u8; 12];
         hdr[..8].copy_from_slice(&table_off.to_be_bytes());
-        hdr[8..].copy_from_slice(&(tclusters as u32).to_be_bytes());
+        hdr[8..].copy_from_slice(&(area.table_clusters as u32).to_be_bytes());
         f.write("write header", OFF_REFTABLE, &hdr, false)?;
         f.sync()?;
         let (old_off, old_clusters) = (self.table_offset, self.table_clusters);
         self.table = table;
         self.table_offset = table_off;
-        self.table_clusters = tclusters;
+        self.table_clusters = area.table_clusters;
         self.table_dirty.clear();
         map.clear_ranges(Kind::RefTable);
-        map.add_range(Kind::RefTable, table_off, tclusters * cs);
+        map.add_range(
+            Kind::RefTable,
+            table_off,
+            area.table_clusters << self.cluster_bits,
+        );
         // The header no longer points at the old table, durably: free it at once.
         for c in 0..old_clusters {
             self.decrease(f, (old_off >> self.cluster_bits) + c, version)?;
