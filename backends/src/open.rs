@@ -140,6 +140,21 @@ pub fn open_image(opts: &ImageOptions) -> Result<Opened> {
         } else {
             backend
         };
+    let (backend, temp_overlay) = add_layers(backend, format, opts)?;
+    Ok(Opened {
+        backend,
+        format,
+        warnings,
+        temp_overlay,
+    })
+}
+
+/// The `-s` overlay and the byte window over an opened image.
+fn add_layers(
+    backend: Arc<dyn BlockBackend>,
+    format: Format,
+    opts: &ImageOptions,
+) -> Result<(Arc<dyn BlockBackend>, Option<PathBuf>)> {
     let mut temp_overlay = None;
     let backend: Arc<dyn BlockBackend> = if opts.snapshot {
         let dir = crate::overlay::temp_dir();
@@ -160,12 +175,7 @@ pub fn open_image(opts: &ImageOptions) -> Result<Opened> {
     } else {
         backend
     };
-    Ok(Opened {
-        backend,
-        format,
-        warnings,
-        temp_overlay,
-    })
+    Ok((backend, temp_overlay))
 }
 
 /// Open a backing file of the image `top` (at `depth` in its chain) read-only.

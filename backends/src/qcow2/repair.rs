@@ -78,76 +78,11 @@ pub fn rebuild(
     snapshots: &[Snapshot],
     snap_table_len: u64,
 ) -> Result<()> {
-    let cb = h.cluster_bits;
-    let cs = 1u64 << cb;
-    let file_clusters = f.size()?.div_ceil(cs);
-    if file_clusters > MAX_CLUSTERS {
-        return Err(Error::Open(format!(
-            "'{}' is dirty and too large to repair here: run 'qemu-img check -r all'",
-            f.path().display()
-        )));
-    }
-    let mut c = Counter {
-        f,
-        cluster_bits: cb,
-        counts: vec![0; file_clusters.max(1) as usize],
-    };
-    c.add_range(0, cs)?;
-    c.add_range(h.snapshots_offset, snap_table_len)?;
-    c.add_l1(h.l1_table_offset, h.l1_size, h.extended_l2())?;
-    for s in snapshots {
-        c.add_l1(s.l1_table_offset, s.l1_size, h.extended_l2())?;
-    }
-    let order = h.refcount_order;
-    let max = if order == 6 {
-        u64::MAX
-    } else {
-        (1u64 << (1 << order)) - 1
-    };
-    if let Some(i) = c.counts.iter().position(|&n| n > max) {
-        return Err(f.corrupt(format!(
-            "cluster {i} has more references than refcounts can hold"
-        )));
-    }
-    // Lay out k blocks then t table clusters at the end; they must cover themselves.
-    let per = 1u64 << (cb + 3 - order);
-    let start = c
-        .counts
-        .iter()
-        .rposition(|&n| n > 0)
-        .map_or(0, |i| i as u64 + 1);
-    let mut k = 1u64;
-    let t = loop {
-        let total = start + k;
-        let t = (total.div_ceil(per) * 8).div_ceil(cs).max(1);
-        let k2 = (start + k + t).div_ceil(per);
-        if k2 <= k {
-            break t;
-        }
-        k = k2;
-    };
-    let end = start + k + t;
-    c.counts.resize(end as usize, 0);
-    for x in &mut c.counts[start as usize..] {
-        *x = 1;
-    }
-    let mut table = vec![0u8; (t * cs) as usize];
-    for b in 0..k {
-        let mut data = vec![0u8; cs as usize];
-        let lo = b * per;
-        for i in lo..(lo + per).min(end) {
-            set_ref(&mut data, (i - lo) as usize, order, c.counts[i as usize]);
-        }
-        let off = (start + b) << cb;
-        f.write("write refcount block", off, &data, false)?;
-        table[(b * 8) as usize..(b * 8 + 8) as usize].copy_from_slice(&off.to_be_bytes());
-    }
-    let table_off = (start + k) << cb;
-    f.write("write refcount table", table_off, &table, false)?;
-    f.sync()?;
+    let counts = count_references(f, h, snapshots, snap_table_len)?;
+    let (table_off, table_clusters) = write_refcounts(f, h, counts)?;
     let mut hdr = [0u8; 12];
     hdr[..8].copy_from_slice(&table_off.to_be_bytes());
-    hdr[8..].copy_from_slice(&(t as u32).to_be_bytes());
+    hdr[8..].copy_from_slice(&(table_clusters as u32).to_be_bytes());
     f.write("write header", OFF_REFTABLE, &hdr, false)?;
     f.sync()?;
     f.write(
@@ -167,4 +102,89 @@ pub fn rebuild(
         f.path().display()
     );
     Ok(())
+}
+
+/// Every reference in the image, per cluster: header, snapshot table, active and snapshot
+/// L1 and L2 tables and what they point at.
+fn count_references(
+    f: &HostFile,
+    h: &Header,
+    snapshots: &[Snapshot],
+    snap_table_len: u64,
+) -> Result<Vec<u64>> {
+    let cs = 1u64 << h.cluster_bits;
+    let file_clusters = f.size()?.div_ceil(cs);
+    if file_clusters > MAX_CLUSTERS {
+        return Err(Error::Open(format!(
+            "'{}' is dirty and too large to repair here: run 'qemu-img check -r all'",
+            f.path().display()
+        )));
+    }
+    let mut c = Counter {
+        f,
+        cluster_bits: h.cluster_bits,
+        counts: vec![0; file_clusters.max(1) as usize],
+    };
+    c.add_range(0, cs)?;
+    c.add_range(h.snapshots_offset, snap_table_len)?;
+    c.add_l1(h.l1_table_offset, h.l1_size, h.extended_l2())?;
+    for s in snapshots {
+        c.add_l1(s.l1_table_offset, s.l1_size, h.extended_l2())?;
+    }
+    let order = h.refcount_order;
+    let max = if order == 6 {
+        u64::MAX
+    } else {
+        (1u64 << (1 << order)) - 1
+    };
+    if let Some(i) = c.counts.iter().position(|&n| n > max) {
+        return Err(f.corrupt(format!(
+            "cluster {i} has more references than refcounts can hold"
+        )));
+    }
+    Ok(c.counts)
+}
+
+/// Write fresh refcount blocks and a table past everything in use (they count themselves)
+/// and sync: returns the table's offset and clusters.
+fn write_refcounts(f: &HostFile, h: &Header, mut counts: Vec<u64>) -> Result<(u64, u64)> {
+    let cb = h.cluster_bits;
+    let cs = 1u64 << cb;
+    let order = h.refcount_order;
+    let per = 1u64 << (cb + 3 - order);
+    let start = counts
+        .iter()
+        .rposition(|&n| n > 0)
+        .map_or(0, |i| i as u64 + 1);
+    // k blocks then t table clusters; they must cover themselves.
+    let mut k = 1u64;
+    let t = loop {
+        let total = start + k;
+        let t = (total.div_ceil(per) * 8).div_ceil(cs).max(1);
+        let k2 = (start + k + t).div_ceil(per);
+        if k2 <= k {
+            break t;
+        }
+        k = k2;
+    };
+    let end = start + k + t;
+    counts.resize(end as usize, 0);
+    for x in &mut counts[start as usize..] {
+        *x = 1;
+    }
+    let mut table = vec![0u8; (t * cs) as usize];
+    for b in 0..k {
+        let mut data = vec![0u8; cs as usize];
+        let lo = b * per;
+        for i in lo..(lo + per).min(end) {
+            set_ref(&mut data, (i - lo) as usize, order, counts[i as usize]);
+        }
+        let off = (start + b) << cb;
+        f.write("write refcount block", off, &data, false)?;
+        table[(b * 8) as usize..(b * 8 + 8) as usize].copy_from_slice(&off.to_be_bytes());
+    }
+    let table_off = (start + k) << cb;
+    f.write("write refcount table", table_off, &table, false)?;
+    f.sync()?;
+    Ok((table_off, t))
 }

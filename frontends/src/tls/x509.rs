@@ -59,16 +59,54 @@ fn provider() -> Arc<rustls::crypto::CryptoProvider> {
 }
 
 /// qemu's wording for a file it must have and cannot open.
-fn access(path: &Path, required: bool) -> Result<Option<PathBuf>, TlsError> {
+/// An optional credentials file: None when it does not exist.
+fn access(path: &Path) -> Result<Option<PathBuf>, TlsError> {
     match std::fs::metadata(path) {
         Ok(_) => Ok(Some(path.to_path_buf())),
-        Err(e) if e.kind() == io::ErrorKind::NotFound && !required => Ok(None),
-        Err(e) => Err(TlsError::Creds(format!(
-            "Unable to access credentials {}: {}",
-            path.display(),
-            backends::errno_text(&e)
-        ))),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(access_error(path, &e)),
     }
+}
+
+/// A credentials file that must exist.
+fn required(path: &Path) -> Result<PathBuf, TlsError> {
+    std::fs::metadata(path)
+        .map(|_| path.to_path_buf())
+        .map_err(|e| access_error(path, &e))
+}
+
+fn access_error(path: &Path, e: &io::Error) -> TlsError {
+    TlsError::Creds(format!(
+        "Unable to access credentials {}: {}",
+        path.display(),
+        backends::errno_text(e)
+    ))
+}
+
+/// qemu's load-time sanity checks of the CA and our own certificate (`sanity-check=on`).
+fn sanity(
+    o: &X509Options,
+    ca: &Path,
+    own: Option<(&Path, &[CertificateDer<'static>])>,
+    server: bool,
+) -> Result<(), TlsError> {
+    if !o.sanity_check {
+        return Ok(());
+    }
+    let ca_der: Vec<Vec<u8>> = ca_certs(ca)?.iter().map(|c| c.to_vec()).collect();
+    let (path, chain): (Option<&Path>, Vec<Vec<u8>>) = match own {
+        Some((p, chain)) => (Some(p), chain.iter().map(|c| c.to_vec()).collect()),
+        None => (None, Vec::new()),
+    };
+    super::sanity::check(ca, &ca_der, path, &chain, server)
+}
+
+fn cert_key_error(cert: &Path, key: &Path, e: impl std::fmt::Display) -> TlsError {
+    TlsError::Creds(format!(
+        "Cannot load certificate '{}' & key '{}': {e}",
+        cert.display(),
+        key.display()
+    ))
 }
 
 fn read(path: &Path) -> Result<Vec<u8>, TlsError> {
@@ -174,124 +212,10 @@ impl X509Creds {
     /// Load the files `endpoint` needs from `dir`, in qemu's order (so the first missing
     /// file is the one qemu would name).
     pub fn load(o: &X509Options) -> Result<X509Creds, TlsError> {
-        let d = &o.dir;
-        let ca = access(&d.join(CA_CERT), true)?;
+        let ca = required(&o.dir.join(CA_CERT))?;
         match o.endpoint {
-            Endpoint::Server => {
-                let crl = access(&d.join(CA_CRL), false)?;
-                let cert = access(&d.join(SERVER_CERT), true)?;
-                let key_file = access(&d.join(SERVER_KEY), true)?;
-                let (Some(ca), Some(cert), Some(key_file)) = (ca, cert, key_file) else {
-                    unreachable!("required files were checked")
-                };
-                let (chain, key) = cert_and_key(&cert, &key_file, o.key_password.as_deref())?;
-                if o.sanity_check {
-                    let ca_der: Vec<Vec<u8>> = ca_certs(&ca)?.iter().map(|c| c.to_vec()).collect();
-                    let own: Vec<Vec<u8>> = chain.iter().map(|c| c.to_vec()).collect();
-                    super::sanity::check(&ca, &ca_der, Some(&cert), &own, true)?;
-                }
-                let builder = ServerConfig::builder_with_provider(provider())
-                    .with_protocol_versions(o.versions.rustls())
-                    .map_err(|e| TlsError::Creds(e.to_string()))?;
-                let builder = if o.verify_peer {
-                    // A certificate is requested, not demanded, as GnuTLS does for qemu-nbd
-                    // (GNUTLS_CERT_REQUEST): one that is presented is verified here, during
-                    // the handshake; a client that presents none completes the handshake and
-                    // is then refused by tls::accept before any NBD option is read. See
-                    // `tls::accept` for why.
-                    let mut v = WebPkiClientVerifier::builder_with_provider(
-                        Arc::new(roots(&ca)?),
-                        provider(),
-                    )
-                    .allow_unauthenticated();
-                    if let Some(crl) = crl {
-                        v = v.with_crls(crls(&crl)?);
-                    }
-                    let v = v
-                        .build()
-                        .map_err(|e| TlsError::Creds(format!("{}: {e}", ca.display())))?;
-                    builder.with_client_cert_verifier(v)
-                } else {
-                    builder.with_no_client_auth()
-                };
-                let config = builder.with_single_cert(chain, key).map_err(|e| {
-                    TlsError::Creds(format!(
-                        "Cannot load certificate '{}' & key '{}': {e}",
-                        cert.display(),
-                        key_file.display()
-                    ))
-                })?;
-                Ok(X509Creds::Server {
-                    config: Arc::new(config),
-                    verify_peer: o.verify_peer,
-                })
-            }
-            Endpoint::Client => {
-                let cert = access(&d.join(CLIENT_CERT), false)?;
-                let key_file = access(&d.join(CLIENT_KEY), false)?;
-                let Some(ca) = ca else {
-                    unreachable!("required files were checked")
-                };
-                let client_auth = match (cert, key_file) {
-                    (Some(cert), Some(key_file)) => {
-                        let (chain, key) =
-                            cert_and_key(&cert, &key_file, o.key_password.as_deref())?;
-                        if o.sanity_check {
-                            let ca_der: Vec<Vec<u8>> =
-                                ca_certs(&ca)?.iter().map(|c| c.to_vec()).collect();
-                            let own: Vec<Vec<u8>> = chain.iter().map(|c| c.to_vec()).collect();
-                            super::sanity::check(&ca, &ca_der, Some(&cert), &own, false)?;
-                        }
-                        Some((chain, key, cert, key_file))
-                    }
-                    _ => {
-                        if o.sanity_check {
-                            let ca_der: Vec<Vec<u8>> =
-                                ca_certs(&ca)?.iter().map(|c| c.to_vec()).collect();
-                            super::sanity::check(&ca, &ca_der, None, &[], false)?;
-                        }
-                        None
-                    }
-                };
-                let verifier: Arc<dyn ServerCertVerifier> = if o.verify_peer {
-                    rustls::client::WebPkiServerVerifier::builder_with_provider(
-                        Arc::new(roots(&ca)?),
-                        provider(),
-                    )
-                    .build()
-                    .map_err(|e| TlsError::Creds(format!("{}: {e}", ca.display())))?
-                } else {
-                    Arc::new(NoVerify(provider()))
-                };
-                let build =
-                    |v: Arc<dyn ServerCertVerifier>| -> Result<Arc<ClientConfig>, TlsError> {
-                        let b = ClientConfig::builder_with_provider(provider())
-                            .with_protocol_versions(o.versions.rustls())
-                            .map_err(|e| TlsError::Creds(e.to_string()))?
-                            .dangerous()
-                            .with_custom_certificate_verifier(v);
-                        let config = match &client_auth {
-                            Some((chain, key, cert, key_file)) => b
-                                .with_client_auth_cert(chain.clone(), key.clone_key())
-                                .map_err(|e| {
-                                    TlsError::Creds(format!(
-                                        "Cannot load certificate '{}' & key '{}': {e}",
-                                        cert.display(),
-                                        key_file.display()
-                                    ))
-                                })?,
-                            None => b.with_no_client_auth(),
-                        };
-                        Ok(Arc::new(config))
-                    };
-                let named = build(verifier.clone())?;
-                let unnamed = build(Arc::new(ChainOnly(verifier)))?;
-                Ok(X509Creds::Client {
-                    named,
-                    unnamed,
-                    verify_peer: o.verify_peer,
-                })
-            }
+            Endpoint::Server => load_server(o, &ca),
+            Endpoint::Client => load_client(o, &ca),
         }
     }
 
@@ -601,6 +525,90 @@ fn hex_into(out: &mut String, data: &[u8]) {
     for b in data {
         out.push_str(&format!("{b:02x}"));
     }
+}
+
+fn load_server(o: &X509Options, ca: &Path) -> Result<X509Creds, TlsError> {
+    let d = &o.dir;
+    let crl = access(&d.join(CA_CRL))?;
+    let cert = required(&d.join(SERVER_CERT))?;
+    let key_file = required(&d.join(SERVER_KEY))?;
+    let (chain, key) = cert_and_key(&cert, &key_file, o.key_password.as_deref())?;
+    sanity(o, ca, Some((&cert, &chain)), true)?;
+    let builder = ServerConfig::builder_with_provider(provider())
+        .with_protocol_versions(o.versions.rustls())
+        .map_err(|e| TlsError::Creds(e.to_string()))?;
+    let builder = if o.verify_peer {
+        // A certificate is requested, not demanded, as GnuTLS does for qemu-nbd
+        // (GNUTLS_CERT_REQUEST): one that is presented is verified here, during the
+        // handshake; a client that presents none completes the handshake and is then refused
+        // by tls::accept before any NBD option is read. See `tls::accept` for why.
+        let mut v = WebPkiClientVerifier::builder_with_provider(Arc::new(roots(ca)?), provider())
+            .allow_unauthenticated();
+        if let Some(crl) = crl {
+            v = v.with_crls(crls(&crl)?);
+        }
+        let v = v
+            .build()
+            .map_err(|e| TlsError::Creds(format!("{}: {e}", ca.display())))?;
+        builder.with_client_cert_verifier(v)
+    } else {
+        builder.with_no_client_auth()
+    };
+    let config = builder
+        .with_single_cert(chain, key)
+        .map_err(|e| cert_key_error(&cert, &key_file, e))?;
+    Ok(X509Creds::Server {
+        config: Arc::new(config),
+        verify_peer: o.verify_peer,
+    })
+}
+
+fn load_client(o: &X509Options, ca: &Path) -> Result<X509Creds, TlsError> {
+    let d = &o.dir;
+    let cert = access(&d.join(CLIENT_CERT))?;
+    let key_file = access(&d.join(CLIENT_KEY))?;
+    let client_auth = match (cert, key_file) {
+        (Some(cert), Some(key_file)) => {
+            let (chain, key) = cert_and_key(&cert, &key_file, o.key_password.as_deref())?;
+            sanity(o, ca, Some((&cert, &chain)), false)?;
+            Some((chain, key, cert, key_file))
+        }
+        _ => {
+            sanity(o, ca, None, false)?;
+            None
+        }
+    };
+    let verifier: Arc<dyn ServerCertVerifier> = if o.verify_peer {
+        rustls::client::WebPkiServerVerifier::builder_with_provider(
+            Arc::new(roots(ca)?),
+            provider(),
+        )
+        .build()
+        .map_err(|e| TlsError::Creds(format!("{}: {e}", ca.display())))?
+    } else {
+        Arc::new(NoVerify(provider()))
+    };
+    let build = |v: Arc<dyn ServerCertVerifier>| -> Result<Arc<ClientConfig>, TlsError> {
+        let b = ClientConfig::builder_with_provider(provider())
+            .with_protocol_versions(o.versions.rustls())
+            .map_err(|e| TlsError::Creds(e.to_string()))?
+            .dangerous()
+            .with_custom_certificate_verifier(v);
+        let config = match &client_auth {
+            Some((chain, key, cert, key_file)) => b
+                .with_client_auth_cert(chain.clone(), key.clone_key())
+                .map_err(|e| cert_key_error(cert, key_file, e))?,
+            None => b.with_no_client_auth(),
+        };
+        Ok(Arc::new(config))
+    };
+    let named = build(verifier.clone())?;
+    let unnamed = build(Arc::new(ChainOnly(verifier)))?;
+    Ok(X509Creds::Client {
+        named,
+        unnamed,
+        verify_peer: o.verify_peer,
+    })
 }
 
 #[cfg(test)]
