@@ -136,103 +136,137 @@ impl Handshake<'_> {
     }
 
     fn run(&mut self) -> io::Result<Outcome> {
+        let Some(client_flags) = self.greet()? else {
+            return Ok(Outcome::Closed);
+        };
+        let fixed = client_flags.contains(ClientFlags::C_FIXED_NEWSTYLE);
+        let no_zeroes = client_flags.contains(ClientFlags::C_NO_ZEROES);
+        for _ in 0..MAX_OPTIONS {
+            let Some((opt, data)) = self.read_option()? else {
+                return Ok(Outcome::Closed);
+            };
+            let end = if self.tls.is_some() && !self.tls_done {
+                self.option_before_tls(opt, &data, fixed)?
+            } else {
+                self.option(opt, &data, fixed, no_zeroes)?
+            };
+            if let Some(outcome) = end {
+                return Ok(outcome);
+            }
+        }
+        Err(protocol_error("too many options"))
+    }
+
+    /// Send the greeting, read the client's flags; None when the client left.
+    fn greet(&mut self) -> io::Result<Option<ClientFlags>> {
         let hflags = HandshakeFlags::FIXED_NEWSTYLE | HandshakeFlags::NO_ZEROES;
         self.out.extend_from_slice(&NBDMAGIC.to_be_bytes());
         self.out.extend_from_slice(&IHAVEOPT.to_be_bytes());
         self.out.extend_from_slice(&hflags.bits().to_be_bytes());
         self.send()?;
-
         let mut cf = [0u8; 4];
         match self.read_exact(&mut cf) {
             Ok(()) => {}
-            Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(Outcome::Closed),
+            Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(None),
             Err(e) => return Err(e),
         }
-        let client_flags = u32::from_be_bytes(cf);
-        let Some(client_flags) = ClientFlags::from_bits(client_flags) else {
+        let bits = u32::from_be_bytes(cf);
+        ClientFlags::from_bits(bits)
+            .map(Some)
+            .ok_or_else(|| protocol_error(format!("unknown client flags {bits:#x}")))
+    }
+
+    /// The next option and its data; None when the client left.
+    fn read_option(&mut self) -> io::Result<Option<(u32, Vec<u8>)>> {
+        let mut hdr = [0u8; 16];
+        match self.read_exact(&mut hdr) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(None),
+            Err(e) => return Err(e),
+        }
+        let (opt, len) =
+            wire::decode_option_header(&hdr).map_err(|e| protocol_error(e.to_string()))?;
+        if len > MAX_OPTION_LEN {
             return Err(protocol_error(format!(
-                "unknown client flags {client_flags:#x}"
+                "option {opt} length {len} is too long"
             )));
-        };
-        let fixed = client_flags.contains(ClientFlags::C_FIXED_NEWSTYLE);
-        let no_zeroes = client_flags.contains(ClientFlags::C_NO_ZEROES);
+        }
+        let mut data = vec![0u8; len as usize];
+        self.read_exact(&mut data)?;
+        tracing::trace!("option {} ({opt}), {len} bytes", opt_name(opt));
+        Ok(Some((opt, data)))
+    }
 
-        for _ in 0..MAX_OPTIONS {
-            let mut hdr = [0u8; 16];
-            match self.read_exact(&mut hdr) {
-                Ok(()) => {}
-                Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(Outcome::Closed),
-                Err(e) => return Err(e),
-            }
-            let (opt, len) =
-                wire::decode_option_header(&hdr).map_err(|e| protocol_error(e.to_string()))?;
-            if len > MAX_OPTION_LEN {
+    /// With `--tls-creds`, before STARTTLS: only STARTTLS is served (qemu's FORCEDTLS).
+    fn option_before_tls(
+        &mut self,
+        opt: u32,
+        data: &[u8],
+        fixed: bool,
+    ) -> io::Result<Option<Outcome>> {
+        if !fixed {
+            return Err(protocol_error(format!("Unsupported option {opt:#x}")));
+        }
+        match opt {
+            OPT_STARTTLS => self.start_tls(data)?,
+            // EXPORT_NAME cannot be refused but by hanging up.
+            OPT_EXPORT_NAME => {
                 return Err(protocol_error(format!(
-                    "option {opt} length {len} is too long"
-                )));
+                    "Option {opt:#x} not permitted before TLS"
+                )))
             }
-            let mut data = vec![0u8; len as usize];
-            self.read_exact(&mut data)?;
-            tracing::trace!("option {} ({opt}), {len} bytes", opt_name(opt));
-
-            if self.tls.is_some() && !self.tls_done {
-                if !fixed {
-                    return Err(protocol_error(format!("Unsupported option {opt:#x}")));
+            _ => {
+                // qemu answers even ABORT with TLS_REQD, then closes.
+                let msg = format!("Option {opt:#x} not permitted before TLS");
+                let r = self.error(opt, REP_ERR_TLS_REQD, &msg);
+                if opt == OPT_ABORT {
+                    return Ok(Some(Outcome::Closed));
                 }
-                match opt {
-                    OPT_STARTTLS => self.start_tls(&data)?,
-                    // EXPORT_NAME cannot be refused but by hanging up.
-                    OPT_EXPORT_NAME => {
-                        return Err(protocol_error(format!(
-                            "Option {opt:#x} not permitted before TLS"
-                        )))
-                    }
-                    _ => {
-                        // qemu answers even ABORT with TLS_REQD, then closes.
-                        let msg = format!("Option {opt:#x} not permitted before TLS");
-                        let r = self.error(opt, REP_ERR_TLS_REQD, &msg);
-                        if opt == OPT_ABORT {
-                            return Ok(Outcome::Closed);
-                        }
-                        r?;
-                    }
-                }
-                continue;
-            }
-            if opt == OPT_EXPORT_NAME {
-                return self.opt_export_name(&data, no_zeroes);
-            }
-            if !fixed {
-                return Err(protocol_error(
-                    "option other than EXPORT_NAME without fixed newstyle",
-                ));
-            }
-            match opt {
-                OPT_ABORT => {
-                    // The client may close before reading this; that is fine.
-                    let _ = self.reply(opt, REP_ACK, &[]);
-                    return Ok(Outcome::Closed);
-                }
-                OPT_LIST => self.opt_list(&data)?,
-                OPT_STARTTLS => self.opt_starttls(&data)?,
-                OPT_INFO | OPT_GO => {
-                    if self.opt_info_go(opt, &data)? {
-                        return Ok(Outcome::Transmission(std::mem::take(&mut self.neg)));
-                    }
-                }
-                OPT_STRUCTURED_REPLY => self.opt_structured_reply(&data)?,
-                OPT_EXTENDED_HEADERS => self.opt_extended_headers(&data)?,
-                OPT_LIST_META_CONTEXT | OPT_SET_META_CONTEXT => {
-                    self.opt_meta_context(opt, &data)?
-                }
-                _ => self.error(
-                    opt,
-                    REP_ERR_UNSUP,
-                    &format!("Unsupported option {opt} ({})", opt_name(opt)),
-                )?,
+                r?;
             }
         }
-        Err(protocol_error("too many options"))
+        Ok(None)
+    }
+
+    /// One option; Some when the handshake ends (transmission, or the client is done).
+    fn option(
+        &mut self,
+        opt: u32,
+        data: &[u8],
+        fixed: bool,
+        no_zeroes: bool,
+    ) -> io::Result<Option<Outcome>> {
+        if opt == OPT_EXPORT_NAME {
+            return self.opt_export_name(data, no_zeroes).map(Some);
+        }
+        if !fixed {
+            return Err(protocol_error(
+                "option other than EXPORT_NAME without fixed newstyle",
+            ));
+        }
+        match opt {
+            OPT_ABORT => {
+                // The client may close before reading this; that is fine.
+                let _ = self.reply(opt, REP_ACK, &[]);
+                return Ok(Some(Outcome::Closed));
+            }
+            OPT_LIST => self.opt_list(data)?,
+            OPT_STARTTLS => self.opt_starttls(data)?,
+            OPT_INFO | OPT_GO => {
+                if self.opt_info_go(opt, data)? {
+                    return Ok(Some(Outcome::Transmission(std::mem::take(&mut self.neg))));
+                }
+            }
+            OPT_STRUCTURED_REPLY => self.opt_structured_reply(data)?,
+            OPT_EXTENDED_HEADERS => self.opt_extended_headers(data)?,
+            OPT_LIST_META_CONTEXT | OPT_SET_META_CONTEXT => self.opt_meta_context(opt, data)?,
+            _ => self.error(
+                opt,
+                REP_ERR_UNSUP,
+                &format!("Unsupported option {opt} ({})", opt_name(opt)),
+            )?,
+        }
+        Ok(None)
     }
 
     fn opt_export_name(&mut self, data: &[u8], no_zeroes: bool) -> io::Result<Outcome> {
