@@ -84,3 +84,35 @@ fn map_matches_qemu_nbd_on_a_sparse_image() {
         "qemu:allocation-depth: qnbd vs qemu-nbd"
     );
 }
+
+/// A probed raw image is restricted to whole sectors, as qemu does to protect its first
+/// sector: the minimum block size is 512 without `-f`, 1 with `-f raw`, as qemu-nbd says.
+#[test]
+fn block_sizes_of_probed_and_named_raw_equal_qemu_nbds() {
+    if !have("nbdinfo") || !have("qemu-nbd") {
+        return;
+    }
+    let dir = tmpdir();
+    let img = make_raw(dir.path(), "odd.img", 0, &[(0, &[7u8; 1000])]);
+    let field = |bin: &str, fmt: &[&str]| {
+        let mut args = vec!["-t"];
+        args.extend_from_slice(fmt);
+        args.push(img.to_str().unwrap());
+        let s = Server::unix(bin, &args);
+        let json = ok(Command::new("nbdinfo").args(["--json", &s.uri()]));
+        json.lines()
+            .filter(|l| l.contains("block_size_") || l.contains("\"export-size\""))
+            .map(|l| l.trim().to_string())
+            .collect::<Vec<_>>()
+    };
+    for fmt in [&[][..], &["-f", "raw"][..]] {
+        let ours = field(QNBD, fmt);
+        assert_eq!(ours, field("qemu-nbd", fmt), "{fmt:?}");
+        let min = if fmt.is_empty() { "512" } else { "1" };
+        assert!(
+            ours.iter()
+                .any(|l| l == &format!("\"block_size_minimum\": {min},")),
+            "{fmt:?}: {ours:?}"
+        );
+    }
+}

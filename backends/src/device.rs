@@ -37,6 +37,11 @@ impl Device {
         &self.backend
     }
 
+    /// qemu's `request_alignment` of the image (the minimum block size clients are told).
+    pub fn request_alignment(&self) -> u32 {
+        self.backend.request_alignment()
+    }
+
     pub fn format_name(&self) -> &'static str {
         self.backend.format_name()
     }

@@ -38,6 +38,9 @@ pub trait Filter: Send + Sync + Debug {
     fn format_name(&self) -> &'static str {
         self.inner().format_name()
     }
+    fn request_alignment(&self) -> u32 {
+        self.inner().request_alignment()
+    }
     fn bitmap_check(&self, name: &str) -> Result<()> {
         self.inner().bitmap_check(name)
     }
@@ -79,6 +82,9 @@ impl<T: Filter> BlockBackend for T {
     }
     fn format_name(&self) -> &'static str {
         Filter::format_name(self)
+    }
+    fn request_alignment(&self) -> u32 {
+        Filter::request_alignment(self)
     }
     fn bitmap_check(&self, name: &str) -> Result<()> {
         Filter::bitmap_check(self, name)

@@ -141,6 +141,12 @@ pub trait BlockBackend: Send + Sync + Debug {
     /// The format's name, as `qemu-img info` prints it.
     fn format_name(&self) -> &'static str;
 
+    /// The smallest unit a request should use (qemu's `request_alignment`): smaller or
+    /// unaligned requests still work, read-modify-written by the layer that needs it.
+    fn request_alignment(&self) -> u32 {
+        1
+    }
+
     /// Whether persistent dirty bitmap `name` exists here (or in a backing file) and can be
     /// exported; Err carries qemu's message.
     fn bitmap_check(&self, name: &str) -> Result<()> {

@@ -55,6 +55,10 @@ impl Filter for ProbedRaw {
     fn inner(&self) -> &Arc<dyn BlockBackend> {
         &self.inner
     }
+    /// qemu restricts a probed image to whole sectors, the easier to protect the first.
+    fn request_alignment(&self) -> u32 {
+        512
+    }
     fn write(&self, offset: u64, buf: &[u8], flags: IoFlags) -> Result<()> {
         self.check_block0(offset, buf)?;
         self.inner.write(offset, buf, flags)

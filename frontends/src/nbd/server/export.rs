@@ -16,9 +16,8 @@ pub struct Export {
     pub contexts: Vec<MetaContext>,
 }
 
-/// Block sizes sent in NBD_INFO_BLOCK_SIZE: qemu-nbd's for a file (min 1, preferred 4 KiB,
-/// max 32 MiB).
-pub const MIN_BLOCK: u32 = 1;
+/// Block sizes sent in NBD_INFO_BLOCK_SIZE: qemu-nbd's for a file (min: the image's request
+/// alignment, 1 for most, 512 for a probed raw image; preferred 4 KiB; max 32 MiB).
 pub const PREFERRED_BLOCK: u32 = 4096;
 pub const MAX_BLOCK: u32 = MAX_BUFFER_SIZE;
 

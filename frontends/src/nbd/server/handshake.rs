@@ -1,7 +1,7 @@
 //! The fixed-newstyle handshake, server side: one function per option, in a loop bounded in
 //! option count, option length and time, producing what the transmission phase needs.
 
-use super::export::{Export, MAX_BLOCK, MIN_BLOCK, PREFERRED_BLOCK};
+use super::export::{Export, MAX_BLOCK, PREFERRED_BLOCK};
 use super::meta::{self, MetaContext};
 use crate::nbd::proto::*;
 use crate::nbd::wire::{self, Info};
@@ -419,8 +419,8 @@ impl Handshake<'_> {
         self.info(
             opt,
             &Info::BlockSize {
-                min: MIN_BLOCK,
-                preferred: PREFERRED_BLOCK,
+                min: self.export.device.request_alignment(),
+                preferred: PREFERRED_BLOCK.max(self.export.device.request_alignment()),
                 max: MAX_BLOCK,
             },
         );
