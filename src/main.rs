@@ -8,6 +8,7 @@ mod daemon;
 mod image_opts;
 mod list;
 mod listen;
+mod logging;
 mod object;
 mod prog;
 mod serve;
@@ -22,26 +23,6 @@ pub fn die(msg: impl std::fmt::Display) -> ! {
     eprintln!("{}: {msg}", prog::name());
     cleanup::run_on_error();
     std::process::exit(1);
-}
-
-fn init_logging(verbose: u8, trace: bool) {
-    use tracing_subscriber::EnvFilter;
-    let level = match (verbose, trace) {
-        (_, true) | (3.., _) => "trace",
-        (2, _) => "debug",
-        (1, _) => "info",
-        _ => "warn",
-    };
-    // rustls warns about clients' harmless quirks (an IP address sent as SNI) on every
-    // connection; qemu-nbd says nothing there, so only its errors get through by default.
-    let filter = EnvFilter::try_from_env("QNBD_LOG")
-        .unwrap_or_else(|_| EnvFilter::new(format!("{level},rustls=error")));
-    tracing_subscriber::fmt()
-        .with_writer(std::io::stderr)
-        .with_env_filter(filter)
-        .with_target(false)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
 }
 
 fn main() {
@@ -88,6 +69,19 @@ fn main() {
         print!("{}", cli::version(prog::invocation()));
         return;
     }
-    init_logging(cli.verbose, !cli.trace.is_empty());
+    let trace = logging::TraceSpec::parse(&cli.trace).unwrap_or_else(|e| {
+        eprintln!("{e}");
+        std::process::exit(1)
+    });
+    if trace.help {
+        for name in logging::EVENTS {
+            println!("{name}");
+        }
+        return;
+    }
+    if let Err(e) = logging::init(&trace) {
+        eprintln!("{e}");
+        std::process::exit(1);
+    }
     serve::run(cli);
 }

@@ -168,6 +168,52 @@ pub fn opt_name(opt: u32) -> &'static str {
     }
 }
 
+/// qemu's names for option replies (nbd_rep_lookup).
+pub fn rep_name(rep: u32) -> &'static str {
+    match rep {
+        REP_ACK => "ack",
+        REP_SERVER => "server",
+        REP_INFO => "info",
+        REP_META_CONTEXT => "meta context",
+        REP_ERR_UNSUP => "unsupported",
+        REP_ERR_POLICY => "denied by policy",
+        REP_ERR_INVALID => "invalid",
+        REP_ERR_PLATFORM => "platform lacks support",
+        REP_ERR_TLS_REQD => "TLS required",
+        REP_ERR_UNKNOWN => "export unknown",
+        REP_ERR_SHUTDOWN => "server shutting down",
+        REP_ERR_BLOCK_SIZE_REQD => "block size required",
+        _ => "<unknown>",
+    }
+}
+
+/// qemu's names for NBD_INFO types (nbd_info_lookup).
+pub fn info_name(info: u16) -> &'static str {
+    match info {
+        INFO_EXPORT => "export",
+        INFO_NAME => "name",
+        INFO_DESCRIPTION => "description",
+        INFO_BLOCK_SIZE => "block size",
+        _ => "<unknown>",
+    }
+}
+
+/// qemu's names for protocol errors (nbd_err_lookup).
+pub fn err_name(err: u32) -> &'static str {
+    match err {
+        0 => "success",
+        EPERM => "EPERM",
+        EIO => "EIO",
+        ENOMEM => "ENOMEM",
+        EINVAL => "EINVAL",
+        ENOSPC => "ENOSPC",
+        EOVERFLOW => "EOVERFLOW",
+        ENOTSUP => "ENOTSUP",
+        ESHUTDOWN => "ESHUTDOWN",
+        _ => "<unknown>",
+    }
+}
+
 /// Map a backend errno onto the set the protocol carries; anything else becomes EINVAL, as qemu does.
 pub fn wire_errno(errno: i32) -> u32 {
     match errno {

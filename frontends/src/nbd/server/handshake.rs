@@ -65,7 +65,22 @@ pub fn negotiate(
         tls,
         tls_done: false,
     };
-    hs.run()
+    let r = hs.run();
+    if let Ok(Outcome::Transmission(_)) = &r {
+        tracing::trace!(name: "nbd_negotiate_success", "Negotiation succeeded");
+    }
+    r
+}
+
+/// qemu's "Failed to read WHAT: REASON" for a failed option-phase read.
+fn read_error(what: &str, e: io::Error) -> io::Error {
+    let reason = match e.kind() {
+        io::ErrorKind::UnexpectedEof | io::ErrorKind::TimedOut | io::ErrorKind::WouldBlock => {
+            "Unexpected end-of-file before all data were read".to_string()
+        }
+        _ => format!("Unable to read from socket: {}", backends::errno_text(&e)),
+    };
+    io::Error::new(e.kind(), format!("Failed to read {what}: {reason}"))
 }
 
 fn time_limit() -> io::Error {
@@ -97,11 +112,39 @@ impl Handshake<'_> {
         Ok(Some(left))
     }
 
-    fn read_exact(&mut self, buf: &mut [u8]) -> io::Result<()> {
-        if let Some(left) = self.left()? {
-            self.stream.set_read_timeout(Some(left))?;
+    /// Fill `buf`, as qemu's nbd_read: Ok(false) when the client closed cleanly before the
+    /// first byte; otherwise an error in qemu's words, "Failed to read WHAT: REASON" (a
+    /// timeout reads as the end-of-file qemu sees once its timer shut the socket).
+    fn read_full(&mut self, buf: &mut [u8], what: &str) -> io::Result<bool> {
+        let mut got = 0;
+        while got < buf.len() {
+            let left = match self.left() {
+                Ok(l) => l,
+                Err(e) => return Err(read_error(what, e)),
+            };
+            if let Some(left) = left {
+                self.stream.set_read_timeout(Some(left))?;
+            }
+            match self.stream.read(&mut buf[got..]) {
+                Ok(0) if got == 0 => return Ok(false),
+                Ok(0) => {
+                    return Err(read_error(what, io::ErrorKind::UnexpectedEof.into()));
+                }
+                Ok(n) => got += n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(read_error(what, limit_error(e))),
+            }
         }
-        self.stream.read_exact(buf).map_err(limit_error)
+        Ok(true)
+    }
+
+    /// Like [`Handshake::read_full`], where a clean end is an error too.
+    fn read_exact(&mut self, buf: &mut [u8], what: &str) -> io::Result<()> {
+        if self.read_full(buf, what)? {
+            Ok(())
+        } else {
+            Err(read_error(what, io::ErrorKind::UnexpectedEof.into()))
+        }
     }
 
     /// The limit bounds writes too: a client that never reads its replies is dropped.
@@ -118,24 +161,44 @@ impl Handshake<'_> {
         r.map_err(limit_error)
     }
 
-    /// Queue one NBD_REP_INFO (sent with the next reply).
+    /// Queue one option reply (sent by the next `send`).
+    fn queue(&mut self, opt: u32, rep: u32, data: &[u8]) {
+        tracing::trace!(
+            name: "nbd_negotiate_send_rep_len",
+            "Reply opt={opt} ({}), type={rep} ({}), len={}",
+            opt_name(opt),
+            rep_name(rep),
+            data.len()
+        );
+        wire::encode_option_reply(&mut self.out, opt, rep, data);
+    }
+
+    /// Queue one NBD_REP_INFO.
     fn info(&mut self, opt: u32, info: &Info) {
         let mut p = Vec::new();
         wire::encode_info(&mut p, info);
-        wire::encode_option_reply(&mut self.out, opt, REP_INFO, &p);
+        let typ = u16::from_be_bytes([p[0], p[1]]);
+        tracing::trace!(
+            name: "nbd_negotiate_send_info",
+            "Sending NBD_REP_INFO type {typ} ({}) with remaining length {}",
+            info_name(typ),
+            p.len() - 2
+        );
+        self.queue(opt, REP_INFO, &p);
     }
 
     fn reply(&mut self, opt: u32, rep: u32, data: &[u8]) -> io::Result<()> {
-        wire::encode_option_reply(&mut self.out, opt, rep, data);
+        self.queue(opt, rep, data);
         self.send()
     }
 
     fn error(&mut self, opt: u32, rep: u32, msg: &str) -> io::Result<()> {
-        tracing::debug!("option {} refused: {msg}", opt_name(opt));
+        tracing::trace!(name: "nbd_negotiate_send_rep_err", "sending error message \"{msg}\"");
         self.reply(opt, rep, msg.as_bytes())
     }
 
     fn run(&mut self) -> io::Result<Outcome> {
+        tracing::trace!(name: "nbd_negotiate_begin", "Beginning negotiation");
         let Some(client_flags) = self.greet()? else {
             return Ok(Outcome::Closed);
         };
@@ -165,35 +228,46 @@ impl Handshake<'_> {
         self.out.extend_from_slice(&hflags.bits().to_be_bytes());
         self.send()?;
         let mut cf = [0u8; 4];
-        match self.read_exact(&mut cf) {
-            Ok(()) => {}
-            Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(None),
-            Err(e) => return Err(e),
+        if !self.read_full(&mut cf, "flags")? {
+            return Ok(None);
         }
         let bits = u32::from_be_bytes(cf);
+        tracing::trace!(name: "nbd_negotiate_options_flags", "Received client flags 0x{bits:x}");
         ClientFlags::from_bits(bits)
             .map(Some)
-            .ok_or_else(|| protocol_error(format!("unknown client flags {bits:#x}")))
+            .ok_or_else(|| protocol_error(format!("Unknown client flags 0x{bits:x} received")))
     }
 
     /// The next option and its data; None when the client left.
     fn read_option(&mut self) -> io::Result<Option<(u32, Vec<u8>)>> {
         let mut hdr = [0u8; 16];
-        match self.read_exact(&mut hdr) {
-            Ok(()) => {}
-            Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(None),
-            Err(e) => return Err(e),
+        if !self.read_full(&mut hdr, "opts magic")? {
+            return Ok(None);
         }
+        tracing::trace!(
+            name: "nbd_negotiate_options_check_magic",
+            "Checking opts magic 0x{:x}",
+            u64::from_be_bytes([hdr[0], hdr[1], hdr[2], hdr[3], hdr[4], hdr[5], hdr[6], hdr[7]])
+        );
         let (opt, len) =
-            wire::decode_option_header(&hdr).map_err(|e| protocol_error(e.to_string()))?;
+            wire::decode_option_header(&hdr).map_err(|_| protocol_error("Bad magic received"))?;
         if len > MAX_OPTION_LEN {
             return Err(protocol_error(format!(
                 "option {opt} length {len} is too long"
             )));
         }
         let mut data = vec![0u8; len as usize];
-        self.read_exact(&mut data)?;
-        tracing::trace!("option {} ({opt}), {len} bytes", opt_name(opt));
+        let what = if opt == OPT_EXPORT_NAME {
+            "export name"
+        } else {
+            "option data"
+        };
+        self.read_exact(&mut data, what)?;
+        tracing::trace!(
+            name: "nbd_negotiate_options_check_option",
+            "Checking option {opt} ({})",
+            opt_name(opt)
+        );
         Ok(Some((opt, data)))
     }
 
@@ -304,11 +378,16 @@ impl Handshake<'_> {
                 "option 'list' has unexpected length",
             );
         }
+        tracing::trace!(
+            name: "nbd_negotiate_send_rep_list",
+            "Advertising export name '{}' description '{}'",
+            self.export.name,
+            self.export.description
+        );
         let mut rep = Vec::new();
         wire::encode_rep_server(&mut rep, &self.export.name, &self.export.description);
-        wire::encode_option_reply(&mut self.out, OPT_LIST, REP_SERVER, &rep);
-        wire::encode_option_reply(&mut self.out, OPT_LIST, REP_ACK, &[]);
-        self.send()
+        self.queue(OPT_LIST, REP_SERVER, &rep);
+        self.reply(OPT_LIST, REP_ACK, &[])
     }
 
     fn opt_starttls(&mut self, data: &[u8]) -> io::Result<()> {
@@ -339,10 +418,13 @@ impl Handshake<'_> {
             );
             return Err(protocol_error("STARTTLS with a payload"));
         }
+        tracing::trace!(name: "nbd_negotiate_handle_starttls", "Setting up TLS");
         self.reply(OPT_STARTTLS, REP_ACK, &[])?;
+        tracing::trace!(
+            name: "nbd_negotiate_handle_starttls_handshake",
+            "Starting TLS handshake"
+        );
         if let Err(e) = tls::accept(self.stream, tls, self.deadline) {
-            // qemu reports every failed negotiation, TLS ones included, on stderr.
-            tracing::warn!("option negotiation failed: {e}");
             return Err(io::Error::new(
                 io::ErrorKind::PermissionDenied,
                 e.to_string(),
@@ -402,6 +484,22 @@ impl Handshake<'_> {
             )?;
             return Ok(false);
         };
+        tracing::trace!(
+            name: "nbd_negotiate_handle_export_name_request",
+            "Client requested export '{name}'"
+        );
+        tracing::trace!(
+            name: "nbd_negotiate_handle_info_requests",
+            "Client requested {} items of info",
+            items.len()
+        );
+        for i in &items {
+            tracing::trace!(
+                name: "nbd_negotiate_handle_info_request",
+                "Client requested info {i} ({})",
+                info_name(*i)
+            );
+        }
         if name != self.export.name {
             self.error(
                 opt,
@@ -416,11 +514,17 @@ impl Handshake<'_> {
         if !self.export.description.is_empty() {
             self.info(opt, &Info::Description(self.export.description.clone()));
         }
+        let min = self.export.device.request_alignment();
+        let preferred = PREFERRED_BLOCK.max(min);
+        tracing::trace!(
+            name: "nbd_negotiate_handle_info_block_size",
+            "advertising minimum 0x{min:x}, preferred 0x{preferred:x}, maximum 0x{MAX_BLOCK:x}"
+        );
         self.info(
             opt,
             &Info::BlockSize {
-                min: self.export.device.request_alignment(),
-                preferred: PREFERRED_BLOCK.max(self.export.device.request_alignment()),
+                min,
+                preferred,
                 max: MAX_BLOCK,
             },
         );
@@ -434,9 +538,12 @@ impl Handshake<'_> {
             .flags(self.neg.structured, self.neg.extended, contexts)
             .bits();
         let size = self.export.device.size();
+        tracing::trace!(
+            name: "nbd_negotiate_new_style_size_flags",
+            "advertising size {size} and flags 0x{flags:x}"
+        );
         self.info(opt, &Info::Export { size, flags });
-        wire::encode_option_reply(&mut self.out, opt, REP_ACK, &[]);
-        self.send()?;
+        self.reply(opt, REP_ACK, &[])?;
         if opt == OPT_GO {
             if self.meta_export.as_deref() != Some(name.as_str()) {
                 self.neg.contexts.clear();
@@ -461,7 +568,14 @@ impl Handshake<'_> {
             );
             return self.error(opt, REP_ERR_INVALID, &msg);
         }
-        let Some((name, queries)) = wire::decode_meta_request(data) else {
+        let Some((name, queries)) = wire::decode_meta_request(data).inspect(|(name, q)| {
+            tracing::trace!(
+                name: "nbd_negotiate_meta_context",
+                "Client requested {} for export {name}, with {} queries",
+                opt_name(opt),
+                q.len()
+            )
+        }) else {
             return self.error(
                 opt,
                 REP_ERR_INVALID,
@@ -481,6 +595,18 @@ impl Handshake<'_> {
             chosen.extend(all.iter().cloned());
         }
         for q in &queries {
+            // qemu traces the namespace and the leaf it parsed.
+            match q.split_once(':') {
+                Some((ns, leaf)) => {
+                    tracing::trace!(name: "nbd_negotiate_meta_query_parse", "Parsed meta query '{ns}:'");
+                    if !leaf.is_empty() {
+                        tracing::trace!(name: "nbd_negotiate_meta_query_parse", "Parsed meta query '{leaf}'");
+                    }
+                }
+                None => {
+                    tracing::trace!(name: "nbd_negotiate_meta_query_parse", "Parsed meta query '{q}'")
+                }
+            }
             let found: Vec<&MetaContext> = if set {
                 meta::set_match(all, q).into_iter().collect()
             } else {
@@ -494,11 +620,17 @@ impl Handshake<'_> {
         }
         for c in &chosen {
             let id = if set { c.id } else { 0 };
+            tracing::trace!(
+                name: "nbd_negotiate_meta_query_reply",
+                "Replying with meta context '{}' id {id}",
+                c.name
+            );
             let mut p = Vec::new();
             wire::encode_meta_context(&mut p, id, &c.name);
+            // qemu sends these without its rep_len trace point.
             wire::encode_option_reply(&mut self.out, opt, REP_META_CONTEXT, &p);
         }
-        wire::encode_option_reply(&mut self.out, opt, REP_ACK, &[]);
+        self.queue(opt, REP_ACK, &[]);
         if set {
             self.neg.contexts = chosen;
             self.meta_export = Some(name);

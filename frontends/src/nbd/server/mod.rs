@@ -211,7 +211,8 @@ fn handle_connection_tracked(
         }
         Ok(handshake::Outcome::Closed) => false,
         Err(e) => {
-            tracing::info!("handshake failed: {e}");
+            // qemu reports every failed negotiation on stderr.
+            tracing::error!("option negotiation failed: {e}");
             stream.abort();
             false
         }
@@ -234,7 +235,7 @@ fn handle_connection(mut stream: Stream, export: &Export, opts: &ServerOptions) 
         }
         Ok(handshake::Outcome::Closed) => {}
         Err(e) => {
-            tracing::info!("handshake failed: {e}");
+            tracing::error!("option negotiation failed: {e}");
             stream.abort();
         }
     }

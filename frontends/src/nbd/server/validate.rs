@@ -37,6 +37,14 @@ pub fn payload(req: &Request, neg: &Negotiated) -> Payload {
     if req.cmd != CMD_WRITE && !with_len {
         return Payload::None;
     }
+    if neg.extended && req.cmd == CMD_WRITE && !with_len {
+        tracing::trace!(
+            name: "nbd_co_receive_ext_payload_compliance",
+            "client sent non-compliant write without payload flag: from=0x{:x}, len=0x{:x}",
+            req.offset,
+            req.len
+        );
+    }
     if req.len > MAX_BUFFER_SIZE as u64 {
         return Payload::Fatal(format!(
             "len ({}) is larger than max len ({MAX_BUFFER_SIZE})",

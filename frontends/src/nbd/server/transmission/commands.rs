@@ -85,8 +85,10 @@ impl Conn<'_> {
     fn send_ok(&self, req: &Request, hdr: &mut Vec<u8>) -> io::Result<()> {
         hdr.clear();
         if self.neg.extended {
+            trace_done(req.cookie);
             wire::encode_done(hdr, true, req.cookie, req.offset);
         } else {
+            trace_simple(req.cookie, 0, 0);
             wire::encode_simple_reply(hdr, 0, req.cookie);
         }
         self.write_reply(&mut [IoSlice::new(hdr)])
@@ -95,6 +97,14 @@ impl Conn<'_> {
     fn send_error(&self, req: &Request, r: Reject, hdr: &mut Vec<u8>) -> io::Result<()> {
         hdr.clear();
         if self.structured() {
+            tracing::trace!(
+                name: "nbd_co_send_chunk_error",
+                "Send structured error reply: cookie = {}, error = {} ({}), msg = '{}'",
+                req.cookie,
+                r.errno,
+                err_name(r.errno),
+                r.msg
+            );
             wire::encode_error_chunk(
                 hdr,
                 self.neg.extended,
@@ -104,6 +114,7 @@ impl Conn<'_> {
                 &r.msg,
             );
         } else {
+            trace_simple(req.cookie, r.errno, 0);
             wire::encode_simple_reply(hdr, r.errno, req.cookie);
         }
         self.write_reply(&mut [IoSlice::new(hdr)])
@@ -115,6 +126,7 @@ impl Conn<'_> {
         let ext = self.neg.extended;
         if self.structured() && n == 0 {
             s.hdr.clear();
+            trace_done(req.cookie);
             wire::encode_done(&mut s.hdr, ext, req.cookie, req.offset);
             return self.write_reply(&mut [IoSlice::new(&s.hdr)]);
         }
@@ -130,6 +142,7 @@ impl Conn<'_> {
         }
         s.hdr.clear();
         if self.structured() {
+            trace_data(req.cookie, req.offset, s.data.as_ptr(), len);
             wire::encode_data_header(
                 &mut s.hdr,
                 ext,
@@ -140,6 +153,7 @@ impl Conn<'_> {
                 len,
             );
         } else {
+            trace_simple(req.cookie, 0, len);
             wire::encode_simple_reply(&mut s.hdr, 0, req.cookie);
         }
         self.write_reply(&mut [IoSlice::new(&s.hdr), IoSlice::new(&s.data[..n])])
@@ -196,9 +210,15 @@ impl Conn<'_> {
             let start = s.hdr.len();
             if hole {
                 let at = req.offset + off;
+                tracing::trace!(
+                    name: "nbd_co_send_chunk_read_hole",
+                    "Send structured read hole reply: cookie = {}, offset = {at}, len = {l}",
+                    req.cookie
+                );
                 wire::encode_hole(&mut s.hdr, ext, flags, req.cookie, req.offset, at, l as u32);
             } else {
                 let at = req.offset + off;
+                trace_data(req.cookie, at, s.data[off as usize..].as_ptr(), l);
                 wire::encode_data_header(&mut s.hdr, ext, flags, req.cookie, req.offset, at, l);
             }
             marks.push((start, s.hdr.len()));
@@ -298,10 +318,41 @@ impl Conn<'_> {
             } else {
                 0
             };
+            tracing::trace!(
+                name: "nbd_co_send_extents",
+                "Send block status reply: cookie = {}, extents = {}, context = {} (extents cover {} bytes, last chunk = {})",
+                req.cookie,
+                runs.len(),
+                ctx.id,
+                runs.iter().map(|r| r.0).sum::<u64>(),
+                u8::from(flags == REPLY_FLAG_DONE)
+            );
             wire::encode_block_status(
                 &mut s.hdr, ext, flags, req.cookie, req.offset, ctx.id, &runs,
             );
         }
         self.write_reply(&mut [IoSlice::new(&s.hdr)])
     }
+}
+
+fn trace_simple(cookie: u64, error: u32, len: u64) {
+    tracing::trace!(
+        name: "nbd_co_send_simple_reply",
+        "Send simple reply: cookie = {cookie}, error = {error} ({}), len = {len}",
+        err_name(error)
+    );
+}
+
+fn trace_done(cookie: u64) {
+    tracing::trace!(
+        name: "nbd_co_send_chunk_done",
+        "Send structured reply done: cookie = {cookie}"
+    );
+}
+
+fn trace_data(cookie: u64, offset: u64, data: *const u8, len: u64) {
+    tracing::trace!(
+        name: "nbd_co_send_chunk_read",
+        "Send structured read data reply: cookie = {cookie}, offset = {offset}, data = {data:p}, len = {len}"
+    );
 }

@@ -161,6 +161,7 @@ impl<'a> Conn<'a> {
     fn next_request(&self, rd: &mut BufReader<Stream>, data: &mut GrowBuf) -> io::Result<Next> {
         let mut hdr = [0u8; wire::EXTENDED_REQUEST_LEN];
         let hdr = &mut hdr[..wire::request_len(self.neg.extended)];
+        tracing::trace!(name: "nbd_trip", "Reading request");
         rd.read_exact(hdr)?;
         let req = match wire::decode_request(hdr, self.neg.extended) {
             Ok(Some(r)) => r,
@@ -168,11 +169,20 @@ impl<'a> Conn<'a> {
             Err(e) => return Err(io::Error::new(io::ErrorKind::InvalidData, e.to_string())),
         };
         tracing::trace!(
-            cmd = cmd_name(req.cmd),
-            offset = req.offset,
-            len = req.len,
-            flags = req.flags.bits(),
-            "request"
+            name: "nbd_receive_request",
+            "Got request: {{ magic = 0x{:x}, .flags = 0x{:x}, .type = 0x{:x}, from = {}, len = {} }}",
+            u32::from_be_bytes([hdr[0], hdr[1], hdr[2], hdr[3]]),
+            req.flags.bits(),
+            req.cmd,
+            req.offset,
+            req.len
+        );
+        tracing::trace!(
+            name: "nbd_co_receive_request_decode_type",
+            "Decoding type: cookie = {}, type = {} ({})",
+            req.cookie,
+            req.cmd,
+            cmd_name(req.cmd)
         );
         if req.cmd == CMD_DISC {
             return Ok(Next::Disconnect);
@@ -182,6 +192,11 @@ impl<'a> Conn<'a> {
             Payload::Read(n) => {
                 data.set_len(n);
                 rd.read_exact(data)?;
+                tracing::trace!(
+                    name: "nbd_co_receive_request_payload_received",
+                    "Payload received: cookie = {}, len = {n}",
+                    req.cookie
+                );
             }
             Payload::Drain(n) => {
                 data.set_len(0);
