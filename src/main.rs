@@ -11,6 +11,7 @@ mod listen;
 mod object;
 mod prog;
 mod serve;
+mod ublk;
 
 use clap::Parser;
 use cli::Cli;
