@@ -322,27 +322,22 @@ fn recover(opts: &UblkOptions, size: u64) -> Result<UblkCtrl, UblkError> {
     if !exists(id) {
         return Err(UblkError::NoSuchDevice { path: path.clone() });
     }
-    let ctrl = UblkCtrlBuilder::default()
-        .name("qnbd")
-        .id(id as i32)
-        .ctrl_flags(CTRL_FLAGS)
-        .dev_flags(UblkFlags::UBLK_DEV_F_RECOVER_DEV)
-        .build()
-        .map_err(|e| fail(super::describe(&e)))?;
+    let probe = UblkCtrl::new_simple(id as i32).map_err(|e| fail(super::describe(&e)))?;
     // Right after a kill the kernel may not have noticed the death yet.
     let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let info = ctrl.dev_info();
+    let info = loop {
+        let info = probe.dev_info();
         if info.flags & u64::from(sys::UBLK_F_USER_RECOVERY) == 0 {
             return Err(fail("it was not created for recovery".into()));
         }
         match u32::from(info.state) {
-            sys::UBLK_S_DEV_QUIESCED | sys::UBLK_S_DEV_FAIL_IO => break,
+            sys::UBLK_S_DEV_QUIESCED | sys::UBLK_S_DEV_FAIL_IO => break info,
             sys::UBLK_S_DEV_LIVE
                 if !process_alive(info.ublksrv_pid) && Instant::now() < deadline =>
             {
                 std::thread::sleep(Duration::from_millis(50));
-                ctrl.read_dev_info()
+                probe
+                    .read_dev_info()
                     .map_err(|e| fail(super::describe(&e)))?;
             }
             sys::UBLK_S_DEV_LIVE => {
@@ -353,6 +348,24 @@ fn recover(opts: &UblkOptions, size: u64) -> Result<UblkCtrl, UblkError> {
             }
             _ => return Err(fail("it is not started".into())),
         }
+    };
+    // The device keeps its queues, depth and buffer size; the new control must match them.
+    let ctrl = UblkCtrlBuilder::default()
+        .name("qnbd")
+        .id(id as i32)
+        .nr_queues(info.nr_hw_queues)
+        .depth(info.queue_depth)
+        .io_buf_bytes(info.max_io_buf_bytes)
+        .ctrl_flags(CTRL_FLAGS)
+        .dev_flags(UblkFlags::UBLK_DEV_F_RECOVER_DEV)
+        .build()
+        .map_err(|e| fail(super::describe(&e)))?;
+    if (info.nr_hw_queues, info.queue_depth) != (opts.queues, opts.depth) {
+        tracing::info!(
+            "{path} keeps its {} queues of depth {}",
+            info.nr_hw_queues,
+            info.queue_depth
+        );
     }
     let mut p = sys::ublk_params::default();
     ctrl.get_params(&mut p)

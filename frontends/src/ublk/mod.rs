@@ -114,22 +114,62 @@ pub fn describe(e: &libublk::UblkError) -> String {
     }
 }
 
-/// Move this thread (and the threads it starts later) to a private copy of the mount
-/// namespace, so that a filesystem mounted on our own device is never unmounted by our
-/// exit (libublk-rs#50: that unmount would need the server that is exiting). Mounts made
-/// after this do not propagate into the copy.
+/// Move this thread (and the threads it starts later) to a copy of the mount namespace
+/// that holds no filesystem on a ublk device, so our exit can never be what unmounts one
+/// (libublk-rs#50: that unmount would need I/O from the server that is exiting). The copy
+/// follows the original (a slave): later mounts and unmounts there reach it, so it never
+/// keeps a filesystem alive that the user unmounted. Copies of filesystems already mounted
+/// from a ublk device (a device being recovered) are detached here.
 pub fn private_mount_namespace() -> Result<(), String> {
-    use nix::mount::{mount, MsFlags};
+    use nix::mount::{mount, umount2, MntFlags, MsFlags};
     use nix::sched::{unshare, CloneFlags};
     unshare(CloneFlags::CLONE_NEWNS).map_err(|e| format!("unshare(CLONE_NEWNS): {}", e.desc()))?;
     mount(
         None::<&str>,
         "/",
         None::<&str>,
-        MsFlags::MS_REC | MsFlags::MS_PRIVATE,
+        MsFlags::MS_REC | MsFlags::MS_SLAVE,
         None::<&str>,
     )
-    .map_err(|e| format!("making / private: {}", e.desc()))
+    .map_err(|e| format!("making / a slave mount: {}", e.desc()))?;
+    let info = std::fs::read_to_string("/proc/self/mountinfo")
+        .map_err(|e| format!("reading /proc/self/mountinfo: {e}"))?;
+    for target in ublk_mounts(&info).iter().rev() {
+        if let Err(e) = umount2(target.as_str(), MntFlags::MNT_DETACH) {
+            tracing::debug!("detaching our copy of {target}: {}", e.desc());
+        }
+    }
+    Ok(())
+}
+
+/// Mount points (in mount order) of filesystems whose source is a ublk device.
+fn ublk_mounts(mountinfo: &str) -> Vec<String> {
+    mountinfo
+        .lines()
+        .filter_map(|l| {
+            let (left, right) = l.split_once(" - ")?;
+            let source = right.split(' ').nth(1)?;
+            let target = left.split(' ').nth(4)?;
+            source.starts_with(BDEV_PREFIX).then(|| unescape(target))
+        })
+        .collect()
+}
+
+/// mountinfo escapes space, tab, newline and backslash as `\ooo`.
+fn unescape(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'\\' && i + 3 < b.len() && b[i + 1..i + 4].iter().all(|c| (b'0'..=b'7').contains(c)) {
+            out.push((b[i + 1] - b'0') * 64 + (b[i + 2] - b'0') * 8 + (b[i + 3] - b'0'));
+            i += 4;
+        } else {
+            out.push(b[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
 }
 
 #[cfg(test)]
@@ -147,6 +187,15 @@ mod tests {
         assert_eq!(parse_target("/dev/nbd0"), None);
         assert!(is_ublk_target("/dev/ublkbx"));
         assert!(!is_ublk_target("/dev/nbd0"));
+    }
+
+    #[test]
+    fn ublk_mount_points() {
+        let info = "22 1 0:20 / / rw - rootfs rootfs rw\n\
+                    40 22 259:0 / /mnt/a\\040b rw,relatime - ext4 /dev/ublkb3 rw\n\
+                    41 22 8:1 / /mnt/c rw - ext4 /dev/sda1 rw\n";
+        assert_eq!(ublk_mounts(info), vec!["/mnt/a b".to_string()]);
+        assert_eq!(unescape("x\\134y\\0"), "x\\y\\0");
     }
 
     #[test]
