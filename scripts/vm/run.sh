@@ -34,14 +34,23 @@ cp "$script" "$share/guest-test.sh"
 rm -f "$share/guest-rc"
 log=$share/console.log
 echo "vm/run: booting $kver with $(basename "$script") (share $share)" >&2
-set +e
-timeout "$timeout_s" "$qemu" -L "$cache/root/usr/share/seabios" -L "$cache/root/usr/share/qemu" \
-    -accel tcg -smp "$smp" -m 1024 -nographic -no-reboot -nic none \
-    -kernel "$cache/root/boot/vmlinuz-$kver" -initrd "$cache/initrd.cpio.gz" \
-    -append 'console=ttyS0 quiet panic=-1' \
-    -virtfs "local,path=$share,mount_tag=share,security_model=none" </dev/null 2>&1 | tee "$log"
-qrc=${PIPESTATUS[0]}
-set -e
+# TCG's emulator has been seen to crash while booting (a segfault before the kernel ran
+# anything of ours); such a boot is tried again, once.
+for attempt in 1 2; do
+    set +e
+    timeout "$timeout_s" "$qemu" -L "$cache/root/usr/share/seabios" -L "$cache/root/usr/share/qemu" \
+        -accel tcg -smp "$smp" -m 1024 -nographic -no-reboot -nic none \
+        -kernel "$cache/root/boot/vmlinuz-$kver" -initrd "$cache/initrd.cpio.gz" \
+        -append 'console=ttyS0 quiet panic=-1' \
+        -virtfs "local,path=$share,mount_tag=share,security_model=none" </dev/null 2>&1 | tee "$log"
+    qrc=${PIPESTATUS[0]}
+    set -e
+    if [ "$qrc" -gt 128 ] && [ "$qrc" != 124 ] && [ "$attempt" = 1 ] && ! grep -q '=== guest:' "$log"; then
+        echo "vm/run: qemu died at boot (exit $qrc); booting again" >&2
+        continue
+    fi
+    break
+done
 if [ "$qrc" = 124 ]; then
     echo "vm/run: the guest did not finish within ${timeout_s}s" >&2
     exit 124
