@@ -50,7 +50,18 @@ pub fn options(cli: &Cli) -> Option<UblkOptions> {
         ),
         recover: cli.recover,
         pin_queues: std::env::var("QNBD_UBLK_PIN").is_ok_and(|v| v == "1"),
+        io_buf_bytes: io_buf_bytes(),
     })
+}
+
+/// `QNBD_UBLK_BUF_KB` (tuning, like `QNBD_THREADS`): the largest request, 4 KiB to 4 MiB in
+/// whole pages; default [`ublk::IO_BUF_BYTES`].
+fn io_buf_bytes() -> u32 {
+    std::env::var("QNBD_UBLK_BUF_KB")
+        .ok()
+        .and_then(|v| v.parse::<u32>().ok())
+        .filter(|kb| (4..=4096).contains(kb) && kb % 4 == 0)
+        .map_or(ublk::IO_BUF_BYTES, |kb| kb << 10)
 }
 
 /// Serve `device` as a ublk device until it is stopped; never returns.

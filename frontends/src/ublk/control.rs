@@ -2,7 +2,9 @@
 //! delete — from whichever thread asks (libublk's control ring is per thread, so every
 //! control call here first makes sure the calling thread has one).
 
-use super::{device_params, device_path, exists, parse_target, queue, UblkError, UblkOptions};
+use super::{
+    device_params, device_path, exists, offload, parse_target, queue, UblkError, UblkOptions,
+};
 use backends::Device;
 use libublk::ctrl::{UblkCtrl, UblkCtrlBuilder};
 use libublk::io::UblkDev;
@@ -155,13 +157,20 @@ impl Ublk {
         .map_err(self.step("opening the character device"))?;
         let dev = Arc::new(dev);
         let nr = dev.dev_info.nr_hw_queues;
+        let tags = usize::from(nr) * usize::from(dev.dev_info.queue_depth);
+        let workers = offload::start(&device, tags).map_err(|e| UblkError::Step {
+            path: self.path().display().to_string(),
+            step: "starting the workers",
+            msg: e.to_string(),
+        })?;
         let (tx, rx) = mpsc::channel();
         let mut threads = Vec::with_capacity(usize::from(nr));
         for qid in 0..nr {
             let (dev, device, tx) = (dev.clone(), device.clone(), tx.clone());
+            let workers = workers.clone();
             let t = std::thread::Builder::new()
                 .name(format!("ublk-q{qid}"))
-                .spawn(move || queue::run(qid, &dev, device, tx))
+                .spawn(move || queue::run(qid, &dev, device, workers, tx))
                 .map_err(|e| UblkError::Step {
                     path: self.path().display().to_string(),
                     step: "starting a queue thread",
@@ -169,7 +178,7 @@ impl Ublk {
                 })?;
             threads.push(t);
         }
-        drop(tx);
+        drop((tx, workers));
         for _ in 0..nr {
             match rx.recv() {
                 Ok((qid, Ok(tid))) => {
@@ -294,7 +303,7 @@ fn add(opts: &UblkOptions) -> Result<UblkCtrl, UblkError> {
         .id(opts.id.map_or(-1, |i| i as i32))
         .nr_queues(opts.queues)
         .depth(opts.depth)
-        .io_buf_bytes(super::IO_BUF_BYTES)
+        .io_buf_bytes(opts.io_buf_bytes)
         .ctrl_flags(CTRL_FLAGS)
         .dev_flags(UblkFlags::UBLK_DEV_F_ADD_DEV)
         .build()

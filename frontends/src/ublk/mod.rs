@@ -1,6 +1,7 @@
 //! ublk: serve a `Device` as a local `/dev/ublkbN` block device through the kernel's ublk
-//! driver (libublk). No socket and no NBD framing: each queue thread takes requests from
-//! the driver and calls the synchronous `Device` itself.
+//! driver (libublk). No socket, no NBD framing and no executor: each queue thread takes
+//! requests from the driver and calls the synchronous `Device` itself, except for the
+//! blocking ones (flush, FUA), which a few workers serve (`offload.rs`).
 //!
 //! Lifecycle: [`Ublk::create`] adds a device (or, with `recover`, takes back one whose
 //! server died), [`Ublk::serve`] runs until the device is stopped, [`Ublk::stop`] and
@@ -8,6 +9,7 @@
 //! is `-d`: stop and delete a device served by another process.
 
 mod control;
+mod offload;
 mod params;
 mod queue;
 mod request;
@@ -24,7 +26,8 @@ pub const BDEV_PREFIX: &str = "/dev/ublkb";
 pub const DEFAULT_DEPTH: u16 = 128;
 /// Most queues created by default (one per CPU up to this).
 pub const DEFAULT_MAX_QUEUES: u16 = 4;
-/// Largest request, in bytes (the kernel splits larger ones).
+/// Largest request by default, in bytes (the kernel splits larger ones); one buffer of
+/// this size per tag.
 pub const IO_BUF_BYTES: u32 = 512 << 10;
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -37,6 +40,8 @@ pub struct UblkOptions {
     pub recover: bool,
     /// Pin each queue thread to the CPUs the kernel maps to its queue.
     pub pin_queues: bool,
+    /// Largest request in bytes (a multiple of the page size).
+    pub io_buf_bytes: u32,
 }
 
 impl UblkOptions {
