@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
-# Install the Debian packages qnbd's tests and benchmarks use (run as root, on Debian bookworm).
+# Install the Debian packages qnbd's build, tests and benchmarks use (run as root, on Debian
+# bookworm). libclang-dev: libublk's bindgen step needs libclang.
 # qemu-utils stays at the preinstalled version when one is present.
 set -euo pipefail
 export DEBIAN_FRONTEND=noninteractive
 apt-get update -qq
 apt-get install -y -qq --no-remove \
     qemu-utils libnbd-bin nbdkit python3-libnbd fio gnutls-bin openssl bc \
-    libssl-dev pkg-config >/dev/null
+    libssl-dev pkg-config libclang-dev >/dev/null
 for t in qemu-img qemu-io qemu-nbd nbdinfo nbdcopy nbdkit fio certtool psktool; do
     command -v "$t" >/dev/null || { echo "install-deps: $t is still missing" >&2; exit 1; }
 done

@@ -1,7 +1,8 @@
 //! What to undo when the process ends, however it ends — an error (`die`), a signal, the
-//! last client leaving, `-d`: the kernel device unbound, the image closed (qemu stores
-//! persistent bitmaps then), and the files we created removed (socket, `-s` overlay, pid
-//! file). One process-wide record, filled in as things are created.
+//! last client leaving, `-d`: the kernel device unbound (a ublk device stopped, and deleted
+//! after the close), the image closed (qemu stores persistent bitmaps then), and the files
+//! we created removed (socket, `-s` overlay, pid file). One process-wide record, filled in
+//! as things are created.
 
 use backends::BlockBackend;
 use std::path::PathBuf;
@@ -10,6 +11,9 @@ use std::sync::{Arc, Mutex, MutexGuard};
 pub struct Cleanup {
     /// A kernel device bound with -c: disconnected first, while the server still answers.
     pub unbind: Option<PathBuf>,
+    /// A ublk device served with -c: stopped first (the kernel writes back through the
+    /// queues), deleted once the image is closed.
+    pub ublk: Option<frontends::ublk::Ublk>,
     /// The opened image (closing it closes what it is layered on).
     pub image: Option<Arc<dyn BlockBackend>>,
     pub socket: Option<PathBuf>,
@@ -20,6 +24,7 @@ pub struct Cleanup {
 
 static CLEANUP: Mutex<Cleanup> = Mutex::new(Cleanup {
     unbind: None,
+    ublk: None,
     image: None,
     socket: None,
     overlay: None,
@@ -51,10 +56,16 @@ impl Cleanup {
                 tracing::info!("disconnecting {}: {e}", dev.display());
             }
         }
+        if let Some(u) = &self.ublk {
+            u.stop();
+        }
         if let Some(b) = self.image.take() {
             if let Err(e) = b.close() {
                 eprintln!("{}: flush on exit failed: {e}", crate::prog::name());
             }
+        }
+        if let Some(u) = self.ublk.take() {
+            u.delete();
         }
         for p in [
             self.socket.take(),

@@ -72,6 +72,15 @@ pub struct Cli {
     /// Beyond qemu-nbd: how -c/-d talk to the kernel (auto, netlink, ioctl).
     #[arg(long = "kernel-api")]
     pub kernel_api: Option<String>,
+    /// Beyond qemu-nbd: queues of a ublk device (-c ublk, -c /dev/ublkbN).
+    #[arg(long = "ublk-queues")]
+    pub ublk_queues: Option<String>,
+    /// Beyond qemu-nbd: requests in flight per ublk queue.
+    #[arg(long = "ublk-depth")]
+    pub ublk_depth: Option<String>,
+    /// Beyond qemu-nbd: with -c /dev/ublkbN, take back the device after its server died.
+    #[arg(long = "recover", action = ArgAction::SetTrue)]
+    pub recover: bool,
 
     #[arg(short = 'f', long = "format")]
     pub format: Option<String>,
@@ -147,6 +156,15 @@ Kernel NBD client support:
   -d, --disconnect          disconnect the specified device
       --connections=N       bind N sockets to the device (multi-conn)
       --kernel-api=API      auto (default), netlink or ioctl
+
+Local ublk block devices (beyond qemu-nbd; needs the ublk_drv module):
+  -c ublk                   serve FILE as the next free /dev/ublkbN (printed)
+  -c /dev/ublkbN            serve FILE as /dev/ublkbN
+  -d /dev/ublkbN            stop and delete the device
+      --ublk-queues=N       hardware queues (default: one per CPU, at most 4)
+      --ublk-depth=N        requests in flight per queue (default 128)
+      --recover             with -c /dev/ublkbN: take back the device after its
+                            server died (a mounted filesystem carries on)
 
 Block device options:
   -f, --format=FORMAT       set image format (raw, qcow2, ...)

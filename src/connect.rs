@@ -133,7 +133,7 @@ pub fn run(cli: &Cli, dev: &str, export: Export, readiness: Option<Readiness>) -
     }
     tracing::info!("{} is connected to {}", path.display(), cli.args[0]);
     if wanted.is_none() {
-        println!("{}", path.display());
+        crate::daemon::println(readiness.as_ref(), &path.display().to_string());
     }
     if let Some(r) = readiness {
         r.ready();

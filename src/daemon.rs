@@ -10,6 +10,8 @@ use std::os::unix::io::RawFd;
 /// Held by the child until it is serving.
 pub struct Readiness {
     old_stderr: RawFd,
+    /// The caller's stdout, for what the parent would print (`-c auto`'s device).
+    old_stdout: RawFd,
 }
 
 /// Fork. Returns in the child only; the parent exits once the child is ready.
@@ -47,21 +49,48 @@ pub fn fork_and_wait() -> std::io::Result<Readiness> {
             // A daemon keeps none of the caller's terminal or pipes: once ready, stderr is
             // /dev/null, so `$(qnbd --fork …)` returns as soon as the parent exits.
             let null = File::options().read(true).write(true).open("/dev/null")?;
+            let old_stdout = dup(1)?;
             dup2(null.as_raw_fd(), 0)?;
             dup2(null.as_raw_fd(), 1)?;
             let old_stderr = dup(null.as_raw_fd())?;
             let wr = wr.into_raw_fd();
             dup2(wr, 2)?;
             nix::unistd::close(wr)?;
-            Ok(Readiness { old_stderr })
+            Ok(Readiness {
+                old_stderr,
+                old_stdout,
+            })
         }
     }
 }
 
 impl Readiness {
+    /// Print a line on the caller's stdout (the daemon's own stdout is /dev/null).
+    pub fn println(&self, line: &str) {
+        let _ = nix::unistd::write(
+            // SAFETY: old_stdout is a descriptor this struct owns until `ready` closes it.
+            unsafe { std::os::fd::BorrowedFd::borrow_raw(self.old_stdout) },
+            format!("{line}\n").as_bytes(),
+        );
+    }
+
     /// Serving: point stderr at /dev/null, which closes the pipe and lets the parent exit.
     pub fn ready(self) {
+        let _ = nix::unistd::close(self.old_stdout);
         let _ = dup2(self.old_stderr, 2);
         let _ = nix::unistd::close(self.old_stderr);
+    }
+}
+
+/// Print a line for the caller: through `r` in a forked daemon, else on stdout.
+pub fn println(r: Option<&Readiness>, line: &str) {
+    match r {
+        Some(r) => r.println(line),
+        None => {
+            use std::io::Write;
+            let mut out = std::io::stdout().lock();
+            let _ = writeln!(out, "{line}");
+            let _ = out.flush();
+        }
     }
 }

@@ -12,6 +12,7 @@ mod logging;
 mod object;
 mod prog;
 mod serve;
+mod ublk;
 
 use clap::Parser;
 use cli::Cli;

@@ -122,6 +122,9 @@ pub fn run(cli: Cli) {
         if cli.args.len() != 1 {
             try_help();
         }
+        if frontends::ublk::is_ublk_target(&cli.args[0]) {
+            crate::ublk::disconnect(&cli.args[0]);
+        }
         crate::connect::disconnect(&cli);
     }
     if cli.list {
@@ -194,6 +197,7 @@ pub fn run(cli: Cli) {
     } else {
         None
     };
+    let ublk_opts = crate::ublk::options(&cli);
     let format = cli.format.as_deref().map(|f| match Format::from_name(f) {
         Some(f) => f,
         None => die(format!(
@@ -289,6 +293,11 @@ pub fn run(cli: Cli) {
         }
     }
 
+    if let Some(opts) = &ublk_opts {
+        write_pid_file(&cli);
+        install_signal_handlers();
+        crate::ublk::run(opts, device, readiness);
+    }
     if let Some(dev) = cli.connect.clone() {
         write_pid_file(&cli);
         install_signal_handlers();

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Boot the test guest and run GUEST_SCRIPT in it, with the project's qnbd binary and the
 # script on a 9p share (cwd of the script). Exits with the script's status; 77 when the guest
-# cannot run on this machine; 124 on timeout (QNBD_VM_TIMEOUT, default 300 s).
+# cannot run on this machine; 124 on timeout (QNBD_VM_TIMEOUT, default 300 s). QNBD_VM_SMP sets
+# the guest's CPUs (default 2; ublk gives a device at most one queue per CPU).
 #   scripts/vm/run.sh GUEST_SCRIPT [SHARE_DIR]
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
@@ -9,6 +10,7 @@ top=$(cd "$here/../.." && pwd)
 script=${1:?usage: run.sh GUEST_SCRIPT [SHARE_DIR]}
 share=${2:-}
 timeout_s=${QNBD_VM_TIMEOUT:-300}
+smp=${QNBD_VM_SMP:-2}
 
 cache=$(bash "$here/build.sh") || {
     rc=$?
@@ -32,14 +34,23 @@ cp "$script" "$share/guest-test.sh"
 rm -f "$share/guest-rc"
 log=$share/console.log
 echo "vm/run: booting $kver with $(basename "$script") (share $share)" >&2
-set +e
-timeout "$timeout_s" "$qemu" -L "$cache/root/usr/share/seabios" -L "$cache/root/usr/share/qemu" \
-    -accel tcg -smp 2 -m 1024 -nographic -no-reboot -nic none \
-    -kernel "$cache/root/boot/vmlinuz-$kver" -initrd "$cache/initrd.cpio.gz" \
-    -append 'console=ttyS0 quiet panic=-1' \
-    -virtfs "local,path=$share,mount_tag=share,security_model=none" </dev/null 2>&1 | tee "$log"
-qrc=${PIPESTATUS[0]}
-set -e
+# TCG's emulator has been seen to crash while booting (a segfault before the kernel ran
+# anything of ours); such a boot is tried again, once.
+for attempt in 1 2; do
+    set +e
+    timeout "$timeout_s" "$qemu" -L "$cache/root/usr/share/seabios" -L "$cache/root/usr/share/qemu" \
+        -accel tcg -smp "$smp" -m 1024 -nographic -no-reboot -nic none \
+        -kernel "$cache/root/boot/vmlinuz-$kver" -initrd "$cache/initrd.cpio.gz" \
+        -append 'console=ttyS0 quiet panic=-1' \
+        -virtfs "local,path=$share,mount_tag=share,security_model=none" </dev/null 2>&1 | tee "$log"
+    qrc=${PIPESTATUS[0]}
+    set -e
+    if [ "$qrc" -gt 128 ] && [ "$qrc" != 124 ] && [ "$attempt" = 1 ] && ! grep -q '=== guest:' "$log"; then
+        echo "vm/run: qemu died at boot (exit $qrc); booting again" >&2
+        continue
+    fi
+    break
+done
 if [ "$qrc" = 124 ]; then
     echo "vm/run: the guest did not finish within ${timeout_s}s" >&2
     exit 124

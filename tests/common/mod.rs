@@ -305,3 +305,38 @@ pub fn open_flags(pid: u32, img: &Path) -> Vec<u32> {
     }
     out
 }
+
+/// Boot the kernel test guest (scripts/vm/run.sh) with `cpus` CPUs and the built qnbd, and
+/// run `script` (a file in scripts/vm/guest/) there; the guest's checks must all pass. A
+/// machine that cannot run the guest is a loud SKIP, and a failure under QNBD_REQUIRE_TOOLS.
+pub fn run_guest_script(script: &str, cpus: u32) {
+    let top = env!("CARGO_MANIFEST_DIR");
+    let out = Command::new("bash")
+        .arg(format!("{top}/scripts/vm/run.sh"))
+        .arg(format!("{top}/scripts/vm/guest/{script}"))
+        .env("QNBD_BIN", QNBD)
+        .env("QNBD_VM_SMP", cpus.to_string())
+        .output()
+        .expect("run scripts/vm/run.sh");
+    let console = String::from_utf8_lossy(&out.stdout);
+    let errors = String::from_utf8_lossy(&out.stderr);
+    if out.status.code() == Some(77) {
+        eprintln!("SKIP: the kernel test guest cannot run on this machine:\n{errors}");
+        if std::env::var_os("QNBD_REQUIRE_TOOLS").is_some() {
+            panic!("the kernel test guest is required (QNBD_REQUIRE_TOOLS is set)");
+        }
+        return;
+    }
+    for line in console
+        .lines()
+        .filter(|l| l.starts_with("PASS") || l.starts_with("FAIL") || l.starts_with("SKIP"))
+    {
+        eprintln!("guest: {line}");
+    }
+    assert!(
+        out.status.success(),
+        "guest tests failed ({}):\n{console}\n{errors}",
+        out.status
+    );
+    assert!(console.contains(" passed, 0 failed"), "{console}");
+}

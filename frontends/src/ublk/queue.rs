@@ -1,0 +1,139 @@
+//! One queue thread: fetch requests from the driver, serve the quick ones right here with
+//! the synchronous backend call, hand the blocking ones (flush, FUA) to the workers, and
+//! commit every request from here (the driver takes commits only from this thread). One
+//! `IoBuf` per tag, allocated once: no allocation per request.
+
+use super::offload::{self, Completions, Job};
+use super::request;
+use backends::Device;
+use io_uring::{opcode, types};
+use libublk::io::{UblkDev, UblkIOCtx, UblkQueue};
+use libublk::{BufDesc, BufDescList, UblkIORes};
+use std::sync::mpsc::{Sender, SyncSender, TrySendError};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// What a queue thread reports once, before serving: its kernel thread id, or why it
+/// could not start.
+pub type Started = (u16, Result<libc::pid_t, String>);
+
+/// Post a read of the completions' eventfd on this queue's ring (a target I/O of tag 0).
+fn watch(q: &UblkQueue, done: &Completions, counter: &mut [u8; 8]) {
+    let sqe = opcode::Read::new(types::Fd(done.eventfd()), counter.as_mut_ptr(), 8)
+        .build()
+        .user_data(UblkIOCtx::build_user_data(0, 0, 0, true));
+    if let Err(e) = q.ublk_submit_sqe_sync(sqe) {
+        tracing::error!(
+            "ublk queue {}: posting the eventfd read: {}",
+            q.get_qid(),
+            super::describe(&e)
+        );
+    }
+}
+
+fn commit(q: &UblkQueue, tag: u16, buf: &[u8], res: i32) {
+    if let Err(e) = q.complete_io_cmd_unified(tag, BufDesc::Slice(buf), Ok(UblkIORes::Result(res)))
+    {
+        tracing::error!(
+            "ublk queue {}: committing tag {tag}: {}",
+            q.get_qid(),
+            super::describe(&e)
+        );
+    }
+}
+
+/// Run queue `qid` until the device stops. Reports to `started` once its fetch commands
+/// are queued (or it failed), so the caller starts the device only when every queue is in.
+pub fn run(
+    qid: u16,
+    dev: &UblkDev,
+    device: Device,
+    workers: SyncSender<Job>,
+    started: Sender<Started>,
+) {
+    let tid = libublk::ctrl::UblkCtrl::init_queue_thread();
+    let depth = usize::from(dev.dev_info.queue_depth);
+    let done = match Completions::new(depth) {
+        Ok(d) => d,
+        Err(e) => {
+            let _ = started.send((qid, Err(format!("eventfd: {e}"))));
+            return;
+        }
+    };
+    let mut bufs = dev.alloc_queue_io_bufs();
+    let queue = UblkQueue::new(qid, dev)
+        .and_then(|q| q.submit_fetch_commands_unified(BufDescList::Slices(Some(&bufs))));
+    let q = match queue {
+        Ok(q) => q,
+        Err(e) => {
+            let _ = started.send((qid, Err(super::describe(&e))));
+            return;
+        }
+    };
+    if started.send((qid, Ok(tid))).is_err() {
+        return;
+    }
+    drop(started);
+    tracing::debug!("ublk queue {qid} serving (tid {tid})");
+    let mut counter = [0u8; 8];
+    let mut finished: Vec<(u16, i32)> = Vec::with_capacity(depth);
+    let mut offloaded = 0usize;
+    watch(&q, &done, &mut counter);
+    q.wait_and_handle_io(|q: &UblkQueue, tag: u16, ctx: &UblkIOCtx| {
+        if ctx.is_tgt_io() {
+            // The workers finished some requests.
+            done.take(&mut finished);
+            for (tag, res) in finished.drain(..) {
+                offloaded -= 1;
+                if let Some(b) = bufs.get(usize::from(tag)) {
+                    commit(q, tag, b.as_slice(), res);
+                }
+            }
+            if ctx.result() >= 0 {
+                watch(q, &done, &mut counter);
+            }
+            return;
+        }
+        let iod = *q.get_iod(tag);
+        let Some(buf) = bufs.get_mut(usize::from(tag)) else {
+            tracing::error!("ublk queue {qid}: tag {tag} out of range");
+            return;
+        };
+        let req = request::decode(&iod);
+        tracing::trace!(
+            "ublk q{qid} tag {tag} {} offset {:#x} length {:#x}",
+            req.op.name(),
+            req.offset,
+            req.len
+        );
+        if offload::blocking(&req) {
+            let job = Job {
+                tag,
+                req,
+                buf: buf.as_mut_ptr(),
+                len: buf.len(),
+                done: Arc::clone(&done),
+            };
+            match workers.try_send(job) {
+                Ok(()) => {
+                    offloaded += 1;
+                    return;
+                }
+                Err(TrySendError::Full(_) | TrySendError::Disconnected(_)) => {}
+            }
+        }
+        let res = request::execute(&device, &req, buf.as_mut_slice());
+        commit(q, tag, buf.as_slice(), res);
+    });
+    // Requests still with a worker use their tag's buffer: wait for them before the
+    // buffers go (the driver normally lets a queue stop only when nothing is in flight).
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while done.pending() < offloaded && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    if done.pending() < offloaded {
+        tracing::error!("ublk queue {qid}: a worker did not finish; keeping its buffers");
+        std::mem::forget(bufs);
+    }
+    tracing::debug!("ublk queue {qid} stopped");
+}

@@ -1,0 +1,109 @@
+//! `-c ublk`, `-c /dev/ublkbN` (with `--recover`) and `-d /dev/ublkbN`: the image as a
+//! local ublk block device. Maps the options onto `frontends::ublk` and runs its lifecycle
+//! with the process-wide cleanup.
+
+use crate::cli::{parse_c_number, Cli};
+use crate::daemon::Readiness;
+use crate::{cleanup, die};
+use backends::Device;
+use frontends::ublk::{self, Ublk, UblkOptions};
+
+/// The ublk options when `-c` names a ublk device; None for an NBD device. Checked before
+/// anything is opened, with the options that make no sense here refused.
+pub fn options(cli: &Cli) -> Option<UblkOptions> {
+    let target = cli.connect.as_deref().filter(|d| ublk::is_ublk_target(d));
+    let Some(dev) = target else {
+        if cli.ublk_queues.is_some() || cli.ublk_depth.is_some() || cli.recover {
+            die("--ublk-queues, --ublk-depth and --recover need -c ublk or -c /dev/ublkbN");
+        }
+        return None;
+    };
+    let Some(id) = ublk::parse_target(dev) else {
+        die(ublk::UblkError::NotUblk(dev.to_string()));
+    };
+    if cli.connections.is_some() || cli.kernel_api.is_some() {
+        die("--connections and --kernel-api are for NBD devices, not ublk");
+    }
+    if cli.recover && id.is_none() {
+        die("--recover needs the device: -c /dev/ublkbN");
+    }
+    let number = |v: &Option<String>, what: &str, max: i64, default: u16| match v.as_deref() {
+        None => default,
+        Some(s) => match parse_c_number(s) {
+            Some(n) if (1..=max).contains(&n) => n as u16,
+            _ => die(format!("Invalid {what} '{s}' (1 to {max})")),
+        },
+    };
+    Some(UblkOptions {
+        id,
+        queues: number(
+            &cli.ublk_queues,
+            "ublk queue count",
+            64,
+            UblkOptions::default_queues(),
+        ),
+        depth: number(
+            &cli.ublk_depth,
+            "ublk queue depth",
+            4096,
+            ublk::DEFAULT_DEPTH,
+        ),
+        recover: cli.recover,
+        pin_queues: std::env::var("QNBD_UBLK_PIN").is_ok_and(|v| v == "1"),
+        io_buf_bytes: io_buf_bytes(),
+    })
+}
+
+/// `QNBD_UBLK_BUF_KB` (tuning, like `QNBD_THREADS`): the largest request, 4 KiB to 4 MiB in
+/// whole pages; default [`ublk::IO_BUF_BYTES`].
+fn io_buf_bytes() -> u32 {
+    std::env::var("QNBD_UBLK_BUF_KB")
+        .ok()
+        .and_then(|v| v.parse::<u32>().ok())
+        .filter(|kb| (4..=4096).contains(kb) && kb % 4 == 0)
+        .map_or(ublk::IO_BUF_BYTES, |kb| kb << 10)
+}
+
+/// Serve `device` as a ublk device until it is stopped; never returns.
+pub fn run(opts: &UblkOptions, device: Device, readiness: Option<Readiness>) -> ! {
+    if let Err(e) = ublk::private_mount_namespace() {
+        die(format!("cannot get a private mount namespace: {e}"));
+    }
+    let u = match Ublk::create(opts, device.size()) {
+        Ok(u) => u,
+        Err(e) => die(e),
+    };
+    cleanup::get().ublk = Some(u.clone());
+    if device.size() % 512 != 0 {
+        tracing::info!(
+            "the last {} bytes of the image are not a whole sector and are not exported",
+            device.size() % 512
+        );
+    }
+    let print = opts.id.is_none();
+    let served = u.serve(device, |path| {
+        tracing::info!("{} is ready", path.display());
+        if print {
+            crate::daemon::println(readiness.as_ref(), &path.display().to_string());
+        }
+        if let Some(r) = readiness {
+            r.ready();
+        }
+    });
+    if let Err(e) = served {
+        die(e);
+    }
+    cleanup::run();
+    std::process::exit(0);
+}
+
+/// `-d /dev/ublkbN`.
+pub fn disconnect(dev: &str) -> ! {
+    match ublk::disconnect(dev) {
+        Ok(()) => {
+            println!("{dev} disconnected");
+            std::process::exit(0);
+        }
+        Err(e) => die(e),
+    }
+}
