@@ -74,7 +74,7 @@ pub fn run(opts: &UblkOptions, device: Device, readiness: Option<Readiness>) -> 
         Err(e) => die(e),
     };
     cleanup::get().ublk = Some(u.clone());
-    if device.size() % 512 != 0 {
+    if !device.size().is_multiple_of(512) {
         tracing::info!(
             "the last {} bytes of the image are not a whole sector and are not exported",
             device.size() % 512
