@@ -1,9 +1,8 @@
 //! `-c DEV` and `-d DEV`: serve the image to ourselves over socket pairs, negotiate as a
 //! client (simple replies only, as the kernel needs), and hand the sockets to the kernel.
 
-use crate::cli::{parse_c_number, Cli};
-use crate::daemon::Readiness;
 use crate::die;
+use crate::plan::{ExportPlan, ImagePlan, ProcessPlan};
 use frontends::kernel::{self, Api, DeviceParams};
 use frontends::nbd::client::{Client, ClientError};
 use frontends::nbd::proto::OPT_GO;
@@ -14,31 +13,9 @@ use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-pub fn api(cli: &Cli) -> Api {
-    match cli.kernel_api.as_deref() {
-        None | Some("auto") => Api::Auto,
-        Some("netlink") => Api::Netlink,
-        Some("ioctl") => Api::Ioctl,
-        Some(a) => die(format!("Invalid kernel API '{a}' (auto, netlink or ioctl)")),
-    }
-}
-
-pub fn connections(cli: &Cli) -> usize {
-    match cli.connections.as_deref() {
-        None => 1,
-        Some(s) => match parse_c_number(s) {
-            Some(n) if (1..=64).contains(&n) => n as usize,
-            _ => die(format!("Invalid number of connections '{s}'")),
-        },
-    }
-}
-
 /// `-d DEV`.
-pub fn disconnect(cli: &Cli) -> ! {
-    let Some(dev) = cli.args.first() else {
-        die("Invalid number of arguments");
-    };
-    match kernel::disconnect(Path::new(dev), api(cli)) {
+pub fn disconnect(dev: &str, api: Api) -> ! {
+    match kernel::disconnect(Path::new(dev), api) {
         Ok(()) => {
             println!("{dev} disconnected");
             std::process::exit(0);
@@ -84,10 +61,29 @@ fn self_connect(
     }
 }
 
-/// `-c DEV`: returns only when the device is disconnected.
-pub fn run(cli: &Cli, dev: &str, export: Export, readiness: Option<Readiness>) -> ! {
-    let n = connections(cli);
-    let api = api(cli);
+/// `-c DEV`: fork (unless `-v`), open the image, bind the device; returns only when the
+/// device is disconnected.
+pub fn run(
+    image: ImagePlan,
+    export: ExportPlan,
+    dev: &str,
+    api: Api,
+    n: usize,
+    process: ProcessPlan,
+) -> ! {
+    let readiness = crate::daemon::fork_if(process.fork);
+    let device = crate::image::open(&image);
+    crate::daemon::write_pid_file(process.pid_file.as_deref());
+    crate::daemon::install_signal_handlers();
+    let multi = export.shared != 1 || n > 1;
+    let export = Export::new(
+        export.name,
+        export.description,
+        device,
+        multi,
+        export.allocation_depth,
+    )
+    .with_bitmaps(export.allocation_depth, &image.bitmaps);
     let server = Arc::new(Server::new(
         export,
         ServerOptions {
@@ -131,7 +127,7 @@ pub fn run(cli: &Cli, dev: &str, export: Export, readiness: Option<Readiness>) -
         let _ = binding.disconnect();
         die(e);
     }
-    tracing::info!("{} is connected to {}", path.display(), cli.args[0]);
+    tracing::info!("{} is connected to {}", path.display(), image.file);
     if wanted.is_none() {
         crate::daemon::println(readiness.as_ref(), &path.display().to_string());
     }

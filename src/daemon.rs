@@ -82,6 +82,48 @@ impl Readiness {
     }
 }
 
+/// Fork when `fork` (`--fork`, or `-c` without `-v`), before anything is opened.
+pub fn fork_if(fork: bool) -> Option<Readiness> {
+    if !fork {
+        return None;
+    }
+    match fork_and_wait() {
+        Ok(r) => Some(r),
+        Err(e) => crate::die(format!("Failed to fork: {e}")),
+    }
+}
+
+/// `--pid-file`: written once the server is about to serve, removed at exit.
+pub fn write_pid_file(path: Option<&std::path::Path>) {
+    if let Some(p) = path {
+        if let Err(e) = std::fs::write(p, format!("{}\n", std::process::id())) {
+            crate::die(format!("Failed to write pid file '{}': {e}", p.display()));
+        }
+        crate::cleanup::get().pid_file = Some(p.to_path_buf());
+    }
+}
+
+/// SIGTERM, SIGINT and SIGHUP: flush, remove what we created, exit 0 (as qemu-nbd).
+pub fn install_signal_handlers() {
+    use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
+    let mut signals = match signal_hook::iterator::Signals::new([SIGTERM, SIGINT, SIGHUP]) {
+        Ok(s) => s,
+        Err(e) => crate::die(format!("cannot install signal handlers: {e}")),
+    };
+    let spawned = std::thread::Builder::new()
+        .name("signals".into())
+        .spawn(move || {
+            if let Some(sig) = signals.forever().next() {
+                tracing::info!("signal {sig}: shutting down");
+                crate::cleanup::run();
+                std::process::exit(0);
+            }
+        });
+    if let Err(e) = spawned {
+        crate::die(format!("cannot start the signal thread: {e}"));
+    }
+}
+
 /// Print a line for the caller: through `r` in a forked daemon, else on stdout.
 pub fn println(r: Option<&Readiness>, line: &str) {
     match r {

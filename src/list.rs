@@ -1,13 +1,13 @@
 //! `-L`: list a server's exports in qemu-nbd's layout.
 
-use crate::cli::Cli;
 use crate::die;
+use crate::plan::ListPlan;
 use frontends::nbd::client::{format_list, list_exports};
 use frontends::nbd::proto::DEFAULT_PORT;
-use frontends::tls::{Creds, Transport};
+use frontends::tls::Transport;
 use frontends::transport::Stream;
 
-pub fn run(cli: &Cli, tls: Option<&Creds>) {
+pub fn run(cli: &ListPlan) -> ! {
     let stream = if let Some(path) = &cli.socket {
         match std::os::unix::net::UnixStream::connect(path) {
             Ok(s) => Stream::Unix(s),
@@ -41,9 +41,15 @@ pub fn run(cli: &Cli, tls: Option<&Creds>) {
             host: cli.bind.as_deref().unwrap_or("0.0.0.0"),
         },
     };
-    let tls = tls.map(|c| (c, transport, cli.tls_hostname.as_deref()));
+    let tls = cli
+        .tls
+        .as_ref()
+        .map(|c| (c, transport, cli.tls_hostname.as_deref()));
     match list_exports(stream, tls) {
-        Ok((exports, extended)) => print!("{}", format_list(&exports, extended)),
+        Ok((exports, extended)) => {
+            print!("{}", format_list(&exports, extended));
+            std::process::exit(0);
+        }
         Err(e) => die(e.report()),
     }
 }

@@ -65,7 +65,7 @@ impl TraceSpec {
     pub fn parse(args: &[String]) -> Result<TraceSpec, String> {
         let mut spec = TraceSpec::default();
         for arg in args {
-            for item in crate::image_opts::split_items(arg) {
+            for item in qnbd::image_opts::split_items(arg) {
                 let (k, v) = match item.split_once('=') {
                     Some((k, v)) => (k, v.to_string()),
                     None => ("enable", item.clone()),

@@ -5,17 +5,19 @@ mod cleanup;
 mod cli;
 mod connect;
 mod daemon;
-mod image_opts;
+mod image;
 mod list;
 mod listen;
 mod logging;
-mod object;
+mod plan;
 mod prog;
 mod serve;
 mod ublk;
 
 use clap::Parser;
 use cli::Cli;
+use plan::Plan;
+use qnbd::object;
 
 /// Print `NAME: MSG` and exit 1, as qemu-nbd's error_report + exit(EXIT_FAILURE); NAME is
 /// the program's name (`prog::name`), `qemu-nbd` when installed as qemu-nbd.
@@ -27,35 +29,7 @@ pub fn die(msg: impl std::fmt::Display) -> ! {
 }
 
 fn main() {
-    let cli = match Cli::try_parse() {
-        Ok(c) => c,
-        Err(e) => {
-            use clap::error::ErrorKind;
-            let text = e.to_string();
-            let first = text
-                .lines()
-                .next()
-                .unwrap_or("")
-                .trim_start_matches("error: ");
-            let msg = match e.kind() {
-                ErrorKind::UnknownArgument => {
-                    let arg = first.split('\'').nth(1).unwrap_or(first);
-                    if arg.starts_with("--") {
-                        format!("unrecognized option '{arg}'")
-                    } else {
-                        format!("invalid option -- '{}'", arg.trim_start_matches('-'))
-                    }
-                }
-                _ => first.to_string(),
-            };
-            // getopt's complaint names argv[0] whole; qemu-nbd's hint is an error_report.
-            eprintln!("{}: {msg}", prog::invocation());
-            die(format!(
-                "Try `{} --help' for more information.",
-                prog::invocation()
-            ));
-        }
-    };
+    let cli = parse_cli();
     if cli.help {
         print!("{}", cli::help(prog::invocation()));
         return;
@@ -84,5 +58,70 @@ fn main() {
         eprintln!("{e}");
         std::process::exit(1);
     }
-    serve::run(cli);
+    // qemu-nbd creates objects while it reads its options, before any other check.
+    let objects = object::Objects::create(&cli.object).unwrap_or_else(|e| die(e));
+    run(plan::build(&cli, &objects))
+}
+
+/// The command line, or getopt's and qemu-nbd's complaint about it.
+fn parse_cli() -> Cli {
+    match Cli::try_parse() {
+        Ok(c) => c,
+        Err(e) => {
+            use clap::error::ErrorKind;
+            let text = e.to_string();
+            let first = text
+                .lines()
+                .next()
+                .unwrap_or("")
+                .trim_start_matches("error: ");
+            let msg = match e.kind() {
+                ErrorKind::UnknownArgument => {
+                    let arg = first.split('\'').nth(1).unwrap_or(first);
+                    if arg.starts_with("--") {
+                        format!("unrecognized option '{arg}'")
+                    } else {
+                        format!("invalid option -- '{}'", arg.trim_start_matches('-'))
+                    }
+                }
+                _ => first.to_string(),
+            };
+            // getopt's complaint names argv[0] whole; qemu-nbd's hint is an error_report.
+            eprintln!("{}: {msg}", prog::invocation());
+            die(format!(
+                "Try `{} --help' for more information.",
+                prog::invocation()
+            ));
+        }
+    }
+}
+
+/// One runner per mode; none returns.
+fn run(plan: Plan) -> ! {
+    match plan {
+        Plan::Disconnect { device, .. } if frontends::ublk::is_ublk_target(&device) => {
+            ublk::disconnect(&device)
+        }
+        Plan::Disconnect { device, api } => connect::disconnect(&device, api),
+        Plan::List(p) => list::run(&p),
+        Plan::Serve {
+            image,
+            export,
+            listen,
+            process,
+        } => serve::run(image, export, listen, process),
+        Plan::Connect {
+            image,
+            export,
+            device,
+            api,
+            connections,
+            process,
+        } => connect::run(image, export, &device, api, connections, process),
+        Plan::Ublk {
+            image,
+            opts,
+            process,
+        } => ublk::run(image, opts, process),
+    }
 }

@@ -4,6 +4,7 @@
 
 use crate::cli::{parse_c_number, Cli};
 use crate::daemon::Readiness;
+use crate::plan::{ImagePlan, ProcessPlan};
 use crate::{cleanup, die};
 use backends::Device;
 use frontends::ublk::{self, Ublk, UblkOptions};
@@ -64,8 +65,18 @@ fn io_buf_bytes() -> u32 {
         .map_or(ublk::IO_BUF_BYTES, |kb| kb << 10)
 }
 
-/// Serve `device` as a ublk device until it is stopped; never returns.
-pub fn run(opts: &UblkOptions, device: Device, readiness: Option<Readiness>) -> ! {
+/// `-c ublk`: fork (unless `-v`), open the image and serve it as a ublk device until it is
+/// stopped; never returns.
+pub fn run(image: ImagePlan, opts: UblkOptions, process: ProcessPlan) -> ! {
+    let readiness = crate::daemon::fork_if(process.fork);
+    let device = crate::image::open(&image);
+    crate::daemon::write_pid_file(process.pid_file.as_deref());
+    crate::daemon::install_signal_handlers();
+    serve(&opts, device, readiness)
+}
+
+/// Serve `device` as a ublk device until it is stopped.
+fn serve(opts: &UblkOptions, device: Device, readiness: Option<Readiness>) -> ! {
     if let Err(e) = ublk::private_mount_namespace() {
         die(format!("cannot get a private mount namespace: {e}"));
     }

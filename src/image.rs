@@ -1,0 +1,64 @@
+//! Opening the planned image as a `Device`: the format driver, `-o`, the cache mode and
+//! zero detection above it, and the `-B` checks; every step that fails after the open
+//! releases the image through the cleanup record (qemu stores persistent bitmaps then).
+
+use crate::plan::ImagePlan;
+use crate::{cleanup, die};
+use backends::cache_mode::Cached;
+use backends::detect_zeroes::{DetectZeroes, ZeroDetect};
+use backends::open::{open_image, Format};
+use backends::{BlockBackend, Device};
+use std::sync::Arc;
+
+pub fn open(plan: &ImagePlan) -> Device {
+    let file = &plan.file;
+    let opened = match open_image(&plan.opts) {
+        Ok(o) => o,
+        // qemu-nbd loads a snapshot and adds the export after the open succeeded, so their
+        // messages have no prefix.
+        Err(e @ (backends::Error::LoadSnapshot(_) | backends::Error::Export(_))) => die(e),
+        Err(e) => die(format!("Failed to blk_new_open '{file}': {e}")),
+    };
+    for w in &opened.warnings {
+        eprintln!("{w}");
+    }
+    {
+        let mut c = cleanup::get();
+        c.image = Some(opened.backend.clone());
+        c.overlay = opened.temp_overlay.clone();
+    }
+    if plan.load_snapshot && opened.format == Format::raw() {
+        die("Failed to load snapshot: Block format 'raw' used by device '' does not support temporarily loading internal snapshots");
+    }
+    let backend = window(opened.backend, plan.offset);
+    let backend = Cached::wrap(backend, plan.cache);
+    let backend: Arc<dyn BlockBackend> = if plan.detect_zeroes != DetectZeroes::Off {
+        Arc::new(ZeroDetect::new(backend, plan.detect_zeroes))
+    } else {
+        backend
+    };
+    let device = Device::new(backend);
+    for name in &plan.bitmaps {
+        if let Err(e) = device.bitmap_check(name) {
+            die(e);
+        }
+    }
+    device
+}
+
+/// `-o OFFSET`: the image from that byte on.
+fn window(backend: Arc<dyn BlockBackend>, offset: u64) -> Arc<dyn BlockBackend> {
+    if offset == 0 {
+        return backend;
+    }
+    let inner_size = backend.size();
+    if offset > inner_size {
+        die(format!(
+            "Offset ({offset}) cannot be greater than size of the containing file ({inner_size})"
+        ));
+    }
+    match backends::slice::Slice::new(backend, offset, None) {
+        Ok(s) => Arc::new(s),
+        Err(e) => die(e),
+    }
+}

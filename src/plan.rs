@@ -1,0 +1,428 @@
+//! The command line turned into a validated plan: qemu-nbd's checks, in qemu-nbd's order, with
+//! its messages. Nothing is opened or created here; each mode has its runner (`serve.rs`,
+//! `connect.rs`, `ublk.rs`, `list.rs`), and the process-wide cleanup (`cleanup.rs`) belongs
+//! to none of them.
+
+use crate::cli::{parse_c_number, Cli};
+use crate::die;
+use backends::aio::AioMode;
+use backends::cache_mode::CacheMode;
+use backends::detect_zeroes::DetectZeroes;
+use backends::open::{Format, ImageOptions};
+use frontends::kernel::Api;
+use frontends::nbd::proto::{DEFAULT_PORT, MAX_STRING_SIZE};
+use frontends::tls::{Creds, Endpoint, ServerTls};
+use qnbd::object::Objects;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// What to open and the layers above it.
+pub struct ImagePlan {
+    /// The image argument as given (for messages).
+    pub file: String,
+    pub opts: ImageOptions,
+    pub cache: CacheMode,
+    pub detect_zeroes: DetectZeroes,
+    /// `-o`.
+    pub offset: u64,
+    pub load_snapshot: bool,
+    /// `-B`.
+    pub bitmaps: Vec<String>,
+}
+
+/// What clients are told about the export.
+pub struct ExportPlan {
+    pub name: String,
+    pub description: String,
+    /// `-e` (0: unlimited).
+    pub shared: u32,
+    pub allocation_depth: bool,
+}
+
+/// Where and how the server listens.
+pub struct ListenPlan {
+    pub socket: Option<PathBuf>,
+    pub bind: String,
+    pub port: u16,
+    pub persistent: bool,
+    pub handshake_limit: Option<Duration>,
+    pub tls: Option<Arc<ServerTls>>,
+}
+
+/// `--fork` (or `-c` without `-v`, as qemu-nbd) and `--pid-file`.
+pub struct ProcessPlan {
+    pub fork: bool,
+    pub pid_file: Option<PathBuf>,
+}
+
+/// `-L`.
+pub struct ListPlan {
+    pub socket: Option<String>,
+    pub bind: Option<String>,
+    pub port: Option<String>,
+    pub tls: Option<Creds>,
+    pub tls_hostname: Option<String>,
+}
+
+pub enum Plan {
+    /// `-d DEV`.
+    Disconnect {
+        device: String,
+        api: Api,
+    },
+    List(ListPlan),
+    /// Serve over NBD on a socket.
+    Serve {
+        image: ImagePlan,
+        export: ExportPlan,
+        listen: ListenPlan,
+        process: ProcessPlan,
+    },
+    /// `-c /dev/nbdN`: a kernel NBD device served over socket pairs.
+    Connect {
+        image: ImagePlan,
+        export: ExportPlan,
+        device: String,
+        api: Api,
+        connections: usize,
+        process: ProcessPlan,
+    },
+    /// `-c ublk`, `-c /dev/ublkbN`.
+    Ublk {
+        image: ImagePlan,
+        opts: frontends::ublk::UblkOptions,
+        process: ProcessPlan,
+    },
+}
+
+fn try_help() -> ! {
+    // error_report, then an error_printf without the prefix, as qemu-nbd.
+    die(format!(
+        "Invalid number of arguments\nTry `{} --help' for more information.",
+        crate::prog::invocation()
+    ));
+}
+
+/// Build the plan; exits with qemu-nbd's message at the first problem.
+pub fn build(cli: &Cli, objects: &Objects) -> Plan {
+    check_modes(cli);
+    let tls = tls_creds(cli, objects);
+    if cli.disconnect {
+        if cli.args.len() != 1 {
+            try_help();
+        }
+        return Plan::Disconnect {
+            device: cli.args[0].clone(),
+            api: kernel_api(cli),
+        };
+    }
+    if cli.list {
+        return Plan::List(ListPlan {
+            socket: cli.socket.clone(),
+            bind: cli.bind.clone(),
+            port: cli.port.clone(),
+            tls,
+            tls_hostname: cli.tls_hostname.clone(),
+        });
+    }
+    if cli.args.len() != 1 {
+        try_help();
+    }
+    let export = export_plan(cli);
+    let listen = listen_plan(cli, tls, objects);
+    let image = image_plan(cli);
+    let ublk = crate::ublk::options(cli);
+    let process = ProcessPlan {
+        // Like qemu-nbd, -c goes to the background once the device works, unless -v.
+        fork: cli.fork || (cli.connect.is_some() && cli.verbose == 0),
+        pid_file: cli.pid_file.as_ref().map(PathBuf::from),
+    };
+    match (cli.connect.clone(), ublk) {
+        (Some(_), Some(opts)) => Plan::Ublk {
+            image,
+            opts,
+            process,
+        },
+        (Some(device), None) => Plan::Connect {
+            image,
+            export,
+            device,
+            api: kernel_api(cli),
+            connections: connections(cli),
+            process,
+        },
+        (None, _) => Plan::Serve {
+            image,
+            export,
+            listen,
+            process,
+        },
+    }
+}
+
+/// Reject, with qemu-nbd's words, combinations it rejects before touching anything.
+fn check_modes(cli: &Cli) {
+    if cli.list {
+        if !cli.args.is_empty() {
+            die("List mode is incompatible with a file name");
+        }
+        if cli.export_name.is_some()
+            || cli.description.is_some()
+            || cli.offset.is_some()
+            || cli.format.is_some()
+            || cli.connect.is_some()
+            || cli.disconnect
+            || !cli.bitmap.is_empty()
+            || cli.allocation_depth
+            || cli.snapshot
+            || cli.load_snapshot.is_some()
+            || cli.nocache
+            || cli.cache.is_some()
+            || cli.aio.is_some()
+            || cli.discard.is_some()
+            || cli.detect_zeroes.is_some()
+            || cli.image_opts
+        {
+            die("List mode is incompatible with per-device settings");
+        }
+        if cli.fork {
+            die("List mode is incompatible with forking");
+        }
+    }
+    if cli.tls_authz.is_some() && cli.tls_creds.is_none() {
+        die("--tls-authz is not permitted without --tls-creds");
+    }
+    if cli.tls_hostname.is_some() && cli.tls_creds.is_none() {
+        die("--tls-hostname is not permitted without --tls-creds");
+    }
+    if cli.image_opts && cli.format.is_some() {
+        die("--image-opts and -f are mutually exclusive");
+    }
+    if cli.selinux_label.is_some() {
+        if cli.socket.is_none() {
+            die("--selinux-label is not permitted without --socket");
+        }
+        die("SELinux support not enabled in this binary");
+    }
+}
+
+/// `--tls-creds`, checked as qemu-nbd checks it before it opens anything.
+fn tls_creds(cli: &Cli, objects: &Objects) -> Option<Creds> {
+    let id = cli.tls_creds.as_ref()?;
+    if cli.connect.is_some() {
+        die("TLS is not supported with a host device");
+    }
+    if cli.tls_authz.is_some() && cli.list {
+        die("TLS authorization is incompatible with export list");
+    }
+    if cli.tls_hostname.is_some() && !cli.list {
+        die("TLS hostname is only supported with export list");
+    }
+    let want = if cli.list {
+        Endpoint::Client
+    } else {
+        Endpoint::Server
+    };
+    match objects.tls_creds(id, want) {
+        Ok(c) => Some(c),
+        Err(e) => die(format!("Failed to get TLS creds: {e}")),
+    }
+}
+
+/// `-e`, `-x`, `-D`, `-A`.
+fn export_plan(cli: &Cli) -> ExportPlan {
+    let shared = match cli.shared.as_deref() {
+        None => 1,
+        Some(s) => match parse_c_number(s) {
+            Some(n) if (0..=i32::MAX as i64).contains(&n) => n as u32,
+            _ => die(format!("Invalid shared device number '{s}'")),
+        },
+    };
+    // qemu-nbd checks -o and the handshake limit between -e and the names.
+    let _ = offset(cli);
+    let _ = handshake_limit(cli);
+    let name = cli.export_name.clone().unwrap_or_default();
+    if name.len() > MAX_STRING_SIZE {
+        die(format!("export name '{name}' too long"));
+    }
+    let description = cli.description.clone().unwrap_or_default();
+    if description.len() > MAX_STRING_SIZE {
+        die(format!("description '{description}' too long"));
+    }
+    ExportPlan {
+        name,
+        description,
+        shared,
+        allocation_depth: cli.allocation_depth,
+    }
+}
+
+fn offset(cli: &Cli) -> u64 {
+    match cli.offset.as_deref() {
+        None => 0,
+        Some(s) => match parse_c_number(s) {
+            Some(n) if n >= 0 => n as u64,
+            _ => die(format!("Invalid offset '{s}'")),
+        },
+    }
+}
+
+fn handshake_limit(cli: &Cli) -> Option<Duration> {
+    match cli.handshake_limit.as_deref() {
+        None => Some(Duration::from_secs(10)),
+        Some(s) => match parse_c_number(s) {
+            Some(0) => None,
+            Some(n) if n > 0 => Some(Duration::from_secs(n as u64)),
+            _ => die(format!("Invalid handshake limit '{s}'")),
+        },
+    }
+}
+
+/// `-k`, `-b`, `-p`, `-t`, `--handshake-limit`, TLS.
+fn listen_plan(cli: &Cli, tls: Option<Creds>, objects: &Objects) -> ListenPlan {
+    if let Some(k) = &cli.socket {
+        if !k.starts_with('/') {
+            die("socket path must be absolute");
+        }
+    }
+    let port = match cli.port.as_deref() {
+        None => DEFAULT_PORT,
+        // getaddrinfo truncates to 16 bits; qemu-nbd listens where it lands.
+        Some(p) => match p.parse::<u64>() {
+            Ok(n) => (n & 0xffff) as u16,
+            Err(_) => die(format!("Invalid port '{p}'")),
+        },
+    };
+    ListenPlan {
+        socket: cli.socket.as_ref().map(PathBuf::from),
+        bind: cli.bind.clone().unwrap_or_else(|| "0.0.0.0".into()),
+        port,
+        persistent: cli.persistent,
+        handshake_limit: handshake_limit(cli),
+        tls: tls.map(|creds| {
+            Arc::new(ServerTls {
+                creds,
+                authz: cli
+                    .tls_authz
+                    .as_ref()
+                    .map(|id| (id.clone(), objects.authz(id))),
+            })
+        }),
+    }
+}
+
+/// `-n`, `--cache`, `--discard`, `--detect-zeroes`, with qemu-nbd's checks and messages.
+fn image_modes(cli: &Cli) -> (CacheMode, DetectZeroes, bool) {
+    let cache = match cli.cache.as_deref() {
+        None if cli.nocache => CacheMode::None,
+        None => CacheMode::Writeback,
+        Some(m) => match CacheMode::from_name(m) {
+            Some(c) => c,
+            None => die(format!("Invalid cache mode `{m}'")),
+        },
+    };
+    let discard = match cli.discard.as_deref() {
+        None | Some("ignore") | Some("off") => false,
+        Some("unmap") | Some("on") => true,
+        Some(m) => die(format!("Invalid discard mode `{m}'")),
+    };
+    let detect = match cli.detect_zeroes.as_deref() {
+        None | Some("off") => DetectZeroes::Off,
+        Some("on") => DetectZeroes::On,
+        Some("unmap") => DetectZeroes::Unmap,
+        Some(m) => die(format!(
+            "Failed to parse detect_zeroes mode: invalid parameter value: {m}"
+        )),
+    };
+    if detect == DetectZeroes::Unmap && !discard {
+        die("setting detect-zeroes to unmap is not allowed without setting discard operation to unmap");
+    }
+    (cache, detect, discard)
+}
+
+/// The image to open: from `--image-opts`, or from FILE and `-f`, `-r`, `-s`, `-l`, the
+/// cache and discard modes.
+fn image_plan(cli: &Cli) -> ImagePlan {
+    let (mut cache, mut detect_zeroes, discard) = image_modes(cli);
+    let load_snapshot = cli.load_snapshot.as_deref().map(qnbd::snapshot_param);
+    let aio = match cli.aio.as_deref() {
+        None => AioMode::Threads,
+        Some(m) => AioMode::from_name(m).unwrap_or_else(|| die(format!("Invalid aio mode '{m}'"))),
+    };
+    let file = cli.args[0].clone();
+    let opts = if cli.image_opts {
+        let p = match qnbd::image_opts::parse(&file, cli.read_only) {
+            Ok(p) => p,
+            Err(e) => die(format!("Failed to blk_new_open '{file}': {e}")),
+        };
+        for w in &p.image.warnings {
+            eprintln!("{}: warning: {w}", crate::prog::name());
+        }
+        // The option string decides; command-line modes still apply where it is silent.
+        if p.cache != CacheMode::Writeback {
+            cache = p.cache;
+        }
+        if p.detect_zeroes != DetectZeroes::Off {
+            detect_zeroes = p.detect_zeroes;
+        }
+        let mut image = p.image;
+        image.snapshot |= cli.snapshot;
+        image.load_snapshot = load_snapshot.clone();
+        image.read_only |= load_snapshot.is_some();
+        image.discard |= discard;
+        image.direct |= cache.direct();
+        if cli.aio.is_some() {
+            image.aio = aio;
+        }
+        image
+    } else {
+        let format = cli.format.as_deref().map(|f| {
+            Format::from_name(f).unwrap_or_else(|| {
+                die(format!(
+                    "Failed to blk_new_open '{file}': Unknown driver '{f}'"
+                ))
+            })
+        });
+        ImageOptions {
+            path: PathBuf::from(&file),
+            format,
+            // -l exports a snapshot, which qemu-nbd always makes read-only.
+            read_only: cli.read_only || load_snapshot.is_some(),
+            snapshot: cli.snapshot,
+            load_snapshot: load_snapshot.clone(),
+            discard,
+            direct: cache.direct(),
+            aio,
+            ..Default::default()
+        }
+    };
+    ImagePlan {
+        file,
+        opts,
+        cache,
+        detect_zeroes,
+        offset: offset(cli),
+        load_snapshot: load_snapshot.is_some(),
+        bitmaps: cli.bitmap.clone(),
+    }
+}
+
+fn kernel_api(cli: &Cli) -> Api {
+    match cli.kernel_api.as_deref() {
+        None | Some("auto") => Api::Auto,
+        Some("netlink") => Api::Netlink,
+        Some("ioctl") => Api::Ioctl,
+        Some(a) => die(format!("Invalid kernel API '{a}' (auto, netlink or ioctl)")),
+    }
+}
+
+fn connections(cli: &Cli) -> usize {
+    match cli.connections.as_deref() {
+        None => 1,
+        Some(s) => match parse_c_number(s) {
+            Some(n) if (1..=64).contains(&n) => n as usize,
+            _ => die(format!("Invalid number of connections '{s}'")),
+        },
+    }
+}
