@@ -15,7 +15,30 @@ pub fn backlog(shared: u32, persistent: bool) -> i32 {
     }
 }
 
-pub fn unix(path: &Path, backlog: i32) -> Result<Listener, String> {
+/// `--selinux-label`: the label new sockets of this thread get (libselinux's
+/// setsockcreatecon writes it here); None resets it.
+fn set_socket_label(label: Option<&str>) -> std::io::Result<()> {
+    std::fs::write("/proc/thread-self/attr/sockcreate", label.unwrap_or(""))
+}
+
+/// A Unix listener at `path`, labelled `selinux_label` when given.
+pub fn unix(path: &Path, backlog: i32, selinux_label: Option<&str>) -> Result<Listener, String> {
+    if let Some(label) = selinux_label {
+        set_socket_label(Some(label)).map_err(|e| {
+            format!(
+                "Cannot set SELinux socket create context to {label}: {}",
+                backends::errno_text(&e)
+            )
+        })?;
+    }
+    let r = unix_listener(path, backlog);
+    if selinux_label.is_some() {
+        let _ = set_socket_label(None);
+    }
+    r
+}
+
+fn unix_listener(path: &Path, backlog: i32) -> Result<Listener, String> {
     // A stale socket from an earlier run would make bind fail; qemu unlinks it too.
     if let Ok(meta) = std::fs::symlink_metadata(path) {
         use std::os::unix::fs::FileTypeExt;

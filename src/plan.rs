@@ -43,6 +43,8 @@ pub struct ExportPlan {
 /// Where and how the server listens.
 pub struct ListenPlan {
     pub socket: Option<PathBuf>,
+    /// `--selinux-label` for the Unix socket.
+    pub selinux_label: Option<String>,
     pub bind: String,
     pub port: u16,
     pub persistent: bool,
@@ -199,11 +201,8 @@ fn check_modes(cli: &Cli) {
     if cli.image_opts && cli.format.is_some() {
         die("--image-opts and -f are mutually exclusive");
     }
-    if cli.selinux_label.is_some() {
-        if cli.socket.is_none() {
-            die("--selinux-label is not permitted without --socket");
-        }
-        die("SELinux support not enabled in this binary");
+    if cli.selinux_label.is_some() && cli.socket.is_none() {
+        die("--selinux-label is not permitted without --socket");
     }
 }
 
@@ -296,6 +295,7 @@ fn listen_plan(cli: &Cli, tls: Option<Creds>, objects: &Objects) -> ListenPlan {
     };
     ListenPlan {
         socket: cli.socket.as_ref().map(PathBuf::from),
+        selinux_label: cli.selinux_label.clone(),
         bind: cli.bind.clone().unwrap_or_else(|| "0.0.0.0".into()),
         port,
         persistent: cli.persistent,

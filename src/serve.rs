@@ -1,5 +1,5 @@
-//! Serving over NBD on a socket: fork if asked, open the image, listen, write the pid file,
-//! serve until the last client leaves (or for ever with `-t`), clean up.
+//! Serving over NBD on a socket, in qemu-nbd's order: fork if asked, listen, open the image,
+//! write the pid file, serve until the last client leaves (or for ever with `-t`), clean up.
 
 use crate::plan::{ExportPlan, ImagePlan, ListenPlan, ProcessPlan};
 use crate::{cleanup, daemon, die, listen};
@@ -8,8 +8,8 @@ use std::path::PathBuf;
 
 pub fn run(image: ImagePlan, export: ExportPlan, net: ListenPlan, process: ProcessPlan) -> ! {
     let readiness = daemon::fork_if(process.fork);
-    let device = crate::image::open(&image);
     let listeners = listen_on(&net, export.shared);
+    let device = crate::image::open(&image);
     daemon::write_pid_file(process.pid_file.as_deref());
     daemon::install_signal_handlers();
     let shared = export.shared;
@@ -46,7 +46,7 @@ pub fn run(image: ImagePlan, export: ExportPlan, net: ListenPlan, process: Proce
 fn listen_on(net: &ListenPlan, shared: u32) -> Vec<Listener> {
     let backlog = listen::backlog(shared, net.persistent);
     match &net.socket {
-        Some(path) => match listen::unix(path, backlog) {
+        Some(path) => match listen::unix(path, backlog, net.selinux_label.as_deref()) {
             Ok(l) => {
                 cleanup::get().socket = Some(PathBuf::from(path));
                 vec![l]
