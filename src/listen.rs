@@ -95,3 +95,62 @@ pub fn tcp(host: &str, port: u16, backlog: i32) -> Result<Vec<Listener>, String>
     }
     Ok(out)
 }
+
+/// The first socket systemd passes (LISTEN_FDS starts at fd 3).
+const FIRST_ACTIVATION_FD: i32 = 3;
+
+/// systemd socket activation, as qemu's check_socket_activation: how many sockets were
+/// passed to this process (0 when LISTEN_PID is not ours). Marks them close-on-exec; an
+/// invalid one is qemu's fatal error.
+pub fn activation_fds() -> Result<usize, String> {
+    let ours = std::env::var("LISTEN_PID")
+        .ok()
+        .and_then(|p| p.parse::<u32>().ok())
+        .is_some_and(|p| p == std::process::id());
+    if !ours {
+        return Ok(0);
+    }
+    let n = std::env::var("LISTEN_FDS")
+        .ok()
+        .and_then(|v| v.parse::<usize>().ok())
+        .unwrap_or(0);
+    for fd in FIRST_ACTIVATION_FD..FIRST_ACTIVATION_FD.saturating_add(n.min(1024) as i32) {
+        // SAFETY: F_GETFD/F_SETFD on a descriptor number; an invalid one only fails.
+        let ok = unsafe {
+            let f = libc::fcntl(fd, libc::F_GETFD);
+            f != -1 && libc::fcntl(fd, libc::F_SETFD, f | libc::FD_CLOEXEC) != -1
+        };
+        if !ok {
+            let e = std::io::Error::last_os_error();
+            return Err(format!(
+                "Socket activation failed: invalid file descriptor fd = {fd}: {}",
+                backends::errno_text(&e)
+            ));
+        }
+    }
+    Ok(n)
+}
+
+/// The socket systemd passed at fd 3, whatever its family.
+pub fn activated() -> Result<Listener, String> {
+    use std::os::fd::{FromRawFd, OwnedFd};
+    // SAFETY: fd 3 was handed to this process by systemd (activation_fds() said so) and
+    // nothing else in the process owns it.
+    let fd = unsafe { OwnedFd::from_raw_fd(FIRST_ACTIVATION_FD) };
+    let sock = Socket::from(fd);
+    let family = sock
+        .local_addr()
+        .map_err(|e| {
+            format!(
+                "Failed to use socket activation: {}",
+                backends::errno_text(&e)
+            )
+        })?
+        .family();
+    let fd = OwnedFd::from(sock);
+    Ok(if family == libc::AF_UNIX as libc::sa_family_t {
+        Listener::Unix(UnixListener::from(fd))
+    } else {
+        Listener::Tcp(std::net::TcpListener::from(fd))
+    })
+}

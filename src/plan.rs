@@ -42,6 +42,8 @@ pub struct ExportPlan {
 
 /// Where and how the server listens.
 pub struct ListenPlan {
+    /// systemd socket activation: serve on the passed socket (fd 3).
+    pub activated: bool,
     pub socket: Option<PathBuf>,
     /// `--selinux-label` for the Unix socket.
     pub selinux_label: Option<String>,
@@ -109,6 +111,10 @@ fn try_help() -> ! {
 /// Build the plan; exits with qemu-nbd's message at the first problem.
 pub fn build(cli: &Cli, objects: &Objects) -> Plan {
     check_modes(cli);
+    if cli.list || cli.connect.is_some() {
+        // The conflicts of socket activation with -L and -c are reported early too.
+        socket_activation(cli);
+    }
     let tls = tls_creds(cli, objects);
     if cli.disconnect {
         if cli.args.len() != 1 {
@@ -294,6 +300,7 @@ fn listen_plan(cli: &Cli, tls: Option<Creds>, objects: &Objects) -> ListenPlan {
         },
     };
     ListenPlan {
+        activated: socket_activation(cli),
         socket: cli.socket.as_ref().map(PathBuf::from),
         selinux_label: cli.selinux_label.clone(),
         bind: cli.bind.clone().unwrap_or_else(|| "0.0.0.0".into()),
@@ -310,6 +317,37 @@ fn listen_plan(cli: &Cli, tls: Option<Creds>, objects: &Objects) -> ListenPlan {
             })
         }),
     }
+}
+
+/// systemd socket activation, refused with qemu-nbd's messages when options name another
+/// socket or when more than one was passed.
+fn socket_activation(cli: &Cli) -> bool {
+    let n = crate::listen::activation_fds().unwrap_or_else(|e| die(e));
+    if n == 0 {
+        return false;
+    }
+    let conflict = if cli.connect.is_some() {
+        Some("NBD device can't be set when using socket activation")
+    } else if cli.socket.is_some() {
+        Some("Unix socket can't be set when using socket activation")
+    } else if cli.bind.is_some() {
+        Some("The interface can't be set when using socket activation")
+    } else if cli.port.is_some() {
+        Some("TCP port number can't be set when using socket activation")
+    } else if cli.selinux_label.is_some() {
+        Some("SELinux label can't be set when using socket activation")
+    } else if cli.list {
+        Some("List mode is incompatible with socket activation")
+    } else {
+        None
+    };
+    if let Some(msg) = conflict {
+        die(msg);
+    }
+    if n > 1 {
+        die("qemu-nbd does not support socket activation with LISTEN_FDS > 1");
+    }
+    true
 }
 
 /// `-n`, `--cache`, `--discard`, `--detect-zeroes`, with qemu-nbd's checks and messages.

@@ -44,6 +44,9 @@ pub fn run(image: ImagePlan, export: ExportPlan, net: ListenPlan, process: Proce
 
 /// The listening sockets (a Unix socket is removed again at exit).
 fn listen_on(net: &ListenPlan, shared: u32) -> Vec<Listener> {
+    if net.activated {
+        return vec![listen::activated().unwrap_or_else(|e| die(e))];
+    }
     let backlog = listen::backlog(shared, net.persistent);
     match &net.socket {
         Some(path) => match listen::unix(path, backlog, net.selinux_label.as_deref()) {

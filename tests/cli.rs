@@ -61,7 +61,15 @@ fn error_cases(img: &str) -> Vec<Vec<&str>> {
         vec!["-d", "/dev/nbd99"],
         vec!["-c", "/dev/nbd0", "-x", "foo", "-v", "-f", "raw", img],
         vec!["--selinux-label", "foo", "-f", "raw", img],
-        vec!["--selinux-label", "foo", "-k", "/tmp/qnbd-cli-se.sock", "-f", "raw", img],
+        vec![
+            "--selinux-label",
+            "foo",
+            "-k",
+            "/tmp/qnbd-cli-se.sock",
+            "-f",
+            "raw",
+            img,
+        ],
         // The socket is made before the image is opened, as qemu-nbd does.
         vec!["-k", "/nonexistent/dir/s.sock", "/nonexistent.img"],
     ]

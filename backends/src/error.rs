@@ -75,7 +75,14 @@ pub enum Error {
 /// The C library's text for an error, as qemu prints it (no "(os error N)" suffix).
 pub fn errno_text(e: &io::Error) -> String {
     match e.raw_os_error() {
-        Some(code) => nix::errno::Errno::from_raw(code).desc().to_string(),
+        // The C library's strerror (std's Display), without std's suffix.
+        Some(code) => {
+            let text = io::Error::from_raw_os_error(code).to_string();
+            match text.rfind(" (os error ") {
+                Some(at) => text[..at].to_string(),
+                None => text,
+            }
+        }
         None => e.to_string(),
     }
 }
