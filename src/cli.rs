@@ -45,6 +45,9 @@ pub struct Cli {
 
     #[arg(short = 'L', long = "list", action = ArgAction::SetTrue)]
     pub list: bool,
+    /// With -L: the export list as JSON.
+    #[arg(long = "json", action = ArgAction::SetTrue)]
+    pub json: bool,
     #[arg(long = "object")]
     pub object: Vec<String>,
     #[arg(long = "tls-creds")]
@@ -137,6 +140,7 @@ Exposing part of the image:
 
 General purpose options:
   -L, --list                list exports available from another NBD server
+      --json                with -L, print the list as JSON
   --object type,id=ID,...   define an object such as 'secret' for providing
                             passwords and/or encryption keys
   --tls-creds=ID            use id of an earlier --object to provide TLS

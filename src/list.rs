@@ -1,8 +1,8 @@
-//! `-L`: list a server's exports in qemu-nbd's layout.
+//! `-L`: list a server's exports in qemu-nbd's layout, or as JSON with `--json`.
 
 use crate::die;
 use crate::plan::ListPlan;
-use frontends::nbd::client::{format_list, list_exports};
+use frontends::nbd::client::{format_list, format_list_json, list_exports};
 use frontends::nbd::proto::DEFAULT_PORT;
 use frontends::tls::Transport;
 use frontends::transport::Stream;
@@ -47,7 +47,11 @@ pub fn run(cli: &ListPlan) -> ! {
         .map(|c| (c, transport, cli.tls_hostname.as_deref()));
     match list_exports(stream, tls) {
         Ok((exports, extended)) => {
-            print!("{}", format_list(&exports, extended));
+            if cli.json {
+                println!("{}", format_list_json(&exports, extended));
+            } else {
+                print!("{}", format_list(&exports, extended));
+            }
             std::process::exit(0);
         }
         Err(e) => die(e.report()),

@@ -67,6 +67,7 @@ pub struct ListPlan {
     pub port: Option<String>,
     pub tls: Option<Creds>,
     pub tls_hostname: Option<String>,
+    pub json: bool,
 }
 
 pub enum Plan {
@@ -132,6 +133,7 @@ pub fn build(cli: &Cli, objects: &Objects) -> Plan {
             port: cli.port.clone(),
             tls,
             tls_hostname: cli.tls_hostname.clone(),
+            json: cli.json,
         });
     }
     if cli.args.len() != 1 {
@@ -209,6 +211,9 @@ fn check_modes(cli: &Cli) {
     }
     if cli.selinux_label.is_some() && cli.socket.is_none() {
         die("--selinux-label is not permitted without --socket");
+    }
+    if cli.json && !cli.list {
+        die("JSON output is only supported with export list");
     }
 }
 

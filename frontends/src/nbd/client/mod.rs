@@ -346,23 +346,43 @@ pub fn list_exports(
 }
 
 /// qemu-nbd's `-L` listing.
+const FLAG_NAMES: [&str; 13] = [
+    "",
+    "readonly",
+    "flush",
+    "fua",
+    "rotational",
+    "trim",
+    "zeroes",
+    "df",
+    "multi",
+    "resize",
+    "cache",
+    "fast-zero",
+    "block-status-payload",
+];
+
+/// The names qemu-nbd's list prints for the transmission flags that are set.
+pub fn flag_names(flags: u16) -> Vec<&'static str> {
+    FLAG_NAMES
+        .iter()
+        .enumerate()
+        .filter(|(bit, name)| !name.is_empty() && flags & (1 << bit) != 0)
+        .map(|(_, name)| *name)
+        .collect()
+}
+
+fn transaction_size(extended: bool) -> &'static str {
+    if extended {
+        "64-bit"
+    } else {
+        "32-bit"
+    }
+}
+
+/// The export list as qemu-nbd's `-L` prints it.
 pub fn format_list(exports: &[ExportInfo], extended: bool) -> String {
     use std::fmt::Write as _;
-    const FLAG_NAMES: [&str; 13] = [
-        "",
-        "readonly",
-        "flush",
-        "fua",
-        "rotational",
-        "trim",
-        "zeroes",
-        "df",
-        "multi",
-        "resize",
-        "cache",
-        "fast-zero",
-        "block-status-payload",
-    ];
     let mut s = String::new();
     let _ = writeln!(s, "exports available: {}", exports.len());
     for e in exports {
@@ -373,10 +393,8 @@ pub fn format_list(exports: &[ExportInfo], extended: bool) -> String {
         if e.flags & TransmissionFlags::HAS_FLAGS.bits() != 0 {
             let _ = writeln!(s, "  size:  {}", e.size);
             let _ = write!(s, "  flags: {:#x} (", e.flags);
-            for (bit, name) in FLAG_NAMES.iter().enumerate() {
-                if !name.is_empty() && e.flags & (1 << bit) != 0 {
-                    let _ = write!(s, " {name}");
-                }
+            for name in flag_names(e.flags) {
+                let _ = write!(s, " {name}");
             }
             let _ = writeln!(s, " )");
         }
@@ -385,11 +403,7 @@ pub fn format_list(exports: &[ExportInfo], extended: bool) -> String {
             let _ = writeln!(s, "  opt block: {}", e.opt_block);
             let _ = writeln!(s, "  max block: {}", e.max_block);
         }
-        let _ = writeln!(
-            s,
-            "  transaction size: {}",
-            if extended { "64-bit" } else { "32-bit" }
-        );
+        let _ = writeln!(s, "  transaction size: {}", transaction_size(extended));
         if !e.contexts.is_empty() {
             let _ = writeln!(s, "  available meta contexts: {}", e.contexts.len());
             for c in &e.contexts {
@@ -398,4 +412,37 @@ pub fn format_list(exports: &[ExportInfo], extended: bool) -> String {
         }
     }
     s
+}
+
+/// The export list as JSON: the fields of [`format_list`], a field absent where the text
+/// form leaves its line out.
+pub fn format_list_json(exports: &[ExportInfo], extended: bool) -> String {
+    use serde_json::{json, Map, Value};
+    let list: Vec<Value> = exports
+        .iter()
+        .map(|e| {
+            let mut o = Map::new();
+            o.insert("export".into(), json!(e.name));
+            if !e.description.is_empty() {
+                o.insert("description".into(), json!(e.description));
+            }
+            if e.flags & TransmissionFlags::HAS_FLAGS.bits() != 0 {
+                o.insert("size".into(), json!(e.size));
+                o.insert("flags".into(), json!(e.flags));
+                o.insert("flag-names".into(), json!(flag_names(e.flags)));
+            }
+            if e.min_block != 0 {
+                o.insert("min-block".into(), json!(e.min_block));
+                o.insert("opt-block".into(), json!(e.opt_block));
+                o.insert("max-block".into(), json!(e.max_block));
+            }
+            o.insert("transaction-size".into(), json!(transaction_size(extended)));
+            if !e.contexts.is_empty() {
+                o.insert("meta-contexts".into(), json!(e.contexts));
+            }
+            Value::Object(o)
+        })
+        .collect();
+    let doc = json!({ "exports-available": exports.len(), "exports": list });
+    serde_json::to_string_pretty(&doc).unwrap_or_default()
 }
