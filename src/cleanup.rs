@@ -20,6 +20,8 @@ pub struct Cleanup {
     /// The temporary overlay of `-s`.
     pub overlay: Option<PathBuf>,
     pub pid_file: Option<PathBuf>,
+    /// `--stats`: the last report, first of all.
+    pub stats: Option<crate::stats::Reporter>,
 }
 
 static CLEANUP: Mutex<Cleanup> = Mutex::new(Cleanup {
@@ -29,6 +31,7 @@ static CLEANUP: Mutex<Cleanup> = Mutex::new(Cleanup {
     socket: None,
     overlay: None,
     pid_file: None,
+    stats: None,
 });
 
 /// The record, to add what was just created.
@@ -51,6 +54,9 @@ pub fn run_on_error() {
 
 impl Cleanup {
     fn run(&mut self) {
+        if let Some(r) = self.stats.take() {
+            r.report("exit");
+        }
         if let Some(dev) = self.unbind.take() {
             if let Err(e) = frontends::kernel::disconnect(&dev, frontends::kernel::Api::Auto) {
                 tracing::info!("disconnecting {}: {e}", dev.display());

@@ -48,6 +48,11 @@ pub struct Cli {
     /// With -L: the export list as JSON.
     #[arg(long = "json", action = ArgAction::SetTrue)]
     pub json: bool,
+    /// Count requests per command; report on SIGUSR1 and at exit.
+    #[arg(long = "stats", num_args = 0..=1, require_equals = true, default_missing_value = "text")]
+    pub stats: Option<String>,
+    #[arg(long = "stats-file")]
+    pub stats_file: Option<String>,
     #[arg(long = "object")]
     pub object: Vec<String>,
     #[arg(long = "tls-creds")]
@@ -153,6 +158,9 @@ General purpose options:
                             once the server is running
   --pid-file=PATH           store the server's process ID in the given file
   --selinux-label=LABEL     set SELinux process label on listening socket
+      --stats[=FORMAT]      count requests, bytes, errors and latency per command;
+                            report on SIGUSR1 and at exit (FORMAT: text, json)
+      --stats-file=PATH     append the reports to PATH rather than stderr
 
 Kernel NBD client support:
   -c, --connect=DEV         connect FILE to the local NBD device DEV

@@ -6,7 +6,7 @@ use crate::plan::{ExportPlan, ImagePlan, ProcessPlan};
 use frontends::kernel::{self, Api, DeviceParams};
 use frontends::nbd::client::{Client, ClientError};
 use frontends::nbd::proto::OPT_GO;
-use frontends::nbd::server::{Export, Server, ServerOptions};
+use frontends::nbd::server::{Server, ServerOptions};
 use frontends::transport::Stream;
 use std::os::fd::OwnedFd;
 use std::os::unix::net::UnixStream;
@@ -74,16 +74,9 @@ pub fn run(
     let readiness = crate::daemon::fork_if(process.fork);
     let device = crate::image::open(&image);
     crate::daemon::write_pid_file(process.pid_file.as_deref());
-    crate::daemon::install_signal_handlers();
     let multi = export.shared != 1 || n > 1;
-    let export = Export::new(
-        export.name,
-        export.description,
-        device,
-        multi,
-        export.allocation_depth,
-    )
-    .with_bitmaps(export.allocation_depth, &image.bitmaps);
+    let (export, reporter) = crate::export::build(export, device, multi, &image.bitmaps);
+    crate::daemon::install_signal_handlers(reporter);
     let server = Arc::new(Server::new(
         export,
         ServerOptions {

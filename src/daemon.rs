@@ -104,16 +104,27 @@ pub fn write_pid_file(path: Option<&std::path::Path>) {
 }
 
 /// SIGTERM, SIGINT and SIGHUP: flush, remove what we created, exit 0 (as qemu-nbd).
-pub fn install_signal_handlers() {
-    use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
-    let mut signals = match signal_hook::iterator::Signals::new([SIGTERM, SIGINT, SIGHUP]) {
+/// With `--stats`, SIGUSR1 prints a report and the server goes on.
+pub fn install_signal_handlers(stats: Option<crate::stats::Reporter>) {
+    use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM, SIGUSR1};
+    let mut wanted = vec![SIGTERM, SIGINT, SIGHUP];
+    if stats.is_some() {
+        wanted.push(SIGUSR1);
+    }
+    let mut signals = match signal_hook::iterator::Signals::new(wanted) {
         Ok(s) => s,
         Err(e) => crate::die(format!("cannot install signal handlers: {e}")),
     };
     let spawned = std::thread::Builder::new()
         .name("signals".into())
         .spawn(move || {
-            if let Some(sig) = signals.forever().next() {
+            for sig in signals.forever() {
+                if sig == SIGUSR1 {
+                    if let Some(r) = &stats {
+                        r.report("SIGUSR1");
+                    }
+                    continue;
+                }
                 tracing::info!("signal {sig}: shutting down");
                 crate::cleanup::run();
                 std::process::exit(0);

@@ -5,6 +5,7 @@ mod cleanup;
 mod cli;
 mod connect;
 mod daemon;
+mod export;
 mod image;
 mod list;
 mod listen;
@@ -12,6 +13,7 @@ mod logging;
 mod plan;
 mod prog;
 mod serve;
+mod stats;
 mod ublk;
 
 use clap::Parser;

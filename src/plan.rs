@@ -38,6 +38,8 @@ pub struct ExportPlan {
     /// `-e` (0: unlimited).
     pub shared: u32,
     pub allocation_depth: bool,
+    /// `--stats`, `--stats-file`.
+    pub stats: Option<crate::stats::StatsPlan>,
 }
 
 /// Where and how the server listens.
@@ -265,6 +267,7 @@ fn export_plan(cli: &Cli) -> ExportPlan {
         description,
         shared,
         allocation_depth: cli.allocation_depth,
+        stats: crate::stats::plan(cli.stats.as_deref(), cli.stats_file.as_deref()),
     }
 }
 

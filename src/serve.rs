@@ -3,7 +3,7 @@
 
 use crate::plan::{ExportPlan, ImagePlan, ListenPlan, ProcessPlan};
 use crate::{cleanup, daemon, die, listen};
-use frontends::nbd::server::{Export, Listener, Server, ServerOptions};
+use frontends::nbd::server::{Listener, Server, ServerOptions};
 use std::path::PathBuf;
 
 pub fn run(image: ImagePlan, export: ExportPlan, net: ListenPlan, process: ProcessPlan) -> ! {
@@ -11,16 +11,9 @@ pub fn run(image: ImagePlan, export: ExportPlan, net: ListenPlan, process: Proce
     let listeners = listen_on(&net, export.shared);
     let device = crate::image::open(&image);
     daemon::write_pid_file(process.pid_file.as_deref());
-    daemon::install_signal_handlers();
     let shared = export.shared;
-    let export = Export::new(
-        export.name,
-        export.description,
-        device,
-        shared != 1,
-        export.allocation_depth,
-    )
-    .with_bitmaps(export.allocation_depth, &image.bitmaps);
+    let (export, reporter) = crate::export::build(export, device, shared != 1, &image.bitmaps);
+    daemon::install_signal_handlers(reporter);
     let server = Server::new(
         export,
         ServerOptions {

@@ -71,7 +71,7 @@ pub fn run(image: ImagePlan, opts: UblkOptions, process: ProcessPlan) -> ! {
     let readiness = crate::daemon::fork_if(process.fork);
     let device = crate::image::open(&image);
     crate::daemon::write_pid_file(process.pid_file.as_deref());
-    crate::daemon::install_signal_handlers();
+    crate::daemon::install_signal_handlers(None);
     serve(&opts, device, readiness)
 }
 

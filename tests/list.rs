@@ -153,7 +153,10 @@ fn list_json_parses_and_equals_the_text_form() {
     let dir = tmpdir();
     let img = make_raw(dir.path(), "j.raw", 8 << 20, &[]);
     let img = img.to_str().unwrap();
-    let s = Server::unix(QNBD, &["-f", "raw", "-t", "-x", "a", "-D", "desc", "-A", img]);
+    let s = Server::unix(
+        QNBD,
+        &["-f", "raw", "-t", "-x", "a", "-D", "desc", "-A", img],
+    );
     json_equals_text(&["-k", s.socket.as_ref().unwrap().to_str().unwrap()]);
     let s = Server::tcp(QNBD, &["-f", "raw", "-t", "-r", img]);
     json_equals_text(&["-b", "127.0.0.1", "-p", &s.port.unwrap().to_string()]);
@@ -163,7 +166,11 @@ fn list_json_parses_and_equals_the_text_form() {
             .args(["-f", "-U"])
             .arg(&sock)
             .args(["--filter=exportname", "memory", "1M"])
-            .args(["exportname-list=explicit", "exportname=alpha", "exportname=beta"])
+            .args([
+                "exportname-list=explicit",
+                "exportname=alpha",
+                "exportname=beta",
+            ])
             .spawn()
             .expect("nbdkit");
         let start = std::time::Instant::now();

@@ -3,6 +3,7 @@
 
 pub mod kernel;
 pub mod nbd;
+pub mod stats;
 pub mod tls;
 pub mod transport;
 pub mod ublk;

@@ -2,7 +2,9 @@
 
 use super::meta::{self, MetaContext};
 use crate::nbd::proto::{TransmissionFlags, MAX_BUFFER_SIZE};
+use crate::stats::Stats;
 use backends::Device;
+use std::sync::Arc;
 
 #[derive(Debug)]
 pub struct Export {
@@ -14,6 +16,8 @@ pub struct Export {
     /// The metadata contexts offered (`base:allocation`, with `-A` `qemu:allocation-depth`,
     /// with `-B` `qemu:dirty-bitmap:NAME`).
     pub contexts: Vec<MetaContext>,
+    /// `--stats`: the counters the connections record into.
+    pub stats: Option<Arc<Stats>>,
 }
 
 /// Block sizes sent in NBD_INFO_BLOCK_SIZE: qemu-nbd's for a file (min: the image's request
@@ -35,7 +39,14 @@ impl Export {
             device,
             multi_conn,
             contexts: meta::available(allocation_depth, &[]),
+            stats: None,
         }
+    }
+
+    /// Count requests and connections in `stats`.
+    pub fn with_stats(mut self, stats: Arc<Stats>) -> Export {
+        self.stats = Some(stats);
+        self
     }
 
     /// Offer `qemu:dirty-bitmap:NAME` for each `-B NAME` (the device has checked them).

@@ -130,7 +130,7 @@ impl Server {
     /// Serve one already connected client on the calling thread (the kernel binder's
     /// private socket); returns when it disconnects.
     pub fn serve_one(&self, stream: Stream) {
-        handle_connection(stream, &self.export, &self.opts);
+        handle_connection(stream, &self.export, &self.opts, None);
     }
 }
 
@@ -173,7 +173,7 @@ fn accept_loop(
                 let (m, cv) = &*state;
                 let peer = stream.peer();
                 tracing::debug!("client connected: {peer}");
-                let served = handle_connection_tracked(stream, &export, &opts, &state);
+                let served = handle_connection(stream, &export, &opts, Some(&state));
                 let mut st = lock(m);
                 st.connections -= 1;
                 if served {
@@ -192,18 +192,28 @@ fn accept_loop(
     }
 }
 
-/// Returns whether the connection reached the transmission phase.
-fn handle_connection_tracked(
+/// Every log line of a connection names its peer and export (worker threads enter it too).
+fn connection_span(stream: &Stream, export: &Export) -> tracing::Span {
+    tracing::info_span!("conn", peer = %stream.peer(), export = %export.name)
+}
+
+/// Run one connection; returns whether it reached the transmission phase. `state` (the
+/// accept loops') counts it among the serving ones while it is.
+fn handle_connection(
     mut stream: Stream,
     export: &Export,
     opts: &ServerOptions,
-    state: &(Mutex<State>, Condvar),
+    state: Option<&(Mutex<State>, Condvar)>,
 ) -> bool {
     let _span = connection_span(&stream, export).entered();
+    let _counted = export.stats.as_ref().map(|s| s.connection());
     let deadline = opts.handshake_limit.map(|d| Instant::now() + d);
     match handshake::negotiate(&mut stream, export, deadline, opts.tls.as_deref()) {
         Ok(handshake::Outcome::Transmission(neg)) => {
-            lock(&state.0).serving += 1;
+            count_negotiated(export);
+            if let Some((m, _)) = state {
+                lock(m).serving += 1;
+            }
             if let Err(e) = transmission::serve(stream, export, neg, opts.threads_per_connection) {
                 tracing::info!("connection ended: {e}");
             }
@@ -213,30 +223,21 @@ fn handle_connection_tracked(
         Err(e) => {
             // qemu reports every failed negotiation on stderr.
             tracing::error!("option negotiation failed: {e}");
+            count_failed(export);
             stream.abort();
             false
         }
     }
 }
 
-/// Every log line of a connection names its peer and export (worker threads enter it too).
-fn connection_span(stream: &Stream, export: &Export) -> tracing::Span {
-    tracing::info_span!("conn", peer = %stream.peer(), export = %export.name)
+fn count_negotiated(export: &Export) {
+    if let Some(s) = &export.stats {
+        s.negotiated();
+    }
 }
 
-fn handle_connection(mut stream: Stream, export: &Export, opts: &ServerOptions) {
-    let _span = connection_span(&stream, export).entered();
-    let deadline = opts.handshake_limit.map(|d| Instant::now() + d);
-    match handshake::negotiate(&mut stream, export, deadline, opts.tls.as_deref()) {
-        Ok(handshake::Outcome::Transmission(neg)) => {
-            if let Err(e) = transmission::serve(stream, export, neg, opts.threads_per_connection) {
-                tracing::info!("connection ended: {e}");
-            }
-        }
-        Ok(handshake::Outcome::Closed) => {}
-        Err(e) => {
-            tracing::error!("option negotiation failed: {e}");
-            stream.abort();
-        }
+fn count_failed(export: &Export) {
+    if let Some(s) = &export.stats {
+        s.negotiation_failed();
     }
 }

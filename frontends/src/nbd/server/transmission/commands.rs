@@ -95,6 +95,9 @@ impl Conn<'_> {
     }
 
     fn send_error(&self, req: &Request, r: Reject, hdr: &mut Vec<u8>) -> io::Result<()> {
+        if let Some(stats) = &self.export.stats {
+            stats.error(super::stat_op(req.cmd));
+        }
         hdr.clear();
         if self.structured() {
             tracing::trace!(

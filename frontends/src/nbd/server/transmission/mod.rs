@@ -14,12 +14,14 @@ use super::handshake::Negotiated;
 use super::validate::{self, Payload};
 use crate::nbd::proto::*;
 use crate::nbd::wire::{self, Request};
+use crate::stats::Op;
 use crate::transport::{write_all_vectored, Stream};
 use backends::Extents;
 use parking_lot::Mutex;
 use std::io::{self, BufReader, IoSlice, Read};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::thread::Scope;
+use std::time::Instant;
 
 const READ_BUFFER: usize = 256 * 1024;
 
@@ -144,7 +146,12 @@ impl<'a> Conn<'a> {
                 self.threads.fetch_add(1, Ordering::SeqCst);
                 scope.spawn(move || self.worker(scope));
             }
-            if let Err(e) = self.handle(&req, &mut scratch) {
+            let started = self.export.stats.as_ref().map(|_| Instant::now());
+            let handled = self.handle(&req, &mut scratch);
+            if let (Some(stats), Some(t)) = (&self.export.stats, started) {
+                stats.request(stat_op(req.cmd), stat_bytes(&req), t.elapsed());
+            }
+            if let Err(e) = handled {
                 tracing::info!("cannot send reply: {e}");
                 self.close();
                 return;
@@ -210,5 +217,27 @@ impl<'a> Conn<'a> {
     pub(super) fn write_reply(&self, bufs: &mut [IoSlice<'_>]) -> io::Result<()> {
         let mut w = self.writer.lock();
         write_all_vectored(&mut *w, bufs)
+    }
+}
+
+/// The counter a command is recorded under.
+pub(super) fn stat_op(cmd: u16) -> Op {
+    match cmd {
+        CMD_READ => Op::Read,
+        CMD_WRITE => Op::Write,
+        CMD_FLUSH => Op::Flush,
+        CMD_TRIM => Op::Trim,
+        CMD_WRITE_ZEROES => Op::WriteZeroes,
+        CMD_CACHE => Op::Cache,
+        CMD_BLOCK_STATUS => Op::BlockStatus,
+        _ => Op::Other,
+    }
+}
+
+/// The bytes a request named (none for a flush, whose length must be 0 anyway).
+fn stat_bytes(req: &Request) -> u64 {
+    match req.cmd {
+        CMD_FLUSH => 0,
+        _ => req.len,
     }
 }
