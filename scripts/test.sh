@@ -1,10 +1,13 @@
 #!/usr/bin/env bash
-# The whole test suite: unit tests, integration tests against real clients, and the lint gates.
-# Needs the packages from scripts/install-deps.sh; a missing client fails the run here
-# (QNBD_REQUIRE_TOOLS) instead of being skipped.
+# The whole test suite: the lint gates, the release artefacts the tests install or boot (the
+# Debian package, the static binary), then unit tests and integration tests against real
+# clients. Needs what scripts/install-deps.sh installs; a missing client or artefact fails the
+# run here (QNBD_REQUIRE_TOOLS) instead of being skipped.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export QNBD_REQUIRE_TOOLS=1
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets -- -D warnings
+bash scripts/build-deb.sh
+bash scripts/build-static.sh
 cargo test --workspace

@@ -1,7 +1,9 @@
-//! The command-line parsers of qnbd that read user text: `--object`, `--image-opts` and `-l`.
-//! They are a library (beside the `qnbd` binary, which uses them from here) so that the fuzz
-//! targets in `fuzz/` and their property tests can call them; nothing else lives here.
+//! qnbd's command line as a library beside the `qnbd` binary: the clap definition (which
+//! `tools/docgen` turns into the man page and shell completions) and the parsers that read
+//! user text, `--object`, `--image-opts` and `-l` (which the fuzz targets in `fuzz/` call).
+//! Nothing else lives here.
 
+pub mod cli;
 pub mod image_opts;
 pub mod object;
 

@@ -2,7 +2,6 @@
 //! This crate only maps options onto them: no protocol and no image format here.
 
 mod cleanup;
-mod cli;
 mod connect;
 mod daemon;
 mod export;
@@ -17,7 +16,7 @@ mod stats;
 mod ublk;
 
 use clap::Parser;
-use cli::Cli;
+use qnbd::cli::{self, Cli};
 use plan::Plan;
 use qnbd::object;
 

@@ -3,7 +3,7 @@
 //! `connect.rs`, `ublk.rs`, `list.rs`), and the process-wide cleanup (`cleanup.rs`) belongs
 //! to none of them.
 
-use crate::cli::{parse_c_number, Cli};
+use qnbd::cli::{parse_c_number, Cli};
 use crate::die;
 use backends::aio::AioMode;
 use backends::cache_mode::CacheMode;

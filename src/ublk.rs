@@ -2,7 +2,7 @@
 //! local ublk block device. Maps the options onto `frontends::ublk` and runs its lifecycle
 //! with the process-wide cleanup.
 
-use crate::cli::{parse_c_number, Cli};
+use qnbd::cli::{parse_c_number, Cli};
 use crate::daemon::Readiness;
 use crate::plan::{ImagePlan, ProcessPlan};
 use crate::{cleanup, die};

@@ -310,11 +310,16 @@ pub fn open_flags(pid: u32, img: &Path) -> Vec<u32> {
 /// run `script` (a file in scripts/vm/guest/) there; the guest's checks must all pass. A
 /// machine that cannot run the guest is a loud SKIP, and a failure under QNBD_REQUIRE_TOOLS.
 pub fn run_guest_script(script: &str, cpus: u32) {
+    run_guest_script_with(script, cpus, Path::new(QNBD));
+}
+
+/// [`run_guest_script`] with the qnbd binary `bin` in the guest's share.
+pub fn run_guest_script_with(script: &str, cpus: u32, bin: &Path) {
     let top = env!("CARGO_MANIFEST_DIR");
     let out = Command::new("bash")
         .arg(format!("{top}/scripts/vm/run.sh"))
         .arg(format!("{top}/scripts/vm/guest/{script}"))
-        .env("QNBD_BIN", QNBD)
+        .env("QNBD_BIN", bin)
         .env("QNBD_VM_SMP", cpus.to_string())
         .output()
         .expect("run scripts/vm/run.sh");
