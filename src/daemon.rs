@@ -93,14 +93,63 @@ pub fn fork_if(fork: bool) -> Option<Readiness> {
     }
 }
 
-/// `--pid-file`: written once the server is about to serve, removed at exit.
+/// `--pid-file`: written once the server is about to serve, removed at exit. As qemu's
+/// qemu_write_pidfile: the file stays open with a write lock held, so a second server
+/// given the same file fails ("Cannot lock pid file") instead of taking it over.
 pub fn write_pid_file(path: Option<&std::path::Path>) {
     if let Some(p) = path {
-        if let Err(e) = std::fs::write(p, format!("{}\n", std::process::id())) {
-            crate::die(format!("Failed to write pid file '{}': {e}", p.display()));
+        if let Err(e) = lock_and_write_pid(p) {
+            crate::die(e);
         }
         crate::cleanup::get().pid_file = Some(p.to_path_buf());
     }
+}
+
+fn lock_and_write_pid(path: &std::path::Path) -> Result<(), String> {
+    use std::io::Write;
+    use std::os::fd::AsRawFd;
+    use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+    let errno = |what: &str, e: std::io::Error| format!("{what}: {}", backends::errno_text(&e));
+    let mut f = loop {
+        let f = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .mode(0o600)
+            .open(path)
+            .map_err(|e| errno(&format!("Could not create '{}'", path.display()), e))?;
+        let ino = f
+            .metadata()
+            .map_err(|e| errno("Cannot stat file", e))?
+            .ino();
+        // SAFETY: an all-zero flock is valid; the fields that matter are set below.
+        let mut lock: libc::flock = unsafe { std::mem::zeroed() };
+        lock.l_type = libc::F_WRLCK as libc::c_short;
+        lock.l_whence = libc::SEEK_SET as libc::c_short;
+        // SAFETY: F_SETLK on an open descriptor with a valid flock.
+        if unsafe { libc::fcntl(f.as_raw_fd(), libc::F_SETLK, &lock) } != 0 {
+            let e = std::io::Error::last_os_error();
+            return Err(errno("Cannot lock pid file", e));
+        }
+        // The path locked must still be the file: another server may have raced us.
+        if std::fs::metadata(path).is_ok_and(|m| m.ino() == ino) {
+            break f;
+        }
+    };
+    let written = f
+        .set_len(0)
+        .map_err(|e| errno("Failed to truncate pid file", e))
+        .and_then(|()| {
+            f.write_all(format!("{}\n", std::process::id()).as_bytes())
+                .map_err(|_| "Failed to write pid file".to_string())
+        });
+    if let Err(e) = written {
+        let _ = std::fs::remove_file(path);
+        return Err(e);
+    }
+    // The lock lasts as long as the descriptor: to the end of the process.
+    std::mem::forget(f);
+    Ok(())
 }
 
 /// SIGTERM, SIGINT and SIGHUP: flush, remove what we created, exit 0 (as qemu-nbd).

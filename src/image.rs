@@ -38,7 +38,8 @@ pub fn open(plan: &ImagePlan) -> Device {
         backend
     };
     let device = Device::new(backend);
-    for name in &plan.bitmaps {
+    // qemu-nbd keeps its -B list last first.
+    for name in plan.bitmaps.iter().rev() {
         if let Err(e) = device.bitmap_check(name) {
             die(e);
         }
@@ -52,6 +53,13 @@ fn window(backend: Arc<dyn BlockBackend>, offset: u64) -> Arc<dyn BlockBackend> 
         return backend;
     }
     let inner_size = backend.size();
+    // qemu-nbd hands the offset to the raw driver as a signed number.
+    if (offset as i64) < 0 {
+        die(format!(
+            "Value '{}' is out of range for parameter 'offset'",
+            offset as i64
+        ));
+    }
     if offset > inner_size {
         die(format!(
             "Offset ({offset}) cannot be greater than size of the containing file ({inner_size})"

@@ -38,30 +38,52 @@ pub fn split_items(s: &str) -> Vec<String> {
     items
 }
 
-/// Split `a=b,c=d,,e` into pairs, `,,` being a literal comma.
-pub fn split_opts(s: &str) -> Result<Vec<(String, String)>, String> {
+/// Split `a=b,c=d,,e` into pairs, `,,` being a literal comma. As qemu's option parser, a
+/// first item without `=` is the value of `file`, and a later one is a short-form boolean
+/// (`foo` is `foo=on`, `nofoo` is `foo=off`), deprecated with a warning pushed to `warnings`.
+pub fn split_opts(s: &str, warnings: &mut Vec<String>) -> Vec<(String, String)> {
     let mut out = Vec::new();
-    for it in split_items(s) {
+    for (i, it) in split_items(s).into_iter().enumerate() {
         if it.is_empty() {
             continue;
         }
         match it.split_once('=') {
             Some((k, v)) => out.push((k.to_string(), v.to_string())),
-            None => return Err(format!("Invalid parameter '{it}'")),
+            None if i == 0 => out.push(("file".to_string(), it)),
+            None => {
+                let (k, v) = match it.strip_prefix("no") {
+                    Some(k) => (k, "off"),
+                    None => (it.as_str(), "on"),
+                };
+                warnings.push(format!(
+                    "short-form boolean option '{it}' deprecated\nPlease use {k}={v} instead"
+                ));
+                out.push((k.to_string(), v.to_string()));
+            }
         }
     }
-    Ok(out)
+    out
 }
 
 use backends::format::parse_bool as on_off;
 
+/// The warnings qemu's option parser prints for `s` (deprecated short-form booleans).
+pub fn warnings(s: &str) -> Vec<String> {
+    let mut w = Vec::new();
+    split_opts(s, &mut w);
+    w
+}
+
 /// Turn an option string into image options; `read_only` comes from `-r`.
 pub fn parse(s: &str, read_only: bool) -> Result<ParsedImageOpts, String> {
-    let pairs = split_opts(s)?;
     let mut image = ImageOptions {
         read_only,
         ..Default::default()
     };
+    // The caller prints the warnings (see [`warnings`]) before anything can fail.
+    let pairs = split_opts(s, &mut Vec::new());
+    // `file=NAME` names a block node, which qemu-nbd never has.
+    let mut node_ref: Option<String> = None;
     let mut cache_direct = false;
     let mut no_flush = false;
     let mut detect_zeroes = DetectZeroes::Off;
@@ -117,7 +139,7 @@ pub fn parse(s: &str, read_only: bool) -> Result<ParsedImageOpts, String> {
                 }
             }
             "filename" if is_protocol => filename = Some(v),
-            "file" => filename = Some(v),
+            "file" => node_ref = Some(v),
             "file.driver" => file_driver = Some(v),
             "file.filename" => filename = Some(v),
             "file.aio" | "aio" if k == "file.aio" || is_protocol => match AioMode::from_name(&v) {
@@ -167,7 +189,13 @@ pub fn parse(s: &str, read_only: bool) -> Result<ParsedImageOpts, String> {
             None => return Err(format!("Unknown driver '{d}'")),
         },
     };
+    if let Some(r) = node_ref {
+        return Err(format!("Cannot find device='{r}' nor node-name='{r}'"));
+    }
     let Some(filename) = filename else {
+        if driver.is_none() {
+            return Err("Must specify either driver or file".into());
+        }
         return Err("A block device must be specified for \"file\"".into());
     };
     image.path = PathBuf::from(filename);

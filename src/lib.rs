@@ -4,21 +4,13 @@
 //! Nothing else lives here.
 
 pub mod cli;
+pub mod getopt;
 pub mod image_opts;
 pub mod object;
 
-/// `-l`'s argument: `snapshot.id=ID` or `snapshot.name=NAME` (the first non-empty one), or
-/// else the whole text (an id or name, as qemu-nbd matches it).
+/// `-l`'s argument as the image driver takes it: `snapshot.id=ID,snapshot.name=NAME` (a
+/// snapshot matching every key given), or else an id or a name (the id tried first), as
+/// qemu-nbd tells the two apart by the `snapshot.` prefix.
 pub fn snapshot_param(s: &str) -> String {
-    for part in s.split(',') {
-        if let Some(v) = part
-            .strip_prefix("snapshot.id=")
-            .or_else(|| part.strip_prefix("snapshot.name="))
-        {
-            if !v.is_empty() {
-                return v.to_string();
-            }
-        }
-    }
     s.to_string()
 }

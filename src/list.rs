@@ -20,12 +20,8 @@ pub fn run(cli: &ListPlan) -> ! {
         let host = cli.bind.clone().unwrap_or_else(|| "0.0.0.0".into());
         let port = cli.port.clone().unwrap_or_else(|| DEFAULT_PORT.to_string());
         let addr = format!("{host}:{port}");
-        let target = if host.contains(':') {
-            format!("[{host}]:{port}")
-        } else {
-            addr.clone()
-        };
-        match std::net::TcpStream::connect(target) {
+        let targets = crate::listen::resolve(&host, &port, false).unwrap_or_else(|e| die(e));
+        match std::net::TcpStream::connect(&targets[..]) {
             Ok(s) => Stream::Tcp(s),
             Err(e) => die(format!(
                 "Failed to connect to '{addr}': {}",

@@ -2,7 +2,7 @@
 
 use frontends::nbd::server::Listener;
 use socket2::{Domain, Socket, Type};
-use std::net::{SocketAddr, ToSocketAddrs};
+use std::net::SocketAddr;
 use std::os::unix::net::UnixListener;
 use std::path::Path;
 
@@ -63,13 +63,76 @@ fn unix_listener(path: &Path, backlog: i32) -> Result<Listener, String> {
     )))
 }
 
+/// getaddrinfo as qemu calls it to listen (`passive`: AI_PASSIVE) or to connect
+/// (AI_ADDRCONFIG), any family, stream sockets: `port` may be a number (truncated to 16
+/// bits, as glibc does), a service name from /etc/services or empty (port 0); an empty host
+/// is every local address. The error is qemu's message.
+pub fn resolve(host: &str, port: &str, passive: bool) -> Result<Vec<SocketAddr>, String> {
+    use std::ffi::{CStr, CString};
+    let failed = |why: &str| format!("address resolution failed for {host}:{port}: {why}");
+    let c_host = CString::new(host).map_err(|_| failed("Name or service not known"))?;
+    let c_port =
+        CString::new(port).map_err(|_| failed("Servname not supported for ai_socktype"))?;
+    // SAFETY: an all-zero addrinfo is the documented "no hints" value; fields are set below.
+    let mut hints: libc::addrinfo = unsafe { std::mem::zeroed() };
+    hints.ai_flags = if passive {
+        libc::AI_PASSIVE
+    } else {
+        libc::AI_ADDRCONFIG
+    };
+    hints.ai_family = libc::AF_UNSPEC;
+    hints.ai_socktype = libc::SOCK_STREAM;
+    let mut res: *mut libc::addrinfo = std::ptr::null_mut();
+    // SAFETY: valid NUL-terminated strings (or NULL for an empty host), valid hints, and
+    // `res` receives a list freed below with freeaddrinfo.
+    let rc = unsafe {
+        libc::getaddrinfo(
+            if host.is_empty() {
+                std::ptr::null()
+            } else {
+                c_host.as_ptr()
+            },
+            c_port.as_ptr(),
+            &hints,
+            &mut res,
+        )
+    };
+    if rc != 0 {
+        // SAFETY: gai_strerror returns a static NUL-terminated string for any code.
+        let why = unsafe { CStr::from_ptr(libc::gai_strerror(rc)) };
+        return Err(failed(&why.to_string_lossy()));
+    }
+    let mut out = Vec::new();
+    let mut ai = res;
+    while !ai.is_null() {
+        // SAFETY: `ai` walks the list getaddrinfo returned; each ai_addr holds ai_addrlen
+        // bytes of a socket address, copied out before the list is freed.
+        unsafe {
+            let a = &*ai;
+            if !a.ai_addr.is_null() {
+                let (_, addr) = socket2::SockAddr::try_init(|storage, len| {
+                    let n =
+                        (a.ai_addrlen as usize).min(std::mem::size_of::<libc::sockaddr_storage>());
+                    std::ptr::copy_nonoverlapping(a.ai_addr as *const u8, storage as *mut u8, n);
+                    *len = n as libc::socklen_t;
+                    Ok(())
+                })
+                .map_err(|e| e.to_string())?;
+                if let Some(sa) = addr.as_socket() {
+                    out.push(sa);
+                }
+            }
+            ai = a.ai_next;
+        }
+    }
+    // SAFETY: `res` came from a successful getaddrinfo and is freed once.
+    unsafe { libc::freeaddrinfo(res) };
+    Ok(out)
+}
+
 /// Listeners on every address `host` resolves to.
-pub fn tcp(host: &str, port: u16, backlog: i32) -> Result<Vec<Listener>, String> {
-    let host = host.trim_start_matches('[').trim_end_matches(']');
-    let addrs: Vec<SocketAddr> = (host, port)
-        .to_socket_addrs()
-        .map_err(|e| format!("address resolution failed for {host}:{port}: {e}"))?
-        .collect();
+pub fn tcp(host: &str, port: &str, backlog: i32) -> Result<Vec<Listener>, String> {
+    let addrs = resolve(host, port, true)?;
     let mut out = Vec::new();
     let mut last_err = None;
     for a in addrs {

@@ -65,10 +65,21 @@ impl TraceSpec {
     pub fn parse(args: &[String]) -> Result<TraceSpec, String> {
         let mut spec = TraceSpec::default();
         for arg in args {
-            for item in qnbd::image_opts::split_items(arg) {
+            for (i, item) in qnbd::image_opts::split_items(arg).iter().enumerate() {
                 let (k, v) = match item.split_once('=') {
                     Some((k, v)) => (k, v.to_string()),
-                    None => ("enable", item.clone()),
+                    None if i == 0 => ("enable", item.clone()),
+                    // qemu's deprecated short-form boolean, which no trace option is.
+                    None => {
+                        let prog = crate::prog::name();
+                        let (k, v) = item
+                            .strip_prefix("no")
+                            .map_or((item.as_str(), "on"), |k| (k, "off"));
+                        return Err(format!(
+                            "{prog}: warning: short-form boolean option '{item}' deprecated\n\
+                             Please use {k}={v} instead\n{prog}: Invalid parameter '{k}'"
+                        ));
+                    }
                 };
                 match k {
                     "enable" if v == "help" => spec.help = true,
@@ -91,6 +102,15 @@ impl TraceSpec {
             }
         }
         Ok(spec)
+    }
+
+    /// The names without a wildcard that are no trace point here (qemu warns of each).
+    pub fn unknown_events(&self) -> Vec<&str> {
+        self.patterns
+            .iter()
+            .map(|p| p.strip_prefix('-').unwrap_or(p))
+            .filter(|p| !p.contains(['*', '?']) && !EVENTS.contains(p))
+            .collect()
     }
 
     /// qemu's rule: `*` matches any run of characters, a leading `-` disables.

@@ -9,6 +9,7 @@ mod image;
 mod list;
 mod listen;
 mod logging;
+mod optcheck;
 mod plan;
 mod prog;
 mod serve;
@@ -16,8 +17,8 @@ mod stats;
 mod ublk;
 
 use clap::Parser;
-use qnbd::cli::{self, Cli};
 use plan::Plan;
+use qnbd::cli::{self, Cli};
 use qnbd::object;
 
 /// Print `NAME: MSG` and exit 1, as qemu-nbd's error_report + exit(EXIT_FAILURE); NAME is
@@ -66,7 +67,20 @@ fn main() {
 
 /// The command line, or getopt's and qemu-nbd's complaint about it.
 fn parse_cli() -> Cli {
-    match Cli::try_parse() {
+    // Read as qemu-nbd's getopt_long reads it, its option loop's checks run in order.
+    let argv: Vec<std::ffi::OsString> = std::env::args_os().collect();
+    let table = qnbd::getopt::table(&<Cli as clap::CommandFactory>::command());
+    let parsed = qnbd::getopt::parse(argv.get(1..).unwrap_or_default(), &table);
+    optcheck::check(&parsed.opts);
+    if let Some(msg) = &parsed.error {
+        eprintln!("{}: {msg}", prog::invocation());
+        die(format!(
+            "Try `{} --help' for more information.",
+            prog::invocation()
+        ));
+    }
+    let argv0 = argv.first().cloned().unwrap_or_else(|| "qnbd".into());
+    match Cli::try_parse_from(qnbd::getopt::clap_args(argv0, &parsed)) {
         Ok(c) => c,
         Err(e) => {
             use clap::error::ErrorKind;

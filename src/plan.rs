@@ -3,7 +3,6 @@
 //! `connect.rs`, `ublk.rs`, `list.rs`), and the process-wide cleanup (`cleanup.rs`) belongs
 //! to none of them.
 
-use qnbd::cli::{parse_c_number, Cli};
 use crate::die;
 use backends::aio::AioMode;
 use backends::cache_mode::CacheMode;
@@ -12,6 +11,7 @@ use backends::open::{Format, ImageOptions};
 use frontends::kernel::Api;
 use frontends::nbd::proto::{DEFAULT_PORT, MAX_STRING_SIZE};
 use frontends::tls::{Creds, Endpoint, ServerTls};
+use qnbd::cli::{parse_c_number, Cli};
 use qnbd::object::Objects;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -50,7 +50,7 @@ pub struct ListenPlan {
     /// `--selinux-label` for the Unix socket.
     pub selinux_label: Option<String>,
     pub bind: String,
-    pub port: u16,
+    pub port: String,
     pub persistent: bool,
     pub handshake_limit: Option<Duration>,
     pub tls: Option<Arc<ServerTls>>,
@@ -260,7 +260,7 @@ fn export_plan(cli: &Cli) -> ExportPlan {
     }
     let description = cli.description.clone().unwrap_or_default();
     if description.len() > MAX_STRING_SIZE {
-        die(format!("description '{description}' too long"));
+        die(format!("export description '{description}' too long"));
     }
     ExportPlan {
         name,
@@ -274,10 +274,10 @@ fn export_plan(cli: &Cli) -> ExportPlan {
 fn offset(cli: &Cli) -> u64 {
     match cli.offset.as_deref() {
         None => 0,
-        Some(s) => match parse_c_number(s) {
-            Some(n) if n >= 0 => n as u64,
-            _ => die(format!("Invalid offset '{s}'")),
-        },
+        // qemu_strtou64: a negative offset wraps (and fails once the image is open).
+        Some(s) => {
+            crate::optcheck::strtou64(s).unwrap_or_else(|| die(format!("Invalid offset '{s}'")))
+        }
     }
 }
 
@@ -299,14 +299,8 @@ fn listen_plan(cli: &Cli, tls: Option<Creds>, objects: &Objects) -> ListenPlan {
             die("socket path must be absolute");
         }
     }
-    let port = match cli.port.as_deref() {
-        None => DEFAULT_PORT,
-        // getaddrinfo truncates to 16 bits; qemu-nbd listens where it lands.
-        Some(p) => match p.parse::<u64>() {
-            Ok(n) => (n & 0xffff) as u16,
-            Err(_) => die(format!("Invalid port '{p}'")),
-        },
-    };
+    // getaddrinfo reads it when the socket is made (a number, a service name, or empty).
+    let port = cli.port.clone().unwrap_or_else(|| DEFAULT_PORT.to_string());
     ListenPlan {
         activated: socket_activation(cli),
         socket: cli.socket.as_ref().map(PathBuf::from),
@@ -398,6 +392,9 @@ fn image_plan(cli: &Cli) -> ImagePlan {
     };
     let file = cli.args[0].clone();
     let opts = if cli.image_opts {
+        for w in qnbd::image_opts::warnings(&file) {
+            eprintln!("{}: warning: {w}", crate::prog::name());
+        }
         let p = match qnbd::image_opts::parse(&file, cli.read_only) {
             Ok(p) => p,
             Err(e) => die(format!("Failed to blk_new_open '{file}': {e}")),

@@ -49,7 +49,7 @@ fn listen_on(net: &ListenPlan, shared: u32) -> Vec<Listener> {
             }
             Err(e) => die(e),
         },
-        None => listen::tcp(&net.bind, net.port, backlog).unwrap_or_else(|e| die(e)),
+        None => listen::tcp(&net.bind, &net.port, backlog).unwrap_or_else(|e| die(e)),
     }
 }
 

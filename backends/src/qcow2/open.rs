@@ -165,6 +165,35 @@ fn geometry(h: &Header) -> Geo {
     }
 }
 
+/// `snapshot.id=ID,snapshot.name=NAME` (qemu's option syntax: `,,` is a comma, the last of
+/// a key counts, a bare key is `on`): the id and the name asked for.
+fn snapshot_keys(spec: &str) -> (Option<String>, Option<String>) {
+    let (mut id, mut name) = (None, None);
+    let mut items = Vec::new();
+    let mut cur = String::new();
+    let mut chars = spec.chars().peekable();
+    while let Some(c) = chars.next() {
+        match c {
+            ',' if chars.peek() == Some(&',') => {
+                chars.next();
+                cur.push(',');
+            }
+            ',' => items.push(std::mem::take(&mut cur)),
+            c => cur.push(c),
+        }
+    }
+    items.push(cur);
+    for item in items {
+        let (k, v) = item.split_once('=').unwrap_or((item.as_str(), "on"));
+        match k {
+            "snapshot.id" => id = Some(v.to_string()),
+            "snapshot.name" => name = Some(v.to_string()),
+            _ => {}
+        }
+    }
+    (id, name)
+}
+
 /// The L1 table to serve and the guest size: the active ones, or a snapshot's (`-l`).
 fn load_l1(
     f: &HostFile,
@@ -184,11 +213,20 @@ fn load_l1(
             "Loading a snapshot requires a read-only image".into(),
         ));
     }
-    let s = snapshots
-        .iter()
-        .find(|s| &s.id == want)
-        .or_else(|| snapshots.iter().find(|s| &s.name == want))
-        .ok_or_else(|| Error::LoadSnapshot("Can't find snapshot".into()))?;
+    let found = if want.starts_with("snapshot.") {
+        let (id, name) = snapshot_keys(want);
+        snapshots.iter().find(|s| {
+            (id.is_some() || name.is_some())
+                && id.as_ref().is_none_or(|i| &s.id == i)
+                && name.as_ref().is_none_or(|n| &s.name == n)
+        })
+    } else {
+        snapshots
+            .iter()
+            .find(|s| &s.id == want)
+            .or_else(|| snapshots.iter().find(|s| &s.name == want))
+    };
+    let s = found.ok_or_else(|| Error::LoadSnapshot("Can't find snapshot".into()))?;
     let size = s.disk_size.unwrap_or(h.size);
     let needed = size.div_ceil(1u64 << (geo.cluster_bits + geo.l2_bits));
     if u64::from(s.l1_size) < needed || size > i64::MAX as u64 {
