@@ -21,9 +21,13 @@ pub struct Cli {
           help = "output version information and exit")]
     pub version: bool,
 
-    #[arg(short = 'p', long = "port", value_name = "PORT",
-          help_heading = "Connection properties",
-          help = "port to listen on (default `10809')")]
+    #[arg(
+        short = 'p',
+        long = "port",
+        value_name = "PORT",
+        help_heading = "Connection properties",
+        help = "port to listen on (default `10809')"
+    )]
     pub port: Option<String>,
     #[arg(short = 'b', long = "bind", value_name = "IFACE", value_hint = ValueHint::Hostname,
           help_heading = "Connection properties",
@@ -33,9 +37,13 @@ pub struct Cli {
           help_heading = "Connection properties",
           help = "path to the unix socket (default '/var/lock/qemu-nbd-DEVICE')")]
     pub socket: Option<String>,
-    #[arg(short = 'e', long = "shared", value_name = "NUM",
-          help_heading = "Connection properties",
-          help = "device can be shared by NUM clients (default '1')")]
+    #[arg(
+        short = 'e',
+        long = "shared",
+        value_name = "NUM",
+        help_heading = "Connection properties",
+        help = "device can be shared by NUM clients (default '1')"
+    )]
     pub shared: Option<String>,
     #[arg(short = 't', long = "persistent", action = ArgAction::SetTrue,
           help_heading = "Connection properties",
@@ -45,30 +53,49 @@ pub struct Cli {
           help_heading = "Connection properties",
           help = "display extra debugging information")]
     pub verbose: u8,
-    #[arg(short = 'x', long = "export-name", value_name = "NAME",
-          help_heading = "Connection properties",
-          help = "expose export by name (default is empty string)")]
+    #[arg(
+        short = 'x',
+        long = "export-name",
+        value_name = "NAME",
+        help_heading = "Connection properties",
+        help = "expose export by name (default is empty string)"
+    )]
     pub export_name: Option<String>,
-    #[arg(short = 'D', long = "description", value_name = "TEXT",
-          help_heading = "Connection properties",
-          help = "export a human-readable description")]
+    #[arg(
+        short = 'D',
+        long = "description",
+        value_name = "TEXT",
+        help_heading = "Connection properties",
+        help = "export a human-readable description"
+    )]
     pub description: Option<String>,
-    #[arg(long = "handshake-limit", value_name = "N",
-          help_heading = "Connection properties",
-          help = "limit client's handshake to N seconds (default 10)")]
+    #[arg(
+        long = "handshake-limit",
+        value_name = "N",
+        help_heading = "Connection properties",
+        help = "limit client's handshake to N seconds (default 10)"
+    )]
     pub handshake_limit: Option<String>,
 
-    #[arg(short = 'o', long = "offset", value_name = "OFFSET",
-          help_heading = "Exposing part of the image",
-          help = "offset into the image")]
+    #[arg(
+        short = 'o',
+        long = "offset",
+        value_name = "OFFSET",
+        help_heading = "Exposing part of the image",
+        help = "offset into the image"
+    )]
     pub offset: Option<String>,
     #[arg(short = 'A', long = "allocation-depth", action = ArgAction::SetTrue,
           help_heading = "Exposing part of the image",
           help = "expose the allocation depth")]
     pub allocation_depth: bool,
-    #[arg(short = 'B', long = "bitmap", value_name = "NAME",
-          help_heading = "Exposing part of the image",
-          help = "expose a persistent dirty bitmap")]
+    #[arg(
+        short = 'B',
+        long = "bitmap",
+        value_name = "NAME",
+        help_heading = "Exposing part of the image",
+        help = "expose a persistent dirty bitmap"
+    )]
     pub bitmap: Vec<String>,
 
     #[arg(short = 'L', long = "list", action = ArgAction::SetTrue,
@@ -79,26 +106,38 @@ pub struct Cli {
           help_heading = "General purpose options",
           help = "with -L, print the list as JSON")]
     pub json: bool,
-    #[arg(long = "object", value_name = "type,id=ID,...",
-          help_heading = "General purpose options",
-          help = "define an object such as 'secret' for providing passwords and/or encryption keys")]
+    #[arg(
+        long = "object",
+        value_name = "type,id=ID,...",
+        help_heading = "General purpose options",
+        help = "define an object such as 'secret' for providing passwords and/or encryption keys"
+    )]
     pub object: Vec<String>,
-    #[arg(long = "tls-creds", value_name = "ID",
-          help_heading = "General purpose options",
-          help = "use id of an earlier --object to provide TLS")]
+    #[arg(
+        long = "tls-creds",
+        value_name = "ID",
+        help_heading = "General purpose options",
+        help = "use id of an earlier --object to provide TLS"
+    )]
     pub tls_creds: Option<String>,
-    #[arg(long = "tls-authz", value_name = "ID",
-          help_heading = "General purpose options",
-          help = "use id of an earlier --object to provide authorization")]
+    #[arg(
+        long = "tls-authz",
+        value_name = "ID",
+        help_heading = "General purpose options",
+        help = "use id of an earlier --object to provide authorization"
+    )]
     pub tls_authz: Option<String>,
     #[arg(long = "tls-hostname", value_name = "HOSTNAME", value_hint = ValueHint::Hostname,
           help_heading = "General purpose options",
           help = "override hostname used to check x509 certificate")]
     pub tls_hostname: Option<String>,
-    #[arg(short = 'T', long = "trace",
-          value_name = "[[enable=]<pattern>][,events=<file>][,file=<file>]",
-          help_heading = "General purpose options",
-          help = "specify tracing options")]
+    #[arg(
+        short = 'T',
+        long = "trace",
+        value_name = "[[enable=]<pattern>][,events=<file>][,file=<file>]",
+        help_heading = "General purpose options",
+        help = "specify tracing options"
+    )]
     pub trace: Vec<String>,
     #[arg(long = "fork", action = ArgAction::SetTrue,
           help_heading = "General purpose options",
@@ -108,9 +147,12 @@ pub struct Cli {
           help_heading = "General purpose options",
           help = "store the server's process ID in the given file")]
     pub pid_file: Option<String>,
-    #[arg(long = "selinux-label", value_name = "LABEL",
-          help_heading = "General purpose options",
-          help = "set SELinux process label on listening socket")]
+    #[arg(
+        long = "selinux-label",
+        value_name = "LABEL",
+        help_heading = "General purpose options",
+        help = "set SELinux process label on listening socket"
+    )]
     pub selinux_label: Option<String>,
     #[arg(long = "stats", num_args = 0..=1, require_equals = true,
           default_missing_value = "text", value_name = "FORMAT",
@@ -130,13 +172,19 @@ pub struct Cli {
           help_heading = "Kernel NBD client support",
           help = "disconnect the specified device")]
     pub disconnect: bool,
-    #[arg(long = "connections", value_name = "N",
-          help_heading = "Kernel NBD client support",
-          help = "bind N sockets to the device (multi-conn)")]
+    #[arg(
+        long = "connections",
+        value_name = "N",
+        help_heading = "Kernel NBD client support",
+        help = "bind N sockets to the device (multi-conn)"
+    )]
     pub connections: Option<String>,
-    #[arg(long = "kernel-api", value_name = "API",
-          help_heading = "Kernel NBD client support",
-          help = "auto (default), netlink or ioctl")]
+    #[arg(
+        long = "kernel-api",
+        value_name = "API",
+        help_heading = "Kernel NBD client support",
+        help = "auto (default), netlink or ioctl"
+    )]
     pub kernel_api: Option<String>,
 
     #[arg(long = "ublk-queues", value_name = "N", help_heading = UBLK,
@@ -149,9 +197,13 @@ pub struct Cli {
           help = "with -c /dev/ublkbN: take back the device after its server died (a mounted filesystem carries on)")]
     pub recover: bool,
 
-    #[arg(short = 'f', long = "format", value_name = "FORMAT",
-          help_heading = "Block device options",
-          help = "set image format (raw, qcow2, ...)")]
+    #[arg(
+        short = 'f',
+        long = "format",
+        value_name = "FORMAT",
+        help_heading = "Block device options",
+        help = "set image format (raw, qcow2, ...)"
+    )]
     pub format: Option<String>,
     #[arg(short = 'r', long = "read-only", action = ArgAction::SetTrue,
           help_heading = "Block device options",
@@ -161,29 +213,45 @@ pub struct Cli {
           help_heading = "Block device options",
           help = "use FILE as an external snapshot, create a temporary file with backing_file=FILE, redirect the write to the temporary one")]
     pub snapshot: bool,
-    #[arg(short = 'l', long = "load-snapshot", value_name = "SNAPSHOT_PARAM",
-          help_heading = "Block device options",
-          help = "load an internal snapshot inside FILE and export it as an read-only device, SNAPSHOT_PARAM format is 'snapshot.id=[ID],snapshot.name=[NAME]', or '[ID_OR_NAME]'")]
+    #[arg(
+        short = 'l',
+        long = "load-snapshot",
+        value_name = "SNAPSHOT_PARAM",
+        help_heading = "Block device options",
+        help = "load an internal snapshot inside FILE and export it as an read-only device, SNAPSHOT_PARAM format is 'snapshot.id=[ID],snapshot.name=[NAME]', or '[ID_OR_NAME]'"
+    )]
     pub load_snapshot: Option<String>,
     #[arg(short = 'n', long = "nocache", action = ArgAction::SetTrue,
           help_heading = "Block device options",
           help = "disable host cache")]
     pub nocache: bool,
-    #[arg(long = "cache", value_name = "MODE",
-          help_heading = "Block device options",
-          help = "set cache mode used to access the disk image, the valid options are: 'none', 'writeback' (default), 'writethrough', 'directsync' and 'unsafe'")]
+    #[arg(
+        long = "cache",
+        value_name = "MODE",
+        help_heading = "Block device options",
+        help = "set cache mode used to access the disk image, the valid options are: 'none', 'writeback' (default), 'writethrough', 'directsync' and 'unsafe'"
+    )]
     pub cache: Option<String>,
-    #[arg(long = "aio", value_name = "MODE",
-          help_heading = "Block device options",
-          help = "set AIO mode (native, io_uring or threads)")]
+    #[arg(
+        long = "aio",
+        value_name = "MODE",
+        help_heading = "Block device options",
+        help = "set AIO mode (native, io_uring or threads)"
+    )]
     pub aio: Option<String>,
-    #[arg(long = "discard", value_name = "MODE",
-          help_heading = "Block device options",
-          help = "set discard mode (ignore, unmap)")]
+    #[arg(
+        long = "discard",
+        value_name = "MODE",
+        help_heading = "Block device options",
+        help = "set discard mode (ignore, unmap)"
+    )]
     pub discard: Option<String>,
-    #[arg(long = "detect-zeroes", value_name = "MODE",
-          help_heading = "Block device options",
-          help = "set detect-zeroes mode (off, on, unmap)")]
+    #[arg(
+        long = "detect-zeroes",
+        value_name = "MODE",
+        help_heading = "Block device options",
+        help = "set detect-zeroes mode (off, on, unmap)"
+    )]
     pub detect_zeroes: Option<String>,
     #[arg(long = "image-opts", action = ArgAction::SetTrue,
           help_heading = "Block device options",
@@ -210,7 +278,10 @@ runs qnbd unchanged.";
 fn heading_notes(heading: &str) -> &'static [(&'static str, &'static str)] {
     match heading {
         UBLK => &[
-            ("-c ublk", "serve FILE as the next free /dev/ublkbN (printed)"),
+            (
+                "-c ublk",
+                "serve FILE as the next free /dev/ublkbN (printed)",
+            ),
             ("-c /dev/ublkbN", "serve FILE as /dev/ublkbN"),
             ("-d /dev/ublkbN", "stop and delete the device"),
         ],

@@ -16,8 +16,8 @@ mod stats;
 mod ublk;
 
 use clap::Parser;
-use qnbd::cli::{self, Cli};
 use plan::Plan;
+use qnbd::cli::{self, Cli};
 use qnbd::object;
 
 /// Print `NAME: MSG` and exit 1, as qemu-nbd's error_report + exit(EXIT_FAILURE); NAME is

@@ -3,7 +3,6 @@
 //! `connect.rs`, `ublk.rs`, `list.rs`), and the process-wide cleanup (`cleanup.rs`) belongs
 //! to none of them.
 
-use qnbd::cli::{parse_c_number, Cli};
 use crate::die;
 use backends::aio::AioMode;
 use backends::cache_mode::CacheMode;
@@ -12,6 +11,7 @@ use backends::open::{Format, ImageOptions};
 use frontends::kernel::Api;
 use frontends::nbd::proto::{DEFAULT_PORT, MAX_STRING_SIZE};
 use frontends::tls::{Creds, Endpoint, ServerTls};
+use qnbd::cli::{parse_c_number, Cli};
 use qnbd::object::Objects;
 use std::path::PathBuf;
 use std::sync::Arc;

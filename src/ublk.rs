@@ -2,12 +2,12 @@
 //! local ublk block device. Maps the options onto `frontends::ublk` and runs its lifecycle
 //! with the process-wide cleanup.
 
-use qnbd::cli::{parse_c_number, Cli};
 use crate::daemon::Readiness;
 use crate::plan::{ImagePlan, ProcessPlan};
 use crate::{cleanup, die};
 use backends::Device;
 use frontends::ublk::{self, Ublk, UblkOptions};
+use qnbd::cli::{parse_c_number, Cli};
 
 /// The ublk options when `-c` names a ublk device; None for an NBD device. Checked before
 /// anything is opened, with the options that make no sense here refused.

@@ -89,9 +89,15 @@ fn debian_package_installs_and_its_socket_unit_serves() {
     ] {
         assert!(Path::new(f).exists(), "{f} is not installed");
     }
-    let man = ["/usr/share/man/man1/qnbd.1.gz", "/usr/share/man/man1/qnbd.1"];
+    let man = [
+        "/usr/share/man/man1/qnbd.1.gz",
+        "/usr/share/man/man1/qnbd.1",
+    ];
     assert!(man.iter().any(|m| Path::new(m).exists()), "no man page");
-    assert!(Path::new("/var/lib/qnbd").is_dir(), "postinst makes /var/lib/qnbd");
+    assert!(
+        Path::new("/var/lib/qnbd").is_dir(),
+        "postinst makes /var/lib/qnbd"
+    );
     assert!(ok(Command::new("/usr/bin/qnbd").arg("--help")).contains("--stats"));
 
     let socket_unit = std::fs::read_to_string("/lib/systemd/system/qnbd@.socket").unwrap();
@@ -99,7 +105,17 @@ fn debian_package_installs_and_its_socket_unit_serves() {
     let name = format!("deb-test-{}", std::process::id());
     let image = PathBuf::from(format!("/var/lib/qnbd/{name}"));
     let env_file = format!("/etc/default/qnbd-{name}");
-    qemu_img(Path::new("/"), &["create", "-q", "-f", "qcow2", image.to_str().unwrap(), "64M"]);
+    qemu_img(
+        Path::new("/"),
+        &[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            image.to_str().unwrap(),
+            "64M",
+        ],
+    );
     std::fs::write(&env_file, "QNBD_OPTS=\"-f qcow2 --discard=unmap\"\n").unwrap();
     let _remove = Remove(vec![image.clone(), PathBuf::from(&env_file)]);
 
@@ -107,7 +123,11 @@ fn debian_package_installs_and_its_socket_unit_serves() {
     std::fs::create_dir_all(sock.parent().unwrap()).unwrap();
     let _ = std::fs::remove_file(&sock);
     let listener = std::os::unix::net::UnixListener::bind(&sock).expect("bind ListenStream");
-    let argv = exec_start(&service_unit, &name, &std::fs::read_to_string(&env_file).unwrap());
+    let argv = exec_start(
+        &service_unit,
+        &name,
+        &std::fs::read_to_string(&env_file).unwrap(),
+    );
     assert_eq!(argv[0], "/usr/bin/qnbd");
     let fd = listener.as_raw_fd();
     let mut cmd = Command::new("sh");
@@ -126,10 +146,20 @@ fn debian_package_installs_and_its_socket_unit_serves() {
     let mut child = cmd.spawn().expect("start the service's ExecStart");
     drop(listener);
     let uri = format!("nbd+unix:///{name}?socket={}", sock.display());
-    let out = qemu_io(Path::new("/"), "raw", &uri, &["write -P 0x3c 0 4M", "read -P 0x3c 0 4M", "flush"]);
+    let out = qemu_io(
+        Path::new("/"),
+        "raw",
+        &uri,
+        &["write -P 0x3c 0 4M", "read -P 0x3c 0 4M", "flush"],
+    );
     assert!(!out.contains("failed"), "{out}");
     // A second client while the first is gone: --persistent and --shared=0 keep serving.
-    let out = qemu_io(Path::new("/"), "raw", &uri, &["read -P 0x3c 0 4M", "read -P 0 4M 60M"]);
+    let out = qemu_io(
+        Path::new("/"),
+        "raw",
+        &uri,
+        &["read -P 0x3c 0 4M", "read -P 0 4M 60M"],
+    );
     assert!(!out.contains("failed"), "{out}");
     assert!(child.try_wait().unwrap().is_none(), "the service ended");
     ok(Command::new("kill").args(["-TERM", &child.id().to_string()]));
@@ -138,12 +168,20 @@ fn debian_package_installs_and_its_socket_unit_serves() {
         if let Some(st) = child.try_wait().unwrap() {
             break st;
         }
-        assert!(start.elapsed() < Duration::from_secs(10), "SIGTERM did not end qnbd");
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "SIGTERM did not end qnbd"
+        );
         std::thread::sleep(Duration::from_millis(20));
     };
     assert_eq!(status.code(), Some(0));
     check_clean(&image);
-    let out = qemu_io(Path::new("/"), "qcow2", image.to_str().unwrap(), &["read -P 0x3c 0 4M"]);
+    let out = qemu_io(
+        Path::new("/"),
+        "qcow2",
+        image.to_str().unwrap(),
+        &["read -P 0x3c 0 4M"],
+    );
     assert!(!out.contains("failed"), "{out}");
     let _ = std::fs::remove_file(&sock);
 }

@@ -6,8 +6,8 @@ use std::path::Path;
 
 #[test]
 fn static_binary_runs_alone_in_the_guest() {
-    let bin = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("target/x86_64-unknown-linux-musl/release/qnbd");
+    let bin =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("target/x86_64-unknown-linux-musl/release/qnbd");
     if !bin.exists() {
         eprintln!(
             "SKIP: {} is not built (scripts/build-static.sh); the static binary was not tried",

@@ -205,7 +205,11 @@ mod tests {
         let path = dir.path().join("qnbd.1");
         std::fs::write(&path, &page).unwrap();
         // groff's warnings name any malformed request.
-        match Run::new("groff").args(["-man", "-Tutf8", "-ww", "-z"]).arg(&path).output() {
+        match Run::new("groff")
+            .args(["-man", "-Tutf8", "-ww", "-z"])
+            .arg(&path)
+            .output()
+        {
             Ok(out) => assert!(
                 out.status.success() && out.stderr.is_empty(),
                 "groff: {}",
@@ -221,9 +225,18 @@ mod tests {
         write_all(dir.path()).unwrap();
         let c = dir.path().join("completions");
         let checks = [
-            ("bash", vec!["-n".to_string(), c.join("qnbd.bash").display().to_string()]),
-            ("zsh", vec!["-n".to_string(), c.join("_qnbd").display().to_string()]),
-            ("fish", vec!["-n".to_string(), c.join("qnbd.fish").display().to_string()]),
+            (
+                "bash",
+                vec!["-n".to_string(), c.join("qnbd.bash").display().to_string()],
+            ),
+            (
+                "zsh",
+                vec!["-n".to_string(), c.join("_qnbd").display().to_string()],
+            ),
+            (
+                "fish",
+                vec!["-n".to_string(), c.join("qnbd.fish").display().to_string()],
+            ),
         ];
         for (shell, args) in checks {
             match Run::new(shell).args(&args).output() {
