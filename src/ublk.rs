@@ -51,10 +51,13 @@ pub fn options(cli: &Cli) -> Option<UblkOptions> {
         recover: cli.recover,
         pin_queues: std::env::var("QNBD_UBLK_PIN").is_ok_and(|v| v == "1"),
         io_buf_bytes: io_buf_bytes(),
+        offload: std::env::var("QNBD_UBLK_OFFLOAD").map_or(true, |v| v != "0"),
     })
 }
 
-/// `QNBD_UBLK_BUF_KB` (tuning, like `QNBD_THREADS`): the largest request, 4 KiB to 4 MiB in
+/// Tuning, like `QNBD_THREADS`: `QNBD_UBLK_PIN=1` pins queue threads to their queue's CPUs,
+/// `QNBD_UBLK_OFFLOAD=0` serves flush and FUA on the queue threads too.
+/// `QNBD_UBLK_BUF_KB`: the largest request, 4 KiB to 4 MiB in
 /// whole pages; default [`ublk::IO_BUF_BYTES`].
 fn io_buf_bytes() -> u32 {
     std::env::var("QNBD_UBLK_BUF_KB")

@@ -158,11 +158,16 @@ impl Ublk {
         let dev = Arc::new(dev);
         let nr = dev.dev_info.nr_hw_queues;
         let tags = usize::from(nr) * usize::from(dev.dev_info.queue_depth);
-        let workers = offload::start(&device, tags).map_err(|e| UblkError::Step {
-            path: self.path().display().to_string(),
-            step: "starting the workers",
-            msg: e.to_string(),
-        })?;
+        let workers = if self.inner.opts.offload {
+            let w = offload::start(&device, tags).map_err(|e| UblkError::Step {
+                path: self.path().display().to_string(),
+                step: "starting the workers",
+                msg: e.to_string(),
+            })?;
+            Some(w)
+        } else {
+            None
+        };
         let (tx, rx) = mpsc::channel();
         let mut threads = Vec::with_capacity(usize::from(nr));
         for qid in 0..nr {

@@ -39,7 +39,7 @@ pub fn run(
     qid: u16,
     dev: &UblkDev,
     device: Device,
-    workers: SyncSender<Job>,
+    workers: Option<SyncSender<Job>>,
     started: Sender<Started>,
 ) {
     let tid = libublk::ctrl::UblkCtrl::init_queue_thread();
@@ -75,12 +75,12 @@ pub fn run(
             // The workers finished some requests.
             done.take(&mut finished);
             for (tag, res) in finished.drain(..) {
-                offloaded -= 1;
+                offloaded = offloaded.saturating_sub(1);
                 if let Some(b) = bufs.get(usize::from(tag)) {
                     commit(q, tag, b.as_slice(), res);
                 }
             }
-            if ctx.result() >= 0 {
+            if ctx.result() != -libc::ECANCELED {
                 watch(q, &done, &mut counter);
             }
             return;
@@ -97,7 +97,7 @@ pub fn run(
             req.offset,
             req.len
         );
-        if offload::blocking(&req) {
+        if let Some(workers) = workers.as_ref().filter(|_| offload::blocking(&req)) {
             let job = Job {
                 tag,
                 req,
