@@ -63,7 +63,7 @@ fn io_buf_bytes() -> u32 {
     std::env::var("QNBD_UBLK_BUF_KB")
         .ok()
         .and_then(|v| v.parse::<u32>().ok())
-        .filter(|kb| (4..=4096).contains(kb) && kb % 4 == 0)
+        .filter(|kb| (4..=4096).contains(kb) && kb.is_multiple_of(4))
         .map_or(ublk::IO_BUF_BYTES, |kb| kb << 10)
 }
 
@@ -77,7 +77,7 @@ pub fn run(opts: &UblkOptions, device: Device, readiness: Option<Readiness>) -> 
         Err(e) => die(e),
     };
     cleanup::get().ublk = Some(u.clone());
-    if device.size() % 512 != 0 {
+    if !device.size().is_multiple_of(512) {
         tracing::info!(
             "the last {} bytes of the image are not a whole sector and are not exported",
             device.size() % 512

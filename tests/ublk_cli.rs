@@ -8,7 +8,11 @@ use std::process::Command;
 /// Run qnbd, expecting exit status 1; returns stderr.
 fn refused(args: &[&str]) -> String {
     let out = run(Command::new(QNBD).args(args));
-    assert_eq!(out.status.code(), Some(1), "{args:?} should exit 1: {out:?}");
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "{args:?} should exit 1: {out:?}"
+    );
     String::from_utf8_lossy(&out.stderr).into_owned()
 }
 
@@ -77,6 +81,9 @@ fn without_the_driver_ublk_says_so() {
     let img = img.to_str().unwrap();
     let want = "qnbd: ublk is not available: /dev/ublk-control is missing (is the ublk_drv module loaded?)\n";
     assert_eq!(refused(&["-f", "raw", "-c", "ublk", img]), want);
-    assert_eq!(refused(&["-v", "-f", "raw", "-c", "/dev/ublkb0", img]), want);
+    assert_eq!(
+        refused(&["-v", "-f", "raw", "-c", "/dev/ublkb0", img]),
+        want
+    );
     assert_eq!(refused(&["-d", "/dev/ublkb0"]), want);
 }

@@ -23,13 +23,22 @@ fn watch(q: &UblkQueue, done: &Completions, counter: &mut [u8; 8]) {
         .build()
         .user_data(UblkIOCtx::build_user_data(0, 0, 0, true));
     if let Err(e) = q.ublk_submit_sqe_sync(sqe) {
-        tracing::error!("ublk queue {}: posting the eventfd read: {}", q.get_qid(), super::describe(&e));
+        tracing::error!(
+            "ublk queue {}: posting the eventfd read: {}",
+            q.get_qid(),
+            super::describe(&e)
+        );
     }
 }
 
 fn commit(q: &UblkQueue, tag: u16, buf: &[u8], res: i32) {
-    if let Err(e) = q.complete_io_cmd_unified(tag, BufDesc::Slice(buf), Ok(UblkIORes::Result(res))) {
-        tracing::error!("ublk queue {}: committing tag {tag}: {}", q.get_qid(), super::describe(&e));
+    if let Err(e) = q.complete_io_cmd_unified(tag, BufDesc::Slice(buf), Ok(UblkIORes::Result(res)))
+    {
+        tracing::error!(
+            "ublk queue {}: committing tag {tag}: {}",
+            q.get_qid(),
+            super::describe(&e)
+        );
     }
 }
 

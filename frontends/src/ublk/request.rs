@@ -67,7 +67,7 @@ pub fn decode(iod: &sys::ublksrv_io_desc) -> Request {
         op,
         // Sectors are 512 bytes whatever the logical block size. A start sector this
         // large is past any device; it is refused as out of range by Device.
-        offset: iod.start_sector.checked_mul(512).unwrap_or(u64::MAX),
+        offset: iod.start_sector.saturating_mul(512),
         len: u64::from(iod.nr_sectors) * 512,
         flags,
     }
