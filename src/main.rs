@@ -5,15 +5,14 @@ mod cleanup;
 mod cli;
 mod connect;
 mod daemon;
-mod image_opts;
 mod list;
 mod listen;
-mod object;
 mod prog;
 mod serve;
 
 use clap::Parser;
 use cli::Cli;
+use qnbd::{image_opts, object};
 
 /// Print `NAME: MSG` and exit 1, as qemu-nbd's error_report + exit(EXIT_FAILURE); NAME is
 /// the program's name (`prog::name`), `qemu-nbd` when installed as qemu-nbd.

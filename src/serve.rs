@@ -69,21 +69,6 @@ fn check_modes(cli: &Cli) {
     }
 }
 
-/// `-l`: `snapshot.id=ID`, `snapshot.name=NAME` or a bare ID_OR_NAME.
-fn snapshot_param(s: &str) -> String {
-    for part in s.split(',') {
-        if let Some(v) = part
-            .strip_prefix("snapshot.id=")
-            .or_else(|| part.strip_prefix("snapshot.name="))
-        {
-            if !v.is_empty() {
-                return v.to_string();
-            }
-        }
-    }
-    s.to_string()
-}
-
 /// `-n`, `--cache`, `--discard`, `--detect-zeroes`, with qemu-nbd's checks and messages.
 fn image_modes(cli: &Cli) -> (CacheMode, DetectZeroes, bool) {
     let cache = match cli.cache.as_deref() {
@@ -176,7 +161,7 @@ pub fn run(cli: Cli) {
         },
     };
     let (mut cache, mut detect_zeroes, discard) = image_modes(&cli);
-    let load_snapshot = cli.load_snapshot.as_deref().map(snapshot_param);
+    let load_snapshot = cli.load_snapshot.as_deref().map(qnbd::snapshot_param);
     let aio = match cli.aio.as_deref() {
         None => AioMode::Threads,
         Some(m) => AioMode::from_name(m).unwrap_or_else(|| die(format!("Invalid aio mode '{m}'"))),
