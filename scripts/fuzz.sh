@@ -32,7 +32,7 @@ targets=("$@")
 cargo=${CARGO_LOCK:-}
 (cd fuzz/afl && $cargo cargo afl build --release)
 export AFL_SKIP_CPUFREQ=1 AFL_I_DONT_CARE_ABOUT_MISSING_CRASHES=1 AFL_NO_UI=1 \
-    AFL_NO_AFFINITY=1 AFL_SKIP_BIN_CHECK=1 AFL_AUTORESUME=1
+    AFL_NO_AFFINITY=1 AFL_AUTORESUME=1
 mkdir -p "$out"
 for t in "${targets[@]}"; do
     bin=$root/fuzz/afl/target/release/$t

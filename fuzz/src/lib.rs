@@ -91,7 +91,12 @@ unsafe impl GlobalAlloc for LimitAlloc {
 }
 
 /// Exports served by the fixture: raw or qcow2 (over a raw backing file), writable or not.
-const EXPORTS: [(&str, bool); 4] = [("raw", false), ("raw", true), ("qcow2", false), ("qcow2", true)];
+const EXPORTS: [(&str, bool); 4] = [
+    ("raw", false),
+    ("raw", true),
+    ("qcow2", false),
+    ("qcow2", true),
+];
 /// Size of every export.
 const EXPORT_SIZE: u64 = 1 << 20;
 
@@ -403,7 +408,11 @@ fn exercise(dev: Device, at: &[u8]) {
         if dev.caps().zero.available() {
             let _ = dev.write_zeroes(off, len, IoFlags::MAY_TRIM);
         }
-        let _ = dev.trim(place(at[2]), (size - place(at[2])).min(1 << 17), IoFlags::empty());
+        let _ = dev.trim(
+            place(at[2]),
+            (size - place(at[2])).min(1 << 17),
+            IoFlags::empty(),
+        );
         let _ = dev.flush();
         ext.clear();
         let _ = dev.block_status(0, size.min(1 << 32), &mut ext);
