@@ -19,8 +19,8 @@ fn sixty_four_clients_of_verified_io_then_sigterm_under_load() {
         .env("DURATION", "30")
         .env("SAMPLE", "10")
         .env("SIZE", "256M"));
-    let text = String::from_utf8_lossy(&out.stdout).into_owned()
-        + &String::from_utf8_lossy(&out.stderr);
+    let text =
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
     eprintln!("{text}");
     assert!(
         out.status.success() && text.contains("load: PASS"),

@@ -440,8 +440,11 @@ pub fn client(data: &[u8]) {
     });
 }
 
+/// A fuzz target.
+pub type Target = fn(&[u8]);
+
 /// Every target by name, for the regression runner and the AFL harnesses.
-pub const TARGETS: [(&str, fn(&[u8])); 5] = [
+pub const TARGETS: [(&str, Target); 5] = [
     ("handshake", handshake),
     ("transmission", transmission),
     ("parsers", parsers),
