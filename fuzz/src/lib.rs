@@ -380,7 +380,7 @@ pub fn qcow2(data: &[u8]) {
 fn exercise(dev: Device, at: &[u8]) {
     let size = dev.size();
     let place = |b: u8| (((u128::from(size) * u128::from(b)) >> 8) as u64) & !511;
-    let mut buf = vec![0u8; 64 << 10];
+    let mut buf = vec![0u8; 128 << 10];
     let mut ext = Extents::default();
     for &b in at {
         let off = place(b);
