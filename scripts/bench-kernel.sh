@@ -16,7 +16,7 @@ share=$(mktemp -d /var/tmp/qnbd-bench-vm.XXXXXX)
 trap 'rm -rf "$share"' EXIT
 echo "${1:-5}" >"$share/bench-runtime"
 [ -n "${2:-}" ] && echo "$2" >"$share/bench-only"
-QNBD_BIN=$QNBD_BIN QNBD_VM_TIMEOUT=1800 bash scripts/vm/run.sh scripts/vm/guest/bench.sh "$share" >"$share/out" 2>&1 || {
+QNBD_BIN=$QNBD_BIN QNBD_VM_MEM=3072 QNBD_VM_TIMEOUT=2400 bash scripts/vm/run.sh scripts/vm/guest/bench.sh "$share" >"$share/out" 2>&1 || {
     cat "$share/out"
     exit 1
 }
@@ -42,3 +42,6 @@ grep -a '^RESULT' "$share/out" | awk '
         row("ratio to the loop device", l)
         row("ratio to ublk raw", r)
     }'
+grep -a '^FLUSHES' "$share/out" | awk '
+    BEGIN { printf "\nslow flushes (each sync sleeps 0-20 ms): reads at QD16 beside a writer flushing after every write\n%-20s %10s %10s\n", "flush served by", "read IOPS", "writes/s" }
+    { printf "%-20s %10d %10d\n", $2, $3, $4 }'

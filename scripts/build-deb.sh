@@ -5,5 +5,5 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 cargo build --release -p qnbd -p qnbd-docgen
 target/release/qnbd-docgen target/docs
-cargo deb --no-build -p qnbd
+cargo deb --no-build --strip -p qnbd
 ls target/debian/qnbd_*.deb

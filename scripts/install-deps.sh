@@ -9,7 +9,7 @@ export DEBIAN_FRONTEND=noninteractive
 apt-get update -qq
 apt-get install -y -qq --no-remove \
     qemu-utils libnbd-bin nbdkit python3-libnbd fio gnutls-bin openssl bc \
-    libssl-dev pkg-config libclang-dev musl-tools perl make zsh fish groff-base >/dev/null
+    libssl-dev pkg-config libclang-dev musl-tools perl make zsh fish groff-base python3-fusepy >/dev/null
 rustup target add x86_64-unknown-linux-musl >/dev/null 2>&1 ||
     rustup target list --installed | grep -qx x86_64-unknown-linux-musl ||
     { echo "install-deps: cannot add the x86_64-unknown-linux-musl target" >&2; exit 1; }
@@ -18,4 +18,5 @@ for t in qemu-img qemu-io qemu-nbd nbdinfo nbdcopy nbdkit fio certtool psktool m
     command -v "$t" >/dev/null || { echo "install-deps: $t is still missing" >&2; exit 1; }
 done
 /usr/bin/python3 -c 'import nbd' || { echo "install-deps: python3-libnbd does not load" >&2; exit 1; }
+/usr/bin/python3 -c 'import fusepy' || { echo "install-deps: python3-fusepy does not load" >&2; exit 1; }
 echo "install-deps: ok ($(qemu-nbd --version | head -1))"

@@ -136,7 +136,8 @@ fn run(plan: Plan) -> ! {
         Plan::Ublk {
             image,
             opts,
+            stats,
             process,
-        } => ublk::run(image, opts, process),
+        } => ublk::run(image, opts, stats, process),
     }
 }

@@ -107,6 +107,10 @@ enum Syntax {
     Json,
 }
 
+/// Most components of a dotted key. Nesting is recursive here (and in qemu, whose qemu-nbd
+/// dies of a stack overflow on a key some 60,000 deep): a deeper key is refused.
+const MAX_KEY_DEPTH: usize = 64;
+
 /// Split `type,a=b,c.0.d=e` (`,,` is a comma) into a JSON object, dotted keys nested and
 /// numeric components turned into arrays, as qemu's keyval parser does.
 fn parse_keyval(s: &str) -> Result<Map<String, Value>, String> {
@@ -121,8 +125,14 @@ fn parse_keyval(s: &str) -> Result<Map<String, Value>, String> {
         if k.is_empty() {
             return Err(format!("Invalid parameter '{it}'"));
         }
-        let mut node = &mut root;
         let parts: Vec<&str> = k.split('.').collect();
+        if parts.iter().any(|p| p.is_empty()) {
+            return Err(format!("Invalid parameter '{k}'"));
+        }
+        if parts.len() > MAX_KEY_DEPTH {
+            return Err(format!("Parameter '{k}' is nested too deeply"));
+        }
+        let mut node = &mut root;
         for p in &parts[..parts.len() - 1] {
             let entry = node
                 .entry(p.to_string())
@@ -479,6 +489,27 @@ mod tests {
         assert_eq!(m["qom-type"], "authz-list");
         assert_eq!(m["rules"][0]["match"], "CN=x,y");
         assert_eq!(m["rules"][0]["policy"], "allow");
+    }
+
+    #[test]
+    fn empty_and_deep_keys_are_refused_not_recursed_into() {
+        assert_eq!(
+            err("authz-list,id=a,rules..a=1"),
+            "Invalid parameter 'rules..a'"
+        );
+        let deep = format!("rules.{}", vec!["0"; 60_000].join("."));
+        let e = err(&format!("authz-list,id=a,{deep}=1"));
+        assert!(
+            e.ends_with("is nested too deeply"),
+            "{}",
+            &e[e.len() - 40..]
+        );
+        // Within the limit: qemu's type error.
+        let ok_depth = format!("rules.{}", vec!["a"; 60].join("."));
+        assert_eq!(
+            err(&format!("authz-list,id=a,{ok_depth}=1")),
+            "Invalid parameter type for 'rules', expected: array"
+        );
     }
 
     #[test]

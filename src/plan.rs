@@ -99,6 +99,8 @@ pub enum Plan {
     Ublk {
         image: ImagePlan,
         opts: frontends::ublk::UblkOptions,
+        /// `--stats`, `--stats-file`.
+        stats: Option<crate::stats::StatsPlan>,
         process: ProcessPlan,
     },
 }
@@ -154,6 +156,7 @@ pub fn build(cli: &Cli, objects: &Objects) -> Plan {
         (Some(_), Some(opts)) => Plan::Ublk {
             image,
             opts,
+            stats: export.stats,
             process,
         },
         (Some(device), None) => Plan::Connect {

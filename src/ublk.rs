@@ -4,10 +4,13 @@
 
 use crate::daemon::Readiness;
 use crate::plan::{ImagePlan, ProcessPlan};
+use crate::stats::{Reporter, StatsPlan};
 use crate::{cleanup, die};
 use backends::Device;
+use frontends::stats::Stats;
 use frontends::ublk::{self, Ublk, UblkOptions};
 use qnbd::cli::{parse_c_number, Cli};
+use std::sync::Arc;
 
 /// The ublk options when `-c` names a ublk device; None for an NBD device. Checked before
 /// anything is opened, with the options that make no sense here refused.
@@ -52,31 +55,49 @@ pub fn options(cli: &Cli) -> Option<UblkOptions> {
         recover: cli.recover,
         pin_queues: std::env::var("QNBD_UBLK_PIN").is_ok_and(|v| v == "1"),
         io_buf_bytes: io_buf_bytes(),
+        offload: std::env::var("QNBD_UBLK_OFFLOAD").map_or(true, |v| v != "0"),
     })
 }
 
-/// `QNBD_UBLK_BUF_KB` (tuning, like `QNBD_THREADS`): the largest request, 4 KiB to 4 MiB in
+/// Tuning, like `QNBD_THREADS`: `QNBD_UBLK_PIN=1` pins queue threads to their queue's CPUs,
+/// `QNBD_UBLK_OFFLOAD=0` serves flush and FUA on the queue threads too.
+/// `QNBD_UBLK_BUF_KB`: the largest request, 4 KiB to 4 MiB in
 /// whole pages; default [`ublk::IO_BUF_BYTES`].
 fn io_buf_bytes() -> u32 {
     std::env::var("QNBD_UBLK_BUF_KB")
         .ok()
         .and_then(|v| v.parse::<u32>().ok())
-        .filter(|kb| (4..=4096).contains(kb) && kb % 4 == 0)
+        .filter(|kb| (4..=4096).contains(kb) && kb.is_multiple_of(4))
         .map_or(ublk::IO_BUF_BYTES, |kb| kb << 10)
 }
 
 /// `-c ublk`: fork (unless `-v`), open the image and serve it as a ublk device until it is
 /// stopped; never returns.
-pub fn run(image: ImagePlan, opts: UblkOptions, process: ProcessPlan) -> ! {
+pub fn run(
+    image: ImagePlan,
+    opts: UblkOptions,
+    stats: Option<StatsPlan>,
+    process: ProcessPlan,
+) -> ! {
     let readiness = crate::daemon::fork_if(process.fork);
     let device = crate::image::open(&image);
     crate::daemon::write_pid_file(process.pid_file.as_deref());
-    crate::daemon::install_signal_handlers(None);
-    serve(&opts, device, readiness)
+    // The counters are named after the device as given (`ublk` or `/dev/ublkbN`).
+    let name = opts
+        .id
+        .map_or_else(|| "ublk".to_string(), |id| format!("/dev/ublkb{id}"));
+    let reporter = stats.map(|p| Reporter::start(p, &name));
+    crate::daemon::install_signal_handlers(reporter.clone());
+    serve(&opts, device, reporter.map(|r| r.stats()), readiness)
 }
 
 /// Serve `device` as a ublk device until it is stopped.
-fn serve(opts: &UblkOptions, device: Device, readiness: Option<Readiness>) -> ! {
+fn serve(
+    opts: &UblkOptions,
+    device: Device,
+    stats: Option<Arc<Stats>>,
+    readiness: Option<Readiness>,
+) -> ! {
     if let Err(e) = ublk::private_mount_namespace() {
         die(format!("cannot get a private mount namespace: {e}"));
     }
@@ -92,7 +113,7 @@ fn serve(opts: &UblkOptions, device: Device, readiness: Option<Readiness>) -> ! 
         );
     }
     let print = opts.id.is_none();
-    let served = u.serve(device, |path| {
+    let served = u.serve(device, stats, |path| {
         tracing::info!("{} is ready", path.display());
         if print {
             crate::daemon::println(readiness.as_ref(), &path.display().to_string());

@@ -75,7 +75,9 @@ fn bucket_top(i: usize) -> u64 {
     }
     let exp = (i - EXACT) / SUB + 4;
     let sub = ((i - EXACT) % SUB) as u64;
-    ((SUB as u64 + sub + 1) << (exp - 3)).saturating_sub(1)
+    // The top bucket's bound is 2^64: compute in u128 and clamp.
+    let top = (u128::from(SUB as u64 + sub + 1) << (exp - 3)) - 1;
+    u64::try_from(top).unwrap_or(u64::MAX)
 }
 
 struct Histogram {

@@ -5,6 +5,7 @@
 
 pub mod matrix;
 pub mod pki;
+pub mod raw;
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};

@@ -6,7 +6,7 @@ Usage (needs Debian's libnbd bindings, so run it with /usr/bin/python3):
     /usr/bin/python3 tests/nbdsh/verify.py 'nbd+unix:///?socket=/tmp/x.sock' \\
         [--conns 4] [--writes 20000] [--depth 16] [--seed 1] [--max-len 256K] \\
         [--trim-zeroes[=ALIGN]] [--no-trim] [--no-zero] [--no-fast-zero] [--region LO:HI]
-        [--strict-fast-zero]
+        [--strict-fast-zero] [--seconds S]
 
 What it does
 ------------
@@ -224,6 +224,10 @@ def main():
     ap.add_argument("--strict-fast-zero", action="store_true",
                     help="a FAST_ZERO failing with ENOTSUP must leave the data unchanged")
     ap.add_argument("--max-report", type=int, default=10)
+    ap.add_argument("--seconds", type=float, default=None,
+                    help="stop issuing requests after S seconds (or --writes, if sooner)")
+    ap.add_argument("--keep-ops", type=int, default=200000,
+                    help="requests remembered for error reports (bounds memory on long runs)")
     args = ap.parse_args()
     trim_align = parse_size(args.trim_zeroes) if args.trim_zeroes is not None else None
     if trim_align is not None and (trim_align < SECTOR or trim_align % SECTOR):
@@ -277,7 +281,7 @@ def main():
         b = model[sec * SECTOR:(sec + 1) * SECTOR]
         d = pat.describe(b, lo // SECTOR + sec, initial[sec * SECTOR:(sec + 1) * SECTOR])
         w = lastop[sec]
-        if w and not d.startswith("write"):
+        if w and w in ops_by_id and not d.startswith("write"):
             d += " (from %s)" % ops_by_id[w]
         return d
 
@@ -419,10 +423,14 @@ def main():
         while True:
             while True:
                 if pending is None:
+                    if args.seconds is not None and time.monotonic() - t0 > args.seconds:
+                        stream = iter(())
                     pending = next(stream, None)
                     if pending is None:
                         break
                     ops_by_id[pending.id] = pending
+                    if len(ops_by_id) > args.keep_ops:
+                        del ops_by_id[next(iter(ops_by_id))]
                 op = pending
                 if conns[op.conn].inflight >= args.depth:
                     break

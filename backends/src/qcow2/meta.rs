@@ -166,7 +166,13 @@ impl Meta {
         let v = self.bump();
         match self.rc.alloc(f, v, &mut self.map)? {
             Some(got) => {
-                self.cover(f)?;
+                if let Err(e) = self.cover(f) {
+                    // The file could not be extended over the new cluster (EIO, ENOSPC):
+                    // give it back, or its refcount stays with nothing pointing at it.
+                    let v = self.bump();
+                    self.rc.release(f, got.0, v)?;
+                    return Err(e);
+                }
                 Ok(Step::Done(got))
             }
             None => Ok(Step::Grow(self.rc.growth_index())),

@@ -181,6 +181,12 @@ impl Refcounts {
     }
 
     /// Drop one reference to a cluster; returns the new count.
+    /// Undo [`Refcounts::alloc`] of the cluster at host offset `off`, which nothing points at.
+    pub fn release(&mut self, f: &HostFile, off: u64, version: u64) -> Result<()> {
+        self.decrease(f, off >> self.cluster_bits, version)
+            .map(|_| ())
+    }
+
     pub fn decrease(&mut self, f: &HostFile, cluster: u64, version: u64) -> Result<u64> {
         let per = self.per_block();
         let Some(key) = self.block(f, cluster / per)? else {

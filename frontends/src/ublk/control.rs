@@ -2,9 +2,11 @@
 //! delete — from whichever thread asks (libublk's control ring is per thread, so every
 //! control call here first makes sure the calling thread has one).
 
+use super::request::Target;
 use super::{
     device_params, device_path, exists, offload, parse_target, queue, UblkError, UblkOptions,
 };
+use crate::stats::Stats;
 use backends::Device;
 use libublk::ctrl::{UblkCtrl, UblkCtrlBuilder};
 use libublk::io::UblkDev;
@@ -132,19 +134,27 @@ impl Ublk {
 
     /// Serve `device` until the device is stopped (by [`Ublk::stop`], `-d` or the kernel).
     /// `ready` runs once the block device exists.
-    pub fn serve(&self, device: Device, ready: impl FnOnce(&Path)) -> Result<(), UblkError> {
+    /// Serve `device` (counting into `stats`) until the device stops; `ready` is called
+    /// with the device's path once it exists.
+    pub fn serve(
+        &self,
+        device: Device,
+        stats: Option<Arc<Stats>>,
+        ready: impl FnOnce(&Path),
+    ) -> Result<(), UblkError> {
         self.state().serving = true;
-        let r = self.run_queues(device, ready);
+        let r = self.run_queues(Target { device, stats }, ready);
         let mut st = self.state();
         st.finished = true;
         self.inner.changed.notify_all();
         r
     }
 
-    fn run_queues(&self, device: Device, ready: impl FnOnce(&Path)) -> Result<(), UblkError> {
+    fn run_queues(&self, target: Target, ready: impl FnOnce(&Path)) -> Result<(), UblkError> {
         let ctrl = &self.inner.ctrl;
-        let size = device.size();
-        let params = device_params(size, device.caps(), ctrl.dev_info().max_io_buf_bytes);
+        let size = target.device.size();
+        let caps = target.device.caps();
+        let params = device_params(size, caps, ctrl.dev_info().max_io_buf_bytes);
         let dev = UblkDev::new(
             "qnbd".into(),
             |d: &mut UblkDev| {
@@ -158,19 +168,24 @@ impl Ublk {
         let dev = Arc::new(dev);
         let nr = dev.dev_info.nr_hw_queues;
         let tags = usize::from(nr) * usize::from(dev.dev_info.queue_depth);
-        let workers = offload::start(&device, tags).map_err(|e| UblkError::Step {
-            path: self.path().display().to_string(),
-            step: "starting the workers",
-            msg: e.to_string(),
-        })?;
+        let workers = if self.inner.opts.offload {
+            let w = offload::start(&target, tags).map_err(|e| UblkError::Step {
+                path: self.path().display().to_string(),
+                step: "starting the workers",
+                msg: e.to_string(),
+            })?;
+            Some(w)
+        } else {
+            None
+        };
         let (tx, rx) = mpsc::channel();
         let mut threads = Vec::with_capacity(usize::from(nr));
         for qid in 0..nr {
-            let (dev, device, tx) = (dev.clone(), device.clone(), tx.clone());
+            let (dev, target, tx) = (dev.clone(), target.clone(), tx.clone());
             let workers = workers.clone();
             let t = std::thread::Builder::new()
                 .name(format!("ublk-q{qid}"))
-                .spawn(move || queue::run(qid, &dev, device, workers, tx))
+                .spawn(move || queue::run(qid, &dev, target, workers, tx))
                 .map_err(|e| UblkError::Step {
                     path: self.path().display().to_string(),
                     step: "starting a queue thread",

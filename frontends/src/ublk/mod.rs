@@ -42,6 +42,8 @@ pub struct UblkOptions {
     pub pin_queues: bool,
     /// Largest request in bytes (a multiple of the page size).
     pub io_buf_bytes: u32,
+    /// Serve flush and FUA requests on worker threads (else on the queue threads too).
+    pub offload: bool,
 }
 
 impl UblkOptions {

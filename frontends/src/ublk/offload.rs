@@ -6,8 +6,7 @@
 //! Nothing is allocated per request: the job carries the tag's own buffer, the channel and
 //! the lists are sized for every tag at the start.
 
-use super::request::{self, Request};
-use backends::Device;
+use super::request::{self, Request, Target};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::sync::mpsc::{sync_channel, Receiver, SyncSender};
 use std::sync::{Arc, Mutex};
@@ -82,19 +81,19 @@ pub fn blocking(req: &Request) -> bool {
 
 /// Start the workers for `device`; `capacity` is the number of tags of all queues (the
 /// channel never fills up, so queue threads never wait on it).
-pub fn start(device: &Device, capacity: usize) -> std::io::Result<SyncSender<Job>> {
+pub fn start(target: &Target, capacity: usize) -> std::io::Result<SyncSender<Job>> {
     let (tx, rx) = sync_channel::<Job>(capacity);
     let rx = Arc::new(Mutex::new(rx));
     for i in 0..WORKERS {
-        let (device, rx) = (device.clone(), rx.clone());
+        let (target, rx) = (target.clone(), rx.clone());
         std::thread::Builder::new()
             .name(format!("ublk-w{i}"))
-            .spawn(move || worker(device, rx))?;
+            .spawn(move || worker(target, rx))?;
     }
     Ok(tx)
 }
 
-fn worker(device: Device, rx: Arc<Mutex<Receiver<Job>>>) {
+fn worker(target: Target, rx: Arc<Mutex<Receiver<Job>>>) {
     loop {
         let job = {
             let rx = rx.lock().unwrap_or_else(|p| p.into_inner());
@@ -105,7 +104,7 @@ fn worker(device: Device, rx: Arc<Mutex<Receiver<Job>>>) {
         };
         // SAFETY: see `Job`: the buffer is this job's alone until its completion is pushed.
         let buf = unsafe { std::slice::from_raw_parts_mut(job.buf, job.len) };
-        let res = request::execute(&device, &job.req, buf);
+        let res = target.execute(&job.req, buf);
         job.done.push(job.tag, res);
     }
 }

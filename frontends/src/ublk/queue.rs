@@ -4,8 +4,7 @@
 //! `IoBuf` per tag, allocated once: no allocation per request.
 
 use super::offload::{self, Completions, Job};
-use super::request;
-use backends::Device;
+use super::request::{self, Target};
 use io_uring::{opcode, types};
 use libublk::io::{UblkDev, UblkIOCtx, UblkQueue};
 use libublk::{BufDesc, BufDescList, UblkIORes};
@@ -47,8 +46,8 @@ fn commit(q: &UblkQueue, tag: u16, buf: &[u8], res: i32) {
 pub fn run(
     qid: u16,
     dev: &UblkDev,
-    device: Device,
-    workers: SyncSender<Job>,
+    target: Target,
+    workers: Option<SyncSender<Job>>,
     started: Sender<Started>,
 ) {
     let tid = libublk::ctrl::UblkCtrl::init_queue_thread();
@@ -84,12 +83,12 @@ pub fn run(
             // The workers finished some requests.
             done.take(&mut finished);
             for (tag, res) in finished.drain(..) {
-                offloaded -= 1;
+                offloaded = offloaded.saturating_sub(1);
                 if let Some(b) = bufs.get(usize::from(tag)) {
                     commit(q, tag, b.as_slice(), res);
                 }
             }
-            if ctx.result() >= 0 {
+            if ctx.result() != -libc::ECANCELED {
                 watch(q, &done, &mut counter);
             }
             return;
@@ -106,7 +105,7 @@ pub fn run(
             req.offset,
             req.len
         );
-        if offload::blocking(&req) {
+        if let Some(workers) = workers.as_ref().filter(|_| offload::blocking(&req)) {
             let job = Job {
                 tag,
                 req,
@@ -122,7 +121,7 @@ pub fn run(
                 Err(TrySendError::Full(_) | TrySendError::Disconnected(_)) => {}
             }
         }
-        let res = request::execute(&device, &req, buf.as_mut_slice());
+        let res = target.execute(&req, buf.as_mut_slice());
         commit(q, tag, buf.as_slice(), res);
     });
     // Requests still with a worker use their tag's buffer: wait for them before the

@@ -2,8 +2,35 @@
 //! `IoFlags`) and carried out on the `Device`, giving the result the driver expects
 //! (bytes moved, 0, or a negative errno).
 
+use crate::stats::{self, Stats};
 use backends::{Device, IoFlags};
 use libublk::sys;
+use std::sync::Arc;
+use std::time::Instant;
+
+/// What requests are carried out on: the device, and with `--stats` the counters.
+#[derive(Clone)]
+pub struct Target {
+    pub device: Device,
+    pub stats: Option<Arc<Stats>>,
+}
+
+impl Target {
+    /// [`execute`], counted.
+    pub fn execute(&self, req: &Request, buf: &mut [u8]) -> i32 {
+        let Some(stats) = &self.stats else {
+            return execute(&self.device, req, buf);
+        };
+        let started = Instant::now();
+        let res = execute(&self.device, req, buf);
+        let op = req.op.stat_op();
+        stats.request(op, req.len, started.elapsed());
+        if res < 0 {
+            stats.error(op);
+        }
+        res
+    }
+}
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Op {
@@ -25,6 +52,18 @@ pub struct Request {
 }
 
 impl Op {
+    /// The counter `--stats` records it under (the NBD command of the same effect).
+    pub fn stat_op(self) -> stats::Op {
+        match self {
+            Op::Read => stats::Op::Read,
+            Op::Write => stats::Op::Write,
+            Op::Flush => stats::Op::Flush,
+            Op::Discard => stats::Op::Trim,
+            Op::WriteZeroes => stats::Op::WriteZeroes,
+            Op::Other(_) => stats::Op::Other,
+        }
+    }
+
     pub fn name(self) -> &'static str {
         match self {
             Op::Read => "READ",

@@ -38,7 +38,6 @@ ublk ublk-raw /dev/ublkb0 raw $img
 ublk ublk-qcow2 /dev/ublkb1 qcow2 $qimg
 # Variants of the ublk settings, for choosing the defaults.
 ublk ublk-raw-1queue /dev/ublkb2 raw $img --ublk-queues 1
-ublk ublk-raw-depth32 /dev/ublkb3 raw $img --ublk-depth 32
 export QNBD_UBLK_PIN=1
 ublk ublk-raw-pinned /dev/ublkb4 raw $img
 unset QNBD_UBLK_PIN
@@ -47,7 +46,7 @@ ublk ublk-raw-buf1M /dev/ublkb5 raw $img
 unset QNBD_UBLK_BUF_KB
 
 fio_run() { # fio_run DEV RW BS QD: prints IOPS (4k) or MiB/s (1M)
-    fio --name=b --filename="$1" --rw="$2" --bs="$3" --iodepth="$4" --ioengine=libaio --direct=1 \
+    timeout $((RT * 5 + 60)) fio --name=b --filename="$1" --rw="$2" --bs="$3" --iodepth="$4" --ioengine=libaio --direct=1 \
         --time_based --runtime="$RT" --size=192M --output-format=terse 2>/dev/null |
         awk -F';' -v rw="$2" -v bs="$3" '{
             if (bs == "1M") v = (rw ~ /write/) ? $48 / 1024 : $7 / 1024
@@ -63,6 +62,7 @@ for t in "randread 4k 1" "randread 4k 32" "randwrite 4k 1" "randwrite 4k 32" "re
             # shellcheck disable=SC2086
             v=$(fio_run "$(dev_of "$n")" $t)
             echo "$n $col $v" >>/tmp/bench.raw
+            echo "bench: $n $t: $v"
         done
         r=$((r + 1))
     done
@@ -76,6 +76,24 @@ for n in $names; do
     done
     echo "$line"
 done
+
+# Slow flushes (each sync of the image sleeps up to 20 ms, QNBD_TEST_DELAY_US): 4 KiB random
+# reads at QD16 next to a writer that flushes after every write, with flush served by the
+# workers (default) and on the queue threads. Prints "FLUSHES NAME READ-IOPS FLUSHES/S".
+flushes() { # flushes NAME DEV OFFLOAD(0|1)
+    name=$1 dev=$2
+    want "$name" || return 0
+    QNBD_UBLK_OFFLOAD=$3 QNBD_TEST_DELAY_US=20000 $QNBD -f raw -c "$dev" $img || return 0
+    out=$(fio --name=r --filename="$dev" --rw=randread --bs=4k --iodepth=16 --ioengine=libaio \
+        --direct=1 --time_based --runtime="$RT" --size=192M \
+        --name=w --filename="$dev" --rw=randwrite --bs=4k --iodepth=1 --ioengine=libaio \
+        --direct=1 --fsync=1 --time_based --runtime="$RT" --size=192M --output-format=terse 2>/tmp/fio.err)
+    [ -s /tmp/fio.err ] && sed "s/^/fio: /" /tmp/fio.err
+    echo "FLUSHES $name $(echo "$out" | awk -F';' '$1 == 3 && $3 == "r" { r = $8 } $1 == 3 && $3 == "w" { w = $49 } END { printf "%d %d", r, w }')"
+    $QNBD -d "$dev" >/dev/null
+}
+flushes slowflush-workers /dev/ublkb6 1
+flushes slowflush-queue /dev/ublkb7 0
 
 for n in $names; do
     d=$(dev_of "$n")

@@ -47,8 +47,11 @@ tls_psk() {
 check "PSK TLS with the OpenSSL built in" tls_psk
 
 bind_kernel() {
-    mkdir -p $W/dev $W/mnt
+    # A rescue system has its kernel filesystems: the binder watches /sys for the device.
+    mkdir -p $W/dev $W/sys $W/proc
     mount --bind /dev $W/dev || return 1
+    mount -t sysfs sys $W/sys || return 1
+    mount -t proc proc $W/proc || return 1
     qemu-img create -q -f raw $W/k.raw 64M || return 1
     chroot $W /qnbd -f raw -c /dev/nbd0 /k.raw || return 1
     sleep 0.5
@@ -58,7 +61,7 @@ bind_kernel() {
     umount /mnt/st
     chroot $W /qnbd -d /dev/nbd0 || return 1
     i=0; while [ -e /sys/block/nbd0/pid ] && [ $i -lt 100 ]; do sleep 0.1; i=$((i + 1)); done
-    umount $W/dev
+    umount $W/dev $W/sys $W/proc
     e2fsck -fn $W/k.raw
 }
 check "binds /dev/nbd0 from the chroot (mkfs, mount, e2fsck)" bind_kernel

@@ -147,6 +147,29 @@ term_test() { # term_test SIGNAL
 check "SIGTERM deletes the device and exits 0" term_test TERM
 check "SIGINT deletes the device and exits 0" term_test INT
 
+# --stats on a ublk device: SIGUSR1 reports and the device goes on; the exit report counts
+# every byte written (the kernel may split or merge requests, so bytes, not requests).
+stats_test() {
+    rm -f $W/stats.json
+    $QNBD -f raw --stats=json --stats-file=$W/stats.json -c /dev/ublkb4 $W/raw.img >/dev/null || return 1
+    dd if=/dev/zero of=/dev/ublkb4 bs=1M count=8 oflag=direct 2>/dev/null || return 1
+    dd if=/dev/ublkb4 of=/dev/null bs=1M count=4 iflag=direct 2>/dev/null || return 1
+    pid=$(pidof qnbd)
+    kill -USR1 $pid
+    i=0; while [ ! -s $W/stats.json ] && [ $i -lt 50 ]; do sleep 0.1; i=$((i + 1)); done
+    grep -q '"when":"SIGUSR1"' $W/stats.json || return 1
+    [ -b /dev/ublkb4 ] || { echo "SIGUSR1 ended the device"; return 1; }
+    $QNBD -d /dev/ublkb4 >/dev/null && gone 4 || return 1
+    last=$(tail -n 1 $W/stats.json)
+    echo "$last"
+    echo "$last" | grep -q '"when":"exit"' || return 1
+    echo "$last" | grep -q '"write":{"bytes":8388608,' || return 1
+    # The kernel and udev read the partition table too: at least what dd read.
+    read_bytes=$(echo "$last" | sed -n 's/.*"read":{"bytes":\([0-9]*\),.*/\1/p')
+    [ "${read_bytes:-0}" -ge 4194304 ] || return 1
+}
+check "--stats=json: SIGUSR1 and exit reports count the bytes written and read" stats_test
+
 # Failed starts leave no device.
 failed_start() {
     ! $QNBD -f raw -c ublk $W/missing.img 2>$W/err || return 1
