@@ -118,10 +118,10 @@ pub fn check(opts: &[Occurrence]) {
             "offset" if strtou64(v).is_none() => die(format!("Invalid offset '{v}'")),
             "load-snapshot" => snapshot_opts(v),
             "socket" if !v.starts_with('/') => die("socket path must be absolute"),
-            "shared" if !strtoi(v).is_some_and(|n| n >= 0) => {
+            "shared" if strtoi(v).is_none_or(|n| n < 0) => {
                 die(format!("Invalid shared device number '{v}'"))
             }
-            "handshake-limit" if !strtoi(v).is_some_and(|n| n >= 0) => {
+            "handshake-limit" if strtoi(v).is_none_or(|n| n < 0) => {
                 die(format!("Invalid handshake limit '{v}'"))
             }
             "export-name" if v.len() > MAX_STRING => die(format!("export name '{v}' too long")),
