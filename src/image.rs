@@ -12,6 +12,9 @@ use std::sync::Arc;
 
 pub fn open(plan: &ImagePlan) -> Device {
     let file = &plan.file;
+    if let Some(f) = &plan.unknown_format {
+        die(format!("Failed to blk_new_open '{file}': Unknown driver '{f}'"));
+    }
     let opened = match open_image(&plan.opts) {
         Ok(o) => o,
         // qemu-nbd loads a snapshot and adds the export after the open succeeded, so their
@@ -26,6 +29,10 @@ pub fn open(plan: &ImagePlan) -> Device {
         let mut c = cleanup::get();
         c.image = Some(opened.backend.clone());
         c.overlay = opened.temp_overlay.clone();
+    }
+    // Under -s qemu-nbd loads the snapshot from the new temporary overlay, which has none.
+    if plan.load_snapshot && opened.temp_overlay.is_some() {
+        die("Failed to load snapshot: Can't find snapshot");
     }
     if plan.load_snapshot && opened.format == Format::raw() {
         die("Failed to load snapshot: Block format 'raw' used by device '' does not support temporarily loading internal snapshots");

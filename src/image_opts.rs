@@ -139,19 +139,22 @@ pub fn parse(s: &str, read_only: bool) -> Result<ParsedImageOpts, String> {
                 }
             }
             "filename" if is_protocol => filename = Some(v),
-            "file" => node_ref = Some(v),
-            "file.driver" => file_driver = Some(v),
-            "file.filename" => filename = Some(v),
-            "file.aio" | "aio" if k == "file.aio" || is_protocol => match AioMode::from_name(&v) {
-                Some(m) => image.aio = m,
-                None => return Err(format!("Parameter 'aio' does not accept value '{v}'")),
-            },
-            "file.locking" | "locking" if k == "file.locking" || is_protocol => {
+            // A protocol driver has no `file` child: these are unknown options to it.
+            "file" if !is_protocol => node_ref = Some(v),
+            "file.driver" if !is_protocol => file_driver = Some(v),
+            "file.filename" if !is_protocol => filename = Some(v),
+            "file.aio" | "aio" if (k == "file.aio") != is_protocol => {
+                match AioMode::from_name(&v) {
+                    Some(m) => image.aio = m,
+                    None => return Err(format!("Parameter 'aio' does not accept value '{v}'")),
+                }
+            }
+            "file.locking" | "locking" if (k == "file.locking") != is_protocol => {
                 image.locking =
                     backends::file::lock::Locking::from_name(&v).map_err(|e| e.to_string())?
             }
             "force-share" => image.force_share = on_off(&k, &v)?,
-            k if k.starts_with("file.") => {
+            k if k.starts_with("file.") && !is_protocol => {
                 return Err(format!(
                     "Block protocol '{}' doesn't support the option '{}'",
                     file_driver.as_deref().unwrap_or("file"),
@@ -195,6 +198,12 @@ pub fn parse(s: &str, read_only: bool) -> Result<ParsedImageOpts, String> {
     let Some(filename) = filename else {
         if driver.is_none() {
             return Err("Must specify either driver or file".into());
+        }
+        if is_protocol {
+            return Err(format!(
+                "The '{}' block driver requires a file name",
+                driver.as_deref().unwrap_or("file")
+            ));
         }
         return Err("A block device must be specified for \"file\"".into());
     };

@@ -29,6 +29,8 @@ pub struct ImagePlan {
     pub load_snapshot: bool,
     /// `-B`.
     pub bitmaps: Vec<String>,
+    /// `-f` named no driver: qemu-nbd finds out when it opens the image, after listening.
+    pub unknown_format: Option<String>,
 }
 
 /// What clients are told about the export.
@@ -423,13 +425,7 @@ fn image_plan(cli: &Cli) -> ImagePlan {
         }
         image
     } else {
-        let format = cli.format.as_deref().map(|f| {
-            Format::from_name(f).unwrap_or_else(|| {
-                die(format!(
-                    "Failed to blk_new_open '{file}': Unknown driver '{f}'"
-                ))
-            })
-        });
+        let format = cli.format.as_deref().and_then(Format::from_name);
         ImageOptions {
             path: PathBuf::from(&file),
             format,
@@ -451,6 +447,10 @@ fn image_plan(cli: &Cli) -> ImagePlan {
         offset: offset(cli),
         load_snapshot: load_snapshot.is_some(),
         bitmaps: cli.bitmap.clone(),
+        unknown_format: cli
+            .format
+            .clone()
+            .filter(|f| !cli.image_opts && Format::from_name(f).is_none()),
     }
 }
 

@@ -93,17 +93,19 @@ pub fn open_image(opts: &ImageOptions) -> Result<Opened> {
     }
     let head = read_head(&opts.path)?;
     let mut warnings = Vec::new();
+    // Under -s the image itself is only read, as a backing file.
+    let read_only = opts.read_only || opts.snapshot;
     let format = match opts.format {
         Some(f) => f,
         None => {
             let f = detect_format(&head);
-            if f == Format::raw() {
+            // qemu's raw driver warns only when the probed image is opened for writing.
+            if f == Format::raw() && !read_only {
                 warnings.push(probed_raw_warning(&opts.path));
             }
             f
         }
     };
-    let read_only = opts.read_only || opts.snapshot;
     if opts.force_share && !opts.read_only {
         return Err(Error::ForceShareReadWrite);
     }
