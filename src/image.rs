@@ -11,9 +11,13 @@ use backends::{BlockBackend, Device};
 use std::sync::Arc;
 
 pub fn open(plan: &ImagePlan) -> Device {
+    let resolved = crate::plan::resolve_image_opts(plan);
+    let plan = resolved.as_ref().unwrap_or(plan);
     let file = &plan.file;
     if let Some(f) = &plan.unknown_format {
-        die(format!("Failed to blk_new_open '{file}': Unknown driver '{f}'"));
+        die(format!(
+            "Failed to blk_new_open '{file}': Unknown driver '{f}'"
+        ));
     }
     let opened = match open_image(&plan.opts) {
         Ok(o) => o,

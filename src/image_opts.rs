@@ -181,7 +181,7 @@ pub fn parse(s: &str, read_only: bool) -> Result<ParsedImageOpts, String> {
     }
     if let Some(fd) = &file_driver {
         if fd != "file" && fd != "host_device" {
-            return Err(format!("Unknown protocol '{fd}'"));
+            return Err(format!("Unknown driver '{fd}'"));
         }
     }
     image.format = match driver.as_deref() {

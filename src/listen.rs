@@ -18,7 +18,11 @@ pub fn backlog(shared: u32, persistent: bool) -> i32 {
 /// `--selinux-label`: the label new sockets of this thread get (libselinux's
 /// setsockcreatecon writes it here); None resets it.
 fn set_socket_label(label: Option<&str>) -> std::io::Result<()> {
-    std::fs::write("/proc/thread-self/attr/sockcreate", label.unwrap_or(""))
+    // As libselinux's setsockcreatecon_raw: the label with its NUL, or nothing to reset.
+    match label {
+        Some(l) => std::fs::write("/proc/thread-self/attr/sockcreate", format!("{l}\0")),
+        None => std::fs::write("/proc/thread-self/attr/sockcreate", ""),
+    }
 }
 
 /// A Unix listener at `path`, labelled `selinux_label` when given.

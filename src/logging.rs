@@ -58,6 +58,8 @@ pub struct TraceSpec {
     file: Option<String>,
     /// `-T help` (or `enable=help`): list the trace points and exit.
     pub help: bool,
+    /// qemu's warnings while parsing (whole lines), printed as `-T` is read.
+    pub warnings: Vec<String>,
 }
 
 impl TraceSpec {
@@ -65,20 +67,27 @@ impl TraceSpec {
     pub fn parse(args: &[String]) -> Result<TraceSpec, String> {
         let mut spec = TraceSpec::default();
         for arg in args {
-            for (i, item) in qnbd::image_opts::split_items(arg).iter().enumerate() {
+            let mut items = qnbd::image_opts::split_items(arg);
+            // qemu's parser stops at the end of the text: nothing after a last comma (and
+            // nothing at all in an empty text) is an item.
+            if items.last().is_some_and(|l| l.is_empty()) {
+                items.pop();
+            }
+            for (i, item) in items.iter().enumerate() {
                 let (k, v) = match item.split_once('=') {
                     Some((k, v)) => (k, v.to_string()),
                     None if i == 0 => ("enable", item.clone()),
-                    // qemu's deprecated short-form boolean, which no trace option is.
+                    // qemu's deprecated short-form boolean: a warning, then `k=on`/`k=off`.
                     None => {
-                        let prog = crate::prog::name();
                         let (k, v) = item
                             .strip_prefix("no")
                             .map_or((item.as_str(), "on"), |k| (k, "off"));
-                        return Err(format!(
-                            "{prog}: warning: short-form boolean option '{item}' deprecated\n\
-                             Please use {k}={v} instead\n{prog}: Invalid parameter '{k}'"
+                        spec.warnings.push(format!(
+                            "{}: warning: short-form boolean option '{item}' deprecated\n\
+                             Please use {k}={v} instead",
+                            crate::prog::name()
                         ));
+                        (k, v.to_string())
                     }
                 };
                 match k {
@@ -87,7 +96,11 @@ impl TraceSpec {
                     "events" => {
                         // qemu names the file as a location: "qemu-nbd:FILE: error".
                         let text = std::fs::read_to_string(&v).map_err(|e| {
-                            format!("{}:{v}: {}", crate::prog::name(), backends::errno_text(&e))
+                            spec.with_warnings(format!(
+                                "{}:{v}: {}",
+                                crate::prog::name(),
+                                backends::errno_text(&e)
+                            ))
                         })?;
                         spec.patterns.extend(
                             text.lines()
@@ -97,11 +110,26 @@ impl TraceSpec {
                         );
                     }
                     "file" => spec.file = Some(v),
-                    _ => return Err(format!("{}: Invalid parameter '{k}'", crate::prog::name())),
+                    _ => {
+                        return Err(spec.with_warnings(format!(
+                            "{}: Invalid parameter '{k}'",
+                            crate::prog::name()
+                        )))
+                    }
                 }
             }
         }
         Ok(spec)
+    }
+
+    /// An error message after the warnings printed before it.
+    fn with_warnings(&self, err: String) -> String {
+        let mut out = String::new();
+        for w in &self.warnings {
+            out.push_str(w);
+            out.push('\n');
+        }
+        out + &err
     }
 
     /// The names without a wildcard that are no trace point here (qemu warns of each).

@@ -25,6 +25,13 @@ pub struct Objects {
 }
 
 /// Types qnbd creates, with the properties each takes (for `TYPE,help` and the key check).
+/// qemu's id_wellformed: a letter, then letters, digits, `-`, `.` or `_`.
+fn is_identifier(id: &str) -> bool {
+    let mut c = id.chars();
+    c.next().is_some_and(|f| f.is_ascii_alphabetic())
+        && c.all(|x| x.is_ascii_alphanumeric() || matches!(x, '-' | '.' | '_'))
+}
+
 const TYPES: &[(&str, &[(&str, &str)])] = &[
     (
         "authz-list",
@@ -268,6 +275,11 @@ impl Objects {
             return Err(format!("Parameter 'qom-type' does not accept value '{ty}'"));
         }
         let id = p.str("id")?.ok_or("Parameter 'id' is missing")?;
+        if !is_identifier(&id) {
+            return Err("Parameter 'id' expects an identifier\n\
+                 Identifiers consist of letters, digits, '-', '.', '_', starting with a letter."
+                .into());
+        }
         if self.list.iter().any(|(i, _)| *i == id) {
             return Err(format!(
                 "attempt to add duplicate property '{id}' to object (type 'container')"

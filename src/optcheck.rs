@@ -151,6 +151,9 @@ pub fn check(opts: &[Occurrence]) {
                     eprintln!("{e}");
                     std::process::exit(1)
                 });
+                for w in &spec.warnings {
+                    eprintln!("{w}");
+                }
                 if spec.help {
                     for name in crate::logging::EVENTS {
                         println!("{name}");

@@ -31,6 +31,18 @@ pub struct ImagePlan {
     pub bitmaps: Vec<String>,
     /// `-f` named no driver: qemu-nbd finds out when it opens the image, after listening.
     pub unknown_format: Option<String>,
+    /// `--image-opts`: FILE is an option string, read (as qemu-nbd reads it) only when the
+    /// image is opened, after listening; see [`resolve_image_opts`].
+    pub image_opts: Option<ImageOptsInput>,
+}
+
+/// What `--image-opts` needs from the rest of the command line.
+#[derive(Clone)]
+pub struct ImageOptsInput {
+    /// `-f` was given too.
+    pub format_given: bool,
+    /// `--aio`, when given.
+    pub aio: Option<AioMode>,
 }
 
 /// What clients are told about the export.
@@ -192,14 +204,12 @@ fn check_modes(cli: &Cli) {
             || cli.disconnect
             || !cli.bitmap.is_empty()
             || cli.allocation_depth
-            || cli.snapshot
             || cli.load_snapshot.is_some()
             || cli.nocache
             || cli.cache.is_some()
             || cli.aio.is_some()
             || cli.discard.is_some()
             || cli.detect_zeroes.is_some()
-            || cli.image_opts
         {
             die("List mode is incompatible with per-device settings");
         }
@@ -212,9 +222,6 @@ fn check_modes(cli: &Cli) {
     }
     if cli.tls_hostname.is_some() && cli.tls_creds.is_none() {
         die("--tls-hostname is not permitted without --tls-creds");
-    }
-    if cli.image_opts && cli.format.is_some() {
-        die("--image-opts and -f are mutually exclusive");
     }
     if cli.selinux_label.is_some() && cli.socket.is_none() {
         die("--selinux-label is not permitted without --socket");
@@ -389,7 +396,7 @@ fn image_modes(cli: &Cli) -> (CacheMode, DetectZeroes, bool) {
 /// The image to open: from `--image-opts`, or from FILE and `-f`, `-r`, `-s`, `-l`, the
 /// cache and discard modes.
 fn image_plan(cli: &Cli) -> ImagePlan {
-    let (mut cache, mut detect_zeroes, discard) = image_modes(cli);
+    let (cache, detect_zeroes, discard) = image_modes(cli);
     let load_snapshot = cli.load_snapshot.as_deref().map(qnbd::snapshot_param);
     let aio = match cli.aio.as_deref() {
         None => AioMode::Threads,
@@ -397,33 +404,16 @@ fn image_plan(cli: &Cli) -> ImagePlan {
     };
     let file = cli.args[0].clone();
     let opts = if cli.image_opts {
-        for w in qnbd::image_opts::warnings(&file) {
-            eprintln!("{}: warning: {w}", crate::prog::name());
+        // Completed from the option string by resolve_image_opts.
+        ImageOptions {
+            read_only: cli.read_only,
+            snapshot: cli.snapshot,
+            load_snapshot: load_snapshot.clone(),
+            discard,
+            direct: cache.direct(),
+            aio,
+            ..Default::default()
         }
-        let p = match qnbd::image_opts::parse(&file, cli.read_only) {
-            Ok(p) => p,
-            Err(e) => die(format!("Failed to blk_new_open '{file}': {e}")),
-        };
-        for w in &p.image.warnings {
-            eprintln!("{}: warning: {w}", crate::prog::name());
-        }
-        // The option string decides; command-line modes still apply where it is silent.
-        if p.cache != CacheMode::Writeback {
-            cache = p.cache;
-        }
-        if p.detect_zeroes != DetectZeroes::Off {
-            detect_zeroes = p.detect_zeroes;
-        }
-        let mut image = p.image;
-        image.snapshot |= cli.snapshot;
-        image.load_snapshot = load_snapshot.clone();
-        image.read_only |= load_snapshot.is_some();
-        image.discard |= discard;
-        image.direct |= cache.direct();
-        if cli.aio.is_some() {
-            image.aio = aio;
-        }
-        image
     } else {
         let format = cli.format.as_deref().and_then(Format::from_name);
         ImageOptions {
@@ -451,6 +441,10 @@ fn image_plan(cli: &Cli) -> ImagePlan {
             .format
             .clone()
             .filter(|f| !cli.image_opts && Format::from_name(f).is_none()),
+        image_opts: cli.image_opts.then(|| ImageOptsInput {
+            format_given: cli.format.is_some(),
+            aio: cli.aio.is_some().then_some(aio),
+        }),
     }
 }
 
@@ -471,4 +465,53 @@ fn connections(cli: &Cli) -> usize {
             _ => die(format!("Invalid number of connections '{s}'")),
         },
     }
+}
+
+/// The image plan with `--image-opts`' option string read, as qemu-nbd reads it when it
+/// opens the image: `-f` refused, qemu's warnings, then the options. The option string
+/// decides; command-line modes still apply where it is silent.
+pub fn resolve_image_opts(plan: &ImagePlan) -> Option<ImagePlan> {
+    let input = plan.image_opts.as_ref()?;
+    if input.format_given {
+        die("--image-opts and -f are mutually exclusive");
+    }
+    let file = &plan.file;
+    for w in qnbd::image_opts::warnings(file) {
+        eprintln!("{}: warning: {w}", crate::prog::name());
+    }
+    let p = match qnbd::image_opts::parse(file, plan.opts.read_only) {
+        Ok(p) => p,
+        Err(e) => die(format!("Failed to blk_new_open '{file}': {e}")),
+    };
+    for w in &p.image.warnings {
+        eprintln!("{}: warning: {w}", crate::prog::name());
+    }
+    let mut cache = plan.cache;
+    let mut detect_zeroes = plan.detect_zeroes;
+    if p.cache != CacheMode::Writeback {
+        cache = p.cache;
+    }
+    if p.detect_zeroes != DetectZeroes::Off {
+        detect_zeroes = p.detect_zeroes;
+    }
+    let mut image = p.image;
+    image.snapshot |= plan.opts.snapshot;
+    image.load_snapshot = plan.opts.load_snapshot.clone();
+    image.read_only |= plan.opts.load_snapshot.is_some();
+    image.discard |= plan.opts.discard;
+    image.direct |= cache.direct();
+    if let Some(aio) = input.aio {
+        image.aio = aio;
+    }
+    Some(ImagePlan {
+        file: file.clone(),
+        opts: image,
+        cache,
+        detect_zeroes,
+        offset: plan.offset,
+        load_snapshot: plan.load_snapshot,
+        bitmaps: plan.bitmaps.clone(),
+        unknown_format: None,
+        image_opts: None,
+    })
 }
