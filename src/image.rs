@@ -34,6 +34,9 @@ pub fn open(plan: &ImagePlan) -> Device {
         c.image = Some(opened.backend.clone());
         c.overlay = opened.temp_overlay.clone();
     }
+    if let Some(e) = &plan.after_open {
+        die(e);
+    }
     // Under -s qemu-nbd loads the snapshot from the new temporary overlay, which has none.
     if plan.load_snapshot && opened.temp_overlay.is_some() {
         die("Failed to load snapshot: Can't find snapshot");

@@ -14,6 +14,9 @@ pub struct ParsedImageOpts {
     pub image: ImageOptions,
     pub cache: CacheMode,
     pub detect_zeroes: DetectZeroes,
+    /// An option no driver takes: qemu reports it only once the image opened, so the
+    /// caller does too.
+    pub unknown_option: Option<String>,
 }
 
 /// Split `a,b,,c` at single commas, `,,` standing for a comma inside an item (qemu's
@@ -90,6 +93,9 @@ pub fn parse(s: &str, read_only: bool) -> Result<ParsedImageOpts, String> {
     let mut driver: Option<String> = None;
     let mut file_driver: Option<String> = None;
     let mut filename: Option<String> = None;
+    // The protocol's unknown options are found first (its node is opened first).
+    let mut unknown_proto: Option<String> = None;
+    let mut unknown_fmt: Option<String> = None;
     for (k, v) in &pairs {
         if k == "driver" {
             driver = Some(v.clone());
@@ -123,7 +129,7 @@ pub fn parse(s: &str, read_only: bool) -> Result<ParsedImageOpts, String> {
                 image.discard = match v.as_str() {
                     "ignore" | "off" => false,
                     "unmap" | "on" => true,
-                    _ => return Err(format!("Invalid discard option '{v}'")),
+                    _ => return Err("Invalid discard option".into()),
                 }
             }
             "detect-zeroes" => {
@@ -155,11 +161,7 @@ pub fn parse(s: &str, read_only: bool) -> Result<ParsedImageOpts, String> {
             }
             "force-share" => image.force_share = on_off(&k, &v)?,
             k if k.starts_with("file.") && !is_protocol => {
-                return Err(format!(
-                    "Block protocol '{}' doesn't support the option '{}'",
-                    file_driver.as_deref().unwrap_or("file"),
-                    &k[5..]
-                ))
+                unknown_proto.get_or_insert(k[5..].to_string());
             }
             k => {
                 let what = if is_protocol { "protocol" } else { "format" };
@@ -168,14 +170,12 @@ pub fn parse(s: &str, read_only: bool) -> Result<ParsedImageOpts, String> {
                 } else {
                     fmt_name.as_str()
                 };
-                if is_protocol {
-                    return Err(format!(
-                        "Block {what} '{name}' doesn't support the option '{k}'"
-                    ));
-                }
-                return Err(format!(
-                    "Block {what} '{name}' does not support the option '{k}'"
-                ));
+                let msg = if is_protocol {
+                    format!("Block {what} '{name}' doesn't support the option '{k}'")
+                } else {
+                    format!("Block {what} '{name}' does not support the option '{k}'")
+                };
+                unknown_fmt.get_or_insert(msg);
             }
         }
     }
@@ -199,10 +199,13 @@ pub fn parse(s: &str, read_only: bool) -> Result<ParsedImageOpts, String> {
         if driver.is_none() {
             return Err("Must specify either driver or file".into());
         }
-        if is_protocol {
+        if is_protocol || file_driver.is_some() {
             return Err(format!(
                 "The '{}' block driver requires a file name",
-                driver.as_deref().unwrap_or("file")
+                file_driver
+                    .as_deref()
+                    .or(driver.as_deref())
+                    .unwrap_or("file")
             ));
         }
         return Err("A block device must be specified for \"file\"".into());
@@ -217,10 +220,19 @@ pub fn parse(s: &str, read_only: bool) -> Result<ParsedImageOpts, String> {
     if detect_zeroes == DetectZeroes::Unmap && !image.discard {
         return Err("setting detect-zeroes to unmap is not allowed without setting discard operation to unmap".into());
     }
+    let unknown_option = unknown_proto
+        .map(|k| {
+            format!(
+                "Block protocol '{}' doesn't support the option '{k}'",
+                file_driver.as_deref().unwrap_or("file")
+            )
+        })
+        .or(unknown_fmt);
     Ok(ParsedImageOpts {
         image,
         cache,
         detect_zeroes,
+        unknown_option,
     })
 }
 

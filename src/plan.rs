@@ -31,6 +31,8 @@ pub struct ImagePlan {
     pub bitmaps: Vec<String>,
     /// `-f` named no driver: qemu-nbd finds out when it opens the image, after listening.
     pub unknown_format: Option<String>,
+    /// An error qemu-nbd reports once the image opened (`--image-opts`' unknown options).
+    pub after_open: Option<String>,
     /// `--image-opts`: FILE is an option string, read (as qemu-nbd reads it) only when the
     /// image is opened, after listening; see [`resolve_image_opts`].
     pub image_opts: Option<ImageOptsInput>,
@@ -441,6 +443,7 @@ fn image_plan(cli: &Cli) -> ImagePlan {
             .format
             .clone()
             .filter(|f| !cli.image_opts && Format::from_name(f).is_none()),
+        after_open: None,
         image_opts: cli.image_opts.then(|| ImageOptsInput {
             format_given: cli.format.is_some(),
             aio: cli.aio.is_some().then_some(aio),
@@ -512,6 +515,9 @@ pub fn resolve_image_opts(plan: &ImagePlan) -> Option<ImagePlan> {
         load_snapshot: plan.load_snapshot,
         bitmaps: plan.bitmaps.clone(),
         unknown_format: None,
+        after_open: p
+            .unknown_option
+            .map(|e| format!("Failed to blk_new_open '{file}': {e}")),
         image_opts: None,
     })
 }
