@@ -91,7 +91,8 @@ pub fn resolve(host: &str, port: &str, passive: bool) -> Result<Vec<SocketAddr>,
     // `res` receives a list freed below with freeaddrinfo.
     let rc = unsafe {
         libc::getaddrinfo(
-            if host.is_empty() {
+            // qemu listens on every address for an empty host, and connects to none.
+            if host.is_empty() && passive {
                 std::ptr::null()
             } else {
                 c_host.as_ptr()

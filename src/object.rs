@@ -94,11 +94,26 @@ pub fn help(arg: &str) -> Option<String> {
         }
         return Some(s);
     }
-    let (ty, rest) = arg.split_once(',')?;
-    if rest != "help" && rest != "?" {
+    // As qemu's keyval parser: a bare `help` (or `?`) anywhere after the type asks for
+    // help, unless an earlier item is malformed (then that error is the answer).
+    let mut ty: Option<String> = None;
+    let mut wanted = false;
+    for (i, item) in crate::image_opts::split_items(arg).into_iter().enumerate() {
+        match item.split_once('=') {
+            Some(("qom-type", v)) => ty = Some(v.to_string()),
+            Some(_) => {}
+            None if i == 0 => ty = Some(item),
+            None if item == "help" || item == "?" => wanted = true,
+            None => return None,
+        }
+    }
+    if !wanted {
         return None;
     }
-    let (_, props) = TYPES.iter().find(|(t, _)| *t == ty)?;
+    let Some((ty, props)) = TYPES.iter().find(|(t, _)| Some(*t) == ty.as_deref()) else {
+        // An unknown (or missing) type: the list of types.
+        return help("help");
+    };
     let mut s = format!("{ty} options:\n");
     for (k, v) in *props {
         s.push_str(&format!("  {k}=<{v}>\n"));
