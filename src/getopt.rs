@@ -39,6 +39,7 @@ pub const QEMU_LONG: &[&str] = &[
     "object",
     "export-name",
     "description",
+    "handshake-limit",
     "tls-creds",
     "tls-hostname",
     "tls-authz",
@@ -47,7 +48,6 @@ pub const QEMU_LONG: &[&str] = &[
     "fork",
     "pid-file",
     "selinux-label",
-    "handshake-limit",
 ];
 
 /// Whether an option takes a value.
@@ -133,14 +133,24 @@ fn lookup<'a>(table: &'a [Opt], name: &str, shown: &str) -> Result<&'a Opt, Stri
     }
 }
 
-/// Read `args` (without argv[0]) as GNU getopt_long does.
+/// Read `args` (without argv[0]) as GNU getopt_long does: with POSIXLY_CORRECT set in the
+/// environment the options end at the first non-option, as glibc's do.
 pub fn parse(args: &[OsString], table: &[Opt]) -> Parsed {
+    parse_with(args, table, std::env::var_os("POSIXLY_CORRECT").is_some())
+}
+
+/// [`parse`], `posix` saying whether the first non-option ends the options.
+pub fn parse_with(args: &[OsString], table: &[Opt], posix: bool) -> Parsed {
     let mut p = Parsed::default();
     let mut i = 0;
     while i < args.len() {
         let raw = &args[i];
         i += 1;
         let Some(arg) = raw.to_str() else {
+            if posix {
+                p.args.extend(args[i - 1..].iter().cloned());
+                break;
+            }
             p.args.push(raw.clone());
             continue;
         };
@@ -185,7 +195,12 @@ pub fn parse(args: &[OsString], table: &[Opt]) -> Parsed {
             continue;
         }
         let Some(cluster) = arg.strip_prefix('-').filter(|c| !c.is_empty()) else {
-            // A non-option (or a lone `-`): getopt moves it after the options.
+            // A non-option (or a lone `-`): getopt moves it after the options, or under
+            // POSIXLY_CORRECT stops there.
+            if posix {
+                p.args.extend(args[i - 1..].iter().cloned());
+                break;
+            }
             p.args.push(raw.clone());
             continue;
         };
@@ -290,6 +305,18 @@ mod tests {
         assert_eq!(p.args, vec![OsString::from("img")]);
         let p = run(&["--", "-f", "--x"]);
         assert!(p.opts.is_empty() && p.args.len() == 2);
+    }
+
+    #[test]
+    fn posixly_correct_stops_at_the_first_non_option() {
+        let cmd = <crate::cli::Cli as clap::CommandFactory>::command();
+        let v: Vec<OsString> = ["-r", "img", "-e", "x"]
+            .iter()
+            .map(OsString::from)
+            .collect();
+        let p = parse_with(&v, &table(&cmd), true);
+        assert_eq!(p.opts, vec![occ("read-only", None)]);
+        assert_eq!(p.args.len(), 3);
     }
 
     #[test]

@@ -261,17 +261,25 @@ mod tests {
 
     #[test]
     fn errors_use_qemu_words() {
-        let e = parse("driver=raw,file.filename=x,bogus=1", false).unwrap_err();
-        assert_eq!(e, "Block format 'raw' does not support the option 'bogus'");
+        // Unknown options are reported once the image opened, as qemu's block layer does.
+        let e = parse("driver=raw,file.filename=x,bogus=1", false).unwrap();
+        assert_eq!(
+            e.unknown_option.unwrap(),
+            "Block format 'raw' does not support the option 'bogus'"
+        );
         let e = parse(
-            "driver=raw,file.driver=file,file.filename=x,file.bogus=1",
+            "driver=raw,file.filename=x,bogus=1,file.bogus=1,file.driver=file",
             false,
         )
-        .unwrap_err();
+        .unwrap();
         assert_eq!(
-            e,
+            e.unknown_option.unwrap(),
             "Block protocol 'file' doesn't support the option 'bogus'"
         );
+        let e = parse("driver=raw,bogus=1", false).unwrap_err();
+        assert_eq!(e, "A block device must be specified for \"file\"");
+        let e = parse("driver=file,file.filename=x", false).unwrap_err();
+        assert_eq!(e, "The 'file' block driver requires a file name");
         let e = parse("driver=bogus,file.filename=x", false).unwrap_err();
         assert_eq!(e, "Unknown driver 'bogus'");
         assert!(parse("driver=raw,offset=x,file.filename=x", false)

@@ -24,6 +24,8 @@ const QEMU_NBD: &str = "/usr/bin/qemu-nbd";
 enum Check {
     /// Status, stderr and stdout.
     All,
+    /// Everything, with POSIXLY_CORRECT set (options end at the first non-option).
+    Posix,
     /// Status and stderr: stdout is qnbd's own (help, version, lists of what qnbd has).
     NotStdout,
     /// The server starts (its socket `{dir}/s.sock` appears), is stopped with SIGTERM:
@@ -65,6 +67,18 @@ const ROWS: &[(Check, &[&str])] = &[
     (All, &["--", "{img}", "-r"]),
     (All, &["-f", "raw", "-k", "{dir}/s.sock", "-"]),
     (All, &[]),
+    (Posix, &["{img}", "-e", "x"]),
+    (Posix, &["-e", "x", "{img}"]),
+    (Posix, &["--bogus", "{img}"]),
+    (All, &["---foo"]),
+    (All, &["--=x"]),
+    (All, &["--h"]),
+    (All, &["--v"]),
+    (All, &["-r-"]),
+    (All, &["-?"]),
+    (All, &["--fork=1"]),
+    (All, &["--list=x"]),
+    (All, &["-x", "--", "-k", "{dir}/nodir/s.sock", "{img}"]),
     (All, &["{img}", "{img}"]),
     // Help and version answered where they stand in the option loop.
     (NotStdout, &["-V", "-e", "x"]),
@@ -382,9 +396,13 @@ fn run_row(bin: &str, check: Check, args: &[&str]) -> Outcome {
         .env_remove("LISTEN_PID")
         .env_remove("LISTEN_FDS")
         .env_remove("QNBD_LOG")
+        .env_remove("POSIXLY_CORRECT")
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
+    if check == Posix {
+        cmd.env("POSIXLY_CORRECT", "1");
+    }
     let child = cmd
         .spawn()
         .unwrap_or_else(|e| panic!("cannot run {bin}: {e}"));
