@@ -116,6 +116,17 @@ const ROWS: &[(Check, &[&str])] = &[
     (All, &["--discard=on", "--discard=on", "{img}"]),
     (All, &["--detect-zeroes=bogus", "{img}"]),
     (All, &["--detect-zeroes=unmap", "{img}"]),
+    (All, &["--detect-zeroes=unmap", "--discard=unmap", "{img}"]),
+    (
+        All,
+        &[
+            "--discard=unmap",
+            "--detect-zeroes=unmap",
+            "-k",
+            "{dir}/nodir/s.sock",
+            "{img}",
+        ],
+    ),
     (All, &["--handshake-limit=x", "{img}"]),
     (All, &["--handshake-limit=-1", "{img}"]),
     (All, &["-x", "{long}", "{img}"]),

@@ -108,8 +108,9 @@ fn detect_zeroes_unmap_leaves_holes_where_zeroes_were_written() {
             "-f",
             "raw",
             "-t",
-            "--detect-zeroes=unmap",
+            // qemu-nbd checks --detect-zeroes=unmap as it reads it: --discard comes first.
             "--discard=unmap",
+            "--detect-zeroes=unmap",
             img.to_str().unwrap(),
         ],
     );
