@@ -231,6 +231,11 @@ pub fn run(cli: Cli) {
             if cli.aio.is_some() {
                 image.aio = aio;
             }
+            // The passphrase of `key-secret=`: a missing object is the driver's error.
+            image.key = image
+                .key_secret
+                .as_deref()
+                .and_then(|id| objects.secret(id));
             image
         }
         None => ImageOptions {
