@@ -232,10 +232,8 @@ pub fn run(cli: Cli) {
                 image.aio = aio;
             }
             // The passphrase of `key-secret=`: a missing object is the driver's error.
-            image.key = image
-                .key_secret
-                .as_deref()
-                .and_then(|id| objects.secret(id));
+            let e = &mut image.encrypt;
+            e.key = e.key_secret.as_deref().and_then(|id| objects.secret(id));
             image
         }
         None => ImageOptions {

@@ -100,6 +100,21 @@ impl fmt::Debug for Secret {
     }
 }
 
+/// What an encrypted image is opened with: luks's `key-secret=`, qcow2's `encrypt.*`.
+#[derive(Clone, Debug, Default)]
+pub struct EncryptOptions {
+    /// The id of the `secret` object with the passphrase.
+    pub key_secret: Option<String>,
+    /// That secret's bytes, looked up by the caller from `key_secret` (None when no such
+    /// object exists: the driver then fails with qemu's message, at qemu's point).
+    pub key: Option<Secret>,
+    /// qcow2's `encrypt.format=`.
+    pub format: Option<String>,
+    /// The first `encrypt.KEY` qcow2 does not know (qemu refuses it for an encrypted image
+    /// only).
+    pub unexpected: Option<String>,
+}
+
 /// Everything needed to open one image.
 #[derive(Clone, Debug, Default)]
 pub struct ImageOptions {
@@ -128,14 +143,8 @@ pub struct ImageOptions {
     pub locking: crate::file::lock::Locking,
     /// `force-share=on`: take no "unshared" locks (read-only only).
     pub force_share: bool,
-    /// The id of the `secret` object with the passphrase (`key-secret=` of luks,
-    /// `encrypt.key-secret=` of qcow2).
-    pub key_secret: Option<String>,
-    /// That secret's bytes, looked up by the caller from `key_secret` (None when no such
-    /// object exists: the driver then fails with qemu's message, at qemu's point).
-    pub key: Option<Secret>,
-    /// qcow2's `encrypt.format=`.
-    pub encrypt_format: Option<String>,
+    /// How an encrypted image is unlocked.
+    pub encrypt: EncryptOptions,
     /// Warnings for the user gathered while the options were read (qemu's deprecations),
     /// printed as `NAME: warning: TEXT`.
     pub warnings: Vec<String>,

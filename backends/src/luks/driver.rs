@@ -24,7 +24,7 @@ fn open(
     opts: &ImageOptions,
     _backing: &OpenBacking<'_>,
 ) -> Result<Arc<dyn BlockBackend>> {
-    let password = passphrase(opts.key_secret.as_deref(), opts.key.as_ref(), "")?;
+    let password = passphrase(&opts.encrypt, "")?;
     let luks = Luks::open(
         &mut |off, buf| {
             file.read("read encryption header", off, buf)
@@ -49,7 +49,7 @@ fn open(
 fn option(key: &str, v: &str, opts: &mut ImageOptions) -> Option<std::result::Result<(), String>> {
     match key {
         "key-secret" => {
-            opts.key_secret = Some(v.to_string());
+            opts.encrypt.key_secret = Some(v.to_string());
             Some(Ok(()))
         }
         _ => None,

@@ -28,7 +28,7 @@ pub use driver::DRIVER;
 pub use keyslot::WRONG_PASSPHRASE;
 pub use volume::LuksVolume;
 
-use crate::format::Secret;
+use crate::format::EncryptOptions;
 use crate::{Error, Result};
 use cipher::{SectorCipher, Spec, SECTOR};
 use header::HEADER_LEN;
@@ -86,17 +86,13 @@ impl Luks {
 
 /// The passphrase for an open, looked up as qemu does: `prefix` is the option's prefix
 /// (`encrypt.` for qcow2). The bytes must be UTF-8 without NUL (qemu passes a C string).
-pub fn passphrase<'a>(
-    secret_id: Option<&str>,
-    secret: Option<&'a Secret>,
-    prefix: &str,
-) -> Result<&'a [u8]> {
-    let Some(id) = secret_id else {
+pub fn passphrase<'a>(e: &'a EncryptOptions, prefix: &str) -> Result<&'a [u8]> {
+    let Some(id) = e.key_secret.as_deref() else {
         return Err(Error::Encryption(format!(
             "Parameter '{prefix}key-secret' is required for cipher"
         )));
     };
-    let Some(s) = secret else {
+    let Some(s) = &e.key else {
         return Err(Error::Encryption(format!("No secret with id '{id}'")));
     };
     let b = s.bytes();
