@@ -145,7 +145,7 @@ pub fn build(cli: &Cli, objects: &Objects) -> Plan {
     }
     let export = export_plan(cli);
     let listen = listen_plan(cli, tls, objects);
-    let image = image_plan(cli);
+    let image = image_plan(cli, objects);
     let ublk = crate::ublk::options(cli);
     let process = ProcessPlan {
         // Like qemu-nbd, -c goes to the background once the device works, unless -v.
@@ -392,7 +392,7 @@ fn image_modes(cli: &Cli) -> (CacheMode, DetectZeroes, bool) {
 
 /// The image to open: from `--image-opts`, or from FILE and `-f`, `-r`, `-s`, `-l`, the
 /// cache and discard modes.
-fn image_plan(cli: &Cli) -> ImagePlan {
+fn image_plan(cli: &Cli, objects: &Objects) -> ImagePlan {
     let (mut cache, mut detect_zeroes, discard) = image_modes(cli);
     let load_snapshot = cli.load_snapshot.as_deref().map(qnbd::snapshot_param);
     let aio = match cli.aio.as_deref() {
@@ -424,6 +424,9 @@ fn image_plan(cli: &Cli) -> ImagePlan {
         if cli.aio.is_some() {
             image.aio = aio;
         }
+        // The passphrase of `key-secret=`: a missing object is the driver's error.
+        let e = &mut image.encrypt;
+        e.key = e.key_secret.as_deref().and_then(|id| objects.secret(id));
         image
     } else {
         let format = cli.format.as_deref().map(|f| {
