@@ -77,6 +77,9 @@ QCOW2_TRANSPORTS = env_list("QCOW2_TRANSPORTS", "unix")
 WORKLOADS = env_list("WORKLOADS", "seq-read seq-write rand-read rand-write")
 CONNS = env_list("CONNS", "1 4")
 QDS = env_list("QDS", "1 8 32")
+# The loopback limit: nbdkit's memory plugin by default; e.g. "memory allocator=malloc" or
+# "null" (no data at all) to try another.
+LIMIT_PLUGIN = env_list("LIMIT_PLUGIN", "memory")
 CHART = os.environ.get("CHART", "1") != "0"
 DRY_RUN = os.environ.get("DRY_RUN", "0") != "0"
 STAMP = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
@@ -430,7 +433,7 @@ class Server:
             elif transport == "tls-psk":
                 addr += ["--tls=require", f"--tls-psk={psk}"]
             if name == LIMIT:
-                plugin = ["memory", f"size={SIZE_MB}M"]
+                plugin = LIMIT_PLUGIN + [f"size={SIZE_MB}M"]
             elif fmt == "qcow2":
                 plugin = ["--filter=qcow2dec", "file", f"file={img_path}"]
             else:
@@ -565,6 +568,7 @@ def make_plan(ctx):
     wl = workload_list()
     qcow2dec = ctx["qcow2dec"]
     cells = []
+    limit_planned = set()
     for image in IMAGES:
         transports = TRANSPORTS if image == "raw" else QCOW2_TRANSPORTS
         for t in transports:
@@ -576,11 +580,12 @@ def make_plan(ctx):
                 for s in SERVERS:
                     if s == LIMIT:
                         # The loopback limit does not depend on the image: measured once per
-                        # transport, in the raw cell when there is one.
+                        # transport and workload, in the raw cell when there is one.
+                        if (t, w["name"]) in limit_planned:
+                            continue
                         if image != "raw" and "raw" in IMAGES and t in TRANSPORTS:
                             continue
-                        if image != "raw" and any(c["image"] != "raw" and c["transport"] == t for c in cells):
-                            continue
+                        limit_planned.add((t, w["name"]))
                     if s == "nbdkit-file" and image != "raw" and not (qcow2dec and not writes(w)):
                         continue  # the file plugin cannot open qcow2; qcow2dec reads only
                     servers.append(s)
@@ -707,7 +712,7 @@ def write_report(ctx, cells, records, done_rounds):
         L.append("nbdkit has no qcow2dec filter here, so the qcow2 rows have no nbdkit-file column.\n")
     L.append("Ratios are ratios of the medians; > 1 means qnbd is faster (throughput) or uses "
              "more (CPU, latency, memory). \"% of limit\" is qnbd's throughput as a share of "
-             f"the loopback limit ({LIMIT} on the same transport).\n")
+             f"the loopback limit ({LIMIT}: `nbdkit {' '.join(LIMIT_PLUGIN)}` on the same transport).\n")
 
     def lim(t, wname):
         return summ.get((t, "*", wname, LIMIT), {}).get("value")
