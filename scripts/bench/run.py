@@ -541,7 +541,10 @@ def run_fio(ctx, w, server, out):
             if now > deadline:
                 reap(p)
                 raise RuntimeError("fio did not finish in time")
-            time.sleep(0.05)
+            wait = 0.05
+            if cpu0 is None:
+                wait = min(wait, max(0.001, t0 + RAMP - time.monotonic()))
+            time.sleep(wait)
         cpu1 = proc_cpu_s(pid)
         if p in _children:
             _children.remove(p)
@@ -759,8 +762,9 @@ def write_report(ctx, cells, records, done_rounds):
             continue
         servers = cell_servers(cell) + ([LIMIT] if has_limit else [])
         L.append(f"### {t}, {image}\n")
-        L.append("| workload | " + " | ".join(servers) + " | qnbd/qemu-nbd p99 |")
-        L.append("|" + "---|" * (len(servers) + 2))
+        peers = [p for p in ["qemu-nbd", "nbdkit-file"] if "qnbd" in servers and p in servers]
+        L.append("| workload | " + " | ".join(servers + [f"qnbd/{p} p99" for p in peers]) + " |")
+        L.append("|" + "---|" * (len(servers) + len(peers) + 1))
         for w in rand:
             n = w["name"]
             row = [n]
@@ -768,7 +772,8 @@ def write_report(ctx, cells, records, done_rounds):
                 img = "*" if s == LIMIT else image
                 g = [get(t, img, n, s, m) for m in ["p50_us", "p99_us", "p999_us"]]
                 row.append(" / ".join(fmt_num(x["median"]) if x else "–" for x in g))
-            row.append(ratio(get(t, image, n, "qnbd", "p99_us"), get(t, image, n, "qemu-nbd", "p99_us")))
+            for p in peers:
+                row.append(ratio(get(t, image, n, "qnbd", "p99_us"), get(t, image, n, p, "p99_us")))
             L.append("| " + " | ".join(row) + " |")
         L.append("")
 
@@ -777,16 +782,17 @@ def write_report(ctx, cells, records, done_rounds):
         t, image = cell["transport"], cell["image"]
         servers = cell_servers(cell) + ([LIMIT] if has_limit else [])
         L.append(f"### {t}, {image}\n")
-        L.append("| workload | " + " | ".join(servers) + " | qnbd/qemu-nbd |")
-        L.append("|" + "---|" * (len(servers) + 2))
+        peers = [p for p in ["qemu-nbd", "nbdkit-file"] if "qnbd" in servers and p in servers]
+        L.append("| workload | " + " | ".join(servers + [f"qnbd/{p}" for p in peers]) + " |")
+        L.append("|" + "---|" * (len(servers) + len(peers) + 1))
         for w, _ in cell["cases"]:
             n = w["name"]
             row = [n]
             for s in servers:
                 img = "*" if s == LIMIT else image
                 row.append(fmt_stat(get(t, img, n, s, "cpu_us_per_op")))
-            row.append(ratio(get(t, image, n, "qnbd", "cpu_us_per_op"),
-                             get(t, image, n, "qemu-nbd", "cpu_us_per_op")))
+            for p in peers:
+                row.append(ratio(get(t, image, n, "qnbd", "cpu_us_per_op"), get(t, image, n, p, "cpu_us_per_op")))
             L.append("| " + " | ".join(row) + " |")
         L.append("")
 
@@ -901,7 +907,8 @@ def write_chart(ctx, cells, summ):
 def main():
     for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, _on_signal)
-    need_tools()
+    if not DRY_RUN:
+        need_tools()
     ctx = dict(qcow2dec=("nbdkit-file" in SERVERS and shutil.which("nbdkit") is not None
                          and nbdkit_has_filter("qcow2dec")))
     cells = make_plan(ctx)
