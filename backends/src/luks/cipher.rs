@@ -264,10 +264,11 @@ where
     }
 }
 
+/// Boxed: the XTS engines hold expanded keys twice (kilobytes).
 enum AnyEngine {
-    A128(Engine<Aes128>),
-    A192(Engine<Aes192>),
-    A256(Engine<Aes256>),
+    A128(Box<Engine<Aes128>>),
+    A192(Box<Engine<Aes192>>),
+    A256(Box<Engine<Aes256>>),
 }
 
 /// A key in use: encrypts and decrypts whole sectors in place. The round keys are zeroed
@@ -299,9 +300,9 @@ impl SectorCipher {
             key.len()
         };
         let engine = match per {
-            16 => AnyEngine::A128(Engine::new(spec.mode, key)),
-            24 => AnyEngine::A192(Engine::new(spec.mode, key)),
-            _ => AnyEngine::A256(Engine::new(spec.mode, key)),
+            16 => AnyEngine::A128(Box::new(Engine::new(spec.mode, key))),
+            24 => AnyEngine::A192(Box::new(Engine::new(spec.mode, key))),
+            _ => AnyEngine::A256(Box::new(Engine::new(spec.mode, key))),
         };
         Ok(SectorCipher {
             engine,
