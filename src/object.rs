@@ -3,6 +3,7 @@
 //! qemu's messages. Objects are created in command-line order, as qemu does, so a secret must
 //! come before the credentials that use it.
 
+use backends::format::Secret;
 use base64::Engine as _;
 use frontends::tls::anon::AnonCreds;
 use frontends::tls::authz::{self, Authz};
@@ -12,9 +13,11 @@ use frontends::tls::{Creds, Endpoint, Versions};
 use serde_json::{Map, Value};
 use std::path::PathBuf;
 use std::sync::Arc;
+use zeroize::Zeroizing;
 
 pub enum Object {
-    Secret(Vec<u8>),
+    /// Zeroed when dropped, never printed.
+    Secret(Secret),
     Creds(Creds),
     Authz(Arc<dyn Authz>),
 }
@@ -301,7 +304,7 @@ impl Objects {
             ));
         }
         let obj = match ty.as_str() {
-            "secret" => Object::Secret(self.secret(&mut p)?),
+            "secret" => Object::Secret(self.make_secret(&mut p)?),
             "tls-creds-x509" => Object::Creds(self.x509(&mut p)?),
             "tls-creds-psk" => Object::Creds(psk(&mut p)?),
             "tls-creds-anon" => Object::Creds(anon(&mut p)?),
@@ -335,14 +338,22 @@ impl Objects {
         self.list.iter().find(|(i, _)| i == id).map(|(_, o)| o)
     }
 
+    /// The secret `id` (`key-secret=` of an encrypted image), None when there is none.
+    pub fn secret(&self, id: &str) -> Option<Secret> {
+        match self.get(id) {
+            Some(Object::Secret(s)) => Some(s.clone()),
+            _ => None,
+        }
+    }
+
     fn secret_bytes(&self, id: &str) -> Result<&[u8], String> {
         match self.get(id) {
-            Some(Object::Secret(s)) => Ok(s),
+            Some(Object::Secret(s)) => Ok(s.bytes()),
             _ => Err(format!("No secret with id '{id}'")),
         }
     }
 
-    fn secret(&self, p: &mut Props) -> Result<Vec<u8>, String> {
+    fn make_secret(&self, p: &mut Props) -> Result<Secret, String> {
         let data = p.str("data")?;
         let file = p.str("file")?;
         let base64 = p
@@ -355,7 +366,8 @@ impl Objects {
         let keyid = p.str("keyid")?;
         let iv = p.str("iv")?;
         p.finish()?;
-        let mut bytes = match (data, file) {
+        // Every intermediate copy of the secret is zeroed when dropped.
+        let mut bytes = Zeroizing::new(match (data, file) {
             (Some(_), Some(_)) => return Err("'file' and 'data' are mutually exclusive".into()),
             (None, None) => return Err("Either 'file' or 'data' must be provided".into()),
             (Some(d), None) => d.into_bytes(),
@@ -365,10 +377,11 @@ impl Objects {
                     backends::errno_text(&e)
                 )
             })?,
-        };
+        });
         let b64 = |what: &str, s: &[u8]| {
             base64::engine::general_purpose::STANDARD
                 .decode(s.trim_ascii())
+                .map(Zeroizing::new)
                 .map_err(|e| format!("Unable to decode {what}: {e}"))
         };
         if let Some(k) = keyid {
@@ -385,6 +398,7 @@ impl Objects {
             let ct = b64("the secret", &bytes)?;
             bytes =
                 openssl::symm::decrypt(openssl::symm::Cipher::aes_256_cbc(), key, Some(&iv), &ct)
+                    .map(Zeroizing::new)
                     .map_err(|e| format!("Unable to decrypt secret: {e}"))?;
         } else if iv.is_some() {
             return Err("'iv' requires 'keyid'".into());
@@ -392,7 +406,7 @@ impl Objects {
         if base64 {
             bytes = b64("the secret", &bytes)?;
         }
-        Ok(bytes)
+        Ok(Secret::new(std::mem::take(&mut *bytes)))
     }
 
     fn x509(&self, p: &mut Props) -> Result<Creds, String> {

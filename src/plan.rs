@@ -45,6 +45,8 @@ pub struct ImageOptsInput {
     pub format_given: bool,
     /// `--aio`, when given.
     pub aio: Option<AioMode>,
+    /// The secret `key-secret=` names, if there is one.
+    pub key: Option<backends::format::Secret>,
 }
 
 /// What clients are told about the export.
@@ -161,7 +163,7 @@ pub fn build(cli: &Cli, objects: &Objects) -> Plan {
     }
     let export = export_plan(cli);
     let listen = listen_plan(cli, tls, objects);
-    let image = image_plan(cli);
+    let image = image_plan(cli, objects);
     let ublk = crate::ublk::options(cli);
     let process = ProcessPlan {
         // Like qemu-nbd, -c goes to the background once the device works, unless -v.
@@ -397,7 +399,7 @@ fn image_modes(cli: &Cli) -> (CacheMode, DetectZeroes, bool) {
 
 /// The image to open: from `--image-opts`, or from FILE and `-f`, `-r`, `-s`, `-l`, the
 /// cache and discard modes.
-fn image_plan(cli: &Cli) -> ImagePlan {
+fn image_plan(cli: &Cli, objects: &Objects) -> ImagePlan {
     let (cache, detect_zeroes, discard) = image_modes(cli);
     let load_snapshot = cli.load_snapshot.as_deref().map(qnbd::snapshot_param);
     let aio = match cli.aio.as_deref() {
@@ -447,6 +449,11 @@ fn image_plan(cli: &Cli) -> ImagePlan {
         image_opts: cli.image_opts.then(|| ImageOptsInput {
             format_given: cli.format.is_some(),
             aio: cli.aio.is_some().then_some(aio),
+            // The passphrase of `key-secret=`, looked up now: the objects are not kept.
+            key: qnbd::image_opts::parse(&cli.args[0], cli.read_only)
+                .ok()
+                .and_then(|p| p.image.encrypt.key_secret)
+                .and_then(|id| objects.secret(&id)),
         }),
     }
 }
@@ -506,6 +513,8 @@ pub fn resolve_image_opts(plan: &ImagePlan) -> Option<ImagePlan> {
     if let Some(aio) = input.aio {
         image.aio = aio;
     }
+    // A missing secret object is the driver's error.
+    image.encrypt.key = input.key.clone();
     Some(ImagePlan {
         file: file.clone(),
         opts: image,

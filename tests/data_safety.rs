@@ -2,7 +2,8 @@
 //! - the concurrent verifier (`tests/nbdsh/verify.py`, libnbd): many connections, mixed
 //!   WRITE/FUA/FLUSH/WRITE_ZEROES/TRIM/READ, every acknowledged write reads back, the image
 //!   checks clean — over raw, raw `-n`, and qcow2 with 512 B to 2 MiB clusters, extended L2,
-//!   compressed clusters, a backing file and an internal snapshot;
+//!   compressed clusters, a backing file and an internal snapshot, and LUKS-encrypted images
+//!   (`driver=luks`, qcow2 `encrypt.format=luks` with 4 KiB clusters and extended L2);
 //! - the crash loop (`tests/nbdsh/crash.py`): `kill -9` under that load, every write
 //!   acknowledged with FUA or before a completed FLUSH is in the file, `qemu-img check` finds
 //!   no corruption;
@@ -62,9 +63,18 @@ fn verify(img: &Path, args: &[&str], vopts: &[&str]) {
     if !have("qemu-img") || !have_nbdsh() {
         return;
     }
+    let mut all = args.to_vec();
+    all.push(img.to_str().unwrap());
+    run_verifier(&img.display().to_string(), &all, vopts);
+    if args.contains(&"qcow2") {
+        check_no_corruption(img);
+    }
+}
+
+/// Serve with `args` (the image included), run the verifier with `vopts`, stop the server.
+fn run_verifier(name: &str, args: &[&str], vopts: &[&str]) {
     let mut all = vec!["-t", "-e", "0"];
     all.extend_from_slice(args);
-    all.push(img.to_str().unwrap());
     let mut s = Server::unix(QNBD, &all);
     let writes = env_num("QNBD_VERIFY_WRITES", 20000).to_string();
     let out = ok(Command::new(PYTHON)
@@ -72,12 +82,72 @@ fn verify(img: &Path, args: &[&str], vopts: &[&str]) {
         .arg(s.uri())
         .args(["--conns", "8", "--writes", &writes, "--seed", "7"])
         .args(vopts));
-    eprintln!("{} {args:?}: {}", img.display(), out.trim());
+    eprintln!("{name} {args:?}: {}", out.trim());
     assert!(out.contains(" 0 lost"), "{out}");
     s.terminate().expect("server exits on SIGTERM");
-    if args.contains(&"qcow2") {
-        check_no_corruption(img);
+}
+
+const SECRET: &str = "secret,id=sec0,data=hunter2";
+
+/// The verifier over a LUKS-encrypted image made by `qemu-img create -f FORMAT -o OPTS`
+/// (`iter-time=10` added), served with `--image-opts`; a qcow2 then checks with no corruption.
+fn verify_encrypted(format: &str, opts: &str, server: &[&str], vopts: &[&str]) {
+    if !have("qemu-img") || !have_nbdsh() {
+        return;
     }
+    let d = tmpdir();
+    let img = d.path().join(format!("e.{format}"));
+    let (create, open) = if format == "luks" {
+        ("key-secret=sec0,iter-time=10", "key-secret=sec0")
+    } else {
+        (
+            "encrypt.format=luks,encrypt.key-secret=sec0,encrypt.iter-time=10",
+            "encrypt.key-secret=sec0",
+        )
+    };
+    sh(&format!(
+        "qemu-img create -q -f {format} --object {SECRET} -o {create},{opts} {} 128M",
+        img.display()
+    ));
+    let image_opts = format!("driver={format},{open},file.filename={}", img.display());
+    let mut args = vec!["--object", SECRET, "--image-opts", &image_opts];
+    args.extend_from_slice(server);
+    run_verifier(&image_opts, &args, vopts);
+    if format == "qcow2" {
+        let out = run(Command::new("qemu-img").args([
+            "check",
+            "--object",
+            SECRET,
+            "--image-opts",
+            &image_opts,
+        ]));
+        let text = String::from_utf8_lossy(&out.stdout).to_string()
+            + &String::from_utf8_lossy(&out.stderr);
+        assert!(
+            matches!(out.status.code(), Some(0) | Some(3)) && !text.contains("ERROR"),
+            "qemu-img check {image_opts}: {text}"
+        );
+    }
+}
+
+#[test]
+fn verifier_luks_raw_file() {
+    verify_encrypted("luks", "cipher-alg=aes-256", &[], &[]);
+}
+
+#[test]
+fn verifier_qcow2_luks_4k_clusters_discard() {
+    verify_encrypted(
+        "qcow2",
+        "cluster_size=4096",
+        &["--discard=unmap"],
+        &["--trim-zeroes=4096"],
+    );
+}
+
+#[test]
+fn verifier_qcow2_luks_extended_l2() {
+    verify_encrypted("qcow2", "extended_l2=on,cluster_size=65536", &[], &[]);
 }
 
 #[test]

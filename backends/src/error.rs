@@ -42,6 +42,10 @@ pub enum Error {
     BitmapNotFound(String),
     #[error("Bitmap '{0}' is inconsistent and cannot be used")]
     BitmapInconsistent(String),
+    /// An encrypted image could not be unlocked or its encryption header is unusable
+    /// (qemu's message: a wrong passphrase, a missing secret, a damaged LUKS header).
+    #[error("{0}")]
+    Encryption(String),
     /// Any other refusal at open; the message is complete (qemu's wording).
     #[error("{0}")]
     Open(String),

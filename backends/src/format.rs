@@ -80,6 +80,41 @@ pub enum BackingChoice {
     HeaderAs(String),
 }
 
+/// Secret bytes (a passphrase from a `secret` object): zeroed when dropped, never printed.
+#[derive(Clone, Default)]
+pub struct Secret(zeroize::Zeroizing<Vec<u8>>);
+
+impl Secret {
+    pub fn new(bytes: Vec<u8>) -> Secret {
+        Secret(zeroize::Zeroizing::new(bytes))
+    }
+
+    pub fn bytes(&self) -> &[u8] {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Secret(<redacted>)")
+    }
+}
+
+/// What an encrypted image is opened with: luks's `key-secret=`, qcow2's `encrypt.*`.
+#[derive(Clone, Debug, Default)]
+pub struct EncryptOptions {
+    /// The id of the `secret` object with the passphrase.
+    pub key_secret: Option<String>,
+    /// That secret's bytes, looked up by the caller from `key_secret` (None when no such
+    /// object exists: the driver then fails with qemu's message, at qemu's point).
+    pub key: Option<Secret>,
+    /// qcow2's `encrypt.format=`.
+    pub format: Option<String>,
+    /// The first `encrypt.KEY` qcow2 does not know (qemu refuses it for an encrypted image
+    /// only).
+    pub unexpected: Option<String>,
+}
+
 /// Everything needed to open one image.
 #[derive(Clone, Debug, Default)]
 pub struct ImageOptions {
@@ -108,6 +143,8 @@ pub struct ImageOptions {
     pub locking: crate::file::lock::Locking,
     /// `force-share=on`: take no "unshared" locks (read-only only).
     pub force_share: bool,
+    /// How an encrypted image is unlocked.
+    pub encrypt: EncryptOptions,
     /// Warnings for the user gathered while the options were read (qemu's deprecations),
     /// printed as `NAME: warning: TEXT`.
     pub warnings: Vec<String>,

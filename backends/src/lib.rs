@@ -10,6 +10,7 @@
 //! nothing (the frontend has done that) but writes the emulation of optional features once.
 
 pub mod aio;
+pub mod align;
 pub mod cache_mode;
 pub mod detect_zeroes;
 mod device;
@@ -18,6 +19,7 @@ mod extent;
 pub mod file;
 pub mod filter;
 pub mod format;
+pub mod luks;
 pub mod open;
 pub mod overlay;
 mod probe_guard;

@@ -14,7 +14,11 @@ use std::sync::Arc;
 pub use crate::format::{Format, ImageOptions};
 
 /// Every format qnbd knows, in probing order (raw last: it is the fallback).
-static DRIVERS: &[&Driver] = &[&crate::qcow2::DRIVER, &crate::raw::DRIVER];
+static DRIVERS: &[&Driver] = &[
+    &crate::qcow2::DRIVER,
+    &crate::luks::DRIVER,
+    &crate::raw::DRIVER,
+];
 
 /// Longest backing chain followed, counting the top image.
 pub const MAX_BACKING_DEPTH: u32 = 16;

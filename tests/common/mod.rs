@@ -316,10 +316,21 @@ pub fn run_guest_script(script: &str, cpus: u32) {
 
 /// [`run_guest_script`] with the qnbd binary `bin` in the guest's share.
 pub fn run_guest_script_with(script: &str, cpus: u32, bin: &Path) {
+    run_guest_script_in(script, cpus, bin, None);
+}
+
+/// [`run_guest_script_with`] on the share directory `share` (the guest's cwd), so the caller
+/// can put files there first and read what the guest left after. False when the guest could
+/// not run (a loud SKIP).
+pub fn run_guest_script_in(script: &str, cpus: u32, bin: &Path, share: Option<&Path>) -> bool {
     let top = env!("CARGO_MANIFEST_DIR");
-    let out = Command::new("bash")
-        .arg(format!("{top}/scripts/vm/run.sh"))
-        .arg(format!("{top}/scripts/vm/guest/{script}"))
+    let mut run = Command::new("bash");
+    run.arg(format!("{top}/scripts/vm/run.sh"))
+        .arg(format!("{top}/scripts/vm/guest/{script}"));
+    if let Some(dir) = share {
+        run.arg(dir);
+    }
+    let out = run
         .env("QNBD_BIN", bin)
         .env("QNBD_VM_SMP", cpus.to_string())
         .output()
@@ -331,7 +342,7 @@ pub fn run_guest_script_with(script: &str, cpus: u32, bin: &Path) {
         if std::env::var_os("QNBD_REQUIRE_TOOLS").is_some() {
             panic!("the kernel test guest is required (QNBD_REQUIRE_TOOLS is set)");
         }
-        return;
+        return false;
     }
     for line in console
         .lines()
@@ -345,4 +356,5 @@ pub fn run_guest_script_with(script: &str, cpus: u32, bin: &Path) {
         out.status
     );
     assert!(console.contains(" passed, 0 failed"), "{console}");
+    true
 }

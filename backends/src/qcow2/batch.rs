@@ -94,7 +94,7 @@ impl Qcow2 {
                 let last = &batch[j - 1];
                 let dst = &mut buf[first.at..last.at + last.n as usize];
                 match first.host {
-                    Some(h) => self.f.read("read", h, dst)?,
+                    Some(h) => self.read_data(h, dst)?,
                     None => self.read_mapped(first.g, entries[i], first.in_off, dst)?,
                 }
             }
@@ -115,7 +115,7 @@ impl Qcow2 {
                     let last = &batch[j - 1];
                     let src = &buf[first.at..last.at + last.n as usize];
                     match first.host {
-                        Some(h) => self.f.write("write", h, src, false)?,
+                        Some(h) => self.write_data(h, src, false)?,
                         None => slow.push((first.g, first.in_off, first.at, first.n)),
                     }
                 }

@@ -1,7 +1,9 @@
-//! qcow2 as a format driver: recognised by its magic, opened on a host file, and its own
-//! `--image-opts` keys checked as qemu checks them.
+//! qcow2 as a format driver: recognised by its magic, opened on a host file (an encrypted
+//! image behind the sector-aligning layer), and its own `--image-opts` keys checked as qemu
+//! checks them.
 
 use super::{Qcow2, Qcow2Options};
+use crate::align::Aligned;
 use crate::file::HostFile;
 use crate::format::{parse_bool, parse_size, BackingChoice, Driver, ImageOptions, OpenBacking};
 use crate::{BlockBackend, Result};
@@ -35,9 +37,14 @@ fn open(
             load_snapshot: opts.load_snapshot.clone(),
             backing: opts.backing.clone(),
             direct: opts.direct,
+            encrypt: opts.encrypt.clone(),
         },
         backing,
     )?;
+    if q.is_encrypted() {
+        // Encrypted data is whole sectors: qemu's request_alignment 512.
+        return Ok(Arc::new(Aligned::new(Arc::new(q))));
+    }
     Ok(Arc::new(q))
 }
 
@@ -86,6 +93,20 @@ fn option(key: &str, v: &str, opts: &mut ImageOptions) -> Option<std::result::Re
             Ok(_) => Ok(()),
             Err(_) => Err("Parameter 'cache-clean-interval' expects a non-negative number".into()),
         },
+        "encrypt.key-secret" => {
+            opts.encrypt.key_secret = Some(v.to_string());
+            Ok(())
+        }
+        "encrypt.format" => {
+            opts.encrypt.format = Some(v.to_string());
+            Ok(())
+        }
+        // qemu checks the other LUKS open options only when the image is encrypted.
+        k if k.starts_with("encrypt.") => {
+            let e = &mut opts.encrypt;
+            e.unexpected.get_or_insert_with(|| k["encrypt.".len()..].to_string());
+            Ok(())
+        }
         "overlap-check" => match v {
             "none" | "constant" | "cached" | "all" => Ok(()),
             _ => Err(format!(

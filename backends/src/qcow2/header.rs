@@ -28,6 +28,13 @@ const EXT_BACKING_FORMAT: u32 = 0xe279_2aca;
 const EXT_FEATURE_TABLE: u32 = 0x6803_f857;
 const EXT_BITMAPS: u32 = 0x2385_2875;
 const EXT_DATA_FILE: u32 = 0x4441_5441;
+/// The full disk encryption header pointer (the LUKS header's offset and length).
+const EXT_CRYPTO: u32 = 0x0537_be77;
+
+/// `crypt_method` values.
+pub const CRYPT_NONE: u32 = 0;
+pub const CRYPT_AES: u32 = 1;
+pub const CRYPT_LUKS: u32 = 2;
 
 /// Field offsets the engine rewrites in place.
 pub const OFF_REFTABLE: u64 = 48;
@@ -65,6 +72,8 @@ pub struct Header {
     pub has_bitmaps: bool,
     /// The bitmaps extension, when present and well formed.
     pub bitmaps: Option<super::bitmap::BitmapsExt>,
+    /// The LUKS header's (offset, length) in the file, for `crypt_method` 2.
+    pub crypto_header: Option<(u64, u64)>,
 }
 
 fn be32(b: &[u8], at: usize) -> Option<u32> {
@@ -173,6 +182,7 @@ pub fn parse(b: &[u8], file_len: u64) -> Result<Header, String> {
         feature_names: Vec::new(),
         has_bitmaps: false,
         bitmaps: None,
+        crypto_header: None,
     };
     if header_length > 104 {
         h.compression = match b[104] {
@@ -198,8 +208,21 @@ pub fn parse(b: &[u8], file_len: u64) -> Result<Header, String> {
     if refcount_order > 6 || (version == 2 && refcount_order != 4) {
         return Err(format!("Unsupported refcount order {refcount_order}"));
     }
-    if crypt_method != 0 {
-        return Err("qcow2 encryption is not supported".into());
+    match crypt_method {
+        CRYPT_NONE => {}
+        CRYPT_AES => {
+            return Err(
+                "qcow2 AES encryption (crypt_method 1) is not supported by qnbd: convert the image with qemu-img to LUKS encryption or none"
+                    .into(),
+            )
+        }
+        CRYPT_LUKS if h.crypto_header.is_none() => {
+            return Err(format!(
+                "Missing CRYPTO header for crypt method {crypt_method}"
+            ))
+        }
+        CRYPT_LUKS => {}
+        _ => return Err(format!("Unsupported encryption method: {crypt_method}")),
     }
     if size > i64::MAX as u64 {
         return Err(format!("Image size {size} is too big"));
@@ -318,6 +341,7 @@ fn parse_extensions(
                     });
                 }
             }
+            EXT_CRYPTO => h.crypto_header = Some(crypto_extension(h, data)?),
             EXT_DATA_FILE => {}
             _ => {}
         }
@@ -337,6 +361,26 @@ fn parse_extensions(
         h.backing_file = Some(String::from_utf8_lossy(name).into_owned());
     }
     Ok(())
+}
+
+/// qemu's checks of the full disk encryption header pointer: (offset, length).
+fn crypto_extension(h: &Header, data: &[u8]) -> Result<(u64, u64), String> {
+    if h.crypt_method != CRYPT_LUKS {
+        return Err("CRYPTO header extension only expected with LUKS encryption method".into());
+    }
+    let (Some(offset), Some(length), 16) = (be64(data, 0), be64(data, 8), data.len()) else {
+        return Err(format!(
+            "CRYPTO header extension size {}, but expected size 16",
+            data.len()
+        ));
+    };
+    let cs = 1u64 << h.cluster_bits;
+    if !offset.is_multiple_of(cs) {
+        return Err(format!(
+            "Encryption header offset '{offset}' is not a multiple of cluster size '{cs}'"
+        ));
+    }
+    Ok((offset, length))
 }
 
 fn h_backing_len(b: &[u8]) -> Result<usize, String> {

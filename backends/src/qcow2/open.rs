@@ -31,6 +31,8 @@ pub struct Qcow2Options {
     pub backing: BackingChoice,
     /// `--cache=none|directsync`, `-n`: data I/O with O_DIRECT.
     pub direct: bool,
+    /// `encrypt.key-secret=` and `encrypt.format=` of an encrypted image.
+    pub encrypt: crate::format::EncryptOptions,
 }
 
 fn backing_err(e: Error) -> Error {
@@ -59,6 +61,9 @@ impl Qcow2 {
         open_backing: &OpenBacking<'_>,
     ) -> Result<Qcow2> {
         let h = read_header(&f, &opts)?;
+        // qemu unlocks the image before it repairs a dirty one.
+        let crypto = super::crypt::open(&f, &h, &opts.encrypt)?;
+        let h = repair_if_dirty(&f, &opts, h)?;
         let geo = geometry(&h);
         let (snapshots, snap_bytes) =
             snapshot::read_table(&f, h.snapshots_offset, h.nb_snapshots, geo.cs)?;
@@ -117,13 +122,12 @@ impl Qcow2 {
             bitmaps: Mutex::new(bitmaps),
             tracking: AtomicBool::new(tracking),
             closing: RwLock::new(false),
+            crypto,
         })
     }
 }
 
-/// Parse the header; a read-write open refuses a corrupt image and repairs a dirty one
-/// (unflushed lazy refcounts, rebuilt as qemu does, bitmaps dropped first so their clusters
-/// may be counted as free).
+/// Parse the header; a read-write open refuses a corrupt image.
 fn read_header(f: &HostFile, opts: &Qcow2Options) -> Result<Header> {
     let open_err = Error::Header;
     let file_len = f.size()?;
@@ -133,13 +137,17 @@ fn read_header(f: &HostFile, opts: &Qcow2Options) -> Result<Header> {
     let mut first = vec![0u8; (1u64 << bits).min(file_len) as usize];
     f.read("read header", 0, &mut first)?;
     let h = header::parse(&first, file_len).map_err(open_err)?;
-    if opts.read_only {
-        return Ok(h);
-    }
-    if h.incompatible & header::INCOMPAT_CORRUPT != 0 {
+    if !opts.read_only && h.incompatible & header::INCOMPAT_CORRUPT != 0 {
         return Err(Error::CorruptReadWrite);
     }
-    if h.incompatible & header::INCOMPAT_DIRTY == 0 {
+    Ok(h)
+}
+
+/// A read-write open repairs a dirty image (unflushed lazy refcounts, rebuilt as qemu does,
+/// bitmaps dropped first so their clusters may be counted as free), then reads the header
+/// again.
+fn repair_if_dirty(f: &HostFile, opts: &Qcow2Options, h: Header) -> Result<Header> {
+    if opts.read_only || h.incompatible & header::INCOMPAT_DIRTY == 0 {
         return Ok(h);
     }
     clear_autoclear(f, &h)?;

@@ -43,7 +43,7 @@ impl Qcow2 {
             }
             let piece = &mut buf[(pos - in_off) as usize..(run_end - in_off) as usize];
             match st {
-                Sc::Data => self.f.read("read", e.host() + pos, piece)?,
+                Sc::Data => self.read_data(e.host() + pos, piece)?,
                 Sc::Zero => piece.fill(0),
                 Sc::Unalloc => self.read_backing(base + pos, piece)?,
                 Sc::Compressed => {

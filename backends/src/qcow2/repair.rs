@@ -1,7 +1,8 @@
 //! Rebuilding the refcounts of an image left dirty by a crash with lazy refcounts, as qemu
 //! does when it opens such an image read-write: count every reference from the header, the
-//! tables, the active and snapshot L1/L2 tables, then write a fresh refcount table and blocks
-//! past the end of everything in use, point the header at them and clear the dirty bit.
+//! LUKS header of an encrypted image, the tables, the active and snapshot L1/L2 tables, then
+//! write a fresh refcount table and blocks past the end of everything in use, point the
+//! header at them and clear the dirty bit.
 
 use super::compressed;
 use super::header::{Header, INCOMPAT_DIRTY, OFF_INCOMPAT, OFF_REFTABLE};
@@ -126,6 +127,10 @@ fn count_references(
         counts: vec![0; file_clusters.max(1) as usize],
     };
     c.add_range(0, cs)?;
+    if let Some((off, len)) = h.crypto_header {
+        // The LUKS header of an encrypted image: losing its clusters loses every key.
+        c.add_range(off, len)?;
+    }
     c.add_range(h.snapshots_offset, snap_table_len)?;
     c.add_l1(h.l1_table_offset, h.l1_size, h.extended_l2())?;
     for s in snapshots {

@@ -75,14 +75,14 @@ impl Qcow2 {
                 self.check_data(&m, host, n)?;
                 let dsync = fua && m.mapping_durable(&self.f, &self.geo, g)?;
                 drop(m);
-                self.f.write("write", host, data, dsync)?;
+                self.write_data(host, data, dsync)?;
                 return Ok(dsync);
             }
         }
         let _s = self.stripe(g).write();
         let plan = self.with_meta(|m| self.plan_write(m, g, in_off, n, touched))?;
         let (old, target, fresh, reuse) = match plan {
-            Plan::InPlace(host) => return self.f.write("write", host, data, false).map(|()| false),
+            Plan::InPlace(host) => return self.write_data(host, data, false).map(|()| false),
             Plan::Alloc {
                 old,
                 target,
@@ -189,21 +189,21 @@ impl Qcow2 {
         let cs = self.geo.cs;
         let n = data.len() as u64;
         if !self.geo.extended {
+            // Zeroes on disk are no encrypted zeroes: an encrypted image writes the whole
+            // cluster (qemu skips its zero-write shortcut for encrypted images too).
+            let old_zero = n < cs && !self.is_encrypted() && self.cluster_reads_zero(g, old)?;
             if n == cs {
-                self.f.write("write", target, data, false)?;
-            } else {
-                let old_zero = self.cluster_reads_zero(g, old)?;
-                if old_zero && !fresh {
+                self.write_data(target, data, false)?;
+            } else if old_zero {
+                if !fresh {
                     self.zero_cluster(target)?;
                 }
-                if old_zero {
-                    self.f.write("write", target + in_off, data, false)?;
-                } else {
-                    let mut buf = vec![0u8; cs as usize];
-                    self.read_mapped(g, old, 0, &mut buf)?;
-                    buf[in_off as usize..(in_off + n) as usize].copy_from_slice(data);
-                    self.f.write("write", target, &buf, false)?;
-                }
+                self.f.write("write", target + in_off, data, false)?;
+            } else {
+                let mut buf = vec![0u8; cs as usize];
+                self.read_mapped(g, old, 0, &mut buf)?;
+                buf[in_off as usize..(in_off + n) as usize].copy_from_slice(data);
+                self.write_buf(target, &mut buf)?;
             }
             return Ok(Entry {
                 desc: target | COPIED,
@@ -221,7 +221,7 @@ impl Qcow2 {
             let mut buf = vec![0u8; cs as usize];
             self.read_mapped(g, old, 0, &mut buf)?;
             buf[in_off as usize..(in_off + n) as usize].copy_from_slice(data);
-            self.f.write("write", target, &buf, false)?;
+            self.write_buf(target, &mut buf)?;
         } else {
             let sc = self.geo.sc_bits;
             let scs = 1u64 << sc;
@@ -240,7 +240,7 @@ impl Qcow2 {
                 self.read_mapped(g, old, last_at, &mut buf[(last_at - span_start) as usize..])?;
             }
             buf[(in_off - span_start) as usize..(end - span_start) as usize].copy_from_slice(data);
-            self.f.write("write", target + span_start, &buf, false)?;
+            self.write_buf(target + span_start, &mut buf)?;
         }
         Ok(Entry {
             desc: target | COPIED,

@@ -170,6 +170,28 @@ stats_test() {
 }
 check "--stats=json: SIGUSR1 and exit reports count the bytes written and read" stats_test
 
+# LUKS (driver=luks, key from --object secret) as a ublk device: the host made luks.img with
+# qemu-img and pattern.bin; the guest writes the pattern through the device, reads it back
+# from a fresh device, and leaves the image as luks-out.img for the host to compare.
+luks_test() {
+    [ -f luks.img ] && [ -f pattern.bin ] || { echo "the host gave no luks.img/pattern.bin"; return 1; }
+    cp luks.img $W/luks.img || return 1
+    opts="driver=luks,key-secret=sec0,file.filename=$W/luks.img"
+    $QNBD --object secret,id=sec0,data=hunter2 --image-opts "$opts" -c /dev/ublkb6 >/dev/null || return 1
+    dd if=pattern.bin of=/dev/ublkb6 bs=1M oflag=direct conv=fsync 2>/dev/null || return 1
+    $QNBD -d /dev/ublkb6 >/dev/null && gone 6 || return 1
+    $QNBD --object secret,id=sec0,data=hunter2 -r --image-opts "$opts" -c /dev/ublkb6 >/dev/null || return 1
+    mb=$(($(wc -c <pattern.bin) / 1048576))
+    dd if=/dev/ublkb6 of=$W/back.bin bs=1M count=$mb iflag=direct 2>/dev/null || return 1
+    cmp pattern.bin $W/back.bin || return 1
+    $QNBD -d /dev/ublkb6 >/dev/null && gone 6 || return 1
+    ! $QNBD --object secret,id=sec0,data=wrong --image-opts "$opts" -c /dev/ublkb6 2>$W/err || return 1
+    grep -q "Invalid password, cannot unlock any keyslot" $W/err || { cat $W/err; return 1; }
+    nodevs || { echo "a device was left after a wrong passphrase"; return 1; }
+    cp $W/luks.img luks-out.img
+}
+check "luks: --object secret + --image-opts driver=luks as a ublk device, written, read back; wrong passphrase refused" luks_test
+
 # Failed starts leave no device.
 failed_start() {
     ! $QNBD -f raw -c ublk $W/missing.img 2>$W/err || return 1
