@@ -195,6 +195,27 @@ const ROWS: &[(Check, &[&str])] = &[
             "driver=raw,bogus",
         ],
     ),
+    (All, &["-f", "luks", "-k", "{dir}/s.sock", "{img}"]),
+    (
+        All,
+        &[
+            "--object",
+            "secret,id=k,data=x",
+            "--image-opts",
+            "-k",
+            "{dir}/s.sock",
+            "driver=luks,key-secret=k,file.filename={img}",
+        ],
+    ),
+    (
+        All,
+        &[
+            "--image-opts",
+            "-k",
+            "{dir}/s.sock",
+            "driver=luks,key-secret=nok,file.filename={img}",
+        ],
+    ),
     // Snapshots.
     (All, &["-l", "snapshot.foo=1", "{img}"]),
     (All, &["-l", "snapshot.id=1,bogus", "{img}"]),
