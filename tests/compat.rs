@@ -216,6 +216,10 @@ const ROWS: &[(Check, &[&str])] = &[
             "driver=luks,key-secret=nok,file.filename={img}",
         ],
     ),
+    (All, &["--image-opts", "-k", "{dir}/s.sock", "driver=qcow2,file.filename={qcow},l2-cache-size=x"]),
+    (All, &["--image-opts", "-k", "{dir}/s.sock", "driver=qcow2,file.filename={qcow},l2-cache-size=8M,cache-size=4M"]),
+    (All, &["--image-opts", "-k", "{dir}/s.sock", "driver=qcow2,file.filename={qcow},refcount-cache-size=8M,cache-size=4M,bogus=1"]),
+    (All, &["--image-opts", "-k", "{dir}/s.sock", "driver=qcow2,file.filename={img},cache-size=4M,l2-cache-size=1M,refcount-cache-size=1M"]),
     // Snapshots.
     (All, &["-l", "snapshot.foo=1", "{img}"]),
     (All, &["-l", "snapshot.id=1,bogus", "{img}"]),

@@ -145,6 +145,9 @@ pub struct ImageOptions {
     pub force_share: bool,
     /// How an encrypted image is unlocked.
     pub encrypt: EncryptOptions,
+    /// qcow2's `cache-size`, `l2-cache-size` and `refcount-cache-size` (ignored, but
+    /// checked against each other as qemu checks them).
+    pub qcow2_cache_sizes: [Option<u64>; 3],
     /// Warnings for the user gathered while the options were read (qemu's deprecations),
     /// printed as `NAME: warning: TEXT`.
     pub warnings: Vec<String>,

@@ -24,6 +24,25 @@ fn probe(head: &[u8]) -> bool {
         && u32::from_be_bytes([head[4], head[5], head[6], head[7]]) >= 2
 }
 
+/// qemu's read_cache_sizes: how `cache-size`, `l2-cache-size` and `refcount-cache-size`
+/// may be combined (checked once the header is read, as qemu does).
+fn check_cache_sizes(opts: &ImageOptions) -> Result<()> {
+    let [combined, l2, refcount] = opts.qcow2_cache_sizes;
+    let Some(combined) = combined else {
+        return Ok(());
+    };
+    let msg = if l2.is_some() && refcount.is_some() {
+        "cache-size, l2-cache-size and refcount-cache-size may not be set at the same time"
+    } else if l2.is_some_and(|l| l > combined) {
+        "l2-cache-size may not exceed cache-size"
+    } else if refcount.unwrap_or(0) > combined {
+        "refcount-cache-size may not exceed cache-size"
+    } else {
+        return Ok(());
+    };
+    Err(crate::Error::Open(msg.into()))
+}
+
 fn open(
     file: HostFile,
     opts: &ImageOptions,
@@ -41,6 +60,7 @@ fn open(
         },
         backing,
     )?;
+    check_cache_sizes(opts)?;
     if q.is_encrypted() {
         // Encrypted data is whole sectors: qemu's request_alignment 512.
         return Ok(Arc::new(Aligned::new(Arc::new(q))));
@@ -87,7 +107,15 @@ fn option(key: &str, v: &str, opts: &mut ImageOptions) -> Option<std::result::Re
         "lazy-refcounts" | "pass-discard-request" | "pass-discard-snapshot"
         | "pass-discard-other" | "discard-no-unref" => parse_bool(key, v).map(|_| ()),
         "l2-cache-size" | "l2-cache-entry-size" | "refcount-cache-size" | "cache-size" => {
-            parse_size(key, v).map(|_| ())
+            parse_size(key, v).map(|n| {
+                let slot = match key {
+                    "cache-size" => 0,
+                    "l2-cache-size" => 1,
+                    "refcount-cache-size" => 2,
+                    _ => return,
+                };
+                opts.qcow2_cache_sizes[slot] = Some(n);
+            })
         }
         "cache-clean-interval" => match v.parse::<u64>() {
             Ok(_) => Ok(()),
