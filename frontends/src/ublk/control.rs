@@ -151,80 +151,13 @@ impl Ublk {
     }
 
     fn run_queues(&self, target: Target, ready: impl FnOnce(&Path)) -> Result<(), UblkError> {
-        let ctrl = &self.inner.ctrl;
-        let size = target.device.size();
-        let caps = target.device.caps();
-        let params = device_params(size, caps, ctrl.dev_info().max_io_buf_bytes);
-        let dev = UblkDev::new(
-            "qnbd".into(),
-            |d: &mut UblkDev| {
-                d.tgt.dev_size = size;
-                d.tgt.params = params;
-                Ok(())
-            },
-            ctrl,
-        )
-        .map_err(self.step("opening the character device"))?;
-        let dev = Arc::new(dev);
-        let nr = dev.dev_info.nr_hw_queues;
-        let tags = usize::from(nr) * usize::from(dev.dev_info.queue_depth);
-        let workers = if self.inner.opts.offload {
-            let w = offload::start(&target, tags).map_err(|e| UblkError::Step {
-                path: self.path().display().to_string(),
-                step: "starting the workers",
-                msg: e.to_string(),
-            })?;
-            Some(w)
-        } else {
-            None
-        };
+        let dev = Arc::new(self.open_dev(&target)?);
         let (tx, rx) = mpsc::channel();
-        let mut threads = Vec::with_capacity(usize::from(nr));
-        for qid in 0..nr {
-            let (dev, target, tx) = (dev.clone(), target.clone(), tx.clone());
-            let workers = workers.clone();
-            let t = std::thread::Builder::new()
-                .name(format!("ublk-q{qid}"))
-                .spawn(move || queue::run(qid, &dev, target, workers, tx))
-                .map_err(|e| UblkError::Step {
-                    path: self.path().display().to_string(),
-                    step: "starting a queue thread",
-                    msg: e.to_string(),
-                })?;
-            threads.push(t);
-        }
-        drop((tx, workers));
-        for _ in 0..nr {
-            match rx.recv() {
-                Ok((qid, Ok(tid))) => {
-                    if self.inner.opts.pin_queues {
-                        ctrl.set_thread_affinity(qid, tid);
-                    }
-                    if let Err(e) = ctrl.configure_queue(&dev, qid, tid) {
-                        tracing::debug!("ublk queue {qid}: {}", super::describe(&e));
-                    }
-                }
-                Ok((qid, Err(msg))) => {
-                    return Err(UblkError::Step {
-                        path: self.path().display().to_string(),
-                        step: if qid == 0 {
-                            "setting up queue 0"
-                        } else {
-                            "setting up a queue"
-                        },
-                        msg,
-                    })
-                }
-                Err(_) => {
-                    return Err(UblkError::Step {
-                        path: self.path().display().to_string(),
-                        step: "setting up the queues",
-                        msg: "a queue thread ended".into(),
-                    })
-                }
-            }
-        }
-        ctrl.start_dev(&dev)
+        let threads = self.spawn_queues(&dev, &target, tx)?;
+        self.configure_queues(&dev, &rx)?;
+        self.inner
+            .ctrl
+            .start_dev(&dev)
             .map_err(self.step("starting the device"))?;
         ready(&self.path());
         for t in threads {
@@ -234,6 +167,87 @@ impl Ublk {
         }
         drop(dev);
         self.state().released = true;
+        Ok(())
+    }
+
+    fn failed(&self, step: &'static str, msg: impl ToString) -> UblkError {
+        UblkError::Step {
+            path: self.path().display().to_string(),
+            step,
+            msg: msg.to_string(),
+        }
+    }
+
+    /// The device's character device, with the parameters the backend's size and
+    /// capabilities give.
+    fn open_dev(&self, target: &Target) -> Result<UblkDev, UblkError> {
+        let ctrl = &self.inner.ctrl;
+        let size = target.device.size();
+        let params = device_params(size, target.device.caps(), ctrl.dev_info().max_io_buf_bytes);
+        UblkDev::new(
+            "qnbd".into(),
+            |d: &mut UblkDev| {
+                d.tgt.dev_size = size;
+                d.tgt.params = params;
+                Ok(())
+            },
+            ctrl,
+        )
+        .map_err(self.step("opening the character device"))
+    }
+
+    /// The workers (unless offload is off) and one thread per queue, each reporting on
+    /// `started` once it serves.
+    fn spawn_queues(
+        &self,
+        dev: &Arc<UblkDev>,
+        target: &Target,
+        started: mpsc::Sender<queue::Started>,
+    ) -> Result<Vec<std::thread::JoinHandle<()>>, UblkError> {
+        let nr = dev.dev_info.nr_hw_queues;
+        let tags = usize::from(nr) * usize::from(dev.dev_info.queue_depth);
+        let workers = match self.inner.opts.offload {
+            true => Some(
+                offload::start(target, tags).map_err(|e| self.failed("starting the workers", e))?,
+            ),
+            false => None,
+        };
+        let mut threads = Vec::with_capacity(usize::from(nr));
+        for qid in 0..nr {
+            let (dev, target, tx) = (dev.clone(), target.clone(), started.clone());
+            let workers = workers.clone();
+            let t = std::thread::Builder::new()
+                .name(format!("ublk-q{qid}"))
+                .spawn(move || queue::run(qid, &dev, target, workers, tx))
+                .map_err(|e| self.failed("starting a queue thread", e))?;
+            threads.push(t);
+        }
+        Ok(threads)
+    }
+
+    /// Wait for every queue thread to serve, then tell the driver its thread (and pin it
+    /// with `QNBD_UBLK_PIN`).
+    fn configure_queues(
+        &self,
+        dev: &UblkDev,
+        started: &mpsc::Receiver<queue::Started>,
+    ) -> Result<(), UblkError> {
+        let ctrl = &self.inner.ctrl;
+        for _ in 0..dev.dev_info.nr_hw_queues {
+            match started.recv() {
+                Ok((qid, Ok(tid))) => {
+                    if self.inner.opts.pin_queues {
+                        ctrl.set_thread_affinity(qid, tid);
+                    }
+                    if let Err(e) = ctrl.configure_queue(dev, qid, tid) {
+                        tracing::debug!("ublk queue {qid}: {}", super::describe(&e));
+                    }
+                }
+                Ok((0, Err(msg))) => return Err(self.failed("setting up queue 0", msg)),
+                Ok((_, Err(msg))) => return Err(self.failed("setting up a queue", msg)),
+                Err(_) => return Err(self.failed("setting up the queues", "a queue thread ended")),
+            }
+        }
         Ok(())
     }
 

@@ -41,6 +41,48 @@ fn commit(q: &UblkQueue, tag: u16, buf: &[u8], res: i32) {
     }
 }
 
+type Buffers = Vec<libublk::helpers::IoBuf<u8>>;
+
+/// This thread's completions, buffers and queue with its fetch commands posted; on an error,
+/// the reason is sent on `started` and None returned.
+fn start<'a>(
+    qid: u16,
+    dev: &'a UblkDev,
+    started: &Sender<Started>,
+) -> Option<(libc::pid_t, Arc<Completions>, Buffers, UblkQueue<'a>)> {
+    let tid = libublk::ctrl::UblkCtrl::init_queue_thread();
+    let done = match Completions::new(usize::from(dev.dev_info.queue_depth)) {
+        Ok(d) => d,
+        Err(e) => {
+            let _ = started.send((qid, Err(format!("eventfd: {e}"))));
+            return None;
+        }
+    };
+    let bufs = dev.alloc_queue_io_bufs();
+    let queue = UblkQueue::new(qid, dev)
+        .and_then(|q| q.submit_fetch_commands_unified(BufDescList::Slices(Some(&bufs))));
+    match queue {
+        Ok(q) => Some((tid, done, bufs, q)),
+        Err(e) => {
+            let _ = started.send((qid, Err(super::describe(&e))));
+            None
+        }
+    }
+}
+
+/// Requests still with a worker use their tag's buffer: wait for them before the buffers
+/// go (the driver normally lets a queue stop only when nothing is in flight).
+fn wait_for_workers(qid: u16, done: &Completions, offloaded: usize, bufs: Buffers) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while done.pending() < offloaded && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    if done.pending() < offloaded {
+        tracing::error!("ublk queue {qid}: a worker did not finish; keeping its buffers");
+        std::mem::forget(bufs);
+    }
+}
+
 /// Run queue `qid` until the device stops. Reports to `started` once its fetch commands
 /// are queued (or it failed), so the caller starts the device only when every queue is in.
 pub fn run(
@@ -50,25 +92,10 @@ pub fn run(
     workers: Option<SyncSender<Job>>,
     started: Sender<Started>,
 ) {
-    let tid = libublk::ctrl::UblkCtrl::init_queue_thread();
+    let Some((tid, done, mut bufs, q)) = start(qid, dev, &started) else {
+        return;
+    };
     let depth = usize::from(dev.dev_info.queue_depth);
-    let done = match Completions::new(depth) {
-        Ok(d) => d,
-        Err(e) => {
-            let _ = started.send((qid, Err(format!("eventfd: {e}"))));
-            return;
-        }
-    };
-    let mut bufs = dev.alloc_queue_io_bufs();
-    let queue = UblkQueue::new(qid, dev)
-        .and_then(|q| q.submit_fetch_commands_unified(BufDescList::Slices(Some(&bufs))));
-    let q = match queue {
-        Ok(q) => q,
-        Err(e) => {
-            let _ = started.send((qid, Err(super::describe(&e))));
-            return;
-        }
-    };
     if started.send((qid, Ok(tid))).is_err() {
         return;
     }
@@ -124,15 +151,6 @@ pub fn run(
         let res = target.execute(&req, buf.as_mut_slice());
         commit(q, tag, buf.as_slice(), res);
     });
-    // Requests still with a worker use their tag's buffer: wait for them before the
-    // buffers go (the driver normally lets a queue stop only when nothing is in flight).
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while done.pending() < offloaded && Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(1));
-    }
-    if done.pending() < offloaded {
-        tracing::error!("ublk queue {qid}: a worker did not finish; keeping its buffers");
-        std::mem::forget(bufs);
-    }
+    wait_for_workers(qid, &done, offloaded, bufs);
     tracing::debug!("ublk queue {qid} stopped");
 }
