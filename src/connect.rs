@@ -109,13 +109,21 @@ pub fn run(
     } else {
         Some(PathBuf::from(dev))
     };
+    // The cleanup record is held across the bind: a signal arriving meanwhile waits for it
+    // (cleanup::run takes it) and then finds the device recorded, so a device the kernel
+    // has bound is always disconnected, however early the signal comes.
+    let mut record = crate::cleanup::get();
     let binding = match kernel::bind(wanted.as_deref(), socks, params, api) {
         Ok(b) => b,
-        Err(e) => die(e),
+        Err(e) => {
+            drop(record);
+            die(e)
+        }
     };
     let index = binding.index();
     let path = kernel::device_path(index);
-    crate::cleanup::get().unbind = Some(path.clone());
+    record.unbind = Some(path.clone());
+    drop(record);
     if let Err(e) = kernel::wait_usable(index, info.size) {
         let _ = binding.disconnect();
         die(e);

@@ -101,11 +101,18 @@ fn serve(
     if let Err(e) = ublk::private_mount_namespace() {
         die(format!("cannot get a private mount namespace: {e}"));
     }
+    // Held across the creation, as for -c on /dev/nbdN: a signal meanwhile finds the
+    // device recorded and deletes it.
+    let mut record = cleanup::get();
     let u = match Ublk::create(opts, device.size()) {
         Ok(u) => u,
-        Err(e) => die(e),
+        Err(e) => {
+            drop(record);
+            die(e)
+        }
     };
-    cleanup::get().ublk = Some(u.clone());
+    record.ublk = Some(u.clone());
+    drop(record);
     if !device.size().is_multiple_of(512) {
         tracing::info!(
             "the last {} bytes of the image are not a whole sector and are not exported",
