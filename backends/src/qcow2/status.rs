@@ -1,11 +1,7 @@
 //! Block status: data, zero or unallocated per (sub)cluster, asking the backing chain about
-//! unallocated runs so the depth says which layer the bytes come from. As qemu's
-//! bdrv_co_block_status, a data cluster whose host bytes are a hole in the image file (or
-//! lie past its end) reads as zero: ZERO without HOLE ("zero": true, "data": true in
-//! `qemu-img map`).
+//! unallocated runs so the depth says which layer the bytes come from.
 
 use super::{Qcow2, Sc};
-use crate::file::HostFile;
 use crate::{Extent, ExtentFlags, Extents, Result};
 
 /// Enough for one reply; the caller asks again for the rest.
@@ -20,7 +16,6 @@ impl Qcow2 {
         let mut pos = offset;
         // A pending run of unallocated bytes, resolved through the backing chain at once.
         let mut hole_start: Option<u64> = None;
-        let mut host = HostRuns::default();
         while pos < end && out.len() < MAX_EXTENTS {
             let g = pos >> cb;
             let entry = self.meta.lock().entry(&self.f, &self.geo, g)?;
@@ -44,16 +39,12 @@ impl Qcow2 {
                         if let Some(h) = hole_start.take() {
                             self.status_backing(h, pos - h, out)?;
                         }
-                        if st == Sc::Data {
-                            host.push(&self.f, e.host() + in_off, n, out)?;
+                        let flags = if st == Sc::Zero {
+                            ExtentFlags::HOLE | ExtentFlags::ZERO
                         } else {
-                            let flags = if st == Sc::Zero {
-                                ExtentFlags::HOLE | ExtentFlags::ZERO
-                            } else {
-                                ExtentFlags::empty()
-                            };
-                            out.push(Extent::new(n, flags, 1));
-                        }
+                            ExtentFlags::empty()
+                        };
+                        out.push(Extent::new(n, flags, 1));
                     }
                 }
                 pos += n;
@@ -94,67 +85,6 @@ impl Qcow2 {
         }
         if pos < end {
             out.push(Extent::new(end - pos, hole, 0));
-        }
-        Ok(())
-    }
-}
-
-/// What the image file says about host ranges: the last data run and the last hole found,
-/// so that consecutive clusters cost no more lseek calls than the file has runs.
-#[derive(Default)]
-struct HostRuns {
-    data: std::ops::Range<u64>,
-    hole: std::ops::Range<u64>,
-    /// No SEEK_DATA here (a block device, or a file system without it): all data.
-    unsupported: bool,
-}
-
-impl HostRuns {
-    /// Push `len` data bytes at host offset `at`, the parts in a hole of the file as zero.
-    fn push(&mut self, f: &HostFile, at: u64, len: u64, out: &mut Extents) -> Result<()> {
-        let end = at + len;
-        let mut pos = at;
-        while pos < end {
-            if self.unsupported || self.data.contains(&pos) {
-                let n = if self.unsupported {
-                    end
-                } else {
-                    self.data.end.min(end)
-                } - pos;
-                out.push(Extent::new(n, ExtentFlags::empty(), 1));
-                pos += n;
-                continue;
-            }
-            if self.hole.contains(&pos) {
-                let n = self.hole.end.min(end) - pos;
-                out.push(Extent::new(n, ExtentFlags::ZERO, 1));
-                pos += n;
-                continue;
-            }
-            self.learn(f, pos)?;
-        }
-        Ok(())
-    }
-
-    /// Find the run of the file that holds `pos`.
-    fn learn(&mut self, f: &HostFile, pos: u64) -> Result<()> {
-        if f.is_block_device() {
-            self.unsupported = true;
-            return Ok(());
-        }
-        match f.seek(pos, libc::SEEK_DATA) {
-            Ok(Some(d)) if d <= pos => {
-                let h = f
-                    .seek(pos, libc::SEEK_HOLE)
-                    .ok()
-                    .flatten()
-                    .unwrap_or(u64::MAX);
-                self.data = pos..h.max(pos + 1);
-            }
-            // A hole up to the next data, or up to the end of everything past the last data.
-            Ok(d) => self.hole = pos..d.unwrap_or(u64::MAX),
-            // Extra information only, as for qemu: without it the bytes are data.
-            Err(_) => self.unsupported = true,
         }
         Ok(())
     }
