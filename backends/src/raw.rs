@@ -22,15 +22,7 @@ fn open_driver(
     opts: &ImageOptions,
     _backing: &OpenBacking<'_>,
 ) -> Result<Arc<dyn BlockBackend>> {
-    let raw = RawFile::from_host_file(
-        file,
-        RawOptions {
-            read_only: opts.read_only || opts.snapshot,
-            discard: opts.discard,
-            direct: opts.direct,
-            aio: opts.aio,
-        },
-    )?;
+    let raw = RawFile::from_host_file(file, RawOptions::from_image(opts))?;
     Ok(Arc::new(raw))
 }
 
@@ -53,6 +45,19 @@ pub struct RawOptions {
     pub direct: bool,
     /// `--aio`.
     pub aio: AioMode,
+}
+
+impl RawOptions {
+    /// What a format driver over the whole file takes from the image options (`-s` opens
+    /// the file read-only: the overlay takes the writes).
+    pub fn from_image(opts: &ImageOptions) -> RawOptions {
+        RawOptions {
+            read_only: opts.read_only || opts.snapshot,
+            discard: opts.discard,
+            direct: opts.direct,
+            aio: opts.aio,
+        }
+    }
 }
 
 #[derive(Debug)]

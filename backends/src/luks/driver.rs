@@ -32,15 +32,7 @@ fn open(
         },
         password,
     )?;
-    let raw = RawFile::from_host_file(
-        file,
-        RawOptions {
-            read_only: opts.read_only || opts.snapshot,
-            discard: opts.discard,
-            direct: opts.direct,
-            aio: opts.aio,
-        },
-    )?;
+    let raw = RawFile::from_host_file(file, RawOptions::from_image(opts))?;
     let volume = LuksVolume::new(Arc::new(raw), luks)?;
     Ok(Arc::new(Aligned::new(Arc::new(volume))))
 }
