@@ -456,9 +456,17 @@ fn run_row(bin: &str, check: Check, args: &[&str]) -> Outcome {
         // SAFETY: kill(2) on our own child's pid.
         unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
     }
+    let mut next_term = Instant::now() + Duration::from_secs(1);
     loop {
         if child.try_wait().unwrap().is_some() {
             break;
+        }
+        // qemu-nbd creates its socket before it sets `state = RUNNING`, so a SIGTERM in
+        // between is forgotten (seen once in CI); ask again until it goes.
+        if check == Serves && Instant::now() > next_term {
+            // SAFETY: kill(2) on our own child's pid, not yet reaped.
+            unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+            next_term += Duration::from_secs(1);
         }
         if Instant::now() > deadline {
             let _ = child.kill();
