@@ -1,6 +1,7 @@
 //! The byte streams frontends speak NBD over: TCP and Unix sockets, and TLS on either (a
-//! plain socket whose other end a TLS pump serves, see `tls::engine`).
+//! session used in line by the connection's threads, see `tls::stream`).
 
+pub use crate::tls::stream::TlsStream;
 use std::io::{self, IoSlice, Read, Write};
 use std::net::{Shutdown, TcpStream};
 use std::os::unix::io::{AsRawFd, RawFd};
@@ -12,46 +13,6 @@ pub enum Stream {
     Tcp(TcpStream),
     Unix(UnixStream),
     Tls(Box<TlsStream>),
-}
-
-/// The plaintext side of a TLS session on `net`.
-#[derive(Debug)]
-pub struct TlsStream {
-    plain: UnixStream,
-    /// The network socket, kept only for its options and for `peer()`.
-    net: Stream,
-    peer: String,
-    identity: Option<String>,
-}
-
-impl TlsStream {
-    pub(crate) fn new(
-        plain: UnixStream,
-        net: Stream,
-        peer: String,
-        identity: Option<String>,
-    ) -> Self {
-        TlsStream {
-            plain,
-            net,
-            peer,
-            identity,
-        }
-    }
-
-    /// The distinguished name or PSK username the peer authenticated with.
-    pub fn identity(&self) -> Option<&str> {
-        self.identity.as_deref()
-    }
-
-    fn try_clone(&self) -> io::Result<TlsStream> {
-        Ok(TlsStream {
-            plain: self.plain.try_clone()?,
-            net: self.net.try_clone()?,
-            peer: self.peer.clone(),
-            identity: self.identity.clone(),
-        })
-    }
 }
 
 impl Stream {
@@ -71,25 +32,27 @@ impl Stream {
         let _ = match self {
             Stream::Tcp(s) => s.shutdown(Shutdown::Both),
             Stream::Unix(s) => s.shutdown(Shutdown::Both),
-            // The pump sees the end, sends close_notify and then closes the network side.
-            Stream::Tls(s) => s.plain.shutdown(Shutdown::Both),
+            Stream::Tls(s) => {
+                s.shutdown();
+                Ok(())
+            }
         };
     }
 
     /// Drop the connection at once, without a polite TLS close (which could wait on a peer
     /// that does not read): after a failed handshake.
     pub fn abort(&self) {
-        if let Stream::Tls(s) = self {
-            s.net.shutdown();
+        match self {
+            Stream::Tls(s) => s.abort(),
+            _ => self.shutdown(),
         }
-        self.shutdown();
     }
 
     pub fn set_read_timeout(&self, t: Option<Duration>) -> io::Result<()> {
         match self {
             Stream::Tcp(s) => s.set_read_timeout(t),
             Stream::Unix(s) => s.set_read_timeout(t),
-            Stream::Tls(s) => s.plain.set_read_timeout(t),
+            Stream::Tls(s) => s.set_read_timeout(t),
         }
     }
 
@@ -97,7 +60,7 @@ impl Stream {
         match self {
             Stream::Tcp(s) => s.set_write_timeout(t),
             Stream::Unix(s) => s.set_write_timeout(t),
-            Stream::Tls(s) => s.plain.set_write_timeout(t),
+            Stream::Tls(s) => s.set_write_timeout(t),
         }
     }
 
@@ -107,7 +70,7 @@ impl Stream {
             Stream::Tcp(s) => {
                 let _ = s.set_nodelay(true);
             }
-            Stream::Tls(s) => s.net.set_nodelay(),
+            Stream::Tls(s) => s.set_nodelay(),
             Stream::Unix(_) => {}
         }
     }
@@ -119,7 +82,7 @@ impl Stream {
                 .map(|a| a.to_string())
                 .unwrap_or_else(|_| "?".into()),
             Stream::Unix(_) => "unix".into(),
-            Stream::Tls(s) => s.peer.clone(),
+            Stream::Tls(s) => s.peer(),
         }
     }
 }
@@ -129,7 +92,7 @@ impl Read for Stream {
         match self {
             Stream::Tcp(s) => s.read(buf),
             Stream::Unix(s) => s.read(buf),
-            Stream::Tls(s) => s.plain.read(buf),
+            Stream::Tls(s) => s.read(buf),
         }
     }
 }
@@ -139,14 +102,14 @@ impl Write for Stream {
         match self {
             Stream::Tcp(s) => s.write(buf),
             Stream::Unix(s) => s.write(buf),
-            Stream::Tls(s) => s.plain.write(buf),
+            Stream::Tls(s) => s.write(buf),
         }
     }
     fn write_vectored(&mut self, bufs: &[IoSlice<'_>]) -> io::Result<usize> {
         match self {
             Stream::Tcp(s) => s.write_vectored(bufs),
             Stream::Unix(s) => s.write_vectored(bufs),
-            Stream::Tls(s) => s.plain.write_vectored(bufs),
+            Stream::Tls(s) => s.write_vectored(bufs),
         }
     }
     fn flush(&mut self) -> io::Result<()> {
@@ -159,7 +122,7 @@ impl AsRawFd for Stream {
         match self {
             Stream::Tcp(s) => s.as_raw_fd(),
             Stream::Unix(s) => s.as_raw_fd(),
-            Stream::Tls(s) => s.plain.as_raw_fd(),
+            Stream::Tls(s) => s.raw_fd(),
         }
     }
 }

@@ -1,6 +1,6 @@
 //! TLS for NBD (qemu's `tls-creds-x509`, `tls-creds-psk`, `tls-creds-anon`), shared by the
 //! server and the client: x509 on rustls, PSK and anonymous on OpenSSL (rustls has neither), both behind one engine trait
-//! and one pump that turns a session into a plain socket for the NBD code.
+//! and one stream type that the NBD code reads and writes in plaintext.
 
 pub mod anon;
 pub mod authz;
@@ -8,6 +8,7 @@ pub mod engine;
 mod openssl_engine;
 pub mod psk;
 mod sanity;
+pub mod stream;
 pub mod x509;
 
 use crate::transport::Stream;
@@ -209,7 +210,7 @@ pub fn accept(
     let net = stream
         .try_clone()
         .map_err(|e| TlsError::Handshake(e.to_string()))?;
-    *stream = engine::into_stream(engine, net, early, identity)
+    *stream = stream::into_stream(engine, net, early, identity)
         .map_err(|e| TlsError::Handshake(e.to_string()))?;
     Ok(())
 }
@@ -277,7 +278,7 @@ pub fn connect(
     let net = stream
         .try_clone()
         .map_err(|e| TlsError::Handshake(e.to_string()))?;
-    *stream = engine::into_stream(engine, net, early, None)
+    *stream = stream::into_stream(engine, net, early, None)
         .map_err(|e| TlsError::Handshake(e.to_string()))?;
     Ok(())
 }

@@ -158,6 +158,10 @@ impl Engine for OpensslEngine {
         out.append(&mut self.s.get_mut().output);
     }
 
+    fn wants_write(&self) -> bool {
+        !self.s.get_ref().output.is_empty()
+    }
+
     fn close(&mut self) {
         let _ = self.s.shutdown();
     }

@@ -432,6 +432,10 @@ impl Engine for RustlsEngine {
         }
     }
 
+    fn wants_write(&self) -> bool {
+        self.conn.wants_write()
+    }
+
     fn close(&mut self) {
         self.conn.send_close_notify();
     }

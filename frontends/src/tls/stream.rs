@@ -1,0 +1,299 @@
+//! An established TLS session used in line by the threads that read and write a connection:
+//! no pump thread and no socketpair between the NBD code and the network, so a request costs
+//! no extra thread hand-off (the pump this replaced cost four context switches a request).
+//!
+//! The NBD code shares one connection between threads through cloned handles: one thread
+//! reads at a time (the connection's read lock) while another writes a reply. A TLS session
+//! is one state machine for both directions, so the handles share it under three locks:
+//!
+//! - `rx`: the receive side (the network handle reads go through, undelivered plaintext).
+//!   Held by the reading thread across its blocking network read.
+//! - `tx`: the send side. Every network write happens under it, and every `take_tls` too,
+//!   so records leave in the order the session made them.
+//! - `engine`: the session itself, held only while bytes are transformed, never across a
+//!   network read or write.
+//!
+//! Order: `rx` before `engine`; `tx` before `engine`; `rx` before `tx` (a reader that must
+//! answer, such as an alert after a bad record, drops `engine` first and takes `tx`, then
+//! `engine` again). Nobody waits on the network while holding `engine`, so a reply blocked
+//! on a full socket never stops the reader from decrypting the next request, which is what
+//! keeps a client that sends before it reads from deadlocking against us.
+
+use super::engine::Engine;
+use crate::transport::Stream;
+use parking_lot::Mutex;
+use std::io::{self, IoSlice, Read, Write};
+use std::os::unix::io::AsRawFd;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+/// Ciphertext read from the network in one call; also the plaintext encrypted at a time, so
+/// the reader can take the session between the pieces of a large reply.
+const CHUNK: usize = 64 * 1024;
+
+/// A handle on a TLS session over a socket; clones share the session.
+pub struct TlsStream {
+    shared: Arc<Shared>,
+}
+
+impl std::fmt::Debug for TlsStream {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TlsStream")
+            .field("peer", &self.shared.peer)
+            .finish_non_exhaustive()
+    }
+}
+
+struct Shared {
+    engine: Mutex<Box<dyn Engine>>,
+    rx: Mutex<Rx>,
+    tx: Mutex<Tx>,
+    /// The socket, for options, shutdown and the peer's name.
+    net: Stream,
+    peer: String,
+    identity: Option<String>,
+    /// Set once we closed (politely or not): nothing more is sent.
+    closed: AtomicBool,
+}
+
+struct Rx {
+    net: Stream,
+    cipher: Vec<u8>,
+    plain: Vec<u8>,
+    /// How much of `plain` the caller has taken.
+    pos: usize,
+    eof: bool,
+}
+
+struct Tx {
+    net: Stream,
+    out: Vec<u8>,
+}
+
+/// Wrap an established session: returns a stream the NBD code reads and writes in plaintext.
+/// `early_plain` is what arrived together with the handshake's last flight.
+pub fn into_stream(
+    engine: Box<dyn Engine>,
+    net: Stream,
+    early_plain: Vec<u8>,
+    identity: Option<String>,
+) -> io::Result<Stream> {
+    net.set_read_timeout(None)?;
+    let shared = Shared {
+        engine: Mutex::new(engine),
+        rx: Mutex::new(Rx {
+            net: net.try_clone()?,
+            cipher: vec![0; CHUNK],
+            plain: early_plain,
+            pos: 0,
+            eof: false,
+        }),
+        tx: Mutex::new(Tx {
+            net: net.try_clone()?,
+            out: Vec::with_capacity(CHUNK + 1024),
+        }),
+        peer: net.peer(),
+        net,
+        identity,
+        closed: AtomicBool::new(false),
+    };
+    Ok(Stream::Tls(Box::new(TlsStream {
+        shared: Arc::new(shared),
+    })))
+}
+
+impl TlsStream {
+    /// The distinguished name or PSK username the peer authenticated with.
+    pub fn identity(&self) -> Option<&str> {
+        self.shared.identity.as_deref()
+    }
+
+    pub fn peer(&self) -> String {
+        self.shared.peer.clone()
+    }
+
+    pub fn try_clone(&self) -> io::Result<TlsStream> {
+        Ok(TlsStream {
+            shared: self.shared.clone(),
+        })
+    }
+
+    pub fn set_read_timeout(&self, t: Option<Duration>) -> io::Result<()> {
+        self.shared.net.set_read_timeout(t)
+    }
+
+    pub fn set_write_timeout(&self, t: Option<Duration>) -> io::Result<()> {
+        self.shared.net.set_write_timeout(t)
+    }
+
+    pub fn set_nodelay(&self) {
+        self.shared.net.set_nodelay()
+    }
+
+    pub fn raw_fd(&self) -> std::os::unix::io::RawFd {
+        self.shared.net.as_raw_fd()
+    }
+
+    /// Close politely: close_notify if the send side is free (never waiting on the peer),
+    /// then both directions of the socket, which wakes a thread blocked reading.
+    pub fn shutdown(&self) {
+        self.shared.close_notify();
+        self.shared.net.shutdown();
+    }
+
+    /// Drop the connection at once, without close_notify (after a failed handshake).
+    pub fn abort(&self) {
+        self.shared.closed.store(true, Ordering::SeqCst);
+        self.shared.net.shutdown();
+    }
+}
+
+impl Shared {
+    /// Queue close_notify and send it without blocking, unless a writer is busy or we
+    /// already closed.
+    fn close_notify(&self) {
+        if self.closed.swap(true, Ordering::SeqCst) {
+            return;
+        }
+        let Some(mut tx) = self.tx.try_lock() else {
+            return;
+        };
+        let Tx { net, out } = &mut *tx;
+        out.clear();
+        {
+            let mut eng = self.engine.lock();
+            eng.close();
+            eng.take_tls(out);
+        }
+        send_nowait(net, out);
+    }
+
+    /// Send whatever the session has queued (answers the reader's input produced).
+    fn send_queued(&self) -> io::Result<()> {
+        let mut tx = self.tx.lock();
+        let Tx { net, out } = &mut *tx;
+        out.clear();
+        self.engine.lock().take_tls(out);
+        if out.is_empty() || self.closed.load(Ordering::SeqCst) {
+            return Ok(());
+        }
+        net.write_all(out)
+    }
+
+    /// Decrypt one network read's worth into `rx.plain`.
+    fn fill(&self, rx: &mut Rx) -> io::Result<()> {
+        rx.plain.clear();
+        rx.pos = 0;
+        let n = match rx.net.read(&mut rx.cipher) {
+            Ok(0) => {
+                rx.eof = true;
+                return Ok(());
+            }
+            Ok(n) => n,
+            Err(e) => return Err(e),
+        };
+        let (fed, answer) = {
+            let mut eng = self.engine.lock();
+            let fed = eng.feed(&rx.cipher[..n], &mut rx.plain);
+            (fed, eng.wants_write())
+        };
+        if answer {
+            self.send_queued()?;
+        }
+        match fed {
+            Ok(closed) => {
+                rx.eof |= closed;
+                Ok(())
+            }
+            Err(e) => {
+                // The session is broken: nothing more can be read or sent in it.
+                rx.eof = true;
+                self.closed.store(true, Ordering::SeqCst);
+                self.net.shutdown();
+                Err(e)
+            }
+        }
+    }
+
+    /// Encrypt and send `bufs`, in pieces of at most [`CHUNK`] so the session is free for
+    /// the reader between them.
+    fn send(&self, bufs: &[IoSlice<'_>]) -> io::Result<usize> {
+        let mut tx = self.tx.lock();
+        if self.closed.load(Ordering::SeqCst) {
+            return Err(io::ErrorKind::BrokenPipe.into());
+        }
+        let Tx { net, out } = &mut *tx;
+        let mut total = 0;
+        let mut pieces = bufs.iter().flat_map(|b| b.chunks(CHUNK)).peekable();
+        while pieces.peek().is_some() {
+            out.clear();
+            {
+                let mut eng = self.engine.lock();
+                let mut batch = 0;
+                while let Some(p) = pieces.next_if(|p| batch == 0 || batch + p.len() <= CHUNK) {
+                    eng.write_plain(p)?;
+                    batch += p.len();
+                }
+                total += batch;
+                eng.take_tls(out);
+            }
+            net.write_all(out)?;
+        }
+        Ok(total)
+    }
+}
+
+impl Drop for Shared {
+    fn drop(&mut self) {
+        self.close_notify();
+        self.net.shutdown();
+    }
+}
+
+/// One best-effort send that never blocks: close_notify must not wait on a peer that has
+/// stopped reading.
+fn send_nowait(net: &Stream, data: &[u8]) {
+    if data.is_empty() {
+        return;
+    }
+    // SAFETY: send(2) on an open socket with a valid buffer and its length.
+    unsafe {
+        libc::send(
+            net.as_raw_fd(),
+            data.as_ptr().cast(),
+            data.len(),
+            libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL,
+        )
+    };
+}
+
+impl Read for TlsStream {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let mut rx = self.shared.rx.lock();
+        loop {
+            if rx.pos < rx.plain.len() {
+                let n = buf.len().min(rx.plain.len() - rx.pos);
+                buf[..n].copy_from_slice(&rx.plain[rx.pos..rx.pos + n]);
+                rx.pos += n;
+                return Ok(n);
+            }
+            if rx.eof || buf.is_empty() {
+                return Ok(0);
+            }
+            self.shared.fill(&mut rx)?;
+        }
+    }
+}
+
+impl Write for TlsStream {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.shared.send(&[IoSlice::new(buf)])
+    }
+    fn write_vectored(&mut self, bufs: &[IoSlice<'_>]) -> io::Result<usize> {
+        self.shared.send(bufs)
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
