@@ -4,6 +4,7 @@
 pub mod kernel;
 pub mod nbd;
 pub mod stats;
+pub mod sync;
 pub mod tls;
 pub mod transport;
 pub mod ublk;

@@ -73,7 +73,12 @@ pub(crate) struct OpensslEngine {
     s: SslStream<MemIo>,
     done: bool,
     client_name: Option<String>,
+    /// Plaintext gathered into whole records by `write_plain_vectored`.
+    stage: Vec<u8>,
 }
+
+/// The most plaintext one TLS record carries.
+const RECORD: usize = 16 * 1024;
 
 fn io_err(e: openssl::ssl::Error) -> io::Error {
     io::Error::new(io::ErrorKind::InvalidData, e.to_string())
@@ -96,6 +101,7 @@ impl OpensslEngine {
             s: SslStream::new(ssl, MemIo::default()).map_err(ssl_err)?,
             done: false,
             client_name,
+            stage: Vec::new(),
         };
         if role == Endpoint::Client {
             // Produce the ClientHello now, so the handshake loop has something to send.
@@ -152,6 +158,35 @@ impl Engine for OpensslEngine {
             data = &data[n..];
         }
         Ok(())
+    }
+
+    fn write_plain_vectored(&mut self, bufs: &[&[u8]]) -> io::Result<()> {
+        // OpenSSL writes a record per call: gather the pieces into whole records first.
+        let mut stage = std::mem::take(&mut self.stage);
+        stage.clear();
+        let mut r = Ok(());
+        for b in bufs {
+            let mut b: &[u8] = b;
+            while !b.is_empty() && r.is_ok() {
+                let take = b.len().min(RECORD - stage.len());
+                if stage.is_empty() && take == RECORD {
+                    // A whole record straight from the caller's buffer.
+                    r = self.write_plain(&b[..RECORD]);
+                } else {
+                    stage.extend_from_slice(&b[..take]);
+                    if stage.len() == RECORD {
+                        r = self.write_plain(&stage);
+                        stage.clear();
+                    }
+                }
+                b = &b[take..];
+            }
+        }
+        if r.is_ok() && !stage.is_empty() {
+            r = self.write_plain(&stage);
+        }
+        self.stage = stage;
+        r
     }
 
     fn take_tls(&mut self, out: &mut Vec<u8>) {

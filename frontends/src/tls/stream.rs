@@ -20,8 +20,8 @@
 //! keeps a client that sends before it reads from deadlocking against us.
 
 use super::engine::Engine;
+use crate::sync::Mutex;
 use crate::transport::Stream;
-use parking_lot::Mutex;
 use std::io::{self, IoSlice, Read, Write};
 use std::os::unix::io::AsRawFd;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -216,26 +216,42 @@ impl Shared {
         }
     }
 
-    /// Encrypt and send `bufs`, in pieces of at most [`CHUNK`] so the session is free for
-    /// the reader between them.
+    /// Encrypt and send `bufs`, at most [`CHUNK`] bytes at a time so the session is free
+    /// for the reader between the pieces of a large reply.
     fn send(&self, bufs: &[IoSlice<'_>]) -> io::Result<usize> {
         let mut tx = self.tx.lock();
         if self.closed.load(Ordering::SeqCst) {
             return Err(io::ErrorKind::BrokenPipe.into());
         }
         let Tx { net, out } = &mut *tx;
-        let mut total = 0;
-        let mut pieces = bufs.iter().flat_map(|b| b.chunks(CHUNK)).peekable();
-        while pieces.peek().is_some() {
+        let total: usize = bufs.iter().map(|b| b.len()).sum();
+        // Batches of exactly CHUNK bytes across the pieces (the last one shorter), so records
+        // stay full however the reply is cut into pieces.
+        let (mut idx, mut off) = (0, 0);
+        let mut batch: Vec<&[u8]> = Vec::with_capacity(4);
+        while idx < bufs.len() {
+            batch.clear();
+            let mut len = 0;
+            while idx < bufs.len() && len < CHUNK {
+                let b = &bufs[idx][off..];
+                let take = b.len().min(CHUNK - len);
+                if take > 0 {
+                    batch.push(&b[..take]);
+                }
+                len += take;
+                off += take;
+                if off == bufs[idx].len() {
+                    idx += 1;
+                    off = 0;
+                }
+            }
+            if batch.is_empty() {
+                break;
+            }
             out.clear();
             {
                 let mut eng = self.engine.lock();
-                let mut batch = 0;
-                while let Some(p) = pieces.next_if(|p| batch == 0 || batch + p.len() <= CHUNK) {
-                    eng.write_plain(p)?;
-                    batch += p.len();
-                }
-                total += batch;
+                eng.write_plain_vectored(&batch)?;
                 eng.take_tls(out);
             }
             net.write_all(out)?;

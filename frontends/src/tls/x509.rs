@@ -4,12 +4,13 @@
 
 use super::engine::Engine;
 use super::{Endpoint, TlsError, Versions};
+use crate::transport::write_all_vectored;
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, CertificateRevocationListDer, PrivateKeyDer, ServerName};
 use rustls::server::WebPkiClientVerifier;
 use rustls::{ClientConfig, Connection, DigitallySignedStruct, RootCertStore, ServerConfig};
-use std::io::{self, Read, Write};
+use std::io::{self, IoSlice, Read, Write};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -422,6 +423,13 @@ impl Engine for RustlsEngine {
 
     fn write_plain(&mut self, data: &[u8]) -> io::Result<()> {
         self.conn.writer().write_all(data)
+    }
+
+    fn write_plain_vectored(&mut self, bufs: &[&[u8]]) -> io::Result<()> {
+        // rustls fragments the pieces as one payload, without copying them first. With no
+        // buffer limit (see `conn_for`) it takes everything at once.
+        let mut slices: Vec<IoSlice<'_>> = bufs.iter().map(|b| IoSlice::new(b)).collect();
+        write_all_vectored(&mut self.conn.writer(), &mut slices)
     }
 
     fn take_tls(&mut self, out: &mut Vec<u8>) {

@@ -1,7 +1,8 @@
 //! The transmission phase. Worker threads share one connection in nbdkit's style: a worker
 //! takes the read lock, reads one request with its payload, lets go, serves it straight from
-//! the backend, and writes the whole reply with one `writev` under the write lock. Requests
-//! are served concurrently and replied to out of order; no lock is held across backend I/O.
+//! the backend, and writes the whole reply with one `writev` under the write lock, or hands
+//! it to the worker already writing (see `write_reply`). Requests are served concurrently
+//! and replied to out of order; no lock is held across backend I/O.
 //! Workers are spawned lazily, so a client with one request in flight costs two threads.
 //! This file holds the threads, locks and socket I/O; `commands.rs` serves each request and
 //! builds its reply, `status.rs` turns extents into BLOCK_STATUS runs.
@@ -15,10 +16,10 @@ use super::validate::{self, Payload};
 use crate::nbd::proto::*;
 use crate::nbd::wire::{self, Request};
 use crate::stats::Op;
+use crate::sync::Mutex;
 use crate::transport::{write_all_vectored, Stream};
 use backends::Extents;
-use parking_lot::Mutex;
-use std::io::{self, BufReader, IoSlice, Read};
+use std::io::{self, BufReader, IoSlice, Read, Write};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::thread::Scope;
 use std::time::Instant;
@@ -30,6 +31,7 @@ struct Conn<'a> {
     pub(super) neg: Negotiated,
     reader: Mutex<BufReader<Stream>>,
     writer: Mutex<Stream>,
+    outbox: Mutex<Outbox>,
     /// A handle used only to shut the socket down from any thread.
     control: Stream,
     closing: AtomicBool,
@@ -94,6 +96,7 @@ pub fn serve(
         neg,
         reader: Mutex::new(BufReader::with_capacity(READ_BUFFER, stream.try_clone()?)),
         writer: Mutex::new(stream.try_clone()?),
+        outbox: Mutex::new(Outbox::default()),
         control: stream,
         closing: AtomicBool::new(false),
         idle: AtomicUsize::new(0),
@@ -214,10 +217,65 @@ impl<'a> Conn<'a> {
         Ok(Next::Request(req))
     }
 
+    /// Send one whole reply. If another worker is sending, a small reply is handed to it
+    /// (copied into the outbox) and this worker goes back to the next request; the sender
+    /// sends what was handed over before it lets the socket go. Under load that turns many
+    /// replies into one `send` (and, over TLS, full records instead of one per reply).
+    ///
+    /// Rules: a request's reply is one call, so replies of different requests may be
+    /// reordered freely (NBD allows it) but no reply is ever split. `busy` is set and cleared
+    /// only by the holder of `writer`, and cleared only under the outbox lock with the
+    /// outbox empty, so nothing handed over is left behind.
     pub(super) fn write_reply(&self, bufs: &mut [IoSlice<'_>]) -> io::Result<()> {
+        let len: usize = bufs.iter().map(|b| b.len()).sum();
+        if len <= HAND_OVER_MAX {
+            let mut ob = self.outbox.lock();
+            if ob.busy && ob.queued.len() + len <= OUTBOX_LIMIT {
+                for b in bufs.iter() {
+                    ob.queued.extend_from_slice(b);
+                }
+                return Ok(());
+            }
+        }
         let mut w = self.writer.lock();
-        write_all_vectored(&mut *w, bufs)
+        self.outbox.lock().busy = true;
+        let sent = write_all_vectored(&mut *w, bufs);
+        self.send_handed_over(&mut w, sent)
     }
+
+    /// As the holder of `writer`: send what other workers handed over until none is left.
+    fn send_handed_over(&self, w: &mut Stream, mut sent: io::Result<()>) -> io::Result<()> {
+        let mut batch = Vec::new();
+        loop {
+            {
+                let mut ob = self.outbox.lock();
+                if sent.is_err() {
+                    // The connection is broken: what waits can never be sent.
+                    ob.queued.clear();
+                }
+                if ob.queued.is_empty() {
+                    ob.busy = false;
+                    return sent;
+                }
+                batch.clear();
+                std::mem::swap(&mut ob.queued, &mut batch);
+            }
+            sent = w.write_all(&batch);
+        }
+    }
+}
+
+/// A reply up to this size is handed to the worker already sending; a larger one waits for
+/// the socket rather than be copied.
+const HAND_OVER_MAX: usize = 64 * 1024;
+/// Bytes handed over and not yet sent, at most; past it a worker waits for the socket.
+const OUTBOX_LIMIT: usize = 1 << 20;
+
+/// Replies handed to the worker that holds the socket.
+#[derive(Default)]
+struct Outbox {
+    busy: bool,
+    queued: Vec<u8>,
 }
 
 /// The counter a command is recorded under.
