@@ -3,7 +3,9 @@
 //! SHA-256 suite, which is what GnuTLS (qemu) negotiates, and TLS 1.2 (EC)DHE-PSK/PSK.
 
 use super::engine::Engine;
-use super::openssl_engine::{identity_index, limit_versions, ssl_err, OpensslEngine};
+use super::openssl_engine::{
+    identity_index, limit_versions, prefer_fast_suites, ssl_err, OpensslEngine,
+};
 use super::{Endpoint, TlsError, Versions};
 use backends::errno_text;
 use openssl::ssl::{SslContext, SslContextBuilder, SslMethod};
@@ -80,6 +82,7 @@ impl PskCreds {
         };
         let mut b = SslContextBuilder::new(method).map_err(ssl_err)?;
         limit_versions(&mut b, o.versions)?;
+        prefer_fast_suites(&mut b)?;
         // TLS 1.2 suites qemu's priority "+ECDHE-PSK:+DHE-PSK:+PSK" allows.
         b.set_cipher_list("ECDHEPSK:DHEPSK:PSK:!aNULL:!eNULL:!3DES:!RC4")
             .map_err(ssl_err)?;
