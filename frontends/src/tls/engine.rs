@@ -11,9 +11,35 @@ use std::time::Instant;
 pub trait Engine: Send {
     /// True until the handshake has completed.
     fn handshaking(&self) -> bool;
-    /// Take ciphertext from the peer; append any plaintext it yields to `plain`. Returns true
-    /// once the peer has closed the session (close_notify).
-    fn feed(&mut self, ciphertext: &[u8], plain: &mut Vec<u8>) -> io::Result<bool>;
+    /// Take a prefix of `ciphertext` from the peer (as much as the session can hold before
+    /// its plaintext is read) and process it; returns how many bytes it took.
+    fn feed_some(&mut self, ciphertext: &[u8]) -> io::Result<usize>;
+    /// Move received plaintext into `buf`, straight from the session: `Some(n)` with n > 0,
+    /// `Some(0)` once the peer has closed the session (close_notify) and all was read, or
+    /// None when there is nothing yet.
+    fn read_plain(&mut self, buf: &mut [u8]) -> io::Result<Option<usize>>;
+    /// Take all of `ciphertext`; append the plaintext it yields to `plain`. Returns true once
+    /// the peer has closed the session.
+    fn feed(&mut self, mut ciphertext: &[u8], plain: &mut Vec<u8>) -> io::Result<bool> {
+        let mut buf = [0u8; 16 * 1024];
+        loop {
+            loop {
+                match self.read_plain(&mut buf)? {
+                    Some(0) => return Ok(true),
+                    Some(n) => plain.extend_from_slice(&buf[..n]),
+                    None => break,
+                }
+            }
+            if ciphertext.is_empty() {
+                return Ok(false);
+            }
+            let used = self.feed_some(ciphertext)?;
+            if used == 0 {
+                return Err(stalled());
+            }
+            ciphertext = &ciphertext[used..];
+        }
+    }
     /// Encrypt plaintext for the peer.
     fn write_plain(&mut self, data: &[u8]) -> io::Result<()>;
     /// Encrypt the concatenation of `bufs`, filling each record before starting the next, so
@@ -36,6 +62,15 @@ pub trait Engine: Send {
 }
 
 const CHUNK: usize = 64 * 1024;
+
+/// A session that neither yields plaintext nor takes more input: cannot happen with either
+/// library, but a loop must not spin on it.
+pub(crate) fn stalled() -> io::Error {
+    io::Error::new(
+        io::ErrorKind::InvalidData,
+        "the TLS session takes no more input",
+    )
+}
 
 fn timed_out() -> io::Error {
     io::Error::new(io::ErrorKind::TimedOut, "TLS handshake time limit reached")

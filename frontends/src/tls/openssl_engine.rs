@@ -146,24 +146,24 @@ impl Engine for OpensslEngine {
         !self.done
     }
 
-    fn feed(&mut self, ciphertext: &[u8], plain: &mut Vec<u8>) -> io::Result<bool> {
+    fn feed_some(&mut self, ciphertext: &[u8]) -> io::Result<usize> {
         self.s.get_mut().input.extend_from_slice(ciphertext);
         if !self.done {
             self.step()
                 .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e.to_string()))?;
-            if !self.done {
-                return Ok(false);
-            }
         }
-        let mut buf = [0u8; 16384];
-        loop {
-            match self.s.ssl_read(&mut buf) {
-                Ok(0) => return Ok(true),
-                Ok(n) => plain.extend_from_slice(&buf[..n]),
-                Err(e) if e.code() == ErrorCode::WANT_READ => return Ok(false),
-                Err(e) if e.code() == ErrorCode::ZERO_RETURN => return Ok(true),
-                Err(e) => return Err(io_err(e)),
-            }
+        Ok(ciphertext.len())
+    }
+
+    fn read_plain(&mut self, buf: &mut [u8]) -> io::Result<Option<usize>> {
+        if !self.done || buf.is_empty() {
+            return Ok(None);
+        }
+        match self.s.ssl_read(buf) {
+            Ok(n) => Ok(Some(n)),
+            Err(e) if e.code() == ErrorCode::WANT_READ => Ok(None),
+            Err(e) if e.code() == ErrorCode::ZERO_RETURN => Ok(Some(0)),
+            Err(e) => Err(io_err(e)),
         }
     }
 

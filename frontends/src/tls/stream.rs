@@ -59,10 +59,12 @@ struct Shared {
 
 struct Rx {
     net: Stream,
+    /// Ciphertext read from the network; `cipher[cpos..clen]` not yet given to the session.
     cipher: Vec<u8>,
-    plain: Vec<u8>,
-    /// How much of `plain` the caller has taken.
-    pos: usize,
+    cpos: usize,
+    clen: usize,
+    /// What arrived with the handshake's last flight, delivered first.
+    early: Vec<u8>,
     eof: bool,
 }
 
@@ -85,8 +87,9 @@ pub fn into_stream(
         rx: Mutex::new(Rx {
             net: net.try_clone()?,
             cipher: vec![0; CHUNK],
-            plain: early_plain,
-            pos: 0,
+            cpos: 0,
+            clen: 0,
+            early: early_plain,
             eof: false,
         }),
         tx: Mutex::new(Tx {
@@ -181,39 +184,49 @@ impl Shared {
         net.write_all(out)
     }
 
-    /// Decrypt one network read's worth into `rx.plain`.
-    fn fill(&self, rx: &mut Rx) -> io::Result<()> {
-        rx.plain.clear();
-        rx.pos = 0;
-        let n = match rx.net.read(&mut rx.cipher) {
-            Ok(0) => {
-                rx.eof = true;
-                return Ok(());
-            }
-            Ok(n) => n,
-            Err(e) => return Err(e),
-        };
-        let (fed, answer) = {
+    /// Read plaintext into `buf`: from the session if it has some, else by giving it the
+    /// ciphertext already read, else by reading the network (without the session's lock).
+    fn read_plain(&self, rx: &mut Rx, buf: &mut [u8]) -> io::Result<usize> {
+        loop {
             let mut eng = self.engine.lock();
-            let fed = eng.feed(&rx.cipher[..n], &mut rx.plain);
-            (fed, eng.wants_write())
-        };
-        if answer {
-            self.send_queued()?;
-        }
-        match fed {
-            Ok(closed) => {
-                rx.eof |= closed;
-                Ok(())
+            match eng.read_plain(buf) {
+                Ok(Some(n)) => return Ok(n),
+                Ok(None) => {}
+                Err(e) => return Err(self.broken(rx, e)),
             }
-            Err(e) => {
-                // The session is broken: nothing more can be read or sent in it.
-                rx.eof = true;
-                self.closed.store(true, Ordering::SeqCst);
-                self.net.shutdown();
-                Err(e)
+            if rx.cpos < rx.clen {
+                let fed = eng.feed_some(&rx.cipher[rx.cpos..rx.clen]);
+                let answer = eng.wants_write();
+                drop(eng);
+                if answer {
+                    self.send_queued()?;
+                }
+                match fed {
+                    Ok(0) => return Err(self.broken(rx, super::engine::stalled())),
+                    Ok(n) => rx.cpos += n,
+                    Err(e) => return Err(self.broken(rx, e)),
+                }
+                continue;
+            }
+            drop(eng);
+            if rx.eof {
+                return Ok(0);
+            }
+            match rx.net.read(&mut rx.cipher) {
+                Ok(0) => rx.eof = true,
+                Ok(n) => (rx.cpos, rx.clen) = (0, n),
+                Err(e) => return Err(e),
             }
         }
+    }
+
+    /// The session is broken: nothing more can be read or sent in it.
+    fn broken(&self, rx: &mut Rx, e: io::Error) -> io::Error {
+        rx.eof = true;
+        rx.cpos = rx.clen;
+        self.closed.store(true, Ordering::SeqCst);
+        self.net.shutdown();
+        e
     }
 
     /// Encrypt and send `bufs`, at most [`CHUNK`] bytes at a time so the session is free
@@ -286,19 +299,17 @@ fn send_nowait(net: &Stream, data: &[u8]) {
 
 impl Read for TlsStream {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        let mut rx = self.shared.rx.lock();
-        loop {
-            if rx.pos < rx.plain.len() {
-                let n = buf.len().min(rx.plain.len() - rx.pos);
-                buf[..n].copy_from_slice(&rx.plain[rx.pos..rx.pos + n]);
-                rx.pos += n;
-                return Ok(n);
-            }
-            if rx.eof || buf.is_empty() {
-                return Ok(0);
-            }
-            self.shared.fill(&mut rx)?;
+        if buf.is_empty() {
+            return Ok(0);
         }
+        let mut rx = self.shared.rx.lock();
+        if !rx.early.is_empty() {
+            let n = buf.len().min(rx.early.len());
+            buf[..n].copy_from_slice(&rx.early[..n]);
+            rx.early.drain(..n);
+            return Ok(n);
+        }
+        self.shared.read_plain(&mut rx, buf)
     }
 }
 

@@ -418,20 +418,29 @@ impl Engine for RustlsEngine {
         self.conn.is_handshaking()
     }
 
-    fn feed(&mut self, mut ciphertext: &[u8], plain: &mut Vec<u8>) -> io::Result<bool> {
-        let mut closed = false;
-        while !ciphertext.is_empty() {
-            self.conn.read_tls(&mut ciphertext)?;
-            let state = self.conn.process_new_packets().map_err(|e| self.error(e))?;
-            let n = state.plaintext_bytes_to_read();
-            if n > 0 {
-                let start = plain.len();
-                plain.resize(start + n, 0);
-                self.conn.reader().read_exact(&mut plain[start..])?;
-            }
-            closed |= state.peer_has_closed();
+    fn feed_some(&mut self, ciphertext: &[u8]) -> io::Result<usize> {
+        let mut rd = ciphertext;
+        match self.conn.read_tls(&mut rd) {
+            Ok(_) => {}
+            // "received plaintext buffer full": read_plain first.
+            Err(e) if e.kind() == io::ErrorKind::Other => return Ok(0),
+            Err(e) => return Err(e),
         }
-        Ok(closed)
+        self.conn.process_new_packets().map_err(|e| self.error(e))?;
+        Ok(ciphertext.len() - rd.len())
+    }
+
+    fn read_plain(&mut self, buf: &mut [u8]) -> io::Result<Option<usize>> {
+        if buf.is_empty() {
+            return Ok(None);
+        }
+        // rustls never sees the socket's EOF (we feed it slices), so an empty buffer is
+        // WouldBlock and Ok(0) is the peer's close_notify.
+        match self.conn.reader().read(buf) {
+            Ok(n) => Ok(Some(n)),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(None),
+            Err(e) => Err(e),
+        }
     }
 
     fn write_plain(&mut self, data: &[u8]) -> io::Result<()> {
