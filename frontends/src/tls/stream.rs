@@ -6,8 +6,9 @@
 //! reads at a time (the connection's read lock) while another writes a reply. A TLS session
 //! is one state machine for both directions, so the handles share it under three locks:
 //!
-//! - `rx`: the receive side (the network handle reads go through, undelivered plaintext).
-//!   Held by the reading thread across its blocking network read.
+//! - `rx`: the receive side (the network handle reads go through, ciphertext read but not
+//!   yet given to the session). Held by the reading thread across its blocking network read.
+//!   Plaintext is read from the session straight into the caller's buffer.
 //! - `tx`: the send side. Every network write happens under it, and every `take_tls` too,
 //!   so records leave in the order the session made them.
 //! - `engine`: the session itself, held only while bytes are transformed, never across a
