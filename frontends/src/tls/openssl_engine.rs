@@ -1,5 +1,5 @@
 //! OpenSSL as an [`Engine`]: the session runs on memory buffers (OpenSSL's I/O is a reader
-//! and writer over two byte vectors), so the common pump drives it like rustls. Used by the
+//! and writer over two byte vectors), so the handshake and `stream.rs` drive it like rustls. Used by the
 //! credential kinds rustls cannot serve: PSK and anonymous.
 
 use super::engine::Engine;

@@ -382,7 +382,8 @@ struct RustlsEngine {
 
 impl RustlsEngine {
     fn new(mut conn: Connection, hostname: Option<String>) -> Self {
-        // The pump hands over at most one socket read's worth at a time.
+        // `stream.rs` encrypts a reply's 64 KiB piece in one call and takes the records out
+        // at once; rustls' default limit would refuse part of it.
         conn.set_buffer_limit(None);
         RustlsEngine { conn, hostname }
     }
