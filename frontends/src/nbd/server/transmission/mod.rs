@@ -223,27 +223,35 @@ impl<'a> Conn<'a> {
     /// replies into one `send` (and, over TLS, full records instead of one per reply).
     ///
     /// Rules: a request's reply is one call, so replies of different requests may be
-    /// reordered freely (NBD allows it) but no reply is ever split. `busy` is set and cleared
-    /// only by the holder of `writer`, and cleared only under the outbox lock with the
-    /// outbox empty, so nothing handed over is left behind.
+    /// reordered freely (NBD allows it) but no reply is ever split. `busy` is set only by
+    /// the holder of `writer`. The holder sends what was handed over until the outbox is
+    /// empty, then clears `busy` (under the outbox lock, so nothing handed over is left
+    /// behind), or until a worker waits for `writer`: it then leaves `busy` set and the
+    /// outbox to that worker, which drains it after its own reply. So a large reply never
+    /// waits behind an endless stream of small ones.
     pub(super) fn write_reply(&self, bufs: &mut [IoSlice<'_>]) -> io::Result<()> {
         let len: usize = bufs.iter().map(|b| b.len()).sum();
-        if len <= HAND_OVER_MAX {
+        {
             let mut ob = self.outbox.lock();
-            if ob.busy && ob.queued.len() + len <= OUTBOX_LIMIT {
+            if len <= HAND_OVER_MAX && ob.busy && ob.queued.len() + len <= OUTBOX_LIMIT {
                 for b in bufs.iter() {
                     ob.queued.extend_from_slice(b);
                 }
                 return Ok(());
             }
+            ob.waiting += 1;
         }
         let mut w = self.writer.lock();
-        self.outbox.lock().busy = true;
+        {
+            let mut ob = self.outbox.lock();
+            ob.waiting -= 1;
+            ob.busy = true;
+        }
         let sent = write_all_vectored(&mut *w, bufs);
         self.send_handed_over(&mut w, sent)
     }
 
-    /// As the holder of `writer`: send what other workers handed over until none is left.
+    /// As the holder of `writer`: send what other workers handed over (see `write_reply`).
     fn send_handed_over(&self, w: &mut Stream, mut sent: io::Result<()>) -> io::Result<()> {
         let mut batch = Vec::new();
         loop {
@@ -255,6 +263,10 @@ impl<'a> Conn<'a> {
                 }
                 if ob.queued.is_empty() {
                     ob.busy = false;
+                    return sent;
+                }
+                if ob.waiting > 0 {
+                    // The next holder of `writer` sends the rest.
                     return sent;
                 }
                 batch.clear();
@@ -276,6 +288,8 @@ const OUTBOX_LIMIT: usize = 1 << 20;
 struct Outbox {
     busy: bool,
     queued: Vec<u8>,
+    /// Workers waiting for `writer`.
+    waiting: usize,
 }
 
 /// The counter a command is recorded under.
