@@ -72,13 +72,25 @@ fn stats_count_a_known_workload_exactly() {
     let expected = nbdsh_script("stats_workload.py", &s.uri(), &[]);
     let expected: serde_json::Value = serde_json::from_str(&expected).expect("workload output");
     failed_negotiation(s.socket.as_ref().unwrap());
-    signal(s.child.id(), "-USR1");
-    let first = reports(&file, 1, true);
-    assert!(
-        s.child.try_wait().unwrap().is_none(),
-        "SIGUSR1 ended the server"
-    );
-    let doc: serde_json::Value = serde_json::from_str(first.lines().next().unwrap()).unwrap();
+    // The client has gone, but the server may still be closing its connection: ask until
+    // the report shows it closed (each SIGUSR1 adds a line).
+    let start = Instant::now();
+    let mut n = 0;
+    let doc = loop {
+        n += 1;
+        signal(s.child.id(), "-USR1");
+        let text = reports(&file, n, true);
+        assert!(
+            s.child.try_wait().unwrap().is_none(),
+            "SIGUSR1 ended the server"
+        );
+        let doc: serde_json::Value =
+            serde_json::from_str(text.lines().nth(n - 1).unwrap()).unwrap();
+        if doc["connections"]["open"] == 0 || start.elapsed() > Duration::from_secs(10) {
+            break doc;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
     assert_eq!(doc["when"], "SIGUSR1");
     assert_eq!(doc["export"], "");
     let c = &doc["connections"];
@@ -101,8 +113,8 @@ fn stats_count_a_known_workload_exactly() {
         }
     }
     assert_eq!(s.terminate().and_then(|st| st.code()), Some(0));
-    let both = reports(&file, 2, true);
-    let last: serde_json::Value = serde_json::from_str(both.lines().nth(1).unwrap()).unwrap();
+    let all = reports(&file, n + 1, true);
+    let last: serde_json::Value = serde_json::from_str(all.lines().nth(n).unwrap()).unwrap();
     assert_eq!(last["when"], "exit");
     assert_eq!(
         last["commands"], doc["commands"],
