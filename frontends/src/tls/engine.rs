@@ -4,7 +4,7 @@
 //! session's stream (`stream.rs`) know neither library.
 
 use crate::transport::Stream;
-use std::io::{self, Read, Write};
+use std::io::{self, IoSlice, Read, Write};
 use std::time::Instant;
 
 /// One TLS session, without I/O of its own.
@@ -45,7 +45,7 @@ pub trait Engine: Send {
     /// Encrypt the concatenation of `bufs`, filling each record before starting the next, so
     /// a reply's small header shares a record with its data (a record per piece would cost
     /// an AEAD seal and 22 bytes on the wire each; GnuTLS' cork does this for nbdkit).
-    fn write_plain_vectored(&mut self, bufs: &[&[u8]]) -> io::Result<()>;
+    fn write_plain_vectored(&mut self, bufs: &[IoSlice<'_>]) -> io::Result<()>;
     /// Move ciphertext waiting to go to the peer into `out`.
     fn take_tls(&mut self, out: &mut Vec<u8>);
     /// True when ciphertext waits to go to the peer.

@@ -175,7 +175,7 @@ impl Engine for OpensslEngine {
         Ok(())
     }
 
-    fn write_plain_vectored(&mut self, bufs: &[&[u8]]) -> io::Result<()> {
+    fn write_plain_vectored(&mut self, bufs: &[io::IoSlice<'_>]) -> io::Result<()> {
         // OpenSSL writes a record per call: gather the pieces into whole records first.
         let mut stage = std::mem::take(&mut self.stage);
         stage.clear();

@@ -33,6 +33,9 @@ use std::time::Duration;
 /// the reader can take the session between the pieces of a large reply.
 const CHUNK: usize = 64 * 1024;
 
+/// Pieces encrypted in one call; a reply has two or three.
+const BATCH_SLOTS: usize = 8;
+
 /// A handle on a TLS session over a socket; clones share the session.
 pub struct TlsStream {
     shared: Arc<Shared>,
@@ -239,18 +242,18 @@ impl Shared {
         }
         let Tx { net, out } = &mut *tx;
         let total: usize = bufs.iter().map(|b| b.len()).sum();
-        // Batches of exactly CHUNK bytes across the pieces (the last one shorter), so records
-        // stay full however the reply is cut into pieces.
+        // Batches of CHUNK bytes across the pieces (the last one shorter; fewer when a batch
+        // runs out of slots), so records stay full however the reply is cut into pieces.
         let (mut idx, mut off) = (0, 0);
-        let mut batch: Vec<&[u8]> = Vec::with_capacity(4);
+        let mut batch = [IoSlice::new(&[]); BATCH_SLOTS];
         while idx < bufs.len() {
-            batch.clear();
-            let mut len = 0;
-            while idx < bufs.len() && len < CHUNK {
+            let (mut len, mut used) = (0, 0);
+            while idx < bufs.len() && len < CHUNK && used < BATCH_SLOTS {
                 let b = &bufs[idx][off..];
                 let take = b.len().min(CHUNK - len);
                 if take > 0 {
-                    batch.push(&b[..take]);
+                    batch[used] = IoSlice::new(&b[..take]);
+                    used += 1;
                 }
                 len += take;
                 off += take;
@@ -259,13 +262,13 @@ impl Shared {
                     off = 0;
                 }
             }
-            if batch.is_empty() {
+            if used == 0 {
                 break;
             }
             out.clear();
             {
                 let mut eng = self.engine.lock();
-                eng.write_plain_vectored(&batch)?;
+                eng.write_plain_vectored(&batch[..used])?;
                 eng.take_tls(out);
             }
             net.write_all(out)?;

@@ -4,7 +4,6 @@
 
 use super::engine::Engine;
 use super::{Endpoint, TlsError, Versions};
-use crate::transport::write_all_vectored;
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, CertificateRevocationListDer, PrivateKeyDer, ServerName};
@@ -448,11 +447,15 @@ impl Engine for RustlsEngine {
         self.conn.writer().write_all(data)
     }
 
-    fn write_plain_vectored(&mut self, bufs: &[&[u8]]) -> io::Result<()> {
+    fn write_plain_vectored(&mut self, bufs: &[IoSlice<'_>]) -> io::Result<()> {
         // rustls fragments the pieces as one payload, without copying them first. With no
-        // buffer limit (see `conn_for`) it takes everything at once.
-        let mut slices: Vec<IoSlice<'_>> = bufs.iter().map(|b| IoSlice::new(b)).collect();
-        write_all_vectored(&mut self.conn.writer(), &mut slices)
+        // buffer limit (see `new`) it takes everything in one call.
+        let n = self.conn.writer().write_vectored(bufs)?;
+        if n == bufs.iter().map(|b| b.len()).sum::<usize>() {
+            Ok(())
+        } else {
+            Err(io::ErrorKind::WriteZero.into())
+        }
     }
 
     fn take_tls(&mut self, out: &mut Vec<u8>) {

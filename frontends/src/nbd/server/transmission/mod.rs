@@ -261,13 +261,17 @@ impl<'a> Conn<'a> {
                     // The connection is broken: what waits can never be sent.
                     ob.queued.clear();
                 }
-                if ob.queued.is_empty() {
-                    ob.busy = false;
+                // Leave when the outbox is empty, or to the next holder of `writer`.
+                if ob.queued.is_empty() || ob.waiting > 0 {
+                    ob.busy = !ob.queued.is_empty();
+                    if batch.capacity() > ob.spare.capacity() && batch.capacity() <= SPARE_MAX {
+                        batch.clear();
+                        ob.spare = batch;
+                    }
                     return sent;
                 }
-                if ob.waiting > 0 {
-                    // The next holder of `writer` sends the rest.
-                    return sent;
+                if batch.capacity() == 0 {
+                    batch = std::mem::take(&mut ob.spare);
                 }
                 batch.clear();
                 std::mem::swap(&mut ob.queued, &mut batch);
@@ -290,7 +294,13 @@ struct Outbox {
     queued: Vec<u8>,
     /// Workers waiting for `writer`.
     waiting: usize,
+    /// A sent batch's buffer, kept for the next one (so handing over allocates nothing in
+    /// the steady state).
+    spare: Vec<u8>,
 }
+
+/// The largest spare buffer kept.
+const SPARE_MAX: usize = 256 * 1024;
 
 /// The counter a command is recorded under.
 pub(super) fn stat_op(cmd: u16) -> Op {
