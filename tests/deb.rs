@@ -134,10 +134,17 @@ fn debian_package_installs_and_its_socket_unit_serves() {
     // $$ is the shell's pid, which exec keeps: LISTEN_PID names qnbd itself.
     cmd.args(["-c", "LISTEN_PID=$$ LISTEN_FDS=1 exec \"$@\"", "sh"])
         .args(&argv);
-    // SAFETY: dup2 is async-signal-safe; the child only moves the listening socket to fd 3.
+    // SAFETY: dup2 and fcntl are async-signal-safe; the child only moves the listening socket
+    // to fd 3 and makes it survive exec.
     unsafe {
         cmd.pre_exec(move || {
-            if libc::dup2(fd, 3) < 0 {
+            // dup2(3, 3) would do nothing and leave FD_CLOEXEC set, so exec would close it.
+            let rc = if fd == 3 {
+                libc::fcntl(3, libc::F_SETFD, 0)
+            } else {
+                libc::dup2(fd, 3)
+            };
+            if rc < 0 {
                 return Err(std::io::Error::last_os_error());
             }
             Ok(())
