@@ -100,6 +100,12 @@ impl Device {
         self.backend.flush()
     }
 
+    /// Make every completed write survive the death of this process (see
+    /// [`BlockBackend::settle`]).
+    pub fn settle(&self) -> Result<()> {
+        self.backend.settle()
+    }
+
     /// Release the image (stores what qemu stores on close); the last call on the device.
     pub fn close(&self) -> Result<()> {
         self.backend.close()

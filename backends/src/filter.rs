@@ -50,6 +50,9 @@ pub trait Filter: Send + Sync + Debug {
     fn close(&self) -> Result<()> {
         self.inner().close()
     }
+    fn settle(&self) -> Result<()> {
+        self.inner().settle()
+    }
 }
 
 impl<T: Filter> BlockBackend for T {
@@ -94,5 +97,8 @@ impl<T: Filter> BlockBackend for T {
     }
     fn close(&self) -> Result<()> {
         Filter::close(self)
+    }
+    fn settle(&self) -> Result<()> {
+        Filter::settle(self)
     }
 }

@@ -166,4 +166,15 @@ pub trait BlockBackend: Send + Sync + Debug {
     fn close(&self) -> Result<()> {
         self.flush()
     }
+
+    /// Make every completed write survive the death of this process (not a power cut): write
+    /// out what is held only in memory, such as qcow2's dirty metadata. A frontend whose
+    /// device outlives its server (a ublk device, taken back by `--recover`) calls it before
+    /// it completes a write-type request: the kernel and the guest never learn that the
+    /// server died, so a FLUSH served by the next server must find every completed write in
+    /// the file. The default: nothing is held in memory (a write reached the file, or the
+    /// page cache, which a killed process does not take with it).
+    fn settle(&self) -> Result<()> {
+        Ok(())
+    }
 }

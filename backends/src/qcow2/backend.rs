@@ -117,6 +117,22 @@ impl BlockBackend for Qcow2 {
         Qcow2::flush(self)
     }
 
+    /// Write out the metadata cache when it holds anything (see "Settle" in the module doc).
+    /// Twice at most: the first flush turns queued decreases into dirty refcounts.
+    fn settle(&self) -> Result<()> {
+        for _ in 0..2 {
+            let dirty = {
+                let m = self.meta.lock();
+                m.any_dirty() || !m.pending_free.is_empty()
+            };
+            if !dirty {
+                break;
+            }
+            Qcow2::flush(self)?;
+        }
+        Ok(())
+    }
+
     fn trim(&self, offset: u64, len: u64, flags: IoFlags) -> Result<()> {
         if self.opts.discard {
             let _closing = self.writes_open()?;

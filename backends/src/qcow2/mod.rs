@@ -49,6 +49,13 @@
 //! against the metadata map first; a hit fails the request with EIO, marks the image corrupt
 //! (header bit, qemu's message) and fails every later request, as qemu does.
 //!
+//! **Settle** (`BlockBackend::settle`, called by the ublk frontend before it completes a
+//! write-type request): a device that outlives its server must not lose a completed write
+//! that only the dead server's metadata cache knew of (the next server's FLUSH would succeed
+//! without it). So when any metadata is dirty or a decrease is queued, settle runs the flush
+//! above: its syncs keep the on-disk order, so a power cut after it still finds a consistent
+//! image. Overwrites of allocated clusters dirty nothing and settle for free.
+//!
 //! A crash therefore leaves either the old or the new state of every structure, plus leaked
 //! clusters: `qemu-img check` finds no corruption, and every write acknowledged with FUA or
 //! before a completed flush reads back.

@@ -138,6 +138,11 @@ pub fn execute(device: &Device, req: &Request, buf: &mut [u8]) -> i32 {
             .map(|()| 0),
         Op::Other(_) => return -libc::EOPNOTSUPP,
     };
+    // The device outlives this server (recovery): what completes must be in the file.
+    let r = match (r, req.op) {
+        (Ok(n), Op::Write | Op::Discard | Op::WriteZeroes) => device.settle().map(|()| n),
+        (r, _) => r,
+    };
     match r {
         Ok(n) => n,
         Err(e) => {
@@ -195,11 +200,12 @@ mod tests {
         );
     }
 
-    /// A memory image that records flushes.
+    /// A memory image that records flushes and settles.
     #[derive(Debug, Default)]
     struct Mem {
         data: Mutex<Vec<u8>>,
         flushes: Mutex<u32>,
+        settles: Mutex<u32>,
     }
 
     impl BlockBackend for Mem {
@@ -239,12 +245,17 @@ mod tests {
         fn format_name(&self) -> &'static str {
             "mem"
         }
+        fn settle(&self) -> Result<()> {
+            *self.settles.lock().unwrap() += 1;
+            Ok(())
+        }
     }
 
     fn device() -> (Arc<Mem>, Device) {
         let m = Arc::new(Mem {
             data: Mutex::new(vec![0; 1 << 20]),
             flushes: Mutex::new(0),
+            settles: Mutex::new(0),
         });
         (m.clone(), Device::new(m))
     }
@@ -256,6 +267,7 @@ mod tests {
         let w = decode(&iod(sys::UBLK_IO_OP_WRITE, sys::UBLK_IO_F_FUA, 2, 8));
         assert_eq!(execute(&d, &w, &mut buf), 4096);
         assert_eq!(*m.flushes.lock().unwrap(), 1, "FUA emulated by a flush");
+        assert_eq!(*m.settles.lock().unwrap(), 1, "a write is settled");
         let mut out = vec![0u8; 64 << 10];
         let r = decode(&iod(sys::UBLK_IO_OP_READ, 0, 2, 8));
         assert_eq!(execute(&d, &r, &mut out), 4096);
@@ -285,5 +297,7 @@ mod tests {
         assert!(out[..4096].iter().all(|&b| b == 0));
         let t = decode(&iod(sys::UBLK_IO_OP_DISCARD, 0, 0, 8));
         assert_eq!(execute(&d, &t, &mut out), 0);
+        // Every write-type request was settled; reads and flushes need not be.
+        assert_eq!(*m.settles.lock().unwrap(), 3);
     }
 }
