@@ -59,6 +59,15 @@ pub trait Engine: Send {
     fn peer_certified(&self) -> bool {
         false
     }
+    /// True for the x509 server's handshake, which hands the session to our record layer
+    /// (`into_server_handshake`).
+    fn hands_over(&self) -> bool {
+        false
+    }
+    /// The x509 server's handshake, which hands the session to our record layer.
+    fn into_server_handshake(self: Box<Self>) -> Option<super::rustls_server::ServerHandshake> {
+        None
+    }
 }
 
 const CHUNK: usize = 64 * 1024;

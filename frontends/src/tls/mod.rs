@@ -7,12 +7,15 @@ pub mod authz;
 pub mod engine;
 mod openssl_engine;
 pub mod psk;
+mod records;
+mod rustls_server;
 mod sanity;
 pub mod stream;
 pub mod x509;
 
 use crate::transport::Stream;
 use authz::Authz;
+use engine::Engine;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -193,8 +196,8 @@ pub fn accept(
     tls: &ServerTls,
     deadline: Option<Instant>,
 ) -> Result<(), TlsError> {
-    let mut engine = match &tls.creds {
-        Creds::X509(c) => c.server_engine()?,
+    let mut engine: Box<dyn Engine> = match &tls.creds {
+        Creds::X509(c) => Box::new(c.server_handshake()?),
         Creds::Psk(p) => p.engine(Endpoint::Server)?,
         Creds::Anon(a) => a.engine(Endpoint::Server)?,
     };
@@ -234,7 +237,19 @@ pub fn accept(
     let net = stream
         .try_clone()
         .map_err(|e| TlsError::Handshake(e.to_string()))?;
-    *stream = stream::into_stream(engine, net, early, identity)
+    let session = if engine.hands_over() {
+        let est = engine
+            .into_server_handshake()
+            .ok_or_else(|| TlsError::Handshake("no record layer for this session".into()))?
+            .establish()
+            .map_err(|e| TlsError::Handshake(e.to_string()))?;
+        let mut plain = early;
+        plain.extend_from_slice(&est.plain);
+        stream::Session::records(est.records, est.cipher, plain)
+    } else {
+        stream::Session::engine(engine, early)
+    };
+    *stream = stream::into_stream(session, net, identity)
         .map_err(|e| TlsError::Handshake(e.to_string()))?;
     Ok(())
 }
@@ -302,7 +317,7 @@ pub fn connect(
     let net = stream
         .try_clone()
         .map_err(|e| TlsError::Handshake(e.to_string()))?;
-    *stream = stream::into_stream(engine, net, early, None)
+    *stream = stream::into_stream(stream::Session::engine(engine, early), net, None)
         .map_err(|e| TlsError::Handshake(e.to_string()))?;
     Ok(())
 }

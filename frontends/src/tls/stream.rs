@@ -12,7 +12,9 @@
 //! - `tx`: the send side. Every network write happens under it, and every `take_tls` too,
 //!   so records leave in the order the session made them.
 //! - `engine`: the session itself, held only while bytes are transformed, never across a
-//!   network read or write.
+//!   network read or write. It is a TLS library's engine, or, for x509 servers, our own
+//!   record layer over rustls' keys (`records.rs`), which opens records in place in `rx`'s
+//!   buffer and seals them straight into `tx`'s.
 //!
 //! Order: `rx` before `engine`; `tx` before `engine`; `rx` before `tx` (a reader that must
 //! answer, such as an alert after a bad record, drops `engine` first and takes `tx`, then
@@ -21,6 +23,7 @@
 //! keeps a client that sends before it reads from deadlocking against us.
 
 use super::engine::Engine;
+use super::records::{Opened, Records, HEADER, MAX_BODY};
 use crate::sync::Mutex;
 use crate::transport::Stream;
 use std::io::{self, IoSlice, Read, Write};
@@ -36,6 +39,74 @@ const CHUNK: usize = 64 * 1024;
 /// Pieces encrypted in one call; a reply has two or three.
 const BATCH_SLOTS: usize = 8;
 
+/// The receive buffer of a session on our record layer: records are opened in it, and a
+/// partial record is moved to its front before the next read, so a large buffer moves less.
+const RECORDS_RX: usize = 128 * 1024;
+
+/// An established session: a TLS library's, or our record layer over rustls' keys.
+pub struct Session {
+    kind: Kind,
+    /// Ciphertext that arrived with the handshake and is not opened yet.
+    cipher: Vec<u8>,
+    /// Plaintext that arrived with the handshake, delivered first.
+    plain: Vec<u8>,
+}
+
+enum Kind {
+    Engine(Box<dyn Engine>),
+    Records(Box<Records>),
+}
+
+impl Session {
+    pub fn engine(engine: Box<dyn Engine>, early_plain: Vec<u8>) -> Session {
+        Session {
+            kind: Kind::Engine(engine),
+            cipher: Vec::new(),
+            plain: early_plain,
+        }
+    }
+
+    pub fn records(records: Records, cipher: Vec<u8>, plain: Vec<u8>) -> Session {
+        Session {
+            kind: Kind::Records(Box::new(records)),
+            cipher,
+            plain,
+        }
+    }
+}
+
+impl Kind {
+    /// Move what waits to go to the peer into `out`.
+    fn take_out(&mut self, out: &mut Vec<u8>) {
+        match self {
+            Kind::Engine(e) => e.take_tls(out),
+            Kind::Records(r) => r.take_pending(out),
+        }
+    }
+
+    fn close(&mut self) {
+        match self {
+            Kind::Engine(e) => e.close(),
+            Kind::Records(r) => r.close(),
+        }
+    }
+
+    /// Encrypt `bufs` onto `out`, after anything already waiting to go.
+    fn seal(&mut self, bufs: &[IoSlice<'_>], out: &mut Vec<u8>) -> io::Result<()> {
+        match self {
+            Kind::Engine(e) => {
+                e.write_plain_vectored(bufs)?;
+                e.take_tls(out);
+                Ok(())
+            }
+            Kind::Records(r) => {
+                r.take_pending(out);
+                r.seal(bufs, out)
+            }
+        }
+    }
+}
+
 /// A handle on a TLS session over a socket; clones share the session.
 pub struct TlsStream {
     shared: Arc<Shared>,
@@ -50,7 +121,9 @@ impl std::fmt::Debug for TlsStream {
 }
 
 struct Shared {
-    engine: Mutex<Box<dyn Engine>>,
+    engine: Mutex<Kind>,
+    /// The session is on our record layer (`read_records`), not a library's.
+    records: bool,
     rx: Mutex<Rx>,
     tx: Mutex<Tx>,
     /// The socket, for options, shutdown and the peer's name.
@@ -67,6 +140,9 @@ struct Rx {
     cipher: Vec<u8>,
     cpos: usize,
     clen: usize,
+    /// Record layer only: opened plaintext waiting in `cipher[ppos..pend]`.
+    ppos: usize,
+    pend: usize,
     /// What arrived with the handshake's last flight, delivered first.
     early: Vec<u8>,
     eof: bool,
@@ -78,22 +154,28 @@ struct Tx {
 }
 
 /// Wrap an established session: returns a stream the NBD code reads and writes in plaintext.
-/// `early_plain` is what arrived together with the handshake's last flight.
-pub fn into_stream(
-    engine: Box<dyn Engine>,
-    net: Stream,
-    early_plain: Vec<u8>,
-    identity: Option<String>,
-) -> io::Result<Stream> {
+pub fn into_stream(session: Session, net: Stream, identity: Option<String>) -> io::Result<Stream> {
     net.set_read_timeout(None)?;
+    let records = matches!(session.kind, Kind::Records(_));
+    let size = if records {
+        RECORDS_RX.max(session.cipher.len()).max(HEADER + MAX_BODY)
+    } else {
+        CHUNK
+    };
+    let mut cipher = vec![0; size];
+    let clen = session.cipher.len();
+    cipher[..clen].copy_from_slice(&session.cipher);
     let shared = Shared {
-        engine: Mutex::new(engine),
+        engine: Mutex::new(session.kind),
+        records,
         rx: Mutex::new(Rx {
             net: net.try_clone()?,
-            cipher: vec![0; CHUNK],
+            cipher,
             cpos: 0,
-            clen: 0,
-            early: early_plain,
+            clen,
+            ppos: 0,
+            pend: 0,
+            early: session.plain,
             eof: false,
         }),
         tx: Mutex::new(Tx {
@@ -169,9 +251,9 @@ impl Shared {
         let Tx { net, out } = &mut *tx;
         out.clear();
         {
-            let mut eng = self.engine.lock();
-            eng.close();
-            eng.take_tls(out);
+            let mut kind = self.engine.lock();
+            kind.close();
+            kind.take_out(out);
         }
         send_nowait(net, out);
     }
@@ -181,7 +263,7 @@ impl Shared {
         let mut tx = self.tx.lock();
         let Tx { net, out } = &mut *tx;
         out.clear();
-        self.engine.lock().take_tls(out);
+        self.engine.lock().take_out(out);
         if out.is_empty() || self.closed.load(Ordering::SeqCst) {
             return Ok(());
         }
@@ -191,8 +273,14 @@ impl Shared {
     /// Read plaintext into `buf`: from the session if it has some, else by giving it the
     /// ciphertext already read, else by reading the network (without the session's lock).
     fn read_plain(&self, rx: &mut Rx, buf: &mut [u8]) -> io::Result<usize> {
+        if self.records {
+            return self.read_records(rx, buf);
+        }
         loop {
-            let mut eng = self.engine.lock();
+            let mut kind = self.engine.lock();
+            let Kind::Engine(eng) = &mut *kind else {
+                return Err(super::engine::stalled());
+            };
             match eng.read_plain(buf) {
                 Ok(Some(n)) => return Ok(n),
                 Ok(None) => {}
@@ -201,7 +289,7 @@ impl Shared {
             if rx.cpos < rx.clen {
                 let fed = eng.feed_some(&rx.cipher[rx.cpos..rx.clen]);
                 let answer = eng.wants_write();
-                drop(eng);
+                drop(kind);
                 if answer {
                     self.send_queued()?;
                 }
@@ -212,13 +300,69 @@ impl Shared {
                 }
                 continue;
             }
-            drop(eng);
+            drop(kind);
             if rx.eof {
                 return Ok(0);
             }
             match rx.net.read(&mut rx.cipher) {
                 Ok(0) => rx.eof = true,
                 Ok(n) => (rx.cpos, rx.clen) = (0, n),
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    /// Read plaintext on our record layer: records are opened in place in `rx.cipher` and
+    /// copied once, into `buf`.
+    fn read_records(&self, rx: &mut Rx, buf: &mut [u8]) -> io::Result<usize> {
+        loop {
+            if rx.ppos < rx.pend {
+                let n = buf.len().min(rx.pend - rx.ppos);
+                buf[..n].copy_from_slice(&rx.cipher[rx.ppos..rx.ppos + n]);
+                rx.ppos += n;
+                return Ok(n);
+            }
+            if rx.cpos < rx.clen {
+                let mut kind = self.engine.lock();
+                let Kind::Records(r) = &mut *kind else {
+                    return Err(super::engine::stalled());
+                };
+                let opened = r.open(&mut rx.cipher[rx.cpos..rx.clen]);
+                let answer = r.wants_write();
+                drop(kind);
+                if answer {
+                    // An alert for a refused record, or our KeyUpdate.
+                    self.send_queued()?;
+                }
+                match opened {
+                    Ok(Opened::Data { used, range }) => {
+                        (rx.ppos, rx.pend) = (rx.cpos + range.start, rx.cpos + range.end);
+                        rx.cpos += used;
+                        continue;
+                    }
+                    Ok(Opened::Nothing { used }) => {
+                        rx.cpos += used;
+                        continue;
+                    }
+                    Ok(Opened::Closed) => {
+                        rx.eof = true;
+                        rx.cpos = rx.clen;
+                        return Ok(0);
+                    }
+                    Ok(Opened::Incomplete) => {}
+                    Err(e) => return Err(self.broken(rx, e)),
+                }
+            }
+            if rx.eof {
+                return Ok(0);
+            }
+            // Only a partial record is left: move it to the front and read more.
+            rx.cipher.copy_within(rx.cpos..rx.clen, 0);
+            rx.clen -= rx.cpos;
+            (rx.cpos, rx.ppos, rx.pend) = (0, 0, 0);
+            match rx.net.read(&mut rx.cipher[rx.clen..]) {
+                Ok(0) => rx.eof = true,
+                Ok(n) => rx.clen += n,
                 Err(e) => return Err(e),
             }
         }
@@ -266,11 +410,7 @@ impl Shared {
                 break;
             }
             out.clear();
-            {
-                let mut eng = self.engine.lock();
-                eng.write_plain_vectored(&batch[..used])?;
-                eng.take_tls(out);
-            }
+            self.engine.lock().seal(&batch[..used], out)?;
             net.write_all(out)?;
         }
         Ok(total)

@@ -3,6 +3,7 @@
 //! qemu's `--tls-authz` compares against.
 
 use super::engine::Engine;
+use super::rustls_server::ServerHandshake;
 use super::{Endpoint, TlsError, Versions};
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::pki_types::pem::PemObject;
@@ -242,12 +243,13 @@ impl X509Creds {
         }
     }
 
-    pub fn server_engine(&self) -> Result<Box<dyn Engine>, TlsError> {
+    /// A server session whose handshake hands over to our record layer (`records.rs`).
+    pub fn server_handshake(&self) -> Result<ServerHandshake, TlsError> {
         match self {
             X509Creds::Server { config, .. } => {
-                let conn = rustls::ServerConnection::new(config.clone())
+                let conn = rustls::server::UnbufferedServerConnection::new(config.clone())
                     .map_err(|e| TlsError::Handshake(e.to_string()))?;
-                Ok(Box::new(RustlsEngine::new(conn.into(), None)))
+                Ok(ServerHandshake::new(conn))
             }
             X509Creds::Client { .. } => Err(TlsError::WrongEndpoint(Endpoint::Server)),
         }
@@ -387,30 +389,35 @@ impl RustlsEngine {
         RustlsEngine { conn, hostname }
     }
 
-    /// GnuTLS' (qemu's) wording for the verification failures users meet.
     fn error(&self, e: rustls::Error) -> io::Error {
-        use rustls::CertificateError as C;
-        let msg = match &e {
-            rustls::Error::NoCertificatesPresented => super::NO_CLIENT_CERTIFICATE.into(),
-            rustls::Error::InvalidCertificate(c) => match c {
-                C::UnknownIssuer | C::BadSignature => {
-                    "The certificate hasn't got a known issuer".into()
-                }
-                C::Revoked => "The certificate has been revoked".into(),
-                C::Expired | C::ExpiredContext { .. } => "The certificate has expired".into(),
-                C::NotValidYet | C::NotValidYetContext { .. } => {
-                    "The certificate is not yet activated".into()
-                }
-                C::NotValidForName | C::NotValidForNameContext { .. } => format!(
-                    "Certificate does not match the hostname {}",
-                    self.hostname.as_deref().unwrap_or("")
-                ),
-                _ => format!("The certificate is not trusted: {e}"),
-            },
-            _ => e.to_string(),
-        };
-        io::Error::new(io::ErrorKind::InvalidData, msg)
+        rustls_error(e, self.hostname.as_deref())
     }
+}
+
+/// GnuTLS' (qemu's) wording for the verification failures users meet; `hostname` is the name
+/// a client checked the server's certificate against.
+pub(super) fn rustls_error(e: rustls::Error, hostname: Option<&str>) -> io::Error {
+    use rustls::CertificateError as C;
+    let msg = match &e {
+        rustls::Error::NoCertificatesPresented => super::NO_CLIENT_CERTIFICATE.into(),
+        rustls::Error::InvalidCertificate(c) => match c {
+            C::UnknownIssuer | C::BadSignature => {
+                "The certificate hasn't got a known issuer".into()
+            }
+            C::Revoked => "The certificate has been revoked".into(),
+            C::Expired | C::ExpiredContext { .. } => "The certificate has expired".into(),
+            C::NotValidYet | C::NotValidYetContext { .. } => {
+                "The certificate is not yet activated".into()
+            }
+            C::NotValidForName | C::NotValidForNameContext { .. } => format!(
+                "Certificate does not match the hostname {}",
+                hostname.unwrap_or("")
+            ),
+            _ => format!("The certificate is not trusted: {e}"),
+        },
+        _ => e.to_string(),
+    };
+    io::Error::new(io::ErrorKind::InvalidData, msg)
 }
 
 impl Engine for RustlsEngine {
@@ -596,6 +603,8 @@ fn load_server(o: &X509Options, ca: &Path) -> Result<X509Creds, TlsError> {
         .with_single_cert(chain, key)
         .map_err(|e| cert_key_error(&cert, &key_file, e))?;
     config.ignore_client_order = true;
+    // The record layer after the handshake is ours (`records.rs`): rustls hands it the keys.
+    config.enable_secret_extraction = true;
     Ok(X509Creds::Server {
         config: Arc::new(config),
         verify_peer: o.verify_peer,
@@ -659,5 +668,94 @@ mod tests {
         let mut s = String::new();
         escape_into(&mut s, "#a,b+c ");
         assert_eq!(s, "\\#a\\,b\\+c\\ ");
+    }
+    /// A server on our record layer against a rustls client that renews its keys (and asks
+    /// us to renew ours), over TLS 1.3 and 1.2: every byte echoed back intact. The server's
+    /// own key limit is tiny under test, so it renews its send key many times too.
+    #[test]
+    fn record_layer_echoes_across_key_updates() {
+        use crate::tls::stream::{into_stream, Session};
+        use crate::transport::Stream;
+        use std::os::unix::net::UnixStream;
+        let dir = tempfile::tempdir().unwrap();
+        let (cert, key) = (dir.path().join("c.pem"), dir.path().join("k.pem"));
+        let st = std::process::Command::new("openssl")
+            .args([
+                "req",
+                "-x509",
+                "-newkey",
+                "ec",
+                "-pkeyopt",
+                "ec_paramgen_curve:P-256",
+            ])
+            .args(["-nodes", "-subj", "/CN=localhost", "-days", "1", "-keyout"])
+            .arg(&key)
+            .arg("-out")
+            .arg(&cert)
+            .output()
+            .expect("openssl makes a test certificate");
+        assert!(
+            st.status.success(),
+            "{}",
+            String::from_utf8_lossy(&st.stderr)
+        );
+        let (chain, pk) = cert_and_key(&cert, &key, None).unwrap();
+        for versions in [&rustls::version::TLS13, &rustls::version::TLS12] {
+            let mut sc = ServerConfig::builder_with_provider(provider())
+                .with_protocol_versions(&[versions])
+                .unwrap()
+                .with_no_client_auth()
+                .with_single_cert(chain.clone(), pk.clone_key())
+                .unwrap();
+            sc.enable_secret_extraction = true;
+            let creds = X509Creds::Server {
+                config: Arc::new(sc),
+                verify_peer: false,
+            };
+            let (a, b) = UnixStream::pair().unwrap();
+            let server = std::thread::spawn(move || {
+                let mut net = Stream::Unix(a);
+                let mut hs = Box::new(creds.server_handshake().unwrap());
+                let early = crate::tls::engine::handshake(hs.as_mut(), &mut net, None).unwrap();
+                let est = hs.establish().unwrap();
+                let mut plain = early;
+                plain.extend_from_slice(&est.plain);
+                let session = Session::records(est.records, est.cipher, plain);
+                let mut s = into_stream(session, net.try_clone().unwrap(), None).unwrap();
+                let mut buf = vec![0u8; 100_000];
+                loop {
+                    match s.read(&mut buf) {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => s.write_all(&buf[..n]).unwrap(),
+                    }
+                }
+            });
+            let cc = ClientConfig::builder_with_provider(provider())
+                .with_protocol_versions(&[versions])
+                .unwrap()
+                .dangerous()
+                .with_custom_certificate_verifier(Arc::new(NoVerify(provider())))
+                .with_no_client_auth();
+            let conn = rustls::ClientConnection::new(
+                Arc::new(cc),
+                ServerName::try_from("localhost").unwrap(),
+            )
+            .unwrap();
+            let mut tls = rustls::StreamOwned::new(conn, b);
+            for round in 0..6u8 {
+                let msg: Vec<u8> = (0..70_000u32).map(|i| (i as u8) ^ round).collect();
+                tls.write_all(&msg).unwrap();
+                let mut back = vec![0u8; msg.len()];
+                tls.read_exact(&mut back).unwrap();
+                assert!(back == msg, "{versions:?}: round {round} came back changed");
+                if versions == &rustls::version::TLS13 {
+                    tls.conn.refresh_traffic_keys().unwrap();
+                }
+            }
+            tls.conn.send_close_notify();
+            let _ = tls.flush();
+            drop(tls);
+            server.join().unwrap();
+        }
     }
 }

@@ -1,0 +1,427 @@
+//! Our own TLS record layer for an established rustls session (x509 servers): rustls runs
+//! the handshake and keeps the key schedule (`KernelConnection`, the API rustls offers for
+//! kernel TLS and other outside record layers); records are sealed and opened here with
+//! ring's AEADs, in place in the connection's own buffers. rustls' buffered API copies
+//! every received byte twice more (into its deframer, then into a plaintext queue) and every
+//! sent byte once more; on a 1 MiB write those copies cost more CPU than the AES itself.
+//!
+//! What a record layer must do, and where it is done here:
+//! - nonces: the static IV XORed with the record's 64-bit sequence number (TLS 1.3 and TLS
+//!   1.2 ChaCha20); TLS 1.2 AES-GCM sends the XORed value's last 8 bytes as its explicit
+//!   nonce and reads the peer's from the record. Sequence numbers never repeat: 2^64 records
+//!   cannot be reached, and TLS 1.3 keys are replaced long before (below).
+//! - additional data: the record header (TLS 1.3), or sequence, type, version and plaintext
+//!   length (TLS 1.2).
+//! - TLS 1.3 inner plaintext: content type after the data, then zero padding, removed here.
+//! - sizes: a record's plaintext is at most 2^14 bytes; a larger one is a record_overflow.
+//! - non-data records: close_notify ends the stream; other alerts fail it; a TLS 1.3
+//!   KeyUpdate renews the receive key (and the send key, with our own KeyUpdate, when the
+//!   peer asks). Anything else (renegotiation, post-handshake authentication) fails it.
+//! - key limits: after [`KEY_RECORDS`] records under one TLS 1.3 send key, we send a
+//!   KeyUpdate and switch keys (rustls and GnuTLS do the same near AES-GCM's limit).
+//!   TLS 1.2 has no key update: the peer ends such a session as it would with rustls.
+//!
+//! A failed decryption, a malformed record or an unexpected message makes the session
+//! unusable: the caller sends the fatal alert queued here and drops the connection.
+
+use rustls::kernel::KernelConnection;
+use rustls::server::ServerConnectionData;
+use rustls::{ConnectionTrafficSecrets, ProtocolVersion};
+use std::io::{self, IoSlice};
+use std::ops::Range;
+
+/// A record's header: type, version, length.
+pub const HEADER: usize = 5;
+/// The largest plaintext in a record.
+const MAX_PLAIN: usize = 1 << 14;
+/// The largest record body accepted (TLS 1.3 allows 2^14 + 256 of ciphertext; TLS 1.2
+/// 2^14 + 2048).
+pub const MAX_BODY: usize = MAX_PLAIN + 2048;
+const TAG: usize = 16;
+
+const CHANGE_CIPHER_SPEC: u8 = 20;
+const ALERT: u8 = 21;
+const HANDSHAKE: u8 = 22;
+const APPLICATION_DATA: u8 = 23;
+const KEY_UPDATE: u8 = 24;
+
+/// Records sealed under one TLS 1.3 send key before it is replaced (rustls' own limit for
+/// AES-GCM is 2^23 records below the 2^24.5 of RFC 8446 5.5; this stays well under both).
+#[cfg(not(test))]
+const KEY_RECORDS: u64 = 1 << 22;
+/// Small under test, so the renewal runs.
+#[cfg(test)]
+const KEY_RECORDS: u64 = 5;
+
+/// Alert descriptions sent when a received record is refused.
+const BAD_RECORD_MAC: u8 = 20;
+const RECORD_OVERFLOW: u8 = 22;
+const UNEXPECTED_MESSAGE: u8 = 10;
+const DECODE_ERROR: u8 = 50;
+
+struct Keys {
+    key: ring::aead::LessSafeKey,
+    iv: [u8; 12],
+    seq: u64,
+}
+
+impl Keys {
+    fn new(seq: u64, secrets: &ConnectionTrafficSecrets) -> io::Result<Keys> {
+        use ring::aead;
+        let (alg, key, iv) = match secrets {
+            ConnectionTrafficSecrets::Aes128Gcm { key, iv } => (&aead::AES_128_GCM, key, iv),
+            ConnectionTrafficSecrets::Aes256Gcm { key, iv } => (&aead::AES_256_GCM, key, iv),
+            ConnectionTrafficSecrets::Chacha20Poly1305 { key, iv } => {
+                (&aead::CHACHA20_POLY1305, key, iv)
+            }
+            _ => return Err(invalid("the session's cipher has no record layer here")),
+        };
+        let key = aead::UnboundKey::new(alg, key.as_ref())
+            .map_err(|_| invalid("the session's key has the wrong length"))?;
+        let iv: [u8; 12] = iv
+            .as_ref()
+            .try_into()
+            .map_err(|_| invalid("the session's IV has the wrong length"))?;
+        Ok(Keys {
+            key: aead::LessSafeKey::new(key),
+            iv,
+            seq,
+        })
+    }
+
+    /// The nonce of the next record, and its sequence number (consumed).
+    fn next_nonce(&mut self) -> ([u8; 12], u64) {
+        let seq = self.seq;
+        self.seq += 1;
+        let mut n = self.iv;
+        for (a, b) in n[4..].iter_mut().zip(seq.to_be_bytes()) {
+            *a ^= b;
+        }
+        (n, seq)
+    }
+}
+
+/// What the first record of a buffer held.
+pub enum Opened {
+    /// Plaintext for the application: `range` within the buffer given to `open`.
+    Data { used: usize, range: Range<usize> },
+    /// Consumed with nothing to deliver (a key update, an empty record).
+    Nothing { used: usize },
+    /// The peer closed the session (close_notify).
+    Closed,
+    /// Not a whole record yet.
+    Incomplete,
+}
+
+pub struct Records {
+    conn: KernelConnection<ServerConnectionData>,
+    tls13: bool,
+    rx: Keys,
+    tx: Keys,
+    /// Records to send that the reader produced (a key update, an alert).
+    pending: Vec<u8>,
+    /// close_notify was queued: nothing more is sealed.
+    closed: bool,
+    broken: bool,
+}
+
+impl Records {
+    pub fn new(
+        conn: KernelConnection<ServerConnectionData>,
+        rx: (u64, ConnectionTrafficSecrets),
+        tx: (u64, ConnectionTrafficSecrets),
+    ) -> io::Result<Records> {
+        let tls13 = match conn.protocol_version() {
+            ProtocolVersion::TLSv1_3 => true,
+            ProtocolVersion::TLSv1_2 => false,
+            v => return Err(invalid(&format!("no record layer for {v:?}"))),
+        };
+        Ok(Records {
+            rx: Keys::new(rx.0, &rx.1)?,
+            tx: Keys::new(tx.0, &tx.1)?,
+            conn,
+            tls13,
+            pending: Vec::new(),
+            closed: false,
+            broken: false,
+        })
+    }
+
+    /// True for a TLS 1.2 AES-GCM session, whose records carry an explicit nonce.
+    fn explicit_nonce(&self) -> bool {
+        !self.tls13 && self.tx_is_gcm()
+    }
+
+    fn tx_is_gcm(&self) -> bool {
+        self.tx.key.algorithm() != &ring::aead::CHACHA20_POLY1305
+    }
+
+    /// Open the record at the start of `buf` in place.
+    pub fn open(&mut self, buf: &mut [u8]) -> io::Result<Opened> {
+        if self.broken {
+            return Err(invalid("the TLS session failed earlier"));
+        }
+        if buf.len() < HEADER {
+            return Ok(Opened::Incomplete);
+        }
+        let body = usize::from(u16::from_be_bytes([buf[3], buf[4]]));
+        if body > MAX_BODY {
+            return Err(self.refuse(RECORD_OVERFLOW, "a TLS record is too long"));
+        }
+        if buf.len() < HEADER + body {
+            return Ok(Opened::Incomplete);
+        }
+        let used = HEADER + body;
+        let outer = buf[0];
+        if self.tls13 && outer == CHANGE_CIPHER_SPEC {
+            // RFC 8446 5: a middlebox-compatibility record, at most one byte 0x01; one that
+            // arrives after the handshake must be refused.
+            return Err(self.refuse(UNEXPECTED_MESSAGE, "change_cipher_spec after handshake"));
+        }
+        let (typ, range) = self.unseal(&mut buf[..used])?;
+        match typ {
+            APPLICATION_DATA if range.is_empty() => Ok(Opened::Nothing { used }),
+            APPLICATION_DATA => Ok(Opened::Data { used, range }),
+            ALERT => self.alert(&buf[range]),
+            HANDSHAKE if self.tls13 => {
+                self.handshake(&buf[range])?;
+                Ok(Opened::Nothing { used })
+            }
+            _ => Err(self.refuse(UNEXPECTED_MESSAGE, "an unexpected TLS record")),
+        }
+    }
+
+    /// Decrypt `record` (header and body) in place: its content type and plaintext range.
+    fn unseal(&mut self, record: &mut [u8]) -> io::Result<(u8, Range<usize>)> {
+        use ring::aead::{Aad, Nonce};
+        let body = record.len() - HEADER;
+        let explicit = if !self.tls13 && self.rx.key.algorithm() != &ring::aead::CHACHA20_POLY1305 {
+            8
+        } else {
+            0
+        };
+        if body < explicit + TAG {
+            return Err(self.refuse(DECODE_ERROR, "a TLS record is too short"));
+        }
+        let (mut nonce, seq) = self.rx.next_nonce();
+        if explicit > 0 {
+            nonce[4..].copy_from_slice(&record[HEADER..HEADER + 8]);
+        }
+        let plain_len = body - explicit - TAG;
+        let mut aad = [0u8; 13];
+        let aad: &[u8] = if self.tls13 {
+            aad[..HEADER].copy_from_slice(&record[..HEADER]);
+            &aad[..HEADER]
+        } else {
+            aad[..8].copy_from_slice(&seq.to_be_bytes());
+            aad[8..11].copy_from_slice(&record[..3]);
+            aad[11..].copy_from_slice(&(plain_len as u16).to_be_bytes());
+            &aad[..]
+        };
+        let start = HEADER + explicit;
+        let opened = self.rx.key.open_in_place(
+            Nonce::assume_unique_for_key(nonce),
+            Aad::from(aad),
+            &mut record[start..],
+        );
+        if opened.is_err() {
+            return Err(self.refuse(BAD_RECORD_MAC, "a TLS record failed to decrypt"));
+        }
+        let mut end = start + plain_len;
+        let typ = if self.tls13 {
+            if record[0] != APPLICATION_DATA {
+                return Err(self.refuse(UNEXPECTED_MESSAGE, "a TLS 1.3 record of a bad type"));
+            }
+            // The content type is the last non-zero byte; zeroes after it are padding.
+            while end > start && record[end - 1] == 0 {
+                end -= 1;
+            }
+            if end == start {
+                return Err(self.refuse(UNEXPECTED_MESSAGE, "a TLS 1.3 record without a type"));
+            }
+            end -= 1;
+            record[end]
+        } else {
+            record[0]
+        };
+        if end - start > MAX_PLAIN {
+            return Err(self.refuse(RECORD_OVERFLOW, "a TLS record's plaintext is too long"));
+        }
+        Ok((typ, start..end))
+    }
+
+    fn alert(&mut self, body: &[u8]) -> io::Result<Opened> {
+        match body {
+            [_, 0] => Ok(Opened::Closed),
+            [_, d] => {
+                self.broken = true;
+                Err(invalid(&format!("the peer sent TLS alert {d}")))
+            }
+            _ => Err(self.refuse(DECODE_ERROR, "a malformed TLS alert")),
+        }
+    }
+
+    /// Post-handshake messages of TLS 1.3: only KeyUpdate is expected from a client.
+    fn handshake(&mut self, mut msgs: &[u8]) -> io::Result<()> {
+        if msgs.is_empty() {
+            return Err(self.refuse(UNEXPECTED_MESSAGE, "an empty TLS handshake record"));
+        }
+        while !msgs.is_empty() {
+            if msgs.len() < 4 {
+                return Err(self.refuse(DECODE_ERROR, "a truncated TLS handshake message"));
+            }
+            let len =
+                (usize::from(msgs[1]) << 16) | (usize::from(msgs[2]) << 8) | usize::from(msgs[3]);
+            if msgs[0] != KEY_UPDATE {
+                return Err(self.refuse(UNEXPECTED_MESSAGE, "an unexpected TLS handshake message"));
+            }
+            if len != 1 || msgs.len() < 5 || msgs[4] > 1 {
+                return Err(self.refuse(DECODE_ERROR, "a malformed TLS KeyUpdate"));
+            }
+            let requested = msgs[4] == 1;
+            msgs = &msgs[5..];
+            let (seq, secrets) = self
+                .conn
+                .update_rx_secret()
+                .map_err(|e| invalid(&format!("TLS key update: {e}")))?;
+            self.rx = Keys::new(seq, &secrets)?;
+            if requested && !self.closed {
+                let mut out = std::mem::take(&mut self.pending);
+                self.update_tx_key(&mut out)?;
+                self.pending = out;
+            }
+        }
+        Ok(())
+    }
+
+    /// Send a KeyUpdate (under the old key) and switch to the next send key.
+    fn update_tx_key(&mut self, out: &mut Vec<u8>) -> io::Result<()> {
+        // update_not_requested: the peer renews its own key when it wants to.
+        self.seal_record(HANDSHAKE, &[&[KEY_UPDATE, 0, 0, 1, 0]], 5, out)?;
+        let (seq, secrets) = self
+            .conn
+            .update_tx_secret()
+            .map_err(|e| invalid(&format!("TLS key update: {e}")))?;
+        self.tx = Keys::new(seq, &secrets)?;
+        Ok(())
+    }
+
+    /// Queue a fatal alert for the peer, mark the session failed, and make the error.
+    fn refuse(&mut self, desc: u8, msg: &str) -> io::Error {
+        if !self.broken && !self.closed {
+            let mut out = std::mem::take(&mut self.pending);
+            let _ = self.seal_record(ALERT, &[&[2, desc]], 2, &mut out);
+            self.pending = out;
+        }
+        self.broken = true;
+        self.closed = true;
+        invalid(msg)
+    }
+
+    /// Seal the concatenation of `pieces` (application data) onto `out`, in records of at
+    /// most 2^14 bytes each, every record filled before the next begins.
+    pub fn seal(&mut self, pieces: &[IoSlice<'_>], out: &mut Vec<u8>) -> io::Result<()> {
+        if self.closed {
+            return Err(io::ErrorKind::BrokenPipe.into());
+        }
+        let mut total: usize = pieces.iter().map(|p| p.len()).sum();
+        let (mut idx, mut off) = (0, 0);
+        while total > 0 {
+            if self.tls13 && self.tx.seq >= KEY_RECORDS {
+                self.update_tx_key(out)?;
+            }
+            let n = total.min(MAX_PLAIN);
+            // The record's pieces: at most a few, since they are long or few.
+            let mut parts: [&[u8]; 8] = [&[]; 8];
+            let (mut used, mut len) = (0, 0);
+            while len < n && used < parts.len() {
+                let p = &pieces[idx][off..];
+                let take = p.len().min(n - len);
+                parts[used] = &p[..take];
+                used += 1;
+                len += take;
+                off += take;
+                if off == pieces[idx].len() {
+                    idx += 1;
+                    off = 0;
+                }
+            }
+            self.seal_record(APPLICATION_DATA, &parts[..used], len, out)?;
+            total -= len;
+        }
+        Ok(())
+    }
+
+    /// Seal one record of `len` plaintext bytes (the concatenation of `parts`) onto `out`.
+    fn seal_record(
+        &mut self,
+        typ: u8,
+        parts: &[&[u8]],
+        len: usize,
+        out: &mut Vec<u8>,
+    ) -> io::Result<()> {
+        use ring::aead::{Aad, Nonce};
+        let explicit = if self.explicit_nonce() { 8 } else { 0 };
+        let inner = if self.tls13 { len + 1 } else { len };
+        let body = explicit + inner + TAG;
+        let start = out.len();
+        let outer = if self.tls13 { APPLICATION_DATA } else { typ };
+        out.extend_from_slice(&[outer, 3, 3]);
+        out.extend_from_slice(&(body as u16).to_be_bytes());
+        let (nonce, seq) = self.tx.next_nonce();
+        if explicit > 0 {
+            out.extend_from_slice(&nonce[4..]);
+        }
+        let plain = out.len();
+        for p in parts {
+            out.extend_from_slice(p);
+        }
+        if self.tls13 {
+            out.push(typ);
+        }
+        let mut aad = [0u8; 13];
+        let aad: &[u8] = if self.tls13 {
+            aad[..HEADER].copy_from_slice(&out[start..start + HEADER]);
+            &aad[..HEADER]
+        } else {
+            aad[..8].copy_from_slice(&seq.to_be_bytes());
+            aad[8..11].copy_from_slice(&[typ, 3, 3]);
+            aad[11..].copy_from_slice(&(len as u16).to_be_bytes());
+            &aad[..]
+        };
+        let tag = self
+            .tx
+            .key
+            .seal_in_place_separate_tag(
+                Nonce::assume_unique_for_key(nonce),
+                Aad::from(aad),
+                &mut out[plain..],
+            )
+            .map_err(|_| invalid("a TLS record could not be sealed"))?;
+        out.extend_from_slice(tag.as_ref());
+        Ok(())
+    }
+
+    /// Queue close_notify; nothing is sealed after it.
+    pub fn close(&mut self) {
+        if !self.closed && !self.broken {
+            let mut out = std::mem::take(&mut self.pending);
+            let _ = self.seal_record(ALERT, &[&[1, 0]], 2, &mut out);
+            self.pending = out;
+        }
+        self.closed = true;
+    }
+
+    /// Records the reader produced for the peer (alerts, key updates).
+    pub fn take_pending(&mut self, out: &mut Vec<u8>) {
+        out.append(&mut self.pending);
+    }
+
+    pub fn wants_write(&self) -> bool {
+        !self.pending.is_empty()
+    }
+}
+
+fn invalid(msg: &str) -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidData, msg.to_string())
+}
