@@ -334,11 +334,13 @@ impl Records {
             // The record's pieces: at most a few, since they are long or few.
             let mut parts: [&[u8]; 8] = [&[]; 8];
             let (mut used, mut len) = (0, 0);
-            while len < n && used < parts.len() {
+            while len < n && used < parts.len() && idx < pieces.len() {
                 let p = &pieces[idx][off..];
                 let take = p.len().min(n - len);
-                parts[used] = &p[..take];
-                used += 1;
+                if take > 0 {
+                    parts[used] = &p[..take];
+                    used += 1;
+                }
                 len += take;
                 off += take;
                 if off == pieces[idx].len() {
