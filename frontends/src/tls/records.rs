@@ -114,7 +114,8 @@ pub enum Opened {
 }
 
 pub struct Records {
-    conn: KernelConnection<ServerConnectionData>,
+    /// rustls' key schedule, for key updates (None only in unit tests).
+    conn: Option<KernelConnection<ServerConnectionData>>,
     tls13: bool,
     rx: Keys,
     tx: Keys,
@@ -139,7 +140,7 @@ impl Records {
         Ok(Records {
             rx: Keys::new(rx.0, &rx.1)?,
             tx: Keys::new(tx.0, &tx.1)?,
-            conn,
+            conn: Some(conn),
             tls13,
             pending: Vec::new(),
             closed: false,
@@ -282,6 +283,8 @@ impl Records {
             msgs = &msgs[5..];
             let (seq, secrets) = self
                 .conn
+                .as_mut()
+                .ok_or_else(|| invalid("TLS key update without a key schedule"))?
                 .update_rx_secret()
                 .map_err(|e| invalid(&format!("TLS key update: {e}")))?;
             self.rx = Keys::new(seq, &secrets)?;
@@ -300,6 +303,8 @@ impl Records {
         self.seal_record(HANDSHAKE, &[&[KEY_UPDATE, 0, 0, 1, 0]], 5, out)?;
         let (seq, secrets) = self
             .conn
+            .as_mut()
+            .ok_or_else(|| invalid("TLS key update without a key schedule"))?
             .update_tx_secret()
             .map_err(|e| invalid(&format!("TLS key update: {e}")))?;
         self.tx = Keys::new(seq, &secrets)?;
@@ -426,4 +431,183 @@ impl Records {
 
 fn invalid(msg: &str) -> io::Error {
     io::Error::new(io::ErrorKind::InvalidData, msg.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn secrets(chacha: bool, seed: u8) -> ConnectionTrafficSecrets {
+        let key = rustls::crypto::cipher::AeadKey::from([seed; 32]);
+        let iv = rustls::crypto::cipher::Iv::new([seed ^ 0x5a; 12]);
+        if chacha {
+            ConnectionTrafficSecrets::Chacha20Poly1305 { key, iv }
+        } else {
+            ConnectionTrafficSecrets::Aes256Gcm { key, iv }
+        }
+    }
+
+    fn side(tls13: bool, chacha: bool, rx: u8, tx: u8) -> Records {
+        Records {
+            conn: None,
+            tls13,
+            rx: Keys::new(0, &secrets(chacha, rx)).unwrap(),
+            tx: Keys::new(0, &secrets(chacha, tx)).unwrap(),
+            pending: Vec::new(),
+            closed: false,
+            broken: false,
+        }
+    }
+
+    /// A server and the peer whose send keys are its receive keys.
+    fn pair(tls13: bool, chacha: bool) -> (Records, Records) {
+        (side(tls13, chacha, 1, 2), side(tls13, chacha, 2, 1))
+    }
+
+    /// Open every record of `wire` on `r`: the plaintext, or the first error.
+    fn open_all(r: &mut Records, wire: &mut [u8]) -> io::Result<(Vec<u8>, bool)> {
+        let (mut pos, mut plain) = (0, Vec::new());
+        while pos < wire.len() {
+            match r.open(&mut wire[pos..])? {
+                Opened::Data { used, range } => {
+                    plain.extend_from_slice(&wire[pos..][range]);
+                    pos += used;
+                }
+                Opened::Nothing { used } => pos += used,
+                Opened::Closed => return Ok((plain, true)),
+                Opened::Incomplete => break,
+            }
+        }
+        Ok((plain, false))
+    }
+
+    const KINDS: [(bool, bool); 4] = [(true, false), (true, true), (false, false), (false, true)];
+
+    #[test]
+    fn records_round_trip_in_pieces() {
+        for (tls13, chacha) in KINDS {
+            let (mut server, mut peer) = pair(tls13, chacha);
+            let data: Vec<u8> = (0..40_000u32).map(|i| (i * 7) as u8).collect();
+            let mut wire = Vec::new();
+            let pieces = [
+                IoSlice::new(&data[..16]),
+                IoSlice::new(&[]),
+                IoSlice::new(&data[16..30_000]),
+                IoSlice::new(&data[30_000..]),
+            ];
+            peer.seal(&pieces, &mut wire).unwrap();
+            assert_eq!(
+                wire.len(),
+                40_000 + 3 * (HEADER + TAG) + extra(tls13, chacha) * 3
+            );
+            // A partial record waits for the rest.
+            assert!(matches!(
+                server.open(&mut wire.clone()[..100]),
+                Ok(Opened::Incomplete)
+            ));
+            let (plain, closed) = open_all(&mut server, &mut wire).unwrap();
+            assert!(plain == data && !closed, "tls13={tls13} chacha={chacha}");
+            // And back, then close_notify.
+            let mut wire = Vec::new();
+            server.seal(&[IoSlice::new(b"reply")], &mut wire).unwrap();
+            server.close();
+            server.take_pending(&mut wire);
+            assert!(server
+                .seal(&[IoSlice::new(b"late")], &mut Vec::new())
+                .is_err());
+            assert_eq!(
+                open_all(&mut peer, &mut wire).unwrap(),
+                (b"reply".to_vec(), true)
+            );
+        }
+    }
+
+    /// Per-record overhead besides header and tag: TLS 1.3's type byte, TLS 1.2 AES-GCM's
+    /// explicit nonce.
+    fn extra(tls13: bool, chacha: bool) -> usize {
+        match (tls13, chacha) {
+            (true, _) => 1,
+            (false, false) => 8,
+            (false, true) => 0,
+        }
+    }
+
+    #[test]
+    fn a_changed_record_is_refused_with_an_alert() {
+        for (tls13, chacha) in KINDS {
+            let (mut server, mut peer) = pair(tls13, chacha);
+            let mut wire = Vec::new();
+            peer.seal(&[IoSlice::new(&[9u8; 1000])], &mut wire).unwrap();
+            wire[HEADER + 20] ^= 1;
+            assert!(server.open(&mut wire).is_err());
+            assert!(server.wants_write(), "a bad_record_mac alert is queued");
+            let mut alert = Vec::new();
+            server.take_pending(&mut alert);
+            let e = open_all(&mut peer, &mut alert).unwrap_err();
+            assert!(e.to_string().contains("alert 20"), "{e}");
+            // The session stays failed.
+            let mut again = Vec::new();
+            peer.seal(&[IoSlice::new(b"x")], &mut again).unwrap();
+            assert!(server.open(&mut again).is_err());
+        }
+    }
+
+    #[test]
+    fn tls13_padding_types_and_limits() {
+        let (mut server, mut peer) = pair(true, false);
+        // Data, its type, then zero padding: the padding is removed.
+        let mut wire = Vec::new();
+        peer.seal_record(0, &[b"padded", &[APPLICATION_DATA, 0, 0]], 9, &mut wire)
+            .unwrap();
+        assert_eq!(
+            open_all(&mut server, &mut wire).unwrap(),
+            (b"padded".to_vec(), false)
+        );
+        // Only zeroes: no content type.
+        let mut wire = Vec::new();
+        peer.seal_record(0, &[&[0, 0]], 2, &mut wire).unwrap();
+        assert!(server.open(&mut wire).is_err());
+
+        for (typ, body) in [
+            (HANDSHAKE, &[4u8, 0, 0, 0][..]), // NewSessionTicket from a client
+            (HANDSHAKE, &[KEY_UPDATE, 0, 0, 1, 7][..]), // a bad KeyUpdate value
+            (HANDSHAKE, &[KEY_UPDATE, 0, 0][..]), // truncated
+            (ALERT, &[2, 40][..]),            // a fatal alert
+            (ALERT, &[1][..]),                // malformed
+            (CHANGE_CIPHER_SPEC, &[1][..]),   // inside a TLS 1.3 record
+        ] {
+            let (mut server, mut peer) = pair(true, false);
+            let mut wire = Vec::new();
+            peer.seal_record(typ, &[body], body.len(), &mut wire)
+                .unwrap();
+            assert!(server.open(&mut wire).is_err(), "type {typ} {body:?}");
+        }
+        // A header announcing more than a record may hold.
+        let (mut server, _) = pair(true, false);
+        let mut big = vec![APPLICATION_DATA, 3, 3, 0x48, 0x01];
+        big.resize(HEADER + 0x4801, 0);
+        let e = server.open(&mut big).err().expect("refused");
+        assert!(e.to_string().contains("too long"), "{e}");
+        // A plaintext change_cipher_spec after the handshake.
+        let (mut server, _) = pair(true, false);
+        let mut ccs = vec![CHANGE_CIPHER_SPEC, 3, 3, 0, 1, 1];
+        assert!(server.open(&mut ccs).is_err());
+    }
+
+    #[test]
+    fn tls12_refuses_renegotiation_and_reads_empty_records() {
+        let (mut server, mut peer) = pair(false, false);
+        let mut wire = Vec::new();
+        peer.seal_record(APPLICATION_DATA, &[], 0, &mut wire)
+            .unwrap();
+        peer.seal(&[IoSlice::new(b"after")], &mut wire).unwrap();
+        assert_eq!(
+            open_all(&mut server, &mut wire).unwrap(),
+            (b"after".to_vec(), false)
+        );
+        let mut hello = Vec::new();
+        peer.seal_record(HANDSHAKE, &[&[1, 0, 0, 0]], 4, &mut hello)
+            .unwrap();
+        assert!(server.open(&mut hello).is_err());
+    }
 }
