@@ -106,6 +106,11 @@ impl Device {
         self.backend.settle()
     }
 
+    /// Whether `settle` has anything to do.
+    pub fn unsettled(&self) -> bool {
+        self.backend.unsettled()
+    }
+
     /// Release the image (stores what qemu stores on close); the last call on the device.
     pub fn close(&self) -> Result<()> {
         self.backend.close()

@@ -53,6 +53,9 @@ pub trait Filter: Send + Sync + Debug {
     fn settle(&self) -> Result<()> {
         self.inner().settle()
     }
+    fn unsettled(&self) -> bool {
+        self.inner().unsettled()
+    }
 }
 
 impl<T: Filter> BlockBackend for T {
@@ -100,5 +103,8 @@ impl<T: Filter> BlockBackend for T {
     }
     fn settle(&self) -> Result<()> {
         Filter::settle(self)
+    }
+    fn unsettled(&self) -> bool {
+        Filter::unsettled(self)
     }
 }

@@ -177,4 +177,10 @@ pub trait BlockBackend: Send + Sync + Debug {
     fn settle(&self) -> Result<()> {
         Ok(())
     }
+
+    /// Whether [`settle`](Self::settle) has anything to do: completed writes that live only
+    /// in memory. Cheap, so a frontend can keep the common case off its slow path.
+    fn unsettled(&self) -> bool {
+        false
+    }
 }

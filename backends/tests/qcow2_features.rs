@@ -418,7 +418,14 @@ fn settled_writes_survive_a_killed_server() {
         for i in 0..200u64 {
             b.write(i * 40_000, &[(i % 250) as u8 + 1; 5000], IoFlags::empty())
                 .unwrap();
+            if i == 0 {
+                assert!(
+                    b.unsettled(),
+                    "{opts}: an allocation leaves metadata to write"
+                );
+            }
             b.settle().unwrap();
+            assert!(!b.unsettled(), "{opts}: settled");
             if i % 50 == 49 {
                 // Discards queue refcount decreases: settled too, so nothing leaks.
                 b.write_zeroes((i - 9) * 40_000, 10 * 40_000, IoFlags::MAY_TRIM)
@@ -426,6 +433,9 @@ fn settled_writes_survive_a_killed_server() {
                 b.settle().unwrap();
             }
         }
+        // An overwrite of an allocated cluster leaves nothing to settle.
+        b.write(0, &[1u8; 512], IoFlags::empty()).unwrap();
+        assert!(!b.unsettled(), "{opts}: an overwrite dirties no metadata");
         std::mem::forget(b);
         let out = Command::new("qemu-img")
             .current_dir(dir.path())

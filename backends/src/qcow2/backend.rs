@@ -121,16 +121,19 @@ impl BlockBackend for Qcow2 {
     /// Twice at most: the first flush turns queued decreases into dirty refcounts.
     fn settle(&self) -> Result<()> {
         for _ in 0..2 {
-            let dirty = {
-                let m = self.meta.lock();
-                m.any_dirty() || !m.pending_free.is_empty()
-            };
-            if !dirty {
+            if !self.unsettled() {
                 break;
             }
             Qcow2::flush(self)?;
         }
         Ok(())
+    }
+
+    /// Metadata is marked clean only once a flush wrote and synced it, so nothing dirty and
+    /// nothing queued means every completed write is in the file.
+    fn unsettled(&self) -> bool {
+        let m = self.meta.lock();
+        m.any_dirty() || !m.pending_free.is_empty()
     }
 
     fn trim(&self, offset: u64, len: u64, flags: IoFlags) -> Result<()> {

@@ -1,5 +1,6 @@
-//! Blocking requests (FLUSH, and writes with FUA: both wait for the disk) go to a few
-//! worker threads, so one slow sync does not hold up the other requests of its queue. A
+//! Blocking requests (FLUSH, writes with FUA, and the settle of a write whose metadata must
+//! reach the file: all wait for the disk) go to a few worker threads, so one slow sync does
+//! not hold up the other requests of its queue. A
 //! worker puts the result in the queue's completion list and writes the queue's eventfd;
 //! the queue keeps a read of that eventfd posted on its ring, and commits the finished
 //! requests when it completes (the driver takes commits only from the queue thread).
@@ -65,6 +66,8 @@ impl Completions {
 pub struct Job {
     pub tag: u16,
     pub req: Request,
+    /// Some(result): the request was carried out already; only its settle is left.
+    pub settle: Option<i32>,
     pub buf: *mut u8,
     pub len: usize,
     pub done: Arc<Completions>,
@@ -104,7 +107,10 @@ fn worker(target: Target, rx: Arc<Mutex<Receiver<Job>>>) {
         };
         // SAFETY: see `Job`: the buffer is this job's alone until its completion is pushed.
         let buf = unsafe { std::slice::from_raw_parts_mut(job.buf, job.len) };
-        let res = target.execute(&job.req, buf);
+        let res = match job.settle {
+            Some(res) => target.settle(&job.req, res),
+            None => target.execute(&job.req, buf),
+        };
         job.done.push(job.tag, res);
     }
 }

@@ -1,5 +1,6 @@
 //! One queue thread: fetch requests from the driver, serve the quick ones right here with
-//! the synchronous backend call, hand the blocking ones (flush, FUA) to the workers, and
+//! the synchronous backend call, hand the blocking ones (flush, FUA, and the settle of a
+//! write whose metadata must first reach the file: see `request::settle`) to the workers, and
 //! commit every request from here (the driver takes commits only from this thread). One
 //! `IoBuf` per tag, allocated once: no allocation per request.
 
@@ -8,7 +9,7 @@ use super::request::{self, Target};
 use io_uring::{opcode, types};
 use libublk::io::{UblkDev, UblkIOCtx, UblkQueue};
 use libublk::{BufDesc, BufDescList, UblkIORes};
-use std::sync::mpsc::{Sender, SyncSender, TrySendError};
+use std::sync::mpsc::{Sender, SyncSender};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -132,23 +133,36 @@ pub fn run(
             req.offset,
             req.len
         );
-        if let Some(workers) = workers.as_ref().filter(|_| offload::blocking(&req)) {
+        // A quick request is served here; only a settle that must write metadata (which
+        // syncs) is left to a worker.
+        let settle = if offload::blocking(&req) {
+            None
+        } else {
+            let res = target.run(&req, buf.as_mut_slice());
+            if !target.unsettled(&req, res) {
+                commit(q, tag, buf.as_slice(), res);
+                return;
+            }
+            Some(res)
+        };
+        if let Some(workers) = workers.as_ref() {
             let job = Job {
                 tag,
                 req,
+                settle,
                 buf: buf.as_mut_ptr(),
                 len: buf.len(),
                 done: Arc::clone(&done),
             };
-            match workers.try_send(job) {
-                Ok(()) => {
-                    offloaded += 1;
-                    return;
-                }
-                Err(TrySendError::Full(_) | TrySendError::Disconnected(_)) => {}
+            if workers.try_send(job).is_ok() {
+                offloaded += 1;
+                return;
             }
         }
-        let res = target.execute(&req, buf.as_mut_slice());
+        let res = match settle {
+            Some(res) => target.settle(&req, res),
+            None => target.execute(&req, buf.as_mut_slice()),
+        };
         commit(q, tag, buf.as_slice(), res);
     });
     wait_for_workers(qid, &done, offloaded, bufs);

@@ -18,11 +18,35 @@ pub struct Target {
 impl Target {
     /// [`execute`], counted.
     pub fn execute(&self, req: &Request, buf: &mut [u8]) -> i32 {
+        self.counted(req, || execute(&self.device, req, buf))
+    }
+
+    /// [`run`], counted: the request without its settle.
+    pub fn run(&self, req: &Request, buf: &mut [u8]) -> i32 {
+        self.counted(req, || run(&self.device, req, buf))
+    }
+
+    /// Whether the request that gave `res` must settle before it completes and the settle
+    /// has work to do (see [`settle`]).
+    pub fn unsettled(&self, req: &Request, res: i32) -> bool {
+        settles(req, res) && self.device.unsettled()
+    }
+
+    /// [`settle`] the request that gave `res`; an error is counted.
+    pub fn settle(&self, req: &Request, res: i32) -> i32 {
+        let res = settle(&self.device, req, res);
+        if let (Some(stats), true) = (&self.stats, res < 0) {
+            stats.error(req.op.stat_op());
+        }
+        res
+    }
+
+    fn counted(&self, req: &Request, f: impl FnOnce() -> i32) -> i32 {
         let Some(stats) = &self.stats else {
-            return execute(&self.device, req, buf);
+            return f();
         };
         let started = Instant::now();
-        let res = execute(&self.device, req, buf);
+        let res = f();
         let op = req.op.stat_op();
         stats.request(op, req.len, started.elapsed());
         if res < 0 {
@@ -113,8 +137,40 @@ pub fn decode(iod: &sys::ublksrv_io_desc) -> Request {
 }
 
 /// Carry out `req` with `buf` (the tag's buffer: read data goes there, write data comes
-/// from there). Returns the driver's result: bytes for READ/WRITE, 0, or -errno.
+/// from there), settled. Returns the driver's result: bytes for READ/WRITE, 0, or -errno.
 pub fn execute(device: &Device, req: &Request, buf: &mut [u8]) -> i32 {
+    let res = run(device, req, buf);
+    settle(device, req, res)
+}
+
+/// Whether a request that gave `res` must settle before it completes: a write-type request
+/// that succeeded. The device outlives this server (recovery), so what completes must be in
+/// the file.
+fn settles(req: &Request, res: i32) -> bool {
+    res >= 0 && matches!(req.op, Op::Write | Op::Discard | Op::WriteZeroes)
+}
+
+/// Make the request that gave `res` survive this server's death (`Device::settle`), when it
+/// must; `res`, or the settle's error.
+pub fn settle(device: &Device, req: &Request, res: i32) -> i32 {
+    if !settles(req, res) {
+        return res;
+    }
+    match device.settle() {
+        Ok(()) => res,
+        Err(e) => {
+            tracing::debug!(
+                "ublk {} offset {:#x}: writing out metadata failed: {e}",
+                req.op.name(),
+                req.offset
+            );
+            -e.errno()
+        }
+    }
+}
+
+/// [`execute`] without the settle.
+pub fn run(device: &Device, req: &Request, buf: &mut [u8]) -> i32 {
     let data_len = || -> Option<usize> {
         usize::try_from(req.len)
             .ok()
@@ -137,11 +193,6 @@ pub fn execute(device: &Device, req: &Request, buf: &mut [u8]) -> i32 {
             .write_zeroes(req.offset, req.len, req.flags)
             .map(|()| 0),
         Op::Other(_) => return -libc::EOPNOTSUPP,
-    };
-    // The device outlives this server (recovery): what completes must be in the file.
-    let r = match (r, req.op) {
-        (Ok(n), Op::Write | Op::Discard | Op::WriteZeroes) => device.settle().map(|()| n),
-        (r, _) => r,
     };
     match r {
         Ok(n) => n,
