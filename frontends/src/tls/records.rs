@@ -59,6 +59,12 @@ const RECORD_OVERFLOW: u8 = 22;
 const UNEXPECTED_MESSAGE: u8 = 10;
 const DECODE_ERROR: u8 = 50;
 
+#[derive(Clone, Copy)]
+enum Direction {
+    Receive,
+    Transmit,
+}
+
 struct Keys {
     key: ring::aead::LessSafeKey,
     iv: [u8; 12],
@@ -281,17 +287,12 @@ impl Records {
             }
             let requested = msgs[4] == 1;
             msgs = &msgs[5..];
-            let (seq, secrets) = self
-                .conn
-                .as_mut()
-                .ok_or_else(|| invalid("TLS key update without a key schedule"))?
-                .update_rx_secret()
-                .map_err(|e| invalid(&format!("TLS key update: {e}")))?;
-            self.rx = Keys::new(seq, &secrets)?;
+            self.rx = self.next_keys(Direction::Receive)?;
             if requested && !self.closed {
                 let mut out = std::mem::take(&mut self.pending);
-                self.update_tx_key(&mut out)?;
+                let r = self.update_tx_key(&mut out);
                 self.pending = out;
+                r?;
             }
         }
         Ok(())
@@ -300,23 +301,42 @@ impl Records {
     /// Send a KeyUpdate (under the old key) and switch to the next send key.
     fn update_tx_key(&mut self, out: &mut Vec<u8>) -> io::Result<()> {
         // update_not_requested: the peer renews its own key when it wants to.
-        self.seal_record(HANDSHAKE, &[&[KEY_UPDATE, 0, 0, 1, 0]], 5, out)?;
-        let (seq, secrets) = self
+        self.seal_record(
+            HANDSHAKE,
+            &[IoSlice::new(&[KEY_UPDATE, 0, 0, 1, 0])],
+            5,
+            out,
+        )?;
+        self.tx = self.next_keys(Direction::Transmit)?;
+        Ok(())
+    }
+
+    /// The next keys of one direction, from rustls' key schedule.
+    fn next_keys(&mut self, dir: Direction) -> io::Result<Keys> {
+        let conn = self
             .conn
             .as_mut()
-            .ok_or_else(|| invalid("TLS key update without a key schedule"))?
-            .update_tx_secret()
-            .map_err(|e| invalid(&format!("TLS key update: {e}")))?;
-        self.tx = Keys::new(seq, &secrets)?;
-        Ok(())
+            .ok_or_else(|| invalid("TLS key update without a key schedule"))?;
+        let (seq, secrets) = match dir {
+            Direction::Receive => conn.update_rx_secret(),
+            Direction::Transmit => conn.update_tx_secret(),
+        }
+        .map_err(|e| invalid(&format!("TLS key update: {e}")))?;
+        Keys::new(seq, &secrets)
+    }
+
+    /// Seal a record of `typ` into the records waiting for the peer.
+    fn queue_record(&mut self, typ: u8, body: &[u8]) {
+        let mut out = std::mem::take(&mut self.pending);
+        // Sealing fails only on a broken key, and then there is nothing left to tell.
+        let _ = self.seal_record(typ, &[IoSlice::new(body)], body.len(), &mut out);
+        self.pending = out;
     }
 
     /// Queue a fatal alert for the peer, mark the session failed, and make the error.
     fn refuse(&mut self, desc: u8, msg: &str) -> io::Error {
         if !self.broken && !self.closed {
-            let mut out = std::mem::take(&mut self.pending);
-            let _ = self.seal_record(ALERT, &[&[2, desc]], 2, &mut out);
-            self.pending = out;
+            self.queue_record(ALERT, &[2, desc]);
         }
         self.broken = true;
         self.closed = true;
@@ -329,41 +349,26 @@ impl Records {
         if self.closed {
             return Err(io::ErrorKind::BrokenPipe.into());
         }
-        let mut total: usize = pieces.iter().map(|p| p.len()).sum();
-        let (mut idx, mut off) = (0, 0);
-        while total > 0 {
+        let mut batches = Batches::new(pieces);
+        // The record's pieces: at most a few, since they are long or few.
+        let mut parts = [IoSlice::new(&[]); 8];
+        loop {
             if self.tls13 && self.tx.seq >= KEY_RECORDS {
                 self.update_tx_key(out)?;
             }
-            let n = total.min(MAX_PLAIN);
-            // The record's pieces: at most a few, since they are long or few.
-            let mut parts: [&[u8]; 8] = [&[]; 8];
-            let (mut used, mut len) = (0, 0);
-            while len < n && used < parts.len() && idx < pieces.len() {
-                let p = &pieces[idx][off..];
-                let take = p.len().min(n - len);
-                if take > 0 {
-                    parts[used] = &p[..take];
-                    used += 1;
-                }
-                len += take;
-                off += take;
-                if off == pieces[idx].len() {
-                    idx += 1;
-                    off = 0;
-                }
+            let (used, len) = batches.next(MAX_PLAIN, &mut parts);
+            if used == 0 {
+                return Ok(());
             }
             self.seal_record(APPLICATION_DATA, &parts[..used], len, out)?;
-            total -= len;
         }
-        Ok(())
     }
 
     /// Seal one record of `len` plaintext bytes (the concatenation of `parts`) onto `out`.
     fn seal_record(
         &mut self,
         typ: u8,
-        parts: &[&[u8]],
+        parts: &[IoSlice<'_>],
         len: usize,
         out: &mut Vec<u8>,
     ) -> io::Result<()> {
@@ -412,9 +417,7 @@ impl Records {
     /// Queue close_notify; nothing is sealed after it.
     pub fn close(&mut self) {
         if !self.closed && !self.broken {
-            let mut out = std::mem::take(&mut self.pending);
-            let _ = self.seal_record(ALERT, &[&[1, 0]], 2, &mut out);
-            self.pending = out;
+            self.queue_record(ALERT, &[1, 0]);
         }
         self.closed = true;
     }
@@ -426,6 +429,45 @@ impl Records {
 
     pub fn wants_write(&self) -> bool {
         !self.pending.is_empty()
+    }
+}
+
+/// Cuts a list of pieces into consecutive batches of at most `max` bytes each, filling every
+/// batch before the next begins, so records stay full however a reply is cut into pieces.
+pub struct Batches<'p, 'a> {
+    pieces: &'p [IoSlice<'a>],
+    idx: usize,
+    off: usize,
+}
+
+impl<'p, 'a> Batches<'p, 'a> {
+    pub fn new(pieces: &'p [IoSlice<'a>]) -> Self {
+        Batches {
+            pieces,
+            idx: 0,
+            off: 0,
+        }
+    }
+
+    /// Put the next batch into `slots` (fewer bytes when the slots run out): how many slots
+    /// it uses and its length; (0, 0) at the end. Empty pieces take no slot.
+    pub fn next(&mut self, max: usize, slots: &mut [IoSlice<'p>]) -> (usize, usize) {
+        let (mut used, mut len) = (0, 0);
+        while len < max && used < slots.len() && self.idx < self.pieces.len() {
+            let p: &'p [u8] = &self.pieces[self.idx];
+            let take = (p.len() - self.off).min(max - len);
+            if take > 0 {
+                slots[used] = IoSlice::new(&p[self.off..self.off + take]);
+                used += 1;
+            }
+            len += take;
+            self.off += take;
+            if self.off == p.len() {
+                self.idx += 1;
+                self.off = 0;
+            }
+        }
+        (used, len)
     }
 }
 
@@ -557,15 +599,19 @@ mod tests {
         let (mut server, mut peer) = pair(true, false);
         // Data, its type, then zero padding: the padding is removed.
         let mut wire = Vec::new();
-        peer.seal_record(0, &[b"padded", &[APPLICATION_DATA, 0, 0]], 9, &mut wire)
-            .unwrap();
+        let parts = [
+            IoSlice::new(b"padded"),
+            IoSlice::new(&[APPLICATION_DATA, 0, 0]),
+        ];
+        peer.seal_record(0, &parts, 9, &mut wire).unwrap();
         assert_eq!(
             open_all(&mut server, &mut wire).unwrap(),
             (b"padded".to_vec(), false)
         );
         // Only zeroes: no content type.
         let mut wire = Vec::new();
-        peer.seal_record(0, &[&[0, 0]], 2, &mut wire).unwrap();
+        peer.seal_record(0, &[IoSlice::new(&[0, 0])], 2, &mut wire)
+            .unwrap();
         assert!(server.open(&mut wire).is_err());
 
         for (typ, body) in [
@@ -578,7 +624,7 @@ mod tests {
         ] {
             let (mut server, mut peer) = pair(true, false);
             let mut wire = Vec::new();
-            peer.seal_record(typ, &[body], body.len(), &mut wire)
+            peer.seal_record(typ, &[IoSlice::new(body)], body.len(), &mut wire)
                 .unwrap();
             assert!(server.open(&mut wire).is_err(), "type {typ} {body:?}");
         }
@@ -619,7 +665,7 @@ mod tests {
                     99,
                 ][(next() % 6) as usize];
                 let mut wire = Vec::new();
-                peer.seal_record(typ, &[&body], body.len(), &mut wire)
+                peer.seal_record(typ, &[IoSlice::new(&body)], body.len(), &mut wire)
                     .unwrap();
                 let cut = if next() % 10 == 0 {
                     (next() as usize) % wire.len()
@@ -645,7 +691,7 @@ mod tests {
             (b"after".to_vec(), false)
         );
         let mut hello = Vec::new();
-        peer.seal_record(HANDSHAKE, &[&[1, 0, 0, 0]], 4, &mut hello)
+        peer.seal_record(HANDSHAKE, &[IoSlice::new(&[1, 0, 0, 0])], 4, &mut hello)
             .unwrap();
         assert!(server.open(&mut hello).is_err());
     }

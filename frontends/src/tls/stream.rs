@@ -23,7 +23,7 @@
 //! keeps a client that sends before it reads from deadlocking against us.
 
 use super::engine::Engine;
-use super::records::{Opened, Records, HEADER, MAX_BODY};
+use super::records::{Batches, Opened, Records, HEADER, MAX_BODY};
 use crate::sync::Mutex;
 use crate::transport::Stream;
 use std::io::{self, IoSlice, Read, Write};
@@ -386,34 +386,19 @@ impl Shared {
         }
         let Tx { net, out } = &mut *tx;
         let total: usize = bufs.iter().map(|b| b.len()).sum();
-        // Batches of CHUNK bytes across the pieces (the last one shorter; fewer when a batch
-        // runs out of slots), so records stay full however the reply is cut into pieces.
-        let (mut idx, mut off) = (0, 0);
+        // Batches of CHUNK bytes across the pieces, so the session is free for the reader
+        // between them.
+        let mut batches = Batches::new(bufs);
         let mut batch = [IoSlice::new(&[]); BATCH_SLOTS];
-        while idx < bufs.len() {
-            let (mut len, mut used) = (0, 0);
-            while idx < bufs.len() && len < CHUNK && used < BATCH_SLOTS {
-                let b = &bufs[idx][off..];
-                let take = b.len().min(CHUNK - len);
-                if take > 0 {
-                    batch[used] = IoSlice::new(&b[..take]);
-                    used += 1;
-                }
-                len += take;
-                off += take;
-                if off == bufs[idx].len() {
-                    idx += 1;
-                    off = 0;
-                }
-            }
+        loop {
+            let (used, _) = batches.next(CHUNK, &mut batch);
             if used == 0 {
-                break;
+                return Ok(total);
             }
             out.clear();
             self.engine.lock().seal(&batch[..used], out)?;
             net.write_all(out)?;
         }
-        Ok(total)
     }
 }
 
