@@ -1159,6 +1159,18 @@ fn threads(pid: u32) -> usize {
     std::fs::read_dir(format!("/proc/{pid}/task")).map_or(0, |d| d.count())
 }
 
+/// Threads serving a connection ("conn", and its workers, which inherit the name).
+fn connection_threads(pid: u32) -> usize {
+    let Ok(d) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return 0;
+    };
+    d.filter_map(|e| e.ok())
+        .filter(|e| {
+            std::fs::read_to_string(e.path().join("comm")).is_ok_and(|c| c.trim() == "conn")
+        })
+        .count()
+}
+
 fn rss_kib(pid: u32) -> u64 {
     let s = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
     s.lines()
@@ -1188,8 +1200,17 @@ fn a_thousand_connects_in_a_row_leave_nothing_behind() {
     let s = Server::unix(&bin(), &["-f", "raw", "-t", "-e", "0", &img_s]);
     let sock = s.socket.clone().expect("socket");
     let pid = s.child.id();
-    // Idle before any client: the control connection's workers are spawned on demand and
-    // live as long as it does, so it is closed before the counts are compared.
+    // Idle after one whole session: the socket appears before the server has started all its
+    // long-lived threads (the accept loop, the signal thread), so counting before any client
+    // races with their start. The control connection's workers are spawned on demand and live
+    // as long as it does, so it is closed before the counts are compared.
+    let mut warm = Raw::negotiate(&sock, Neg::Structured);
+    warm.request(0, CMD_DISC, 0, 0, 0, &[]);
+    let _ = warm.closed();
+    assert!(
+        eventually(Duration::from_secs(10), || connection_threads(pid) == 0),
+        "the first session's thread is still running"
+    );
     let fds = open_fds(pid);
     let thr = threads(pid);
     let mut control = Control::new(&sock);
@@ -1218,10 +1239,12 @@ fn a_thousand_connects_in_a_row_leave_nothing_behind() {
     drop(control);
     assert!(
         eventually(Duration::from_secs(10), || open_fds(pid) <= fds
-            && threads(pid) <= thr),
-        "fds {} (idle {fds}), threads {} (idle {thr}) after 1000 connections",
+            && threads(pid) <= thr
+            && connection_threads(pid) == 0),
+        "fds {} (idle {fds}), threads {} (idle {thr}, connection threads {}) after 1000 connections",
         open_fds(pid),
-        threads(pid)
+        threads(pid),
+        connection_threads(pid)
     );
 }
 
