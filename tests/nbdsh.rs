@@ -29,6 +29,67 @@ fn structured_replies_block_status_fua_zero_and_range_errors() {
 }
 
 #[test]
+fn large_reads_return_the_file_bytes_whatever_path_they_take() {
+    if !have_nbdsh() {
+        return;
+    }
+    // Raw over Unix and TCP (spliced from the page cache), probed raw (a filter that lets
+    // splicing through), a slice (offsets shifted), and O_DIRECT (never spliced).
+    let cases: [(&str, &[&str]); 5] = [
+        ("unix", &["-f", "raw"]),
+        ("tcp", &["-f", "raw"]),
+        ("unix", &[]),
+        ("unix", &["-f", "raw", "--cache=none"]),
+        ("tcp", &["--image-opts"]),
+    ];
+    for (transport, opts) in cases {
+        let dir = tmpdir();
+        let len = 8 * MIB as usize + 300;
+        let bytes: Vec<u8> = (0..len).map(|i| (i * 7 + i / 4096) as u8).collect();
+        let img = dir.path().join("big.raw");
+        std::fs::write(&img, &bytes).unwrap();
+        let spec;
+        let mut args: Vec<&str> = opts.to_vec();
+        args.push("-t");
+        if opts.contains(&"--image-opts") {
+            // A slice of a larger file: the export is the file's last 8 MiB + 300 bytes.
+            let outer = dir.path().join("outer.raw");
+            let mut o = vec![0xeeu8; 3 * 4096];
+            o.extend_from_slice(&bytes);
+            std::fs::write(&outer, &o).unwrap();
+            spec = format!(
+                "driver=raw,offset=12288,file.driver=file,file.filename={}",
+                outer.display()
+            );
+            args.push(&spec);
+        } else {
+            args.push(img.to_str().unwrap());
+        }
+        let s = if transport == "unix" {
+            Server::unix(QNBD, &args)
+        } else {
+            Server::tcp(QNBD, &args)
+        };
+        let file = if opts.contains(&"--image-opts") {
+            dir.path().join("outer.raw")
+        } else {
+            img.clone()
+        };
+        let out = if opts.contains(&"--image-opts") {
+            // The script takes the export's bytes from `img`, and shrinks the outer file.
+            nbdsh_script(
+                "large_reads.py",
+                &s.uri(),
+                &[img.to_str().unwrap(), file.to_str().unwrap(), "12288"],
+            )
+        } else {
+            nbdsh_script("large_reads.py", &s.uri(), &[img.to_str().unwrap()])
+        };
+        assert_eq!(out.trim(), "ok", "{transport} {opts:?}");
+    }
+}
+
+#[test]
 fn read_only_export_refuses_writes_with_eperm() {
     if !have_nbdsh() {
         return;

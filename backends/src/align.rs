@@ -6,7 +6,7 @@
 //! No allocation: a partial sector lives on the stack.
 
 use crate::filter::Filter;
-use crate::{BlockBackend, IoFlags, Result};
+use crate::{BlockBackend, HostSpan, IoFlags, Result};
 use parking_lot::Mutex;
 use std::sync::Arc;
 
@@ -157,6 +157,15 @@ impl Filter for Aligned {
 
     fn request_alignment(&self) -> u32 {
         SECTOR as u32
+    }
+
+    /// Whole sectors are read straight from the inner layer, so they may be spliced too.
+    fn read_source(&self, offset: u64, len: u64) -> Option<HostSpan<'_>> {
+        let c = cut(offset, len);
+        if c.head.is_some() || c.tail.is_some() {
+            return None;
+        }
+        self.inner.read_source(offset, len)
     }
 }
 

@@ -3,7 +3,7 @@
 //! with O_DIRECT, which is the raw backend's business.)
 
 use crate::filter::Filter;
-use crate::{BlockBackend, IoFlags, Result};
+use crate::{BlockBackend, HostSpan, IoFlags, Result};
 use std::sync::Arc;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -95,5 +95,8 @@ impl Filter for Cached {
     fn write_zeroes(&self, offset: u64, len: u64, flags: IoFlags) -> Result<()> {
         self.inner.write_zeroes(offset, len, self.flags(flags))?;
         self.after(flags)
+    }
+    fn read_source(&self, offset: u64, len: u64) -> Option<HostSpan<'_>> {
+        self.inner.read_source(offset, len)
     }
 }

@@ -2,7 +2,7 @@
 //! stays sparse (with `unmap` and `--discard=unmap`, zeroes may deallocate).
 
 use crate::filter::Filter;
-use crate::{BlockBackend, IoFlags, Result, Support};
+use crate::{BlockBackend, HostSpan, IoFlags, Result, Support};
 use std::sync::Arc;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -50,6 +50,9 @@ impl Filter for ZeroDetect {
             return self.inner.write_zeroes(offset, buf.len() as u64, f);
         }
         self.inner.write(offset, buf, flags)
+    }
+    fn read_source(&self, offset: u64, len: u64) -> Option<HostSpan<'_>> {
+        self.inner.read_source(offset, len)
     }
 }
 

@@ -1,7 +1,7 @@
 //! What frontends hold: a backend plus its cached capabilities, with the emulation of optional
 //! features written once (FUA by flush, write-zeroes by writing zeroes, cache by reading).
 
-use crate::{BlockBackend, Caps, Error, Extents, IoFlags, Result, Support};
+use crate::{BlockBackend, Caps, Error, Extents, HostSpan, IoFlags, Result, Support};
 use std::sync::Arc;
 
 /// Largest buffer the zero and cache emulation use per call.
@@ -85,6 +85,12 @@ impl Device {
             return Ok(());
         }
         self.backend.read(offset, buf)
+    }
+
+    /// See [`BlockBackend::read_source`]; None for a range past the end.
+    pub fn read_source(&self, offset: u64, len: u64) -> Option<HostSpan<'_>> {
+        self.check_range(offset, len).ok()?;
+        self.backend.read_source(offset, len)
     }
 
     pub fn write(&self, offset: u64, buf: &[u8], flags: IoFlags) -> Result<()> {

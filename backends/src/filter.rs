@@ -1,7 +1,7 @@
 //! Layers over another backend, in the spirit of nbdkit's filters: a layer names its inner
 //! backend and overrides only the calls it changes; every other call goes straight through.
 
-use crate::{BlockBackend, Caps, Extents, IoFlags, Result};
+use crate::{BlockBackend, Caps, Extents, HostSpan, IoFlags, Result};
 use std::fmt::Debug;
 use std::sync::Arc;
 
@@ -56,6 +56,12 @@ pub trait Filter: Send + Sync + Debug {
     fn unsettled(&self) -> bool {
         self.inner().unsettled()
     }
+    /// Not forwarded by default: a filter that changes what `read` returns must not let a
+    /// frontend bypass it. A filter that passes reads through unchanged forwards it.
+    fn read_source(&self, offset: u64, len: u64) -> Option<HostSpan<'_>> {
+        let _ = (offset, len);
+        None
+    }
 }
 
 impl<T: Filter> BlockBackend for T {
@@ -106,5 +112,8 @@ impl<T: Filter> BlockBackend for T {
     }
     fn unsettled(&self) -> bool {
         Filter::unsettled(self)
+    }
+    fn read_source(&self, offset: u64, len: u64) -> Option<HostSpan<'_>> {
+        Filter::read_source(self, offset, len)
     }
 }

@@ -33,6 +33,15 @@ pub use extent::{Extent, ExtentFlags, Extents};
 
 use bitflags::bitflags;
 use std::fmt::Debug;
+use std::os::fd::BorrowedFd;
+
+/// Where a range of an image lies, byte for byte, in a host file (see
+/// [`BlockBackend::read_source`]).
+#[derive(Clone, Copy, Debug)]
+pub struct HostSpan<'a> {
+    pub fd: BorrowedFd<'a>,
+    pub offset: u64,
+}
 
 bitflags! {
     /// Per-call flags, in the backend's own terms (not the wire's).
@@ -182,5 +191,16 @@ pub trait BlockBackend: Send + Sync + Debug {
     /// in memory. Cheap, so a frontend can keep the common case off its slow path.
     fn unsettled(&self) -> bool {
         false
+    }
+
+    /// Where `[offset, offset + len)` lies, byte for byte, in one host file read through the
+    /// page cache, so a frontend may move the bytes to a socket with splice(2) instead of
+    /// copying them through [`read`](Self::read). Reading `len` bytes at the span gives what
+    /// `read` would give at that moment; a frontend that gets fewer (the file shrank under
+    /// us) falls back to `read`. None, the default, whenever the bytes exist only through
+    /// `read`: a format's mapping, a cipher, holes to zero-fill, O_DIRECT alignment.
+    fn read_source(&self, offset: u64, len: u64) -> Option<HostSpan<'_>> {
+        let _ = (offset, len);
+        None
     }
 }

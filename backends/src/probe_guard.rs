@@ -3,7 +3,7 @@
 //! open would then trust guest-written metadata.
 
 use crate::filter::Filter;
-use crate::{BlockBackend, Error, IoFlags, Result};
+use crate::{BlockBackend, Error, HostSpan, IoFlags, Result};
 use std::sync::Arc;
 
 pub struct ProbedRaw {
@@ -62,5 +62,8 @@ impl Filter for ProbedRaw {
     fn write(&self, offset: u64, buf: &[u8], flags: IoFlags) -> Result<()> {
         self.check_block0(offset, buf)?;
         self.inner.write(offset, buf, flags)
+    }
+    fn read_source(&self, offset: u64, len: u64) -> Option<HostSpan<'_>> {
+        self.inner.read_source(offset, len)
     }
 }

@@ -4,7 +4,9 @@
 use crate::aio::AioMode;
 use crate::file::{FileOptions, HostFile};
 use crate::format::{parse_size, Driver, ImageOptions, OpenBacking};
-use crate::{BlockBackend, Caps, Error, Extent, ExtentFlags, Extents, IoFlags, Result, Support};
+use crate::{
+    BlockBackend, Caps, Error, Extent, ExtentFlags, Extents, HostSpan, IoFlags, Result, Support,
+};
 use std::path::Path;
 use std::sync::Arc;
 
@@ -64,6 +66,9 @@ impl RawOptions {
 pub struct RawFile {
     file: HostFile,
     size: u64,
+    /// The file's length at open: bytes past it (the ragged tail rounded up to a sector)
+    /// read as zeroes, so they are never spliced.
+    file_len: u64,
     opts: RawOptions,
 }
 
@@ -83,8 +88,14 @@ impl RawFile {
 
     pub fn from_host_file(file: HostFile, opts: RawOptions) -> Result<RawFile> {
         // qemu's block layer counts whole 512-byte sectors: a ragged tail reads as zeroes.
-        let size = file.size()?.div_ceil(512) * 512;
-        Ok(RawFile { file, size, opts })
+        let file_len = file.size()?;
+        let size = file_len.div_ceil(512) * 512;
+        Ok(RawFile {
+            file,
+            size,
+            file_len,
+            opts,
+        })
     }
 
     pub fn path(&self) -> &Path {
@@ -132,6 +143,14 @@ impl BlockBackend for RawFile {
 
     fn read(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
         self.file.read("read", offset, buf)
+    }
+
+    fn read_source(&self, offset: u64, len: u64) -> Option<HostSpan<'_>> {
+        if offset.checked_add(len)? > self.file_len {
+            return None;
+        }
+        let fd = self.file.page_cache_fd()?;
+        Some(HostSpan { fd, offset })
     }
 
     fn write(&self, offset: u64, buf: &[u8], flags: IoFlags) -> Result<()> {

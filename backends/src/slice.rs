@@ -1,7 +1,7 @@
 //! A window `[offset, offset + size)` of another backend (`-o OFFSET`, `--image-opts offset=,size=`).
 
 use crate::filter::Filter;
-use crate::{BlockBackend, Error, Extents, IoFlags, Result};
+use crate::{BlockBackend, Error, Extents, HostSpan, IoFlags, Result};
 use std::sync::Arc;
 
 #[derive(Debug)]
@@ -65,6 +65,9 @@ impl Filter for Slice {
     fn bitmap_status(&self, name: &str, offset: u64, len: u64, out: &mut Extents) -> Result<()> {
         self.inner
             .bitmap_status(name, self.offset + offset, len, out)
+    }
+    fn read_source(&self, offset: u64, len: u64) -> Option<HostSpan<'_>> {
+        self.inner.read_source(self.offset + offset, len)
     }
 }
 

@@ -137,6 +137,16 @@ impl HostFile {
         self.read_only
     }
 
+    /// The descriptor, for a caller that splices bytes out of the page cache; None with
+    /// O_DIRECT (where the page cache may be stale and is not ours to use).
+    pub fn page_cache_fd(&self) -> Option<std::os::fd::BorrowedFd<'_>> {
+        use std::os::fd::AsFd;
+        if self.direct.is_some() {
+            return None;
+        }
+        Some(self.file.as_fd())
+    }
+
     pub fn is_direct(&self) -> bool {
         self.direct.is_some()
     }

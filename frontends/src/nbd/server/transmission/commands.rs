@@ -2,6 +2,7 @@
 //! OFFSET_HOLE chunks), BLOCK_STATUS over the selected meta contexts, and errors in the
 //! reply style the client negotiated.
 
+use super::splice::SPLICE_MIN;
 use super::{status, Conn, Scratch};
 use crate::nbd::proto::*;
 use crate::nbd::server::meta::{ContextKind, MetaContext};
@@ -139,16 +140,27 @@ impl Conn<'_> {
                 return r;
             }
         }
+        if len >= SPLICE_MIN && self.splice {
+            if let Some(r) = self.spliced_read(req, len, s) {
+                return r;
+            }
+        }
         if let Err(e) = dev.read(req.offset, &mut s.data[..n]) {
             let r = self.backend_reject(req, &e);
             return self.send_error(req, r, &mut s.hdr);
         }
-        s.hdr.clear();
+        self.read_header(req, len, s.data.as_ptr(), &mut s.hdr);
+        self.write_reply(&mut [IoSlice::new(&s.hdr), IoSlice::new(&s.data[..n])])
+    }
+
+    /// The header of a successful read reply (one data chunk when structured).
+    fn read_header(&self, req: &Request, len: u64, data: *const u8, hdr: &mut Vec<u8>) {
+        hdr.clear();
         if self.structured() {
-            trace_data(req.cookie, req.offset, s.data.as_ptr(), len);
+            trace_data(req.cookie, req.offset, data, len);
             wire::encode_data_header(
-                &mut s.hdr,
-                ext,
+                hdr,
+                self.neg.extended,
                 REPLY_FLAG_DONE,
                 req.cookie,
                 req.offset,
@@ -157,9 +169,24 @@ impl Conn<'_> {
             );
         } else {
             trace_simple(req.cookie, 0, len);
-            wire::encode_simple_reply(&mut s.hdr, 0, req.cookie);
+            wire::encode_simple_reply(hdr, 0, req.cookie);
         }
-        self.write_reply(&mut [IoSlice::new(&s.hdr), IoSlice::new(&s.data[..n])])
+    }
+
+    /// A read sent from the page cache with splice (see `splice.rs`). None: the bytes are
+    /// not in a host file as they are, or did not all reach the pipe; copy them instead.
+    fn spliced_read(&self, req: &Request, len: u64, s: &mut Scratch) -> Option<io::Result<()>> {
+        let src = self.export.device.read_source(req.offset, len)?;
+        let pipe = s.pipe.get()?;
+        if !pipe.fits(src.offset, len) || !pipe.fill(src, len as usize) {
+            return None;
+        }
+        self.read_header(req, len, std::ptr::null(), &mut s.hdr);
+        let hdr = &s.hdr;
+        Some(self.write_reply_with(|w| match w.plain_fd() {
+            Some(fd) => pipe.send(fd, hdr, len as usize),
+            None => Err(io::Error::other("spliced reply on a TLS stream")),
+        }))
     }
 
     /// A structured read that sends zero runs as OFFSET_HOLE chunks. None: no hole found,

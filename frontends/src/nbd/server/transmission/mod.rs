@@ -5,9 +5,11 @@
 //! and replied to out of order; no lock is held across backend I/O.
 //! Workers are spawned lazily, so a client with one request in flight costs two threads.
 //! This file holds the threads, locks and socket I/O; `commands.rs` serves each request and
-//! builds its reply, `status.rs` turns extents into BLOCK_STATUS runs.
+//! builds its reply, `status.rs` turns extents into BLOCK_STATUS runs, `splice.rs` sends a
+//! large read from the page cache to a plain socket without copying it.
 
 mod commands;
+mod splice;
 mod status;
 
 use super::export::Export;
@@ -34,6 +36,8 @@ struct Conn<'a> {
     outbox: Mutex<Outbox>,
     /// A handle used only to shut the socket down from any thread.
     control: Stream,
+    /// Read replies may be spliced (a plain socket, not TLS).
+    splice: bool,
     closing: AtomicBool,
     /// Workers waiting for the read lock.
     idle: AtomicUsize,
@@ -79,6 +83,35 @@ struct Scratch {
     pub(super) data: GrowBuf,
     pub(super) hdr: Vec<u8>,
     pub(super) extents: Extents,
+    /// For spliced read replies, made by the first one.
+    pub(super) pipe: PipeSlot,
+}
+
+#[derive(Default)]
+enum PipeSlot {
+    #[default]
+    Unmade,
+    Made(splice::ReplyPipe),
+    /// The system refused a pipe: reads are copied.
+    Refused,
+}
+
+impl PipeSlot {
+    pub(super) fn get(&mut self) -> Option<&mut splice::ReplyPipe> {
+        if let PipeSlot::Unmade = self {
+            *self = match splice::ReplyPipe::new() {
+                Ok(p) => PipeSlot::Made(p),
+                Err(e) => {
+                    tracing::debug!("no pipe for spliced reads: {e}");
+                    PipeSlot::Refused
+                }
+            };
+        }
+        match self {
+            PipeSlot::Made(p) => Some(p),
+            _ => None,
+        }
+    }
 }
 
 /// Serve requests on `stream` until the client disconnects or breaks the protocol.
@@ -97,6 +130,7 @@ pub fn serve(
         reader: Mutex::new(BufReader::with_capacity(READ_BUFFER, stream.try_clone()?)),
         writer: Mutex::new(stream.try_clone()?),
         outbox: Mutex::new(Outbox::default()),
+        splice: stream.plain_fd().is_some(),
         control: stream,
         closing: AtomicBool::new(false),
         idle: AtomicUsize::new(0),
@@ -241,13 +275,27 @@ impl<'a> Conn<'a> {
             }
             ob.waiting += 1;
         }
+        self.send_as_writer(|w| write_all_vectored(w, bufs))
+    }
+
+    /// Send one whole reply with `send`, which is never handed over (a spliced read).
+    pub(super) fn write_reply_with(
+        &self,
+        send: impl FnOnce(&mut Stream) -> io::Result<()>,
+    ) -> io::Result<()> {
+        self.outbox.lock().waiting += 1;
+        self.send_as_writer(send)
+    }
+
+    /// As a worker counted in `waiting`: take `writer`, send, then what was handed over.
+    fn send_as_writer(&self, send: impl FnOnce(&mut Stream) -> io::Result<()>) -> io::Result<()> {
         let mut w = self.writer.lock();
         {
             let mut ob = self.outbox.lock();
             ob.waiting -= 1;
             ob.busy = true;
         }
-        let sent = write_all_vectored(&mut *w, bufs);
+        let sent = send(&mut w);
         self.send_handed_over(&mut w, sent)
     }
 

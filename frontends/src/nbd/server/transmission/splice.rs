@@ -1,0 +1,265 @@
+//! Read replies spliced from the page cache. A large read whose bytes lie as they are in a host
+//! file (`Device::read_source`) goes file → pipe → socket with splice(2): the pipe takes the
+//! page-cache pages by reference and a Unix or TCP socket takes them from the pipe the same
+//! way, so the server copies none of the data (the client's receive does the one copy).
+//!
+//! Order, so that no error can follow a header on the wire: the pipe is filled first, without
+//! any lock; only a completely filled pipe leads to a header. A short or failed fill (the file
+//! shrank, an I/O error) drains the pipe and the caller serves the read by copying, which
+//! reports the error as every other read does. Under the socket's lock the header is sent with
+//! MSG_MORE and the pipe's contents follow; a failure there is the socket's, which ends the
+//! connection as a failed `writev` does.
+//!
+//! A client sees the bytes as they are when the pipe is filled, or later if a write that is in
+//! flight at the same time changes the page before the socket is done with it: a read and a
+//! write in flight together may see either, as NBD allows. A reply is complete in the client's
+//! receive queue before the client can learn that the read is done, so a write the client
+//! sends after its read completed can never show in that read's data.
+
+use backends::HostSpan;
+use std::io;
+use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
+
+/// Reads shorter than this are copied: three system calls cost more than copying them twice.
+pub(super) const SPLICE_MIN: u64 = 64 * 1024;
+
+/// Pipe sizes tried, largest first: above `/proc/sys/fs/pipe-max-size` (1 MiB by default)
+/// only a privileged process gets a pipe.
+const PIPE_SIZES: [libc::c_int; 2] = [4 << 20, 1 << 20];
+const PAGE: u64 = 4096;
+
+/// One worker's pipe; empty between replies.
+pub(super) struct ReplyPipe {
+    rd: OwnedFd,
+    wr: OwnedFd,
+    /// Buffers the pipe holds: one per page (or part of a page) of a file.
+    slots: u64,
+}
+
+impl ReplyPipe {
+    pub(super) fn new() -> io::Result<ReplyPipe> {
+        let mut fds = [0 as libc::c_int; 2];
+        // SAFETY: pipe2 writes two descriptors into the array it is given.
+        if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC | libc::O_NONBLOCK) } != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: pipe2 succeeded, so both are open descriptors that nothing else owns.
+        let (rd, wr) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
+        let mut size = 0;
+        for want in PIPE_SIZES {
+            // SAFETY: fcntl on an open pipe descriptor with an integer argument.
+            let got = unsafe { libc::fcntl(wr.as_raw_fd(), libc::F_SETPIPE_SZ, want) };
+            if got > 0 {
+                size = got;
+                break;
+            }
+        }
+        if size == 0 {
+            // SAFETY: as above; F_GETPIPE_SZ takes no argument.
+            size = unsafe { libc::fcntl(wr.as_raw_fd(), libc::F_GETPIPE_SZ) };
+        }
+        if size <= 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(ReplyPipe {
+            rd,
+            wr,
+            slots: size as u64 / PAGE,
+        })
+    }
+
+    /// Whether `len` bytes at file offset `offset` fit: one buffer per page they touch.
+    pub(super) fn fits(&self, offset: u64, len: u64) -> bool {
+        let pages = (offset % PAGE + len).div_ceil(PAGE);
+        pages <= self.slots
+    }
+
+    /// Move `len` bytes of `src` into the pipe. False (and the pipe empty again) unless all
+    /// of them got there.
+    pub(super) fn fill(&mut self, src: HostSpan<'_>, len: usize) -> bool {
+        let mut off = src.offset as libc::loff_t;
+        let mut done = 0usize;
+        while done < len {
+            // SAFETY: splice between two open descriptors; `off` is a valid loff_t that the
+            // kernel advances, leaving the file's own offset alone.
+            let n = unsafe {
+                libc::splice(
+                    src.fd.as_raw_fd(),
+                    &mut off,
+                    self.wr.as_raw_fd(),
+                    std::ptr::null_mut(),
+                    len - done,
+                    libc::SPLICE_F_MOVE | libc::SPLICE_F_NONBLOCK,
+                )
+            };
+            match n {
+                n if n > 0 => done += n as usize,
+                0 => break,
+                _ if io::Error::last_os_error().kind() == io::ErrorKind::Interrupted => {}
+                _ => break,
+            }
+        }
+        if done < len {
+            self.drain();
+            return false;
+        }
+        true
+    }
+
+    /// Send `hdr` and then the `len` bytes in the pipe to `sock`.
+    pub(super) fn send(&mut self, sock: BorrowedFd<'_>, hdr: &[u8], len: usize) -> io::Result<()> {
+        let mut at = 0;
+        while at < hdr.len() {
+            let rest = &hdr[at..];
+            // SAFETY: send from a live buffer of `rest.len()` bytes on an open socket.
+            let n = unsafe {
+                libc::send(
+                    sock.as_raw_fd(),
+                    rest.as_ptr().cast(),
+                    rest.len(),
+                    libc::MSG_MORE | libc::MSG_NOSIGNAL,
+                )
+            };
+            match n {
+                n if n > 0 => at += n as usize,
+                0 => return Err(io::ErrorKind::WriteZero.into()),
+                _ => {
+                    let e = io::Error::last_os_error();
+                    if e.kind() != io::ErrorKind::Interrupted {
+                        return Err(e);
+                    }
+                }
+            }
+        }
+        let mut left = len;
+        while left > 0 {
+            // SAFETY: splice between two open descriptors, no offsets (a pipe and a socket).
+            let n = unsafe {
+                libc::splice(
+                    self.rd.as_raw_fd(),
+                    std::ptr::null_mut(),
+                    sock.as_raw_fd(),
+                    std::ptr::null_mut(),
+                    left,
+                    libc::SPLICE_F_MOVE,
+                )
+            };
+            match n {
+                n if n > 0 => left -= n as usize,
+                0 => return Err(io::ErrorKind::WriteZero.into()),
+                _ => {
+                    let e = io::Error::last_os_error();
+                    if e.kind() != io::ErrorKind::Interrupted {
+                        return Err(e);
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Empty the pipe (its read end does not block).
+    fn drain(&mut self) {
+        let mut sink = [0u8; 16 * 1024];
+        loop {
+            // SAFETY: read into a live stack buffer of its own length.
+            let n =
+                unsafe { libc::read(self.rd.as_raw_fd(), sink.as_mut_ptr().cast(), sink.len()) };
+            if n <= 0 && !(n < 0 && io::Error::last_os_error().kind() == io::ErrorKind::Interrupted)
+            {
+                return;
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::{Read, Write};
+    use std::os::fd::AsFd;
+    use std::os::unix::net::UnixStream;
+
+    fn file_with(data: &[u8]) -> std::fs::File {
+        let mut f = tempfile::tempfile().unwrap();
+        f.write_all(data).unwrap();
+        f
+    }
+
+    #[test]
+    fn header_then_file_bytes_reach_the_socket() {
+        let data: Vec<u8> = (0..300_000u32).map(|i| (i % 251) as u8).collect();
+        let f = file_with(&data);
+        let mut p = ReplyPipe::new().unwrap();
+        let (a, mut b) = UnixStream::pair().unwrap();
+        let src = HostSpan {
+            fd: f.as_fd(),
+            offset: 4096 + 17,
+        };
+        let len = 200_000;
+        assert!(p.fits(src.offset, len as u64));
+        assert!(p.fill(src, len));
+        let reader = std::thread::spawn(move || {
+            let mut got = vec![0u8; 5 + len];
+            b.read_exact(&mut got).unwrap();
+            got
+        });
+        p.send(a.as_fd(), b"head:", len).unwrap();
+        let got = reader.join().unwrap();
+        assert_eq!(&got[..5], b"head:");
+        assert_eq!(&got[5..], &data[4096 + 17..4096 + 17 + len]);
+    }
+
+    #[test]
+    fn a_short_file_leaves_the_pipe_empty_and_says_so() {
+        let f = file_with(&[7u8; 10_000]);
+        let mut p = ReplyPipe::new().unwrap();
+        let src = HostSpan {
+            fd: f.as_fd(),
+            offset: 0,
+        };
+        assert!(!p.fill(src, 20_000));
+        // Nothing left behind: the next reply starts from an empty pipe.
+        assert!(p.fill(src, 10_000));
+        let (a, mut b) = UnixStream::pair().unwrap();
+        p.send(a.as_fd(), b"", 10_000).unwrap();
+        drop(a);
+        let mut got = Vec::new();
+        b.read_to_end(&mut got).unwrap();
+        assert_eq!(got, vec![7u8; 10_000]);
+    }
+
+    #[test]
+    fn bytes_not_in_the_page_cache_are_read_in() {
+        let data: Vec<u8> = (0..1_048_576u32).map(|i| (i * 7 % 253) as u8).collect();
+        let f = file_with(&data);
+        f.sync_all().unwrap();
+        // SAFETY: fadvise on an open descriptor with integer arguments.
+        unsafe { libc::posix_fadvise(f.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) };
+        let mut p = ReplyPipe::new().unwrap();
+        let src = HostSpan {
+            fd: f.as_fd(),
+            offset: 0,
+        };
+        assert!(
+            p.fill(src, 1 << 20),
+            "a cold page cache must not fail the fill"
+        );
+        let (a, mut b) = UnixStream::pair().unwrap();
+        let reader = std::thread::spawn(move || {
+            let mut got = vec![0u8; 1 << 20];
+            b.read_exact(&mut got).unwrap();
+            got
+        });
+        p.send(a.as_fd(), b"", 1 << 20).unwrap();
+        assert!(reader.join().unwrap() == data);
+    }
+
+    #[test]
+    fn more_pages_than_the_pipe_holds_do_not_fit() {
+        let p = ReplyPipe::new().unwrap();
+        assert!(p.fits(0, p.slots * PAGE));
+        assert!(!p.fits(1, p.slots * PAGE));
+        assert!(!p.fits(0, p.slots * PAGE + 1));
+    }
+}
