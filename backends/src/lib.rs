@@ -199,6 +199,11 @@ pub trait BlockBackend: Send + Sync + Debug {
     /// `read` would give at that moment; a frontend that gets fewer (the file shrank under
     /// us) falls back to `read`. None, the default, whenever the bytes exist only through
     /// `read`: a format's mapping, a cipher, holes to zero-fill, O_DIRECT alignment.
+    ///
+    /// Splicing moves page references, not bytes: the client may copy them out after later
+    /// writes. So the span must only ever hold this range's bytes. A raw file does; a format
+    /// that may free a host cluster and reuse it for another guest range (qcow2 after a
+    /// discard) must not return one, or a read could show another range's data.
     fn read_source(&self, offset: u64, len: u64) -> Option<HostSpan<'_>> {
         let _ = (offset, len);
         None
