@@ -96,6 +96,9 @@ impl Filter for Cached {
         self.inner.write_zeroes(offset, len, self.flags(flags))?;
         self.after(flags)
     }
+    fn try_read(&self, offset: u64, buf: &mut [u8]) -> bool {
+        self.inner.try_read(offset, buf)
+    }
     fn read_source(&self, offset: u64, len: u64) -> Option<HostSpan<'_>> {
         self.inner.read_source(offset, len)
     }

@@ -51,6 +51,9 @@ impl Filter for ZeroDetect {
         }
         self.inner.write(offset, buf, flags)
     }
+    fn try_read(&self, offset: u64, buf: &mut [u8]) -> bool {
+        self.inner.try_read(offset, buf)
+    }
     fn read_source(&self, offset: u64, len: u64) -> Option<HostSpan<'_>> {
         self.inner.read_source(offset, len)
     }

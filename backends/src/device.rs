@@ -87,6 +87,11 @@ impl Device {
         self.backend.read(offset, buf)
     }
 
+    /// See [`BlockBackend::try_read`]; false for a range past the end.
+    pub fn try_read(&self, offset: u64, buf: &mut [u8]) -> bool {
+        self.check_range(offset, buf.len() as u64).is_ok() && self.backend.try_read(offset, buf)
+    }
+
     /// See [`BlockBackend::read_source`]; None for a range past the end.
     pub fn read_source(&self, offset: u64, len: u64) -> Option<HostSpan<'_>> {
         self.check_range(offset, len).ok()?;

@@ -56,6 +56,11 @@ pub trait Filter: Send + Sync + Debug {
     fn unsettled(&self) -> bool {
         self.inner().unsettled()
     }
+    /// Not forwarded by default, as `read_source`.
+    fn try_read(&self, offset: u64, buf: &mut [u8]) -> bool {
+        let _ = (offset, buf);
+        false
+    }
     /// Not forwarded by default: a filter that changes what `read` returns must not let a
     /// frontend bypass it. A filter that passes reads through unchanged forwards it.
     fn read_source(&self, offset: u64, len: u64) -> Option<HostSpan<'_>> {
@@ -112,6 +117,9 @@ impl<T: Filter> BlockBackend for T {
     }
     fn unsettled(&self) -> bool {
         Filter::unsettled(self)
+    }
+    fn try_read(&self, offset: u64, buf: &mut [u8]) -> bool {
+        Filter::try_read(self, offset, buf)
     }
     fn read_source(&self, offset: u64, len: u64) -> Option<HostSpan<'_>> {
         Filter::read_source(self, offset, len)

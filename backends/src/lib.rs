@@ -193,6 +193,16 @@ pub trait BlockBackend: Send + Sync + Debug {
         false
     }
 
+    /// [`read`](Self::read), if it can finish without waiting for a device: the bytes are in
+    /// memory (the page cache, a cache of the format's own). False when it would wait, when
+    /// it failed, or when this backend cannot tell; the caller then calls `read` from a thread
+    /// that may block, which reports any error. A frontend uses it to serve a request on the
+    /// thread that read it from the network, without handing it to another thread.
+    fn try_read(&self, offset: u64, buf: &mut [u8]) -> bool {
+        let _ = (offset, buf);
+        false
+    }
+
     /// Where `[offset, offset + len)` lies, byte for byte, in one host file read through the
     /// page cache, so a frontend may move the bytes to a socket with splice(2) instead of
     /// copying them through [`read`](Self::read). Reading `len` bytes at the span gives what

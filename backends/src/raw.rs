@@ -145,6 +145,11 @@ impl BlockBackend for RawFile {
         self.file.read("read", offset, buf)
     }
 
+    fn try_read(&self, offset: u64, buf: &mut [u8]) -> bool {
+        // Past the file's end (the ragged tail) `read` fills zeroes.
+        offset + buf.len() as u64 <= self.file_len && self.file.try_read(offset, buf)
+    }
+
     fn read_source(&self, offset: u64, len: u64) -> Option<HostSpan<'_>> {
         if offset.checked_add(len)? > self.file_len {
             return None;

@@ -66,6 +66,9 @@ impl Filter for Slice {
         self.inner
             .bitmap_status(name, self.offset + offset, len, out)
     }
+    fn try_read(&self, offset: u64, buf: &mut [u8]) -> bool {
+        self.inner.try_read(self.offset + offset, buf)
+    }
     fn read_source(&self, offset: u64, len: u64) -> Option<HostSpan<'_>> {
         self.inner.read_source(self.offset + offset, len)
     }

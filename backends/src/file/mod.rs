@@ -27,7 +27,7 @@ use std::io;
 use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
 use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicI32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
 use std::sync::Arc;
 
 /// How to open an image file (qemu's `file` driver options that apply here).
@@ -63,6 +63,8 @@ pub struct HostFile {
     direct: Option<DirectIo>,
     /// errno of the first failed sync, returned by every later one.
     sync_failed: AtomicI32,
+    /// The file system cannot read with RWF_NOWAIT: `try_read` stops trying.
+    no_nowait: AtomicBool,
     /// qemu's image locks, released (explicit unlock, then close) when the file is dropped.
     lock: parking_lot::Mutex<Option<ImageLock>>,
     recorder: Option<Arc<Recorder>>,
@@ -111,6 +113,7 @@ impl HostFile {
             aio,
             direct: None,
             sync_failed: AtomicI32::new(0),
+            no_nowait: AtomicBool::new(false),
             lock: parking_lot::Mutex::new(None),
             recorder: None,
         })
@@ -135,6 +138,33 @@ impl HostFile {
 
     pub fn read_only(&self) -> bool {
         self.read_only
+    }
+
+    /// Fill `buf` from the page cache without waiting for the device (preadv2 RWF_NOWAIT).
+    /// False if any of it is not there, past the end, or the kernel cannot tell (O_DIRECT).
+    pub fn try_read(&self, offset: u64, buf: &mut [u8]) -> bool {
+        if self.direct.is_some() || self.no_nowait.load(Ordering::Relaxed) {
+            return false;
+        }
+        let iov = libc::iovec {
+            iov_base: buf.as_mut_ptr().cast(),
+            iov_len: buf.len(),
+        };
+        // SAFETY: iov points into `buf`, which outlives the call and is written only up to
+        // its length.
+        let n = unsafe {
+            libc::preadv2(
+                self.file.as_raw_fd(),
+                &iov,
+                1,
+                offset as libc::off_t,
+                libc::RWF_NOWAIT,
+            )
+        };
+        if n < 0 && io::Error::last_os_error().raw_os_error() == Some(libc::EOPNOTSUPP) {
+            self.no_nowait.store(true, Ordering::Relaxed);
+        }
+        n >= 0 && n as usize == buf.len()
     }
 
     /// The descriptor, for a caller that splices bytes out of the page cache; None with

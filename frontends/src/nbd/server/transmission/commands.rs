@@ -173,6 +173,29 @@ impl Conn<'_> {
         }
     }
 
+    /// Serve a small read on the thread that read it, if its bytes are in memory (see
+    /// "Inline" in mod.rs); the reply joins `s.batch`. False: serve it the usual way (which
+    /// also answers an invalid request).
+    pub(super) fn try_inline(&self, req: &Request, s: &mut Scratch) -> bool {
+        if req.cmd != CMD_READ || req.len == 0 || req.len >= SPARSE_READ_MIN {
+            return false;
+        }
+        let dev = &self.export.device;
+        if validate::validate(req, req.len, &s.data, &self.neg, dev.size()).is_err() {
+            return false;
+        }
+        let n = req.len as usize;
+        s.data.set_len(n);
+        if !dev.try_read(req.offset, &mut s.data[..n]) {
+            s.data.set_len(0);
+            return false;
+        }
+        self.read_header(req, req.len, s.data.as_ptr(), &mut s.hdr);
+        s.batch.extend_from_slice(&s.hdr);
+        s.batch.extend_from_slice(&s.data[..n]);
+        true
+    }
+
     /// A read sent from the page cache with splice (see `splice.rs`). None: the bytes are
     /// not in a host file as they are, or did not all reach the pipe; copy them instead.
     fn spliced_read(&self, req: &Request, len: u64, s: &mut Scratch) -> Option<io::Result<()>> {

@@ -4,6 +4,16 @@
 //! it to the worker already writing (see `write_reply`). Requests are served concurrently
 //! and replied to out of order; no lock is held across backend I/O.
 //! Workers are spawned lazily, so a client with one request in flight costs two threads.
+//!
+//! Inline: the worker holding the read lock serves a small read itself, without letting the
+//! lock go, when the backend can do it without waiting for a device (`Device::try_read`: the
+//! bytes are in the page cache). Its reply joins a batch that is sent when no further whole
+//! request is buffered (before the worker could wait on the socket), when it grows past
+//! `BATCH_MAX`, or before the worker serves a request the usual way. So a stream of cached
+//! reads costs no hand-over between threads (two context switches a request otherwise) and
+//! one `send` for many replies; a read that would wait, and every other command, goes the
+//! usual way and the next worker takes over the reading.
+//!
 //! This file holds the threads, locks and socket I/O; `commands.rs` serves each request and
 //! builds its reply, `status.rs` turns extents into BLOCK_STATUS runs, `splice.rs` sends a
 //! large read from the page cache to a plain socket without copying it.
@@ -85,7 +95,12 @@ struct Scratch {
     pub(super) extents: Extents,
     /// For spliced read replies, made by the first one.
     pub(super) pipe: PipeSlot,
+    /// Replies of requests served inline, not sent yet.
+    pub(super) batch: Vec<u8>,
 }
+
+/// Replies of inline requests are sent once they reach this many bytes.
+const BATCH_MAX: usize = 128 * 1024;
 
 #[derive(Default)]
 enum PipeSlot {
@@ -160,7 +175,7 @@ impl<'a> Conn<'a> {
                 if self.closing.load(Ordering::SeqCst) {
                     return;
                 }
-                self.next_request(&mut rd, &mut scratch.data)
+                self.next_unserved(&mut rd, &mut scratch)
             };
             let req = match next {
                 Ok(Next::Request(r)) => r,
@@ -194,6 +209,66 @@ impl<'a> Conn<'a> {
                 return;
             }
         }
+    }
+
+    /// Read requests, serving inline those that can be (see "Inline" above), until one that
+    /// must be served the usual way, a disconnect or an error. Every inline reply has been
+    /// sent (or the connection is broken) when this returns.
+    fn next_unserved(&self, rd: &mut BufReader<Stream>, s: &mut Scratch) -> io::Result<Next> {
+        loop {
+            if !s.batch.is_empty() && !self.whole_request_buffered(rd) {
+                self.send_batch(s)?;
+            }
+            let req = match self.next_request(rd, &mut s.data) {
+                Ok(Next::Request(r)) => r,
+                other => {
+                    if other.is_ok() {
+                        self.send_batch(s)?;
+                    }
+                    return other;
+                }
+            };
+            let started = self.export.stats.as_ref().map(|_| Instant::now());
+            if !self.try_inline(&req, s) {
+                self.send_batch(s)?;
+                return Ok(Next::Request(req));
+            }
+            if let (Some(stats), Some(t)) = (&self.export.stats, started) {
+                stats.request(stat_op(req.cmd), stat_bytes(&req), t.elapsed());
+            }
+            if s.batch.len() >= BATCH_MAX {
+                self.send_batch(s)?;
+            }
+        }
+    }
+
+    /// Whether the read buffer holds a whole request (header and payload), so reading it
+    /// cannot wait on the socket.
+    fn whole_request_buffered(&self, rd: &BufReader<Stream>) -> bool {
+        let buf = rd.buffer();
+        let hlen = wire::request_len(self.neg.extended);
+        if buf.len() < hlen {
+            return false;
+        }
+        match wire::decode_request(&buf[..hlen], self.neg.extended) {
+            Ok(Some(req)) => match validate::payload(&req, &self.neg) {
+                Payload::Read(n) | Payload::Drain(n) => buf.len() - hlen >= n,
+                Payload::None | Payload::Fatal(_) => true,
+            },
+            _ => true,
+        }
+    }
+
+    fn send_batch(&self, s: &mut Scratch) -> io::Result<()> {
+        if s.batch.is_empty() {
+            return Ok(());
+        }
+        let r = self.write_reply(&mut [IoSlice::new(&s.batch)]);
+        s.batch.clear();
+        if s.batch.capacity() > 2 * BATCH_MAX {
+            s.batch = Vec::new();
+        }
+        r
     }
 
     fn close(&self) {
