@@ -142,8 +142,12 @@ impl HostFile {
 
     /// Fill `buf` from the page cache without waiting for the device (preadv2 RWF_NOWAIT).
     /// False if any of it is not there, past the end, or the kernel cannot tell (O_DIRECT).
+    /// Only with `--aio=threads`: another mode asked for all I/O through its own engine.
     pub fn try_read(&self, offset: u64, buf: &mut [u8]) -> bool {
-        if self.direct.is_some() || self.no_nowait.load(Ordering::Relaxed) {
+        if self.direct.is_some()
+            || self.aio != AioMode::Threads
+            || self.no_nowait.load(Ordering::Relaxed)
+        {
             return false;
         }
         let iov = libc::iovec {
@@ -168,10 +172,11 @@ impl HostFile {
     }
 
     /// The descriptor, for a caller that splices bytes out of the page cache; None with
-    /// O_DIRECT (where the page cache may be stale and is not ours to use).
+    /// O_DIRECT (where the page cache may be stale and is not ours to use), and with an
+    /// `--aio` engine other than threads (asked for all I/O).
     pub fn page_cache_fd(&self) -> Option<std::os::fd::BorrowedFd<'_>> {
         use std::os::fd::AsFd;
-        if self.direct.is_some() {
+        if self.direct.is_some() || self.aio != AioMode::Threads {
             return None;
         }
         Some(self.file.as_fd())

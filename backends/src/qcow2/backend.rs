@@ -91,6 +91,13 @@ impl BlockBackend for Qcow2 {
         self.checked(r)
     }
 
+    /// One cluster's worth at most: a larger read is not the small request this is for.
+    fn try_read(&self, offset: u64, buf: &mut [u8]) -> bool {
+        let in_off = offset & (self.geo.cs - 1);
+        buf.len() as u64 <= self.geo.cs - in_off
+            && self.try_read_piece(offset >> self.geo.cluster_bits, in_off, buf)
+    }
+
     fn write(&self, offset: u64, buf: &[u8], flags: IoFlags) -> Result<()> {
         let closing = self.writes_open()?;
         let fua = flags.contains(IoFlags::FUA);

@@ -146,6 +146,22 @@ impl Meta {
         }))
     }
 
+    /// The entry for guest cluster `g` if no I/O is needed to know it (its L2 table is in the
+    /// cache, or its whole L2 range is unallocated). None: it must be read first.
+    pub fn cached_entry(&mut self, geo: &Geo, g: u64) -> Option<Entry> {
+        let l1i = (g >> geo.l2_bits) as usize;
+        let off = *self.l1.get(l1i)? & OFFSET_MASK;
+        if off == 0 {
+            return Some(Entry::default());
+        }
+        let at = self.entry_at(geo, g);
+        let t = self.l2.get(off)?;
+        Some(Entry {
+            desc: t.be64(at),
+            bm: if geo.extended { t.be64(at + 8) } else { 0 },
+        })
+    }
+
     /// Is the mapping of guest cluster `g` on disk as it is here? Then its L2 entry, the L1
     /// entry above it and the refcounts they rely on were written and synced by a flush (a
     /// table is marked clean only after the flush's final sync).

@@ -341,6 +341,20 @@ impl Qcow2 {
         Ok(())
     }
 
+    /// `read_backing`, if the backing file can do it without waiting.
+    fn try_read_backing(&self, pos: u64, buf: &mut [u8]) -> bool {
+        let Some(b) = &self.backing else {
+            buf.fill(0);
+            return true;
+        };
+        let n = b.size().saturating_sub(pos).min(buf.len() as u64) as usize;
+        if n > 0 && !b.try_read(pos, &mut buf[..n]) {
+            return false;
+        }
+        buf[n..].fill(0);
+        true
+    }
+
     fn backing_is_zero(&self, pos: u64) -> bool {
         self.backing.as_ref().is_none_or(|b| pos >= b.size())
     }

@@ -55,6 +55,54 @@ impl Qcow2 {
         Ok(())
     }
 
+    /// `read` of part of one cluster, if nothing needs to wait: no lock held by another
+    /// thread, the mapping in the metadata cache, the data in the page cache (or zeroes, or
+    /// the same from the backing file). False otherwise, or for anything but plain data
+    /// (compressed, encrypted, corrupt): the caller reads the usual way.
+    pub(super) fn try_read_piece(&self, g: u64, in_off: u64, buf: &mut [u8]) -> bool {
+        if self.crypto.is_some() || self.usable().is_err() {
+            return false;
+        }
+        let Some(_s) = self.stripe(g).try_read() else {
+            return false;
+        };
+        let Some(e) = self
+            .meta
+            .try_lock()
+            .and_then(|mut m| m.cached_entry(&self.geo, g))
+        else {
+            return false;
+        };
+        if e.compressed() {
+            return false;
+        }
+        let base = g << self.geo.cluster_bits;
+        let end = in_off + buf.len() as u64;
+        let sc = self.geo.sc_bits;
+        let mut pos = in_off;
+        while pos < end {
+            let Ok(st) = self.state(e, pos >> sc) else {
+                return false;
+            };
+            let run_end = (((pos >> sc) + 1) << sc).min(end);
+            let piece = &mut buf[(pos - in_off) as usize..(run_end - in_off) as usize];
+            let done = match st {
+                Sc::Data => self.f.try_read(e.host() + pos, piece),
+                Sc::Zero => {
+                    piece.fill(0);
+                    true
+                }
+                Sc::Unalloc => self.try_read_backing(base + pos, piece),
+                Sc::Compressed => false,
+            };
+            if !done {
+                return false;
+            }
+            pos = run_end;
+        }
+        true
+    }
+
     pub(super) fn read_piece(&self, g: u64, in_off: u64, buf: &mut [u8]) -> Result<()> {
         let _s = self.stripe(g).read();
         let e = self.entry(g)?;
