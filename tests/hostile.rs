@@ -1395,3 +1395,87 @@ fn second_client_is_served_while_one_holds_a_slot_in_the_handshake() {
     let _ = w.flush();
     assert_eq!(b[512..], data);
 }
+
+#[test]
+fn pipelined_small_reads_then_disc_get_every_reply_before_the_close() {
+    // Small cached reads are served by the reading thread and their replies batched: a
+    // batch must go out before the server waits for more, before a request served the usual
+    // way (a write, a refused read), and before a disconnect.
+    let dir = tmpdir();
+    let bytes: Vec<u8> = (0..SIZE as usize).map(|i| (i % 251) as u8).collect();
+    let img = make_raw(dir.path(), "p.raw", SIZE, &[(0, &bytes)]);
+    let img_s = img.display().to_string();
+    let s = Server::unix(&bin(), &["-f", "raw", "-t", &img_s]);
+    let sock = s.socket.clone().expect("socket");
+    for neg in [Neg::Simple, Neg::Structured, Neg::Extended] {
+        let mut c = Raw::negotiate(&sock, neg);
+        let simple = neg == Neg::Simple;
+        let mut expect = std::collections::HashMap::new();
+        for i in 0..300u64 {
+            let off = (i * 7919 * 512) % (SIZE - 4096);
+            match i % 50 {
+                // A read past the end: refused, the usual way (not with simple replies: a
+                // client cannot tell whether data follows their error).
+                17 if !simple => {
+                    assert!(c.request(0, CMD_READ, i, SIZE - 512, 4096, &[]));
+                    expect.insert(i, None);
+                }
+                // A write (not with simple replies: their data length is not in the reply).
+                33 if !simple => {
+                    let data = vec![0x5au8; 4096];
+                    assert!(c.request(0, CMD_WRITE, i, off, 4096, &data));
+                    expect.insert(i, Some(Vec::new()));
+                }
+                _ => {
+                    assert!(c.request(0, CMD_READ, i, off, 4096, &[]));
+                    expect.insert(i, Some(bytes[off as usize..off as usize + 4096].to_vec()));
+                }
+            }
+        }
+        // qemu-nbd closes at once on DISC, dropping the replies owed; the protocol says a
+        // server handles every outstanding request first, as qnbd does.
+        if !is_qemu() {
+            c.request(0, CMD_DISC, 1000, 0, 0, &[]);
+        }
+        let mut writes_seen = 0;
+        while !expect.is_empty() {
+            // Only reads carry data in a simple reply; with structured replies the data
+            // is in chunks, and a write's reply may be a simple one without any.
+            let r = c
+                .response(if simple { 4096 } else { 0 })
+                .unwrap_or_else(|| {
+                    panic!(
+                        "{neg:?}: connection closed with {} replies owed",
+                        expect.len()
+                    )
+                });
+            let want = expect
+                .remove(&r.cookie)
+                .expect("a reply for a request sent");
+            match want {
+                None => assert_eq!(r.errno, EINVAL, "{neg:?} cookie {}", r.cookie),
+                Some(d) if d.is_empty() => {
+                    assert_eq!(r.errno, 0);
+                    writes_seen += 1;
+                }
+                Some(d) => {
+                    assert_eq!(r.errno, 0, "{neg:?} cookie {}", r.cookie);
+                    // A write in flight to the same place may have been served first.
+                    assert_eq!(r.data.len(), d.len());
+                    assert!(
+                        r.data.iter().zip(&d).all(|(&g, &w)| g == w || g == 0x5a),
+                        "{neg:?}: read {} returned other bytes",
+                        r.cookie
+                    );
+                }
+            }
+        }
+        assert_eq!(writes_seen, if simple { 0 } else { 6 }, "{neg:?}");
+        if is_qemu() {
+            c.request(0, CMD_DISC, 1000, 0, 0, &[]);
+        }
+        assert!(c.closed(), "{neg:?}: the server closes after DISC");
+        // Restore what the writes changed, for the next round.
+        std::fs::write(&img, &bytes).expect("restore image");
+    }
+}

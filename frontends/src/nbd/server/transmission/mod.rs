@@ -175,7 +175,12 @@ impl<'a> Conn<'a> {
                 if self.closing.load(Ordering::SeqCst) {
                     return;
                 }
-                self.next_unserved(&mut rd, &mut scratch)
+                let next = self.next_unserved(&mut rd, &mut scratch);
+                if matches!(next, Ok(Next::Disconnect)) {
+                    // Before the read lock goes: no worker may wait for a request after it.
+                    self.closing.store(true, Ordering::SeqCst);
+                }
+                next
             };
             let req = match next {
                 Ok(Next::Request(r)) => r,
