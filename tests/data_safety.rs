@@ -157,6 +157,15 @@ fn verifier_raw() {
     verify(&img, &["-f", "raw"], &[]);
 }
 
+/// Whole pages only: small page-aligned writes without FUA take the inline path (written by
+/// the thread that read them, their replies batched).
+#[test]
+fn verifier_raw_page_aligned() {
+    let d = tmpdir();
+    let img = make_raw(d.path(), "a.raw", 128 << 20, &[]);
+    verify(&img, &["-f", "raw"], &["--align", "4096"]);
+}
+
 #[test]
 fn verifier_raw_o_direct() {
     let d = var_tmpdir();
@@ -274,6 +283,10 @@ fn verifier_qcow2_with_an_internal_snapshot_keeps_it() {
 
 /// `kill -9` under load, `rounds` times.
 fn crash(format: &str, create: &str, server_opts: &str, rounds: u64) {
+    crash_with(format, create, server_opts, rounds, &[]);
+}
+
+fn crash_with(format: &str, create: &str, server_opts: &str, rounds: u64, extra: &[&str]) {
     if !have("qemu-img") || !have_nbdsh() {
         return;
     }
@@ -286,6 +299,7 @@ fn crash(format: &str, create: &str, server_opts: &str, rounds: u64) {
         ))
         .args(["--create", create, "--format", format, "--prefill"])
         .args(["--rounds", &rounds.to_string(), "--seed", "3"])
+        .args(extra)
         .arg("--workdir")
         .arg(d.path()));
     let last = out.lines().last().unwrap_or("").to_string();
@@ -303,6 +317,18 @@ fn crash_rounds() -> u64 {
 #[test]
 fn crash_loop_raw() {
     crash("raw", "truncate -s 64M {img}", "", crash_rounds());
+}
+
+/// Whole pages: writes acknowledged from the inline path, then FLUSH or kill -9.
+#[test]
+fn crash_loop_raw_page_aligned() {
+    crash_with(
+        "raw",
+        "truncate -s 64M {img}",
+        "",
+        crash_rounds(),
+        &["--align", "4096"],
+    );
 }
 
 #[test]

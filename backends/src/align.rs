@@ -165,6 +165,12 @@ impl Filter for Aligned {
         c.head.is_none() && c.tail.is_none() && self.inner.try_read(offset, buf)
     }
 
+    /// Whole sectors are written straight to the inner layer.
+    fn try_write(&self, offset: u64, buf: &[u8]) -> bool {
+        let c = cut(offset, buf.len() as u64);
+        c.head.is_none() && c.tail.is_none() && self.inner.try_write(offset, buf)
+    }
+
     /// Whole sectors are read straight from the inner layer, so they may be spliced too.
     fn read_source(&self, offset: u64, len: u64) -> Option<HostSpan<'_>> {
         let c = cut(offset, len);

@@ -99,6 +99,10 @@ impl Filter for Cached {
     fn try_read(&self, offset: u64, buf: &mut [u8]) -> bool {
         self.inner.try_read(offset, buf)
     }
+    /// Write-through modes make every write durable: that waits for the device.
+    fn try_write(&self, offset: u64, buf: &[u8]) -> bool {
+        !self.mode.write_through() && self.inner.try_write(offset, buf)
+    }
     fn read_source(&self, offset: u64, len: u64) -> Option<HostSpan<'_>> {
         self.inner.read_source(offset, len)
     }

@@ -54,6 +54,10 @@ impl Filter for ZeroDetect {
     fn try_read(&self, offset: u64, buf: &mut [u8]) -> bool {
         self.inner.try_read(offset, buf)
     }
+    /// Zeroes to be detected are written the usual way.
+    fn try_write(&self, offset: u64, buf: &[u8]) -> bool {
+        (self.mode == DetectZeroes::Off || !is_zero(buf)) && self.inner.try_write(offset, buf)
+    }
     fn read_source(&self, offset: u64, len: u64) -> Option<HostSpan<'_>> {
         self.inner.read_source(offset, len)
     }

@@ -92,6 +92,13 @@ impl Device {
         self.check_range(offset, buf.len() as u64).is_ok() && self.backend.try_read(offset, buf)
     }
 
+    /// See [`BlockBackend::try_write`]; false on a read-only device or past the end.
+    pub fn try_write(&self, offset: u64, buf: &[u8]) -> bool {
+        self.caps.writable
+            && self.check_range(offset, buf.len() as u64).is_ok()
+            && self.backend.try_write(offset, buf)
+    }
+
     /// See [`BlockBackend::read_source`]; None for a range past the end.
     pub fn read_source(&self, offset: u64, len: u64) -> Option<HostSpan<'_>> {
         self.check_range(offset, len).ok()?;

@@ -61,6 +61,11 @@ pub trait Filter: Send + Sync + Debug {
         let _ = (offset, buf);
         false
     }
+    /// Not forwarded by default: a filter that changes or checks writes must see them.
+    fn try_write(&self, offset: u64, buf: &[u8]) -> bool {
+        let _ = (offset, buf);
+        false
+    }
     /// Not forwarded by default: a filter that changes what `read` returns must not let a
     /// frontend bypass it. A filter that passes reads through unchanged forwards it.
     fn read_source(&self, offset: u64, len: u64) -> Option<HostSpan<'_>> {
@@ -120,6 +125,9 @@ impl<T: Filter> BlockBackend for T {
     }
     fn try_read(&self, offset: u64, buf: &mut [u8]) -> bool {
         Filter::try_read(self, offset, buf)
+    }
+    fn try_write(&self, offset: u64, buf: &[u8]) -> bool {
+        Filter::try_write(self, offset, buf)
     }
     fn read_source(&self, offset: u64, len: u64) -> Option<HostSpan<'_>> {
         Filter::read_source(self, offset, len)

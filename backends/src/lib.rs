@@ -203,6 +203,16 @@ pub trait BlockBackend: Send + Sync + Debug {
         false
     }
 
+    /// [`write`](Self::write) without FUA, if it is not expected to wait for a device: the
+    /// bytes go to memory (the page cache) and nothing has to be read or allocated on disk
+    /// first. False when it cannot, or failed: part of `buf` may have been written, and the
+    /// caller writes all of it with `write` from a thread that may block, which reports any
+    /// error. A completed `try_write` is a completed write for every rule (flush, settle).
+    fn try_write(&self, offset: u64, buf: &[u8]) -> bool {
+        let _ = (offset, buf);
+        false
+    }
+
     /// Where `[offset, offset + len)` lies, byte for byte, in one host file read through the
     /// page cache, so a frontend may move the bytes to a socket with splice(2) instead of
     /// copying them through [`read`](Self::read). Reading `len` bytes at the span gives what

@@ -66,6 +66,10 @@ impl Filter for ProbedRaw {
     fn try_read(&self, offset: u64, buf: &mut [u8]) -> bool {
         self.inner.try_read(offset, buf)
     }
+    /// Writes to the first sector are checked the usual way.
+    fn try_write(&self, offset: u64, buf: &[u8]) -> bool {
+        offset >= 512 && self.inner.try_write(offset, buf)
+    }
     fn read_source(&self, offset: u64, len: u64) -> Option<HostSpan<'_>> {
         self.inner.read_source(offset, len)
     }

@@ -150,6 +150,10 @@ impl BlockBackend for RawFile {
         offset + buf.len() as u64 <= self.file_len && self.file.try_read(offset, buf)
     }
 
+    fn try_write(&self, offset: u64, buf: &[u8]) -> bool {
+        !self.opts.read_only && self.file.try_write(offset, buf)
+    }
+
     fn read_source(&self, offset: u64, len: u64) -> Option<HostSpan<'_>> {
         if offset.checked_add(len)? > self.file_len {
             return None;

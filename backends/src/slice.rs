@@ -69,6 +69,9 @@ impl Filter for Slice {
     fn try_read(&self, offset: u64, buf: &mut [u8]) -> bool {
         self.inner.try_read(self.offset + offset, buf)
     }
+    fn try_write(&self, offset: u64, buf: &[u8]) -> bool {
+        self.inner.try_write(self.offset + offset, buf)
+    }
     fn read_source(&self, offset: u64, len: u64) -> Option<HostSpan<'_>> {
         self.inner.read_source(self.offset + offset, len)
     }

@@ -115,6 +115,17 @@ class Op:
         return s
 
 
+
+def aligned(sec, nsec, k, nsec_region):
+    """(sec, nsec) widened to whole multiples of k sectors, inside the region."""
+    if k <= 1:
+        return sec, nsec
+    nsec = min(-(-nsec // k) * k, nsec_region - nsec_region % k)
+    sec -= sec % k
+    if sec + nsec > nsec_region:
+        sec = (nsec_region - nsec) - (nsec_region - nsec) % k
+    return sec, nsec
+
 def op_stream(rng, args, caps, lo, hi):
     """Endless deterministic stream of WRITE / ZERO / FLUSH requests."""
     nsec_region = (hi - lo) // SECTOR
@@ -139,6 +150,8 @@ def op_stream(rng, args, caps, lo, hi):
             kind, sec, nsec = FLUSH, 0, 0
         if kind == ZERO and not caps["zero"]:
             kind = WRITE
+        if kind != FLUSH:
+            sec, nsec = aligned(sec, nsec, args.align // SECTOR, nsec_region)
         flags = 0
         if kind in (WRITE, ZERO) and caps["fua"] and rng.random() < args.fua:
             flags |= nbd.CMD_FLAG_FUA
@@ -598,6 +611,8 @@ def main():
     ap.add_argument("--min-kill", type=float, default=0.1)
     ap.add_argument("--max-kill", type=float, default=0.9)
     ap.add_argument("--max-len", type=parse_size, default=64 << 10)
+    ap.add_argument("--align", type=parse_size, default=SECTOR,
+                    help="offsets and lengths in multiples of this")
     ap.add_argument("--fua", type=float, default=0.4, help="share of writes with FUA")
     ap.add_argument("--zero", type=float, default=0.15, help="share of WRITE_ZEROES")
     ap.add_argument("--flush-every", type=float, default=32,

@@ -102,6 +102,17 @@ class Op:
         return s
 
 
+
+def aligned(sec, nsec, k, nsec_region):
+    """(sec, nsec) widened to whole multiples of k sectors, inside the region."""
+    if k <= 1:
+        return sec, nsec
+    nsec = min(-(-nsec // k) * k, nsec_region - nsec_region % k)
+    sec -= sec % k
+    if sec + nsec > nsec_region:
+        sec = (nsec_region - nsec) - (nsec_region - nsec) % k
+    return sec, nsec
+
 def op_stream(args, caps, lo, hi):
     """Deterministic stream of requests; yields Op objects (READs do not count as writes)."""
     rng = random.Random(args.seed)
@@ -130,6 +141,8 @@ def op_stream(args, caps, lo, hi):
 
     def make(kind, sec, nsec):
         nonlocal next_id
+        if kind != FLUSH:
+            sec, nsec = aligned(sec, nsec, args.align // SECTOR, nsec_region)
         flags = 0
         if kind == WRITE and caps["fua"] and rng.random() < 0.25:
             flags |= nbd.CMD_FLAG_FUA
@@ -217,6 +230,9 @@ def main():
     ap.add_argument("--depth", type=int, default=16)
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--max-len", type=parse_size, default=256 << 10)
+    ap.add_argument("--align", type=parse_size, default=SECTOR,
+                    help="offsets and lengths in multiples of this (page-aligned requests "
+                         "take other paths in a server)")
     ap.add_argument("--trim-zeroes", nargs="?", const="512", default=None, metavar="ALIGN",
                     help="TRIMmed sectors read back as zeroes (only whole ALIGN blocks, if given)")
     ap.add_argument("--no-trim", action="store_true")

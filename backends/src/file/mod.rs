@@ -65,6 +65,8 @@ pub struct HostFile {
     sync_failed: AtomicI32,
     /// The file system cannot read with RWF_NOWAIT: `try_read` stops trying.
     no_nowait: AtomicBool,
+    /// The file system cannot write with RWF_NOWAIT (ext4): `try_write` writes without it.
+    no_nowait_write: AtomicBool,
     /// qemu's image locks, released (explicit unlock, then close) when the file is dropped.
     lock: parking_lot::Mutex<Option<ImageLock>>,
     recorder: Option<Arc<Recorder>>,
@@ -114,6 +116,7 @@ impl HostFile {
             direct: None,
             sync_failed: AtomicI32::new(0),
             no_nowait: AtomicBool::new(false),
+            no_nowait_write: AtomicBool::new(false),
             lock: parking_lot::Mutex::new(None),
             recorder: None,
         })
@@ -169,6 +172,50 @@ impl HostFile {
             self.no_nowait.store(true, Ordering::Relaxed);
         }
         n >= 0 && n as usize == buf.len()
+    }
+
+    /// Write `buf` at `offset` into the page cache if that should not wait for the device:
+    /// whole pages (no page read first), with RWF_NOWAIT where the file system has it (ext4
+    /// does not: a buffered write of whole pages then waits only when the kernel throttles
+    /// writers, as every writer would). False if not done; part of it may have been written.
+    /// Only with `--aio=threads`, as `try_read`.
+    pub fn try_write(&self, offset: u64, buf: &[u8]) -> bool {
+        const PAGE: u64 = 4096;
+        if self.direct.is_some()
+            || self.read_only
+            || self.aio != AioMode::Threads
+            || !offset.is_multiple_of(PAGE)
+            || !(buf.len() as u64).is_multiple_of(PAGE)
+        {
+            return false;
+        }
+        let flags = if self.no_nowait_write.load(Ordering::Relaxed) {
+            0
+        } else {
+            libc::RWF_NOWAIT
+        };
+        let iov = libc::iovec {
+            iov_base: buf.as_ptr() as *mut libc::c_void,
+            iov_len: buf.len(),
+        };
+        // SAFETY: iov points into `buf`, which outlives the call; pwritev2 only reads it.
+        let mut n =
+            unsafe { libc::pwritev2(self.file.as_raw_fd(), &iov, 1, offset as libc::off_t, flags) };
+        if n < 0
+            && flags != 0
+            && io::Error::last_os_error().raw_os_error() == Some(libc::EOPNOTSUPP)
+        {
+            self.no_nowait_write.store(true, Ordering::Relaxed);
+            // SAFETY: as above.
+            n = unsafe { libc::pwritev2(self.file.as_raw_fd(), &iov, 1, offset as libc::off_t, 0) };
+        }
+        if n < 0 || n as usize != buf.len() {
+            return false;
+        }
+        if let Some(rec) = &self.recorder {
+            rec.write(offset, buf);
+        }
+        true
     }
 
     /// The descriptor, for a caller that splices bytes out of the page cache; None with

@@ -13,6 +13,8 @@ use std::io::{self, IoSlice};
 
 /// Reads at least this long look for holes to send as OFFSET_HOLE chunks.
 const SPARSE_READ_MIN: u64 = 64 * 1024;
+/// An inline write that took longer than this stops inline writes for `INLINE_WRITE_PAUSE`.
+const SLOW_INLINE_WRITE: std::time::Duration = std::time::Duration::from_millis(1);
 /// Most extents gathered for one BLOCK_STATUS reply; the client asks again for the rest.
 const MAX_EXTENTS: usize = 65536;
 
@@ -177,12 +179,17 @@ impl Conn<'_> {
     /// "Inline" in mod.rs); the reply joins `s.batch`. False: serve it the usual way (which
     /// also answers an invalid request).
     pub(super) fn try_inline(&self, req: &Request, s: &mut Scratch) -> bool {
-        if req.cmd != CMD_READ || req.len == 0 || req.len >= SPARSE_READ_MIN {
+        if req.len == 0 || req.len >= SPARSE_READ_MIN {
             return false;
         }
         let dev = &self.export.device;
-        if validate::validate(req, req.len, &s.data, &self.neg, dev.size()).is_err() {
+        if !matches!(req.cmd, CMD_READ | CMD_WRITE)
+            || validate::validate(req, req.len, &s.data, &self.neg, dev.size()).is_err()
+        {
             return false;
+        }
+        if req.cmd == CMD_WRITE {
+            return self.try_inline_write(req, s);
         }
         let n = req.len as usize;
         s.data.set_len(n);
@@ -193,6 +200,32 @@ impl Conn<'_> {
         self.read_header(req, req.len, s.data.as_ptr(), &mut s.hdr);
         s.batch.extend_from_slice(&s.hdr);
         s.batch.extend_from_slice(&s.data[..n]);
+        true
+    }
+
+    /// A small write without FUA, if the backend takes it without waiting (see "Inline" in
+    /// mod.rs). One that took long all the same (the kernel throttled writers) stops inline
+    /// writes for a while, so reads are not held up behind writes that wait.
+    fn try_inline_write(&self, req: &Request, s: &mut Scratch) -> bool {
+        if req.flags.contains(CmdFlags::FUA) || !self.inline_writes_allowed() {
+            return false;
+        }
+        let t = std::time::Instant::now();
+        if !self.export.device.try_write(req.offset, &s.data) {
+            return false;
+        }
+        if t.elapsed() > SLOW_INLINE_WRITE {
+            self.pause_inline_writes();
+        }
+        s.hdr.clear();
+        if self.neg.extended {
+            trace_done(req.cookie);
+            wire::encode_done(&mut s.hdr, true, req.cookie, req.offset);
+        } else {
+            trace_simple(req.cookie, 0, 0);
+            wire::encode_simple_reply(&mut s.hdr, 0, req.cookie);
+        }
+        s.batch.extend_from_slice(&s.hdr);
         true
     }
 

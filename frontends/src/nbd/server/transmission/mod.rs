@@ -5,9 +5,10 @@
 //! and replied to out of order; no lock is held across backend I/O.
 //! Workers are spawned lazily, so a client with one request in flight costs two threads.
 //!
-//! Inline: the worker holding the read lock serves a small read itself, without letting the
-//! lock go, when the backend can do it without waiting for a device (`Device::try_read`: the
-//! bytes are in the page cache). Its reply joins a batch that is sent when no further whole
+//! Inline: the worker holding the read lock serves a small read or write itself, without
+//! letting the lock go, when the backend can do it without waiting for a device
+//! (`Device::try_read`: the bytes are in the page cache; `Device::try_write`: whole pages into
+//! the page cache, no FUA; a write that waited all the same stops inline writes for a second). Its reply joins a batch that is sent when no further whole
 //! request is buffered (before the worker could wait on the socket), when it grows past
 //! `BATCH_MAX`, or before the worker serves a request the usual way. So a stream of cached
 //! reads costs no hand-over between threads (two context switches a request otherwise) and
@@ -32,7 +33,7 @@ use crate::sync::Mutex;
 use crate::transport::{write_all_vectored, Stream};
 use backends::Extents;
 use std::io::{self, BufReader, IoSlice, Read, Write};
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::thread::Scope;
 use std::time::Instant;
 
@@ -48,6 +49,10 @@ struct Conn<'a> {
     control: Stream,
     /// Read replies may be spliced (a plain socket, not TLS).
     splice: bool,
+    /// When the connection began, and until when (ns after it) writes are not served
+    /// inline: one of them waited (see `try_inline_write`).
+    started: Instant,
+    inline_writes_paused_until: AtomicU64,
     closing: AtomicBool,
     /// Workers waiting for the read lock.
     idle: AtomicUsize,
@@ -99,6 +104,9 @@ struct Scratch {
     pub(super) batch: Vec<u8>,
 }
 
+/// How long writes are not served inline after one of them waited.
+const INLINE_WRITE_PAUSE: std::time::Duration = std::time::Duration::from_secs(1);
+
 /// Replies of inline requests are sent once they reach this many bytes.
 const BATCH_MAX: usize = 128 * 1024;
 
@@ -146,6 +154,8 @@ pub fn serve(
         writer: Mutex::new(stream.try_clone()?),
         outbox: Mutex::new(Outbox::default()),
         splice: stream.plain_fd().is_some(),
+        started: Instant::now(),
+        inline_writes_paused_until: AtomicU64::new(0),
         control: stream,
         closing: AtomicBool::new(false),
         idle: AtomicUsize::new(0),
@@ -274,6 +284,18 @@ impl<'a> Conn<'a> {
             s.batch = Vec::new();
         }
         r
+    }
+
+    fn inline_writes_allowed(&self) -> bool {
+        let now = self.started.elapsed().as_nanos() as u64;
+        now >= self.inline_writes_paused_until.load(Ordering::Relaxed)
+    }
+
+    fn pause_inline_writes(&self) {
+        let until = (self.started.elapsed() + INLINE_WRITE_PAUSE).as_nanos() as u64;
+        self.inline_writes_paused_until
+            .store(until, Ordering::Relaxed);
+        tracing::debug!("an inline write waited: writes go to worker threads for a while");
     }
 
     fn close(&self) {
