@@ -3,17 +3,20 @@
 //! the backend, and writes the whole reply with one `writev` under the write lock, or hands
 //! it to the worker already writing (see `write_reply`). Requests are served concurrently
 //! and replied to out of order; no lock is held across backend I/O.
-//! Workers are spawned lazily, so a client with one request in flight costs two threads.
+//! Workers are spawned lazily, when a request is served the usual way and no worker waits to
+//! read: a client whose requests are all served inline costs one thread.
 //!
 //! Inline: the worker holding the read lock serves a small read or write itself, without
 //! letting the lock go, when the backend can do it without waiting for a device
-//! (`Device::try_read`: the bytes are in the page cache; `Device::try_write`: whole pages into
-//! the page cache, no FUA; a write that waited all the same stops inline writes for a second). Its reply joins a batch that is sent when no further whole
-//! request is buffered (before the worker could wait on the socket), when it grows past
-//! `BATCH_MAX`, or before the worker serves a request the usual way. So a stream of cached
-//! reads costs no hand-over between threads (two context switches a request otherwise) and
-//! one `send` for many replies; a read that would wait, and every other command, goes the
-//! usual way and the next worker takes over the reading.
+//! (`Device::try_read`: the bytes are in the page cache; `Device::try_write`: whole pages
+//! into the page cache, no FUA; a write that waited all the same stops inline writes for a
+//! second). Its reply joins a batch that is sent when no further whole request is buffered
+//! (before the worker could wait on the socket), when it grows past `BATCH_MAX`, before the
+//! worker serves a request the usual way, and before it leaves on a disconnect or an error.
+//! So a stream of cached requests costs no hand-over between threads (two context switches
+//! a request otherwise) and one `send` for many replies; a request that may wait goes the
+//! usual way and the next worker takes over the reading. A reply is sent only after its
+//! request completed, so a write's acknowledgement still follows the write.
 //!
 //! This file holds the threads, locks and socket I/O; `commands.rs` serves each request and
 //! builds its reply, `status.rs` turns extents into BLOCK_STATUS runs, `splice.rs` sends a
@@ -228,7 +231,7 @@ impl<'a> Conn<'a> {
 
     /// Read requests, serving inline those that can be (see "Inline" above), until one that
     /// must be served the usual way, a disconnect or an error. Every inline reply has been
-    /// sent (or the connection is broken) when this returns.
+    /// sent (or the socket failed) when this returns.
     fn next_unserved(&self, rd: &mut BufReader<Stream>, s: &mut Scratch) -> io::Result<Next> {
         loop {
             if !s.batch.is_empty() && !self.whole_request_buffered(rd) {
@@ -236,11 +239,14 @@ impl<'a> Conn<'a> {
             }
             let req = match self.next_request(rd, &mut s.data) {
                 Ok(Next::Request(r)) => r,
-                other => {
-                    if other.is_ok() {
-                        self.send_batch(s)?;
-                    }
-                    return other;
+                Ok(Next::Disconnect) => {
+                    self.send_batch(s)?;
+                    return Ok(Next::Disconnect);
+                }
+                Err(e) => {
+                    // The connection ends; the client may still read what was done.
+                    let _ = self.send_batch(s);
+                    return Err(e);
                 }
             };
             let started = self.export.stats.as_ref().map(|_| Instant::now());
