@@ -82,7 +82,7 @@ import tempfile
 import time
 
 import nbd
-from nbdsafety import SECTOR, ZERO_SECTOR, Pattern, parse_size
+from nbdsafety import SECTOR, ZERO_SECTOR, Pattern, aligned, parse_size
 
 WRITE, ZERO, FLUSH = "WRITE", "ZERO", "FLUSH"
 
@@ -114,17 +114,6 @@ class Op:
             s += " [%d, +%d)" % (self.off, self.len)
         return s
 
-
-
-def aligned(sec, nsec, k, nsec_region):
-    """(sec, nsec) widened to whole multiples of k sectors, inside the region."""
-    if k <= 1:
-        return sec, nsec
-    nsec = min(-(-nsec // k) * k, nsec_region - nsec_region % k)
-    sec -= sec % k
-    if sec + nsec > nsec_region:
-        sec = (nsec_region - nsec) - (nsec_region - nsec) % k
-    return sec, nsec
 
 def op_stream(rng, args, caps, lo, hi):
     """Endless deterministic stream of WRITE / ZERO / FLUSH requests."""

@@ -12,6 +12,17 @@ POOL_LEN = 1 << 16
 ZERO_SECTOR = bytes(SECTOR)
 
 
+def aligned(sec, nsec, k, nsec_region):
+    """(sec, nsec) widened to whole multiples of k sectors, inside the region."""
+    if k <= 1:
+        return sec, nsec
+    nsec = min(-(-nsec // k) * k, nsec_region - nsec_region % k)
+    sec -= sec % k
+    if sec + nsec > nsec_region:
+        sec = (nsec_region - nsec) - (nsec_region - nsec) % k
+    return sec, nsec
+
+
 def parse_size(s):
     s = s.strip()
     mult = 1

@@ -69,7 +69,7 @@ import time
 from array import array
 
 import nbd
-from nbdsafety import SECTOR, ZERO_SECTOR, Pattern, parse_size
+from nbdsafety import SECTOR, ZERO_SECTOR, Pattern, aligned, parse_size
 
 
 READ, WRITE, ZERO, TRIM, FLUSH = "READ", "WRITE", "ZERO", "TRIM", "FLUSH"
@@ -101,17 +101,6 @@ class Op:
             s += " [%d, +%d)" % (self.off, self.len)
         return s
 
-
-
-def aligned(sec, nsec, k, nsec_region):
-    """(sec, nsec) widened to whole multiples of k sectors, inside the region."""
-    if k <= 1:
-        return sec, nsec
-    nsec = min(-(-nsec // k) * k, nsec_region - nsec_region % k)
-    sec -= sec % k
-    if sec + nsec > nsec_region:
-        sec = (nsec_region - nsec) - (nsec_region - nsec) % k
-    return sec, nsec
 
 def op_stream(args, caps, lo, hi):
     """Deterministic stream of requests; yields Op objects (READs do not count as writes)."""
