@@ -73,9 +73,18 @@ fn verify(img: &Path, args: &[&str], vopts: &[&str]) {
 
 /// Serve with `args` (the image included), run the verifier with `vopts`, stop the server.
 fn run_verifier(name: &str, args: &[&str], vopts: &[&str]) {
+    run_verifier_over(false, name, args, vopts)
+}
+
+/// As `run_verifier`, over TCP when `tcp`, else a Unix socket.
+fn run_verifier_over(tcp: bool, name: &str, args: &[&str], vopts: &[&str]) {
     let mut all = vec!["-t", "-e", "0"];
     all.extend_from_slice(args);
-    let mut s = Server::unix(QNBD, &all);
+    let mut s = if tcp {
+        Server::tcp(QNBD, &all)
+    } else {
+        Server::unix(QNBD, &all)
+    };
     let writes = env_num("QNBD_VERIFY_WRITES", 20000).to_string();
     let out = ok(Command::new(PYTHON)
         .arg(script("verify.py"))
@@ -164,6 +173,26 @@ fn verifier_raw_page_aligned() {
     let d = tmpdir();
     let img = make_raw(d.path(), "a.raw", 128 << 20, &[]);
     verify(&img, &["-f", "raw"], &["--align", "4096"]);
+}
+
+/// Writes up to 2 MiB: large payloads without FUA are spliced from the socket into the page
+/// cache, over a Unix socket and TCP (whose socket buffers the kernel splices differently).
+#[test]
+fn verifier_raw_large_writes() {
+    if !have("qemu-img") || !have_nbdsh() {
+        return;
+    }
+    for tcp in [false, true] {
+        let d = tmpdir();
+        let img = make_raw(d.path(), "a.raw", 128 << 20, &[]);
+        let path = img.display().to_string();
+        run_verifier_over(
+            tcp,
+            &path,
+            &["-f", "raw", &path],
+            &["--max-len", "2M", "--long-share", "0.5"],
+        );
+    }
 }
 
 #[test]
@@ -328,6 +357,18 @@ fn crash_loop_raw_page_aligned() {
         "",
         crash_rounds(),
         &["--align", "4096"],
+    );
+}
+
+/// Writes up to 1 MiB, spliced into the page cache, then FLUSH or kill -9.
+#[test]
+fn crash_loop_raw_large_writes() {
+    crash_with(
+        "raw",
+        "truncate -s 64M {img}",
+        "",
+        crash_rounds(),
+        &["--max-len", "1M"],
     );
 }
 

@@ -1479,3 +1479,49 @@ fn pipelined_small_reads_then_disc_get_every_reply_before_the_close() {
         std::fs::write(&img, &bytes).expect("restore image");
     }
 }
+
+#[test]
+fn large_write_payloads_sent_in_tiny_pieces_or_cut_short_keep_the_data_right() {
+    // A large write's payload may be spliced from the socket into a pipe: sent in 512-byte
+    // pieces (one socket buffer each) it fills the pipe before it is whole, and the server
+    // must take it back and go on reading; cut short, none of it may reach the image.
+    let dir = tmpdir();
+    let bytes: Vec<u8> = (0..SIZE as usize).map(|i| (i % 241) as u8).collect();
+    let img = make_raw(dir.path(), "w.raw", SIZE, &[(0, &bytes)]);
+    let img_s = img.display().to_string();
+    let s = Server::unix(&bin(), &["-f", "raw", "-t", "-e", "2", &img_s]);
+    let sock = s.socket.clone().expect("socket");
+    let len = 2usize << 20;
+    let off = 4096 + 7;
+    let data: Vec<u8> = (0..len).map(|i| (i * 13 % 256) as u8 ^ 0x5a).collect();
+
+    let mut c = Raw::negotiate(&sock, Neg::Structured);
+    assert!(c.request(0, CMD_WRITE, 1, off as u64, len as u64, &[]));
+    for piece in data.chunks(512) {
+        assert!(c.send(piece), "server closed during the payload");
+    }
+    let r = c.response(0).expect("write reply");
+    assert_eq!((r.cookie, r.errno), (1, 0));
+    assert!(c.request(0, CMD_READ, 2, off as u64, len as u64, &[]));
+    let r = c.response(0).expect("read reply");
+    assert_eq!(r.errno, 0);
+    assert!(
+        r.data == data,
+        "write sent in pieces reads back other bytes"
+    );
+
+    // Header and half the payload, then the client is gone.
+    let mut cut = Raw::negotiate(&sock, Neg::Structured);
+    let off2 = 5 << 20;
+    assert!(cut.request(0, CMD_WRITE, 3, off2, len as u64, &data[..len / 2]));
+    cut.s.shutdown(std::net::Shutdown::Write).expect("shutdown");
+    assert!(
+        cut.closed(),
+        "the server ends a connection whose payload was cut short"
+    );
+    assert!(c.request(0, CMD_READ, 4, off2, len as u64, &[]));
+    let r = c.response(0).expect("read reply");
+    assert_eq!(r.errno, 0);
+    let before = &bytes[off2 as usize..off2 as usize + len];
+    assert!(r.data == before, "a write cut short changed the image");
+}

@@ -90,6 +90,61 @@ fn large_reads_return_the_file_bytes_whatever_path_they_take() {
 }
 
 #[test]
+fn large_writes_land_byte_for_byte_whatever_path_they_take() {
+    if !have_nbdsh() {
+        return;
+    }
+    // Raw over Unix and TCP (payloads spliced into the page cache), probed raw (whose first
+    // sector is checked the usual way), a slice (offsets shifted), detect-zeroes (which must
+    // see the data), write-through and O_DIRECT (never spliced).
+    let cases: [(&str, &[&str]); 7] = [
+        ("unix", &["-f", "raw"]),
+        ("tcp", &["-f", "raw"]),
+        ("unix", &[]),
+        ("tcp", &["--image-opts"]),
+        ("unix", &["-f", "raw", "--detect-zeroes=on"]),
+        ("unix", &["-f", "raw", "--cache=writethrough"]),
+        ("unix", &["-f", "raw", "--cache=none"]),
+    ];
+    for (transport, opts) in cases {
+        let dir = tmpdir();
+        let len = 8 * MIB as usize + 300;
+        let bytes: Vec<u8> = (0..len).map(|i| (i * 5 + i / 4096) as u8).collect();
+        let img = dir.path().join("big.raw");
+        let mut file_bytes = Vec::new();
+        let slice = opts.contains(&"--image-opts");
+        if slice {
+            // The export is the file's last 8 MiB + 300 bytes.
+            file_bytes.extend_from_slice(&[0xeeu8; 3 * 4096]);
+        }
+        file_bytes.extend_from_slice(&bytes);
+        std::fs::write(&img, &file_bytes).unwrap();
+        let spec = format!(
+            "driver=raw,offset=12288,file.driver=file,file.filename={}",
+            img.display()
+        );
+        let mut args: Vec<&str> = opts.to_vec();
+        args.push("-t");
+        args.push(if slice { &spec } else { img.to_str().unwrap() });
+        let s = if transport == "unix" {
+            Server::unix(QNBD, &args)
+        } else {
+            Server::tcp(QNBD, &args)
+        };
+        let base = if slice { "12288" } else { "0" };
+        let out = nbdsh_script("large_writes.py", &s.uri(), &[img.to_str().unwrap(), base]);
+        assert_eq!(out.trim(), "ok", "{transport} {opts:?}");
+        if slice {
+            let now = std::fs::read(&img).unwrap();
+            assert!(
+                now[..12288].iter().all(|&b| b == 0xee),
+                "a slice's writes went before its start"
+            );
+        }
+    }
+}
+
+#[test]
 fn read_only_export_refuses_writes_with_eperm() {
     if !have_nbdsh() {
         return;

@@ -179,6 +179,15 @@ impl Filter for Aligned {
         }
         self.inner.read_source(offset, len)
     }
+
+    /// Whole sectors are written straight to the inner layer.
+    fn write_sink(&self, offset: u64, len: u64) -> Option<HostSpan<'_>> {
+        let c = cut(offset, len);
+        if c.head.is_some() || c.tail.is_some() {
+            return None;
+        }
+        self.inner.write_sink(offset, len)
+    }
 }
 
 #[cfg(test)]

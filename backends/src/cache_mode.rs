@@ -106,4 +106,11 @@ impl Filter for Cached {
     fn read_source(&self, offset: u64, len: u64) -> Option<HostSpan<'_>> {
         self.inner.read_source(offset, len)
     }
+    /// As `try_write`: write-through modes sync every write.
+    fn write_sink(&self, offset: u64, len: u64) -> Option<HostSpan<'_>> {
+        if self.mode.write_through() {
+            return None;
+        }
+        self.inner.write_sink(offset, len)
+    }
 }

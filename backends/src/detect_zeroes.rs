@@ -61,6 +61,13 @@ impl Filter for ZeroDetect {
     fn read_source(&self, offset: u64, len: u64) -> Option<HostSpan<'_>> {
         self.inner.read_source(offset, len)
     }
+    /// Only with detection off: zeroes must be seen to be detected.
+    fn write_sink(&self, offset: u64, len: u64) -> Option<HostSpan<'_>> {
+        if self.mode != DetectZeroes::Off {
+            return None;
+        }
+        self.inner.write_sink(offset, len)
+    }
 }
 
 #[cfg(test)]

@@ -105,6 +105,15 @@ impl Device {
         self.backend.read_source(offset, len)
     }
 
+    /// See [`BlockBackend::write_sink`]; None read-only or for a range past the end.
+    pub fn write_sink(&self, offset: u64, len: u64) -> Option<HostSpan<'_>> {
+        if !self.caps.writable {
+            return None;
+        }
+        self.check_range(offset, len).ok()?;
+        self.backend.write_sink(offset, len)
+    }
+
     pub fn write(&self, offset: u64, buf: &[u8], flags: IoFlags) -> Result<()> {
         self.check_writable()?;
         self.check_range(offset, buf.len() as u64)?;

@@ -72,6 +72,11 @@ pub trait Filter: Send + Sync + Debug {
         let _ = (offset, len);
         None
     }
+    /// Not forwarded by default, as `try_write`.
+    fn write_sink(&self, offset: u64, len: u64) -> Option<HostSpan<'_>> {
+        let _ = (offset, len);
+        None
+    }
 }
 
 impl<T: Filter> BlockBackend for T {
@@ -131,5 +136,8 @@ impl<T: Filter> BlockBackend for T {
     }
     fn read_source(&self, offset: u64, len: u64) -> Option<HostSpan<'_>> {
         Filter::read_source(self, offset, len)
+    }
+    fn write_sink(&self, offset: u64, len: u64) -> Option<HostSpan<'_>> {
+        Filter::write_sink(self, offset, len)
     }
 }

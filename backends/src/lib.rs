@@ -36,11 +36,13 @@ use std::fmt::Debug;
 use std::os::fd::BorrowedFd;
 
 /// Where a range of an image lies, byte for byte, in a host file (see
-/// [`BlockBackend::read_source`]).
+/// [`BlockBackend::read_source`] and [`BlockBackend::write_sink`]).
 #[derive(Clone, Copy, Debug)]
 pub struct HostSpan<'a> {
     pub fd: BorrowedFd<'a>,
     pub offset: u64,
+    /// The file's name, for errors.
+    pub path: &'a std::path::Path,
 }
 
 bitflags! {
@@ -225,6 +227,19 @@ pub trait BlockBackend: Send + Sync + Debug {
     /// that may free a host cluster and reuse it for another guest range (qcow2 after a
     /// discard) must not return one, or a read could show another range's data.
     fn read_source(&self, offset: u64, len: u64) -> Option<HostSpan<'_>> {
+        let _ = (offset, len);
+        None
+    }
+
+    /// Where a write of `len` bytes at `offset` without FUA may go, byte for byte, into one
+    /// host file through the page cache, so a frontend may move a write's payload from the
+    /// socket into the file with splice(2) instead of copying it through
+    /// [`write`](Self::write). Writing the bytes at the span must be all that `write` would
+    /// do with them: no format mapping, cipher, check of the data, write-through or record
+    /// of writes. Errors of that write are the frontend's to report (the span names the
+    /// file). A completed spliced write is a completed write for every rule (flush, settle).
+    /// None, the default, whenever a write needs more than that.
+    fn write_sink(&self, offset: u64, len: u64) -> Option<HostSpan<'_>> {
         let _ = (offset, len);
         None
     }

@@ -73,4 +73,11 @@ impl Filter for ProbedRaw {
     fn read_source(&self, offset: u64, len: u64) -> Option<HostSpan<'_>> {
         self.inner.read_source(offset, len)
     }
+    /// As `try_write`: the first sector's writes are checked.
+    fn write_sink(&self, offset: u64, len: u64) -> Option<HostSpan<'_>> {
+        if offset < 512 {
+            return None;
+        }
+        self.inner.write_sink(offset, len)
+    }
 }

@@ -159,7 +159,24 @@ impl BlockBackend for RawFile {
             return None;
         }
         let fd = self.file.page_cache_fd()?;
-        Some(HostSpan { fd, offset })
+        Some(HostSpan {
+            fd,
+            offset,
+            path: self.file.path(),
+        })
+    }
+
+    /// Within the file as it was opened: a write past it would grow the file.
+    fn write_sink(&self, offset: u64, len: u64) -> Option<HostSpan<'_>> {
+        if self.opts.read_only || offset.checked_add(len)? > self.file_len {
+            return None;
+        }
+        let fd = self.file.page_cache_sink()?;
+        Some(HostSpan {
+            fd,
+            offset,
+            path: self.file.path(),
+        })
     }
 
     fn write(&self, offset: u64, buf: &[u8], flags: IoFlags) -> Result<()> {

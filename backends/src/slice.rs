@@ -75,6 +75,9 @@ impl Filter for Slice {
     fn read_source(&self, offset: u64, len: u64) -> Option<HostSpan<'_>> {
         self.inner.read_source(self.offset + offset, len)
     }
+    fn write_sink(&self, offset: u64, len: u64) -> Option<HostSpan<'_>> {
+        self.inner.write_sink(self.offset + offset, len)
+    }
 }
 
 #[cfg(test)]

@@ -120,9 +120,10 @@ def op_stream(args, caps, lo, hi):
 
     def pick_len():
         r = rng.random()
-        if r < 0.5:
+        short = 1.0 - args.long_share
+        if r < short * 0.5 / 0.83:
             n = rng.randint(1, min(8, max_sec))
-        elif r < 0.83:
+        elif r < short:
             n = int(2 ** rng.uniform(0, 7))  # up to 64 KiB
         else:
             n = int(2 ** rng.uniform(0, max(0.0, math.log2(max_sec))))
@@ -219,6 +220,8 @@ def main():
     ap.add_argument("--depth", type=int, default=16)
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--max-len", type=parse_size, default=256 << 10)
+    ap.add_argument("--long-share", type=float, default=0.17,
+                    help="share of lengths drawn up to --max-len (the rest are up to 64 KiB)")
     ap.add_argument("--align", type=parse_size, default=SECTOR,
                     help="offsets and lengths in multiples of this (page-aligned requests "
                          "take other paths in a server)")

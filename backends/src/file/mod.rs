@@ -229,6 +229,16 @@ impl HostFile {
         Some(self.file.as_fd())
     }
 
+    /// The descriptor, for a caller that splices writes into the page cache (see
+    /// `BlockBackend::write_sink`): as `page_cache_fd`, and None read-only or when a test
+    /// records the writes (it could not see these).
+    pub fn page_cache_sink(&self) -> Option<std::os::fd::BorrowedFd<'_>> {
+        if self.read_only || self.recorder.is_some() {
+            return None;
+        }
+        self.page_cache_fd()
+    }
+
     pub fn is_direct(&self) -> bool {
         self.direct.is_some()
     }

@@ -28,6 +28,11 @@ impl Conn<'_> {
         if let Err(r) = validate::validate(req, len, &s.data, &self.neg, self.export.device.size())
         {
             tracing::debug!("{} refused: {}", cmd_name(req.cmd), r.msg);
+            if std::mem::take(&mut s.piped) > 0 {
+                if let Some(pipe) = s.pipe.get() {
+                    pipe.drain();
+                }
+            }
             return self.send_error(req, r, &mut s.hdr);
         }
         let dev = &self.export.device;
@@ -39,6 +44,7 @@ impl Conn<'_> {
         let result = match req.cmd {
             CMD_READ => return self.read(req, len, s),
             CMD_BLOCK_STATUS => return self.block_status(req, len, s),
+            CMD_WRITE if s.piped > 0 => self.spliced_write(req, s),
             CMD_WRITE => dev.write(req.offset, &s.data, fua),
             CMD_FLUSH => dev.flush(),
             CMD_TRIM => dev.trim(req.offset, len, fua),
@@ -179,7 +185,7 @@ impl Conn<'_> {
     /// "Inline" in mod.rs); the reply joins `s.batch`. False: serve it the usual way (which
     /// also answers an invalid request).
     pub(super) fn try_inline(&self, req: &Request, s: &mut Scratch) -> bool {
-        if req.len == 0 || req.len >= SPARSE_READ_MIN {
+        if req.len == 0 || req.len >= SPARSE_READ_MIN || s.piped > 0 {
             return false;
         }
         let dev = &self.export.device;
@@ -227,6 +233,36 @@ impl Conn<'_> {
         }
         s.batch.extend_from_slice(&s.hdr);
         true
+    }
+
+    /// A write whose payload ends in the pipe (see `read_payload` in mod.rs): the part in
+    /// `s.data` is written as usual, then the rest goes from the pipe into the file. The
+    /// payload was read whole before any of it is written, so the write is all-or-nothing
+    /// up to here, as a copied one.
+    fn spliced_write(&self, req: &Request, s: &mut Scratch) -> Result<(), BackendError> {
+        let piped = std::mem::take(&mut s.piped);
+        let head = s.data.len();
+        let dev = &self.export.device;
+        let Some(pipe) = s.pipe.get() else {
+            return Err(BackendError::Invalid("write payload lost".into()));
+        };
+        let at = req.offset + head as u64;
+        let Some(sink) = dev.write_sink(at, piped as u64) else {
+            // The backend no longer takes it byte for byte: copy it out of the pipe.
+            s.data.set_len(head + piped);
+            if let Err(e) = pipe.read_out(&mut s.data[head..]) {
+                pipe.drain();
+                return Err(BackendError::Invalid(format!("write payload lost: {e}")));
+            }
+            return dev.write(req.offset, &s.data, IoFlags::empty());
+        };
+        if head > 0 {
+            if let Err(e) = dev.write(req.offset, &s.data, IoFlags::empty()) {
+                pipe.drain();
+                return Err(e);
+            }
+        }
+        pipe.write_to_file(sink, piped)
     }
 
     /// A read sent from the page cache with splice (see `splice.rs`). None: the bytes are

@@ -18,9 +18,18 @@
 //! usual way and the next worker takes over the reading. A reply is sent only after its
 //! request completed, so a write's acknowledgement still follows the write.
 //!
+//! Spliced payloads: a large write without FUA that the backend takes byte for byte into a
+//! host file (`Device::write_sink`) has its payload moved from a plain socket into the
+//! worker's pipe while the read lock is held (what the read buffer already holds goes to
+//! memory as usual), then from the pipe into the file when it is served (see `splice.rs`).
+//! The next header is then read alone, so the read buffer does not take the start of a next
+//! payload. A payload that does not fit in the pipe is copied, and so are that connection's
+//! later ones.
+//!
 //! This file holds the threads, locks and socket I/O; `commands.rs` serves each request and
-//! builds its reply, `status.rs` turns extents into BLOCK_STATUS runs, `splice.rs` sends a
-//! large read from the page cache to a plain socket without copying it.
+//! builds its reply, `status.rs` turns extents into BLOCK_STATUS runs, `splice.rs` moves
+//! large reads from the page cache to a plain socket and large write payloads from it to
+//! the page cache without copying them through memory of ours.
 
 mod commands;
 mod splice;
@@ -56,6 +65,13 @@ struct Conn<'a> {
     /// inline: one of them waited (see `try_inline_write`).
     started: Instant,
     inline_writes_paused_until: AtomicU64,
+    /// The last request read had its payload spliced: the next header is read alone, so
+    /// the read buffer does not take (and copy) the start of a next large payload.
+    /// Touched only under the read lock.
+    header_alone: AtomicBool,
+    /// A write's payload did not fit in a pipe (the socket's buffers hold small pieces of
+    /// pages, as a real network card's may): this connection's payloads are copied.
+    no_write_splice: AtomicBool,
     closing: AtomicBool,
     /// Workers waiting for the read lock.
     idle: AtomicUsize,
@@ -105,6 +121,9 @@ struct Scratch {
     pub(super) pipe: PipeSlot,
     /// Replies of requests served inline, not sent yet.
     pub(super) batch: Vec<u8>,
+    /// Bytes of the current write's payload that wait in `pipe` after those in `data` (see
+    /// `read_payload`); 0 when the payload is all in `data`.
+    pub(super) piped: usize,
 }
 
 /// How long writes are not served inline after one of them waited.
@@ -159,6 +178,8 @@ pub fn serve(
         splice: stream.plain_fd().is_some(),
         started: Instant::now(),
         inline_writes_paused_until: AtomicU64::new(0),
+        header_alone: AtomicBool::new(false),
+        no_write_splice: AtomicBool::new(false),
         control: stream,
         closing: AtomicBool::new(false),
         idle: AtomicUsize::new(0),
@@ -237,7 +258,7 @@ impl<'a> Conn<'a> {
             if !s.batch.is_empty() && !self.whole_request_buffered(rd) {
                 self.send_batch(s)?;
             }
-            let req = match self.next_request(rd, &mut s.data) {
+            let req = match self.next_request(rd, s) {
                 Ok(Next::Request(r)) => r,
                 Ok(Next::Disconnect) => {
                     self.send_batch(s)?;
@@ -309,12 +330,19 @@ impl<'a> Conn<'a> {
         self.control.shutdown();
     }
 
-    /// Read one request and its payload (into `data`). Errors end the connection.
-    fn next_request(&self, rd: &mut BufReader<Stream>, data: &mut GrowBuf) -> io::Result<Next> {
+    /// Read one request and its payload (into `s.data`, or partly into the pipe: see
+    /// `read_payload`). Errors end the connection.
+    fn next_request(&self, rd: &mut BufReader<Stream>, s: &mut Scratch) -> io::Result<Next> {
+        s.piped = 0;
+        let data = &mut s.data;
         let mut hdr = [0u8; wire::EXTENDED_REQUEST_LEN];
         let hdr = &mut hdr[..wire::request_len(self.neg.extended)];
         tracing::trace!(name: "nbd_trip", "Reading request");
-        rd.read_exact(hdr)?;
+        if self.header_alone.swap(false, Ordering::Relaxed) && rd.buffer().is_empty() {
+            rd.get_mut().read_exact(hdr)?;
+        } else {
+            rd.read_exact(hdr)?;
+        }
         let req = match wire::decode_request(hdr, self.neg.extended) {
             Ok(Some(r)) => r,
             Ok(None) => return Err(io::ErrorKind::UnexpectedEof.into()),
@@ -342,8 +370,7 @@ impl<'a> Conn<'a> {
         match validate::payload(&req, &self.neg) {
             Payload::None => data.set_len(0),
             Payload::Read(n) => {
-                data.set_len(n);
-                rd.read_exact(data)?;
+                self.read_payload(rd, &req, n, s)?;
                 tracing::trace!(
                     name: "nbd_co_receive_request_payload_received",
                     "Payload received: cookie = {}, len = {n}",
@@ -357,6 +384,55 @@ impl<'a> Conn<'a> {
             Payload::Fatal(msg) => return Err(io::Error::new(io::ErrorKind::InvalidData, msg)),
         }
         Ok(Next::Request(req))
+    }
+
+    /// Read a request's `n` payload bytes into `s.data`; but a large write that may go
+    /// straight into a host file (`Device::write_sink`) takes what the read buffer holds
+    /// into `s.data` and the rest from the socket into the worker's pipe (see `splice.rs`),
+    /// leaving `s.piped` bytes there for `commands::spliced_write`.
+    fn read_payload(
+        &self,
+        rd: &mut BufReader<Stream>,
+        req: &Request,
+        n: usize,
+        s: &mut Scratch,
+    ) -> io::Result<()> {
+        let buffered = rd.buffer().len().min(n);
+        let rest = n - buffered;
+        if rest as u64 >= splice::SPLICE_MIN && self.may_splice_write(req) && s.pipe.get().is_some()
+        {
+            s.data.set_len(n);
+            rd.read_exact(&mut s.data[..buffered])?;
+            // The read buffer is empty now: the rest is read from the socket itself.
+            let (Some(sock), Some(pipe)) = (rd.get_ref().plain_fd(), s.pipe.get()) else {
+                return rd.read_exact(&mut s.data[buffered..]);
+            };
+            let got = pipe.take_from_socket(sock, rest)?;
+            if got == rest {
+                s.data.set_len(buffered);
+                s.piped = rest;
+                self.header_alone.store(true, Ordering::Relaxed);
+                return Ok(());
+            }
+            tracing::debug!("pipe full after {got} of {rest} payload bytes: payloads are copied");
+            self.no_write_splice.store(true, Ordering::Relaxed);
+            pipe.read_out(&mut s.data[buffered..buffered + got])?;
+            return rd.read_exact(&mut s.data[buffered + got..]);
+        }
+        s.data.set_len(n);
+        rd.read_exact(&mut s.data)
+    }
+
+    /// Whether a write's payload may be spliced into the file: a plain socket, a valid
+    /// write without FUA, and a backend that takes it byte for byte.
+    fn may_splice_write(&self, req: &Request) -> bool {
+        let dev = &self.export.device;
+        self.splice
+            && !self.no_write_splice.load(Ordering::Relaxed)
+            && req.cmd == CMD_WRITE
+            && !req.flags.contains(CmdFlags::FUA)
+            && validate::validate(req, req.len, &[], &self.neg, dev.size()).is_ok()
+            && dev.write_sink(req.offset, req.len).is_some()
     }
 
     /// Send one whole reply. If another worker is sending, a small reply is handed to it

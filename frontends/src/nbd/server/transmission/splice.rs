@@ -1,4 +1,4 @@
-//! Read replies spliced from the page cache. A large read whose bytes lie as they are in a host
+//! Read replies spliced from the page cache, and write payloads spliced into it. A large read whose bytes lie as they are in a host
 //! file (`Device::read_source`) goes file → pipe → socket with splice(2): the pipe takes the
 //! page-cache pages by reference and a Unix or TCP socket takes them from the pipe the same
 //! way, so the server copies none of the data (the client's receive does the one copy).
@@ -15,6 +15,15 @@
 //! write in flight together may see either, as NBD allows. A reply is complete in the client's
 //! receive queue before the client can learn that the read is done, so a write the client
 //! sends after its read completed can never show in that read's data.
+
+//!
+//! Writes: the worker holding the read lock moves a large write's payload from the socket
+//! into its pipe (`take_from_socket`), lets the lock go, and moves it on into the file
+//! (`write_to_file`): the socket's pages are taken by reference, so the one copy is into
+//! the page cache. The whole payload is in the pipe before the file sees any of it, so a
+//! client that dies mid-payload changes nothing, as with a copied payload. A pipe that fills
+//! up first (the socket's buffers are small pieces of pages) is read back into memory and
+//! the rest of the payload is read as usual.
 
 use backends::HostSpan;
 use std::io;
@@ -158,8 +167,128 @@ impl ReplyPipe {
         Ok(())
     }
 
+    /// Move up to `len` bytes of a write's payload from `sock` into the empty pipe, waiting
+    /// for them as a blocking read would. Returns how many got there: `len`, or fewer when
+    /// the pipe filled up first (they are read back with `read_out`). An error or the end of
+    /// the stream leaves the pipe empty.
+    pub(super) fn take_from_socket(
+        &mut self,
+        sock: BorrowedFd<'_>,
+        len: usize,
+    ) -> io::Result<usize> {
+        let mut done = 0usize;
+        while done < len {
+            // SAFETY: splice between two open descriptors, no offsets (a socket and a pipe).
+            let n = unsafe {
+                libc::splice(
+                    sock.as_raw_fd(),
+                    std::ptr::null_mut(),
+                    self.wr.as_raw_fd(),
+                    std::ptr::null_mut(),
+                    len - done,
+                    libc::SPLICE_F_MOVE | libc::SPLICE_F_NONBLOCK,
+                )
+            };
+            if n > 0 {
+                done += n as usize;
+                continue;
+            }
+            let e = if n == 0 {
+                io::ErrorKind::UnexpectedEof.into()
+            } else {
+                io::Error::last_os_error()
+            };
+            match e.kind() {
+                io::ErrorKind::Interrupted => continue,
+                // A full pipe fails the call (EAGAIN; EFAULT from a Unix socket).
+                _ if n < 0 && done > 0 && !self.has_room() => return Ok(done),
+                io::ErrorKind::WouldBlock => {
+                    if let Err(e) = wait_readable(sock) {
+                        self.drain();
+                        return Err(e);
+                    }
+                }
+                _ => {
+                    self.drain();
+                    return Err(e);
+                }
+            }
+        }
+        Ok(done)
+    }
+
+    /// Read exactly `buf.len()` bytes that are in the pipe.
+    pub(super) fn read_out(&mut self, buf: &mut [u8]) -> io::Result<()> {
+        let mut at = 0;
+        while at < buf.len() {
+            let rest = &mut buf[at..];
+            // SAFETY: read into a live buffer of `rest.len()` bytes.
+            let n =
+                unsafe { libc::read(self.rd.as_raw_fd(), rest.as_mut_ptr().cast(), rest.len()) };
+            match n {
+                n if n > 0 => at += n as usize,
+                0 => return Err(io::ErrorKind::UnexpectedEof.into()),
+                _ => {
+                    let e = io::Error::last_os_error();
+                    if e.kind() != io::ErrorKind::Interrupted {
+                        return Err(e);
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Move the `len` bytes in the pipe into the file at `dst`. On an error the pipe is
+    /// emptied and the error names the file and offset, as a copied write's would.
+    pub(super) fn write_to_file(&mut self, dst: HostSpan<'_>, len: usize) -> backends::Result<()> {
+        let mut off = dst.offset as libc::loff_t;
+        let mut left = len;
+        while left > 0 {
+            // SAFETY: splice between two open descriptors; `off` is a valid loff_t that the
+            // kernel advances, leaving the file's own offset alone.
+            let n = unsafe {
+                libc::splice(
+                    self.rd.as_raw_fd(),
+                    std::ptr::null_mut(),
+                    dst.fd.as_raw_fd(),
+                    &mut off,
+                    left,
+                    libc::SPLICE_F_MOVE,
+                )
+            };
+            if n > 0 {
+                left -= n as usize;
+                continue;
+            }
+            let e = if n == 0 {
+                io::ErrorKind::WriteZero.into()
+            } else {
+                io::Error::last_os_error()
+            };
+            if e.kind() != io::ErrorKind::Interrupted {
+                self.drain();
+                let at = off as u64;
+                return Err(backends::Error::io("write", dst.path, at, left as u64, e));
+            }
+        }
+        Ok(())
+    }
+
+    /// Whether another buffer fits in the pipe.
+    fn has_room(&self) -> bool {
+        let mut p = libc::pollfd {
+            fd: self.wr.as_raw_fd(),
+            events: libc::POLLOUT,
+            revents: 0,
+        };
+        // SAFETY: poll on one live pollfd, without waiting.
+        let n = unsafe { libc::poll(&mut p, 1, 0) };
+        n > 0 && p.revents & libc::POLLOUT != 0
+    }
+
     /// Empty the pipe (its read end does not block).
-    fn drain(&mut self) {
+    pub(super) fn drain(&mut self) {
         let mut sink = [0u8; 16 * 1024];
         loop {
             // SAFETY: read into a live stack buffer of its own length.
@@ -169,6 +298,26 @@ impl ReplyPipe {
             {
                 return;
             }
+        }
+    }
+}
+
+/// Wait until `sock` has something to read (or is closed or shut down).
+fn wait_readable(sock: BorrowedFd<'_>) -> io::Result<()> {
+    let mut p = libc::pollfd {
+        fd: sock.as_raw_fd(),
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    loop {
+        // SAFETY: poll on one live pollfd.
+        let n = unsafe { libc::poll(&mut p, 1, -1) };
+        if n >= 0 {
+            return Ok(());
+        }
+        let e = io::Error::last_os_error();
+        if e.kind() != io::ErrorKind::Interrupted {
+            return Err(e);
         }
     }
 }
@@ -195,6 +344,7 @@ mod tests {
         let src = HostSpan {
             fd: f.as_fd(),
             offset: 4096 + 17,
+            path: std::path::Path::new("test"),
         };
         let len = 200_000;
         assert!(p.fits(src.offset, len as u64));
@@ -217,6 +367,7 @@ mod tests {
         let src = HostSpan {
             fd: f.as_fd(),
             offset: 0,
+            path: std::path::Path::new("test"),
         };
         assert!(!p.fill(src, 20_000));
         // Nothing left behind: the next reply starts from an empty pipe.
@@ -240,6 +391,7 @@ mod tests {
         let src = HostSpan {
             fd: f.as_fd(),
             offset: 0,
+            path: std::path::Path::new("test"),
         };
         assert!(
             p.fill(src, 1 << 20),
