@@ -220,6 +220,25 @@ fn verifier_qcow2_4k_clusters_discard() {
     );
 }
 
+/// Whole pages with discards: overwrites of allocated clusters take the inline path while
+/// other requests free and reuse clusters (4 KiB clusters: every page is a cluster; extended
+/// L2: subclusters of 2 KiB, so a page touches two, and only whole clusters are discarded).
+#[test]
+fn verifier_qcow2_page_aligned_discard() {
+    for (opts, trimmed) in [
+        ("cluster_size=4096", "--trim-zeroes=4096"),
+        ("cluster_size=65536,extended_l2=on", "--trim-zeroes=65536"),
+    ] {
+        let d = tmpdir();
+        let img = make_qcow2(d.path(), "a.qcow2", opts, "128M");
+        verify(
+            &img,
+            &["-f", "qcow2", "--discard=unmap"],
+            &[trimmed, "--align", "4096"],
+        );
+    }
+}
+
 #[test]
 fn verifier_qcow2_64k_clusters_o_direct() {
     let d = var_tmpdir();
@@ -394,6 +413,18 @@ fn crash_loop_qcow2_64k_clusters() {
         "qemu-img create -q -f qcow2 {img} 64M",
         "",
         crash_rounds(),
+    );
+}
+
+/// Whole pages: overwrites acknowledged from the inline path, then FLUSH or kill -9.
+#[test]
+fn crash_loop_qcow2_page_aligned() {
+    crash_with(
+        "qcow2",
+        "qemu-img create -q -f qcow2 -o cluster_size=4096 {img} 64M",
+        "--discard=unmap",
+        crash_rounds(),
+        &["--align", "4096"],
     );
 }
 

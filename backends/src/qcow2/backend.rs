@@ -98,6 +98,25 @@ impl BlockBackend for Qcow2 {
             && self.try_read_piece(offset >> self.geo.cluster_bits, in_off, buf)
     }
 
+    /// One cluster's worth at most, overwriting in place (see `try_write_piece`).
+    fn try_write(&self, offset: u64, buf: &[u8]) -> bool {
+        let Some(closing) = self.closing.try_read() else {
+            return false;
+        };
+        let in_off = offset & (self.geo.cs - 1);
+        if *closing
+            || buf.is_empty()
+            || buf.len() as u64 > self.geo.cs - in_off
+            || !self.try_write_piece(offset >> self.geo.cluster_bits, in_off, buf)
+        {
+            return false;
+        }
+        // After the data: a flush that sees the new generation syncs it.
+        let _ = self.finish_write(offset, buf.len() as u64, Ok(()));
+        drop(closing);
+        true
+    }
+
     fn write(&self, offset: u64, buf: &[u8], flags: IoFlags) -> Result<()> {
         let closing = self.writes_open()?;
         let fua = flags.contains(IoFlags::FUA);

@@ -105,6 +105,10 @@ use crate::{BlockBackend, Error, Result};
 use header::{Compression, Header};
 use meta::{Entry, Meta, Step, ZERO};
 use parking_lot::{Mutex, RwLock};
+
+/// How long an inline request (`try_read`/`try_write`) waits for a lock held by another
+/// thread: enough for a holder that only touches memory, not for one that waits on I/O.
+const INLINE_LOCK_WAIT: std::time::Duration = std::time::Duration::from_micros(20);
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;

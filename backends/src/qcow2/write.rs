@@ -51,6 +51,41 @@ impl Qcow2 {
         super::refcount::check_overlap(&self.f, &m.map, host, len, None)
     }
 
+    /// `write` of part of one cluster without FUA, if nothing needs to wait: no lock held by
+    /// another thread, a mapping in the metadata cache that takes the data in place (an
+    /// owned cluster, every touched subcluster allocated), whole pages into the page cache
+    /// (`HostFile::try_write`). False otherwise (a cluster to allocate or copy, compressed or
+    /// encrypted data, a failed overlap check): the caller writes the usual way. The stripe's
+    /// read lock is held across the data write, as on the usual in-place path, so a discard
+    /// cannot free the cluster under it.
+    pub(super) fn try_write_piece(&self, g: u64, in_off: u64, data: &[u8]) -> bool {
+        if self.crypto.is_some() || self.usable().is_err() {
+            return false;
+        }
+        let n = data.len() as u64;
+        let touched = self.touched_mask(in_off, n);
+        let Some(_s) = self.stripe(g).try_read_for(super::INLINE_LOCK_WAIT) else {
+            return false;
+        };
+        let host = {
+            let Some(mut m) = self.meta.try_lock_for(super::INLINE_LOCK_WAIT) else {
+                return false;
+            };
+            let Some(e) = m.cached_entry(&self.geo, g) else {
+                return false;
+            };
+            if !self.in_place(e, touched) {
+                return false;
+            }
+            let host = e.host() + in_off;
+            if self.check_data(&m, host, n).is_err() {
+                return false;
+            }
+            host
+        };
+        self.f.try_write(host, data)
+    }
+
     pub(super) fn write_piece(&self, g: u64, in_off: u64, data: &[u8]) -> Result<()> {
         self.write_piece_fua(g, in_off, data, false).map(|_| ())
     }
