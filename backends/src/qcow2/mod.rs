@@ -41,6 +41,15 @@
 //! later than all those writes already finished (`flushed_gen`). A FUA write returns after
 //! such a flush. A failed sync is sticky (the host-file layer): later flushes fail too.
 //!
+//! **Inline requests** (`try_read`, `try_write`: a frontend serving a request on the thread
+//! that read it): the same locks in the same order, each waited for at most
+//! [`INLINE_LOCK_WAIT`] (a holder that only touches memory lets go sooner; one that loads a
+//! table does not, and the request goes the usual way). Only what needs nothing else: a
+//! mapping already in the cache, and for a write an owned cluster (refcount 1) whose touched
+//! subclusters are allocated, overwritten in place with whole pages into the page cache,
+//! under the stripe's shared lock as the usual in-place write. Such an overwrite dirties no
+//! metadata; it bumps the write generation after the data, as every completed write does.
+//!
 //! **File length**: clusters are handed out only inside the file — the allocator's high
 //! water mark is covered by a sparse extension under the metadata lock before anyone writes
 //! there — so the file only grows while it is served, and nothing ever truncates it.
