@@ -22,7 +22,11 @@ pub fn run(cli: &ListPlan) -> ! {
         let addr = format!("{host}:{port}");
         let targets = crate::listen::resolve(&host, &port, false).unwrap_or_else(|e| die(e));
         match std::net::TcpStream::connect(&targets[..]) {
-            Ok(s) => Stream::Tcp(s),
+            Ok(s) => {
+                // Options and TLS records go back to back: no Nagle delay between them.
+                let _ = s.set_nodelay(true);
+                Stream::Tcp(s)
+            }
             Err(e) => die(format!(
                 "Failed to connect to '{addr}': {}",
                 backends::errno_text(&e)
