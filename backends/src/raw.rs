@@ -158,12 +158,7 @@ impl BlockBackend for RawFile {
         if offset.checked_add(len)? > self.file_len {
             return None;
         }
-        let fd = self.file.page_cache_fd()?;
-        Some(HostSpan {
-            fd,
-            offset,
-            path: self.file.path(),
-        })
+        self.file.page_cache_span(offset)
     }
 
     /// Within the file as it was opened: a write past it would grow the file.
@@ -171,12 +166,7 @@ impl BlockBackend for RawFile {
         if self.opts.read_only || offset.checked_add(len)? > self.file_len {
             return None;
         }
-        let fd = self.file.page_cache_sink()?;
-        Some(HostSpan {
-            fd,
-            offset,
-            path: self.file.path(),
-        })
+        self.file.page_cache_sink(offset)
     }
 
     fn write(&self, offset: u64, buf: &[u8], flags: IoFlags) -> Result<()> {

@@ -218,25 +218,30 @@ impl HostFile {
         true
     }
 
-    /// The descriptor, for a caller that splices bytes out of the page cache; None with
-    /// O_DIRECT (where the page cache may be stale and is not ours to use), and with an
-    /// `--aio` engine other than threads (asked for all I/O).
-    pub fn page_cache_fd(&self) -> Option<std::os::fd::BorrowedFd<'_>> {
+    /// Where `offset` lies in this file, for a caller that splices bytes out of the page
+    /// cache (`BlockBackend::read_source`); None with O_DIRECT (where the page cache may be
+    /// stale and is not ours to use), and with an `--aio` engine other than threads (asked
+    /// for all I/O).
+    pub fn page_cache_span(&self, offset: u64) -> Option<crate::HostSpan<'_>> {
         use std::os::fd::AsFd;
         if self.direct.is_some() || self.aio != AioMode::Threads {
             return None;
         }
-        Some(self.file.as_fd())
+        Some(crate::HostSpan {
+            fd: self.file.as_fd(),
+            offset,
+            path: &self.path,
+        })
     }
 
-    /// The descriptor, for a caller that splices writes into the page cache (see
-    /// `BlockBackend::write_sink`): as `page_cache_fd`, and None read-only or when a test
-    /// records the writes (it could not see these).
-    pub fn page_cache_sink(&self) -> Option<std::os::fd::BorrowedFd<'_>> {
+    /// As `page_cache_span`, for a caller that splices writes into the page cache
+    /// (`BlockBackend::write_sink`); also None read-only or when a test records the writes
+    /// (it could not see these).
+    pub fn page_cache_sink(&self, offset: u64) -> Option<crate::HostSpan<'_>> {
         if self.read_only || self.recorder.is_some() {
             return None;
         }
-        self.page_cache_fd()
+        self.page_cache_span(offset)
     }
 
     pub fn is_direct(&self) -> bool {

@@ -117,54 +117,31 @@ impl ReplyPipe {
 
     /// Send `hdr` and then the `len` bytes in the pipe to `sock`.
     pub(super) fn send(&mut self, sock: BorrowedFd<'_>, hdr: &[u8], len: usize) -> io::Result<()> {
-        let mut at = 0;
-        while at < hdr.len() {
+        complete(hdr.len(), io::ErrorKind::WriteZero, |at| {
             let rest = &hdr[at..];
             // SAFETY: send from a live buffer of `rest.len()` bytes on an open socket.
-            let n = unsafe {
+            unsafe {
                 libc::send(
                     sock.as_raw_fd(),
                     rest.as_ptr().cast(),
                     rest.len(),
                     libc::MSG_MORE | libc::MSG_NOSIGNAL,
                 )
-            };
-            match n {
-                n if n > 0 => at += n as usize,
-                0 => return Err(io::ErrorKind::WriteZero.into()),
-                _ => {
-                    let e = io::Error::last_os_error();
-                    if e.kind() != io::ErrorKind::Interrupted {
-                        return Err(e);
-                    }
-                }
             }
-        }
-        let mut left = len;
-        while left > 0 {
+        })?;
+        complete(len, io::ErrorKind::WriteZero, |done| {
             // SAFETY: splice between two open descriptors, no offsets (a pipe and a socket).
-            let n = unsafe {
+            unsafe {
                 libc::splice(
                     self.rd.as_raw_fd(),
                     std::ptr::null_mut(),
                     sock.as_raw_fd(),
                     std::ptr::null_mut(),
-                    left,
+                    len - done,
                     libc::SPLICE_F_MOVE,
                 )
-            };
-            match n {
-                n if n > 0 => left -= n as usize,
-                0 => return Err(io::ErrorKind::WriteZero.into()),
-                _ => {
-                    let e = io::Error::last_os_error();
-                    if e.kind() != io::ErrorKind::Interrupted {
-                        return Err(e);
-                    }
-                }
             }
-        }
-        Ok(())
+        })
     }
 
     /// Move up to `len` bytes of a write's payload from `sock` into the empty pipe, waiting
@@ -219,60 +196,39 @@ impl ReplyPipe {
 
     /// Read exactly `buf.len()` bytes that are in the pipe.
     pub(super) fn read_out(&mut self, buf: &mut [u8]) -> io::Result<()> {
-        let mut at = 0;
-        while at < buf.len() {
+        let rd = self.rd.as_raw_fd();
+        complete(buf.len(), io::ErrorKind::UnexpectedEof, |at| {
             let rest = &mut buf[at..];
             // SAFETY: read into a live buffer of `rest.len()` bytes.
-            let n =
-                unsafe { libc::read(self.rd.as_raw_fd(), rest.as_mut_ptr().cast(), rest.len()) };
-            match n {
-                n if n > 0 => at += n as usize,
-                0 => return Err(io::ErrorKind::UnexpectedEof.into()),
-                _ => {
-                    let e = io::Error::last_os_error();
-                    if e.kind() != io::ErrorKind::Interrupted {
-                        return Err(e);
-                    }
-                }
-            }
-        }
-        Ok(())
+            unsafe { libc::read(rd, rest.as_mut_ptr().cast(), rest.len()) }
+        })
     }
 
     /// Move the `len` bytes in the pipe into the file at `dst`. On an error the pipe is
     /// emptied and the error names the file and offset, as a copied write's would.
     pub(super) fn write_to_file(&mut self, dst: HostSpan<'_>, len: usize) -> backends::Result<()> {
         let mut off = dst.offset as libc::loff_t;
-        let mut left = len;
-        while left > 0 {
+        let rd = self.rd.as_raw_fd();
+        let written = complete(len, io::ErrorKind::WriteZero, |done| {
             // SAFETY: splice between two open descriptors; `off` is a valid loff_t that the
             // kernel advances, leaving the file's own offset alone.
-            let n = unsafe {
+            unsafe {
                 libc::splice(
-                    self.rd.as_raw_fd(),
+                    rd,
                     std::ptr::null_mut(),
                     dst.fd.as_raw_fd(),
                     &mut off,
-                    left,
+                    len - done,
                     libc::SPLICE_F_MOVE,
                 )
-            };
-            if n > 0 {
-                left -= n as usize;
-                continue;
             }
-            let e = if n == 0 {
-                io::ErrorKind::WriteZero.into()
-            } else {
-                io::Error::last_os_error()
-            };
-            if e.kind() != io::ErrorKind::Interrupted {
-                self.drain();
-                let at = off as u64;
-                return Err(backends::Error::io("write", dst.path, at, left as u64, e));
-            }
-        }
-        Ok(())
+        });
+        written.map_err(|e| {
+            self.drain();
+            let at = off as u64;
+            let left = dst.offset + len as u64 - at;
+            backends::Error::io("write", dst.path, at, left, e)
+        })
     }
 
     /// Whether another buffer fits in the pipe.
@@ -300,6 +256,30 @@ impl ReplyPipe {
             }
         }
     }
+}
+
+/// Call `step` with the bytes done so far until `len` are done; `step` makes one system call
+/// and returns its result. An interrupted call is made again, one that moves nothing fails
+/// with `at_zero`, any other failure with its error.
+fn complete(
+    len: usize,
+    at_zero: io::ErrorKind,
+    mut step: impl FnMut(usize) -> isize,
+) -> io::Result<()> {
+    let mut done = 0;
+    while done < len {
+        match step(done) {
+            n if n > 0 => done += n as usize,
+            0 => return Err(at_zero.into()),
+            _ => {
+                let e = io::Error::last_os_error();
+                if e.kind() != io::ErrorKind::Interrupted {
+                    return Err(e);
+                }
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Wait until `sock` has something to read (or is closed or shut down).
