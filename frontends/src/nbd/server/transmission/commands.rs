@@ -235,33 +235,24 @@ impl Conn<'_> {
         true
     }
 
-    /// A write whose payload ends in the pipe (see `read_payload` in mod.rs): the part in
-    /// `s.data` is written as usual, then the rest goes from the pipe into the file. The
-    /// payload was read whole before any of it is written, so the write is all-or-nothing
-    /// up to here, as a copied one.
+    /// A write whose payload is in the pipe (see `read_payload` in mod.rs): it goes into the
+    /// file in one splice. The payload was read whole before any of it is written, as a
+    /// copied one.
     fn spliced_write(&self, req: &Request, s: &mut Scratch) -> Result<(), BackendError> {
         let piped = std::mem::take(&mut s.piped);
-        let head = s.data.len();
         let dev = &self.export.device;
         let Some(pipe) = s.pipe.get() else {
             return Err(BackendError::Invalid("write payload lost".into()));
         };
-        let at = req.offset + head as u64;
-        let Some(sink) = dev.write_sink(at, piped as u64) else {
+        let Some(sink) = dev.write_sink(req.offset, piped as u64) else {
             // The backend no longer takes it byte for byte: copy it out of the pipe.
-            s.data.set_len(head + piped);
-            if let Err(e) = pipe.read_out(&mut s.data[head..]) {
+            s.data.set_len(piped);
+            if let Err(e) = pipe.read_out(&mut s.data) {
                 pipe.drain();
                 return Err(BackendError::Invalid(format!("write payload lost: {e}")));
             }
             return dev.write(req.offset, &s.data, IoFlags::empty());
         };
-        if head > 0 {
-            if let Err(e) = dev.write(req.offset, &s.data, IoFlags::empty()) {
-                pipe.drain();
-                return Err(e);
-            }
-        }
         pipe.write_to_file(sink, piped)
     }
 

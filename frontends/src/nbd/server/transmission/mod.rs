@@ -20,8 +20,9 @@
 //!
 //! Spliced payloads: a large write without FUA that the backend takes byte for byte into a
 //! host file (`Device::write_sink`) has its payload moved from a plain socket into the
-//! worker's pipe while the read lock is held (what the read buffer already holds goes to
-//! memory as usual), then from the pipe into the file when it is served (see `splice.rs`).
+//! worker's pipe while the read lock is held (what the read buffer already holds is copied in
+//! first), then from the pipe into the file, in one splice, when it is served (see
+//! `splice.rs`).
 //! The next header is then read alone, so the read buffer does not take the start of a next
 //! payload. A payload that does not fit in the pipe is copied, and so are that connection's
 //! later ones.
@@ -387,9 +388,9 @@ impl<'a> Conn<'a> {
     }
 
     /// Read a request's `n` payload bytes into `s.data`; but a large write that may go
-    /// straight into a host file (`Device::write_sink`) takes what the read buffer holds
-    /// into `s.data` and the rest from the socket into the worker's pipe (see `splice.rs`),
-    /// leaving `s.piped` bytes there for `commands::spliced_write`.
+    /// straight into a host file (`Device::write_sink`) is put whole into the worker's pipe
+    /// (what the read buffer holds copied in, the rest spliced from the socket: see
+    /// `splice.rs`), leaving `s.piped` bytes there for `commands::spliced_write`.
     fn read_payload(
         &self,
         rd: &mut BufReader<Stream>,
@@ -407,16 +408,23 @@ impl<'a> Conn<'a> {
             let (Some(sock), Some(pipe)) = (rd.get_ref().plain_fd(), s.pipe.get()) else {
                 return rd.read_exact(&mut s.data[buffered..]);
             };
+            // The whole payload goes through the pipe, what the read buffer held first, so
+            // the file gets it in one splice: a server killed mid-write leaves it cut at a
+            // page boundary, as a `pwrite` would, never inside a sector.
+            if !pipe.fits(0, buffered as u64 + splice::PAGE) {
+                return rd.read_exact(&mut s.data[buffered..]);
+            }
+            pipe.put(&s.data[..buffered])?;
             let got = pipe.take_from_socket(sock, rest)?;
             if got == rest {
-                s.data.set_len(buffered);
-                s.piped = rest;
+                s.data.set_len(0);
+                s.piped = n;
                 self.header_alone.store(true, Ordering::Relaxed);
                 return Ok(());
             }
             tracing::debug!("pipe full after {got} of {rest} payload bytes: payloads are copied");
             self.no_write_splice.store(true, Ordering::Relaxed);
-            pipe.read_out(&mut s.data[buffered..buffered + got])?;
+            pipe.read_out(&mut s.data[..buffered + got])?;
             return rd.read_exact(&mut s.data[buffered + got..]);
         }
         s.data.set_len(n);

@@ -21,7 +21,10 @@
 //! into its pipe (`take_from_socket`), lets the lock go, and moves it on into the file
 //! (`write_to_file`): the socket's pages are taken by reference, so the one copy is into
 //! the page cache. The whole payload is in the pipe before the file sees any of it, so a
-//! client that dies mid-payload changes nothing, as with a copied payload. A pipe that fills
+//! client that dies mid-payload changes nothing, as with a copied payload; what the read
+//! buffer already held is copied into the pipe first (`put`), so the file gets the payload in
+//! one splice, which a killed server leaves cut at a page boundary, as a `pwrite`, and never
+//! inside a sector. A pipe that fills
 //! up first (the socket's buffers are small pieces of pages) is read back into memory and
 //! the rest of the payload is read as usual.
 
@@ -35,7 +38,7 @@ pub(super) const SPLICE_MIN: u64 = 64 * 1024;
 /// Pipe sizes tried, largest first: above `/proc/sys/fs/pipe-max-size` (1 MiB by default)
 /// only a privileged process gets a pipe.
 const PIPE_SIZES: [libc::c_int; 2] = [4 << 20, 1 << 20];
-const PAGE: u64 = 4096;
+pub(super) const PAGE: u64 = 4096;
 
 /// One worker's pipe; empty between replies.
 pub(super) struct ReplyPipe {
@@ -192,6 +195,20 @@ impl ReplyPipe {
             }
         }
         Ok(done)
+    }
+
+    /// Copy `data` into the empty pipe, which has room for it (see `fits`).
+    pub(super) fn put(&mut self, data: &[u8]) -> io::Result<()> {
+        let wr = self.wr.as_raw_fd();
+        let r = complete(data.len(), io::ErrorKind::WriteZero, |at| {
+            let rest = &data[at..];
+            // SAFETY: write from a live buffer of `rest.len()` bytes into an open pipe.
+            unsafe { libc::write(wr, rest.as_ptr().cast(), rest.len()) }
+        });
+        if r.is_err() {
+            self.drain();
+        }
+        r
     }
 
     /// Read exactly `buf.len()` bytes that are in the pipe.
