@@ -69,7 +69,7 @@ if [ ! -f "$initrd" ]; then
         [ -e "$ir/bin/$a" ] || ln -s busybox "$ir/bin/$a"
     done
     # Modules in dependency order, decompressed.
-    want="nbd ublk_drv loop 9p 9pnet_virtio ext4 virtio_pci virtio_ring virtio"
+    want="nbd ublk_drv loop 9p 9pnet_virtio ext4 virtio_pci virtio_ring virtio tls gcm ghash_generic chacha20poly1305 chacha_generic poly1305_generic"
     mods=$(for m in $want; do modprobe -d "$root" -S "$kver" --show-depends "$m" 2>/dev/null; done |
         awk '$1=="insmod"{print $2}' | awk '!seen[$0]++')
     : >"$ir/lib/modules/order"

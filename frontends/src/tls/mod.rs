@@ -5,6 +5,7 @@
 pub mod anon;
 pub mod authz;
 pub mod engine;
+mod ktls;
 mod openssl_engine;
 pub mod psk;
 mod records;
@@ -16,6 +17,7 @@ pub mod x509;
 use crate::transport::Stream;
 use authz::Authz;
 use engine::Engine;
+use std::os::unix::io::AsRawFd;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -245,13 +247,30 @@ pub fn accept(
             .map_err(|e| TlsError::Handshake(e.to_string()))?;
         let mut plain = early;
         plain.extend_from_slice(&est.plain);
-        stream::Session::records(est.records, est.cipher, plain)
+        match (est.kernel_keys, &*stream) {
+            (Some(keys), Stream::Tcp(sock)) if kernel_tls_wanted() => {
+                let offloaded = keys
+                    .offload(sock.as_raw_fd(), est.records, est.cipher, &mut plain)
+                    .map_err(|e| TlsError::Handshake(e.to_string()))?;
+                match offloaded {
+                    Ok(kernel) => stream::Session::kernel(kernel, plain),
+                    Err((records, cipher)) => stream::Session::records(records, cipher, plain),
+                }
+            }
+            _ => stream::Session::records(est.records, est.cipher, plain),
+        }
     } else {
         stream::Session::engine(engine, early)
     };
     *stream = stream::into_stream(session, net, identity)
         .map_err(|e| TlsError::Handshake(e.to_string()))?;
     Ok(())
+}
+
+/// Kernel TLS is tried unless `QNBD_KTLS=off` (to compare it with our record layer).
+fn kernel_tls_wanted() -> bool {
+    static WANTED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *WANTED.get_or_init(|| std::env::var("QNBD_KTLS").map_or(true, |v| v != "off"))
 }
 
 /// How a TLS client reaches its server: all that qemu's rule for the certificate name needs.

@@ -130,6 +130,8 @@ pub struct Records {
     /// close_notify was queued: nothing more is sealed.
     closed: bool,
     broken: bool,
+    /// A key was renewed since the session began.
+    rekeyed: bool,
 }
 
 impl Records {
@@ -151,7 +153,28 @@ impl Records {
             pending: Vec::new(),
             closed: false,
             broken: false,
+            rekeyed: false,
         })
+    }
+
+    /// The sequence number of the next record received.
+    pub fn rx_seq(&self) -> u64 {
+        self.rx.seq
+    }
+
+    /// The sequence number of the next record sent.
+    pub fn tx_seq(&self) -> u64 {
+        self.tx.seq
+    }
+
+    /// True once either direction left its first key.
+    pub fn rekeyed(&self) -> bool {
+        self.rekeyed
+    }
+
+    /// The key schedule, for a record layer elsewhere (kernel TLS).
+    pub fn into_kernel_connection(self) -> Option<KernelConnection<ServerConnectionData>> {
+        self.conn
     }
 
     /// True for a TLS 1.2 AES-GCM session, whose records carry an explicit nonce.
@@ -313,6 +336,7 @@ impl Records {
 
     /// The next keys of one direction, from rustls' key schedule.
     fn next_keys(&mut self, dir: Direction) -> io::Result<Keys> {
+        self.rekeyed = true;
         let conn = self
             .conn
             .as_mut()
@@ -498,6 +522,7 @@ mod tests {
             pending: Vec::new(),
             closed: false,
             broken: false,
+            rekeyed: false,
         }
     }
 

@@ -9,6 +9,7 @@
 //! plaintext first.
 
 use super::engine::Engine;
+use super::ktls::KernelKeys;
 use super::records::Records;
 use super::x509::{distinguished_name, rustls_error};
 use rustls::server::UnbufferedServerConnection;
@@ -31,6 +32,8 @@ pub struct ServerHandshake {
 /// opened.
 pub struct Established {
     pub records: Records,
+    /// The first keys in the kernel's form, when kernel TLS could take the session.
+    pub kernel_keys: Option<KernelKeys>,
     pub cipher: Vec<u8>,
     pub plain: Vec<u8>,
 }
@@ -109,8 +112,10 @@ impl ServerHandshake {
         let (secrets, kernel) = conn
             .dangerous_into_kernel_connection()
             .map_err(|e| rustls_error(e, None))?;
+        let kernel_keys = KernelKeys::new(kernel.protocol_version(), &secrets.rx, &secrets.tx);
         Ok(Established {
             records: Records::new(kernel, secrets.rx, secrets.tx)?,
+            kernel_keys,
             cipher: std::mem::take(&mut self.incoming),
             plain: std::mem::take(&mut self.plain),
         })

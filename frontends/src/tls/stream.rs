@@ -14,7 +14,9 @@
 //! - `engine`: the session itself, held only while bytes are transformed, never across a
 //!   network read or write. It is a TLS library's engine, or, for x509 servers, our own
 //!   record layer over rustls' keys (`records.rs`), which opens records in place in `rx`'s
-//!   buffer and seals them straight into `tx`'s.
+//!   buffer and seals them straight into `tx`'s. With kernel TLS (`ktls.rs`) the socket
+//!   itself carries plaintext: `engine` holds only the key schedule, taken when a record
+//!   that is not data arrives or a send key must be renewed.
 //!
 //! Order: `rx` before `engine`; `tx` before `engine`; `rx` before `tx` (a reader that must
 //! answer, such as an alert after a bad record, drops `engine` first and takes `tx`, then
@@ -23,6 +25,7 @@
 //! keeps a client that sends before it reads from deadlocking against us.
 
 use super::engine::Engine;
+use super::ktls::{self, Control, KernelTls};
 use super::records::{Batches, Opened, Records, HEADER, MAX_BODY};
 use crate::sync::Mutex;
 use crate::transport::Stream;
@@ -55,6 +58,8 @@ pub struct Session {
 enum Kind {
     Engine(Box<dyn Engine>),
     Records(Box<Records>),
+    /// The kernel seals and opens the records (`ktls.rs`); this keeps the key schedule.
+    Kernel(Box<KernelTls>),
 }
 
 impl Session {
@@ -73,6 +78,14 @@ impl Session {
             plain,
         }
     }
+
+    pub fn kernel(tls: KernelTls, plain: Vec<u8>) -> Session {
+        Session {
+            kind: Kind::Kernel(Box::new(tls)),
+            cipher: Vec::new(),
+            plain,
+        }
+    }
 }
 
 impl Kind {
@@ -81,6 +94,7 @@ impl Kind {
         match self {
             Kind::Engine(e) => e.take_tls(out),
             Kind::Records(r) => r.take_pending(out),
+            Kind::Kernel(_) => {}
         }
     }
 
@@ -88,6 +102,7 @@ impl Kind {
         match self {
             Kind::Engine(e) => e.close(),
             Kind::Records(r) => r.close(),
+            Kind::Kernel(_) => {}
         }
     }
 
@@ -103,6 +118,7 @@ impl Kind {
                 r.take_pending(out);
                 r.seal(bufs, out)
             }
+            Kind::Kernel(_) => Err(super::engine::stalled()),
         }
     }
 }
@@ -122,8 +138,8 @@ impl std::fmt::Debug for TlsStream {
 
 struct Shared {
     engine: Mutex<Kind>,
-    /// The session is on our record layer (`read_records`), not a library's.
-    records: bool,
+    /// Who opens and seals the records: a library, our record layer, or the kernel.
+    mode: Mode,
     rx: Mutex<Rx>,
     tx: Mutex<Tx>,
     /// The socket, for options, shutdown and the peer's name.
@@ -132,6 +148,13 @@ struct Shared {
     identity: Option<String>,
     /// Set once we closed (politely or not): nothing more is sent.
     closed: AtomicBool,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Mode {
+    Engine,
+    Records,
+    Kernel,
 }
 
 struct Rx {
@@ -156,18 +179,22 @@ struct Tx {
 /// Wrap an established session: returns a stream the NBD code reads and writes in plaintext.
 pub fn into_stream(session: Session, net: Stream, identity: Option<String>) -> io::Result<Stream> {
     net.set_read_timeout(None)?;
-    let records = matches!(session.kind, Kind::Records(_));
-    let size = if records {
-        RECORDS_RX.max(session.cipher.len()).max(HEADER + MAX_BODY)
-    } else {
-        CHUNK
+    let mode = match session.kind {
+        Kind::Engine(_) => Mode::Engine,
+        Kind::Records(_) => Mode::Records,
+        Kind::Kernel(_) => Mode::Kernel,
+    };
+    let size = match mode {
+        Mode::Records => RECORDS_RX.max(session.cipher.len()).max(HEADER + MAX_BODY),
+        Mode::Engine => CHUNK,
+        Mode::Kernel => session.cipher.len(),
     };
     let mut cipher = vec![0; size];
     let clen = session.cipher.len();
     cipher[..clen].copy_from_slice(&session.cipher);
     let shared = Shared {
         engine: Mutex::new(session.kind),
-        records,
+        mode,
         rx: Mutex::new(Rx {
             net: net.try_clone()?,
             cipher,
@@ -249,6 +276,10 @@ impl Shared {
             return;
         };
         let Tx { net, out } = &mut *tx;
+        if self.mode == Mode::Kernel {
+            KernelTls::close_notify(net.as_raw_fd());
+            return;
+        }
         out.clear();
         {
             let mut kind = self.engine.lock();
@@ -273,8 +304,10 @@ impl Shared {
     /// Read plaintext into `buf`: from the session if it has some, else by giving it the
     /// ciphertext already read, else by reading the network (without the session's lock).
     fn read_plain(&self, rx: &mut Rx, buf: &mut [u8]) -> io::Result<usize> {
-        if self.records {
-            return self.read_records(rx, buf);
+        match self.mode {
+            Mode::Records => return self.read_records(rx, buf),
+            Mode::Kernel => return self.read_kernel(rx, buf),
+            Mode::Engine => {}
         }
         loop {
             let mut kind = self.engine.lock();
@@ -368,6 +401,63 @@ impl Shared {
         }
     }
 
+    /// Read plaintext from a kernel TLS socket, acting on the records that are not data.
+    fn read_kernel(&self, rx: &mut Rx, buf: &mut [u8]) -> io::Result<usize> {
+        let fd = rx.net.as_raw_fd();
+        loop {
+            if rx.eof {
+                return Ok(0);
+            }
+            let (n, typ) = ktls::recv(fd, buf)?;
+            if typ == ktls::APPLICATION_DATA {
+                rx.eof = n == 0;
+                return Ok(n);
+            }
+            let control = match &mut *self.engine.lock() {
+                Kind::Kernel(k) => k.control(fd, typ, &buf[..n]),
+                _ => Err(super::engine::stalled()),
+            };
+            match control {
+                Ok(Control::Handled) => {}
+                Ok(Control::Closed) => rx.eof = true,
+                Ok(Control::RenewSendKey) => {
+                    if let Err(e) = self.renew_send_key(&mut self.tx.lock()) {
+                        return Err(self.broken(rx, e));
+                    }
+                }
+                Err(e) => return Err(self.broken(rx, e)),
+            }
+        }
+    }
+
+    /// Kernel TLS: our KeyUpdate under the old send key, then the new key, with the send
+    /// side held so no data record goes between them.
+    fn renew_send_key(&self, tx: &mut Tx) -> io::Result<()> {
+        let fd = tx.net.as_raw_fd();
+        ktls::send_key_update(fd)?;
+        match &mut *self.engine.lock() {
+            Kind::Kernel(k) => k.next_send_key(fd),
+            _ => Err(super::engine::stalled()),
+        }
+    }
+
+    /// Kernel TLS: the kernel seals what is written to the socket.
+    fn send_kernel(&self, bufs: &[IoSlice<'_>]) -> io::Result<usize> {
+        let mut tx = self.tx.lock();
+        if self.closed.load(Ordering::SeqCst) {
+            return Err(io::ErrorKind::BrokenPipe.into());
+        }
+        let total: usize = bufs.iter().map(|b| b.len()).sum();
+        let renew = match &mut *self.engine.lock() {
+            Kind::Kernel(k) => k.before_send(tx.net.as_raw_fd(), total),
+            _ => return Err(super::engine::stalled()),
+        };
+        if renew {
+            self.renew_send_key(&mut tx)?;
+        }
+        tx.net.write_vectored(bufs)
+    }
+
     /// The session is broken: nothing more can be read or sent in it.
     fn broken(&self, rx: &mut Rx, e: io::Error) -> io::Error {
         rx.eof = true;
@@ -380,6 +470,9 @@ impl Shared {
     /// Encrypt and send `bufs`, at most [`CHUNK`] bytes at a time so the session is free
     /// for the reader between the pieces of a large reply.
     fn send(&self, bufs: &[IoSlice<'_>]) -> io::Result<usize> {
+        if self.mode == Mode::Kernel {
+            return self.send_kernel(bufs);
+        }
         let mut tx = self.tx.lock();
         if self.closed.load(Ordering::SeqCst) {
             return Err(io::ErrorKind::BrokenPipe.into());
