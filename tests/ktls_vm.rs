@@ -15,18 +15,41 @@ fn copy_dir(from: &Path, to: &Path) {
     }
 }
 
-#[test]
-fn kernel_tls_sessions_in_a_guest() {
-    if !common::have("certtool") || !common::have("qemu-img") {
-        return;
-    }
+/// The share for ktls.sh: the server's and the client's certificates.
+fn share_with_pki() -> tempfile::TempDir {
     let pki = common::pki::pki();
     let share = tempfile::Builder::new()
         .prefix("qnbd-vm-share.")
         .tempdir_in("/var/tmp")
         .expect("a share directory");
-    let dir = share.path();
-    copy_dir(&pki.server, &dir.join("pki/server"));
-    copy_dir(&pki.client, &dir.join("pki/client"));
-    common::run_guest_script_in("ktls.sh", 2, Path::new(common::QNBD), Some(dir));
+    copy_dir(&pki.server, &share.path().join("pki/server"));
+    copy_dir(&pki.client, &share.path().join("pki/client"));
+    share
+}
+
+/// Debian 12's 6.12: TLS 1.2 goes to the kernel, TLS 1.3 stays on our record layer.
+#[test]
+fn kernel_tls_sessions_in_a_guest() {
+    if !common::have("certtool") || !common::have("qemu-img") {
+        return;
+    }
+    let share = share_with_pki();
+    common::run_guest_script_in("ktls.sh", 2, Path::new(common::QNBD), Some(share.path()));
+}
+
+/// A kernel that renews keys (trixie-backports' newest): TLS 1.3 goes to the kernel too,
+/// and our send key is renewed every few records.
+#[test]
+fn kernel_tls_13_with_key_renewal_on_a_newer_kernel() {
+    if !common::have("certtool") || !common::have("qemu-img") {
+        return;
+    }
+    let share = share_with_pki();
+    common::run_guest_script_env(
+        "ktls.sh",
+        2,
+        Path::new(common::QNBD),
+        Some(share.path()),
+        &[("QNBD_VM_KERNEL", "backports")],
+    );
 }

@@ -323,8 +323,21 @@ pub fn run_guest_script_with(script: &str, cpus: u32, bin: &Path) {
 /// can put files there first and read what the guest left after. False when the guest could
 /// not run (a loud SKIP).
 pub fn run_guest_script_in(script: &str, cpus: u32, bin: &Path, share: Option<&Path>) -> bool {
+    run_guest_script_env(script, cpus, bin, share, &[])
+}
+
+/// [`run_guest_script_in`] with more environment for scripts/vm/run.sh (such as
+/// `QNBD_VM_KERNEL=backports`, another kernel).
+pub fn run_guest_script_env(
+    script: &str,
+    cpus: u32,
+    bin: &Path,
+    share: Option<&Path>,
+    env: &[(&str, &str)],
+) -> bool {
     let top = env!("CARGO_MANIFEST_DIR");
     let mut run = Command::new("bash");
+    run.envs(env.iter().copied());
     run.arg(format!("{top}/scripts/vm/run.sh"))
         .arg(format!("{top}/scripts/vm/guest/{script}"));
     if let Some(dir) = share {

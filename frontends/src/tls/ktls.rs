@@ -325,7 +325,9 @@ pub enum Control {
 impl KernelTls {
     /// Before sending `len` bytes of data: true when the send key must be renewed first
     /// ([`send_key_update`], then [`KernelTls::next_send_key`]), because the records sent
-    /// under it may reach the limit.
+    /// under it may reach the limit. The renewal comes before the write that could cross
+    /// it, so one write's own records (a reply of 32 MiB makes 2049) may go past the limit:
+    /// a margin far below the one between [`KEY_RECORDS`] and AES-GCM's 2^24.5.
     pub fn before_send(&mut self, fd: RawFd, len: usize) -> bool {
         let records = len as u64 / MAX_PLAIN + 1;
         self.sent_bound += records;
@@ -422,10 +424,11 @@ fn invalid(msg: String) -> io::Error {
 }
 
 /// Our KeyUpdate, sent under the send key it retires. The caller holds the send side, so
-/// no data record goes between it and the next key.
-pub fn send_key_update(fd: RawFd) -> io::Result<()> {
-    // update_not_requested: the peer renews its own key when it wants to.
-    send_record(fd, HANDSHAKE, &[KEY_UPDATE, 0, 0, 1, 0], 0)
+/// no data record goes between it and the next key. `request`: ask the peer to renew its
+/// key too (when ours reached its limit, since the peer's carried about as many records);
+/// never when answering the peer's request, which would make the two ask each other forever.
+pub fn send_key_update(fd: RawFd, request: bool) -> io::Result<()> {
+    send_record(fd, HANDSHAKE, &[KEY_UPDATE, 0, 0, 1, u8::from(request)], 0)
 }
 
 /// Records sent under the current send key, as the kernel counts them.

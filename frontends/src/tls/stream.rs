@@ -421,7 +421,7 @@ impl Shared {
                 Ok(Control::Handled) => {}
                 Ok(Control::Closed) => rx.eof = true,
                 Ok(Control::RenewSendKey) => {
-                    if let Err(e) = self.renew_send_key(&mut self.tx.lock()) {
+                    if let Err(e) = self.renew_send_key(&mut self.tx.lock(), false) {
                         return Err(self.broken(rx, e));
                     }
                 }
@@ -432,9 +432,9 @@ impl Shared {
 
     /// Kernel TLS: our KeyUpdate under the old send key, then the new key, with the send
     /// side held so no data record goes between them.
-    fn renew_send_key(&self, tx: &mut Tx) -> io::Result<()> {
+    fn renew_send_key(&self, tx: &mut Tx, request: bool) -> io::Result<()> {
         let fd = tx.net.as_raw_fd();
-        ktls::send_key_update(fd)?;
+        ktls::send_key_update(fd, request)?;
         match &mut *self.engine.lock() {
             Kind::Kernel(k) => k.next_send_key(fd),
             _ => Err(super::engine::stalled()),
@@ -453,7 +453,7 @@ impl Shared {
             _ => return Err(super::engine::stalled()),
         };
         if renew {
-            self.renew_send_key(&mut tx)?;
+            self.renew_send_key(&mut tx, true)?;
         }
         tx.net.write_vectored(bufs)
     }

@@ -32,7 +32,7 @@ stat() { awk -v n="$1" '$1 == n { print $2; f = 1 } END { if (!f) print 0 }' /pr
 
 serve() { # serve [ENV...]: qnbd on 127.0.0.1:10809 exporting $img over x509 TLS
     rm -f /tmp/q.pid
-    env "$@" ./qnbd -f raw -b 127.0.0.1 -p 10809 -t --pid-file=/tmp/q.pid \
+    env QNBD_LOG=frontends::tls=debug "$@" ./qnbd -f raw -b 127.0.0.1 -p 10809 -t --pid-file=/tmp/q.pid \
         --object "tls-creds-x509,id=tls0,endpoint=server,dir=$S" --tls-creds=tls0 "$img" \
         2>/tmp/qnbd.err &
     wait_for /tmp/q.pid
@@ -64,6 +64,7 @@ round() {
     tx1=$(stat TlsTxSw)
     rx1=$(stat TlsRxSw)
     echo "tls_stat: TlsTxSw $tx0 -> $tx1, TlsRxSw $rx0 -> $rx1"
+    grep -i 'tls' /tmp/qnbd.err | tail -3
     case $expect in
     kernel) [ "$tx1" -gt "$tx0" ] && [ "$rx1" -gt "$rx0" ] ;;
     user) [ "$tx1" = "$tx0" ] && [ "$rx1" = "$rx0" ] ;;
@@ -102,7 +103,7 @@ copy_and_compare() { # copy_and_compare PRIORITY: a whole image in and out
 }
 check "a whole image copied in and out over TLS 1.2 is the same" copy_and_compare "NORMAL:-VERS-TLS1.3"
 stop
-check "the server said nothing alarming" sh -c '! grep -iE "panic|error" /tmp/qnbd.err'
+check "the server said nothing alarming" sh -c '! grep -iE "panic|ERROR|WARN" /tmp/qnbd.err'
 
 serve QNBD_KTLS=off
 check "QNBD_KTLS=off: our record layer, TLS 1.2" round "NORMAL:-VERS-TLS1.3" user
@@ -112,9 +113,13 @@ if [ $renews = yes ]; then
     # Our send key renewed every 8 records, the client's many times over a long session.
     serve QNBD_TEST_TLS_KEY_RECORDS=8
     r0=$(stat TlsTxRekeyOk)
+    x0=$(stat TlsRxRekeyOk)
     check "TLS 1.3 with our send key renewed every few records" round "NORMAL" kernel
     r1=$(stat TlsTxRekeyOk)
+    x1=$(stat TlsRxRekeyOk)
     check "the kernel renewed send keys ($r0 -> $r1)" test "$r1" -gt "$r0"
+    # We ask the client to renew its key with ours, so receive keys were renewed too.
+    check "the kernel renewed receive keys ($x0 -> $x1)" test "$x1" -gt "$x0"
     stop
 fi
 
