@@ -8,13 +8,13 @@ set -euo pipefail
 export DEBIAN_FRONTEND=noninteractive
 apt-get update -qq
 apt-get install -y -qq --no-remove \
-    qemu-utils libnbd-bin nbdkit python3-libnbd fio gnutls-bin openssl bc gnuplot-nox \
+    qemu-utils libnbd-bin nbdkit python3-libnbd fio gnutls-bin openssl bc gnuplot-nox curl xz-utils \
     libssl-dev pkg-config libclang-dev musl-tools perl make zsh fish groff-base python3-fusepy >/dev/null
 rustup target add x86_64-unknown-linux-musl >/dev/null 2>&1 ||
     rustup target list --installed | grep -qx x86_64-unknown-linux-musl ||
     { echo "install-deps: cannot add the x86_64-unknown-linux-musl target" >&2; exit 1; }
 command -v cargo-deb >/dev/null || cargo install -q --locked cargo-deb
-for t in qemu-img qemu-io qemu-nbd nbdinfo nbdcopy nbdkit fio certtool psktool gnuplot musl-gcc zsh fish groff cargo-deb; do
+for t in qemu-img qemu-io qemu-nbd nbdinfo nbdcopy nbdkit fio certtool psktool gnuplot musl-gcc zsh fish groff cargo-deb curl xz; do
     command -v "$t" >/dev/null || { echo "install-deps: $t is still missing" >&2; exit 1; }
 done
 /usr/bin/python3 -c 'import nbd' || { echo "install-deps: python3-libnbd does not load" >&2; exit 1; }

@@ -119,7 +119,7 @@ if [ ! -f "$initrd" ]; then
         echo "$b" >>"$ir/lib/modules/order"
     done
     # Host tools and their libraries.
-    tools="mkfs.ext4 e2fsck blockdev sfdisk qemu-img qemu-io qemu-nbd sha256sum cmp fio dd"
+    tools="mkfs.ext4 e2fsck blockdev sfdisk qemu-img qemu-io qemu-nbd sha256sum cmp fio dd nbdkit"
     for t in $tools; do
         p=$(command -v "$t" || true)
         [ -n "$p" ] || { log "note: $t is not on this host; the guest goes without it"; continue; }
@@ -131,6 +131,16 @@ if [ ! -f "$initrd" ]; then
             cp -L "$l" "$ir$l"
         done
     done
+    # nbdkit's file plugin, where nbdkit looks for it (the guest's benchmarks compare).
+    plug=$(nbdkit --dump-config 2>/dev/null | sed -n 's/^plugindir=//p')
+    if [ -n "$plug" ] && [ -f "$plug/nbdkit-file-plugin.so" ]; then
+        mkdir -p "$ir$plug"
+        cp "$plug/nbdkit-file-plugin.so" "$ir$plug/"
+        for l in $(ldd "$plug/nbdkit-file-plugin.so" | awk '/=>/{print $3}'); do
+            mkdir -p "$ir$(dirname "$l")"
+            cp -L "$l" "$ir$l"
+        done
+    fi
     cp "$root/usr/sbin/nbd-client" "$ir/usr/bin/" 2>/dev/null || true
     for l in $(ldd "$ir/usr/bin/nbd-client" 2>/dev/null | awk '/=>/{print $3}'); do
         mkdir -p "$ir$(dirname "$l")"

@@ -3,7 +3,8 @@
 # script on a 9p share (cwd of the script). Exits with the script's status; 77 when the guest
 # cannot run on this machine; 124 on timeout (QNBD_VM_TIMEOUT, default 300 s). QNBD_VM_SMP sets
 # the guest's CPUs (default 2; ublk gives a device at most one queue per CPU), QNBD_VM_MEM its
-# memory in MiB (default 1024).
+# memory in MiB (default 1024), QNBD_VM_CPU its CPU model (qemu's default; "max" emulates
+# AES-NI, for benchmarks where the ciphers' speed matters).
 #   scripts/vm/run.sh GUEST_SCRIPT [SHARE_DIR]
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
@@ -41,7 +42,7 @@ echo "vm/run: booting $kver with $(basename "$script") (share $share)" >&2
 for attempt in 1 2; do
     set +e
     timeout "$timeout_s" "$qemu" -L "$cache/root/usr/share/seabios" -L "$cache/root/usr/share/qemu" \
-        -accel tcg -smp "$smp" -m "$mem" -nographic -no-reboot -nic none \
+        -accel tcg ${QNBD_VM_CPU:+-cpu "$QNBD_VM_CPU"} -smp "$smp" -m "$mem" -nographic -no-reboot -nic none \
         -kernel "$cache/root/boot/vmlinuz-$kver" -initrd "$cache/initrd.cpio.gz" \
         -append 'console=ttyS0 quiet panic=-1' \
         -virtfs "local,path=$share,mount_tag=share,security_model=none" </dev/null 2>&1 | tee "$log"

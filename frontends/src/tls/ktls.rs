@@ -4,7 +4,8 @@
 //! the kernel seals and opens the records (no userspace copy of the ciphertext, and AES in
 //! the kernel's own implementation).
 //!
-//! When it is used (`KernelKeys::offload`), and what happens otherwise:
+//! Only with `QNBD_KTLS=on` (see `kernel_tls_wanted` for why it is not the default). When
+//! it is used (`KernelKeys::offload`), and what happens otherwise:
 //! - a TCP socket, a kernel with the `tls` module, and AES-GCM (128, 256) or
 //!   ChaCha20-Poly1305. Any refusal of the first `setsockopt` leaves the socket as it was,
 //!   and the session stays on our own record layer (`records.rs`): nothing is lost.
