@@ -85,6 +85,29 @@ impl Stream {
         }
     }
 
+    /// True when replies may be spliced to the socket: a plain one, or one whose records
+    /// the kernel seals (see [`Stream::splice_out`]).
+    pub fn can_splice_out(&self) -> bool {
+        match self {
+            Stream::Tcp(_) | Stream::Unix(_) => true,
+            Stream::Tls(s) => s.in_kernel(),
+        }
+    }
+
+    /// Run `send`, which puts `len` bytes of data on the socket itself (splice(2)), as the
+    /// stream needs it done: at once on a plain socket, under the TLS session's send side
+    /// with kernel TLS. None when the stream cannot take data that way.
+    pub fn splice_out<R>(
+        &self,
+        len: usize,
+        send: impl FnOnce(std::os::fd::BorrowedFd<'_>) -> io::Result<R>,
+    ) -> Option<io::Result<R>> {
+        match self {
+            Stream::Tls(s) => s.splice_out(len, send),
+            _ => self.plain_fd().map(send),
+        }
+    }
+
     pub fn peer(&self) -> String {
         match self {
             Stream::Tcp(s) => s

@@ -30,6 +30,7 @@ use super::records::{Batches, Opened, Records, HEADER, MAX_BODY};
 use crate::sync::Mutex;
 use crate::transport::Stream;
 use std::io::{self, IoSlice, Read, Write};
+use std::os::fd::BorrowedFd;
 use std::os::unix::io::AsRawFd;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -251,6 +252,30 @@ impl TlsStream {
         self.shared.net.as_raw_fd()
     }
 
+    /// True when the kernel seals the records: data may be spliced to the socket.
+    pub fn in_kernel(&self) -> bool {
+        self.shared.mode == Mode::Kernel
+    }
+
+    /// Kernel TLS: run `send`, which puts `len` bytes of data on the socket itself (splice),
+    /// with the send side held and the send key renewed first if it must be. None on a
+    /// session the kernel does not seal.
+    pub fn splice_out<R>(
+        &self,
+        len: usize,
+        send: impl FnOnce(BorrowedFd<'_>) -> io::Result<R>,
+    ) -> Option<io::Result<R>> {
+        if !self.in_kernel() {
+            return None;
+        }
+        let shared = &*self.shared;
+        let mut tx = shared.tx.lock();
+        Some(shared.before_kernel_send(&mut tx, len).and_then(|()| {
+            let fd = tx.net.plain_fd().ok_or_else(super::engine::stalled)?;
+            send(fd)
+        }))
+    }
+
     /// Close politely: close_notify if the send side is free (never waiting on the peer),
     /// then both directions of the socket, which wakes a thread blocked reading.
     pub fn shutdown(&self) {
@@ -444,18 +469,25 @@ impl Shared {
     /// Kernel TLS: the kernel seals what is written to the socket.
     fn send_kernel(&self, bufs: &[IoSlice<'_>]) -> io::Result<usize> {
         let mut tx = self.tx.lock();
+        let total: usize = bufs.iter().map(|b| b.len()).sum();
+        self.before_kernel_send(&mut tx, total)?;
+        tx.net.write_vectored(bufs)
+    }
+
+    /// Kernel TLS, before `len` bytes of data go out: refuse after close, and renew the send
+    /// key when its records may reach the limit.
+    fn before_kernel_send(&self, tx: &mut Tx, len: usize) -> io::Result<()> {
         if self.closed.load(Ordering::SeqCst) {
             return Err(io::ErrorKind::BrokenPipe.into());
         }
-        let total: usize = bufs.iter().map(|b| b.len()).sum();
         let renew = match &mut *self.engine.lock() {
-            Kind::Kernel(k) => k.before_send(tx.net.as_raw_fd(), total),
+            Kind::Kernel(k) => k.before_send(tx.net.as_raw_fd(), len),
             _ => return Err(super::engine::stalled()),
         };
         if renew {
-            self.renew_send_key(&mut tx, true)?;
+            self.renew_send_key(tx, true)?;
         }
-        tx.net.write_vectored(bufs)
+        Ok(())
     }
 
     /// The session is broken: nothing more can be read or sent in it.

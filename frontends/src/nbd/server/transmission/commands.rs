@@ -266,9 +266,14 @@ impl Conn<'_> {
         }
         self.read_header(req, len, std::ptr::null(), &mut s.hdr);
         let hdr = &s.hdr;
-        Some(self.write_reply_with(|w| match w.plain_fd() {
-            Some(fd) => pipe.send(fd, hdr, len as usize),
-            None => Err(io::Error::other("spliced reply on a TLS stream")),
+        let total = hdr.len() + len as usize;
+        Some(self.write_reply_with(|w| {
+            w.splice_out(total, |fd| pipe.send(fd, hdr, len as usize))
+                .unwrap_or_else(|| {
+                    Err(io::Error::other(
+                        "spliced reply on a stream that cannot take it",
+                    ))
+                })
         }))
     }
 

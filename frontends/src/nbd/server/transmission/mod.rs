@@ -176,7 +176,7 @@ pub fn serve(
         reader: Mutex::new(BufReader::with_capacity(READ_BUFFER, stream.try_clone()?)),
         writer: Mutex::new(stream.try_clone()?),
         outbox: Mutex::new(Outbox::default()),
-        splice: stream.plain_fd().is_some(),
+        splice: stream.can_splice_out(),
         started: Instant::now(),
         inline_writes_paused_until: AtomicU64::new(0),
         header_alone: AtomicBool::new(false),
