@@ -3,15 +3,12 @@
 # with the nbd / ublk_drv / 9p / ext4 modules and the tools the guest tests use, and a
 # qemu-system-x86_64 unpacked from Debian's package (installing it would replace the
 # preinstalled qemu-utils 10.0.2). Everything lives in $QNBD_VM_CACHE. QNBD_VM_KERNEL=backports
-# takes the newest kernel of trixie-backports instead (its cache: $HOME/.cache/qnbd-vm-backports).
+# takes the newest kernel of trixie-backports instead (its cache: $QNBD_VM_CACHE-backports).
 # Prints the cache directory. Exit 77 when it cannot be built here.
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
-if [ "${QNBD_VM_KERNEL:-}" = backports ]; then
-    CACHE=${QNBD_VM_CACHE:-$HOME/.cache/qnbd-vm-backports}
-else
-    CACHE=${QNBD_VM_CACHE:-$HOME/.cache/qnbd-vm}
-fi
+CACHE=${QNBD_VM_CACHE:-$HOME/.cache/qnbd-vm}
+[ "${QNBD_VM_KERNEL:-}" = backports ] && CACHE=$CACHE-backports
 mkdir -p "$CACHE/debs"
 log() { echo "vm/build: $*" >&2; }
 
