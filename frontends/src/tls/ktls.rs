@@ -196,7 +196,7 @@ impl KernelKeys {
             conn,
             tls13: self.version == TLS_1_3_VERSION,
             sent_bound: 0,
-            control: Vec::new(),
+            control: Pending::default(),
             key_records: key_records(),
         }))
     }
@@ -315,8 +315,8 @@ pub struct KernelTls {
     tls13: bool,
     /// At least the number of records sent under the current send key.
     sent_bound: u64,
-    /// A control record's bytes received so far (a message may come in pieces).
-    control: Vec<u8>,
+    /// A control record's type and bytes received so far (a message may come in pieces).
+    control: Pending,
     key_records: u64,
 }
 
@@ -369,51 +369,38 @@ impl KernelTls {
 
     /// A piece of a record that is not application data, as the kernel handed it over.
     pub fn control(&mut self, fd: RawFd, typ: u8, data: &[u8]) -> io::Result<Control> {
-        if self.control.len() + data.len() > 1024 {
-            return Err(self.refuse(fd, UNEXPECTED_MESSAGE, "an oversized TLS control record"));
+        let messages = match take_messages(&mut self.control, typ, data, self.tls13) {
+            Ok(m) => m,
+            Err(Refusal::Alert(desc, msg)) => return Err(self.refuse(fd, desc, msg)),
+            Err(Refusal::PeerAlert(d)) => {
+                return Err(invalid(format!("the peer sent TLS alert {d}")))
+            }
+        };
+        let mut answer = Control::Handled;
+        for m in messages {
+            match m {
+                Message::CloseNotify => return Ok(Control::Closed),
+                Message::KeyUpdate { requested } => {
+                    self.next_receive_key(fd)?;
+                    if requested {
+                        answer = Control::RenewSendKey;
+                    }
+                }
+            }
         }
-        self.control.extend_from_slice(data);
-        match typ {
-            ALERT if self.control.len() < 2 => Ok(Control::Handled),
-            ALERT => match self.control[..] {
-                [_, 0] => Ok(Control::Closed),
-                [_, d] => Err(invalid(format!("the peer sent TLS alert {d}"))),
-                _ => Err(self.refuse(fd, DECODE_ERROR, "a malformed TLS alert")),
-            },
-            HANDSHAKE if self.tls13 => self.key_updates(fd),
-            _ => Err(self.refuse(fd, UNEXPECTED_MESSAGE, "an unexpected TLS record")),
-        }
+        Ok(answer)
     }
 
-    /// Act on the whole KeyUpdate messages received; keep a cut one for the next piece.
-    fn key_updates(&mut self, fd: RawFd) -> io::Result<Control> {
-        let mut requested = false;
-        while self.control.len() >= 4 {
-            let m = &self.control;
-            if m[0] != KEY_UPDATE {
-                return Err(self.refuse(fd, UNEXPECTED_MESSAGE, "an unexpected TLS handshake"));
-            }
-            if m[1..4] != [0, 0, 1] || m.get(4).is_some_and(|&v| v > 1) {
-                return Err(self.refuse(fd, DECODE_ERROR, "a malformed TLS KeyUpdate"));
-            }
-            let Some(&v) = m.get(4) else { break };
-            requested |= v == 1;
-            self.control.drain(..5);
-            let (seq, secrets) = self
-                .conn
-                .update_rx_secret()
-                .map_err(|e| invalid(format!("TLS key update: {e}")))?;
-            let info = CryptoInfo::new(TLS_1_3_VERSION, seq, &secrets)
-                .ok_or_else(|| invalid("TLS key update: a cipher the kernel lacks".into()))?;
-            info.install(fd, TLS_RX).map_err(|e| {
-                io::Error::new(e.kind(), format!("kernel TLS receive key update: {e}"))
-            })?;
-        }
-        Ok(if requested {
-            Control::RenewSendKey
-        } else {
-            Control::Handled
-        })
+    /// Give the kernel the peer's next key, after its KeyUpdate.
+    fn next_receive_key(&mut self, fd: RawFd) -> io::Result<()> {
+        let (seq, secrets) = self
+            .conn
+            .update_rx_secret()
+            .map_err(|e| invalid(format!("TLS key update: {e}")))?;
+        let info = CryptoInfo::new(TLS_1_3_VERSION, seq, &secrets)
+            .ok_or_else(|| invalid("TLS key update: a cipher the kernel lacks".into()))?;
+        info.install(fd, TLS_RX)
+            .map_err(|e| io::Error::new(e.kind(), format!("kernel TLS receive key update: {e}")))
     }
 
     /// Tell the peer why the session ends (best effort), and make the error.
@@ -426,6 +413,96 @@ impl KernelTls {
     pub fn close_notify(fd: RawFd) {
         let _ = send_record(fd, ALERT, &[1, 0], libc::MSG_DONTWAIT);
     }
+}
+
+/// The bytes of control messages not whole yet, and their record type.
+#[derive(Default)]
+struct Pending {
+    typ: u8,
+    bytes: Vec<u8>,
+}
+
+/// A whole control message from the peer.
+#[derive(Debug, PartialEq, Eq)]
+enum Message {
+    CloseNotify,
+    KeyUpdate { requested: bool },
+}
+
+/// Why the session ends on a control message.
+#[derive(Debug, PartialEq, Eq)]
+enum Refusal {
+    /// Ours to send: an alert description and what went wrong.
+    Alert(u8, &'static str),
+    /// The peer's fatal alert.
+    PeerAlert(u8),
+}
+
+/// The most control bytes held while a message is cut: a KeyUpdate is 5, an alert 2.
+const PENDING_MAX: usize = 1024;
+
+/// Add `data` (from a record of type `typ`) to what `pending` holds and take the whole
+/// messages off its front; a cut one stays for the next piece. Only alerts and, in TLS 1.3,
+/// KeyUpdate may come from a client once the handshake is over.
+fn take_messages(
+    pending: &mut Pending,
+    typ: u8,
+    data: &[u8],
+    tls13: bool,
+) -> Result<Vec<Message>, Refusal> {
+    if !pending.bytes.is_empty() && pending.typ != typ {
+        return Err(Refusal::Alert(
+            UNEXPECTED_MESSAGE,
+            "a TLS message cut by another",
+        ));
+    }
+    if pending.bytes.len() + data.len() > PENDING_MAX {
+        return Err(Refusal::Alert(
+            UNEXPECTED_MESSAGE,
+            "an oversized TLS control record",
+        ));
+    }
+    pending.typ = typ;
+    pending.bytes.extend_from_slice(data);
+    let mut out = Vec::new();
+    loop {
+        let b = &pending.bytes;
+        let used = match typ {
+            ALERT if b.len() < 2 => break,
+            ALERT if b[1] == 0 => {
+                out.push(Message::CloseNotify);
+                // Nothing after close_notify counts.
+                pending.bytes.clear();
+                return Ok(out);
+            }
+            ALERT => return Err(Refusal::PeerAlert(b[1])),
+            HANDSHAKE if tls13 => {
+                if b.len() < 4 {
+                    break;
+                }
+                if b[0] != KEY_UPDATE {
+                    return Err(Refusal::Alert(
+                        UNEXPECTED_MESSAGE,
+                        "an unexpected TLS handshake",
+                    ));
+                }
+                if b[1..4] != [0, 0, 1] || b.get(4).is_some_and(|&v| v > 1) {
+                    return Err(Refusal::Alert(DECODE_ERROR, "a malformed TLS KeyUpdate"));
+                }
+                let Some(&v) = b.get(4) else { break };
+                out.push(Message::KeyUpdate { requested: v == 1 });
+                5
+            }
+            _ => {
+                return Err(Refusal::Alert(
+                    UNEXPECTED_MESSAGE,
+                    "an unexpected TLS record",
+                ))
+            }
+        };
+        pending.bytes.drain(..used);
+    }
+    Ok(out)
 }
 
 fn invalid(msg: String) -> io::Error {
@@ -519,6 +596,60 @@ pub fn recv(fd: RawFd, buf: &mut [u8]) -> io::Result<(usize, u8)> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn control_messages_whole_cut_and_hostile() {
+        let mut p = Pending::default();
+        let ku = |r| Message::KeyUpdate { requested: r };
+        // Two KeyUpdates in one record, the second cut after 3 bytes.
+        let got = take_messages(&mut p, HANDSHAKE, &[24, 0, 0, 1, 1, 24, 0, 0], true);
+        assert_eq!(got, Ok(vec![ku(true)]));
+        assert_eq!(take_messages(&mut p, HANDSHAKE, &[1], true), Ok(vec![]));
+        assert_eq!(
+            take_messages(&mut p, HANDSHAKE, &[0], true),
+            Ok(vec![ku(false)])
+        );
+        assert!(p.bytes.is_empty());
+        // A cut alert, then close_notify.
+        assert_eq!(take_messages(&mut p, ALERT, &[1], true), Ok(vec![]));
+        assert_eq!(
+            take_messages(&mut p, ALERT, &[0], true),
+            Ok(vec![Message::CloseNotify])
+        );
+        // Refusals.
+        let bad =
+            |typ, data: &[u8], tls13| take_messages(&mut Pending::default(), typ, data, tls13);
+        assert_eq!(bad(ALERT, &[2, 40], true), Err(Refusal::PeerAlert(40)));
+        assert!(matches!(
+            bad(HANDSHAKE, &[24, 0, 0, 1, 2], true),
+            Err(Refusal::Alert(DECODE_ERROR, _))
+        ));
+        assert!(matches!(
+            bad(HANDSHAKE, &[24, 0, 0, 2, 0, 0], true),
+            Err(Refusal::Alert(DECODE_ERROR, _))
+        ));
+        assert!(matches!(
+            bad(HANDSHAKE, &[4, 0, 0, 1, 0], true),
+            Err(Refusal::Alert(UNEXPECTED_MESSAGE, _))
+        ));
+        // Renegotiation (TLS 1.2) and unknown record types.
+        assert!(matches!(
+            bad(HANDSHAKE, &[1, 0, 0, 1, 0], false),
+            Err(Refusal::Alert(UNEXPECTED_MESSAGE, _))
+        ));
+        assert!(matches!(
+            bad(20, &[1], true),
+            Err(Refusal::Alert(UNEXPECTED_MESSAGE, _))
+        ));
+        assert!(matches!(
+            bad(HANDSHAKE, &[0; 2000], true),
+            Err(Refusal::Alert(UNEXPECTED_MESSAGE, _))
+        ));
+        // A cut message interrupted by another type.
+        let mut p = Pending::default();
+        assert_eq!(take_messages(&mut p, HANDSHAKE, &[24, 0], true), Ok(vec![]));
+        assert!(take_messages(&mut p, ALERT, &[1, 0], true).is_err());
+    }
 
     #[test]
     fn kernel_releases_parse() {
