@@ -334,13 +334,22 @@ impl Shared {
             Mode::Kernel => return self.read_kernel(rx, buf),
             Mode::Engine => {}
         }
+        let mut n = 0;
         loop {
             let mut kind = self.engine.lock();
             let Kind::Engine(eng) = &mut *kind else {
                 return Err(super::engine::stalled());
             };
-            match eng.read_plain(buf) {
-                Ok(Some(n)) => return Ok(n),
+            match eng.read_plain(&mut buf[n..]) {
+                Ok(Some(0)) if n > 0 => return Ok(n),
+                Ok(Some(0)) => return Ok(0),
+                Ok(Some(k)) => {
+                    n += k;
+                    if n == buf.len() {
+                        return Ok(n);
+                    }
+                    continue;
+                }
                 Ok(None) => {}
                 Err(e) => return Err(self.broken(rx, e)),
             }
@@ -353,32 +362,42 @@ impl Shared {
                 }
                 match fed {
                     Ok(0) => return Err(self.broken(rx, super::engine::stalled())),
-                    Ok(n) => rx.cpos += n,
+                    Ok(k) => rx.cpos += k,
                     Err(e) => return Err(self.broken(rx, e)),
                 }
                 continue;
             }
             drop(kind);
+            // Never wait on the network with plaintext in hand.
+            if n > 0 {
+                return Ok(n);
+            }
             if rx.eof {
                 return Ok(0);
             }
             match rx.net.read(&mut rx.cipher) {
                 Ok(0) => rx.eof = true,
-                Ok(n) => (rx.cpos, rx.clen) = (0, n),
+                Ok(k) => (rx.cpos, rx.clen) = (0, k),
                 Err(e) => return Err(e),
             }
         }
     }
 
     /// Read plaintext on our record layer: records are opened in place in `rx.cipher` and
-    /// copied once, into `buf`.
+    /// copied once, into `buf`; every whole record already read is opened into it, so the
+    /// caller sees every request that arrived together.
     fn read_records(&self, rx: &mut Rx, buf: &mut [u8]) -> io::Result<usize> {
+        let mut n = 0;
         loop {
             if rx.ppos < rx.pend {
-                let n = buf.len().min(rx.pend - rx.ppos);
-                buf[..n].copy_from_slice(&rx.cipher[rx.ppos..rx.ppos + n]);
-                rx.ppos += n;
-                return Ok(n);
+                let k = (buf.len() - n).min(rx.pend - rx.ppos);
+                buf[n..n + k].copy_from_slice(&rx.cipher[rx.ppos..rx.ppos + k]);
+                rx.ppos += k;
+                n += k;
+                if n == buf.len() {
+                    return Ok(n);
+                }
+                continue;
             }
             if rx.cpos < rx.clen {
                 let mut kind = self.engine.lock();
@@ -405,11 +424,17 @@ impl Shared {
                     Ok(Opened::Closed) => {
                         rx.eof = true;
                         rx.cpos = rx.clen;
-                        return Ok(0);
+                        return Ok(n);
                     }
                     Ok(Opened::Incomplete) => {}
+                    // What was copied already goes with the session: it is broken.
                     Err(e) => return Err(self.broken(rx, e)),
                 }
+            }
+            // Never wait on the network with plaintext in hand: the caller may be able to
+            // act on it (and batch the replies of every whole request it holds).
+            if n > 0 {
+                return Ok(n);
             }
             if rx.eof {
                 return Ok(0);
@@ -420,7 +445,7 @@ impl Shared {
             (rx.cpos, rx.ppos, rx.pend) = (0, 0, 0);
             match rx.net.read(&mut rx.cipher[rx.clen..]) {
                 Ok(0) => rx.eof = true,
-                Ok(n) => rx.clen += n,
+                Ok(k) => rx.clen += k,
                 Err(e) => return Err(e),
             }
         }
