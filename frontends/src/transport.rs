@@ -108,6 +108,15 @@ impl Stream {
         }
     }
 
+    /// True when input has arrived that a read would take without waiting (buffered
+    /// plaintext or ciphertext of a TLS session, or bytes on the socket).
+    pub fn input_waiting(&self) -> bool {
+        match self {
+            Stream::Tls(s) => s.input_waiting(),
+            _ => socket_readable(self.as_raw_fd()),
+        }
+    }
+
     pub fn peer(&self) -> String {
         match self {
             Stream::Tcp(s) => s
@@ -158,6 +167,18 @@ impl AsRawFd for Stream {
             Stream::Tls(s) => s.raw_fd(),
         }
     }
+}
+
+/// Whether `fd` has input now (poll without waiting).
+pub fn socket_readable(fd: RawFd) -> bool {
+    let mut p = libc::pollfd {
+        fd,
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    // SAFETY: poll on one valid pollfd, without waiting.
+    let n = unsafe { libc::poll(&mut p, 1, 0) };
+    n > 0 && p.revents & libc::POLLIN != 0
 }
 
 /// Write every byte of `bufs`, in as few system calls as the kernel allows.

@@ -252,6 +252,18 @@ impl TlsStream {
         self.shared.net.as_raw_fd()
     }
 
+    /// True when a read would find input without waiting for the network: plaintext or
+    /// ciphertext already read, or bytes on the socket. False while another thread reads.
+    pub fn input_waiting(&self) -> bool {
+        let Some(rx) = self.shared.rx.try_lock() else {
+            return false;
+        };
+        !rx.early.is_empty()
+            || rx.ppos < rx.pend
+            || rx.cpos < rx.clen
+            || crate::transport::socket_readable(rx.net.as_raw_fd())
+    }
+
     /// True when the kernel seals the records: data may be spliced to the socket.
     pub fn in_kernel(&self) -> bool {
         self.shared.mode == Mode::Kernel

@@ -11,7 +11,8 @@
 //! (`Device::try_read`: the bytes are in the page cache; `Device::try_write`: whole pages
 //! into the page cache, no FUA; a write that waited all the same stops inline writes for a
 //! second). Its reply joins a batch that is sent when no further whole request is buffered
-//! (before the worker could wait on the socket), when it grows past `BATCH_MAX`, before the
+//! (before the worker could wait on the socket; over TLS, unless more input has already
+//! arrived: see `keep_batching`), when it grows past `BATCH_MAX`, before the
 //! worker serves a request the usual way, and before it leaves on a disconnect or an error.
 //! So a stream of cached requests costs no hand-over between threads (two context switches
 //! a request otherwise) and one `send` for many replies; a request that may wait goes the
@@ -60,8 +61,11 @@ struct Conn<'a> {
     outbox: Mutex<Outbox>,
     /// A handle used only to shut the socket down from any thread.
     control: Stream,
-    /// Read replies may be spliced (a plain socket, not TLS).
+    /// Read replies may be spliced (a plain socket, or kernel TLS).
     splice: bool,
+    /// TLS: inline replies wait in their batch while more of the client's input has
+    /// arrived (see `keep_batching`).
+    batch_while_input: bool,
     /// When the connection began, and until when (ns after it) writes are not served
     /// inline: one of them waited (see `try_inline_write`).
     started: Instant,
@@ -177,6 +181,7 @@ pub fn serve(
         writer: Mutex::new(stream.try_clone()?),
         outbox: Mutex::new(Outbox::default()),
         splice: stream.can_splice_out(),
+        batch_while_input: stream.is_tls(),
         started: Instant::now(),
         inline_writes_paused_until: AtomicU64::new(0),
         header_alone: AtomicBool::new(false),
@@ -256,7 +261,7 @@ impl<'a> Conn<'a> {
     /// sent (or the socket failed) when this returns.
     fn next_unserved(&self, rd: &mut BufReader<Stream>, s: &mut Scratch) -> io::Result<Next> {
         loop {
-            if !s.batch.is_empty() && !self.whole_request_buffered(rd) {
+            if !s.batch.is_empty() && !self.whole_request_buffered(rd) && !self.keep_batching(rd) {
                 self.send_batch(s)?;
             }
             let req = match self.next_request(rd, s) {
@@ -300,6 +305,16 @@ impl<'a> Conn<'a> {
             },
             _ => true,
         }
+    }
+
+    /// TLS only: whether more of the client's input has arrived already (a request in
+    /// flight), so the batch may wait for its reply. A TLS client (GnuTLS, OpenSSL) reads a
+    /// whole record at a time, so replies that share a record cost it one read instead of
+    /// one each, and a busy client at QD32 is what limits throughput on two cores. Never
+    /// waits: a client with nothing more in flight gets its replies at once, and the batch
+    /// is still sent at `BATCH_MAX` and before any request served the usual way.
+    fn keep_batching(&self, rd: &BufReader<Stream>) -> bool {
+        self.batch_while_input && rd.buffer().is_empty() && rd.get_ref().input_waiting()
     }
 
     fn send_batch(&self, s: &mut Scratch) -> io::Result<()> {
