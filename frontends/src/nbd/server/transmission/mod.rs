@@ -47,7 +47,7 @@ use crate::sync::Mutex;
 use crate::transport::{write_all_vectored, Stream};
 use backends::Extents;
 use std::io::{self, BufReader, IoSlice, Read, Write};
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::thread::Scope;
 use std::time::Instant;
 
@@ -66,6 +66,8 @@ struct Conn<'a> {
     /// TLS: inline replies wait in their batch while more of the client's input has
     /// arrived (see `keep_batching`).
     batch_while_input: bool,
+    /// `keep_batching` found no input this many times in a row (or skipped looking).
+    batch_misses: AtomicU32,
     /// When the connection began, and until when (ns after it) writes are not served
     /// inline: one of them waited (see `try_inline_write`).
     started: Instant,
@@ -136,6 +138,10 @@ const INLINE_WRITE_PAUSE: std::time::Duration = std::time::Duration::from_secs(1
 
 /// Replies of inline requests are sent once they reach this many bytes.
 const BATCH_MAX: usize = 128 * 1024;
+/// `keep_batching` looks at the socket every time until this many misses in a row, then
+/// once every `PROBE_EVERY` times until it finds input again.
+const PROBE_AFTER_MISSES: u32 = 8;
+const PROBE_EVERY: u32 = 64;
 
 #[derive(Default)]
 enum PipeSlot {
@@ -182,6 +188,7 @@ pub fn serve(
         outbox: Mutex::new(Outbox::default()),
         splice: stream.can_splice_out(),
         batch_while_input: stream.is_tls(),
+        batch_misses: AtomicU32::new(0),
         started: Instant::now(),
         inline_writes_paused_until: AtomicU64::new(0),
         header_alone: AtomicBool::new(false),
@@ -313,8 +320,27 @@ impl<'a> Conn<'a> {
     /// one each, and a busy client at QD32 is what limits throughput on two cores. Never
     /// waits: a client with nothing more in flight gets its replies at once, and the batch
     /// is still sent at `BATCH_MAX` and before any request served the usual way.
+    /// A client that sends one request at a time never has more input here, so after a run
+    /// of misses the socket is looked at only now and then (a system call saved per request).
     fn keep_batching(&self, rd: &BufReader<Stream>) -> bool {
-        self.batch_while_input && rd.buffer().is_empty() && rd.get_ref().input_waiting()
+        if !self.batch_while_input || !rd.buffer().is_empty() {
+            return false;
+        }
+        // Touched only under the read lock.
+        let misses = self.batch_misses.load(Ordering::Relaxed);
+        if misses >= PROBE_AFTER_MISSES && !misses.is_multiple_of(PROBE_EVERY) {
+            self.batch_misses
+                .store(misses.wrapping_add(1), Ordering::Relaxed);
+            return false;
+        }
+        let waiting = rd.get_ref().input_waiting();
+        let next = if waiting {
+            0
+        } else {
+            misses.wrapping_add(1).max(1)
+        };
+        self.batch_misses.store(next, Ordering::Relaxed);
+        waiting
     }
 
     fn send_batch(&self, s: &mut Scratch) -> io::Result<()> {
