@@ -27,8 +27,9 @@ use super::records::{Opened, Records};
 use rustls::kernel::KernelConnection;
 use rustls::server::ServerConnectionData;
 use rustls::{ConnectionTrafficSecrets, ProtocolVersion};
-use std::io;
-use std::os::fd::RawFd;
+use std::io::{self, Read};
+use std::net::TcpStream;
+use std::os::fd::{AsRawFd, RawFd};
 
 /// linux/tcp.h and linux/tls.h, which the libc crate does not carry for every target.
 const TCP_ULP: libc::c_int = 31;
@@ -147,7 +148,7 @@ impl KernelKeys {
         })
     }
 
-    /// Hand the session on `fd` to the kernel. `records` has the keys these were taken from
+    /// Hand the session on `sock` to the kernel. `records` has the keys these were taken from
     /// and `cipher` what was read of the socket past the handshake; both are used to bring
     /// the socket to a record boundary (reading at most one record's rest, with the socket's
     /// timeout). Returns the session in the kernel and the plaintext read on the way, or
@@ -155,18 +156,19 @@ impl KernelKeys {
     /// take it. Fails only when the socket's state is unknown: the connection must end.
     pub fn offload(
         self,
-        fd: RawFd,
+        sock: &TcpStream,
         mut records: Records,
         mut cipher: Vec<u8>,
         plain: &mut Vec<u8>,
     ) -> io::Result<Result<KernelTls, (Records, Vec<u8>)>> {
+        let fd = sock.as_raw_fd();
         if setsockopt(fd, libc::SOL_TCP, TCP_ULP, b"tls\0").is_err() {
             // No tls module (ENOENT), not TCP, or already set: the socket is unchanged.
             return Ok(Err((records, cipher)));
         }
         // Until a key is installed the socket passes bytes through unchanged, so from here
         // on a refusal still leaves our record layer in charge.
-        if !open_to_boundary(fd, &mut records, &mut cipher, plain)? || !self.fits(&records) {
+        if !open_to_boundary(sock, &mut records, &mut cipher, plain)? || !self.fits(&records) {
             return Ok(Err((records, cipher)));
         }
         let tx = CryptoInfo::new_seq(&self.tx, records.tx_seq());
@@ -221,7 +223,7 @@ impl CryptoInfo {
 /// open it too. False when a record was not application data (the session is left as the
 /// record layer made it, which may have changed keys).
 fn open_to_boundary(
-    fd: RawFd,
+    sock: &TcpStream,
     records: &mut Records,
     cipher: &mut Vec<u8>,
     plain: &mut Vec<u8>,
@@ -250,32 +252,12 @@ fn open_to_boundary(
                         super::records::HEADER + body - cipher.len()
                     }
                 };
-                read_exact(fd, cipher, want)?;
+                let at = cipher.len();
+                cipher.resize(at + want, 0);
+                (&mut &*sock).read_exact(&mut cipher[at..])?;
             }
         }
     }
-}
-
-/// Append exactly `n` bytes from `fd` to `buf`.
-fn read_exact(fd: RawFd, buf: &mut Vec<u8>, n: usize) -> io::Result<()> {
-    let start = buf.len();
-    buf.resize(start + n, 0);
-    let mut got = 0;
-    while got < n {
-        // SAFETY: reading into the tail of `buf`, which has `n - got` bytes from there.
-        let r = unsafe { libc::read(fd, buf[start + got..].as_mut_ptr().cast(), n - got) };
-        match r {
-            0 => return Err(io::ErrorKind::UnexpectedEof.into()),
-            r if r < 0 => {
-                let e = io::Error::last_os_error();
-                if e.kind() != io::ErrorKind::Interrupted {
-                    return Err(e);
-                }
-            }
-            r => got += r as usize,
-        }
-    }
-    Ok(())
 }
 
 /// Whether the kernel takes a new key on a socket that has one (Linux 6.14's TLS 1.3

@@ -17,7 +17,6 @@ pub mod x509;
 use crate::transport::Stream;
 use authz::Authz;
 use engine::Engine;
-use std::os::unix::io::AsRawFd;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -250,7 +249,7 @@ pub fn accept(
         match (est.kernel_keys, &*stream) {
             (Some(keys), Stream::Tcp(sock)) if kernel_tls_wanted() => {
                 let offloaded = keys
-                    .offload(sock.as_raw_fd(), est.records, est.cipher, &mut plain)
+                    .offload(sock, est.records, est.cipher, &mut plain)
                     .map_err(|e| TlsError::Handshake(e.to_string()))?;
                 match offloaded {
                     Ok(kernel) => stream::Session::kernel(kernel, plain),
