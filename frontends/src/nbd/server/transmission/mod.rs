@@ -4,7 +4,9 @@
 //! it to the worker already writing (see `write_reply`). Requests are served concurrently
 //! and replied to out of order; no lock is held across backend I/O.
 //! Workers are spawned lazily, when a request is served the usual way and no worker waits to
-//! read: a client whose requests are all served inline costs one thread.
+//! read: a client whose requests are all served inline costs one thread. Before the reader
+//! sleeps on an empty socket it may spin on it for a few microseconds (`busy_poll.rs`): a
+//! client with one request in flight sends the next before a sleeping thread could wake.
 //!
 //! Inline: the worker holding the read lock serves a small read or write itself, without
 //! letting the lock go, when the backend can do it without waiting for a device
@@ -33,6 +35,7 @@
 //! large reads from the page cache to a plain socket and large write payloads from it to
 //! the page cache without copying them through memory of ours.
 
+mod busy_poll;
 mod commands;
 mod splice;
 mod status;
@@ -76,6 +79,8 @@ struct Conn<'a> {
     /// the read buffer does not take (and copy) the start of a next large payload.
     /// Touched only under the read lock.
     header_alone: AtomicBool,
+    /// How long the reader spins on an empty socket before it sleeps (`busy_poll.rs`).
+    poll: busy_poll::BusyPoll,
     /// A write's payload did not fit in a pipe (the socket's buffers hold small pieces of
     /// pages, as a real network card's may): this connection's payloads are copied.
     no_write_splice: AtomicBool,
@@ -193,6 +198,7 @@ pub fn serve(
         inline_writes_paused_until: AtomicU64::new(0),
         header_alone: AtomicBool::new(false),
         no_write_splice: AtomicBool::new(false),
+        poll: Default::default(),
         control: stream,
         closing: AtomicBool::new(false),
         idle: AtomicUsize::new(0),
@@ -380,10 +386,18 @@ impl<'a> Conn<'a> {
         let mut hdr = [0u8; wire::EXTENDED_REQUEST_LEN];
         let hdr = &mut hdr[..wire::request_len(self.neg.extended)];
         tracing::trace!(name: "nbd_trip", "Reading request");
+        let wait = rd.buffer().is_empty().then(|| {
+            let others_busy =
+                self.threads.load(Ordering::Relaxed) > self.idle.load(Ordering::Relaxed) + 1;
+            self.poll.spin(others_busy, || rd.get_ref().input_waiting())
+        });
         if self.header_alone.swap(false, Ordering::Relaxed) && rd.buffer().is_empty() {
             rd.get_mut().read_exact(hdr)?;
         } else {
             rd.read_exact(hdr)?;
+        }
+        if let Some(began) = wait {
+            self.poll.waited(began);
         }
         let req = match wire::decode_request(hdr, self.neg.extended) {
             Ok(Some(r)) => r,
