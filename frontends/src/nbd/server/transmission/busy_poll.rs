@@ -52,7 +52,8 @@ impl BusyPoll {
             if start.elapsed().as_nanos() >= u128::from(window) {
                 break;
             }
-            std::hint::spin_loop();
+            // A client on this CPU must not wait for the spin to end.
+            std::thread::yield_now();
         }
         start
     }
