@@ -211,3 +211,22 @@ fn shared_limits_clients_like_qemu_nbd() {
         );
     }
 }
+
+#[test]
+fn an_idle_connection_after_a_burst_of_single_requests_costs_no_cpu() {
+    if !have_nbdsh() {
+        return;
+    }
+    for transport in ["unix", "tcp"] {
+        let dir = tmpdir();
+        let img = make_raw(dir.path(), "img.raw", 16 * MIB, &[]);
+        let args = ["-f", "raw", "-t", img.to_str().unwrap()];
+        let s = if transport == "unix" {
+            Server::unix(QNBD, &args)
+        } else {
+            Server::tcp(QNBD, &args)
+        };
+        let pid = s.child.id().to_string();
+        assert_eq!(nbdsh_script("idle_cpu.py", &s.uri(), &[&pid]).trim(), "ok");
+    }
+}
