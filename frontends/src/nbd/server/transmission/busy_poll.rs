@@ -14,11 +14,12 @@
 //!
 //! Spinning takes a CPU from everyone else, so it is done only when it can pay: never on a
 //! one-CPU machine, by at most one reader fewer than there are CPUs at a time (a global
-//! count), and not while other workers of the connection are serving requests (their
-//! replies, not the client, are what comes next). `QNBD_POLL_MAX_US` sets the largest window
+//! count), not while other workers of the connection are serving requests (their replies,
+//! not the client, are what comes next), and not for a client that sent several requests
+//! since the last wait (it has more in flight and is busy reading our replies). `QNBD_POLL_MAX_US` sets the largest window
 //! (default 64; 0 turns polling off).
 
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::OnceLock;
 use std::time::Instant;
 
@@ -33,16 +34,26 @@ static SPINNING: AtomicUsize = AtomicUsize::new(0);
 #[derive(Default)]
 pub(super) struct BusyPoll {
     window_ns: AtomicU64,
+    /// Requests read since the reader last found the socket empty.
+    read_since_wait: AtomicU32,
 }
 
 impl BusyPoll {
+    /// A request was read.
+    pub(super) fn request_read(&self) {
+        self.read_since_wait.fetch_add(1, Ordering::Relaxed);
+    }
+
     /// Before a read that may sleep: spin until `ready()` or the window has passed, when
-    /// spinning may pay (`others_busy`: other workers of the connection are serving).
-    /// Returns when the wait began, for [`BusyPoll::waited`].
+    /// spinning may pay: not while other workers of the connection are serving
+    /// (`others_busy`), nor when the client sent more than one request since the last wait
+    /// (it keeps several in flight, so it is busy with our replies, not idle, and the CPU
+    /// is better left to it). Returns when the wait began, for [`BusyPoll::waited`].
     pub(super) fn spin(&self, others_busy: bool, ready: impl Fn() -> bool) -> Instant {
         let start = Instant::now();
         let window = self.window_ns.load(Ordering::Relaxed);
-        if window == 0 || others_busy {
+        let pipelined = self.read_since_wait.swap(0, Ordering::Relaxed) > 1;
+        if window == 0 || others_busy || pipelined {
             return start;
         }
         let Some(_slot) = SpinSlot::take() else {

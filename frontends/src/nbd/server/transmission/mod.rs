@@ -399,6 +399,7 @@ impl<'a> Conn<'a> {
         if let Some(began) = wait {
             self.poll.waited(began);
         }
+        self.poll.request_read();
         let req = match wire::decode_request(hdr, self.neg.extended) {
             Ok(Some(r)) => r,
             Ok(None) => return Err(io::ErrorKind::UnexpectedEof.into()),
