@@ -29,8 +29,8 @@ const DEFAULT_MAX_US: u64 = 64;
 /// Readers spinning now, across all connections.
 static SPINNING: AtomicUsize = AtomicUsize::new(0);
 
-/// The adaptive poll window of one connection's reader. Used only under the read lock; the
-/// atomic makes the connection `Sync`.
+/// The adaptive poll window of one connection's reader. Used only under the read lock;
+/// atomics only so that the connection is `Sync`.
 #[derive(Default)]
 pub(super) struct BusyPoll {
     window_ns: AtomicU64,
