@@ -10,6 +10,15 @@ fn image(dir: &std::path::Path) -> std::path::PathBuf {
     make_raw(dir, "img.raw", 16 * MIB, &[(MIB, &[b'A'; 65536])])
 }
 
+/// qnbd with `args` on a Unix socket or on TCP.
+fn serve_on(transport: &str, args: &[&str]) -> Server {
+    if transport == "unix" {
+        Server::unix(QNBD, args)
+    } else {
+        Server::tcp(QNBD, args)
+    }
+}
+
 #[test]
 fn structured_replies_block_status_fua_zero_and_range_errors() {
     if !have_nbdsh() {
@@ -19,11 +28,7 @@ fn structured_replies_block_status_fua_zero_and_range_errors() {
         let dir = tmpdir();
         let img = image(dir.path());
         let args = ["-f", "raw", "-t", img.to_str().unwrap()];
-        let s = if transport == "unix" {
-            Server::unix(QNBD, &args)
-        } else {
-            Server::tcp(QNBD, &args)
-        };
+        let s = serve_on(transport, &args);
         assert_eq!(nbdsh_script("structured.py", &s.uri(), &[]).trim(), "ok");
     }
 }
@@ -65,11 +70,7 @@ fn large_reads_return_the_file_bytes_whatever_path_they_take() {
         } else {
             args.push(img.to_str().unwrap());
         }
-        let s = if transport == "unix" {
-            Server::unix(QNBD, &args)
-        } else {
-            Server::tcp(QNBD, &args)
-        };
+        let s = serve_on(transport, &args);
         let file = if opts.contains(&"--image-opts") {
             dir.path().join("outer.raw")
         } else {
@@ -126,11 +127,7 @@ fn large_writes_land_byte_for_byte_whatever_path_they_take() {
         let mut args: Vec<&str> = opts.to_vec();
         args.push("-t");
         args.push(if slice { &spec } else { img.to_str().unwrap() });
-        let s = if transport == "unix" {
-            Server::unix(QNBD, &args)
-        } else {
-            Server::tcp(QNBD, &args)
-        };
+        let s = serve_on(transport, &args);
         let base = if slice { "12288" } else { "0" };
         let out = nbdsh_script("large_writes.py", &s.uri(), &[img.to_str().unwrap(), base]);
         assert_eq!(out.trim(), "ok", "{transport} {opts:?}");
@@ -221,11 +218,7 @@ fn an_idle_connection_after_a_burst_of_single_requests_costs_no_cpu() {
         let dir = tmpdir();
         let img = make_raw(dir.path(), "img.raw", 16 * MIB, &[]);
         let args = ["-f", "raw", "-t", img.to_str().unwrap()];
-        let s = if transport == "unix" {
-            Server::unix(QNBD, &args)
-        } else {
-            Server::tcp(QNBD, &args)
-        };
+        let s = serve_on(transport, &args);
         let pid = s.child.id().to_string();
         assert_eq!(nbdsh_script("idle_cpu.py", &s.uri(), &[&pid]).trim(), "ok");
     }
