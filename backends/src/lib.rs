@@ -12,6 +12,7 @@
 pub mod aio;
 pub mod align;
 pub mod cache_mode;
+mod data_cache;
 pub mod detect_zeroes;
 mod device;
 mod error;

@@ -2,6 +2,7 @@
 //! its own. Holes are found with SEEK_DATA/SEEK_HOLE; trim and write-zeroes use fallocate.
 
 use crate::aio::AioMode;
+use crate::data_cache::DataCache;
 use crate::file::{FileOptions, HostFile};
 use crate::format::{parse_size, Driver, ImageOptions, OpenBacking};
 use crate::{
@@ -70,6 +71,8 @@ pub struct RawFile {
     /// read as zeroes, so they are never spliced.
     file_len: u64,
     opts: RawOptions,
+    /// The last data region `lseek` found (rules in data_cache.rs).
+    data: DataCache,
 }
 
 impl RawFile {
@@ -95,6 +98,7 @@ impl RawFile {
             size,
             file_len,
             opts,
+            data: DataCache::default(),
         })
     }
 
@@ -182,6 +186,7 @@ impl BlockBackend for RawFile {
         if !self.opts.discard {
             return Ok(());
         }
+        self.data.invalidate(offset, len);
         match self.file.punch_hole(offset, len) {
             Ok(()) => {}
             // Discard is advisory: a file system without holes just keeps the data.
@@ -195,6 +200,7 @@ impl BlockBackend for RawFile {
     }
 
     fn write_zeroes(&self, offset: u64, len: u64, flags: IoFlags) -> Result<()> {
+        self.data.invalidate(offset, len);
         let mut done = false;
         if flags.contains(IoFlags::MAY_TRIM) && self.opts.discard && !self.file.is_block_device() {
             done = self.file.punch_hole(offset, len).is_ok();
@@ -228,6 +234,11 @@ impl BlockBackend for RawFile {
             out.push(Extent::new(len, data, 1));
             return Ok(());
         }
+        if let Some(data_end) = self.data.data_end(offset) {
+            out.push(Extent::new(data_end.min(end) - offset, data, 1));
+            return Ok(());
+        }
+        let generation = self.data.generation();
         let file_len = self.size;
         let mut pos = offset;
         while pos < end {
@@ -250,6 +261,7 @@ impl BlockBackend for RawFile {
                         .max(pos + 1);
                     // The ragged tail past the file's end inside the last sector is data too.
                     let h = if h >= file_len { file_len } else { h };
+                    self.data.fill(generation, pos, h);
                     out.push(Extent::new(h.min(end) - pos, data, 1));
                     pos = h;
                 }

@@ -11,8 +11,8 @@ use crate::nbd::wire::{self, Request};
 use backends::{Error as BackendError, Extents, IoFlags};
 use std::io::{self, IoSlice};
 
-/// Reads at least this long look for holes to send as OFFSET_HOLE chunks.
-const SPARSE_READ_MIN: u64 = 64 * 1024;
+/// Reads shorter than this may be served inline (see "Inline" in mod.rs).
+const INLINE_READ_MAX: u64 = 64 * 1024;
 /// An inline write that took longer than this stops inline writes for `INLINE_WRITE_PAUSE`.
 const SLOW_INLINE_WRITE: std::time::Duration = std::time::Duration::from_millis(1);
 /// Most extents gathered for one BLOCK_STATUS reply; the client asks again for the rest.
@@ -143,7 +143,7 @@ impl Conn<'_> {
             return self.write_reply(&mut [IoSlice::new(&s.hdr)]);
         }
         s.data.set_len(n);
-        if self.structured() && len >= SPARSE_READ_MIN && !req.flags.contains(CmdFlags::DF) {
+        if self.sparse_reads(req) {
             if let Some(r) = self.sparse_read(req, len, s) {
                 return r;
             }
@@ -185,7 +185,7 @@ impl Conn<'_> {
     /// "Inline" in mod.rs); the reply joins `s.batch`. False: serve it the usual way (which
     /// also answers an invalid request).
     pub(super) fn try_inline(&self, req: &Request, s: &mut Scratch) -> bool {
-        if req.len == 0 || req.len >= SPARSE_READ_MIN || s.piped > 0 {
+        if req.len == 0 || req.len >= INLINE_READ_MAX || s.piped > 0 {
             return false;
         }
         let dev = &self.export.device;
@@ -199,7 +199,12 @@ impl Conn<'_> {
         }
         let n = req.len as usize;
         s.data.set_len(n);
-        if !dev.try_read(req.offset, &mut s.data[..n]) {
+        // Asked after the read: bytes in memory mean the metadata saying where they are is
+        // too, so the look-up cannot wait on the disk. A read with a hole in it goes to a
+        // worker, which sends the hole as such.
+        if !dev.try_read(req.offset, &mut s.data[..n])
+            || (self.sparse_reads(req) && !self.all_data(req.offset, req.len, s))
+        {
             s.data.set_len(0);
             return false;
         }
@@ -277,18 +282,46 @@ impl Conn<'_> {
         }))
     }
 
+    /// Whether this read's zero runs are sent as OFFSET_HOLE chunks: as qemu-nbd, every
+    /// structured read the client lets us split (no DF), so clients see holes in any read.
+    fn sparse_reads(&self, req: &Request) -> bool {
+        self.structured() && !req.flags.contains(CmdFlags::DF)
+    }
+
+    /// Whether `[offset, offset + len)` is one data extent (fills `s.extents`). An error
+    /// counts as data: the read itself will tell.
+    fn all_data(&self, offset: u64, len: u64, s: &mut Scratch) -> bool {
+        if self
+            .export
+            .device
+            .block_status(offset, len, &mut s.extents)
+            .is_err()
+        {
+            return true;
+        }
+        s.extents
+            .iter()
+            .next()
+            .is_some_and(|e| e.len >= len && !e.flags.contains(backends::ExtentFlags::ZERO))
+    }
+
     /// A structured read that sends zero runs as OFFSET_HOLE chunks. None: no hole found,
     /// read it plainly.
     fn sparse_read(&self, req: &Request, len: u64, s: &mut Scratch) -> Option<io::Result<()>> {
         let dev = &self.export.device;
         let ext = self.neg.extended;
+        // The common case, all data, costs one look-up and no allocation.
+        if self.all_data(req.offset, len, s) {
+            return None;
+        }
         // (offset in request, length, is hole)
         let mut runs: Vec<(u64, u64, bool)> = Vec::new();
         let mut pos = 0u64;
         while pos < len {
-            if dev
-                .block_status(req.offset + pos, len - pos, &mut s.extents)
-                .is_err()
+            if pos > 0
+                && dev
+                    .block_status(req.offset + pos, len - pos, &mut s.extents)
+                    .is_err()
             {
                 return None;
             }
