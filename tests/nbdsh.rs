@@ -223,3 +223,50 @@ fn an_idle_connection_after_a_burst_of_single_requests_costs_no_cpu() {
         assert_eq!(nbdsh_script("idle_cpu.py", &s.uri(), &[&pid]).trim(), "ok");
     }
 }
+
+#[test]
+fn reads_of_any_size_send_holes_as_qemu_nbd_does() {
+    if !have_nbdsh() {
+        return;
+    }
+    // Raw, whose holes the server finds with lseek (and remembers a data region of).
+    for transport in ["unix", "tcp"] {
+        let dir = tmpdir();
+        let img = make_raw(dir.path(), "img.raw", MIB, &[(65536, &[b'A'; 65536])]);
+        let args = ["-f", "raw", "-t", "--discard=unmap", img.to_str().unwrap()];
+        let s = serve_on(transport, &args);
+        assert_eq!(nbdsh_script("holes.py", &s.uri(), &["raw"]).trim(), "ok");
+    }
+    let dir = tmpdir();
+    // qcow2 with 512-byte clusters and a zero cluster (libnbd's interop structured-read).
+    let q = make_qcow2(dir.path(), "sr.qcow2", "cluster_size=512,compat=v3", "3k");
+    qemu_io(
+        dir.path(),
+        "qcow2",
+        "sr.qcow2",
+        &["w -P 1 0 3k", "w -zu 2k 512"],
+    );
+    let s = Server::unix(QNBD, &["-f", "qcow2", "-t", q.to_str().unwrap()]);
+    assert_eq!(nbdsh_script("holes.py", &s.uri(), &["qcow2"]).trim(), "ok");
+}
+
+#[test]
+fn block_sizes_follow_what_the_client_asked_for() {
+    if !have_nbdsh() {
+        return;
+    }
+    // Probed raw: qemu-nbd keeps sector granularity (the block-0 write guard); -f raw has
+    // byte granularity (libnbd's interop-qemu-block-size).
+    for (opts, align) in [(&[][..], "512"), (&["-f", "raw"][..], "1")] {
+        let dir = tmpdir();
+        let img = make_raw(dir.path(), "img.raw", MIB, &[]);
+        let mut args = opts.to_vec();
+        args.extend(["-t", img.to_str().unwrap()]);
+        let s = Server::unix(QNBD, &args);
+        assert_eq!(
+            nbdsh_script("block_size.py", &s.uri(), &[align]).trim(),
+            "ok",
+            "{opts:?}"
+        );
+    }
+}

@@ -514,7 +514,12 @@ impl Handshake<'_> {
         if !self.export.description.is_empty() {
             self.info(opt, &Info::Description(self.export.description.clone()));
         }
-        let min = self.export.device.request_alignment();
+        // As qemu: the real minimum to INFO and to a client that asked for block sizes (it
+        // promises to obey them); 1 to a GO that did not ask, whose client may send anything
+        // (the device copes with unaligned requests).
+        let align = self.export.device.request_alignment();
+        let asked = items.contains(&INFO_BLOCK_SIZE);
+        let min = if opt == OPT_INFO || asked { align } else { 1 };
         let preferred = PREFERRED_BLOCK.max(min);
         tracing::trace!(
             name: "nbd_negotiate_handle_info_block_size",
@@ -543,6 +548,14 @@ impl Handshake<'_> {
             "advertising size {size} and flags 0x{flags:x}"
         );
         self.info(opt, &Info::Export { size, flags });
+        if opt == OPT_INFO && !asked && align > 1 {
+            self.error(
+                opt,
+                REP_ERR_BLOCK_SIZE_REQD,
+                "request NBD_INFO_BLOCK_SIZE to use this export",
+            )?;
+            return Ok(false);
+        }
         self.reply(opt, REP_ACK, &[])?;
         if opt == OPT_GO {
             if self.meta_export.as_deref() != Some(name.as_str()) {
