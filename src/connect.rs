@@ -71,7 +71,7 @@ pub fn run(
     n: usize,
     process: ProcessPlan,
 ) -> ! {
-    let readiness = crate::daemon::fork_if(process.fork);
+    let readiness = crate::daemon::fork_if(process.fork, process.keep_stderr);
     let device = crate::image::open(&image);
     crate::daemon::write_pid_file(process.pid_file.as_deref());
     let multi = export.shared != 1 || n > 1;

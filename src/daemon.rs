@@ -1,5 +1,7 @@
 //! `--fork` as qemu-nbd does it: the parent relays the child's stderr until the child is ready,
-//! then exits 0 if the child printed nothing and 1 if it did (or died first).
+//! then exits 0 if the child printed nothing and 1 if it did (or died first). Once serving,
+//! the daemon's stderr is /dev/null, or with `-v` the caller's stderr (qemu-nbd's
+//! `old_stderr`), where it goes on reporting failed negotiations and the like.
 
 use nix::unistd::{dup, dup2, fork, pipe, setsid, ForkResult};
 use std::fs::File;
@@ -15,7 +17,7 @@ pub struct Readiness {
 }
 
 /// Fork. Returns in the child only; the parent exits once the child is ready.
-pub fn fork_and_wait() -> std::io::Result<Readiness> {
+pub fn fork_and_wait(keep_stderr: bool) -> std::io::Result<Readiness> {
     let (rd, wr): (OwnedFd, OwnedFd) = pipe()?;
     // SAFETY: called before any thread is started, so the child owns a consistent copy.
     match unsafe { fork() }? {
@@ -47,12 +49,13 @@ pub fn fork_and_wait() -> std::io::Result<Readiness> {
             drop(rd);
             setsid()?;
             // A daemon keeps none of the caller's terminal or pipes: once ready, stderr is
-            // /dev/null, so `$(qnbd --fork …)` returns as soon as the parent exits.
+            // /dev/null (unless `-v`), so `$(qnbd --fork …)` returns as soon as the parent
+            // exits.
             let null = File::options().read(true).write(true).open("/dev/null")?;
             let old_stdout = dup(1)?;
+            let old_stderr = dup(if keep_stderr { 2 } else { null.as_raw_fd() })?;
             dup2(null.as_raw_fd(), 0)?;
             dup2(null.as_raw_fd(), 1)?;
-            let old_stderr = dup(null.as_raw_fd())?;
             let wr = wr.into_raw_fd();
             dup2(wr, 2)?;
             nix::unistd::close(wr)?;
@@ -74,7 +77,8 @@ impl Readiness {
         );
     }
 
-    /// Serving: point stderr at /dev/null, which closes the pipe and lets the parent exit.
+    /// Serving: point stderr at /dev/null (or the caller's, with `-v`), which closes the
+    /// pipe and lets the parent exit.
     pub fn ready(self) {
         let _ = nix::unistd::close(self.old_stdout);
         let _ = dup2(self.old_stderr, 2);
@@ -83,11 +87,11 @@ impl Readiness {
 }
 
 /// Fork when `fork` (`--fork`, or `-c` without `-v`), before anything is opened.
-pub fn fork_if(fork: bool) -> Option<Readiness> {
+pub fn fork_if(fork: bool, keep_stderr: bool) -> Option<Readiness> {
     if !fork {
         return None;
     }
-    match fork_and_wait() {
+    match fork_and_wait(keep_stderr) {
         Ok(r) => Some(r),
         Err(e) => crate::die(format!("Failed to fork: {e}")),
     }

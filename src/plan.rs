@@ -77,6 +77,8 @@ pub struct ListenPlan {
 /// `--fork` (or `-c` without `-v`, as qemu-nbd) and `--pid-file`.
 pub struct ProcessPlan {
     pub fork: bool,
+    /// `-v`: a forked daemon keeps the caller's stderr for its messages once serving.
+    pub keep_stderr: bool,
     pub pid_file: Option<PathBuf>,
 }
 
@@ -168,6 +170,7 @@ pub fn build(cli: &Cli, objects: &Objects) -> Plan {
     let process = ProcessPlan {
         // Like qemu-nbd, -c goes to the background once the device works, unless -v.
         fork: cli.fork || (cli.connect.is_some() && cli.verbose == 0),
+        keep_stderr: cli.verbose > 0,
         pid_file: cli.pid_file.as_ref().map(PathBuf::from),
     };
     match (cli.connect.clone(), ublk) {

@@ -7,7 +7,7 @@ use frontends::nbd::server::{Listener, Server, ServerOptions};
 use std::path::PathBuf;
 
 pub fn run(image: ImagePlan, export: ExportPlan, net: ListenPlan, process: ProcessPlan) -> ! {
-    let readiness = daemon::fork_if(process.fork);
+    let readiness = daemon::fork_if(process.fork, process.keep_stderr);
     let listeners = listen_on(&net, export.shared);
     let device = crate::image::open(&image);
     daemon::write_pid_file(process.pid_file.as_deref());

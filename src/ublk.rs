@@ -79,7 +79,7 @@ pub fn run(
     stats: Option<StatsPlan>,
     process: ProcessPlan,
 ) -> ! {
-    let readiness = crate::daemon::fork_if(process.fork);
+    let readiness = crate::daemon::fork_if(process.fork, process.keep_stderr);
     let device = crate::image::open(&image);
     crate::daemon::write_pid_file(process.pid_file.as_deref());
     // The counters are named after the device as given (`ublk` or `/dev/ublkbN`).

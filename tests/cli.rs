@@ -191,6 +191,55 @@ fn fork_returns_once_listening_and_pid_file_is_removed() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("No such file or directory"));
 }
 
+/// A client whose negotiation fails (a bad option magic).
+fn fail_negotiation(sock: &Path) {
+    use std::io::Write;
+    let mut c = std::os::unix::net::UnixStream::connect(sock).unwrap();
+    let mut greeting = [0u8; 18];
+    c.read_exact(&mut greeting).unwrap();
+    c.write_all(b"\0\0\0\x03BADMAGIC\0\0\0\0\0\0\0\0").unwrap();
+    let _ = c.read_to_end(&mut Vec::new());
+}
+
+#[test]
+fn fork_with_verbose_keeps_reporting_on_the_callers_stderr() {
+    // As qemu-nbd (qemu's iotests read a `-v --fork` server's log this way); without -v
+    // the daemon's stderr is /dev/null.
+    for verbose in [true, false] {
+        let dir = tmpdir();
+        let img = make_raw(dir.path(), "v.raw", 1 << 20, &[]);
+        let sock = dir.path().join("v.sock");
+        let pidf = dir.path().join("v.pid");
+        let log = dir.path().join("server.log");
+        let mut cmd = Command::new(QNBD);
+        if verbose {
+            cmd.arg("-v");
+        }
+        let status = cmd
+            .args(["--fork", "-t", "-f", "raw", "-k"])
+            .arg(&sock)
+            .arg(format!("--pid-file={}", pidf.display()))
+            .arg(&img)
+            .stderr(std::fs::File::create(&log).unwrap())
+            .status()
+            .unwrap();
+        assert!(status.success());
+        fail_negotiation(&sock);
+        let want = "qnbd: option negotiation failed: Bad magic received\n";
+        let start = Instant::now();
+        while verbose
+            && start.elapsed() < Duration::from_secs(10)
+            && std::fs::read_to_string(&log).unwrap() != want
+        {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let pid = std::fs::read_to_string(&pidf).unwrap();
+        ok(Command::new("kill").arg(pid.trim()));
+        let text = std::fs::read_to_string(&log).unwrap();
+        assert_eq!(text, if verbose { want } else { "" }, "-v: {verbose}");
+    }
+}
+
 #[test]
 fn handshake_limit_drops_a_silent_client() {
     let dir = tmpdir();
