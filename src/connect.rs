@@ -46,8 +46,13 @@ fn self_connect(
     };
     let go = Client::start(Stream::Unix(b)).and_then(|mut c| {
         // Like qemu-nbd's -c thread: the default export, no structured replies.
-        let info = c.info_or_go(OPT_GO, "", false)?;
-        Ok((c, info))
+        match c.info_or_go(OPT_GO, "", false) {
+            Ok(info) => Ok((c, info)),
+            Err(e) => {
+                c.abort_on_error(&e);
+                Err(e)
+            }
+        }
     });
     match go {
         Ok((c, info)) => match c.into_stream() {

@@ -1295,3 +1295,79 @@ fn verifier_over_psk_loses_nothing() {
         "alice@",
     );
 }
+
+/// What clients and the server say of each refused session, side by side with qemu-nbd
+/// (qemu's iotest 233 compares both): clients that give up on the server after the handshake
+/// (a name its certificate does not carry; a CA that did not sign it, whose client also
+/// keeps its own certificate to itself) and a PSK username the server does not know. Each
+/// is tried by qemu-img, qemu-nbd -L and qnbd -L.
+#[test]
+fn refused_sessions_read_as_they_do_with_qemu_nbd() {
+    if !have_all() || !have("psktool") {
+        return;
+    }
+    let p = pki();
+    let img = patterned_image(&p.root);
+    let alice = psk_dir(&p.root, "alice", "alice");
+    let bob = psk_dir(&p.root, "bob", "bob");
+    let x509 = x509_server(&p.server, "");
+    let psk = format!(
+        "tls-creds-psk,id=tls0,endpoint=server,dir={}",
+        alice.display()
+    );
+    let stranger = format!(
+        "tls-creds-psk,id=tls0,endpoint=client,dir={},username=bob",
+        bob.display()
+    );
+    let other_name: &[&str] = &["--tls-hostname=other.example"];
+    // (server credentials, client credentials, qemu-img's extra options, -L's extra options)
+    let cases = [
+        (
+            &x509,
+            x509_client(&p.client),
+            ",tls-hostname=other.example",
+            other_name,
+        ),
+        (&x509, x509_client(&p.foreign), "", &[][..]),
+        (&psk, stranger, "", &[][..]),
+    ];
+    let mut seen = Vec::new();
+    for server in ["qemu-nbd", QNBD] {
+        let mut lines = Vec::new();
+        for (server_creds, client, img_extra, list_extra) in &cases {
+            let srv = tls_server(server, server_creds, &["-r"], &img);
+            let port = srv.port.to_string();
+            for (n, client_bin) in ["qemu-img", "qemu-nbd", QNBD].into_iter().enumerate() {
+                let out = if client_bin == "qemu-img" {
+                    let opts = format!("{}{img_extra}", srv.opts("tls0"));
+                    run(Command::new("qemu-img").args([
+                        "info",
+                        "--object",
+                        client,
+                        "--image-opts",
+                        &opts,
+                    ]))
+                } else {
+                    run(Command::new(client_bin)
+                        .args(["-L", "-b", "127.0.0.1", "-p", &port])
+                        .args(["--object", client, "--tls-creds", "tls0"])
+                        .args(*list_extra))
+                };
+                assert!(!out.status.success(), "{server} let {client_bin} in");
+                let said = String::from_utf8_lossy(&out.stderr)
+                    .replace(&port, "PORT")
+                    .replace("qnbd:", "qemu-nbd:");
+                lines.push(format!("client {n}: {said}"));
+                // The server logs once the client is gone: wait, to keep the order.
+                srv.stderr_after(n + 1);
+            }
+            let log = srv.stderr_after(3).replace("qnbd:", "qemu-nbd:");
+            lines.push(format!("server log:\n{log}"));
+        }
+        seen.push(lines);
+    }
+    for lines in &seen[0] {
+        eprintln!("{lines}");
+    }
+    assert_eq!(seen[1], seen[0], "qnbd (left) and qemu-nbd (right) differ");
+}

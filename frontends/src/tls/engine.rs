@@ -68,7 +68,23 @@ pub trait Engine: Send {
     fn into_server_handshake(self: Box<Self>) -> Option<super::rustls_server::ServerHandshake> {
         None
     }
+    /// A client's verdict on the server, given once the handshake is over (x509: the
+    /// certificate's chain and name, see `x509_client.rs`).
+    fn server_verdict(&self) -> io::Result<()> {
+        Ok(())
+    }
+    /// True when a failed handshake ends without an alert: a PSK server that did not know
+    /// the client's username closes the connection as GnuTLS (qemu-nbd) does.
+    fn quiet_refusal(&self) -> bool {
+        false
+    }
 }
+
+/// GnuTLS' words (qemu's "TLS handshake failed: ...") for a peer that closed the connection
+/// during the handshake, and for one that sent a fatal alert.
+pub const PREMATURE_END: &str =
+    "TLS handshake failed: The TLS connection was non-properly terminated.";
+pub const ALERT_RECEIVED: &str = "TLS handshake failed: A TLS fatal alert has been received.";
 
 const CHUNK: usize = 64 * 1024;
 
@@ -122,12 +138,7 @@ pub fn handshake(
             sock.set_read_timeout(Some(left))?;
         }
         let n = match sock.read(&mut buf) {
-            Ok(0) => {
-                return Err(io::Error::new(
-                    io::ErrorKind::UnexpectedEof,
-                    "the peer closed the connection during the TLS handshake",
-                ))
-            }
+            Ok(0) => return Err(io::Error::new(io::ErrorKind::UnexpectedEof, PREMATURE_END)),
             Ok(n) => n,
             Err(e)
                 if matches!(
@@ -142,8 +153,10 @@ pub fn handshake(
         };
         if let Err(e) = engine.feed(&buf[..n], &mut plain) {
             // Tell the peer why (an alert), then give up.
-            engine.take_tls(&mut out);
-            let _ = sock.write_all(&out);
+            if !engine.quiet_refusal() {
+                engine.take_tls(&mut out);
+                let _ = sock.write_all(&out);
+            }
             return Err(e);
         }
     }

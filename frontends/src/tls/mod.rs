@@ -13,6 +13,7 @@ mod rustls_server;
 mod sanity;
 pub mod stream;
 pub mod x509;
+mod x509_client;
 
 use crate::transport::Stream;
 use authz::Authz;
@@ -330,9 +331,12 @@ pub fn connect(
     };
     let early = engine::handshake(engine.as_mut(), stream, None)
         .map_err(|e| TlsError::Handshake(e.to_string()))?;
-    // As qemu: the chain was checked during the handshake; the missing name refuses the
-    // server now, before one byte of NBD travels in the session. The session is dropped
-    // without close_notify, as qemu's client drops it.
+    // As qemu: the certificate's chain and name, then a missing name, refuse the server
+    // now, before one byte of NBD travels in the session. The session is dropped without
+    // close_notify, as qemu's client drops it.
+    engine
+        .server_verdict()
+        .map_err(|e| TlsError::Handshake(e.to_string()))?;
     check_server_name(creds, name)?;
     let net = stream
         .try_clone()

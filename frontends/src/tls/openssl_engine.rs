@@ -17,6 +17,12 @@ pub(crate) fn identity_index() -> Option<Index<Ssl, String>> {
     static INDEX: OnceLock<Option<Index<Ssl, String>>> = OnceLock::new();
     *INDEX.get_or_init(|| Ssl::new_ex_index().ok())
 }
+/// Marks a server session whose client gave a PSK username we do not know.
+pub(crate) fn unknown_identity_index() -> Option<Index<Ssl, bool>> {
+    static INDEX: OnceLock<Option<Index<Ssl, bool>>> = OnceLock::new();
+    *INDEX.get_or_init(|| Ssl::new_ex_index().ok())
+}
+
 pub(crate) fn ssl_err(e: impl std::fmt::Display) -> TlsError {
     TlsError::Creds(format!("OpenSSL: {e}"))
 }
@@ -136,8 +142,28 @@ impl OpensslEngine {
                 Ok(())
             }
             Err(e) if e.code() == ErrorCode::WANT_READ => Ok(()),
-            Err(e) => Err(TlsError::Handshake(e.to_string())),
+            Err(e) => Err(TlsError::Handshake(self.handshake_error(&e))),
         }
+    }
+
+    fn unknown_identity(&self) -> bool {
+        unknown_identity_index().is_some_and(|idx| self.s.ssl().ex_data(idx) == Some(&true))
+    }
+
+    /// GnuTLS' words where a qemu peer would see them: a PSK username the server does not
+    /// know (GnuTLS: an illegal parameter, and no alert), a fatal alert from the peer
+    /// (OpenSSL's reasons from 1000 up are the received alert's number); else OpenSSL's own.
+    fn handshake_error(&self, e: &openssl::ssl::Error) -> String {
+        if self.unknown_identity() {
+            return "TLS handshake failed: An illegal parameter has been received.".into();
+        }
+        let alert = e
+            .ssl_error()
+            .is_some_and(|st| st.errors().iter().any(|x| x.reason_code() >= 1000));
+        if alert {
+            return super::engine::ALERT_RECEIVED.into();
+        }
+        format!("TLS handshake failed: {e}")
     }
 }
 
@@ -214,6 +240,10 @@ impl Engine for OpensslEngine {
 
     fn close(&mut self) {
         let _ = self.s.shutdown();
+    }
+
+    fn quiet_refusal(&self) -> bool {
+        self.unknown_identity()
     }
 
     fn peer_identity(&self) -> Option<String> {

@@ -4,7 +4,8 @@
 
 use super::engine::Engine;
 use super::openssl_engine::{
-    identity_index, limit_versions, prefer_fast_suites, ssl_err, OpensslEngine,
+    identity_index, limit_versions, prefer_fast_suites, ssl_err, unknown_identity_index,
+    OpensslEngine,
 };
 use super::{Endpoint, TlsError, Versions};
 use backends::errno_text;
@@ -94,6 +95,8 @@ impl PskCreds {
             Endpoint::Server => {
                 let dh = openssl::dh::Dh::get_2048_256().map_err(ssl_err)?;
                 b.set_tmp_dh(&dh).map_err(ssl_err)?;
+                // No session tickets, as qemu's GnuTLS server (see x509.rs `load_server`).
+                b.set_num_tickets(0).map_err(ssl_err)?;
                 let keys = Arc::new(keys);
                 b.set_psk_server_callback(move |ssl, identity, out| {
                     let id = identity.map(String::from_utf8_lossy).unwrap_or_default();
@@ -107,6 +110,9 @@ impl PskCreds {
                         }
                         _ => {
                             tracing::warn!("TLS PSK: unknown username '{id}'");
+                            if let Some(idx) = unknown_identity_index() {
+                                ssl.set_ex_data(idx, true);
+                            }
                             Ok(0)
                         }
                     }

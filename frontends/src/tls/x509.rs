@@ -4,12 +4,14 @@
 
 use super::engine::Engine;
 use super::rustls_server::ServerHandshake;
+use super::x509_client::{ByIssuer, ChainOnly, Deferred, NoVerify, Verdict};
 use super::{Endpoint, TlsError, Versions};
-use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::client::danger::ServerCertVerifier;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, CertificateRevocationListDer, PrivateKeyDer, ServerName};
 use rustls::server::WebPkiClientVerifier;
-use rustls::{ClientConfig, Connection, DigitallySignedStruct, RootCertStore, ServerConfig};
+use rustls::sign::CertifiedKey;
+use rustls::{ClientConfig, Connection, RootCertStore, ServerConfig};
 use std::io::{self, IoSlice, Read, Write};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -44,12 +46,13 @@ pub enum X509Creds {
         verify_peer: bool,
     },
     Client {
-        /// Checks the server certificate's chain and name.
-        named: Arc<ClientConfig>,
-        /// Checks the chain only, for a connection with no name (a Unix socket without
-        /// `--tls-hostname`): the handshake completes, and `tls::connect` then refuses the
-        /// server as qemu does if `verify_peer` (see `tls::check_server_name`).
-        unnamed: Arc<ClientConfig>,
+        /// Each connection takes a copy with its own verdict (`x509_client::Deferred`).
+        config: Arc<ClientConfig>,
+        /// Checks the server certificate's chain and name (or nothing, `verify-peer=off`).
+        /// A connection with no name (a Unix socket without `--tls-hostname`) checks the
+        /// chain only, and `tls::connect` then refuses the server as qemu does if
+        /// `verify_peer` (see `tls::check_server_name`).
+        verifier: Arc<dyn ServerCertVerifier>,
         /// `verify-peer=on` (the default): the server certificate is checked at all.
         verify_peer: bool,
     },
@@ -257,121 +260,38 @@ impl X509Creds {
 
     pub fn client_engine(&self, hostname: Option<&str>) -> Result<Box<dyn Engine>, TlsError> {
         match self {
-            X509Creds::Client { named, unnamed, .. } => {
-                let (config, name) = match hostname {
+            X509Creds::Client {
+                config, verifier, ..
+            } => {
+                let (inner, name): (Arc<dyn ServerCertVerifier>, _) = match hostname {
                     Some(h) => {
                         let name = ServerName::try_from(h.to_string()).map_err(|_| {
                             TlsError::Handshake(format!("'{h}' is not a valid TLS host name"))
                         })?;
-                        (named, name)
+                        (verifier.clone(), name)
                     }
                     // An address sends no SNI; the verifier ignores the name.
                     None => (
-                        unnamed,
+                        Arc::new(ChainOnly(verifier.clone())),
                         ServerName::IpAddress(std::net::Ipv4Addr::LOCALHOST.into()),
                     ),
                 };
-                let conn = rustls::ClientConnection::new(config.clone(), name)
+                let verdict = Verdict::default();
+                let mut config = ClientConfig::clone(config);
+                config
+                    .dangerous()
+                    .set_certificate_verifier(Arc::new(Deferred {
+                        inner,
+                        verdict: verdict.clone(),
+                    }));
+                let conn = rustls::ClientConnection::new(Arc::new(config), name)
                     .map_err(|e| TlsError::Handshake(e.to_string()))?;
-                Ok(Box::new(RustlsEngine::new(
-                    conn.into(),
-                    hostname.map(String::from),
-                )))
+                let mut engine = RustlsEngine::new(conn.into(), hostname.map(String::from));
+                engine.verdict = Some(verdict);
+                Ok(Box::new(engine))
             }
             X509Creds::Server { .. } => Err(TlsError::WrongEndpoint(Endpoint::Client)),
         }
-    }
-}
-
-/// Verifies the chain and lets a name mismatch pass: for connections with no host name, which
-/// `tls::connect` refuses once the handshake is over, as qemu does, unless `verify-peer=off`.
-#[derive(Debug)]
-struct ChainOnly(Arc<dyn ServerCertVerifier>);
-
-impl ServerCertVerifier for ChainOnly {
-    fn verify_server_cert(
-        &self,
-        end_entity: &CertificateDer<'_>,
-        intermediates: &[CertificateDer<'_>],
-        server_name: &ServerName<'_>,
-        ocsp: &[u8],
-        now: rustls::pki_types::UnixTime,
-    ) -> Result<ServerCertVerified, rustls::Error> {
-        use rustls::CertificateError::{NotValidForName, NotValidForNameContext};
-        match self
-            .0
-            .verify_server_cert(end_entity, intermediates, server_name, ocsp, now)
-        {
-            Err(rustls::Error::InvalidCertificate(
-                NotValidForName | NotValidForNameContext { .. },
-            )) => Ok(ServerCertVerified::assertion()),
-            r => r,
-        }
-    }
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        self.0.verify_tls12_signature(message, cert, dss)
-    }
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        self.0.verify_tls13_signature(message, cert, dss)
-    }
-    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
-        self.0.supported_verify_schemes()
-    }
-}
-
-/// `verify-peer=off` on a client: qemu then accepts any server certificate.
-#[derive(Debug)]
-struct NoVerify(Arc<rustls::crypto::CryptoProvider>);
-
-impl ServerCertVerifier for NoVerify {
-    fn verify_server_cert(
-        &self,
-        _end_entity: &CertificateDer<'_>,
-        _intermediates: &[CertificateDer<'_>],
-        _server_name: &ServerName<'_>,
-        _ocsp: &[u8],
-        _now: rustls::pki_types::UnixTime,
-    ) -> Result<ServerCertVerified, rustls::Error> {
-        Ok(ServerCertVerified::assertion())
-    }
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(
-            message,
-            cert,
-            dss,
-            &self.0.signature_verification_algorithms,
-        )
-    }
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(
-            message,
-            cert,
-            dss,
-            &self.0.signature_verification_algorithms,
-        )
-    }
-    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
-        self.0.signature_verification_algorithms.supported_schemes()
     }
 }
 
@@ -379,6 +299,8 @@ struct RustlsEngine {
     conn: Connection,
     /// The name the server certificate was checked against (client side), for messages.
     hostname: Option<String>,
+    /// The client's verdict on the server's certificate, given after the handshake.
+    verdict: Option<Verdict>,
 }
 
 impl RustlsEngine {
@@ -386,7 +308,11 @@ impl RustlsEngine {
         // `stream.rs` encrypts a reply's 64 KiB piece in one call and takes the records out
         // at once; rustls' default limit would refuse part of it.
         conn.set_buffer_limit(None);
-        RustlsEngine { conn, hostname }
+        RustlsEngine {
+            conn,
+            hostname,
+            verdict: None,
+        }
     }
 
     fn error(&self, e: rustls::Error) -> io::Error {
@@ -400,6 +326,7 @@ pub(super) fn rustls_error(e: rustls::Error, hostname: Option<&str>) -> io::Erro
     use rustls::CertificateError as C;
     let msg = match &e {
         rustls::Error::NoCertificatesPresented => super::NO_CLIENT_CERTIFICATE.into(),
+        rustls::Error::AlertReceived(_) => super::engine::ALERT_RECEIVED.into(),
         rustls::Error::InvalidCertificate(c) => match c {
             C::UnknownIssuer | C::BadSignature => {
                 "The certificate hasn't got a known issuer".into()
@@ -479,6 +406,17 @@ impl Engine for RustlsEngine {
 
     fn close(&mut self) {
         self.conn.send_close_notify();
+    }
+
+    fn server_verdict(&self) -> io::Result<()> {
+        let failure = self
+            .verdict
+            .as_ref()
+            .and_then(|v| v.lock().unwrap_or_else(|p| p.into_inner()).take());
+        match failure {
+            Some(e) => Err(self.error(e)),
+            None => Ok(()),
+        }
     }
 
     fn peer_certified(&self) -> bool {
@@ -603,6 +541,10 @@ fn load_server(o: &X509Options, ca: &Path) -> Result<X509Creds, TlsError> {
         .with_single_cert(chain, key)
         .map_err(|e| cert_key_error(&cert, &key_file, e))?;
     config.ignore_client_order = true;
+    // No session tickets, as qemu's GnuTLS server sends none (qemu resumes no sessions): a
+    // client that refuses us after the handshake would leave them unread, and its close
+    // then resets the connection instead of ending it.
+    config.send_tls13_tickets = 0;
     // The record layer after the handshake is ours (`records.rs`): rustls hands it the keys.
     config.enable_secret_extraction = true;
     Ok(X509Creds::Server {
@@ -636,25 +578,22 @@ fn load_client(o: &X509Options, ca: &Path) -> Result<X509Creds, TlsError> {
     } else {
         Arc::new(NoVerify(provider()))
     };
-    let build = |v: Arc<dyn ServerCertVerifier>| -> Result<Arc<ClientConfig>, TlsError> {
-        let b = ClientConfig::builder_with_provider(provider())
-            .with_protocol_versions(o.versions.rustls())
-            .map_err(|e| TlsError::Creds(e.to_string()))?
-            .dangerous()
-            .with_custom_certificate_verifier(v);
-        let config = match &client_auth {
-            Some((chain, key, cert, key_file)) => b
-                .with_client_auth_cert(chain.clone(), key.clone_key())
-                .map_err(|e| cert_key_error(cert, key_file, e))?,
-            None => b.with_no_client_auth(),
-        };
-        Ok(Arc::new(config))
+    let b = ClientConfig::builder_with_provider(provider())
+        .with_protocol_versions(o.versions.rustls())
+        .map_err(|e| TlsError::Creds(e.to_string()))?
+        .dangerous()
+        .with_custom_certificate_verifier(verifier.clone());
+    let config = match client_auth {
+        Some((chain, key, cert, key_file)) => {
+            let key = CertifiedKey::from_der(chain, key, &provider())
+                .map_err(|e| cert_key_error(&cert, &key_file, e))?;
+            b.with_client_cert_resolver(Arc::new(ByIssuer::new(key)))
+        }
+        None => b.with_no_client_auth(),
     };
-    let named = build(verifier.clone())?;
-    let unnamed = build(Arc::new(ChainOnly(verifier)))?;
     Ok(X509Creds::Client {
-        named,
-        unnamed,
+        config: Arc::new(config),
+        verifier,
         verify_peer: o.verify_peer,
     })
 }

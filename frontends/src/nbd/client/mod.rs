@@ -20,6 +20,10 @@ pub enum ClientError {
     /// The server refused an option: (what we asked, the reply type, the server's text).
     #[error("{msg}")]
     Refused { opt: u32, rep: u32, msg: String },
+    /// The TLS handshake, or the check of the server after it, failed: the connection has
+    /// no option channel left to say goodbye on.
+    #[error("{0}")]
+    Tls(String),
 }
 
 fn protocol(msg: impl Into<String>) -> ClientError {
@@ -201,7 +205,7 @@ impl Client {
             )));
         }
         tls::connect(&mut self.stream, creds, transport, tls_hostname)
-            .map_err(|e| ClientError::Protocol(e.to_string()))
+            .map_err(|e| ClientError::Tls(e.to_string()))
     }
 
     /// Extended headers if the server has them, else structured replies if it has those.
@@ -309,6 +313,16 @@ impl Client {
         }
     }
 
+    /// After a failed option, as qemu's client (`nbd_send_opt_abort`): NBD_OPT_ABORT as a
+    /// courtesy, without waiting for the answer, so the server sees a client that said
+    /// goodbye rather than one that vanished (which it reports). Not after a failed TLS
+    /// handshake, whose session cannot carry it.
+    pub fn abort_on_error(&mut self, e: &ClientError) {
+        if !matches!(e, ClientError::Tls(_)) {
+            let _ = self.send_opt(OPT_ABORT, &[]);
+        }
+    }
+
     /// NBD_OPT_ABORT; the server may close before answering.
     pub fn abort(mut self) {
         if self.send_opt(OPT_ABORT, &[]).is_ok() {
@@ -325,6 +339,23 @@ pub fn list_exports(
     tls: Option<(&Creds, tls::Transport<'_>, Option<&str>)>,
 ) -> Result<(Vec<ExportInfo>, bool), ClientError> {
     let mut c = Client::start(stream)?;
+    match gather_exports(&mut c, tls) {
+        Ok(out) => {
+            let extended = c.extended;
+            c.abort();
+            Ok((out, extended))
+        }
+        Err(e) => {
+            c.abort_on_error(&e);
+            Err(e)
+        }
+    }
+}
+
+fn gather_exports(
+    c: &mut Client,
+    tls: Option<(&Creds, tls::Transport<'_>, Option<&str>)>,
+) -> Result<Vec<ExportInfo>, ClientError> {
     if let Some((creds, transport, tls_hostname)) = tls {
         c.start_tls(creds, transport, tls_hostname)?;
     }
@@ -340,9 +371,7 @@ pub fn list_exports(
         }
         out.push(info);
     }
-    let extended = c.extended;
-    c.abort();
-    Ok((out, extended))
+    Ok(out)
 }
 
 /// qemu-nbd's `-L` listing.

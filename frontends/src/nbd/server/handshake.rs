@@ -72,9 +72,15 @@ pub fn negotiate(
     r
 }
 
-/// qemu's "Failed to read WHAT: REASON" for a failed option-phase read.
-fn read_error(what: &str, e: io::Error) -> io::Error {
+/// qemu's "Failed to read WHAT: REASON" for a failed option-phase read. Under TLS, an end
+/// of the connection is GnuTLS' premature termination (clients that give up on a server
+/// after the handshake close the socket without close_notify).
+fn read_error(what: &str, e: io::Error, tls: bool) -> io::Error {
     let reason = match e.kind() {
+        io::ErrorKind::UnexpectedEof if tls => {
+            "Cannot read from TLS channel: The TLS connection was non-properly terminated."
+                .to_string()
+        }
         io::ErrorKind::UnexpectedEof | io::ErrorKind::TimedOut | io::ErrorKind::WouldBlock => {
             "Unexpected end-of-file before all data were read".to_string()
         }
@@ -120,7 +126,7 @@ impl Handshake<'_> {
         while got < buf.len() {
             let left = match self.left() {
                 Ok(l) => l,
-                Err(e) => return Err(read_error(what, e)),
+                Err(e) => return Err(read_error(what, e, self.tls_done)),
             };
             if let Some(left) = left {
                 self.stream.set_read_timeout(Some(left))?;
@@ -128,11 +134,15 @@ impl Handshake<'_> {
             match self.stream.read(&mut buf[got..]) {
                 Ok(0) if got == 0 => return Ok(false),
                 Ok(0) => {
-                    return Err(read_error(what, io::ErrorKind::UnexpectedEof.into()));
+                    return Err(read_error(
+                        what,
+                        io::ErrorKind::UnexpectedEof.into(),
+                        self.tls_done,
+                    ));
                 }
                 Ok(n) => got += n,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) => return Err(read_error(what, limit_error(e))),
+                Err(e) => return Err(read_error(what, limit_error(e), self.tls_done)),
             }
         }
         Ok(true)
@@ -143,7 +153,11 @@ impl Handshake<'_> {
         if self.read_full(buf, what)? {
             Ok(())
         } else {
-            Err(read_error(what, io::ErrorKind::UnexpectedEof.into()))
+            Err(read_error(
+                what,
+                io::ErrorKind::UnexpectedEof.into(),
+                self.tls_done,
+            ))
         }
     }
 
@@ -205,9 +219,7 @@ impl Handshake<'_> {
         let fixed = client_flags.contains(ClientFlags::C_FIXED_NEWSTYLE);
         let no_zeroes = client_flags.contains(ClientFlags::C_NO_ZEROES);
         for _ in 0..MAX_OPTIONS {
-            let Some((opt, data)) = self.read_option()? else {
-                return Ok(Outcome::Closed);
-            };
+            let (opt, data) = self.read_option()?;
             let end = if self.tls.is_some() && !self.tls_done {
                 self.option_before_tls(opt, &data, fixed)?
             } else {
@@ -238,12 +250,11 @@ impl Handshake<'_> {
             .ok_or_else(|| protocol_error(format!("Unknown client flags 0x{bits:x} received")))
     }
 
-    /// The next option and its data; None when the client left.
-    fn read_option(&mut self) -> io::Result<Option<(u32, Vec<u8>)>> {
+    /// The next option and its data. A client that leaves here without NBD_OPT_ABORT is
+    /// reported, as qemu does (only one that leaves before its flags is a mere port probe).
+    fn read_option(&mut self) -> io::Result<(u32, Vec<u8>)> {
         let mut hdr = [0u8; 16];
-        if !self.read_full(&mut hdr, "opts magic")? {
-            return Ok(None);
-        }
+        self.read_exact(&mut hdr, "opts magic")?;
         tracing::trace!(
             name: "nbd_negotiate_options_check_magic",
             "Checking opts magic 0x{:x}",
@@ -268,7 +279,7 @@ impl Handshake<'_> {
             "Checking option {opt} ({})",
             opt_name(opt)
         );
-        Ok(Some((opt, data)))
+        Ok((opt, data))
     }
 
     /// With `--tls-creds`, before STARTTLS: only STARTTLS is served (qemu's FORCEDTLS).
