@@ -85,6 +85,9 @@ pub fn parse(s: &str, read_only: bool) -> Result<ParsedImageOpts, String> {
     };
     // The caller prints the warnings (see [`warnings`]) before anything can fail.
     let pairs = split_opts(s, &mut Vec::new());
+    if pairs.iter().any(|(k, v)| k == "driver" && v == "compress") {
+        return parse_compress(&pairs, read_only);
+    }
     // `file=NAME` names a block node, which qemu-nbd never has.
     let mut node_ref: Option<String> = None;
     let mut cache_direct = false;
@@ -234,6 +237,42 @@ pub fn parse(s: &str, read_only: bool) -> Result<ParsedImageOpts, String> {
         detect_zeroes,
         unknown_option,
     })
+}
+
+/// Options that apply to a filter's node and its child alike.
+const NODE_OPTIONS: [&str; 6] = [
+    "read-only",
+    "cache.direct",
+    "cache.no-flush",
+    "discard",
+    "detect-zeroes",
+    "force-share",
+];
+
+/// `driver=compress`: qemu's filter over the image its `file.` options describe, which must
+/// be a format that stores compressed clusters (qcow2).
+fn parse_compress(pairs: &[(String, String)], read_only: bool) -> Result<ParsedImageOpts, String> {
+    let mut inner = Vec::new();
+    let mut unknown = None;
+    for (k, v) in pairs {
+        if let Some(child) = k.strip_prefix("file.") {
+            inner.push(format!("{child}={}", v.replace(',', ",,")));
+        } else if NODE_OPTIONS.contains(&k.as_str()) {
+            inner.push(format!("{k}={}", v.replace(',', ",,")));
+        } else if k != "driver" {
+            unknown.get_or_insert(format!(
+                "Block format 'compress' does not support the option '{k}'"
+            ));
+        }
+    }
+    if !inner.iter().any(|o| o.starts_with("driver=")) {
+        // The child is then the protocol itself, which stores nothing compressed.
+        return Err("Compression is not supported for underlying format: file".into());
+    }
+    let mut p = parse(&inner.join(","), read_only)?;
+    p.image.compress = true;
+    p.unknown_option = unknown.or(p.unknown_option);
+    Ok(p)
 }
 
 #[cfg(test)]

@@ -133,6 +133,8 @@ pub struct ImageOptions {
     pub size: Option<u64>,
     /// `-s`: writes go to a temporary qcow2 overlay; the image is only read.
     pub snapshot: bool,
+    /// `--image-opts driver=compress,...`: writes are stored as compressed clusters.
+    pub compress: bool,
     /// How deep in a backing chain this image is (0 for the image itself).
     pub chain_depth: u32,
     /// `-l`: export this internal snapshot (by id, then by name) read-only.

@@ -12,6 +12,7 @@
 pub mod aio;
 pub mod align;
 pub mod cache_mode;
+pub mod compress;
 mod data_cache;
 pub mod detect_zeroes;
 mod device;
@@ -159,6 +160,18 @@ pub trait BlockBackend: Send + Sync + Debug {
     /// unaligned requests still work, read-modify-written by the layer that needs it.
     fn request_alignment(&self) -> u32 {
         1
+    }
+
+    /// The cluster size, when whole clusters can be written compressed
+    /// ([`BlockBackend::write_compressed`]): a qcow2 image opened for writing.
+    fn compressed_cluster_size(&self) -> Option<u64> {
+        None
+    }
+
+    /// Write whole clusters (or up to the end of the image) stored compressed. As in qemu,
+    /// a cluster that is already allocated cannot be (EIO).
+    fn write_compressed(&self, _offset: u64, _buf: &[u8]) -> Result<()> {
+        Err(Error::NotSupported("compressed writes"))
     }
 
     /// Whether persistent dirty bitmap `name` exists here (or in a backing file) and can be

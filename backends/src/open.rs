@@ -155,7 +155,7 @@ pub fn open_image(opts: &ImageOptions) -> Result<Opened> {
     })
 }
 
-/// The `-s` overlay and the byte window over an opened image.
+/// The `-s` overlay, the byte window and the `compress` filter over an opened image.
 fn add_layers(
     backend: Arc<dyn BlockBackend>,
     format: Format,
@@ -178,6 +178,11 @@ fn add_layers(
     };
     let backend: Arc<dyn BlockBackend> = if opts.offset != 0 || opts.size.is_some() {
         Arc::new(Slice::new(backend, opts.offset, opts.size)?)
+    } else {
+        backend
+    };
+    let backend: Arc<dyn BlockBackend> = if opts.compress {
+        Arc::new(crate::compress::Compress::new(backend)?)
     } else {
         backend
     };

@@ -143,6 +143,18 @@ impl BlockBackend for Qcow2 {
         Qcow2::flush(self)
     }
 
+    fn compressed_cluster_size(&self) -> Option<u64> {
+        (!self.opts.read_only && !self.is_encrypted()).then_some(self.geo.cs)
+    }
+
+    fn write_compressed(&self, offset: u64, buf: &[u8]) -> Result<()> {
+        let closing = self.writes_open()?;
+        let r = self.write_compressed_clusters(offset, buf);
+        self.finish_write(offset, buf.len() as u64, r)?;
+        drop(closing);
+        Ok(())
+    }
+
     /// Write out the metadata cache when it holds anything (see "Settle" in the module doc).
     /// Twice at most: the first flush turns queued decreases into dirty refcounts.
     fn settle(&self) -> Result<()> {

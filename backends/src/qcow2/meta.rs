@@ -69,6 +69,9 @@ pub struct Meta {
     pub pending_free: Vec<(u64, u64)>,
     /// The file's length: only extensions made here change it, and it never shrinks.
     pub file_len: u64,
+    /// Where the next compressed cluster's bytes may go: the rest of the host cluster the
+    /// last one was put in (0: none). Forgotten when that cluster is freed.
+    free_bytes: u64,
     /// Bumped on every change, so a flush can tell what changed while it wrote.
     version: u64,
 }
@@ -83,6 +86,7 @@ impl Meta {
             map,
             pending_free: Vec::new(),
             file_len,
+            free_bytes: 0,
             version: 0,
         }
     }
@@ -280,6 +284,7 @@ impl Meta {
                 let v = self.bump();
                 if self.rc.decrease(f, c, v)? == 0 {
                     self.l2.remove(c << geo.cluster_bits);
+                    self.forget_free_bytes(c << geo.cluster_bits, geo.cs);
                 }
             }
         }
@@ -289,7 +294,50 @@ impl Meta {
     /// Give back a cluster nothing ever pointed at (a failed write's, a stray one).
     pub fn unalloc(&mut self, f: &HostFile, off: u64, cluster_bits: u32) -> Result<()> {
         let v = self.bump();
-        self.rc.decrease(f, off >> cluster_bits, v)?;
+        if self.rc.decrease(f, off >> cluster_bits, v)? == 0 {
+            self.forget_free_bytes(off >> cluster_bits << cluster_bits, 1 << cluster_bits);
+        }
         Ok(())
+    }
+
+    fn forget_free_bytes(&mut self, cluster: u64, cs: u64) {
+        if self.free_bytes >= cluster && self.free_bytes < cluster + cs {
+            self.free_bytes = 0;
+        }
+    }
+
+    /// Room for `len` bytes of a compressed cluster (qemu's `qcow2_alloc_bytes`): the rest
+    /// of the host cluster the last one went into, whose refcount then counts one more
+    /// user, else a new cluster. Each piece starts on an `align` boundary. `len` is at most
+    /// a cluster.
+    pub fn alloc_bytes(
+        &mut self,
+        f: &HostFile,
+        geo: &Geo,
+        len: u64,
+        align: u64,
+    ) -> Result<Step<u64>> {
+        let at = self.free_bytes;
+        let in_cluster = at & (geo.cs - 1);
+        if at != 0 && in_cluster + len <= geo.cs {
+            let v = self.bump();
+            if self.rc.increase(f, at >> geo.cluster_bits, v)?.is_some() {
+                self.free_bytes = next_free(at, len, align, geo.cs);
+                return Ok(Step::Done(at));
+            }
+        }
+        let (target, _fresh) = need!(self.alloc(f));
+        self.free_bytes = next_free(target, len, align, geo.cs);
+        Ok(Step::Done(target))
+    }
+}
+
+/// The next piece's offset after `len` bytes at `at`, or 0 when its cluster is full.
+fn next_free(at: u64, len: u64, align: u64, cs: u64) -> u64 {
+    let next = (at + len).div_ceil(align) * align;
+    if next.is_multiple_of(cs) {
+        0
+    } else {
+        next
     }
 }

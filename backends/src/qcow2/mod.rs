@@ -77,8 +77,8 @@
 //! encrypts with the new one, and it writes the whole cluster (or every touched subcluster)
 //! as ciphertext: zeroes on disk would not read back as zeroes, so the zero-fill shortcut is
 //! not taken for encrypted images (as in qemu). Zero flags and zero subclusters stay
-//! metadata; compressed clusters are read in the clear, as qemu reads them (this engine never
-//! writes any). The image is served behind `align.rs`, so data requests are whole sectors;
+//! metadata; compressed clusters are read in the clear, as qemu reads them, and never written
+//! to an encrypted image. The image is served behind `align.rs`, so data requests are whole sectors;
 //! the LUKS header's clusters are counted by a repair like any other metadata.
 //!
 //! Policies: refcounts are always kept eagerly, so the dirty bit is never set (lazy refcounts
@@ -92,6 +92,7 @@ mod batch;
 pub mod bitmap;
 mod bitmap_store;
 mod cache;
+mod compress_write;
 mod compressed;
 pub mod create;
 mod crypt;

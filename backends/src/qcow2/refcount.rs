@@ -213,6 +213,31 @@ impl Refcounts {
         Ok(new)
     }
 
+    /// Add one reference to an allocated cluster (a second compressed cluster sharing it);
+    /// returns the new count, or None when the count is at its largest (the caller takes a
+    /// new cluster instead).
+    pub fn increase(&mut self, f: &HostFile, cluster: u64, version: u64) -> Result<Option<u64>> {
+        let per = self.per_block();
+        let Some(key) = self.block(f, cluster / per)? else {
+            return Ok(None);
+        };
+        let i = cluster % per;
+        let old = self
+            .blocks
+            .get(key)
+            .map_or(0, |t| get_ref(t.data(), i as usize, self.order));
+        let max = if self.order >= 6 {
+            u64::MAX
+        } else {
+            (1u64 << (1u32 << self.order)) - 1
+        };
+        if old == 0 || old >= max {
+            return Ok(None);
+        }
+        self.set(key, i, old + 1, version);
+        Ok(Some(old + 1))
+    }
+
     /// Allocate one cluster with refcount 1: its offset and whether it was never written
     /// (reads as zeroes), or None when the refcount table must grow first
     /// ([`Refcounts::grow`], under the flush gate). The caller makes the file cover
