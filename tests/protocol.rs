@@ -336,3 +336,93 @@ fn handshake_limit_drops_a_client_that_never_reads() {
     assert!(start.elapsed() < Duration::from_secs(10));
     drop(c);
 }
+
+/// Extended headers with `base:allocation` selected, then BLOCK_STATUS with a payload that
+/// selects contexts by id: one naming none, one naming an id twice, one naming an unknown
+/// id each get EINVAL (as qemu-nbd; a request naming none once got no reply at all), and
+/// the connection goes on: a good one gets its extents.
+#[test]
+fn block_status_payloads_naming_no_known_context_get_einval() {
+    block_status_payloads(QNBD);
+    if have("qemu-nbd") {
+        block_status_payloads("qemu-nbd");
+    }
+}
+
+fn block_status_payloads(bin: &str) {
+    let dir = tmpdir();
+    let img = make_raw(dir.path(), "bs.raw", 1 << 20, &[]);
+    let s = Server::unix(bin, &["-f", "raw", "-t", img.to_str().unwrap()]);
+    let mut c = UnixStream::connect(s.socket.as_ref().unwrap()).unwrap();
+    c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let mut greet = [0u8; 18];
+    c.read_exact(&mut greet).unwrap();
+    c.write_all(&3u32.to_be_bytes()).unwrap();
+    let opt = |c: &mut UnixStream, code: u32, data: &[u8]| {
+        let mut m = b"IHAVEOPT".to_vec();
+        m.extend_from_slice(&code.to_be_bytes());
+        m.extend_from_slice(&(data.len() as u32).to_be_bytes());
+        m.extend_from_slice(data);
+        c.write_all(&m).unwrap();
+        // Replies up to the last one; the id of a REP_META_CONTEXT, if any.
+        let mut id = None;
+        loop {
+            let mut h = [0u8; 20];
+            c.read_exact(&mut h).unwrap();
+            let typ = u32::from_be_bytes(h[12..16].try_into().unwrap());
+            let mut d = vec![0u8; u32::from_be_bytes(h[16..20].try_into().unwrap()) as usize];
+            c.read_exact(&mut d).unwrap();
+            match typ {
+                1 => return id,
+                4 => id = Some(u32::from_be_bytes(d[..4].try_into().unwrap())),
+                3 => {}
+                t => panic!("option {code}: reply type {t:#x}"),
+            }
+        }
+    };
+    opt(&mut c, 11, &[]);
+    let q = b"base:allocation";
+    let mut meta = 0u32.to_be_bytes().to_vec();
+    meta.extend_from_slice(&1u32.to_be_bytes());
+    meta.extend_from_slice(&(q.len() as u32).to_be_bytes());
+    meta.extend_from_slice(q);
+    let id = opt(&mut c, 10, &meta).expect("a context id");
+    opt(&mut c, 7, &[0, 0, 0, 0, 0, 0]);
+    let block_status = |c: &mut UnixStream, cookie: u64, ids: &[u32]| -> (u16, u32) {
+        let mut payload = 4096u64.to_be_bytes().to_vec();
+        for i in ids {
+            payload.extend_from_slice(&i.to_be_bytes());
+        }
+        let mut m = 0x21e4_1c71u32.to_be_bytes().to_vec();
+        m.extend_from_slice(&0x20u16.to_be_bytes()); // PAYLOAD_LEN
+        m.extend_from_slice(&7u16.to_be_bytes()); // BLOCK_STATUS
+        m.extend_from_slice(&cookie.to_be_bytes());
+        m.extend_from_slice(&0u64.to_be_bytes());
+        m.extend_from_slice(&(payload.len() as u64).to_be_bytes());
+        m.extend_from_slice(&payload);
+        c.write_all(&m).unwrap();
+        // Chunks up to DONE: (last chunk type, error number of an error chunk).
+        loop {
+            let mut h = [0u8; 32];
+            c.read_exact(&mut h).expect("a reply, not silence");
+            assert_eq!(u32::from_be_bytes(h[..4].try_into().unwrap()), 0x6e8a_278c);
+            let flags = u16::from_be_bytes(h[4..6].try_into().unwrap());
+            let typ = u16::from_be_bytes(h[6..8].try_into().unwrap());
+            assert_eq!(u64::from_be_bytes(h[8..16].try_into().unwrap()), cookie);
+            let mut d = vec![0u8; u64::from_be_bytes(h[24..32].try_into().unwrap()) as usize];
+            c.read_exact(&mut d).unwrap();
+            let err = if typ & 0x8000 != 0 {
+                u32::from_be_bytes(d[..4].try_into().unwrap())
+            } else {
+                0
+            };
+            if flags & 1 != 0 {
+                return (typ, err);
+            }
+        }
+    };
+    assert_eq!(block_status(&mut c, 1, &[]), (0x8001, 22));
+    assert_eq!(block_status(&mut c, 2, &[id, id]), (0x8001, 22));
+    assert_eq!(block_status(&mut c, 3, &[id + 100]), (0x8001, 22));
+    assert_eq!(block_status(&mut c, 4, &[id]).1, 0);
+}

@@ -161,19 +161,35 @@ pub fn validate(
                 return Err(reject(EINVAL, "block status of length 0"));
             }
             if neg.extended && req.flags.contains(CmdFlags::PAYLOAD_LEN) {
-                let ids = payload.len().checked_sub(8);
-                if ids.is_none_or(|n| n % 4 != 0) {
-                    return Err(reject(EINVAL, "invalid block status payload length"));
-                }
-                for id in payload[8..].chunks_exact(4) {
-                    let id = u32::from_be_bytes([id[0], id[1], id[2], id[3]]);
-                    if !neg.contexts.iter().any(|c| c.id == id) {
-                        return Err(reject(EINVAL, format!("unknown meta context id {id}")));
-                    }
-                }
+                check_context_ids(payload, neg)?;
             }
         }
         _ => {}
+    }
+    Ok(())
+}
+
+/// A BLOCK_STATUS payload's context ids, as qemu checks them
+/// (`nbd_co_block_status_payload_read`): at least one, each negotiated, none twice, and no
+/// more than were negotiated. A request naming none would get no reply chunk at all.
+fn check_context_ids(payload: &[u8], neg: &Negotiated) -> Result<(), Reject> {
+    let n = match payload.len().checked_sub(8) {
+        Some(n) if n % 4 == 0 && n / 4 <= neg.contexts.len() => n / 4,
+        _ => return Err(reject(EINVAL, "invalid block status payload length")),
+    };
+    if n == 0 {
+        return Err(reject(EINVAL, "block status payload names no meta context"));
+    }
+    let mut seen = Vec::with_capacity(n);
+    for id in payload[8..].chunks_exact(4) {
+        let id = u32::from_be_bytes([id[0], id[1], id[2], id[3]]);
+        if !neg.contexts.iter().any(|c| c.id == id) {
+            return Err(reject(EINVAL, format!("unknown meta context id {id}")));
+        }
+        if seen.contains(&id) {
+            return Err(reject(EINVAL, format!("meta context id {id} named twice")));
+        }
+        seen.push(id);
     }
     Ok(())
 }
@@ -286,6 +302,32 @@ mod tests {
         assert_eq!(e.msg, "unsupported flags for command read (got 0x20)");
         let e = validate(&req(99, 0, 0, 0), 0, &[], &neg(true, false), 1).unwrap_err();
         assert_eq!(e.msg, "invalid request type (99) received");
+    }
+
+    #[test]
+    fn a_block_status_payload_names_each_negotiated_context_once() {
+        let mut n = neg(true, false);
+        n.extended = true;
+        let ids: Vec<u32> = n.contexts.iter().map(|c| c.id).collect();
+        assert!(!ids.is_empty());
+        let payload = |ids: &[u32]| {
+            let mut p = 4096u64.to_be_bytes().to_vec();
+            for id in ids {
+                p.extend_from_slice(&id.to_be_bytes());
+            }
+            p
+        };
+        let r = req(CMD_BLOCK_STATUS, 0x20, 0, 0);
+        let check = |p: &[u8]| validate(&r, 4096, p, &n, 1 << 20).err().map(|e| e.errno);
+        assert_eq!(check(&payload(&ids[..1])), None);
+        // None named (libnbd's interop block-status-payload hung here: no reply chunk).
+        assert_eq!(check(&payload(&[])), Some(EINVAL));
+        assert_eq!(check(&payload(&[ids[0], ids[0]])), Some(EINVAL));
+        assert_eq!(check(&payload(&[999])), Some(EINVAL));
+        let mut too_many = ids.clone();
+        too_many.push(ids[0]);
+        assert_eq!(check(&payload(&too_many)), Some(EINVAL));
+        assert_eq!(check(&payload(&ids)[..10]), Some(EINVAL));
     }
 
     #[test]

@@ -433,6 +433,14 @@ impl Conn<'_> {
             } else {
                 self.neg.contexts.iter().collect()
             };
+        if contexts.is_empty() {
+            // Validation refuses this; a reply without chunks would leave the client waiting.
+            let r = Reject {
+                errno: EINVAL,
+                msg: "no meta context selected".into(),
+            };
+            return self.send_error(req, r, &mut s.hdr);
+        }
         // Allocation once for the contexts that share it, each bitmap on its own.
         let mut sources: Vec<Vec<backends::Extent>> = Vec::with_capacity(contexts.len());
         let mut allocation: Option<usize> = None;
