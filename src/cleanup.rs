@@ -1,8 +1,9 @@
 //! What to undo when the process ends, however it ends — an error (`die`), a signal, the
 //! last client leaving, `-d`: the kernel device unbound (a ublk device stopped, and deleted
 //! after the close), the image closed (qemu stores persistent bitmaps then), and the files
-//! we created removed (socket, `-s` overlay, pid file). One process-wide record, filled in
-//! as things are created.
+//! we created removed (socket, `-s` overlay; not the pid file, which qemu-nbd leaves behind
+//! too, and scripts remove themselves). One process-wide record, filled in as things are
+//! created.
 
 use backends::BlockBackend;
 use std::path::PathBuf;
@@ -19,7 +20,6 @@ pub struct Cleanup {
     pub socket: Option<PathBuf>,
     /// The temporary overlay of `-s`.
     pub overlay: Option<PathBuf>,
-    pub pid_file: Option<PathBuf>,
     /// `--stats`: the last report, first of all.
     pub stats: Option<crate::stats::Reporter>,
 }
@@ -30,7 +30,6 @@ static CLEANUP: Mutex<Cleanup> = Mutex::new(Cleanup {
     image: None,
     socket: None,
     overlay: None,
-    pid_file: None,
     stats: None,
 });
 
@@ -73,13 +72,9 @@ impl Cleanup {
         if let Some(u) = self.ublk.take() {
             u.delete();
         }
-        for p in [
-            self.socket.take(),
-            self.overlay.take(),
-            self.pid_file.take(),
-        ]
-        .into_iter()
-        .flatten()
+        for p in [self.socket.take(), self.overlay.take()]
+            .into_iter()
+            .flatten()
         {
             let _ = std::fs::remove_file(p);
         }

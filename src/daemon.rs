@@ -97,7 +97,8 @@ pub fn fork_if(fork: bool, keep_stderr: bool) -> Option<Readiness> {
     }
 }
 
-/// `--pid-file`: written once the server is about to serve, removed at exit. As qemu's
+/// `--pid-file`: written once the server is about to serve, and left behind at exit as
+/// qemu-nbd leaves it (qemu's iotests remove it themselves, and fail if it is gone). As qemu's
 /// qemu_write_pidfile: the file stays open with a write lock held, so a second server
 /// given the same file fails ("Cannot lock pid file") instead of taking it over.
 pub fn write_pid_file(path: Option<&std::path::Path>) {
@@ -105,7 +106,6 @@ pub fn write_pid_file(path: Option<&std::path::Path>) {
         if let Err(e) = lock_and_write_pid(p) {
             crate::die(e);
         }
-        crate::cleanup::get().pid_file = Some(p.to_path_buf());
     }
 }
 

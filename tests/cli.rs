@@ -150,7 +150,7 @@ fn exits_after_the_last_client_unless_persistent() {
 }
 
 #[test]
-fn fork_returns_once_listening_and_pid_file_is_removed() {
+fn fork_returns_once_listening_and_leaves_its_pid_file_as_qemu_nbd_does() {
     if !have("qemu-img") {
         return;
     }
@@ -174,13 +174,12 @@ fn fork_returns_once_listening_and_pid_file_is_removed() {
     ok(Command::new("qemu-img").args(["info", &uri]));
     ok(Command::new("kill").arg(pid.to_string()));
     let start = Instant::now();
-    while start.elapsed() < Duration::from_secs(10) && (pidf.exists() || sock.exists()) {
+    while start.elapsed() < Duration::from_secs(10) && sock.exists() {
         std::thread::sleep(Duration::from_millis(20));
     }
-    assert!(
-        !pidf.exists() && !sock.exists(),
-        "pid file and socket removed after SIGTERM"
-    );
+    assert!(!sock.exists(), "socket removed after SIGTERM");
+    // qemu-nbd never removes its pid file; scripts (qemu's iotests) remove it themselves.
+    assert!(pidf.exists(), "pid file left behind, as qemu-nbd leaves it");
 
     // An error in the child reaches the parent's stderr and exit status.
     let out = run(Command::new(QNBD)

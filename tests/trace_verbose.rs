@@ -74,17 +74,26 @@ fn fork_with_verbose_starts_and_returns_at_once() {
         let bin = QNBD;
         let sock = d.path().join("f.sock");
         let pid = d.path().join("pid");
-        let out = run(Command::new(bin)
+        // As qemu-nbd, the daemon keeps the caller's stderr under -v (its later messages go
+        // there), so a pipe would stay open: the caller's streams are files here.
+        let err = d.path().join("stderr");
+        let outf = d.path().join("stdout");
+        let status = Command::new(bin)
             .args(["-v", "--fork", "-f", "raw", "--pid-file"])
             .arg(&pid)
             .arg("-k")
             .arg(&sock)
-            .arg(&img));
-        assert!(out.status.success(), "{bin}: {out:?}");
-        assert!(
-            out.stdout.is_empty() && out.stderr.is_empty(),
-            "{bin}: {out:?}"
+            .arg(&img)
+            .stdout(std::fs::File::create(&outf).unwrap())
+            .stderr(std::fs::File::create(&err).unwrap())
+            .status()
+            .unwrap();
+        assert!(status.success(), "{bin}: {status:?}");
+        let (o, e) = (
+            std::fs::read_to_string(&outf).unwrap(),
+            std::fs::read_to_string(&err).unwrap(),
         );
+        assert!(o.is_empty() && e.is_empty(), "{bin}: {o}{e}");
         let server: String = std::fs::read_to_string(&pid).unwrap().trim().to_string();
         let _ = Command::new("kill").arg(&server).status();
         std::thread::sleep(Duration::from_millis(300));
