@@ -88,6 +88,12 @@ pub fn parse(s: &str, read_only: bool) -> Result<ParsedImageOpts, String> {
     if pairs.iter().any(|(k, v)| k == "driver" && v == "compress") {
         return parse_compress(&pairs, read_only);
     }
+    if let Some((_, d)) = pairs
+        .iter()
+        .find(|(k, v)| k == "driver" && (v == "null-co" || v == "null-aio"))
+    {
+        return parse_null(d, &pairs, read_only);
+    }
     // `file=NAME` names a block node, which qemu-nbd never has.
     let mut node_ref: Option<String> = None;
     let mut cache_direct = false;
@@ -236,6 +242,48 @@ pub fn parse(s: &str, read_only: bool) -> Result<ParsedImageOpts, String> {
         cache,
         detect_zeroes,
         unknown_option,
+    })
+}
+
+/// `driver=null-co` (or `null-aio`): qemu's protocol with no storage, `size=` bytes (1 GiB by
+/// default), reading as zeroes.
+fn parse_null(
+    driver: &str,
+    pairs: &[(String, String)],
+    read_only: bool,
+) -> Result<ParsedImageOpts, String> {
+    let mut null = backends::null::NullOptions::default();
+    let mut image = ImageOptions {
+        read_only,
+        path: PathBuf::from(format!("{driver}://")),
+        format: Some(Format::raw()),
+        ..Default::default()
+    };
+    let mut unknown = None;
+    for (k, v) in pairs {
+        match k.as_str() {
+            "driver" => {}
+            "size" => null.size = backends::format::parse_size(k, v)?,
+            "read-zeroes" => null.read_zeroes = on_off(k, v)?,
+            "latency-ns" => {
+                v.parse::<u64>()
+                    .map_err(|_| format!("Parameter '{k}' expects a number"))?;
+            }
+            "read-only" => image.read_only |= on_off(k, v)?,
+            "force-share" => image.force_share = on_off(k, v)?,
+            _ => {
+                unknown.get_or_insert(format!(
+                    "Block protocol '{driver}' doesn't support the option '{k}'"
+                ));
+            }
+        }
+    }
+    image.null = Some(null);
+    Ok(ParsedImageOpts {
+        image,
+        cache: CacheMode::Writeback,
+        detect_zeroes: DetectZeroes::Off,
+        unknown_option: unknown,
     })
 }
 

@@ -328,3 +328,47 @@ fn aio_modes_change_the_io_path() {
     assert!(String::from_utf8_lossy(&out.stderr)
         .contains("aio=native was specified, but it requires cache.direct=on"));
 }
+
+/// qemu's `null-co` protocol: `null-co://` (1 GiB) and `--image-opts driver=null-co,...`
+/// serve zeroes and forget writes; size, block status and the probing warning as qemu-nbd's.
+#[test]
+fn null_co_serves_nothing_like_qemu_nbd() {
+    if !have("qemu-nbd") || !have("nbdinfo") || !have("qemu-io") {
+        return;
+    }
+    let cases: [&[&str]; 3] = [
+        &["-f", "raw", "null-co://"],
+        &["null-co://"],
+        &["--image-opts", "driver=null-co,size=1M,read-zeroes=on"],
+    ];
+    for args in cases {
+        let seen = |bin: &str| {
+            let mut all = vec!["-t"];
+            all.extend_from_slice(args);
+            let s = Server::unix(bin, &all);
+            let size = ok(Command::new("nbdinfo").args(["--size", &s.uri()]));
+            let map = ok(Command::new("nbdinfo").args(["--map", &s.uri()]));
+            let io = ok(Command::new("qemu-io").args([
+                "-f",
+                "raw",
+                "-c",
+                "write -P 7 0 4k",
+                "-c",
+                "read 0 4k",
+                &s.uri(),
+            ]));
+            (size, map, io.contains("read 4096/4096"))
+        };
+        let theirs = seen("qemu-nbd");
+        assert!(theirs.2, "{args:?}: qemu-nbd takes the write and the read");
+        assert_eq!(seen(QNBD), theirs, "{args:?}");
+        // What qnbd reads is zeroes (qemu's buffer, without read-zeroes=on, is whatever it
+        // held).
+        let mut all = vec!["-t"];
+        all.extend_from_slice(args);
+        let s = Server::unix(QNBD, &all);
+        let io =
+            ok(Command::new("qemu-io").args(["-f", "raw", "-c", "read -P 0 512 4k", &s.uri()]));
+        assert!(io.contains("read 4096/4096"), "{io}");
+    }
+}

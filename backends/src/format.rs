@@ -135,6 +135,9 @@ pub struct ImageOptions {
     pub snapshot: bool,
     /// `--image-opts driver=compress,...`: writes are stored as compressed clusters.
     pub compress: bool,
+    /// `--image-opts driver=null-co,...`: no storage at all (a `null-co://` file name says
+    /// the same with the defaults).
+    pub null: Option<crate::null::NullOptions>,
     /// How deep in a backing chain this image is (0 for the image itself).
     pub chain_depth: u32,
     /// `-l`: export this internal snapshot (by id, then by name) read-only.

@@ -22,6 +22,7 @@ pub mod file;
 pub mod filter;
 pub mod format;
 pub mod luks;
+pub mod null;
 pub mod open;
 pub mod overlay;
 mod probe_guard;

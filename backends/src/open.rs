@@ -95,6 +95,9 @@ pub fn open_image(opts: &ImageOptions) -> Result<Opened> {
     if opts.aio == crate::aio::AioMode::Native && !opts.direct {
         return Err(Error::NativeAioNeedsDirect);
     }
+    if let Some(null) = opts.null.or_else(|| crate::null::from_filename(&opts.path)) {
+        return open_null(null, opts);
+    }
     let head = read_head(&opts.path)?;
     let mut warnings = Vec::new();
     // Under -s the image itself is only read, as a backing file.
@@ -150,6 +153,29 @@ pub fn open_image(opts: &ImageOptions) -> Result<Opened> {
     Ok(Opened {
         backend,
         format,
+        warnings,
+        temp_overlay,
+    })
+}
+
+/// `null-co://`: raw over no storage. Probing finds raw (the first sector reads as zeroes),
+/// with qemu's warning; another format finds no header.
+fn open_null(null: crate::null::NullOptions, opts: &ImageOptions) -> Result<Opened> {
+    let read_only = opts.read_only || opts.snapshot;
+    let mut warnings = Vec::new();
+    match opts.format {
+        Some(f) if f != Format::raw() => {
+            return Err(Error::Open(format!("Image is not in {} format", f.name())))
+        }
+        Some(_) => {}
+        None if !read_only => warnings.push(probed_raw_warning(&opts.path)),
+        None => {}
+    }
+    let backend: Arc<dyn BlockBackend> = Arc::new(crate::null::Null::new(null, read_only));
+    let (backend, temp_overlay) = add_layers(backend, Format::raw(), opts)?;
+    Ok(Opened {
+        backend,
+        format: Format::raw(),
         warnings,
         temp_overlay,
     })
