@@ -4,7 +4,8 @@
 #     block sizes, block status payloads, dirty bitmaps, socket activation, listing) and its
 #     nbdcopy/nbdinfo/nbddump tests that start qemu-nbd (compressed qcow2 output included);
 #   - qemu 10.0.2's iotests that start qemu-nbd directly and need no VM (233: TLS, with the
-#     server's log compared line by line).
+#     server's log compared line by line; block-status-cache, 209, 302,
+#     nbd-reconnect-on-open).
 # Usage: scripts/external-suites.sh [QNBD]   (default: target/release/qnbd)
 # Sources are downloaded once into $QNBD_EXT_CACHE (default /var/tmp/qnbd-ext): Debian's
 # tarballs, else upstream's. Exit 0 only if every suite ran and passed; 77 (loudly) when a
@@ -40,13 +41,32 @@ fetch qemu.tar.xz \
     https://download.qemu.org/$QEMU.tar.xz
 
 # qnbd under the name qemu-nbd (its messages then say qemu-nbd, as the suites expect), and a
-# stand-in for qemu-system that only lists machines: the iotests run here need no VM.
+# stand-in for qemu-system that answers the iotests' set-up questions (machines, formats:
+# qemu-img's own, devices) and starts nothing: the iotests run here need no VM.
 BIN=$CACHE/bin
 mkdir -p "$BIN"
 ln -sf "$QNBD" "$BIN/qemu-nbd"
 cat > "$BIN/qemu-system-x86_64" <<'EOF'
 #!/bin/sh
 if [ "$1" = "-machine" ] && [ "$2" = "help" ]; then echo "pc (default)"; exit 0; fi
+prev=
+for a in "$@"; do
+    case "$a" in
+    format=help)
+        f=$(qemu-img --help | sed -n '/^Supported image formats:/,/^See/p' | sed '1d;$d' |
+            tr -s ' \n' '\n' | grep -vxE 'ftp|ftps|http|https|gluster|iscsi|iser|nfs|rbd|ssh|' |
+            tr '\n' ' ')
+        echo "Supported formats: $f"
+        exit 0 ;;
+    help)
+        if [ "$prev" = "-device" ]; then
+            echo 'name "virtio-blk-pci", bus PCI'
+            echo 'name "virtio-scsi-pci", bus PCI'
+            exit 0
+        fi ;;
+    esac
+    prev=$a
+done
 echo "qemu-system is not installed: this test needs a VM" >&2
 exit 1
 EOF
@@ -101,19 +121,26 @@ run_libnbd info info-description-qemu.sh info-list-json-qemu.sh info-list-qemu.s
     info-map-qemu-allocation-depth.sh info-map-qemu-dirty-bitmap.sh
 run_libnbd dump dump-empty-qcow2.sh
 
-for fmt in raw qcow2; do
+# The iotests that start qemu-nbd and need no VM (the others stop at the stand-in, as they
+# would with qemu-nbd itself).
+run_iotests() { # run_iotests FORMAT TEST...
+    local fmt=$1
+    shift
+    local out
     out=$(cd "$CACHE/$QEMU/tests/qemu-iotests" &&
         QEMU_PROG=$BIN/qemu-system-x86_64 QEMU_IMG_PROG=$(command -v qemu-img) \
             QEMU_IO_PROG=$(command -v qemu-io) QEMU_NBD_PROG=$BIN/qemu-nbd \
             QSD_PROG=$(command -v qemu-storage-daemon || echo "$BIN/qemu-system-x86_64") \
-            timeout 900 python3 ./check -"$fmt" 233 2>&1) || true
-    if grep -qE '^Passed all 1 iotests' <<<"$out"; then
-        echo "qemu iotests -$fmt 233: pass"
+            timeout 900 python3 ./check -"$fmt" "$@" 2>&1) || true
+    if grep -qE "^Passed all $# iotests" <<<"$out"; then
+        echo "qemu iotests -$fmt $*: pass"
     else
-        echo "$out" | tail -40
-        failed+=("qemu iotest 233 -$fmt")
+        echo "$out" | tail -60
+        failed+=("qemu iotests -$fmt $*")
     fi
-done
+}
+run_iotests raw 233 block-status-cache
+run_iotests qcow2 233 209 302 nbd-reconnect-on-open
 
 if [ ${#failed[@]} -gt 0 ]; then
     printf 'external-suites: FAILED: %s\n' "${failed[@]}" >&2
