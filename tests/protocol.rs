@@ -179,6 +179,15 @@ fn requests_in_flight_are_answered_out_of_order_with_their_cookies() {
     }
 }
 
+/// Send option `code` with `data`.
+fn send_opt(c: &mut UnixStream, code: u32, data: &[u8]) {
+    let mut m = b"IHAVEOPT".to_vec();
+    m.extend_from_slice(&code.to_be_bytes());
+    m.extend_from_slice(&(data.len() as u32).to_be_bytes());
+    m.extend_from_slice(data);
+    c.write_all(&m).unwrap();
+}
+
 /// Negotiate (optionally) EXTENDED_HEADERS or STRUCTURED_REPLY, then GO; return the
 /// transmission flags from NBD_INFO_EXPORT.
 fn go_flags(s: &Server, ext: bool, sr: bool) -> u16 {
@@ -187,13 +196,7 @@ fn go_flags(s: &Server, ext: bool, sr: bool) -> u16 {
     let mut greet = [0u8; 18];
     c.read_exact(&mut greet).unwrap();
     c.write_all(&3u32.to_be_bytes()).unwrap();
-    let opt = |c: &mut UnixStream, code: u32, data: &[u8]| {
-        let mut m = b"IHAVEOPT".to_vec();
-        m.extend_from_slice(&code.to_be_bytes());
-        m.extend_from_slice(&(data.len() as u32).to_be_bytes());
-        m.extend_from_slice(data);
-        c.write_all(&m).unwrap();
-    };
+    let opt = send_opt;
     // Read option replies until ACK or error; return the INFO_EXPORT flags if seen.
     let replies = |c: &mut UnixStream| -> Option<u16> {
         let mut flags = None;
@@ -359,11 +362,7 @@ fn block_status_payloads(bin: &str) {
     c.read_exact(&mut greet).unwrap();
     c.write_all(&3u32.to_be_bytes()).unwrap();
     let opt = |c: &mut UnixStream, code: u32, data: &[u8]| {
-        let mut m = b"IHAVEOPT".to_vec();
-        m.extend_from_slice(&code.to_be_bytes());
-        m.extend_from_slice(&(data.len() as u32).to_be_bytes());
-        m.extend_from_slice(data);
-        c.write_all(&m).unwrap();
+        send_opt(c, code, data);
         // Replies up to the last one; the id of a REP_META_CONTEXT, if any.
         let mut id = None;
         loop {

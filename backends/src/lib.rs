@@ -98,6 +98,19 @@ pub struct Caps {
 }
 
 impl Caps {
+    /// The answers of a writable backend that does everything itself.
+    pub const NATIVE: Caps = Caps {
+        writable: true,
+        flush: true,
+        fua: Support::Native,
+        trim: true,
+        zero: Support::Native,
+        fast_zero: true,
+        cache: Support::Native,
+        multi_conn: true,
+        rotational: false,
+    };
+
     /// The answers of a read-only backend with nothing native.
     pub const READ_ONLY: Caps = Caps {
         writable: false,

@@ -5,7 +5,7 @@
 //! never anyone's old bytes); block status says nothing is allocated (and, with
 //! `read-zeroes=on`, that it reads as zeroes), as qemu's does.
 
-use crate::{BlockBackend, Caps, Extent, ExtentFlags, Extents, IoFlags, Result, Support};
+use crate::{BlockBackend, Caps, Extent, ExtentFlags, Extents, IoFlags, Result};
 use std::path::Path;
 
 /// qemu's default size: 1 GiB.
@@ -55,17 +55,7 @@ impl BlockBackend for Null {
         if self.read_only {
             return Caps::READ_ONLY;
         }
-        Caps {
-            writable: true,
-            flush: true,
-            fua: Support::Native,
-            trim: true,
-            zero: Support::Native,
-            fast_zero: true,
-            cache: Support::Native,
-            multi_conn: true,
-            rotational: false,
-        }
+        Caps::NATIVE
     }
 
     fn read(&self, _offset: u64, buf: &mut [u8]) -> Result<()> {

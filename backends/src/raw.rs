@@ -5,9 +5,7 @@ use crate::aio::AioMode;
 use crate::data_cache::DataCache;
 use crate::file::{FileOptions, HostFile};
 use crate::format::{parse_size, Driver, ImageOptions, OpenBacking};
-use crate::{
-    BlockBackend, Caps, Error, Extent, ExtentFlags, Extents, HostSpan, IoFlags, Result, Support,
-};
+use crate::{BlockBackend, Caps, Error, Extent, ExtentFlags, Extents, HostSpan, IoFlags, Result};
 use std::path::Path;
 use std::sync::Arc;
 
@@ -132,17 +130,7 @@ impl BlockBackend for RawFile {
         if self.opts.read_only {
             return Caps::READ_ONLY;
         }
-        Caps {
-            writable: true,
-            flush: true,
-            fua: Support::Native,
-            trim: true,
-            zero: Support::Native,
-            fast_zero: true,
-            cache: Support::Native,
-            multi_conn: true,
-            rotational: false,
-        }
+        Caps::NATIVE
     }
 
     fn read(&self, offset: u64, buf: &mut [u8]) -> Result<()> {

@@ -65,15 +65,8 @@ impl BlockBackend for Qcow2 {
             return Caps::READ_ONLY;
         }
         Caps {
-            writable: true,
-            flush: true,
-            fua: Support::Native,
-            trim: true,
-            zero: Support::Native,
-            fast_zero: true,
             cache: Support::Emulate,
-            multi_conn: true,
-            rotational: false,
+            ..Caps::NATIVE
         }
     }
 

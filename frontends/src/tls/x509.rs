@@ -4,7 +4,7 @@
 
 use super::engine::Engine;
 use super::rustls_server::ServerHandshake;
-use super::x509_client::{ByIssuer, ChainOnly, Deferred, NoVerify, Verdict};
+use super::x509_client::{ByIssuer, Deferred, NoVerify, Verdict};
 use super::{Endpoint, TlsError, Versions};
 use rustls::client::danger::ServerCertVerifier;
 use rustls::pki_types::pem::PemObject;
@@ -263,25 +263,20 @@ impl X509Creds {
             X509Creds::Client {
                 config, verifier, ..
             } => {
-                let (inner, name): (Arc<dyn ServerCertVerifier>, _) = match hostname {
-                    Some(h) => {
-                        let name = ServerName::try_from(h.to_string()).map_err(|_| {
-                            TlsError::Handshake(format!("'{h}' is not a valid TLS host name"))
-                        })?;
-                        (verifier.clone(), name)
-                    }
+                let name = match hostname {
+                    Some(h) => ServerName::try_from(h.to_string()).map_err(|_| {
+                        TlsError::Handshake(format!("'{h}' is not a valid TLS host name"))
+                    })?,
                     // An address sends no SNI; the verifier ignores the name.
-                    None => (
-                        Arc::new(ChainOnly(verifier.clone())),
-                        ServerName::IpAddress(std::net::Ipv4Addr::LOCALHOST.into()),
-                    ),
+                    None => ServerName::IpAddress(std::net::Ipv4Addr::LOCALHOST.into()),
                 };
                 let verdict = Verdict::default();
                 let mut config = ClientConfig::clone(config);
                 config
                     .dangerous()
                     .set_certificate_verifier(Arc::new(Deferred {
-                        inner,
+                        inner: verifier.clone(),
+                        check_name: hostname.is_some(),
                         verdict: verdict.clone(),
                     }));
                 let conn = rustls::ClientConnection::new(Arc::new(config), name)
