@@ -3,8 +3,8 @@
 # bookworm), the musl target and cargo-deb. libclang-dev: libublk's bindgen step needs
 # libclang; musl-tools and perl/make: the static binary (OpenSSL built from source); zsh, fish
 # and groff: the completion and man page checks; gnuplot-nox: the benchmark chart;
-# libgnutls28-dev, libxml2-dev and jq: building and running libnbd's own tests against qnbd
-# (scripts/external-suites.sh).
+# libgnutls28-dev, libxml2-dev, gcc, python3-dev and jq: building and running libnbd's own
+# tests against qnbd (scripts/external-suites.sh).
 # qemu-utils stays at the preinstalled version when one is present.
 set -euo pipefail
 export DEBIAN_FRONTEND=noninteractive
@@ -12,12 +12,12 @@ apt-get update -qq
 apt-get install -y -qq --no-remove \
     qemu-utils libnbd-bin nbdkit python3-libnbd fio gnutls-bin openssl bc gnuplot-nox curl xz-utils \
     libssl-dev pkg-config libclang-dev musl-tools perl make zsh fish groff-base python3-fusepy \
-    libgnutls28-dev libxml2-dev jq >/dev/null
+    libgnutls28-dev libxml2-dev jq gcc python3-dev >/dev/null
 rustup target add x86_64-unknown-linux-musl >/dev/null 2>&1 ||
     rustup target list --installed | grep -qx x86_64-unknown-linux-musl ||
     { echo "install-deps: cannot add the x86_64-unknown-linux-musl target" >&2; exit 1; }
 command -v cargo-deb >/dev/null || cargo install -q --locked cargo-deb
-for t in qemu-img qemu-io qemu-nbd nbdinfo nbdcopy nbdkit fio certtool psktool gnuplot musl-gcc zsh fish groff cargo-deb curl xz jq; do
+for t in qemu-img qemu-io qemu-nbd nbdinfo nbdcopy nbdkit fio certtool psktool gnuplot musl-gcc zsh fish groff cargo-deb curl xz jq gcc make; do
     command -v "$t" >/dev/null || { echo "install-deps: $t is still missing" >&2; exit 1; }
 done
 /usr/bin/python3 -c 'import nbd' || { echo "install-deps: python3-libnbd does not load" >&2; exit 1; }
