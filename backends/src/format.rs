@@ -158,6 +158,50 @@ pub struct ImageOptions {
     pub warnings: Vec<String>,
 }
 
+/// The `backing` keys of `--image-opts` every format with backing files takes (None: not
+/// one of them).
+pub fn backing_option(
+    key: &str,
+    v: &str,
+    opts: &mut ImageOptions,
+) -> Option<std::result::Result<(), String>> {
+    let r = match key {
+        "backing" => {
+            if !v.is_empty() {
+                return Some(Err(format!(
+                    "Could not open backing file: Cannot find device='{v}' nor node-name='{v}'"
+                )));
+            }
+            opts.warnings.push(
+                "Use of \"backing\": \"\" is deprecated; use \"backing\": null instead".into(),
+            );
+            opts.backing = BackingChoice::None;
+            Ok(())
+        }
+        "backing.driver" => {
+            opts.backing = match std::mem::take(&mut opts.backing) {
+                BackingChoice::File(p, _) => BackingChoice::File(p, Some(v.to_string())),
+                _ => BackingChoice::HeaderAs(v.to_string()),
+            };
+            Ok(())
+        }
+        "backing.file" | "backing.file.filename" => {
+            let fmt = match std::mem::take(&mut opts.backing) {
+                BackingChoice::HeaderAs(d) | BackingChoice::File(_, Some(d)) => Some(d),
+                _ => None,
+            };
+            opts.backing = BackingChoice::File(PathBuf::from(v), fmt);
+            Ok(())
+        }
+        "backing.file.driver" if v != "file" && v != "host_device" => {
+            Err(format!("Unknown protocol '{v}'"))
+        }
+        "backing.file.driver" => Ok(()),
+        _ => return None,
+    };
+    Some(r)
+}
+
 /// qemu's size syntax: a number with an optional k/M/G/T/P/E suffix (powers of 1024).
 pub fn parse_size(key: &str, v: &str) -> std::result::Result<u64, String> {
     let err = || {

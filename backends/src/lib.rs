@@ -11,6 +11,7 @@
 
 pub mod aio;
 pub mod align;
+mod backing;
 pub mod cache_mode;
 pub mod compress;
 mod data_cache;
@@ -29,6 +30,7 @@ mod probe_guard;
 pub mod qcow2;
 pub mod raw;
 pub mod slice;
+pub mod vmdk;
 
 pub use device::Device;
 pub use error::{errno_text, Error, Result};

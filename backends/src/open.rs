@@ -17,6 +17,7 @@ pub use crate::format::{Format, ImageOptions};
 static DRIVERS: &[&Driver] = &[
     &crate::qcow2::DRIVER,
     &crate::luks::DRIVER,
+    &crate::vmdk::DRIVER,
     &crate::raw::DRIVER,
 ];
 

@@ -5,9 +5,8 @@
 use super::{Qcow2, Qcow2Options};
 use crate::align::Aligned;
 use crate::file::HostFile;
-use crate::format::{parse_bool, parse_size, BackingChoice, Driver, ImageOptions, OpenBacking};
+use crate::format::{backing_option, parse_bool, parse_size, Driver, ImageOptions, OpenBacking};
 use crate::{BlockBackend, Result};
-use std::path::PathBuf;
 use std::sync::Arc;
 
 pub static DRIVER: Driver = Driver {
@@ -72,38 +71,10 @@ fn open(
 /// as qemu checks them; this engine sizes its caches itself and always runs the `cached`
 /// overlap checks.
 fn option(key: &str, v: &str, opts: &mut ImageOptions) -> Option<std::result::Result<(), String>> {
+    if let Some(r) = backing_option(key, v, opts) {
+        return Some(r);
+    }
     let r = match key {
-        "backing" => {
-            if !v.is_empty() {
-                return Some(Err(format!(
-                    "Could not open backing file: Cannot find device='{v}' nor node-name='{v}'"
-                )));
-            }
-            opts.warnings.push(
-                "Use of \"backing\": \"\" is deprecated; use \"backing\": null instead".into(),
-            );
-            opts.backing = BackingChoice::None;
-            Ok(())
-        }
-        "backing.driver" => {
-            opts.backing = match std::mem::take(&mut opts.backing) {
-                BackingChoice::File(p, _) => BackingChoice::File(p, Some(v.to_string())),
-                _ => BackingChoice::HeaderAs(v.to_string()),
-            };
-            Ok(())
-        }
-        "backing.file" | "backing.file.filename" => {
-            let fmt = match std::mem::take(&mut opts.backing) {
-                BackingChoice::HeaderAs(d) | BackingChoice::File(_, Some(d)) => Some(d),
-                _ => None,
-            };
-            opts.backing = BackingChoice::File(PathBuf::from(v), fmt);
-            Ok(())
-        }
-        "backing.file.driver" if v != "file" && v != "host_device" => {
-            Err(format!("Unknown protocol '{v}'"))
-        }
-        "backing.file.driver" => Ok(()),
         "lazy-refcounts" | "pass-discard-request" | "pass-discard-snapshot"
         | "pass-discard-other" | "discard-no-unref" => parse_bool(key, v).map(|_| ()),
         "l2-cache-size" | "l2-cache-entry-size" | "refcount-cache-size" | "cache-size" => {

@@ -342,17 +342,7 @@ impl Qcow2 {
 
     /// Read from the backing file; past its end (or without one) reads zeroes.
     fn read_backing(&self, pos: u64, buf: &mut [u8]) -> Result<()> {
-        let Some(b) = &self.backing else {
-            buf.fill(0);
-            return Ok(());
-        };
-        let bs = b.size();
-        let n = bs.saturating_sub(pos).min(buf.len() as u64) as usize;
-        if n > 0 {
-            b.read(pos, &mut buf[..n])?;
-        }
-        buf[n..].fill(0);
-        Ok(())
+        crate::backing::read(self.backing.as_ref(), pos, buf)
     }
 
     /// `read_backing`, if the backing file can do it without waiting.

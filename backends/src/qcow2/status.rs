@@ -57,35 +57,6 @@ impl Qcow2 {
     }
 
     fn status_backing(&self, offset: u64, len: u64, out: &mut Extents) -> Result<()> {
-        let hole = ExtentFlags::HOLE | ExtentFlags::ZERO;
-        let Some(b) = &self.backing else {
-            out.push(Extent::new(len, hole, 0));
-            return Ok(());
-        };
-        let bsize = b.size();
-        let end = offset + len;
-        let mut pos = offset;
-        let mut tmp = Extents::new();
-        while pos < end.min(bsize) {
-            tmp.clear();
-            let want = end.min(bsize) - pos;
-            b.block_status(pos, want, &mut tmp)?;
-            if tmp.is_empty() {
-                break;
-            }
-            for x in tmp.iter() {
-                let n = x.len.min(end.min(bsize) - pos);
-                if n == 0 {
-                    break;
-                }
-                let depth = if x.depth == 0 { 0 } else { x.depth + 1 };
-                out.push(Extent::new(n, x.flags, depth));
-                pos += n;
-            }
-        }
-        if pos < end {
-            out.push(Extent::new(end - pos, hole, 0));
-        }
-        Ok(())
+        crate::backing::status(self.backing.as_ref(), offset, len, out)
     }
 }
