@@ -66,8 +66,10 @@ fn verify(img: &Path, args: &[&str], vopts: &[&str]) {
     let mut all = args.to_vec();
     all.push(img.to_str().unwrap());
     run_verifier(&img.display().to_string(), &all, vopts);
-    if args.contains(&"qcow2") {
-        check_no_corruption(img);
+    for format in ["qcow2", "vmdk"] {
+        if args.contains(&format) {
+            check_format_no_corruption(img, format);
+        }
     }
 }
 
@@ -435,6 +437,96 @@ fn crash_loop_qcow2_512_byte_clusters() {
         "qemu-img create -q -f qcow2 -o cluster_size=512,refcount_bits=64 {img} 16M",
         "",
         crash_rounds(),
+    );
+}
+
+/// A sparse VMDK made by `qemu-img create -f vmdk -o OPTS` (or converted from a patterned
+/// raw image with `from_raw`) under `d`.
+fn make_vmdk(d: &Path, opts: &str, from_raw: bool) -> std::path::PathBuf {
+    let img = d.join("a.vmdk");
+    if from_raw {
+        let raw = d.join("src.raw");
+        patterned_raw(&raw, 64);
+        sh(&format!(
+            "qemu-img convert -f raw -O vmdk -o {opts} {} {}",
+            raw.display(),
+            img.display()
+        ));
+    } else {
+        sh(&format!(
+            "qemu-img create -q -f vmdk -o {opts} {} 128M",
+            img.display()
+        ));
+    }
+    img
+}
+
+#[test]
+fn verifier_vmdk_monolithic_sparse() {
+    if !have("qemu-img") {
+        return;
+    }
+    let d = tmpdir();
+    let img = make_vmdk(d.path(), "subformat=monolithicSparse", false);
+    verify(&img, &["-f", "vmdk"], &[]);
+}
+
+#[test]
+fn verifier_vmdk_zeroed_grains_over_data() {
+    if !have("qemu-img") {
+        return;
+    }
+    let d = tmpdir();
+    let img = make_vmdk(d.path(), "zeroed_grain=on", true);
+    verify(&img, &["-f", "vmdk"], &[]);
+}
+
+#[test]
+fn verifier_vmdk_split_flat_extents() {
+    if !have("qemu-img") {
+        return;
+    }
+    let d = tmpdir();
+    let img = make_vmdk(d.path(), "subformat=twoGbMaxExtentFlat", true);
+    verify(&img, &["-f", "vmdk"], &[]);
+}
+
+#[test]
+fn verifier_vmdk_delta_disk_leaves_its_parent_alone() {
+    if !have("qemu-img") {
+        return;
+    }
+    let d = tmpdir();
+    let parent = make_vmdk(d.path(), "subformat=monolithicSparse", true);
+    let before = std::fs::read(&parent).unwrap();
+    let img = d.path().join("child.vmdk");
+    sh(&format!(
+        "qemu-img create -q -f vmdk -b {} -F vmdk {}",
+        parent.display(),
+        img.display()
+    ));
+    verify(&img, &["-f", "vmdk"], &[]);
+    assert!(std::fs::read(&parent).unwrap() == before, "the parent changed");
+}
+
+#[test]
+fn crash_loop_vmdk_sparse() {
+    crash(
+        "vmdk",
+        "qemu-img create -q -f vmdk {img} 64M",
+        "",
+        crash_rounds(),
+    );
+}
+
+#[test]
+fn crash_loop_vmdk_zeroed_grains_page_aligned() {
+    crash_with(
+        "vmdk",
+        "qemu-img create -q -f vmdk -o zeroed_grain=on {img} 64M",
+        "",
+        crash_rounds(),
+        &["--align", "4096"],
     );
 }
 

@@ -273,9 +273,12 @@ pub fn check_clean(img: &Path) {
 
 /// `qemu-img check` finds no corruption (leaked clusters are allowed: exit 0 or 3).
 pub fn check_no_corruption(img: &Path) {
-    let out = run(Command::new("qemu-img")
-        .args(["check", "-f", "qcow2"])
-        .arg(img));
+    check_format_no_corruption(img, "qcow2");
+}
+
+/// `qemu-img check -f FORMAT` finds nothing worse than leaks.
+pub fn check_format_no_corruption(img: &Path, format: &str) {
+    let out = run(Command::new("qemu-img").args(["check", "-f", format]).arg(img));
     let text =
         String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
     assert!(

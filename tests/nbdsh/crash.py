@@ -468,8 +468,8 @@ class Round:
 
         # The image.
         corrupt_image = None
-        if args.format == "qcow2":
-            c = subprocess.run(["qemu-img", "check", "-f", "qcow2", self.img],
+        if args.format in ("qcow2", "vmdk"):
+            c = subprocess.run(["qemu-img", "check", "-f", args.format, self.img],
                                capture_output=True, text=True)
             text = c.stdout + c.stderr
             if c.returncode not in (0, 3) or "ERROR" in text:
@@ -592,7 +592,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--server", required=True, help="command with {sock} and {img}")
     ap.add_argument("--create", required=True, help="shell command with {img}")
-    ap.add_argument("--format", choices=["raw", "qcow2"], required=True)
+    ap.add_argument("--format", choices=["raw", "qcow2", "vmdk"], required=True)
     ap.add_argument("--rounds", type=int, default=10)
     ap.add_argument("--conns", type=int, default=8)
     ap.add_argument("--depth", type=int, default=8)
