@@ -506,7 +506,10 @@ fn verifier_vmdk_delta_disk_leaves_its_parent_alone() {
         img.display()
     ));
     verify(&img, &["-f", "vmdk"], &[]);
-    assert!(std::fs::read(&parent).unwrap() == before, "the parent changed");
+    assert!(
+        std::fs::read(&parent).unwrap() == before,
+        "the parent changed"
+    );
 }
 
 #[test]

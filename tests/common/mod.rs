@@ -278,7 +278,9 @@ pub fn check_no_corruption(img: &Path) {
 
 /// `qemu-img check -f FORMAT` finds nothing worse than leaks.
 pub fn check_format_no_corruption(img: &Path, format: &str) {
-    let out = run(Command::new("qemu-img").args(["check", "-f", format]).arg(img));
+    let out = run(Command::new("qemu-img")
+        .args(["check", "-f", format])
+        .arg(img));
     let text =
         String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
     assert!(

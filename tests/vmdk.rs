@@ -1,0 +1,413 @@
+//! VMDK images through the real binary, checked by qemu's own reader: every subformat
+//! `qemu-img` makes reads back byte for byte and maps as qemu-nbd maps it; writes through
+//! NBD read back in qemu (`qemu-img compare`, `qemu-img check`); stream-optimized images take
+//! whole grains once, as qemu's; damaged headers and descriptors get qemu-nbd's words.
+//! (The concurrent verifier and the kill -9 loop over VMDKs are in `data_safety.rs`.)
+
+mod common;
+use common::*;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+const SIZE: u64 = 8 << 20;
+
+/// A raw image with data, a zero run and a hole, to convert into each subformat.
+fn source(d: &Path) -> PathBuf {
+    let mut data = Vec::new();
+    for i in 0..(SIZE / 64) {
+        data.extend_from_slice(format!("{:063}\n", i * 13).as_bytes());
+    }
+    data[(3 << 20)..(5 << 20)].fill(0);
+    let p = d.join("src.raw");
+    std::fs::write(&p, data).unwrap();
+    p
+}
+
+fn convert(d: &Path, opts: &str, name: &str) -> PathBuf {
+    qemu_img(
+        d,
+        &[
+            "convert", "-f", "raw", "-O", "vmdk", "-o", opts, "src.raw", name,
+        ],
+    );
+    d.join(name)
+}
+
+/// qemu-io's output (stdout and stderr), failed commands included.
+fn qemu_io_any(d: &Path, fmt: &str, target: &str, cmds: &[&str]) -> String {
+    let mut c = Command::new("qemu-io");
+    c.current_dir(d).args(["-f", fmt]);
+    for cmd in cmds {
+        c.args(["-c", cmd]);
+    }
+    let out = run(c.arg(target));
+    String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr)
+}
+
+fn map(uri: &str) -> String {
+    ok(Command::new("qemu-img").args(["map", "--output=json", "-f", "raw", uri]))
+}
+
+const SUBFORMATS: [&str; 6] = [
+    "subformat=monolithicSparse",
+    "subformat=monolithicFlat",
+    "subformat=twoGbMaxExtentSparse",
+    "subformat=twoGbMaxExtentFlat",
+    "subformat=streamOptimized",
+    "zeroed_grain=on",
+];
+
+#[test]
+fn every_subformat_reads_and_maps_as_qemu_nbd_serves_it() {
+    if !have("qemu-img") {
+        return;
+    }
+    let d = tmpdir();
+    let src = source(d.path());
+    for (i, opts) in SUBFORMATS.iter().enumerate() {
+        let img = convert(d.path(), opts, &format!("i{i}.vmdk"));
+        let img = img.to_str().unwrap();
+        // Probed: no -f, and no "probing guessed raw" warning.
+        let mut q = Server::unix(QNBD, &["-r", "-t", img]);
+        let out = ok(Command::new("qemu-img")
+            .args(["compare", "-f", "raw", "-F", "raw"])
+            .arg(&src)
+            .arg(q.uri()));
+        assert!(out.contains("Images are identical"), "{opts}: {out}");
+        let ours = map(&q.uri());
+        q.terminate();
+        let theirs = {
+            let s = Server::unix("qemu-nbd", &["-r", "-t", "-f", "vmdk", img]);
+            map(&s.uri())
+        };
+        assert_eq!(ours, theirs, "{opts}: block status differs from qemu-nbd's");
+    }
+}
+
+/// What a test writes: odd sizes and offsets, a grain's worth, zeroes, a trim (which a VMDK
+/// ignores, as qemu's does), the last sector.
+const WRITES: [&str; 7] = [
+    "write -P 0x11 0 4k",
+    "write -P 0x22 65000 70000",
+    "write -P 0x33 3M 1M",
+    "write -z 6M 128k",
+    "write -z 1000 3000",
+    "write -P 0x44 7M 512",
+    "write -P 0x55 8380416 8192",
+];
+
+/// Write `WRITES` (and a trim) through qnbd into `img`, the same into a raw copy of what qemu
+/// read before; qemu must then read `img` as that copy, and find it clean.
+fn write_and_compare(d: &Path, img: &Path) {
+    let reference = d.join("ref.raw");
+    ok(Command::new("qemu-img")
+        .args(["convert", "-f", "vmdk", "-O", "raw"])
+        .arg(img)
+        .arg(&reference));
+    let mut s = Server::unix(QNBD, &["-t", "-f", "vmdk", img.to_str().unwrap()]);
+    let mut cmds = WRITES.to_vec();
+    cmds.push("discard 1M 64k");
+    qemu_io(d, "raw", &s.uri(), &cmds);
+    s.terminate();
+    qemu_io(d, "raw", reference.to_str().unwrap(), &WRITES);
+    let out = ok(Command::new("qemu-img")
+        .args(["compare", "-f", "raw", "-F", "vmdk"])
+        .arg(&reference)
+        .arg(img));
+    assert!(
+        out.contains("Images are identical"),
+        "{}: {out}",
+        img.display()
+    );
+    check_format_no_corruption(img, "vmdk");
+}
+
+#[test]
+fn writes_read_back_in_qemu_in_every_writable_subformat() {
+    if !have("qemu-img") || !have("qemu-io") {
+        return;
+    }
+    for opts in SUBFORMATS.iter().filter(|o| !o.contains("stream")) {
+        let d = tmpdir();
+        source(d.path());
+        let img = convert(d.path(), opts, "w.vmdk");
+        write_and_compare(d.path(), &img);
+        let fresh = d.path().join("fresh.vmdk");
+        qemu_img(
+            d.path(),
+            &["create", "-q", "-f", "vmdk", "-o", opts, "fresh.vmdk", "8M"],
+        );
+        write_and_compare(d.path(), &fresh);
+    }
+}
+
+#[test]
+fn a_delta_disk_reads_through_its_parent_and_writes_only_itself() {
+    if !have("qemu-img") || !have("qemu-io") {
+        return;
+    }
+    let d = tmpdir();
+    source(d.path());
+    let parent = convert(d.path(), "subformat=monolithicSparse", "parent.vmdk");
+    let before = std::fs::read(&parent).unwrap();
+    qemu_img(
+        d.path(),
+        &[
+            "create",
+            "-q",
+            "-f",
+            "vmdk",
+            "-b",
+            "parent.vmdk",
+            "-F",
+            "vmdk",
+            "child.vmdk",
+        ],
+    );
+    let child = d.path().join("child.vmdk");
+    write_and_compare(d.path(), &child);
+    assert!(
+        std::fs::read(&parent).unwrap() == before,
+        "the parent changed"
+    );
+    // The child's allocation map shows the parent one level down, as qemu-nbd's does.
+    let q = Server::unix(QNBD, &["-r", "-t", "-A", child.to_str().unwrap()]);
+    let ours = map(&q.uri());
+    drop(q);
+    let s = Server::unix("qemu-nbd", &["-r", "-t", "-A", child.to_str().unwrap()]);
+    assert_eq!(ours, map(&s.uri()));
+}
+
+/// The first write after opening gives the image a new content id, as qemu's does.
+#[test]
+fn the_first_write_renews_the_cid() {
+    if !have("qemu-img") || !have("qemu-io") {
+        return;
+    }
+    let d = tmpdir();
+    let img = d.path().join("c.vmdk");
+    qemu_img(d.path(), &["create", "-q", "-f", "vmdk", "c.vmdk", "8M"]);
+    let cid = |p: &Path| {
+        let b = std::fs::read(p).unwrap();
+        let t = String::from_utf8_lossy(&b[512..512 + 10240]).to_string();
+        let line = |k: &str| t.lines().find(|l| l.starts_with(k)).unwrap().to_string();
+        (line("CID="), line("parentCID="))
+    };
+    let (old, parent) = cid(&img);
+    let s = Server::unix(QNBD, &["-t", "-f", "vmdk", img.to_str().unwrap()]);
+    qemu_io(d.path(), "raw", &s.uri(), &["read 0 4k"]);
+    assert_eq!(cid(&img).0, old, "a read changed the CID");
+    qemu_io(d.path(), "raw", &s.uri(), &["write 0 4k"]);
+    drop(s);
+    let (new, new_parent) = cid(&img);
+    assert_ne!(new, old);
+    assert_eq!(new_parent, parent);
+    check_format_no_corruption(&img, "vmdk");
+}
+
+#[test]
+fn a_stream_optimized_image_takes_each_whole_grain_once() {
+    if !have("qemu-img") || !have("qemu-io") {
+        return;
+    }
+    let d = tmpdir();
+    qemu_img(
+        d.path(),
+        &[
+            "create",
+            "-q",
+            "-f",
+            "vmdk",
+            "-o",
+            "subformat=streamOptimized",
+            "s.vmdk",
+            "8M",
+        ],
+    );
+    let img = d.path().join("s.vmdk");
+    let s = Server::unix(QNBD, &["-t", "-f", "vmdk", img.to_str().unwrap()]);
+    qemu_io(
+        d.path(),
+        "raw",
+        &s.uri(),
+        &["write -P 0x61 0 1M", "write -P 0x62 4M 64k"],
+    );
+    let again = qemu_io_any(d.path(), "raw", &s.uri(), &["write -P 0x63 4M 64k"]);
+    assert!(
+        again.contains("write failed: Input/output error"),
+        "{again}"
+    );
+    let part = qemu_io_any(d.path(), "raw", &s.uri(), &["write -P 0x64 5M 4k"]);
+    assert!(part.contains("write failed: Invalid argument"), "{part}");
+    drop(s);
+    let back = qemu_io(
+        d.path(),
+        "vmdk",
+        "s.vmdk",
+        &[
+            "read -P 0x61 0 1M",
+            "read -P 0x62 4M 64k",
+            "read -P 0 5M 64k",
+        ],
+    );
+    assert!(!back.contains("Pattern verification failed"), "{back}");
+    check_format_no_corruption(&img, "vmdk");
+}
+
+#[test]
+fn snapshot_mode_and_a_qcow2_over_a_vmdk_leave_it_alone() {
+    if !have("qemu-img") || !have("qemu-io") {
+        return;
+    }
+    let d = tmpdir();
+    let src = source(d.path());
+    let img = convert(d.path(), "subformat=monolithicSparse", "b.vmdk");
+    let before = std::fs::read(&img).unwrap();
+    let s = Server::unix(QNBD, &["-t", "-s", img.to_str().unwrap()]);
+    qemu_io(d.path(), "raw", &s.uri(), &["write -P 7 0 1M"]);
+    let back = qemu_io(d.path(), "raw", &s.uri(), &["read -P 7 0 1M"]);
+    assert!(!back.contains("verification failed"), "{back}");
+    drop(s);
+    qemu_img(
+        d.path(),
+        &[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-b",
+            "b.vmdk",
+            "-F",
+            "vmdk",
+            "top.qcow2",
+        ],
+    );
+    let top = d.path().join("top.qcow2");
+    let s = Server::unix(QNBD, &["-r", "-t", top.to_str().unwrap()]);
+    let out = ok(Command::new("qemu-img")
+        .args(["compare", "-f", "raw", "-F", "raw"])
+        .arg(&src)
+        .arg(s.uri()));
+    assert!(out.contains("Images are identical"), "{out}");
+    drop(s);
+    assert!(std::fs::read(&img).unwrap() == before, "the image changed");
+}
+
+/// Start `bin` on `img`; its stderr when it refuses to.
+fn refusal(bin: &str, d: &Path, img: &str) -> String {
+    let out = run(Command::new(bin).current_dir(d).args([
+        "-k",
+        d.join("r.sock").to_str().unwrap(),
+        "-f",
+        "vmdk",
+        img,
+    ]));
+    assert!(!out.status.success(), "{bin} served {img}");
+    String::from_utf8_lossy(&out.stderr)
+        .lines()
+        .next()
+        .unwrap_or("")
+        .replace("qemu-nbd:", "qnbd:")
+}
+
+fn patch(src: &Path, dst: &Path, at: usize, bytes: &[u8]) {
+    let mut b = std::fs::read(src).unwrap();
+    b[at..at + bytes.len()].copy_from_slice(bytes);
+    std::fs::write(dst, b).unwrap();
+}
+
+#[test]
+fn damaged_images_are_refused_in_qemu_nbds_words() {
+    if !have("qemu-img") || !have("qemu-nbd") {
+        return;
+    }
+    let d = tmpdir();
+    qemu_img(d.path(), &["create", "-q", "-f", "vmdk", "h.vmdk", "8M"]);
+    let h = d.path().join("h.vmdk");
+    let cases: [(&str, usize, Vec<u8>); 6] = [
+        ("version", 4, 4u32.to_le_bytes().to_vec()),
+        ("table size", 44, 1024u32.to_le_bytes().to_vec()),
+        ("granularity", 20, 0x40_0000u64.to_le_bytes().to_vec()),
+        ("zero granularity", 20, 0u64.to_le_bytes().to_vec()),
+        ("truncated", 64, 0x10_0000u64.to_le_bytes().to_vec()),
+        ("magic", 0, b"KDMX".to_vec()),
+    ];
+    for (what, at, bytes) in cases {
+        patch(&h, &d.path().join("x.vmdk"), at, &bytes);
+        let ours = refusal(QNBD, d.path(), "x.vmdk");
+        assert_eq!(ours, refusal("qemu-nbd", d.path(), "x.vmdk"), "{what}");
+    }
+    // Descriptor files: an unknown type, a flat extent without its offset, a missing extent.
+    qemu_img(
+        d.path(),
+        &[
+            "create",
+            "-q",
+            "-f",
+            "vmdk",
+            "-o",
+            "subformat=monolithicFlat",
+            "f.vmdk",
+            "1M",
+        ],
+    );
+    let text = std::fs::read_to_string(d.path().join("f.vmdk")).unwrap();
+    for (what, from, to) in [
+        ("type", "monolithicFlat", "fooType"),
+        ("line", "FLAT \"f-flat.vmdk\" 0", "FLAT \"f-flat.vmdk\""),
+        ("extent", "f-flat.vmdk", "gone-flat.vmdk"),
+    ] {
+        std::fs::write(d.path().join("x.vmdk"), text.replace(from, to)).unwrap();
+        let ours = refusal(QNBD, d.path(), "x.vmdk");
+        assert_eq!(ours, refusal("qemu-nbd", d.path(), "x.vmdk"), "{what}");
+    }
+    // Hostile only (qemu reads such files): a directory past the end of the file.
+    patch(
+        &h,
+        &d.path().join("x.vmdk"),
+        56,
+        &(1u64 << 32).to_le_bytes(),
+    );
+    let ours = refusal(QNBD, d.path(), "x.vmdk");
+    assert!(ours.contains("lies past the end of the file"), "{ours}");
+}
+
+/// A grain table entry pointing into the header: a write there fails with EIO and the header
+/// is untouched; a compressed grain that does not inflate fails its read, and the server
+/// goes on serving.
+#[test]
+fn hostile_grain_tables_fail_requests_not_the_server() {
+    if !have("qemu-img") || !have("qemu-io") {
+        return;
+    }
+    let d = tmpdir();
+    source(d.path());
+    let img = convert(d.path(), "subformat=monolithicSparse", "g.vmdk");
+    // The first grain table entry (of the primary directory) set to sector 1: the descriptor.
+    let b = std::fs::read(&img).unwrap();
+    let u64_at = |at: usize| u64::from_le_bytes(b[at..at + 8].try_into().unwrap());
+    let gd = u64_at(56) as usize * 512;
+    let gt = u32::from_le_bytes(b[gd..gd + 4].try_into().unwrap()) as usize * 512;
+    patch(&img, &img, gt, &1u32.to_le_bytes());
+    let head = std::fs::read(&img).unwrap()[..512 + 10240].to_vec();
+    let s = Server::unix(QNBD, &["-t", "-f", "vmdk", img.to_str().unwrap()]);
+    let w = qemu_io_any(d.path(), "raw", &s.uri(), &["write -P 9 0 4k"]);
+    assert!(w.contains("write failed: Input/output error"), "{w}");
+    let r = qemu_io(d.path(), "raw", &s.uri(), &["read 1M 4k"]);
+    assert!(r.contains("read 4096/4096"), "{r}");
+    drop(s);
+    let after = std::fs::read(&img).unwrap();
+    assert!(after[..512] == head[..512], "the header changed");
+
+    let so = convert(d.path(), "subformat=streamOptimized", "so.vmdk");
+    let b = std::fs::read(&so).unwrap();
+    let gd = u64::from_le_bytes(b[56..64].try_into().unwrap()) as usize * 512;
+    let gt = u32::from_le_bytes(b[gd..gd + 4].try_into().unwrap()) as usize * 512;
+    let grain = u32::from_le_bytes(b[gt..gt + 4].try_into().unwrap()) as usize * 512;
+    patch(&so, &so, grain + 12, &[0xff; 64]);
+    let s = Server::unix(QNBD, &["-t", so.to_str().unwrap()]);
+    let r = qemu_io_any(d.path(), "raw", &s.uri(), &["read 0 4k"]);
+    assert!(r.contains("read failed: Input/output error"), "{r}");
+    let r = qemu_io(d.path(), "raw", &s.uri(), &["read 1M 4k"]);
+    assert!(r.contains("read 4096/4096"), "{r}");
+}
