@@ -500,7 +500,18 @@ impl BlockBackend for Vmdk {
                     Gte::Unalloc if self.backing_is_zero(pos) => Ok(()),
                     Gte::At(at) if !s.compressed => zero_file(&s.f, at + in_e % s.grain, n),
                     _ if n == s.grain && s.zero_grain(in_e / s.grain)? => Ok(()),
-                    _ => s.write(in_e, pos, &vec![0u8; n as usize], false, &self.cow(p)),
+                    _ => {
+                        // In bounded pieces: the first allocates the grain, the rest overwrite.
+                        let zero = vec![0u8; n.min(1 << 20) as usize];
+                        let mut done = 0;
+                        while done < n {
+                            let k = (n - done).min(zero.len() as u64);
+                            let z = &zero[..k as usize];
+                            s.write(in_e + done, pos + done, z, false, &self.cow(p))?;
+                            done += k;
+                        }
+                        Ok(())
+                    }
                 },
             }
         })?;

@@ -19,6 +19,11 @@ const MAX_GD_ENTRIES: u64 = 32 * 1024 * 1024;
 const GTE_ZEROED: u32 = 1;
 /// Grain and table offsets are 32-bit sector numbers.
 const MAX_SECTOR: u64 = 1 << 32;
+/// Grains up to this size are built whole in memory for their first write; larger ones
+/// (qemu allows 1 GiB) are filled piece by piece.
+const COW_CHUNK: u64 = 1 << 20;
+/// A compressed grain is inflated whole: larger ones are refused at open.
+const MAX_COMPRESSED_GRAIN: u64 = 16 << 20;
 /// A compressed grain's marker: its disk sector (u64) and compressed length (u32).
 const MARKER_LEN: usize = 12;
 
@@ -126,6 +131,11 @@ impl Sparse {
             None
         };
         let grain = h.granularity * 512;
+        if compressed && grain > MAX_COMPRESSED_GRAIN {
+            return Err(open_err(format!(
+                "Compressed grains of {grain} bytes are too large (at most {MAX_COMPRESSED_GRAIN})"
+            )));
+        }
         Ok(Sparse {
             bytes,
             grain,
@@ -270,20 +280,33 @@ impl Sparse {
         if self.compressed {
             return self.write_compressed(&mut next, g, pos, disk_pos, data, fua);
         }
-        let mut whole = Vec::new();
-        let grain_data = if data.len() as u64 == self.grain {
-            data
-        } else {
-            whole.resize(self.grain as usize, 0);
-            if gte == Gte::Unalloc {
-                cow(g * self.grain, &mut whole)?;
-            }
-            whole[in_off as usize..in_off as usize + data.len()].copy_from_slice(data);
-            &whole
-        };
         self.ensure_table(&mut next, g)?;
         let at = self.take(&mut next, self.grain)?;
-        self.f.write("write", at, grain_data, false)?;
+        let start = g * self.grain;
+        let end = in_off + data.len() as u64;
+        if self.grain <= COW_CHUNK {
+            // One write of the whole grain.
+            let mut whole = vec![0u8; self.grain as usize];
+            if gte == Gte::Unalloc && data.len() as u64 != self.grain {
+                cow(start, &mut whole)?;
+            }
+            whole[in_off as usize..end as usize].copy_from_slice(data);
+            self.f.write("write", at, &whole, false)?;
+        } else {
+            // A huge grain: its other bytes in bounded pieces, then the new ones.
+            for (a, b) in [(0, in_off), (end, self.grain)] {
+                let mut pos = a;
+                while pos < b {
+                    let mut chunk = vec![0u8; (b - pos).min(COW_CHUNK) as usize];
+                    if gte == Gte::Unalloc {
+                        cow(start + pos, &mut chunk)?;
+                    }
+                    self.f.write("write", at + pos, &chunk, false)?;
+                    pos += chunk.len() as u64;
+                }
+            }
+            self.f.write("write", at + in_off, data, false)?;
+        }
         self.link(g, (at / 512) as u32)?;
         if fua {
             self.f.sync()?;
