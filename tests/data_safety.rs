@@ -66,7 +66,7 @@ fn verify(img: &Path, args: &[&str], vopts: &[&str]) {
     let mut all = args.to_vec();
     all.push(img.to_str().unwrap());
     run_verifier(&img.display().to_string(), &all, vopts);
-    for format in ["qcow2", "vmdk"] {
+    for format in ["qcow2", "vmdk", "vdi"] {
         if args.contains(&format) {
             check_format_no_corruption(img, format);
         }
@@ -530,6 +530,49 @@ fn crash_loop_vmdk_zeroed_grains_page_aligned() {
         "",
         crash_rounds(),
         &["--align", "4096"],
+    );
+}
+
+#[test]
+fn verifier_vdi_dynamic_over_data() {
+    if !have("qemu-img") {
+        return;
+    }
+    let d = tmpdir();
+    let raw = d.path().join("src.raw");
+    patterned_raw(&raw, 64);
+    let img = d.path().join("a.vdi");
+    sh(&format!(
+        "qemu-img convert -f raw -O vdi {} {}",
+        raw.display(),
+        img.display()
+    ));
+    verify(&img, &["-f", "vdi"], &[]);
+}
+
+#[test]
+fn verifier_vdi_fresh_and_static() {
+    if !have("qemu-img") {
+        return;
+    }
+    for opts in ["static=off", "static=on"] {
+        let d = tmpdir();
+        let img = d.path().join("a.vdi");
+        sh(&format!(
+            "qemu-img create -q -f vdi -o {opts} {} 128M",
+            img.display()
+        ));
+        verify(&img, &["-f", "vdi"], &[]);
+    }
+}
+
+#[test]
+fn crash_loop_vdi() {
+    crash(
+        "vdi",
+        "qemu-img create -q -f vdi {img} 64M",
+        "",
+        crash_rounds(),
     );
 }
 

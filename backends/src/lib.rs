@@ -30,6 +30,7 @@ mod probe_guard;
 pub mod qcow2;
 pub mod raw;
 pub mod slice;
+pub mod vdi;
 pub mod vmdk;
 
 pub use device::Device;

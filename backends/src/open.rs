@@ -18,6 +18,7 @@ static DRIVERS: &[&Driver] = &[
     &crate::qcow2::DRIVER,
     &crate::luks::DRIVER,
     &crate::vmdk::DRIVER,
+    &crate::vdi::DRIVER,
     &crate::raw::DRIVER,
 ];
 

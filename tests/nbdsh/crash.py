@@ -71,6 +71,7 @@ import argparse
 import errno
 import os
 import random
+import re
 import select
 import shlex
 import shutil
@@ -114,6 +115,16 @@ class Op:
             s += " [%d, +%d)" % (self.off, self.len)
         return s
 
+
+
+def vdi_leak_only(text):
+    """qemu's VDI check calls a header count above the blocks mapped a corruption; it is a
+    block written whose map entry was not (a crash between the two, in qemu's own order):
+    a leak. Anything else is not."""
+    errs = [l for l in text.splitlines() if "ERROR" in l]
+    m = re.match(r"ERROR: allocated blocks mismatch, is (\d+), should be (\d+)$", errs[0]) \
+        if len(errs) == 1 else None
+    return m is not None and int(m.group(1)) < int(m.group(2))
 
 def op_stream(rng, args, caps, lo, hi):
     """Endless deterministic stream of WRITE / ZERO / FLUSH requests."""
@@ -468,11 +479,13 @@ class Round:
 
         # The image.
         corrupt_image = None
-        if args.format in ("qcow2", "vmdk"):
+        if args.format in ("qcow2", "vmdk", "vdi"):
             c = subprocess.run(["qemu-img", "check", "-f", args.format, self.img],
                                capture_output=True, text=True)
             text = c.stdout + c.stderr
-            if c.returncode not in (0, 3) or "ERROR" in text:
+            if args.format == "vdi" and c.returncode == 2 and vdi_leak_only(text):
+                pass
+            elif c.returncode not in (0, 3) or "ERROR" in text:
                 lines = [l for l in text.splitlines() if "ERROR" in l]
                 more = len(lines) - 8
                 lines = lines[:8] + (["... %d more ERROR lines" % more] if more > 0 else [])
@@ -592,7 +605,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--server", required=True, help="command with {sock} and {img}")
     ap.add_argument("--create", required=True, help="shell command with {img}")
-    ap.add_argument("--format", choices=["raw", "qcow2", "vmdk"], required=True)
+    ap.add_argument("--format", choices=["raw", "qcow2", "vmdk", "vdi"], required=True)
     ap.add_argument("--rounds", type=int, default=10)
     ap.add_argument("--conns", type=int, default=8)
     ap.add_argument("--depth", type=int, default=8)

@@ -423,6 +423,35 @@ impl HostFile {
         }
     }
 
+    /// Block status of `len` bytes at `at` that are an image's own (depth 1): zero where the
+    /// file has a hole or ends (qemu's recursion into the file for formats that map to it
+    /// byte for byte: VMDK flat extents, static VDI images). A file that cannot say where its
+    /// holes are (a device, an old file system) is all data.
+    pub fn zero_status(&self, at: u64, len: u64, out: &mut crate::Extents) {
+        use crate::{Extent, ExtentFlags};
+        let end = at + len;
+        let mut pos = at;
+        while pos < end {
+            let Ok(data) = self.seek(pos, libc::SEEK_DATA) else {
+                out.push(Extent::new(end - pos, ExtentFlags::empty(), 1));
+                break;
+            };
+            let (n, flags) = match data {
+                Some(d) if d <= pos => {
+                    let hole = self
+                        .seek(pos, libc::SEEK_HOLE)
+                        .ok()
+                        .flatten()
+                        .unwrap_or(end);
+                    (hole.clamp(pos + 1, end) - pos, ExtentFlags::empty())
+                }
+                d => (d.unwrap_or(u64::MAX).min(end) - pos, ExtentFlags::ZERO),
+            };
+            out.push(Extent::new(n, flags, 1));
+            pos += n;
+        }
+    }
+
     /// Prefetch hint.
     pub fn will_need(&self, offset: u64, len: u64) {
         // SAFETY: posix_fadvise on an owned, open fd with integer arguments.

@@ -403,30 +403,6 @@ fn zero_file(f: &HostFile, at: u64, len: u64) -> Result<()> {
     Ok(())
 }
 
-/// A flat extent's bytes are this image's (depth 1); where its file has a hole they read as
-/// zeroes (qemu looks into the file for them, as for raw).
-fn flat_status(f: &HostFile, at: u64, len: u64, out: &mut Extents) -> Result<()> {
-    let end = at + len;
-    let mut pos = at;
-    while pos < end {
-        // A file that cannot say where its holes are (a device, an old file system) is data.
-        let Ok(data) = f.seek(pos, libc::SEEK_DATA) else {
-            out.push(Extent::new(end - pos, ExtentFlags::empty(), 1));
-            break;
-        };
-        let (n, flags) = match data {
-            Some(d) if d <= pos => {
-                let hole = f.seek(pos, libc::SEEK_HOLE).ok().flatten().unwrap_or(end);
-                (hole.clamp(pos + 1, end) - pos, ExtentFlags::empty())
-            }
-            d => (d.unwrap_or(u64::MAX).min(end) - pos, ExtentFlags::ZERO),
-        };
-        out.push(Extent::new(n, flags, 1));
-        pos += n;
-    }
-    Ok(())
-}
-
 impl BlockBackend for Vmdk {
     fn size(&self) -> u64 {
         self.size
@@ -532,7 +508,8 @@ impl BlockBackend for Vmdk {
                     if let Some((h, hn)) = hole.take() {
                         backing::status(self.backing.as_ref(), h, hn, out)?;
                     }
-                    return flat_status(f, start + in_e, n, out);
+                    f.zero_status(start + in_e, n, out);
+                    return Ok(());
                 }
                 Kind::Sparse(s) => match s.lookup(in_e / s.grain)? {
                     Gte::At(_) => Some(ExtentFlags::empty()),

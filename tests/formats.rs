@@ -1,8 +1,8 @@
-//! VMDK images through the real binary, checked by qemu's own reader: every subformat
+//! VMDK and VDI images through the real binary, checked by qemu's own reader: every subformat
 //! `qemu-img` makes reads back byte for byte and maps as qemu-nbd maps it; writes through
-//! NBD read back in qemu (`qemu-img compare`, `qemu-img check`); stream-optimized images take
+//! NBD read back in qemu (`qemu-img compare`, `qemu-img check`); stream-optimized VMDKs take
 //! whole grains once, as qemu's; damaged headers and descriptors get qemu-nbd's words.
-//! (The concurrent verifier and the kill -9 loop over VMDKs are in `data_safety.rs`.)
+//! (The concurrent verifier and the kill -9 loop over both are in `data_safety.rs`.)
 
 mod common;
 use common::*;
@@ -24,13 +24,33 @@ fn source(d: &Path) -> PathBuf {
 }
 
 fn convert(d: &Path, opts: &str, name: &str) -> PathBuf {
-    qemu_img(
-        d,
-        &[
-            "convert", "-f", "raw", "-O", "vmdk", "-o", opts, "src.raw", name,
-        ],
-    );
+    convert_to(d, "vmdk", opts, name)
+}
+
+fn convert_to(d: &Path, fmt: &str, opts: &str, name: &str) -> PathBuf {
+    let args = [
+        "convert", "-f", "raw", "-O", fmt, "-o", opts, "src.raw", name,
+    ];
+    qemu_img(d, &args);
     d.join(name)
+}
+
+/// qnbd (probing) reads `img` as `src`, and maps it as qemu-nbd does.
+fn reads_and_maps_as_qemu_nbd(src: &Path, img: &str, fmt: &str) {
+    let mut q = Server::unix(QNBD, &["-r", "-t", img]);
+    let out = ok(Command::new("qemu-img")
+        .args(["compare", "-f", "raw", "-F", "raw"])
+        .arg(src)
+        .arg(q.uri()));
+    assert!(out.contains("Images are identical"), "{img}: {out}");
+    let ours = map(&q.uri());
+    q.terminate();
+    let s = Server::unix("qemu-nbd", &["-r", "-t", "-f", fmt, img]);
+    assert_eq!(
+        ours,
+        map(&s.uri()),
+        "{img}: block status differs from qemu-nbd's"
+    );
 }
 
 /// qemu-io's output (stdout and stderr), failed commands included.
@@ -66,21 +86,7 @@ fn every_subformat_reads_and_maps_as_qemu_nbd_serves_it() {
     let src = source(d.path());
     for (i, opts) in SUBFORMATS.iter().enumerate() {
         let img = convert(d.path(), opts, &format!("i{i}.vmdk"));
-        let img = img.to_str().unwrap();
-        // Probed: no -f, and no "probing guessed raw" warning.
-        let mut q = Server::unix(QNBD, &["-r", "-t", img]);
-        let out = ok(Command::new("qemu-img")
-            .args(["compare", "-f", "raw", "-F", "raw"])
-            .arg(&src)
-            .arg(q.uri()));
-        assert!(out.contains("Images are identical"), "{opts}: {out}");
-        let ours = map(&q.uri());
-        q.terminate();
-        let theirs = {
-            let s = Server::unix("qemu-nbd", &["-r", "-t", "-f", "vmdk", img]);
-            map(&s.uri())
-        };
-        assert_eq!(ours, theirs, "{opts}: block status differs from qemu-nbd's");
+        reads_and_maps_as_qemu_nbd(&src, img.to_str().unwrap(), "vmdk");
     }
 }
 
@@ -99,19 +105,23 @@ const WRITES: [&str; 7] = [
 /// Write `WRITES` (and a trim) through qnbd into `img`, the same into a raw copy of what qemu
 /// read before; qemu must then read `img` as that copy, and find it clean.
 fn write_and_compare(d: &Path, img: &Path) {
+    write_and_compare_as(d, img, "vmdk")
+}
+
+fn write_and_compare_as(d: &Path, img: &Path, fmt: &str) {
     let reference = d.join("ref.raw");
     ok(Command::new("qemu-img")
-        .args(["convert", "-f", "vmdk", "-O", "raw"])
+        .args(["convert", "-f", fmt, "-O", "raw"])
         .arg(img)
         .arg(&reference));
-    let mut s = Server::unix(QNBD, &["-t", "-f", "vmdk", img.to_str().unwrap()]);
+    let mut s = Server::unix(QNBD, &["-t", "-f", fmt, img.to_str().unwrap()]);
     let mut cmds = WRITES.to_vec();
     cmds.push("discard 1M 64k");
     qemu_io(d, "raw", &s.uri(), &cmds);
     s.terminate();
     qemu_io(d, "raw", reference.to_str().unwrap(), &WRITES);
     let out = ok(Command::new("qemu-img")
-        .args(["compare", "-f", "raw", "-F", "vmdk"])
+        .args(["compare", "-f", "raw", "-F", fmt])
         .arg(&reference)
         .arg(img));
     assert!(
@@ -119,7 +129,7 @@ fn write_and_compare(d: &Path, img: &Path) {
         "{}: {out}",
         img.display()
     );
-    check_format_no_corruption(img, "vmdk");
+    check_format_no_corruption(img, fmt);
 }
 
 #[test]
@@ -295,13 +305,15 @@ fn snapshot_mode_and_a_qcow2_over_a_vmdk_leave_it_alone() {
 
 /// Start `bin` on `img`; its stderr when it refuses to.
 fn refusal(bin: &str, d: &Path, img: &str) -> String {
-    let out = run(Command::new(bin).current_dir(d).args([
-        "-k",
-        d.join("r.sock").to_str().unwrap(),
-        "-f",
-        "vmdk",
-        img,
-    ]));
+    refusal_as(bin, d, img, "vmdk")
+}
+
+fn refusal_as(bin: &str, d: &Path, img: &str, fmt: &str) -> String {
+    let sock = d.join("r.sock");
+    let out =
+        run(Command::new(bin)
+            .current_dir(d)
+            .args(["-k", sock.to_str().unwrap(), "-f", fmt, img]));
     assert!(!out.status.success(), "{bin} served {img}");
     String::from_utf8_lossy(&out.stderr)
         .lines()
@@ -410,4 +422,75 @@ fn hostile_grain_tables_fail_requests_not_the_server() {
     assert!(r.contains("read failed: Input/output error"), "{r}");
     let r = qemu_io(d.path(), "raw", &s.uri(), &["read 1M 4k"]);
     assert!(r.contains("read 4096/4096"), "{r}");
+}
+
+#[test]
+fn vdi_images_read_map_and_write_as_qemu_has_them() {
+    if !have("qemu-img") || !have("qemu-io") {
+        return;
+    }
+    let d = tmpdir();
+    let src = source(d.path());
+    for (i, opts) in ["static=off", "static=on"].iter().enumerate() {
+        let img = convert_to(d.path(), "vdi", opts, &format!("v{i}.vdi"));
+        reads_and_maps_as_qemu_nbd(&src, img.to_str().unwrap(), "vdi");
+        write_and_compare_as(d.path(), &img, "vdi");
+        let name = format!("fresh{i}.vdi");
+        qemu_img(
+            d.path(),
+            &["create", "-q", "-f", "vdi", "-o", opts, &name, "8M"],
+        );
+        write_and_compare_as(d.path(), &d.path().join(&name), "vdi");
+    }
+}
+
+#[test]
+fn damaged_vdi_images_are_refused_in_qemu_nbds_words() {
+    if !have("qemu-img") || !have("qemu-nbd") {
+        return;
+    }
+    let d = tmpdir();
+    qemu_img(d.path(), &["create", "-q", "-f", "vdi", "h.vdi", "8M"]);
+    let h = d.path().join("h.vdi");
+    let cases: [(&str, usize, Vec<u8>); 7] = [
+        ("signature", 0x40, vec![0]),
+        ("version", 0x44, 0x0001_0000u32.to_le_bytes().to_vec()),
+        ("map offset", 0x154, 0x201u32.to_le_bytes().to_vec()),
+        ("block size", 0x178, 4096u32.to_le_bytes().to_vec()),
+        ("disk size", 0x170, (9u64 << 20).to_le_bytes().to_vec()),
+        ("parent", 0x1b8, vec![1]),
+        ("too big", 0x170, (1u64 << 62).to_le_bytes().to_vec()),
+    ];
+    for (what, at, bytes) in cases {
+        patch(&h, &d.path().join("x.vdi"), at, &bytes);
+        let ours = refusal_as(QNBD, d.path(), "x.vdi", "vdi");
+        assert_eq!(
+            ours,
+            refusal_as("qemu-nbd", d.path(), "x.vdi", "vdi"),
+            "{what}"
+        );
+    }
+    // Hostile only: a block map past the end of the file.
+    patch(
+        &h,
+        &d.path().join("x.vdi"),
+        0x154,
+        &(1u32 << 30).to_le_bytes(),
+    );
+    let ours = refusal_as(QNBD, d.path(), "x.vdi", "vdi");
+    assert!(ours.contains("lies past the end of the file"), "{ours}");
+    // A map entry past the image's blocks: its reads are zeroes, a write there fails.
+    let img = d.path().join("e.vdi");
+    qemu_img(d.path(), &["create", "-q", "-f", "vdi", "e.vdi", "8M"]);
+    patch(&img, &img, 0x200, &0x00ff_ffffu32.to_le_bytes());
+    let s = Server::unix(QNBD, &["-t", "-f", "vdi", img.to_str().unwrap()]);
+    let w = qemu_io_any(d.path(), "raw", &s.uri(), &["write -P 9 0 4k"]);
+    assert!(w.contains("write failed: Input/output error"), "{w}");
+    let r = qemu_io_any(
+        d.path(),
+        "raw",
+        &s.uri(),
+        &["read -P 0 0 4k", "write -P 3 2M 4k"],
+    );
+    assert!(!r.contains("failed"), "{r}");
 }
