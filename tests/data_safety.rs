@@ -576,6 +576,36 @@ fn crash_loop_vdi() {
     );
 }
 
+#[test]
+fn verifier_vpc_dynamic_and_fixed() {
+    if !have("qemu-img") {
+        return;
+    }
+    for opts in [
+        "subformat=dynamic",
+        "subformat=fixed",
+        "subformat=dynamic,force_size=on",
+    ] {
+        let d = tmpdir();
+        let img = d.path().join("a.vhd");
+        sh(&format!(
+            "qemu-img create -q -f vpc -o {opts} {} 128M",
+            img.display()
+        ));
+        verify(&img, &["-f", "vpc"], &[]);
+    }
+}
+
+#[test]
+fn crash_loop_vpc_dynamic() {
+    crash(
+        "vpc",
+        "qemu-img create -q -f vpc {img} 64M",
+        "",
+        crash_rounds(),
+    );
+}
+
 /// A write that would land on metadata (here: the refcount table's first entry zeroed, so
 /// the next allocation would put a refcount block over the header) fails with EIO, the image
 /// gets qemu's corrupt bit and message, later requests fail, and nothing else changed.

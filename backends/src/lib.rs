@@ -32,6 +32,7 @@ pub mod raw;
 pub mod slice;
 pub mod vdi;
 pub mod vmdk;
+pub mod vpc;
 
 pub use device::Device;
 pub use error::{errno_text, Error, Result};

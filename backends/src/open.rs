@@ -19,6 +19,7 @@ static DRIVERS: &[&Driver] = &[
     &crate::luks::DRIVER,
     &crate::vmdk::DRIVER,
     &crate::vdi::DRIVER,
+    &crate::vpc::DRIVER,
     &crate::raw::DRIVER,
 ];
 

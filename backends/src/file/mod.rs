@@ -425,8 +425,8 @@ impl HostFile {
 
     /// Block status of `len` bytes at `at` that are an image's own (depth 1): zero where the
     /// file has a hole or ends (qemu's recursion into the file for formats that map to it
-    /// byte for byte: VMDK flat extents, static VDI images). A file that cannot say where its
-    /// holes are (a device, an old file system) is all data.
+    /// byte for byte: VMDK flat extents, static VDI images, fixed VHDs). A file that
+    /// cannot say where its holes are (a device, an old file system) is all data.
     pub fn zero_status(&self, at: u64, len: u64, out: &mut crate::Extents) {
         use crate::{Extent, ExtentFlags};
         let end = at + len;
