@@ -66,7 +66,7 @@ fn verify(img: &Path, args: &[&str], vopts: &[&str]) {
     let mut all = args.to_vec();
     all.push(img.to_str().unwrap());
     run_verifier(&img.display().to_string(), &all, vopts);
-    for format in ["qcow2", "vmdk", "vdi"] {
+    for format in ["qcow2", "vmdk", "vdi", "vhdx"] {
         if args.contains(&format) {
             check_format_no_corruption(img, format);
         }
@@ -601,6 +601,32 @@ fn crash_loop_vpc_dynamic() {
     crash(
         "vpc",
         "qemu-img create -q -f vpc {img} 64M",
+        "",
+        crash_rounds(),
+    );
+}
+
+#[test]
+fn verifier_vhdx_dynamic_and_fixed() {
+    if !have("qemu-img") {
+        return;
+    }
+    for opts in ["block_size=1M", "subformat=fixed", "block_size=8M"] {
+        let d = tmpdir();
+        let img = d.path().join("a.vhdx");
+        sh(&format!(
+            "qemu-img create -q -f vhdx -o {opts} {} 128M",
+            img.display()
+        ));
+        verify(&img, &["-f", "vhdx"], &[]);
+    }
+}
+
+#[test]
+fn crash_loop_vhdx() {
+    crash(
+        "vhdx",
+        "qemu-img create -q -f vhdx -o block_size=1M {img} 64M",
         "",
         crash_rounds(),
     );

@@ -1,4 +1,4 @@
-//! VMDK, VDI and VHD (vpc) images through the real binary, checked by qemu's own reader: every subformat
+//! VMDK, VDI, VHD (vpc) and VHDX images through the real binary, checked by qemu's own reader: every subformat
 //! `qemu-img` makes reads back byte for byte and maps as qemu-nbd maps it; writes through
 //! NBD read back in qemu (`qemu-img compare`, `qemu-img check`); stream-optimized VMDKs take
 //! whole grains once, as qemu's; damaged headers and descriptors get qemu-nbd's words.
@@ -33,6 +33,16 @@ fn convert_to(d: &Path, fmt: &str, opts: &str, name: &str) -> PathBuf {
     ];
     qemu_img(d, &args);
     d.join(name)
+}
+
+/// qnbd (probing) reads `img` as `src`.
+fn reads_as(src: &Path, img: &str) {
+    let s = Server::unix(QNBD, &["-r", "-t", img]);
+    let out = ok(Command::new("qemu-img")
+        .args(["compare", "-f", "raw", "-F", "raw"])
+        .arg(src)
+        .arg(s.uri()));
+    assert!(out.contains("Images are identical"), "{img}: {out}");
 }
 
 /// qnbd (probing) reads `img` as `src`, and maps it as qemu-nbd does.
@@ -316,11 +326,21 @@ fn refusal(bin: &str, d: &Path, img: &str) -> String {
 
 fn refusal_as(bin: &str, d: &Path, img: &str, fmt: &str) -> String {
     let sock = d.join("r.sock");
-    let out =
-        run(Command::new(bin)
-            .current_dir(d)
-            .args(["-k", sock.to_str().unwrap(), "-f", fmt, img]));
-    assert!(!out.status.success(), "{bin} served {img}");
+    // `timeout`: a server that does serve the image fails the test instead of hanging it.
+    let out = run(Command::new("timeout").current_dir(d).args([
+        "20",
+        bin,
+        "-k",
+        sock.to_str().unwrap(),
+        "-f",
+        fmt,
+        img,
+    ]));
+    assert!(
+        out.status.code() == Some(1),
+        "{bin} served {img} ({:?})",
+        out.status
+    );
     String::from_utf8_lossy(&out.stderr)
         .lines()
         .next()
@@ -559,4 +579,143 @@ fn damaged_vhd_images_are_refused_in_qemu_nbds_words() {
             "{what}"
         );
     }
+}
+
+#[test]
+fn vhdx_images_read_and_write_as_qemu_has_them() {
+    if !have("qemu-img") || !have("qemu-io") {
+        return;
+    }
+    let d = tmpdir();
+    let src = source(d.path());
+    let subformats = ["subformat=dynamic", "subformat=fixed", "block_size=1M"];
+    for (i, opts) in subformats.iter().enumerate() {
+        let img = convert_to(d.path(), "vhdx", opts, &format!("x{i}.vhdx"));
+        reads_as(&src, img.to_str().unwrap());
+        write_and_compare_as(d.path(), &img, "vhdx");
+        let name = format!("fresh{i}.vhdx");
+        qemu_img(
+            d.path(),
+            &["create", "-q", "-f", "vhdx", "-o", opts, &name, "8M"],
+        );
+        write_and_compare_as(d.path(), &d.path().join(&name), "vhdx");
+    }
+}
+
+/// An image closed uncleanly (a log entry the file does not hold yet): a read-only open is
+/// refused in qemu-nbd's words; a read-write open replays the log, as `qemu-img check -r
+/// all` does.
+#[test]
+fn a_vhdx_log_is_replayed_as_qemu_replays_it() {
+    if !have("qemu-img") || !have("qemu-nbd") || !have("qemu-io") {
+        return;
+    }
+    let d = tmpdir();
+    source(d.path());
+    convert_to(d.path(), "vhdx", "block_size=1M", "dirty.vhdx");
+    let tool = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/tools/vhdx_dirty_log.py");
+    ok(Command::new(PYTHON).arg(&tool).args([
+        d.path().join("dirty.vhdx").to_str().unwrap(),
+        "0x100000",
+        "0x5a",
+    ]));
+    for copy in ["ours.vhdx", "theirs.vhdx"] {
+        std::fs::copy(d.path().join("dirty.vhdx"), d.path().join(copy)).unwrap();
+    }
+    let refuse = |bin: &str| {
+        let sock = d.path().join("r.sock");
+        let out = run(Command::new(bin).current_dir(d.path()).args([
+            "-r",
+            "-k",
+            sock.to_str().unwrap(),
+            "dirty.vhdx",
+        ]));
+        assert!(
+            !out.status.success(),
+            "{bin} served a dirty image read-only"
+        );
+        String::from_utf8_lossy(&out.stderr).replace("qemu-nbd:", "qnbd:")
+    };
+    let ours = refuse(QNBD);
+    assert_eq!(ours, refuse("qemu-nbd"));
+    assert!(
+        ours.contains("contains a log that needs to be replayed"),
+        "{ours}"
+    );
+
+    let ours_img = d.path().join("ours.vhdx");
+    let s = Server::unix(QNBD, &["-t", "-f", "vhdx", ours_img.to_str().unwrap()]);
+    let r = qemu_io_any(d.path(), "raw", &s.uri(), &["read -P 0x5a 1M 4k"]);
+    assert!(
+        !r.contains("verification failed") && !r.contains("failed"),
+        "{r}"
+    );
+    drop(s);
+    ok(Command::new("qemu-img").current_dir(d.path()).args([
+        "check",
+        "-q",
+        "-r",
+        "all",
+        "-f",
+        "vhdx",
+        "theirs.vhdx",
+    ]));
+    let out = qemu_img(
+        d.path(),
+        &[
+            "compare",
+            "-f",
+            "vhdx",
+            "-F",
+            "vhdx",
+            "ours.vhdx",
+            "theirs.vhdx",
+        ],
+    );
+    assert!(out.contains("Images are identical"), "{out}");
+    check_format_no_corruption(&ours_img, "vhdx");
+}
+
+#[test]
+fn damaged_vhdx_images_are_refused_in_qemu_nbds_words() {
+    if !have("qemu-img") || !have("qemu-nbd") {
+        return;
+    }
+    let d = tmpdir();
+    source(d.path());
+    let h = convert_to(d.path(), "vhdx", "block_size=1M", "h.vhdx");
+    let cases: [(&str, &[(usize, u8)]); 4] = [
+        ("signature", &[(0, 0)]),
+        ("both headers", &[(65536 + 20, 0), (131072 + 20, 0)]),
+        ("region table", &[(196608 + 20, 0)]),
+        ("metadata", &[(3 << 20, 0)]),
+    ];
+    for (what, bytes) in cases {
+        let mut b = std::fs::read(&h).unwrap();
+        for (at, v) in bytes {
+            b[*at] = *v;
+        }
+        std::fs::write(d.path().join("x.vhdx"), b).unwrap();
+        let ours = refusal_as(QNBD, d.path(), "x.vhdx", "vhdx");
+        assert_eq!(
+            ours,
+            refusal_as("qemu-nbd", d.path(), "x.vhdx", "vhdx"),
+            "{what}"
+        );
+    }
+    // Truncated: qemu-nbd names the first block past the end, then refuses the image.
+    let b = std::fs::read(&h).unwrap();
+    std::fs::write(d.path().join("t.vhdx"), &b[..5 << 20]).unwrap();
+    let all = |bin: &str| {
+        let sock = d.path().join("t.sock");
+        let out = run(Command::new(bin).current_dir(d.path()).args([
+            "-k",
+            sock.to_str().unwrap(),
+            "-f",
+            "vhdx",
+            "t.vhdx",
+        ]));
+        String::from_utf8_lossy(&out.stderr).replace("qemu-nbd:", "qnbd:")
+    };
+    assert_eq!(all(QNBD), all("qemu-nbd"));
 }

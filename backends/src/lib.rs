@@ -31,6 +31,7 @@ pub mod qcow2;
 pub mod raw;
 pub mod slice;
 pub mod vdi;
+pub mod vhdx;
 pub mod vmdk;
 pub mod vpc;
 

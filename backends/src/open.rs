@@ -20,6 +20,7 @@ static DRIVERS: &[&Driver] = &[
     &crate::vmdk::DRIVER,
     &crate::vdi::DRIVER,
     &crate::vpc::DRIVER,
+    &crate::vhdx::DRIVER,
     &crate::raw::DRIVER,
 ];
 

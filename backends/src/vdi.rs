@@ -189,7 +189,9 @@ impl Vdi {
         Ok(())
     }
 
-    fn overwrite(&self, b: u64, at: u64, data: &[u8], fua: bool) -> Result<()> {
+    /// A hostile map entry past the image's blocks is refused for writes (its reads are
+    /// zeroes, from past the file's end).
+    fn check_index(&self, b: u64, at: u64) -> Result<()> {
         let index = (at - self.offset_data) / BLOCK;
         if index >= u64::from(self.blocks_in_image) {
             return Err(self.f.corrupt(format!(
@@ -197,6 +199,11 @@ impl Vdi {
                 self.blocks_in_image
             )));
         }
+        Ok(())
+    }
+
+    fn overwrite(&self, b: u64, at: u64, data: &[u8], fua: bool) -> Result<()> {
+        self.check_index(b, at)?;
         self.f.write("write", at, data, fua)
     }
 
@@ -302,8 +309,10 @@ impl BlockBackend for Vdi {
         }
         self.each(offset, len, |b, in_b, n, _| match self.block_at(b) {
             None => Ok(()),
-            Some(at) if self.f.zero_range(at + in_b, n).is_ok() => Ok(()),
-            Some(at) => self.overwrite(b, at + in_b, &vec![0u8; n as usize], false),
+            Some(at) => {
+                self.check_index(b, at)?;
+                self.f.write_zeroes(at + in_b, n)
+            }
         })?;
         if flags.contains(IoFlags::FUA) {
             self.f.sync()?;

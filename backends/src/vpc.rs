@@ -183,7 +183,7 @@ impl BlockBackend for Fixed {
         if self.read_only {
             return Err(Error::ReadOnly);
         }
-        zero_in_place(&self.f, offset, len)?;
+        self.f.write_zeroes(offset, len)?;
         if flags.contains(IoFlags::FUA) {
             self.f.sync()?;
         }
@@ -206,21 +206,6 @@ impl BlockBackend for Fixed {
         }
         self.f.sync()
     }
-}
-
-/// Zeroes into `len` bytes at `at`: deallocated when the file system can, written otherwise.
-fn zero_in_place(f: &HostFile, at: u64, len: u64) -> Result<()> {
-    if f.zero_range(at, len).is_ok() {
-        return Ok(());
-    }
-    let chunk = vec![0u8; len.min(1 << 20) as usize];
-    let mut done = 0;
-    while done < len {
-        let n = (len - done).min(chunk.len() as u64) as usize;
-        f.write("write zeroes", at + done, &chunk[..n], false)?;
-        done += n as u64;
-    }
-    Ok(())
 }
 
 #[derive(Debug)]

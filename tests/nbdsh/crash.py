@@ -479,7 +479,7 @@ class Round:
 
         # The image.
         corrupt_image = None
-        if args.format in ("qcow2", "vmdk", "vdi"):
+        if args.format in ("qcow2", "vmdk", "vdi", "vhdx"):
             c = subprocess.run(["qemu-img", "check", "-f", args.format, self.img],
                                capture_output=True, text=True)
             text = c.stdout + c.stderr
@@ -605,7 +605,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--server", required=True, help="command with {sock} and {img}")
     ap.add_argument("--create", required=True, help="shell command with {img}")
-    ap.add_argument("--format", choices=["raw", "qcow2", "vmdk", "vdi", "vpc"], required=True)
+    ap.add_argument("--format", choices=["raw", "qcow2", "vmdk", "vdi", "vpc", "vhdx"], required=True)
     ap.add_argument("--rounds", type=int, default=10)
     ap.add_argument("--conns", type=int, default=8)
     ap.add_argument("--depth", type=int, default=8)

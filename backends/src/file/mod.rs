@@ -423,6 +423,22 @@ impl HostFile {
         }
     }
 
+    /// Zeroes into `len` bytes at `at`: deallocated when the file system can (FALLOC
+    /// zero-range), written in bounded pieces otherwise.
+    pub fn write_zeroes(&self, at: u64, len: u64) -> Result<()> {
+        if self.zero_range(at, len).is_ok() {
+            return Ok(());
+        }
+        let chunk = vec![0u8; len.min(1 << 20) as usize];
+        let mut done = 0;
+        while done < len {
+            let n = (len - done).min(chunk.len() as u64) as usize;
+            self.write("write zeroes", at + done, &chunk[..n], false)?;
+            done += n as u64;
+        }
+        Ok(())
+    }
+
     /// Block status of `len` bytes at `at` that are an image's own (depth 1): zero where the
     /// file has a hole or ends (qemu's recursion into the file for formats that map to it
     /// byte for byte: VMDK flat extents, static VDI images, fixed VHDs). A file that

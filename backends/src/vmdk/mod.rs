@@ -387,22 +387,6 @@ fn random_cid() -> u32 {
     h.finish() as u32
 }
 
-/// Zeroes into `len` bytes of `f` at `at`: deallocated when the file system can, written
-/// otherwise.
-fn zero_file(f: &HostFile, at: u64, len: u64) -> Result<()> {
-    if f.zero_range(at, len).is_ok() {
-        return Ok(());
-    }
-    let chunk = vec![0u8; len.min(1 << 20) as usize];
-    let mut done = 0;
-    while done < len {
-        let n = (len - done).min(chunk.len() as u64) as usize;
-        f.write("write zeroes", at + done, &chunk[..n], false)?;
-        done += n as u64;
-    }
-    Ok(())
-}
-
 impl BlockBackend for Vmdk {
     fn size(&self) -> u64 {
         self.size
@@ -470,11 +454,11 @@ impl BlockBackend for Vmdk {
         self.each_piece(offset, len, |p, pos, n| {
             let in_e = pos - p.start;
             match &p.kind {
-                Kind::Flat { f, start } => zero_file(f, start + in_e, n),
+                Kind::Flat { f, start } => f.write_zeroes(start + in_e, n),
                 Kind::Sparse(s) => match s.lookup(in_e / s.grain)? {
                     Gte::Zeroed => Ok(()),
                     Gte::Unalloc if self.backing_is_zero(pos) => Ok(()),
-                    Gte::At(at) if !s.compressed => zero_file(&s.f, at + in_e % s.grain, n),
+                    Gte::At(at) if !s.compressed => s.f.write_zeroes(at + in_e % s.grain, n),
                     _ if n == s.grain && s.zero_grain(in_e / s.grain)? => Ok(()),
                     _ => {
                         // In bounded pieces: the first allocates the grain, the rest overwrite.
