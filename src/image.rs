@@ -6,7 +6,7 @@ use crate::plan::ImagePlan;
 use crate::{cleanup, die};
 use backends::cache_mode::Cached;
 use backends::detect_zeroes::{DetectZeroes, ZeroDetect};
-use backends::open::{open_image, Format};
+use backends::open::open_image;
 use backends::{BlockBackend, Device};
 use std::sync::Arc;
 
@@ -41,8 +41,12 @@ pub fn open(plan: &ImagePlan) -> Device {
     if plan.load_snapshot && opened.temp_overlay.is_some() {
         die("Failed to load snapshot: Can't find snapshot");
     }
-    if plan.load_snapshot && opened.format == Format::raw() {
-        die("Failed to load snapshot: Block format 'raw' used by device '' does not support temporarily loading internal snapshots");
+    // Only qcow2 has internal snapshots.
+    if plan.load_snapshot && opened.format.name() != "qcow2" {
+        die(format!(
+            "Failed to load snapshot: Block format '{}' used by device '' does not support temporarily loading internal snapshots",
+            opened.format.name()
+        ));
     }
     let backend = window(opened.backend, plan.offset);
     let backend = Cached::wrap(backend, plan.cache);

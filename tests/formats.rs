@@ -28,9 +28,11 @@ fn convert(d: &Path, opts: &str, name: &str) -> PathBuf {
 }
 
 fn convert_to(d: &Path, fmt: &str, opts: &str, name: &str) -> PathBuf {
-    let args = [
-        "convert", "-f", "raw", "-O", fmt, "-o", opts, "src.raw", name,
-    ];
+    let mut args = vec!["convert", "-f", "raw", "-O", fmt];
+    if !opts.is_empty() {
+        args.extend(["-o", opts]);
+    }
+    args.extend(["src.raw", name]);
     qemu_img(d, &args);
     d.join(name)
 }
@@ -718,4 +720,40 @@ fn damaged_vhdx_images_are_refused_in_qemu_nbds_words() {
         String::from_utf8_lossy(&out.stderr).replace("qemu-nbd:", "qnbd:")
     };
     assert_eq!(all(QNBD), all("qemu-nbd"));
+}
+
+/// `-l` names an internal snapshot: only qcow2 has them, and every other format is refused
+/// in qemu-nbd's words.
+#[test]
+fn loading_a_snapshot_of_a_format_without_them_is_refused() {
+    if !have("qemu-img") || !have("qemu-nbd") {
+        return;
+    }
+    let d = tmpdir();
+    source(d.path());
+    for (fmt, name) in [
+        ("vmdk", "l.vmdk"),
+        ("vdi", "l.vdi"),
+        ("vpc", "l.vhd"),
+        ("vhdx", "l.vhdx"),
+    ] {
+        convert_to(d.path(), fmt, "", name);
+        let refuse = |bin: &str| {
+            let sock = d.path().join("l.sock");
+            let out = run(Command::new("timeout").current_dir(d.path()).args([
+                "20",
+                bin,
+                "-l",
+                "snap1",
+                "-f",
+                fmt,
+                "-k",
+                sock.to_str().unwrap(),
+                name,
+            ]));
+            assert_eq!(out.status.code(), Some(1), "{bin} {fmt}");
+            String::from_utf8_lossy(&out.stderr).replace("qemu-nbd:", "qnbd:")
+        };
+        assert_eq!(refuse(QNBD), refuse("qemu-nbd"), "{fmt}");
+    }
 }
