@@ -248,7 +248,7 @@ pub fn params(f: &HostFile, meta_at: u64) -> Result<Params> {
         let e = &b[32 + i * 32..64 + i * 32];
         match known.iter().position(|g| e[..16] == *g) {
             Some(k) if found[k].is_some() => return Err(inval()),
-            Some(k) => found[k] = Some(meta_at + u64::from(le32(e, 16))),
+            Some(k) => found[k] = Some(meta_at.saturating_add(u64::from(le32(e, 16)))),
             None if le32(e, 24) & 4 != 0 => return Err(errno_open(f, libc::ENOTSUP)),
             None => {}
         }

@@ -143,7 +143,7 @@ fn open(
             continue;
         }
         let at = e >> 20 << 20;
-        let end = at + p.block_size;
+        let end = at.saturating_add(p.block_size);
         // qemu reports the first such entry, then refuses the image.
         let bad = if at > file_len {
             Some(("start", at))

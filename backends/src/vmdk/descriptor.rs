@@ -102,7 +102,7 @@ pub fn with_cid(desc: &str, cid: u32) -> Option<String> {
     if at > parent {
         return None;
     }
-    Some(format!("{}{cid:x}\n{}", &desc[..at], &desc[parent..]))
+    Some(format!("{}{cid:x}\n{}", desc.get(..at)?, &desc[parent..]))
 }
 
 /// The extent lines qemu takes: access `RW`, a positive size, a type it knows. Others are
@@ -178,13 +178,14 @@ fn fields(line: &str) -> Option<Fields> {
     })
 }
 
+/// Up to `max` characters before the next white space (sscanf's `%10s`).
 fn word(rest: &mut &str, max: usize) -> Option<String> {
     let s = rest.trim_start();
     let n = s
         .char_indices()
-        .find(|(_, c)| c.is_whitespace())
-        .map_or(s.len(), |(i, _)| i)
-        .min(max);
+        .take(max + 1)
+        .find(|(i, c)| c.is_whitespace() || s[..*i].chars().count() == max)
+        .map_or(s.len(), |(i, _)| i);
     if n == 0 {
         return None;
     }
@@ -247,6 +248,15 @@ mod tests {
             vec![]
         );
         assert!(extents("RW 8 SESPARSE \"a.vmdk\"\n").is_err());
+    }
+
+    #[test]
+    fn hostile_text_is_read_without_panicking() {
+        let long = "RWééééééééééééé 8 SPARSE \"a\"\nRW 8 FLATéééééééé \"b\" 0\n";
+        assert_eq!(extents(long).unwrap(), vec![]);
+        assert_eq!(with_cid("CIDé parentCID=1", 5), None);
+        assert_eq!(quoted("createTypeé", "createType"), None);
+        assert_eq!(cid("CIDé", false), None);
     }
 
     #[test]

@@ -251,6 +251,12 @@ fn open_extents(desc_file: &HostFile, text: &str, opts: &ImageOptions) -> Result
             ExtentKind::Flat => {
                 let len = line.sectors.saturating_mul(512);
                 let at = line.offset.saturating_mul(512);
+                if at.checked_add(len).is_none_or(|end| end > i64::MAX as u64) {
+                    return Err(Error::Open(format!(
+                        "Invalid extent line: the extent of '{}' ends past any file",
+                        line.file
+                    )));
+                }
                 (len, Kind::Flat { f, start: at })
             }
             ExtentKind::Sparse => {
