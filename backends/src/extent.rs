@@ -102,3 +102,22 @@ mod tests {
         assert_eq!(x.total(), 29);
     }
 }
+
+/// Split `[offset, offset + len)` at multiples of `unit` (a format's block or grain): `f`
+/// gets (unit index, offset in it, length, bytes already done).
+pub fn for_each_unit(
+    offset: u64,
+    len: u64,
+    unit: u64,
+    mut f: impl FnMut(u64, u64, u64, u64) -> crate::Result<()>,
+) -> crate::Result<()> {
+    let end = offset + len;
+    let mut pos = offset;
+    while pos < end {
+        let (b, in_b) = (pos / unit, pos % unit);
+        let n = (end - pos).min(unit - in_b);
+        f(b, in_b, n, pos - offset)?;
+        pos += n;
+    }
+    Ok(())
+}

@@ -116,6 +116,19 @@ impl Caps {
         rotational: false,
     };
 
+    /// An image format over a host file (vmdk, vdi, vpc, vhdx): everything but FAST_ZERO
+    /// itself, the cache hint by reads; read-only as [`Caps::READ_ONLY`].
+    pub const fn image(read_only: bool) -> Caps {
+        if read_only {
+            return Caps::READ_ONLY;
+        }
+        Caps {
+            fast_zero: false,
+            cache: Support::Emulate,
+            ..Caps::NATIVE
+        }
+    }
+
     /// The answers of a read-only backend with nothing native.
     pub const READ_ONLY: Caps = Caps {
         writable: false,

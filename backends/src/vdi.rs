@@ -176,17 +176,9 @@ impl Vdi {
         &self,
         offset: u64,
         len: u64,
-        mut f: impl FnMut(u64, u64, u64, u64) -> Result<()>,
+        f: impl FnMut(u64, u64, u64, u64) -> Result<()>,
     ) -> Result<()> {
-        let end = offset + len;
-        let mut pos = offset;
-        while pos < end {
-            let (b, in_b) = (pos / BLOCK, pos % BLOCK);
-            let n = (end - pos).min(BLOCK - in_b);
-            f(b, in_b, n, pos - offset)?;
-            pos += n;
-        }
-        Ok(())
+        crate::extent::for_each_unit(offset, len, BLOCK, f)
     }
 
     /// A hostile map entry past the image's blocks is refused for writes (its reads are
@@ -260,14 +252,7 @@ impl BlockBackend for Vdi {
     }
 
     fn caps(&self) -> Caps {
-        if self.read_only {
-            return Caps::READ_ONLY;
-        }
-        Caps {
-            fast_zero: false,
-            cache: crate::Support::Emulate,
-            ..Caps::NATIVE
-        }
+        Caps::image(self.read_only)
     }
 
     fn read(&self, offset: u64, buf: &mut [u8]) -> Result<()> {

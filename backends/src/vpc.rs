@@ -148,14 +148,7 @@ impl BlockBackend for Fixed {
     }
 
     fn caps(&self) -> Caps {
-        if self.read_only {
-            return Caps::READ_ONLY;
-        }
-        Caps {
-            fast_zero: false,
-            cache: crate::Support::Emulate,
-            ..Caps::NATIVE
-        }
+        Caps::image(self.read_only)
     }
 
     fn read(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
@@ -301,17 +294,9 @@ impl Dynamic {
         &self,
         offset: u64,
         len: u64,
-        mut f: impl FnMut(u64, u64, u64, u64) -> Result<()>,
+        f: impl FnMut(u64, u64, u64, u64) -> Result<()>,
     ) -> Result<()> {
-        let end = offset + len;
-        let mut pos = offset;
-        while pos < end {
-            let (b, in_b) = (pos / self.block, pos % self.block);
-            let n = (end - pos).min(self.block - in_b);
-            f(b, in_b, n, pos - offset)?;
-            pos += n;
-        }
-        Ok(())
+        crate::extent::for_each_unit(offset, len, self.block, f)
     }
 
     fn write_block(&self, b: u64, in_b: u64, data: &[u8], fua: bool) -> Result<()> {
@@ -360,14 +345,7 @@ impl BlockBackend for Dynamic {
     }
 
     fn caps(&self) -> Caps {
-        if self.read_only {
-            return Caps::READ_ONLY;
-        }
-        Caps {
-            fast_zero: false,
-            cache: crate::Support::Emulate,
-            ..Caps::NATIVE
-        }
+        Caps::image(self.read_only)
     }
 
     fn read(&self, offset: u64, buf: &mut [u8]) -> Result<()> {

@@ -220,17 +220,9 @@ impl Vhdx {
         &self,
         offset: u64,
         len: u64,
-        mut f: impl FnMut(u64, u64, u64, u64) -> Result<()>,
+        f: impl FnMut(u64, u64, u64, u64) -> Result<()>,
     ) -> Result<()> {
-        let end = offset + len;
-        let mut pos = offset;
-        while pos < end {
-            let (b, in_b) = (pos / self.block, pos % self.block);
-            let n = (end - pos).min(self.block - in_b);
-            f(b, in_b, n, pos - offset)?;
-            pos += n;
-        }
-        Ok(())
+        crate::extent::for_each_unit(offset, len, self.block, f)
     }
 
     /// Before the first write of this open: new write GUIDs in both headers.
@@ -291,14 +283,7 @@ impl BlockBackend for Vhdx {
     }
 
     fn caps(&self) -> Caps {
-        if self.read_only {
-            return Caps::READ_ONLY;
-        }
-        Caps {
-            fast_zero: false,
-            cache: crate::Support::Emulate,
-            ..Caps::NATIVE
-        }
+        Caps::image(self.read_only)
     }
 
     fn read(&self, offset: u64, buf: &mut [u8]) -> Result<()> {

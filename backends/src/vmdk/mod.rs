@@ -399,14 +399,7 @@ impl BlockBackend for Vmdk {
     }
 
     fn caps(&self) -> Caps {
-        if self.read_only {
-            return Caps::READ_ONLY;
-        }
-        Caps {
-            fast_zero: false,
-            cache: crate::Support::Emulate,
-            ..Caps::NATIVE
-        }
+        Caps::image(self.read_only)
     }
 
     fn read(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
