@@ -85,24 +85,6 @@ impl<'a> IntoIterator for &'a Extents {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn push_merges_equal_neighbours_and_drops_empty() {
-        let mut x = Extents::new();
-        x.push(Extent::new(10, ExtentFlags::empty(), 1));
-        x.push(Extent::new(5, ExtentFlags::empty(), 1));
-        x.push(Extent::new(0, ExtentFlags::HOLE, 1));
-        x.push(Extent::new(7, ExtentFlags::HOLE | ExtentFlags::ZERO, 1));
-        x.push(Extent::new(7, ExtentFlags::HOLE | ExtentFlags::ZERO, 2));
-        assert_eq!(x.len(), 3);
-        assert_eq!(x.as_slice()[0].len, 15);
-        assert_eq!(x.total(), 29);
-    }
-}
-
 /// Split `[offset, offset + len)` at multiples of `unit` (a format's block or grain): `f`
 /// gets (unit index, offset in it, length, bytes already done).
 pub fn for_each_unit(
@@ -120,4 +102,22 @@ pub fn for_each_unit(
         pos += n;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn push_merges_equal_neighbours_and_drops_empty() {
+        let mut x = Extents::new();
+        x.push(Extent::new(10, ExtentFlags::empty(), 1));
+        x.push(Extent::new(5, ExtentFlags::empty(), 1));
+        x.push(Extent::new(0, ExtentFlags::HOLE, 1));
+        x.push(Extent::new(7, ExtentFlags::HOLE | ExtentFlags::ZERO, 1));
+        x.push(Extent::new(7, ExtentFlags::HOLE | ExtentFlags::ZERO, 2));
+        assert_eq!(x.len(), 3);
+        assert_eq!(x.as_slice()[0].len, 15);
+        assert_eq!(x.total(), 29);
+    }
 }
