@@ -66,7 +66,7 @@ fn verify(img: &Path, args: &[&str], vopts: &[&str]) {
     let mut all = args.to_vec();
     all.push(img.to_str().unwrap());
     run_verifier(&img.display().to_string(), &all, vopts);
-    for format in ["qcow2", "vmdk", "vdi", "vhdx"] {
+    for format in ["qcow2", "vmdk", "vdi", "vhdx", "qed"] {
         if args.contains(&format) {
             check_format_no_corruption(img, format);
         }
@@ -627,6 +627,49 @@ fn crash_loop_vhdx() {
     crash(
         "vhdx",
         "qemu-img create -q -f vhdx -o block_size=1M {img} 64M",
+        "",
+        crash_rounds(),
+    );
+}
+
+#[test]
+fn verifier_qed_fresh_over_data_and_over_a_backing_file() {
+    if !have("qemu-img") {
+        return;
+    }
+    let d = tmpdir();
+    let raw = d.path().join("src.raw");
+    patterned_raw(&raw, 64);
+    let (r, p) = (raw.display(), d.path().display());
+    for create in [
+        format!("qemu-img create -q -f qed -o cluster_size=4k {p}/a.qed 128M"),
+        format!("qemu-img convert -f raw -O qed {r} {p}/a.qed"),
+        format!("qemu-img create -q -f qed -b {r} -F raw {p}/a.qed 96M"),
+    ] {
+        let img = d.path().join("a.qed");
+        let _ = std::fs::remove_file(&img);
+        sh(&create);
+        verify(&img, &["-f", "qed"], &[]);
+    }
+}
+
+#[test]
+fn crash_loop_qed() {
+    crash(
+        "qed",
+        "qemu-img create -q -f qed {img} 64M",
+        "",
+        crash_rounds(),
+    );
+}
+
+/// Over a backing file the other bytes of a new cluster are the backing file's: synced
+/// before the cluster is linked, so a crash never shows zeroes in their place.
+#[test]
+fn crash_loop_qed_over_a_backing_file() {
+    crash(
+        "qed",
+        "qemu-img create -q -f raw {img}.base 64M && qemu-io -f raw -c 'write -P 0x5a 0 64M' {img}.base >/dev/null && qemu-img create -q -f qed -b {img}.base -F raw {img} 64M",
         "",
         crash_rounds(),
     );

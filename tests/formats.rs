@@ -1,4 +1,4 @@
-//! VMDK, VDI, VHD (vpc) and VHDX images through the real binary, checked by qemu's own reader: every subformat
+//! VMDK, VDI, VHD (vpc), VHDX and QED images through the real binary, checked by qemu's own reader: every subformat
 //! `qemu-img` makes reads back byte for byte and maps as qemu-nbd maps it; writes through
 //! NBD read back in qemu (`qemu-img compare`, `qemu-img check`); stream-optimized VMDKs take
 //! whole grains once, as qemu's; damaged headers and descriptors get qemu-nbd's words.
@@ -736,6 +736,7 @@ fn loading_a_snapshot_of_a_format_without_them_is_refused() {
         ("vdi", "l.vdi"),
         ("vpc", "l.vhd"),
         ("vhdx", "l.vhdx"),
+        ("qed", "l.qed"),
     ] {
         convert_to(d.path(), fmt, "", name);
         let refuse = |bin: &str| {
@@ -756,4 +757,213 @@ fn loading_a_snapshot_of_a_format_without_them_is_refused() {
         };
         assert_eq!(refuse(QNBD), refuse("qemu-nbd"), "{fmt}");
     }
+}
+
+#[test]
+fn qed_images_read_map_and_write_as_qemu_has_them() {
+    if !have("qemu-img") || !have("qemu-io") || !have("qemu-nbd") {
+        return;
+    }
+    let d = tmpdir();
+    let src = source(d.path());
+    let geometries = [
+        "",
+        "cluster_size=4k,table_size=16",
+        "cluster_size=1M,table_size=2",
+    ];
+    for (i, opts) in geometries.iter().enumerate() {
+        let img = convert_to(d.path(), "qed", opts, &format!("q{i}.qed"));
+        reads_and_maps_as_qemu_nbd(&src, img.to_str().unwrap(), "qed");
+        write_and_compare_as(d.path(), &img, "qed");
+        let name = format!("fresh{i}.qed");
+        let mut args = vec!["create", "-q", "-f", "qed"];
+        if !opts.is_empty() {
+            args.extend(["-o", opts]);
+        }
+        args.extend([name.as_str(), "8M"]);
+        qemu_img(d.path(), &args);
+        write_and_compare_as(d.path(), &d.path().join(&name), "qed");
+    }
+}
+
+/// Serve `img` with `bin`, apply `WRITES`, stop; then qemu-nbd's block status and
+/// allocation depth of the result, read-only.
+fn write_then_map(d: &Path, bin: &str, img: &str) -> (String, String) {
+    let img = d.join(img);
+    let img = img.to_str().unwrap();
+    let mut s = Server::unix(bin, &["-t", "-f", "qed", img]);
+    qemu_io(d, "raw", &s.uri(), &WRITES);
+    s.terminate();
+    let s = Server::unix("qemu-nbd", &["-r", "-t", "-A", "-f", "qed", img]);
+    let depth = ok(Command::new("nbdinfo")
+        .arg("--map=qemu:allocation-depth")
+        .arg(s.uri()));
+    (map(&s.uri()), depth)
+}
+
+/// An overlay over a raw backing file (named raw in the header: not probed) and over a
+/// qcow2 one (probed): written by qnbd and by qemu-nbd, the two images read and map alike.
+#[test]
+fn a_qed_overlay_writes_through_its_backing_file_as_qemu_nbd() {
+    if !have("qemu-img") || !have("qemu-io") || !have("qemu-nbd") || !have("nbdinfo") {
+        return;
+    }
+    let d = tmpdir();
+    source(d.path());
+    convert_to(d.path(), "qcow2", "", "base.qcow2");
+    for (base, fmt) in [("src.raw", "raw"), ("base.qcow2", "qcow2")] {
+        for name in ["ours.qed", "theirs.qed"] {
+            let _ = std::fs::remove_file(d.path().join(name));
+            qemu_img(
+                d.path(),
+                &["create", "-q", "-f", "qed", "-b", base, "-F", fmt, name],
+            );
+        }
+        let ours = write_then_map(d.path(), QNBD, "ours.qed");
+        let theirs = write_then_map(d.path(), "qemu-nbd", "theirs.qed");
+        assert_eq!(ours, theirs, "over {base}: block status differs");
+        let out = ok(Command::new("qemu-img").current_dir(d.path()).args([
+            "compare",
+            "-f",
+            "qed",
+            "-F",
+            "qed",
+            "ours.qed",
+            "theirs.qed",
+        ]));
+        assert!(out.contains("Images are identical"), "over {base}: {out}");
+        check_format_no_corruption(&d.path().join("ours.qed"), "qed");
+    }
+}
+
+#[test]
+fn damaged_qed_images_are_refused_in_qemu_nbds_words() {
+    if !have("qemu-img") || !have("qemu-nbd") {
+        return;
+    }
+    let d = tmpdir();
+    qemu_img(d.path(), &["create", "-q", "-f", "qed", "h.qed", "8M"]);
+    let h = d.path().join("h.qed");
+    let le32 = |v: u32| v.to_le_bytes().to_vec();
+    let le64 = |v: u64| v.to_le_bytes().to_vec();
+    let cases: Vec<(&str, usize, Vec<u8>)> = vec![
+        ("magic", 0, b"QEE\0".to_vec()),
+        ("features", 16, le64(0x18)),
+        ("cluster size", 4, le32(3000)),
+        ("cluster size huge", 4, le32(128 << 20)),
+        ("table size", 8, le32(3)),
+        ("table size 1", 8, le32(1)),
+        ("image size", 48, le64(1000)),
+        ("image size huge", 48, le64(1 << 62)),
+        ("L1 offset", 40, le64(0)),
+        ("L1 past the end", 40, le64(1 << 30)),
+        ("header size", 12, le32(0x10_0000)),
+        // The backing file flag with a name past the header.
+        ("backing name", 56, [le32(65530), le32(100)].concat()),
+    ];
+    for (what, at, bytes) in cases {
+        patch(&h, &d.path().join("x.qed"), at, &bytes);
+        if what == "backing name" {
+            patch(
+                &d.path().join("x.qed"),
+                &d.path().join("x.qed"),
+                16,
+                &le64(1),
+            );
+        }
+        let ours = refusal_as(QNBD, d.path(), "x.qed", "qed");
+        assert_eq!(
+            ours,
+            refusal_as("qemu-nbd", d.path(), "x.qed", "qed"),
+            "{what}"
+        );
+    }
+    // A backing file name longer than qemu takes, and one that does not exist.
+    for (size, name) in [(5000u32, "x"), (7, "missing")] {
+        let mut b = std::fs::read(&h).unwrap();
+        b[16..24].copy_from_slice(&le64(1));
+        b[56..64].copy_from_slice(&[le32(64), le32(size)].concat());
+        b[64..64 + name.len()].copy_from_slice(name.as_bytes());
+        std::fs::write(d.path().join("x.qed"), b).unwrap();
+        let ours = refusal_as(QNBD, d.path(), "x.qed", "qed");
+        assert_eq!(
+            ours,
+            refusal_as("qemu-nbd", d.path(), "x.qed", "qed"),
+            "backing name {size}"
+        );
+    }
+}
+
+/// An image left with NEED_CHECK set and entries a crash may leave (past the file's end,
+/// unaligned): read-only it is served as it is (those clusters fail); a read-write open
+/// repairs it exactly as `qemu-img check -r all` does, byte for byte; while qnbd allocates
+/// the flag is set, and a clean stop clears it.
+#[test]
+fn a_dirty_qed_image_is_repaired_on_open_as_qemu_repairs_it() {
+    if !have("qemu-img") || !have("qemu-io") {
+        return;
+    }
+    let d = tmpdir();
+    qemu_img(d.path(), &["create", "-q", "-f", "qed", "a.qed", "8M"]);
+    let a = d.path().join("a.qed");
+    let a_s = a.to_str().unwrap();
+    qemu_io(d.path(), "qed", "a.qed", &["write -P 7 0 1M"]);
+    let mut b = std::fs::read(&a).unwrap();
+    let l1 = u64::from_le_bytes(b[40..48].try_into().unwrap()) as usize;
+    let l2 = u64::from_le_bytes(b[l1..l1 + 8].try_into().unwrap()) as usize;
+    b[16] |= 2;
+    b[l2 + 50 * 8..l2 + 51 * 8].copy_from_slice(&(1u64 << 40).to_le_bytes());
+    b[l2 + 51 * 8..l2 + 52 * 8].copy_from_slice(&0x10_0100u64.to_le_bytes());
+    std::fs::write(&a, &b).unwrap();
+    std::fs::write(d.path().join("b.qed"), &b).unwrap();
+    {
+        let s = Server::unix(QNBD, &["-r", "-t", "-f", "qed", a_s]);
+        let out = run(Command::new("qemu-io")
+            .args([
+                "-r",
+                "-f",
+                "raw",
+                "-c",
+                "read -P 7 0 1M",
+                "-c",
+                "read 3276800 4k",
+            ])
+            .arg(s.uri()));
+        let r = String::from_utf8_lossy(&out.stdout).to_string()
+            + &String::from_utf8_lossy(&out.stderr);
+        assert!(
+            r.contains("read 1048576/1048576") && r.contains("read failed"),
+            "{r}"
+        );
+    }
+    assert!(
+        std::fs::read(&a).unwrap() == b,
+        "a read-only open changed the image"
+    );
+    let mut s = Server::unix(QNBD, &["-t", "-f", "qed", a_s]);
+    qemu_io(
+        d.path(),
+        "raw",
+        &s.uri(),
+        &["read -P 7 0 1M", "read -P 0 3200k 128k"],
+    );
+    s.terminate();
+    ok(Command::new("qemu-img")
+        .current_dir(d.path())
+        .args(["check", "-q", "-r", "all", "-f", "qed", "b.qed"]));
+    assert!(
+        std::fs::read(&a).unwrap() == std::fs::read(d.path().join("b.qed")).unwrap(),
+        "the repair differs from qemu's"
+    );
+    check_format_no_corruption(&a, "qed");
+    // NEED_CHECK while allocating, cleared by a clean stop.
+    let mut s = Server::unix(QNBD, &["-t", "-f", "qed", a_s]);
+    qemu_io(d.path(), "raw", &s.uri(), &["write -P 9 4M 4k", "flush"]);
+    assert_eq!(std::fs::read(&a).unwrap()[16] & 2, 2, "NEED_CHECK not set");
+    s.terminate();
+    assert_eq!(
+        std::fs::read(&a).unwrap()[16] & 2,
+        0,
+        "NEED_CHECK not cleared"
+    );
 }

@@ -28,6 +28,7 @@ pub mod open;
 pub mod overlay;
 mod probe_guard;
 pub mod qcow2;
+pub mod qed;
 pub mod raw;
 pub mod slice;
 pub mod vdi;
@@ -116,7 +117,7 @@ impl Caps {
         rotational: false,
     };
 
-    /// An image format over a host file (vmdk, vdi, vpc, vhdx): everything but FAST_ZERO
+    /// An image format over a host file (vmdk, vdi, vpc, vhdx, qed): everything but FAST_ZERO
     /// itself, the cache hint by reads; read-only as [`Caps::READ_ONLY`].
     pub const fn image(read_only: bool) -> Caps {
         if read_only {

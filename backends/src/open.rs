@@ -21,6 +21,7 @@ static DRIVERS: &[&Driver] = &[
     &crate::vdi::DRIVER,
     &crate::vpc::DRIVER,
     &crate::vhdx::DRIVER,
+    &crate::qed::DRIVER,
     &crate::raw::DRIVER,
 ];
 
