@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # qnbd against qemu-nbd on the image formats both serve besides raw and qcow2 (vmdk, vdi,
-# vpc, vhdx), over a Unix socket: 4 KiB random reads and writes at QD 32 (fio's nbd engine)
+# vpc, vhdx, qed; FORMATS= picks some), over a Unix socket: 4 KiB random reads and writes at QD 32 (fio's nbd engine)
 # on a fully allocated image, 4 KiB random writes at QD 32 into a fresh one (every write
 # allocates), and a sequential 1 MiB copy out (nbdcopy). Rounds are interleaved (qnbd,
 # qemu-nbd, qnbd, ...); each figure is the median, with the ratio qnbd / qemu-nbd.
@@ -43,7 +43,7 @@ median() { tr ' ' '\n' | sort -n | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}'
 
 echo "| format | workload | qnbd | qemu-nbd | ratio |"
 echo "|---|---|---|---|---|"
-for fmt in vmdk vdi vpc vhdx; do
+for fmt in ${FORMATS:-vmdk vdi vpc vhdx qed}; do
     declare -A res=()
     for r in $(seq "$ROUNDS"); do
         for srv in qnbd qemu-nbd; do

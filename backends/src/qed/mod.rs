@@ -251,14 +251,24 @@ impl Qed {
     /// table) are the same: all unallocated, all zero, or allocated one after another in
     /// the file (qemu's `qed_count_contiguous_clusters`).
     fn run(&self, c: u64, max: u64) -> Result<(Entry, u64)> {
+        self.run_cached(c, max, false)?
+            .ok_or_else(|| self.f.corrupt("L2 table not loaded".into()))
+    }
+
+    /// `run`; with `cached_only`, None when the L2 table would have to be read from the
+    /// file (the callers that must not wait).
+    fn run_cached(&self, c: u64, max: u64, cached_only: bool) -> Result<Option<(Entry, u64)>> {
         let i = c % self.entries;
         let max = max.clamp(1, self.entries - i);
         let l2 = self.l2_of(c)?;
         if l2 == 0 {
-            return Ok((Entry::Unalloc, max));
+            return Ok(Some((Entry::Unalloc, max)));
         }
         let (first, n) = {
             let mut tables = self.tables.lock();
+            if cached_only && !tables.contains_key(&l2) {
+                return Ok(None);
+            }
             let t = &self.table(&mut tables, l2)?[i as usize..(i + max) as usize];
             let first = t[0];
             let n = t
@@ -283,7 +293,19 @@ impl Qed {
             }
             at => return Err(self.bad("cluster offset", at)),
         };
-        Ok((entry, n))
+        Ok(Some((entry, n)))
+    }
+
+    /// Where `[offset, offset + len)` lies when it is one run whose L2 table is in memory:
+    /// the entry (an allocated run's file offset for `offset` itself).
+    fn whole_run(&self, offset: u64, len: u64) -> Option<Entry> {
+        let (c, in_c) = (offset / self.cluster, offset % self.cluster);
+        let want = (in_c + len).div_ceil(self.cluster);
+        match self.run_cached(c, want, true) {
+            Ok(Some((Entry::At(at), n))) if n >= want => Some(Entry::At(at + in_c)),
+            Ok(Some((e, n))) if n >= want => Some(e),
+            _ => None,
+        }
     }
 
     /// Walk `[offset, offset + len)` run by run: (entry, position, length, offset into the
@@ -572,6 +594,45 @@ impl BlockBackend for Qed {
             }
             Ok(())
         })
+    }
+
+    /// Clusters never move and are never freed, so an allocated run found in memory can be
+    /// read or overwritten in place from the thread that read the request.
+    fn try_read(&self, offset: u64, buf: &mut [u8]) -> bool {
+        match self.whole_run(offset, buf.len() as u64) {
+            Some(Entry::At(at)) => self.f.try_read(at, buf),
+            Some(Entry::Zero) => {
+                buf.fill(0);
+                true
+            }
+            Some(Entry::Unalloc) if self.backing.is_none() => {
+                buf.fill(0);
+                true
+            }
+            _ => false,
+        }
+    }
+
+    fn try_write(&self, offset: u64, buf: &[u8]) -> bool {
+        match self.whole_run(offset, buf.len() as u64) {
+            Some(Entry::At(at)) if !self.read_only => self.f.try_write(at, buf),
+            _ => false,
+        }
+    }
+
+    /// An allocated run only ever holds its own range's bytes (nothing is freed or reused).
+    fn read_source(&self, offset: u64, len: u64) -> Option<crate::HostSpan<'_>> {
+        match self.whole_run(offset, len)? {
+            Entry::At(at) => self.f.page_cache_span(at),
+            _ => None,
+        }
+    }
+
+    fn write_sink(&self, offset: u64, len: u64) -> Option<crate::HostSpan<'_>> {
+        match self.whole_run(offset, len)? {
+            Entry::At(at) if !self.read_only => self.f.page_cache_sink(at),
+            _ => None,
+        }
     }
 
     fn format_name(&self) -> &'static str {
