@@ -111,7 +111,11 @@ pub fn parse(s: &str, read_only: bool) -> Result<ParsedImageOpts, String> {
         }
     }
     let fmt_name = driver.clone().unwrap_or_default();
-    let is_protocol = fmt_name == "file" || fmt_name == "host_device";
+    let is_nbd = fmt_name == "nbd";
+    let is_protocol = fmt_name == "file" || fmt_name == "host_device" || is_nbd;
+    // `file.driver=nbd`: the format's file is an NBD export.
+    let file_nbd = !is_protocol && pairs.iter().any(|(k, v)| k == "file.driver" && v == "nbd");
+    let mut nbd = NbdOpts::default();
     // The format's own keys (raw's window, qcow2's backing and tuning options).
     let format_driver = if is_protocol {
         None
@@ -123,6 +127,18 @@ pub fn parse(s: &str, read_only: bool) -> Result<ParsedImageOpts, String> {
         })
     };
     for (k, v) in pairs {
+        let nbd_key = if is_nbd {
+            Some(k.as_str())
+        } else if file_nbd {
+            k.strip_prefix("file.")
+        } else {
+            None
+        };
+        if let Some(key) = nbd_key {
+            if nbd.take(key, &v) {
+                continue;
+            }
+        }
         if let Some(d) = format_driver {
             if let Some(r) = (d.driver().option)(&k, &v, &mut image) {
                 r?;
@@ -153,6 +169,8 @@ pub fn parse(s: &str, read_only: bool) -> Result<ParsedImageOpts, String> {
                     }
                 }
             }
+            // qemu's nbd driver takes no file name among its options.
+            "filename" if is_nbd => {}
             "filename" if is_protocol => filename = Some(v),
             // A protocol driver has no `file` child: these are unknown options to it.
             "file" if !is_protocol => node_ref = Some(v),
@@ -188,14 +206,19 @@ pub fn parse(s: &str, read_only: bool) -> Result<ParsedImageOpts, String> {
             }
         }
     }
+    if is_nbd || file_nbd {
+        let (url, remote) = nbd.url()?;
+        filename = Some(url);
+        image.remote = remote;
+    }
     if let Some(fd) = &file_driver {
-        if fd != "file" && fd != "host_device" {
+        if fd != "file" && fd != "host_device" && fd != "nbd" {
             return Err(format!("Unknown driver '{fd}'"));
         }
     }
     image.format = match driver.as_deref() {
         None => None,
-        Some("file") | Some("host_device") => Some(Format::raw()),
+        Some("file") | Some("host_device") | Some("nbd") => Some(Format::raw()),
         Some(d) => match Format::from_name(d) {
             Some(f) => Some(f),
             None => return Err(format!("Unknown driver '{d}'")),
@@ -243,6 +266,87 @@ pub fn parse(s: &str, read_only: bool) -> Result<ParsedImageOpts, String> {
         detect_zeroes,
         unknown_option,
     })
+}
+
+/// qemu's `nbd` protocol options: where the server is, the export, TLS.
+#[derive(Default)]
+struct NbdOpts {
+    server: Vec<(String, String)>,
+    export: String,
+    tls_creds: Option<String>,
+    tls_hostname: Option<String>,
+}
+
+/// Characters that would end a URI's part early, escaped.
+fn uri_escape(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for c in s.chars() {
+        match c {
+            '%' | '?' | '#' | '&' | '=' | ' ' => out.push_str(&format!("%{:02X}", c as u32)),
+            c => out.push(c),
+        }
+    }
+    out
+}
+
+impl NbdOpts {
+    /// Keep `key` if it is one of the driver's; false when it is not.
+    fn take(&mut self, key: &str, v: &str) -> bool {
+        match key {
+            k if k.starts_with("server.") => self.server.push((k[7..].to_string(), v.to_string())),
+            "export" => self.export = v.to_string(),
+            "tls-creds" => self.tls_creds = Some(v.to_string()),
+            "tls-hostname" => self.tls_hostname = Some(v.to_string()),
+            // qnbd does not reconnect: a lost connection fails the requests at once (what
+            // qemu does once `reconnect-delay` has passed); the options are taken.
+            "reconnect-delay" | "open-timeout" => {}
+            _ => return false,
+        }
+        true
+    }
+
+    fn get(&self, key: &str) -> Result<&str, String> {
+        self.server
+            .iter()
+            .rev()
+            .find(|(k, _)| k == key)
+            .map(|(_, v)| v.as_str())
+            .ok_or_else(|| format!("Parameter '{key}' is missing"))
+    }
+
+    /// The image name the options stand for (an NBD URI) and how it is reached.
+    fn url(&self) -> Result<(String, backends::file::remote::RemoteOptions), String> {
+        if self.server.is_empty() {
+            return Err("NBD server address missing".into());
+        }
+        let export = uri_escape(&self.export);
+        let url = match self.get("type")? {
+            "unix" => format!(
+                "nbd+unix:///{export}?socket={}",
+                uri_escape(self.get("path")?)
+            ),
+            "inet" => {
+                let host = self.get("host")?;
+                let port = self.get("port")?;
+                let host = if host.contains(':') {
+                    format!("[{host}]")
+                } else {
+                    host.to_string()
+                };
+                format!("nbd://{host}:{port}/{export}")
+            }
+            t @ ("fd" | "vsock") => {
+                return Err(format!("NBD servers of type '{t}' are not supported"))
+            }
+            t => return Err(format!("Parameter 'type' does not accept value '{t}'")),
+        };
+        let remote = backends::file::remote::RemoteOptions {
+            read_only: false,
+            tls_creds: self.tls_creds.clone(),
+            tls_hostname: self.tls_hostname.clone(),
+        };
+        Ok((url, remote))
+    }
 }
 
 /// `driver=null-co` (or `null-aio`): qemu's protocol with no storage, `size=` bytes (1 GiB by

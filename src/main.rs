@@ -61,7 +61,14 @@ fn main() {
         std::process::exit(1);
     }
     // qemu-nbd creates objects while it reads its options, before any other check.
-    let objects = object::Objects::create(&cli.object).unwrap_or_else(|e| die(e));
+    let objects =
+        std::sync::Arc::new(object::Objects::create(&cli.object).unwrap_or_else(|e| die(e)));
+    // Images stored elsewhere: NBD exports, through our client (its TLS objects are ours).
+    let objs = objects.clone();
+    backends::file::remote::set_opener(Box::new(move |name, opts| {
+        let creds = |id: &str| objs.tls_creds(id, frontends::tls::Endpoint::Client);
+        frontends::nbd::client::url::open(name, opts, &creds)
+    }));
     run(plan::build(&cli, &objects))
 }
 

@@ -675,6 +675,31 @@ fn crash_loop_qed_over_a_backing_file() {
     );
 }
 
+/// Through a re-export (`qnbd nbd+unix:///?socket=…`): every write, FUA and flush passed on
+/// to the server that holds the image, raw and a qcow2 whose file is the export.
+#[test]
+fn verifier_through_an_nbd_image() {
+    if !have("qemu-img") || !have_nbdsh() {
+        return;
+    }
+    let d = tmpdir();
+    let raw = d.path().join("up.raw");
+    patterned_raw(&raw, 64);
+    let up = Server::unix(QNBD, &["-t", "-f", "raw", raw.to_str().unwrap()]);
+    run_verifier("raw over nbd", &["-f", "raw", &up.uri()], &[]);
+    drop(up);
+    let q = d.path().join("up.qcow2");
+    sh(&format!(
+        "qemu-img create -q -f qcow2 {} 64M && truncate -s 96M {}",
+        q.display(),
+        q.display()
+    ));
+    let up = Server::unix(QNBD, &["-t", "-f", "raw", q.to_str().unwrap()]);
+    run_verifier("qcow2 over nbd", &["-f", "qcow2", &up.uri()], &[]);
+    drop(up);
+    check_no_corruption(&q);
+}
+
 /// A write that would land on metadata (here: the refcount table's first entry zeroed, so
 /// the next allocation would put a refcount block over the header) fails with EIO, the image
 /// gets qemu's corrupt bit and message, later requests fail, and nothing else changed.

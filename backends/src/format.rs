@@ -153,6 +153,8 @@ pub struct ImageOptions {
     /// qcow2's `cache-size`, `l2-cache-size` and `refcount-cache-size` (ignored, but
     /// checked against each other as qemu checks them).
     pub qcow2_cache_sizes: [Option<u64>; 3],
+    /// How a remote image file (`nbd://…`, `driver=nbd`) is reached: its TLS options.
+    pub remote: crate::file::remote::RemoteOptions,
     /// vpc's `force_size_calc=`: Some(true) for `chs`, Some(false) for `current_size`.
     pub vpc_size_calc: Option<bool>,
     /// Warnings for the user gathered while the options were read (qemu's deprecations),

@@ -84,6 +84,19 @@ fn read_head(path: &Path) -> Result<Vec<u8>> {
     Ok(head)
 }
 
+/// The first sector of a remote file, for probing.
+fn remote_head(r: &dyn crate::file::remote::Remote, name: &Path) -> Result<Vec<u8>> {
+    let mut head = vec![0u8; (r.size().min(512)) as usize];
+    r.read(0, &mut head).map_err(|e| {
+        Error::Open(format!(
+            "Could not read '{}': {}",
+            name.display(),
+            crate::errno_text(&e)
+        ))
+    })?;
+    Ok(head)
+}
+
 /// qemu's warning when probing guessed raw for a writable image.
 fn probed_raw_warning(path: &Path) -> String {
     format!(
@@ -103,10 +116,19 @@ pub fn open_image(opts: &ImageOptions) -> Result<Opened> {
     if let Some(null) = opts.null.or_else(|| crate::null::from_filename(&opts.path)) {
         return open_null(null, opts);
     }
-    let head = read_head(&opts.path)?;
-    let mut warnings = Vec::new();
     // Under -s the image itself is only read, as a backing file.
     let read_only = opts.read_only || opts.snapshot;
+    let remote_opts = crate::file::remote::RemoteOptions {
+        read_only,
+        ..opts.remote.clone()
+    };
+    let remote =
+        crate::file::remote::open(&opts.path.to_string_lossy(), &remote_opts).transpose()?;
+    let head = match &remote {
+        Some(r) => remote_head(r.as_ref(), &opts.path)?,
+        None => read_head(&opts.path)?,
+    };
+    let mut warnings = Vec::new();
     let format = match opts.format {
         Some(f) => f,
         None => {
@@ -129,19 +151,22 @@ pub fn open_image(opts: &ImageOptions) -> Result<Opened> {
     } else {
         Role::Raw
     };
-    let file = HostFile::open(
-        &opts.path,
-        &FileOptions {
-            read_only,
-            direct: opts.direct,
-            aio: opts.aio,
-            lock: Some(LockSpec {
-                locking: opts.locking,
-                role,
-                force_share: opts.force_share,
-            }),
-        },
-    )?;
+    let file = match remote {
+        Some(r) => HostFile::remote(r, &opts.path, read_only),
+        None => HostFile::open(
+            &opts.path,
+            &FileOptions {
+                read_only,
+                direct: opts.direct,
+                aio: opts.aio,
+                lock: Some(LockSpec {
+                    locking: opts.locking,
+                    role,
+                    force_share: opts.force_share,
+                }),
+            },
+        )?,
+    };
     let depth = opts.chain_depth;
     let top = &opts.path;
     let locking = opts.locking;

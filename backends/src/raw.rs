@@ -222,6 +222,10 @@ impl BlockBackend for RawFile {
             out.push(Extent::new(len, data, 1));
             return Ok(());
         }
+        if let Some(r) = self.file.remote_file() {
+            return crate::file::remote::status(r.as_ref(), offset, len, out)
+                .map_err(|e| self.file.err("block status", offset, len, e));
+        }
         if let Some(data_end) = self.data.data_end(offset) {
             out.push(Extent::new(data_end.min(end) - offset, data, 1));
             return Ok(());

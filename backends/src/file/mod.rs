@@ -15,6 +15,7 @@
 pub mod direct;
 pub mod lock;
 pub mod record;
+pub mod remote;
 
 use crate::aio::{self, AioMode};
 use crate::error::errno_text;
@@ -22,6 +23,7 @@ use crate::{Error, Result};
 use direct::DirectIo;
 use lock::{ImageLock, Locking, Perm, Role, Stage};
 use record::Recorder;
+use remote::Remote;
 use std::fs::{File, OpenOptions};
 use std::io;
 use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
@@ -54,8 +56,11 @@ pub struct LockSpec {
 
 #[derive(Debug)]
 pub struct HostFile {
-    /// The descriptor for I/O: opened with O_DIRECT when `direct` is set.
-    file: File,
+    /// The descriptor for I/O: opened with O_DIRECT when `direct` is set. None for a remote
+    /// file.
+    file: Option<File>,
+    /// A file stored elsewhere (`remote.rs`): every call goes to it instead.
+    remote: Option<Arc<dyn Remote>>,
     path: PathBuf,
     read_only: bool,
     is_block_device: bool,
@@ -108,7 +113,8 @@ impl HostFile {
     pub fn from_file(file: File, path: &Path, read_only: bool, aio: AioMode) -> Result<HostFile> {
         let meta = file.metadata().map_err(|e| open_error(path, &e))?;
         Ok(HostFile {
-            file,
+            file: Some(file),
+            remote: None,
             path: path.to_path_buf(),
             read_only,
             is_block_device: meta.file_type().is_block_device(),
@@ -122,6 +128,37 @@ impl HostFile {
         })
     }
 
+    /// A file stored elsewhere, named `name` in messages; read-only when asked or when the
+    /// server says so.
+    pub fn remote(r: Arc<dyn Remote>, name: &Path, read_only: bool) -> HostFile {
+        HostFile {
+            file: None,
+            read_only: read_only || r.read_only(),
+            remote: Some(r),
+            path: name.to_path_buf(),
+            is_block_device: false,
+            aio: AioMode::Threads,
+            direct: None,
+            sync_failed: AtomicI32::new(0),
+            no_nowait: AtomicBool::new(false),
+            no_nowait_write: AtomicBool::new(false),
+            lock: parking_lot::Mutex::new(None),
+            recorder: None,
+        }
+    }
+
+    /// The remote file this stands for, if it is one.
+    pub fn remote_file(&self) -> Option<&Arc<dyn Remote>> {
+        self.remote.as_ref()
+    }
+
+    /// The local descriptor; a remote file has none (callers ask `remote` first).
+    fn local(&self) -> io::Result<&File> {
+        self.file
+            .as_ref()
+            .ok_or_else(|| io::Error::from(io::ErrorKind::Unsupported))
+    }
+
     /// Record every write, length change and sync from now on (crash-state tests).
     pub fn set_recorder(&mut self, r: Arc<Recorder>) {
         self.recorder = Some(r);
@@ -131,8 +168,9 @@ impl HostFile {
         &self.path
     }
 
-    pub fn file(&self) -> &File {
-        &self.file
+    /// The local file (None for a remote one).
+    pub fn file(&self) -> Option<&File> {
+        self.file.as_ref()
     }
 
     pub fn is_block_device(&self) -> bool {
@@ -147,6 +185,9 @@ impl HostFile {
     /// False if any of it is not there, past the end, or the kernel cannot tell (O_DIRECT).
     /// Only with `--aio=threads`: another mode asked for all I/O through its own engine.
     pub fn try_read(&self, offset: u64, buf: &mut [u8]) -> bool {
+        let Some(file) = &self.file else {
+            return false;
+        };
         if self.direct.is_some()
             || self.aio != AioMode::Threads
             || self.no_nowait.load(Ordering::Relaxed)
@@ -161,7 +202,7 @@ impl HostFile {
         // its length.
         let n = unsafe {
             libc::preadv2(
-                self.file.as_raw_fd(),
+                file.as_raw_fd(),
                 &iov,
                 1,
                 offset as libc::off_t,
@@ -181,6 +222,9 @@ impl HostFile {
     /// Only with `--aio=threads`, as `try_read`.
     pub fn try_write(&self, offset: u64, buf: &[u8]) -> bool {
         const PAGE: u64 = 4096;
+        let Some(file) = &self.file else {
+            return false;
+        };
         if self.direct.is_some()
             || self.read_only
             || self.aio != AioMode::Threads
@@ -200,14 +244,14 @@ impl HostFile {
         };
         // SAFETY: iov points into `buf`, which outlives the call; pwritev2 only reads it.
         let mut n =
-            unsafe { libc::pwritev2(self.file.as_raw_fd(), &iov, 1, offset as libc::off_t, flags) };
+            unsafe { libc::pwritev2(file.as_raw_fd(), &iov, 1, offset as libc::off_t, flags) };
         if n < 0
             && flags != 0
             && io::Error::last_os_error().raw_os_error() == Some(libc::EOPNOTSUPP)
         {
             self.no_nowait_write.store(true, Ordering::Relaxed);
             // SAFETY: as above.
-            n = unsafe { libc::pwritev2(self.file.as_raw_fd(), &iov, 1, offset as libc::off_t, 0) };
+            n = unsafe { libc::pwritev2(file.as_raw_fd(), &iov, 1, offset as libc::off_t, 0) };
         }
         if n < 0 || n as usize != buf.len() {
             return false;
@@ -228,7 +272,7 @@ impl HostFile {
             return None;
         }
         Some(crate::HostSpan {
-            fd: self.file.as_fd(),
+            fd: self.file.as_ref()?.as_fd(),
             offset,
             path: &self.path,
         })
@@ -261,32 +305,55 @@ impl HostFile {
 
     /// Fill `buf` from `offset`; bytes past the end of the file read as zeroes.
     pub fn read(&self, op: &'static str, offset: u64, buf: &mut [u8]) -> Result<()> {
+        if let Some(r) = &self.remote {
+            let n = r.size().saturating_sub(offset).min(buf.len() as u64) as usize;
+            buf[n..].fill(0);
+            return match n {
+                0 => Ok(()),
+                n => r.read(offset, &mut buf[..n]),
+            }
+            .map_err(|e| self.err(op, offset, n as u64, e));
+        }
+        let file = self.local().map_err(|e| self.err(op, offset, 0, e))?;
         let r = match &self.direct {
-            Some(d) => d.read(&self.file, offset, buf),
-            None => read_full_at(self.aio, &self.file, offset, buf),
+            Some(d) => d.read(file, offset, buf),
+            None => read_full_at(self.aio, file, offset, buf),
         };
         r.map_err(|e| self.err(op, offset, buf.len() as u64, e))
     }
 
     /// Write all of `buf` at `offset`; with `dsync` it is durable when this returns.
     pub fn write(&self, op: &'static str, offset: u64, buf: &[u8], dsync: bool) -> Result<()> {
-        let r = match &self.direct {
-            Some(d) => d.write(&self.file, offset, buf).and_then(|()| {
-                if dsync {
-                    self.sync_raw()
-                } else {
-                    Ok(())
-                }
-            }),
-            None if dsync && self.aio == AioMode::Threads => write_dsync(&self.file, offset, buf),
-            None => aio::write_all_at(self.aio, &self.file, buf, offset).and_then(|()| {
-                if dsync {
-                    self.sync_raw()
-                } else {
-                    Ok(())
-                }
-            }),
-        };
+        if let Some(r) = &self.remote {
+            let end = offset.saturating_add(buf.len() as u64);
+            if end > r.size() {
+                return Err(remote::cannot_grow(&self.path.display().to_string(), end));
+            }
+            return r
+                .write(offset, buf, dsync)
+                .map_err(|e| self.err(op, offset, buf.len() as u64, e));
+        }
+        let file = self
+            .local()
+            .map_err(|e| self.err(op, offset, buf.len() as u64, e))?;
+        let r =
+            match &self.direct {
+                Some(d) => d.write(file, offset, buf).and_then(|()| {
+                    if dsync {
+                        self.sync_raw()
+                    } else {
+                        Ok(())
+                    }
+                }),
+                None if dsync && self.aio == AioMode::Threads => write_dsync(file, offset, buf),
+                None => aio::write_all_at(self.aio, file, buf, offset).and_then(|()| {
+                    if dsync {
+                        self.sync_raw()
+                    } else {
+                        Ok(())
+                    }
+                }),
+            };
         match r {
             Ok(()) => {
                 if let Some(rec) = &self.recorder {
@@ -311,7 +378,10 @@ impl HostFile {
 
     fn sync_raw(&self) -> io::Result<()> {
         record::test_delay();
-        self.file.sync_data()
+        match &self.remote {
+            Some(r) => r.flush(),
+            None => self.local()?.sync_data(),
+        }
     }
 
     /// fdatasync. A failure is remembered: the kernel may have marked the failed pages clean,
@@ -345,16 +415,19 @@ impl HostFile {
 
     /// The file's length (a block device's size).
     pub fn size(&self) -> Result<u64> {
+        if let Some(r) = &self.remote {
+            return Ok(r.size());
+        }
+        let file = self.local().map_err(|e| self.err("stat", 0, 0, e))?;
         if self.is_block_device {
             // SAFETY: lseek on an owned, open fd; positional I/O elsewhere ignores the offset.
-            let end = unsafe { libc::lseek(self.file.as_raw_fd(), 0, libc::SEEK_END) };
+            let end = unsafe { libc::lseek(file.as_raw_fd(), 0, libc::SEEK_END) };
             if end < 0 {
                 return Err(self.err("seek", 0, 0, io::Error::last_os_error()));
             }
             return Ok(end as u64);
         }
-        self.file
-            .metadata()
+        file.metadata()
             .map(|m| m.len())
             .map_err(|e| self.err("stat", 0, 0, e))
     }
@@ -365,8 +438,11 @@ impl HostFile {
         if self.is_block_device || self.size()? >= len {
             return Ok(());
         }
-        self.file
-            .set_len(len)
+        if self.remote.is_some() {
+            return Err(remote::cannot_grow(&self.path.display().to_string(), len));
+        }
+        self.local()
+            .and_then(|f| f.set_len(len))
             .map_err(|e| self.err("extend", len, 0, e))?;
         if let Some(rec) = &self.recorder {
             rec.set_len(len);
@@ -375,10 +451,15 @@ impl HostFile {
     }
 
     fn fallocate(&self, mode: libc::c_int, offset: u64, len: u64) -> io::Result<()> {
+        if let Some(r) = &self.remote {
+            // A punched hole reads as zeroes: write-zeroes that may deallocate.
+            return r.write_zeroes(offset, len, mode & libc::FALLOC_FL_PUNCH_HOLE == 0);
+        }
+        let file = self.local()?;
         // An unaligned O_DIRECT read-modify-write must not interleave with this.
         let _x = self.direct.as_ref().map(|d| d.shared());
         // SAFETY: fallocate on an owned, open fd with plain integer arguments.
-        let r = unsafe { libc::fallocate(self.file.as_raw_fd(), mode, offset as i64, len as i64) };
+        let r = unsafe { libc::fallocate(file.as_raw_fd(), mode, offset as i64, len as i64) };
         if r == 0 {
             if let Some(rec) = &self.recorder {
                 rec.zero(offset, len);
@@ -410,8 +491,12 @@ impl HostFile {
 
     /// SEEK_DATA / SEEK_HOLE: None where the kernel says ENXIO (no more data).
     pub fn seek(&self, offset: u64, whence: libc::c_int) -> io::Result<Option<u64>> {
+        if let Some(r) = &self.remote {
+            return remote::seek(r.as_ref(), offset, whence);
+        }
+        let file = self.local()?;
         // SAFETY: lseek on an owned, open fd; pread/pwrite elsewhere do not use the position.
-        let r = unsafe { libc::lseek(self.file.as_raw_fd(), offset as i64, whence) };
+        let r = unsafe { libc::lseek(file.as_raw_fd(), offset as i64, whence) };
         if r >= 0 {
             return Ok(Some(r as u64));
         }
@@ -470,10 +555,13 @@ impl HostFile {
 
     /// Prefetch hint.
     pub fn will_need(&self, offset: u64, len: u64) {
+        let Some(file) = &self.file else {
+            return;
+        };
         // SAFETY: posix_fadvise on an owned, open fd with integer arguments.
         let r = unsafe {
             libc::posix_fadvise(
-                self.file.as_raw_fd(),
+                file.as_raw_fd(),
                 offset as i64,
                 len as i64,
                 libc::POSIX_FADV_WILLNEED,

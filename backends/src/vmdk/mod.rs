@@ -353,7 +353,20 @@ impl Vmdk {
                 None => {
                     d.f.write("write descriptor", d.at, &bytes, false)?;
                     if bytes.len() < old.len() {
-                        d.f.file().set_len(bytes.len() as u64).map_err(|e| {
+                        let truncate = match d.f.file() {
+                            Some(f) => f.set_len(bytes.len() as u64),
+                            // A remote descriptor keeps its size: the padding is zeroes.
+                            None => {
+                                d.f.write(
+                                    "write descriptor",
+                                    d.at + bytes.len() as u64,
+                                    &vec![0u8; old.len() - bytes.len()],
+                                    false,
+                                )
+                                .map_err(|_| std::io::ErrorKind::Other.into())
+                            }
+                        };
+                        truncate.map_err(|e| {
                             d.f.err("truncate descriptor", 0, bytes.len() as u64, e)
                         })?;
                     }

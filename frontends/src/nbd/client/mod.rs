@@ -2,6 +2,9 @@
 //! headers and meta contexts. Used by `-L` now, and before a kernel bind (`-c`) later, where
 //! it must negotiate simple replies only.
 
+pub mod remote;
+pub mod url;
+
 use crate::nbd::proto::*;
 use crate::nbd::wire::{self, Info, Reader};
 use crate::tls::{self, Creds};
@@ -31,22 +34,31 @@ fn protocol(msg: impl Into<String>) -> ClientError {
 }
 
 impl ClientError {
-    /// The lines qemu-nbd prints for this error (without the program prefix on the first).
+    /// The lines qemu-nbd prints for this error (without the program prefix on the first):
+    /// qemu's `nbd_handle_reply_err`, the server's message as a hint when it sent one.
     pub fn report(&self) -> String {
-        match self {
-            ClientError::Refused { opt, rep, msg } if *rep == REP_ERR_TLS_REQD => format!(
-                "TLS negotiation required before option {opt} ({})\nDid you forget a valid tls-creds?\nserver reported: {msg}",
-                opt_name(*opt)
+        let ClientError::Refused { opt, rep, msg } = self else {
+            return self.to_string();
+        };
+        let name = opt_name(*opt);
+        let mut text = match *rep {
+            REP_ERR_TLS_REQD => format!(
+                "TLS negotiation required before option {opt} ({name})\nDid you forget a valid tls-creds?"
             ),
-            ClientError::Refused { opt, rep, msg } if *rep == REP_ERR_POLICY => format!(
-                "Denied by server for option {opt} ({})\nserver reported: {msg}",
-                opt_name(*opt)
-            ),
-            ClientError::Refused { opt, msg, .. } => {
-                format!("Option {opt} ({}) failed\nserver reported: {msg}", opt_name(*opt))
+            REP_ERR_POLICY => format!("Denied by server for option {opt} ({name})"),
+            REP_ERR_UNKNOWN => "Requested export not available".to_string(),
+            REP_ERR_INVALID => format!("Invalid parameters for option {opt} ({name})"),
+            REP_ERR_PLATFORM => format!("Server lacks support for option {opt} ({name})"),
+            REP_ERR_SHUTDOWN => format!("Server shutting down before option {opt} ({name})"),
+            REP_ERR_BLOCK_SIZE_REQD => {
+                format!("Server requires INFO_BLOCK_SIZE for option {opt} ({name})")
             }
-            e => e.to_string(),
+            _ => format!("Option {opt} ({name}) failed"),
+        };
+        if !msg.is_empty() {
+            text.push_str(&format!("\nserver reported: {msg}"));
         }
+        text
     }
 }
 
@@ -288,6 +300,34 @@ impl Client {
                     None => return Err(protocol("short NBD_REP_INFO")),
                 },
                 _ => return Err(Self::refused(opt, r)),
+            }
+        }
+    }
+
+    /// NBD_OPT_SET_META_CONTEXT for one context of `export`: its id, None when the server
+    /// does not have it (or has no meta contexts at all).
+    pub fn set_meta_context(
+        &mut self,
+        export: &str,
+        context: &str,
+    ) -> Result<Option<u32>, ClientError> {
+        let mut d = Vec::new();
+        wire::encode_meta_request(&mut d, export, &[context]);
+        self.send_opt(OPT_SET_META_CONTEXT, &d)?;
+        let mut id = None;
+        loop {
+            let r = self.read_reply(OPT_SET_META_CONTEXT)?;
+            match r.rep {
+                REP_ACK => return Ok(id),
+                REP_META_CONTEXT => {
+                    let (i, name) = wire::decode_meta_context(&r.data)
+                        .ok_or_else(|| protocol("short NBD_REP_META_CONTEXT"))?;
+                    if name == context {
+                        id = Some(i);
+                    }
+                }
+                rep if rep & 0x8000_0000 != 0 => return Ok(None),
+                _ => return Err(Self::refused(OPT_SET_META_CONTEXT, r)),
             }
         }
     }

@@ -1,0 +1,266 @@
+//! Images stored on another NBD server (`qnbd nbd+unix:///?socket=…`, `--image-opts
+//! driver=nbd,…`, a format over one with `file.driver=nbd`), as qemu-nbd serves them: the
+//! same bytes, writes and block status passed through, formats and `-s` over the export,
+//! TLS to the upstream server, qemu-nbd's words for every name and option it refuses, and a
+//! lost upstream failing requests (EIO), not the server.
+//! (The concurrent verifier through a re-export is in `data_safety.rs`.)
+
+mod common;
+use common::pki::pki;
+use common::*;
+use std::path::Path;
+use std::process::Command;
+
+fn map(uri: &str) -> String {
+    ok(Command::new("qemu-img").args(["map", "--output=json", "-f", "raw", uri]))
+}
+
+fn compare(a: &str, fmt_a: &str, b: &str) -> String {
+    ok(Command::new("qemu-img").args(["compare", "-f", fmt_a, "-F", "raw", a, b]))
+}
+
+/// A 16 MiB raw file with data, zeroes and a hole.
+fn image(d: &Path) -> String {
+    let p = make_raw(
+        d,
+        "up.raw",
+        16 << 20,
+        &[(0, &[7u8; 65536]), (5 << 20, &[9u8; 300_000])],
+    );
+    p.to_str().unwrap().to_string()
+}
+
+#[test]
+fn a_raw_export_is_served_written_and_mapped_through() {
+    if !have("qemu-img") || !have("qemu-io") {
+        return;
+    }
+    let d = tmpdir();
+    let up_path = image(d.path());
+    let reference = d.path().join("ref.raw");
+    std::fs::copy(&up_path, &reference).unwrap();
+    // Two clients at once: the re-exporting server and qemu-img.
+    let up = Server::unix(QNBD, &["-t", "-e", "2", "-f", "raw", &up_path]);
+    let mut proxy = Server::unix(QNBD, &["-t", "-f", "raw", &up.uri()]);
+    assert!(compare(&up_path, "raw", &proxy.uri()).contains("Images are identical"));
+    assert_eq!(
+        map(&proxy.uri()),
+        map(&up.uri()),
+        "block status passes through"
+    );
+    let writes = [
+        "write -P 0x11 1000 3000",
+        "write -P 0x22 1M 2M",
+        "write -z 6M 1M",
+        "write -z -u 8M 64k",
+        "write -P 0x33 -f 15M 4k",
+        "flush",
+    ];
+    qemu_io(d.path(), "raw", &proxy.uri(), &writes);
+    qemu_io(d.path(), "raw", reference.to_str().unwrap(), &writes);
+    proxy.terminate();
+    drop(up);
+    let out = ok(Command::new("qemu-img")
+        .args(["compare", "-f", "raw", "-F", "raw", &up_path])
+        .arg(&reference));
+    assert!(out.contains("Images are identical"), "{out}");
+}
+
+/// A qcow2 image held by an NBD server as plain bytes: probed and served as qcow2 through
+/// the export, as qemu-nbd does; `-s` keeps the writes out of it.
+#[test]
+fn a_format_and_an_overlay_sit_on_an_nbd_export() {
+    if !have("qemu-img") || !have("qemu-io") || !have("qemu-nbd") {
+        return;
+    }
+    let d = tmpdir();
+    let raw = image(d.path());
+    let q = d.path().join("img.qcow2");
+    ok(Command::new("qemu-img")
+        .args(["convert", "-f", "raw", "-O", "qcow2", &raw])
+        .arg(&q));
+    // Room to allocate in: an export does not grow.
+    ok(Command::new("truncate").args(["-s", "+16M"]).arg(&q));
+    let up = Server::unix(QNBD, &["-t", "-e", "2", "-f", "raw", q.to_str().unwrap()]);
+    let before = std::fs::read(&q).unwrap();
+    {
+        let s = Server::unix(QNBD, &["-t", "-r", &up.uri()]);
+        assert!(compare(&raw, "raw", &s.uri()).contains("Images are identical"));
+        let ours = map(&s.uri());
+        drop(s);
+        let theirs = Server::unix("qemu-nbd", &["-t", "-r", &up.uri()]);
+        assert_eq!(
+            ours,
+            map(&theirs.uri()),
+            "block status differs from qemu-nbd's"
+        );
+    }
+    let s = Server::unix(QNBD, &["-t", "-s", "-f", "qcow2", &up.uri()]);
+    qemu_io(
+        d.path(),
+        "raw",
+        &s.uri(),
+        &["write -P 0x55 0 1M", "read -P 0x55 0 1M"],
+    );
+    drop(s);
+    let s = Server::unix(QNBD, &["-t", "-f", "qcow2", &up.uri()]);
+    qemu_io(
+        d.path(),
+        "raw",
+        &s.uri(),
+        &["read -P 7 0 64k", "write -P 0x66 2M 64k"],
+    );
+    drop(s);
+    drop(up);
+    assert!(
+        std::fs::read(&q).unwrap() != before,
+        "the write went nowhere"
+    );
+    check_clean(&q);
+    qemu_io(
+        d.path(),
+        "qcow2",
+        q.to_str().unwrap(),
+        &["read -P 0x66 2M 64k", "read -P 7 0 64k"],
+    );
+}
+
+/// What qemu-nbd prints when it refuses `name` (or, with `image_opts`, an option string).
+fn refusal(bin: &str, d: &Path, name: &str, image_opts: bool) -> String {
+    let sock = d.join("r.sock");
+    let mut c = Command::new("timeout");
+    c.args(["10", bin, "-k", sock.to_str().unwrap()]);
+    if image_opts {
+        c.arg("--image-opts");
+    } else {
+        c.args(["-f", "raw"]);
+    }
+    let out = run(c.arg(name));
+    assert_eq!(out.status.code(), Some(1), "{bin} {name}");
+    String::from_utf8_lossy(&out.stderr)
+        .lines()
+        .filter(|l| !l.contains("GLib"))
+        .collect::<Vec<_>>()
+        .join("\n")
+        .replace("qemu-nbd:", "qnbd:")
+}
+
+#[test]
+fn names_and_options_are_refused_in_qemu_nbds_words() {
+    if !have("qemu-nbd") {
+        return;
+    }
+    let d = tmpdir();
+    let raw = image(d.path());
+    let up = Server::unix(QNBD, &["-t", "-r", "-f", "raw", "-x", "exp1", &raw]);
+    let sock = up.socket.clone().unwrap().display().to_string();
+    let names = [
+        format!("nbd+unix:///nope?socket={sock}"),
+        // A read-only export opened for writing.
+        format!("nbd+unix:///exp1?socket={sock}"),
+        "nbd+unix:///?socket=/nonexistent.sock".into(),
+        "nbd+unix:///exp".into(),
+        "nbd://".into(),
+        "nbd+bogus://x/".into(),
+        "nbd:unix:/nonexistent.sock:exportname=e".into(),
+        "nbd:".into(),
+        "nbd:foo".into(),
+        "nbd://h/?socket=x".into(),
+    ];
+    for n in &names {
+        assert_eq!(
+            refusal(QNBD, d.path(), n, false),
+            refusal("qemu-nbd", d.path(), n, false),
+            "{n}"
+        );
+    }
+    let opts = [
+        "driver=nbd".to_string(),
+        "driver=nbd,server.type=unix".into(),
+        "driver=nbd,server.path=/x".into(),
+        "driver=nbd,server.type=inet,server.host=127.0.0.1".into(),
+        "driver=nbd,server.type=bogus".into(),
+        format!("driver=nbd,server.type=unix,server.path={sock},export=exp1,tls-creds=nope"),
+        format!("driver=nbd,server.type=unix,server.path={sock},export=exp1,read-only=on,bogus=1"),
+        format!("driver=qcow2,file.driver=nbd,file.server.type=unix,file.server.path={sock},file.export=exp1,read-only=on"),
+    ];
+    for o in &opts {
+        assert_eq!(
+            refusal(QNBD, d.path(), o, true),
+            refusal("qemu-nbd", d.path(), o, true),
+            "{o}"
+        );
+    }
+}
+
+/// `--image-opts driver=nbd` over TLS with x509 certificates, and the refusal of a server
+/// that wants TLS when none is offered, as qemu-nbd words it.
+#[test]
+fn an_export_behind_tls_is_reached_with_tls_creds() {
+    if !have("qemu-img") || !have("qemu-nbd") || !have("certtool") {
+        return;
+    }
+    let p = pki();
+    let d = tmpdir();
+    let raw = image(d.path());
+    let server_obj = format!(
+        "tls-creds-x509,id=tls0,endpoint=server,dir={},verify-peer=off",
+        p.server.display()
+    );
+    let up = Server::tcp(
+        QNBD,
+        &[
+            "-t",
+            "-f",
+            "raw",
+            "--object",
+            &server_obj,
+            "--tls-creds",
+            "tls0",
+            &raw,
+        ],
+    );
+    let port = up.port.unwrap();
+    let client_obj = format!(
+        "tls-creds-x509,id=tls1,endpoint=client,dir={}",
+        p.client.display()
+    );
+    let opts = format!(
+        "driver=nbd,server.type=inet,server.host=127.0.0.1,server.port={port},tls-creds=tls1,tls-hostname=localhost"
+    );
+    let s = Server::unix(
+        QNBD,
+        &["-t", "-r", "--object", &client_obj, "--image-opts", &opts],
+    );
+    assert!(compare(&raw, "raw", &s.uri()).contains("Images are identical"));
+    drop(s);
+    let plain = format!("driver=nbd,server.type=inet,server.host=127.0.0.1,server.port={port}");
+    let refuse = |bin: &str| refusal(bin, d.path(), &plain, true);
+    assert_eq!(refuse(QNBD), refuse("qemu-nbd"));
+}
+
+/// The upstream server goes away: requests fail with EIO, the re-exporting server stays up
+/// and exits cleanly when told to.
+#[test]
+fn a_lost_upstream_fails_requests_not_the_server() {
+    if !have("qemu-io") {
+        return;
+    }
+    let d = tmpdir();
+    let raw = image(d.path());
+    let mut up = Server::unix(QNBD, &["-t", "-f", "raw", &raw]);
+    let mut s = Server::unix(QNBD, &["-t", "-f", "raw", &up.uri()]);
+    qemu_io(d.path(), "raw", &s.uri(), &["read -P 7 0 64k"]);
+    up.terminate();
+    let out = run(Command::new("qemu-io")
+        .args(["-f", "raw", "-c", "read 0 64k", "-c", "write 0 4k"])
+        .arg(s.uri()));
+    let text =
+        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    assert!(
+        text.contains("read failed: Input/output error")
+            && text.contains("write failed: Input/output error"),
+        "{text}"
+    );
+    assert!(s.terminate().is_some(), "the server did not exit");
+}
