@@ -264,3 +264,124 @@ fn a_lost_upstream_fails_requests_not_the_server() {
     );
     assert!(s.terminate().is_some(), "the server did not exit");
 }
+
+/// A server that refuses requests smaller than its 4 KiB minimum block (nbdkit's
+/// blocksize-policy filter): reads are widened and partial blocks written by read-modify-
+/// write, so unaligned writes and zeroes land as on a plain file.
+#[test]
+fn a_server_with_a_minimum_block_size_gets_aligned_requests() {
+    if !have("qemu-io") || !have("nbdkit") {
+        return;
+    }
+    let d = tmpdir();
+    let up_path = image(d.path());
+    let reference = d.path().join("ref.raw");
+    std::fs::copy(&up_path, &reference).unwrap();
+    let sock = d.path().join("kit.sock");
+    let mut kit = Command::new("nbdkit")
+        .args(["-f", "-U"])
+        .arg(&sock)
+        .args([
+            "--filter=blocksize-policy",
+            "file",
+            &up_path,
+            "blocksize-minimum=4096",
+            "blocksize-error-policy=error",
+        ])
+        .spawn()
+        .expect("nbdkit");
+    for _ in 0..200 {
+        if sock.exists() {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let up = format!("nbd+unix:///?socket={}", sock.display());
+    let mut s = Server::unix(QNBD, &["-t", "-f", "raw", &up]);
+    let writes = [
+        "write -P 0x11 1000 3000",
+        "write -P 0x22 4097 100",
+        "write -z 7 1000",
+        "write -z 8191 70000",
+        "write -P 0x33 -f 16776704 512",
+        "flush",
+    ];
+    qemu_io(d.path(), "raw", &s.uri(), &writes);
+    qemu_io(d.path(), "raw", reference.to_str().unwrap(), &writes);
+    assert!(compare(reference.to_str().unwrap(), "raw", &s.uri()).contains("Images are identical"));
+    s.terminate();
+    let _ = kit.kill();
+    let _ = kit.wait();
+    let out = ok(Command::new("qemu-img")
+        .args(["compare", "-f", "raw", "-F", "raw", &up_path])
+        .arg(&reference));
+    assert!(out.contains("Images are identical"), "{out}");
+}
+
+/// A server that breaks the protocol: at open, qnbd refuses it (exit 1, no hang, no
+/// panic); once serving, the requests it breaks fail with EIO and qnbd stays up.
+#[test]
+fn a_hostile_upstream_fails_cleanly() {
+    if !have("qemu-io") {
+        return;
+    }
+    let d = tmpdir();
+    let tool = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/tools/hostile_nbd_server.py");
+    for mode in [
+        "magic",
+        "cookie",
+        "bigchunk",
+        "outside",
+        "shortdata",
+        "holebad",
+        "badblock",
+        "late",
+    ] {
+        let sock = d.path().join(format!("{mode}.sock"));
+        let mut evil = Command::new(PYTHON)
+            .arg(&tool)
+            .arg(&sock)
+            .args([mode, "1"])
+            .spawn()
+            .expect("hostile server");
+        for _ in 0..200 {
+            if sock.exists() {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        let up = format!("nbd+unix:///?socket={}", sock.display());
+        if mode != "late" {
+            let out = run(Command::new("timeout")
+                .args(["20", QNBD, "-t", "-f", "raw", "-k"])
+                .arg(d.path().join("p.sock"))
+                .arg(&up));
+            let err = String::from_utf8_lossy(&out.stderr);
+            assert_eq!(out.status.code(), Some(1), "{mode}: {err}");
+            assert!(!err.contains("panicked"), "{mode}: {err}");
+        } else {
+            let mut s = Server::unix(QNBD, &["-t", "-f", "raw", &up]);
+            let out = run(Command::new("qemu-io")
+                .args([
+                    "-f",
+                    "raw",
+                    "-c",
+                    "read 0 4k",
+                    "-c",
+                    "write 0 4k",
+                    "-c",
+                    "read 1M 4k",
+                ])
+                .arg(s.uri()));
+            let text = String::from_utf8_lossy(&out.stdout);
+            // The broken replies fail their requests (the first ones may still be good).
+            assert!(text.matches("Input/output error").count() >= 2, "{text}");
+            assert!(
+                s.terminate().is_some_and(|st| st.success()),
+                "{mode}: the server did not exit cleanly"
+            );
+        }
+        let _ = evil.kill();
+        let _ = evil.wait();
+    }
+}

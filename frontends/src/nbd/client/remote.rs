@@ -56,6 +56,11 @@ pub struct NbdRemote {
     flags: TransmissionFlags,
     /// The id of `base:allocation`, when the server has it.
     allocation: Option<u32>,
+    /// The server's minimum block size: reads and writes are aligned to it (1: none).
+    align: u64,
+    /// Aligned writes share it; a read-modify-write of a partial block holds it alone, so
+    /// no write to the same block slips between its read and its write.
+    rmw: parking_lot::RwLock<()>,
     writer: Mutex<Stream>,
     shared: Arc<Shared>,
     next_cookie: AtomicU64,
@@ -84,6 +89,19 @@ impl NbdRemote {
         allocation: Option<u32>,
         name: String,
     ) -> io::Result<NbdRemote> {
+        if info.size > i64::MAX as u64 {
+            return Err(io::Error::other(format!(
+                "export size {} is too large",
+                info.size
+            )));
+        }
+        let align = u64::from(info.min_block.max(1));
+        if !info.size.is_multiple_of(align) {
+            return Err(io::Error::other(format!(
+                "export size {} is not multiple of minimum block size {}",
+                info.size, info.min_block
+            )));
+        }
         let stream = client.into_stream();
         let reader = stream.try_clone()?;
         let shared = Arc::new(Shared::default());
@@ -96,6 +114,8 @@ impl NbdRemote {
             size: info.size,
             flags: TransmissionFlags::from_bits_retain(info.flags),
             allocation,
+            align,
+            rmw: parking_lot::RwLock::new(()),
             writer: Mutex::new(stream),
             shared,
             next_cookie: AtomicU64::new(1),
@@ -183,6 +203,32 @@ impl NbdRemote {
     }
 }
 
+impl NbdRemote {
+    fn read_aligned(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
+        for (at, n) in Self::pieces(offset, buf.len() as u64, MAX_PAYLOAD) {
+            let out = self.call(CMD_READ, CmdFlags::empty(), at, n, &[])?;
+            let start = (at - offset) as usize;
+            buf[start..start + n as usize].copy_from_slice(&out.data);
+        }
+        Ok(())
+    }
+
+    fn write_aligned(&self, offset: u64, buf: &[u8], flags: CmdFlags) -> io::Result<()> {
+        for (at, n) in Self::pieces(offset, buf.len() as u64, MAX_PAYLOAD) {
+            let start = (at - offset) as usize;
+            self.call(CMD_WRITE, flags, at, n, &buf[start..start + n as usize])?;
+        }
+        Ok(())
+    }
+
+    /// The aligned blocks around `[offset, offset + len)`: (start, length).
+    fn widen(&self, offset: u64, len: u64) -> (u64, u64) {
+        let start = offset - offset % self.align;
+        let end = (offset + len).next_multiple_of(self.align).min(self.size);
+        (start, end - start)
+    }
+}
+
 impl Remote for NbdRemote {
     fn size(&self) -> u64 {
         self.size
@@ -193,11 +239,14 @@ impl Remote for NbdRemote {
     }
 
     fn read(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
-        for (at, n) in Self::pieces(offset, buf.len() as u64, MAX_PAYLOAD) {
-            let out = self.call(CMD_READ, CmdFlags::empty(), at, n, &[])?;
-            let start = (at - offset) as usize;
-            buf[start..start + n as usize].copy_from_slice(&out.data);
+        let (start, len) = self.widen(offset, buf.len() as u64);
+        if (start, len) == (offset, buf.len() as u64) {
+            return self.read_aligned(offset, buf);
         }
+        let mut whole = vec![0u8; len as usize];
+        self.read_aligned(start, &mut whole)?;
+        let from = (offset - start) as usize;
+        buf.copy_from_slice(&whole[from..from + buf.len()]);
         Ok(())
     }
 
@@ -208,9 +257,17 @@ impl Remote for NbdRemote {
         } else {
             CmdFlags::empty()
         };
-        for (at, n) in Self::pieces(offset, buf.len() as u64, MAX_PAYLOAD) {
-            let start = (at - offset) as usize;
-            self.call(CMD_WRITE, flags, at, n, &buf[start..start + n as usize])?;
+        let (start, len) = self.widen(offset, buf.len() as u64);
+        if (start, len) == (offset, buf.len() as u64) {
+            let _shared = self.rmw.read();
+            self.write_aligned(offset, buf, flags)?;
+        } else {
+            let _alone = self.rmw.write();
+            let mut whole = vec![0u8; len as usize];
+            self.read_aligned(start, &mut whole)?;
+            let from = (offset - start) as usize;
+            whole[from..from + buf.len()].copy_from_slice(buf);
+            self.write_aligned(start, &whole, flags)?;
         }
         if fua && !native_fua {
             self.flush()?;
@@ -235,7 +292,17 @@ impl Remote for NbdRemote {
         } else {
             CmdFlags::empty()
         };
-        for (at, n) in Self::pieces(offset, len, MAX_EFFECT) {
+        // Partial blocks at either end get zeroes written (a read-modify-write).
+        let end = offset + len;
+        let inner = offset.next_multiple_of(self.align).min(end);
+        let inner_end = (end - end % self.align).max(inner);
+        for (a, b) in [(offset, inner), (inner_end, end)] {
+            if a < b {
+                self.write(a, &vec![0u8; (b - a) as usize], false)?;
+            }
+        }
+        let _shared = self.rmw.read();
+        for (at, n) in Self::pieces(inner, inner_end - inner, MAX_EFFECT) {
             self.call(CMD_WRITE_ZEROES, flags, at, n, &[])?;
         }
         Ok(())
@@ -308,14 +375,21 @@ fn read_exact(r: &mut Stream, buf: &mut [u8]) -> Result<(), String> {
     })
 }
 
-fn slot_of(shared: &Shared, cookie: u64, last: bool) -> Result<Arc<Slot>, String> {
-    let mut p = shared.pending.lock();
-    let s = if last {
-        p.remove(&cookie)
-    } else {
-        p.get(&cookie).cloned()
-    };
-    s.ok_or_else(|| format!("reply for unknown cookie {cookie:#x}"))
+/// The slot a reply is for; it stays pending (so a connection that dies while its reply is
+/// read fails it too) until [`finish`] takes it out.
+fn slot_of(shared: &Shared, cookie: u64) -> Result<Arc<Slot>, String> {
+    shared
+        .pending
+        .lock()
+        .get(&cookie)
+        .cloned()
+        .ok_or_else(|| format!("reply for unknown cookie {cookie:#x}"))
+}
+
+/// The whole reply to `cookie` has been read.
+fn finish(shared: &Shared, cookie: u64, slot: &Slot, error: Option<i32>) {
+    shared.pending.lock().remove(&cookie);
+    complete(slot, error);
 }
 
 fn read_one(r: &mut Stream, shared: &Shared) -> Result<(), String> {
@@ -333,9 +407,9 @@ fn read_one(r: &mut Stream, shared: &Shared) -> Result<(), String> {
     };
     match header {
         ReplyHeader::Simple { error, cookie } => {
-            let slot = slot_of(shared, cookie, true)?;
+            let slot = slot_of(shared, cookie)?;
             if error != 0 {
-                complete(&slot, Some(errno_of(error)));
+                finish(shared, cookie, &slot, Some(errno_of(error)));
                 return Ok(());
             }
             if slot.read.is_some() {
@@ -345,7 +419,7 @@ fn read_one(r: &mut Stream, shared: &Shared) -> Result<(), String> {
                 read_exact(r, &mut data)?;
                 slot.state.lock().data = data;
             }
-            complete(&slot, None);
+            finish(shared, cookie, &slot, None);
             Ok(())
         }
         ReplyHeader::Chunk {
@@ -355,11 +429,10 @@ fn read_one(r: &mut Stream, shared: &Shared) -> Result<(), String> {
             len,
             ..
         } => {
-            let last = flags & REPLY_FLAG_DONE != 0;
-            let slot = slot_of(shared, cookie, last)?;
+            let slot = slot_of(shared, cookie)?;
             read_chunk(r, &slot, typ, len)?;
-            if last {
-                complete(&slot, None);
+            if flags & REPLY_FLAG_DONE != 0 {
+                finish(shared, cookie, &slot, None);
             }
             Ok(())
         }
