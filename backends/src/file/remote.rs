@@ -8,6 +8,7 @@
 use crate::{Error, Extent, ExtentFlags, Extents, Result};
 use std::fmt;
 use std::io;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock};
 
 /// A remote disk of fixed size, addressed by byte; every call may block on the network and
@@ -45,6 +46,7 @@ pub struct RemoteOptions {
 pub type Opener = dyn Fn(&str, &RemoteOptions) -> Option<Result<Arc<dyn Remote>>> + Send + Sync;
 
 static OPENER: OnceLock<Box<Opener>> = OnceLock::new();
+static OPENED: AtomicBool = AtomicBool::new(false);
 
 /// Register who opens remote names (once, at startup; later calls are ignored).
 pub fn set_opener(f: Box<Opener>) {
@@ -53,7 +55,17 @@ pub fn set_opener(f: Box<Opener>) {
 
 /// The remote file `name` stands for (None: a local file).
 pub fn open(name: &str, opts: &RemoteOptions) -> Option<Result<Arc<dyn Remote>>> {
-    OPENER.get().and_then(|f| f(name, opts))
+    let r = OPENER.get().and_then(|f| f(name, opts));
+    if matches!(r, Some(Ok(_))) {
+        OPENED.store(true, Ordering::Relaxed);
+    }
+    r
+}
+
+/// Has this process opened a remote file? (Its requests wait on the network: a frontend
+/// then keeps more of them in flight.)
+pub fn opened() -> bool {
+    OPENED.load(Ordering::Relaxed)
 }
 
 /// Block status of `[offset, offset + len)` of `r` as extents of an image that maps byte for
