@@ -667,11 +667,12 @@ fn crash_loop_qed() {
 /// before the cluster is linked, so a crash never shows zeroes in their place.
 #[test]
 fn crash_loop_qed_over_a_backing_file() {
-    crash(
+    crash_with(
         "qed",
         "qemu-img create -q -f raw {img}.base 64M && qemu-io -f raw -c 'write -P 0x5a 0 64M' {img}.base >/dev/null && qemu-img create -q -f qed -b {img}.base -F raw {img} 64M",
         "",
         crash_rounds(),
+        &["--initial-from-image"],
     );
 }
 

@@ -281,7 +281,7 @@ class Round:
 
     def prefill(self, lo, hi):
         """Write the OLD! pattern into the first 64 KiB of every 128 KiB; returns what the
-        region then reads."""
+        region then holds (zeroes between, or with --initial-from-image what it reads)."""
         initial = bytearray(hi - lo)
         self.start_server()
         try:
@@ -295,13 +295,14 @@ class Round:
                 data = b"".join(self.pat.old(s) for s in range(off // SECTOR,
                                                                  (off + n) // SECTOR))
                 h.pwrite(data, off)
+                initial[off - lo:off - lo + n] = data
             if h.can_flush():
                 h.flush()
-            # What the image holds now, the pattern and whatever lies between (zeroes, or
-            # a backing file's bytes).
-            for off in range(lo, hi, 4 << 20):
-                n = min(4 << 20, hi - off)
-                initial[off - lo:off - lo + n] = h.pread(n, off)
+            if self.args.initial_from_image:
+                # What lies between the pattern is not zeroes (a backing file's bytes).
+                for off in range(lo, hi, 4 << 20):
+                    n = min(4 << 20, hi - off)
+                    initial[off - lo:off - lo + n] = h.pread(n, off)
             h.shutdown()
         finally:
             self.stop_server(signal.SIGTERM)
@@ -634,6 +635,9 @@ def main():
     ap.add_argument("--flush-every", type=float, default=32,
                     help="a FLUSH about every N requests")
     ap.add_argument("--prefill", action="store_true")
+    ap.add_argument("--initial-from-image", action="store_true",
+                    help="after the prefill, read the region's initial content from the "
+                         "image (for images over a backing file with data)")
     ap.add_argument("--region", default=None, metavar="LO:HI")
     ap.add_argument("--ignore-multi-conn", action="store_true")
     ap.add_argument("--keep-failed", default=None, metavar="DIR")

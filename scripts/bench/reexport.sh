@@ -1,0 +1,75 @@
+#!/usr/bin/env bash
+# Serving an image another NBD server holds: qnbd (`qnbd -f raw nbd+unix:///?socket=…`),
+# qemu-nbd (the same name) and nbdkit's nbd plugin re-export one upstream (qnbd on a raw
+# file in the page cache, every client allowed), over a Unix socket: 4 KiB random reads and
+# writes at QD 32 (fio's nbd engine) and a sequential copy out (nbdcopy). Rounds are
+# interleaved (qnbd, qemu-nbd, nbdkit, qnbd, ...); each figure is the median, with the
+# ratios qnbd / qemu-nbd and qnbd / nbdkit. Not a test: run it on a quiet machine.
+# Usage: scripts/bench/reexport.sh [ROUNDS] [SECONDS]   (QNBD= to pick the binary)
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+ROUNDS=${1:-3}
+SECS=${2:-4}
+QNBD=$(realpath "${QNBD:-target/release/qnbd}")
+W=$(mktemp -d /var/tmp/qnbd-reexport.XXXXXX)
+UP=
+trap '[ -n "$UP" ] && kill "$UP" 2>/dev/null; rm -rf "$W"' EXIT
+head -c 512M /dev/urandom >"$W/img.raw"
+"$QNBD" -t -e 0 -f raw -k "$W/up.sock" "$W/img.raw" 2>/dev/null &
+UP=$!
+for _ in $(seq 200); do [ -S "$W/up.sock" ] && break; sleep 0.05; done
+UPURI="nbd+unix:///?socket=$W/up.sock"
+
+serve() { # serve NAME -> starts the re-exporting server, sets $PID
+    rm -f "$W/px.sock"
+    case $1 in
+    qnbd) "$QNBD" -t -f raw -k "$W/px.sock" "$UPURI" 2>/dev/null & ;;
+    qemu-nbd) qemu-nbd -t -f raw -k "$W/px.sock" "$UPURI" 2>/dev/null & ;;
+    nbdkit) nbdkit -f -U "$W/px.sock" nbd socket="$W/up.sock" 2>/dev/null & ;;
+    esac
+    PID=$!
+    for _ in $(seq 200); do [ -S "$W/px.sock" ] && return 0; sleep 0.05; done
+    echo "$1 did not start" >&2
+    exit 1
+}
+stop() { kill "$PID" && wait "$PID" 2>/dev/null || true; }
+
+fio_iops() { # fio_iops RW -> IOPS
+    fio --name=b --ioengine=nbd --uri="nbd+unix:///?socket=$W/px.sock" --rw="$1" --bs=4k \
+        --iodepth=32 --time_based --runtime="$SECS" --ramp_time=1 --output-format=json |
+        python3 -c 'import json,sys; t=sys.stdin.read(); j=json.loads(t[t.index("{"):])["jobs"][0]; print(round(j["read"]["iops"]+j["write"]["iops"]))'
+}
+
+copy_mibs() {
+    local t0 t1
+    t0=$(date +%s.%N)
+    nbdcopy "nbd+unix:///?socket=$W/px.sock" null: >/dev/null
+    t1=$(date +%s.%N)
+    python3 -c "print(round(512 / ($t1 - $t0)))"
+}
+
+median() { tr ' ' '\n' | grep . | sort -n | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}'; }
+
+declare -A res=()
+for r in $(seq "$ROUNDS"); do
+    for srv in qnbd qemu-nbd nbdkit; do
+        serve "$srv"
+        res[$srv:randread]+="$(fio_iops randread) "
+        res[$srv:randwrite]+="$(fio_iops randwrite) "
+        res[$srv:copy]+="$(copy_mibs) "
+        stop
+    done
+done
+echo "| workload | qnbd | qemu-nbd | nbdkit nbd | qnbd / qemu-nbd | qnbd / nbdkit |"
+echo "|---|---|---|---|---|---|"
+for wl in randread randwrite copy; do
+    a=$(echo "${res[qnbd:$wl]}" | median)
+    b=$(echo "${res[qemu-nbd:$wl]}" | median)
+    c=$(echo "${res[nbdkit:$wl]}" | median)
+    case $wl in
+    randread) name="4 KiB random read QD32 (IOPS)" ;;
+    randwrite) name="4 KiB random write QD32 (IOPS)" ;;
+    copy) name="sequential copy out, nbdcopy (MiB/s)" ;;
+    esac
+    echo "| $name | $a | $b | $c | $(python3 -c "print(f'{$a / max($b, 1):.2f}')") | $(python3 -c "print(f'{$a / max($c, 1):.2f}')") |"
+done
