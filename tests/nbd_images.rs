@@ -385,3 +385,35 @@ fn a_hostile_upstream_fails_cleanly() {
         let _ = evil.wait();
     }
 }
+
+/// Probing an export (no `-f`) that holds raw data: qemu-nbd's warning, naming the export as
+/// qemu names it (`nbd+unix://?socket=…`).
+#[test]
+fn probing_an_export_warns_as_qemu_nbd() {
+    if !have("qemu-nbd") {
+        return;
+    }
+    let d = tmpdir();
+    let raw = image(d.path());
+    let up = Server::unix(QNBD, &["-t", "-e", "0", "-f", "raw", &raw]);
+    let sock = up.socket.clone().unwrap().display().to_string();
+    for name in [up.uri(), format!("nbd:unix:{sock}")] {
+        let first_line = |bin: &str| {
+            let out = run(Command::new("timeout")
+                .args(["2", bin, "-t", "-k"])
+                .arg(d.path().join("w.sock"))
+                .arg(&name));
+            String::from_utf8_lossy(&out.stderr)
+                .lines()
+                .next()
+                .unwrap_or("")
+                .to_string()
+        };
+        let ours = first_line(QNBD);
+        assert!(
+            ours.starts_with("WARNING: Image format was not specified"),
+            "{ours}"
+        );
+        assert_eq!(ours, first_line("qemu-nbd"), "{name}");
+    }
+}

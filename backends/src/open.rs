@@ -135,7 +135,11 @@ pub fn open_image(opts: &ImageOptions) -> Result<Opened> {
             let f = detect_format(&head);
             // qemu's raw driver warns only when the probed image is opened for writing.
             if f == Format::raw() && !read_only {
-                warnings.push(probed_raw_warning(&opts.path));
+                let name = match &remote {
+                    Some(r) => PathBuf::from(r.filename()),
+                    None => opts.path.clone(),
+                };
+                warnings.push(probed_raw_warning(&name));
             }
             f
         }

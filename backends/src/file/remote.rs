@@ -14,6 +14,8 @@ use std::sync::{Arc, OnceLock};
 /// A remote disk of fixed size, addressed by byte; every call may block on the network and
 /// is safe from many threads at once.
 pub trait Remote: Send + Sync + fmt::Debug {
+    /// The name qemu gives the file once open (its `exact_filename`), for messages.
+    fn filename(&self) -> String;
     /// The disk's size in bytes (fixed for the connection's life).
     fn size(&self) -> u64;
     /// The server serves the disk read-only.

@@ -52,6 +52,8 @@ struct Shared {
 #[derive(Debug)]
 pub struct NbdRemote {
     name: String,
+    /// qemu's pseudo-filename for the export (`nbd_refresh_filename`).
+    filename: String,
     size: u64,
     flags: TransmissionFlags,
     /// The id of `base:allocation`, when the server has it.
@@ -88,6 +90,7 @@ impl NbdRemote {
         info: &super::ExportInfo,
         allocation: Option<u32>,
         name: String,
+        filename: String,
     ) -> io::Result<NbdRemote> {
         if info.size > i64::MAX as u64 {
             return Err(io::Error::other(format!(
@@ -111,6 +114,7 @@ impl NbdRemote {
             .spawn(move || read_replies(reader, &s))?;
         Ok(NbdRemote {
             name,
+            filename,
             size: info.size,
             flags: TransmissionFlags::from_bits_retain(info.flags),
             allocation,
@@ -230,6 +234,10 @@ impl NbdRemote {
 }
 
 impl Remote for NbdRemote {
+    fn filename(&self) -> String {
+        self.filename.clone()
+    }
+
     fn size(&self) -> u64 {
         self.size
     }

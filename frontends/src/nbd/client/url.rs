@@ -165,6 +165,20 @@ pub fn parse(name: &str) -> Option<Result<Target, String>> {
     })
 }
 
+impl Target {
+    /// qemu's name for an open NBD image (`nbd_refresh_filename`).
+    pub fn filename(&self) -> String {
+        match (&self.server, self.export.is_empty()) {
+            (Server::Unix(path), true) => format!("nbd+unix://?socket={path}"),
+            (Server::Unix(path), false) => format!("nbd+unix:///{}?socket={path}", self.export),
+            (Server::Inet { host, port }, true) => format!("nbd://{host}:{port}"),
+            (Server::Inet { host, port }, false) => {
+                format!("nbd://{host}:{port}/{}", self.export)
+            }
+        }
+    }
+}
+
 /// Connect to where `t` says (qemu's words when it cannot).
 pub fn connect(t: &Target) -> Result<Stream, String> {
     match &t.server {
@@ -246,7 +260,7 @@ fn open_target(
     }
     match negotiate(&mut c, &t.export) {
         Ok((info, allocation)) => {
-            let r = NbdRemote::start(c, &info, allocation, name.to_string())
+            let r = NbdRemote::start(c, &info, allocation, name.to_string(), t.filename())
                 .map_err(|e| e.to_string())?;
             Ok(Arc::new(r))
         }
