@@ -112,12 +112,33 @@ impl HostFile {
     /// Wrap a file opened elsewhere (buffered I/O).
     pub fn from_file(file: File, path: &Path, read_only: bool, aio: AioMode) -> Result<HostFile> {
         let meta = file.metadata().map_err(|e| open_error(path, &e))?;
-        Ok(HostFile {
-            file: Some(file),
-            remote: None,
+        let is_block_device = meta.file_type().is_block_device();
+        Ok(HostFile::new(
+            Some(file),
+            None,
+            path,
+            read_only,
+            is_block_device,
+            aio,
+        ))
+    }
+
+    /// A local file or a remote one, with nothing attached yet (no lock, O_DIRECT twin or
+    /// recorder).
+    fn new(
+        file: Option<File>,
+        remote: Option<Arc<dyn Remote>>,
+        path: &Path,
+        read_only: bool,
+        is_block_device: bool,
+        aio: AioMode,
+    ) -> HostFile {
+        HostFile {
+            file,
+            remote,
             path: path.to_path_buf(),
             read_only,
-            is_block_device: meta.file_type().is_block_device(),
+            is_block_device,
             aio,
             direct: None,
             sync_failed: AtomicI32::new(0),
@@ -125,26 +146,14 @@ impl HostFile {
             no_nowait_write: AtomicBool::new(false),
             lock: parking_lot::Mutex::new(None),
             recorder: None,
-        })
+        }
     }
 
     /// A file stored elsewhere, named `name` in messages; read-only when asked or when the
     /// server says so.
     pub fn remote(r: Arc<dyn Remote>, name: &Path, read_only: bool) -> HostFile {
-        HostFile {
-            file: None,
-            read_only: read_only || r.read_only(),
-            remote: Some(r),
-            path: name.to_path_buf(),
-            is_block_device: false,
-            aio: AioMode::Threads,
-            direct: None,
-            sync_failed: AtomicI32::new(0),
-            no_nowait: AtomicBool::new(false),
-            no_nowait_write: AtomicBool::new(false),
-            lock: parking_lot::Mutex::new(None),
-            recorder: None,
-        }
+        let read_only = read_only || r.read_only();
+        HostFile::new(None, Some(r), name, read_only, false, AioMode::Threads)
     }
 
     /// The remote file this stands for, if it is one.
