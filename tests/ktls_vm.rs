@@ -34,7 +34,7 @@ fn kernel_tls_sessions_in_a_guest() {
         return;
     }
     let share = share_with_pki();
-    common::run_guest_script_in("ktls.sh", 2, Path::new(common::QNBD), Some(share.path()));
+    common::run_guest_script_in("ktls.sh", 2, &common::guest_qnbd(), Some(share.path()));
 }
 
 /// A kernel that renews keys (trixie-backports' newest): TLS 1.3 goes to the kernel too,
@@ -48,7 +48,7 @@ fn kernel_tls_13_with_key_renewal_on_a_newer_kernel() {
     common::run_guest_script_env(
         "ktls.sh",
         2,
-        Path::new(common::QNBD),
+        &common::guest_qnbd(),
         Some(share.path()),
         &[("QNBD_VM_KERNEL", "backports")],
     );

@@ -54,7 +54,7 @@ fn ublk_devices_in_a_guest() {
         .arg(SIZE.to_string()));
     // 4 CPUs: the driver gives a device at most one queue per CPU, and the fio check runs
     // on 4 queues.
-    if !common::run_guest_script_in("ublk.sh", 4, std::path::Path::new(common::QNBD), Some(dir)) {
+    if !common::run_guest_script_in("ublk.sh", 4, &common::guest_qnbd(), Some(dir)) {
         return;
     }
     let out = dir.join("luks-out.img");

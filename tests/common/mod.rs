@@ -105,6 +105,11 @@ pub fn free_port() -> u16 {
 impl Server {
     /// Start `bin` (qnbd or qemu-nbd) with `args` on a fresh Unix socket.
     pub fn unix(bin: &str, args: &[&str]) -> Server {
+        Server::unix_env(bin, args, &[])
+    }
+
+    /// [`Server::unix`] with more environment.
+    pub fn unix_env(bin: &str, args: &[&str], env: &[(&str, &str)]) -> Server {
         let dir = tmpdir();
         let sock = dir.path().join("nbd.sock");
         let pid = dir.path().join("pid");
@@ -113,6 +118,7 @@ impl Server {
         all.extend(args.iter().map(|s| s.to_string()));
         let child = Command::new(bin)
             .args(&all)
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .spawn()
             .expect("spawn server");
@@ -316,7 +322,25 @@ pub fn open_flags(pid: u32, img: &Path) -> Vec<u32> {
 /// run `script` (a file in scripts/vm/guest/) there; the guest's checks must all pass. A
 /// machine that cannot run the guest is a loud SKIP, and a failure under QNBD_REQUIRE_TOOLS.
 pub fn run_guest_script(script: &str, cpus: u32) {
-    run_guest_script_with(script, cpus, Path::new(QNBD));
+    run_guest_script_with(script, cpus, &guest_qnbd());
+}
+
+/// The qnbd the guest tests run: `QNBD_GUEST_BIN` when set, else this build's. Under TCG a
+/// debug build's CPU time is most of a guest test's time, so scripts/test.sh, which has just
+/// built the release binary for the Debian package, points this at it.
+pub fn guest_qnbd() -> PathBuf {
+    match std::env::var_os("QNBD_GUEST_BIN") {
+        Some(bin) => {
+            let bin = PathBuf::from(bin);
+            assert!(
+                bin.is_file(),
+                "QNBD_GUEST_BIN={} is not a file",
+                bin.display()
+            );
+            bin
+        }
+        None => PathBuf::from(QNBD),
+    }
 }
 
 /// [`run_guest_script`] with the qnbd binary `bin` in the guest's share.
