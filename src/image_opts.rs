@@ -112,10 +112,18 @@ pub fn parse(s: &str, read_only: bool) -> Result<ParsedImageOpts, String> {
     }
     let fmt_name = driver.clone().unwrap_or_default();
     let is_nbd = fmt_name == "nbd";
-    let is_protocol = fmt_name == "file" || fmt_name == "host_device" || is_nbd;
+    let is_http = is_http_driver(&fmt_name);
+    let is_protocol = fmt_name == "file" || fmt_name == "host_device" || is_nbd || is_http;
     // `file.driver=nbd`: the format's file is an NBD export.
     let file_nbd = !is_protocol && pairs.iter().any(|(k, v)| k == "file.driver" && v == "nbd");
+    // `file.driver=http|https`: the format's file is on a web server.
+    let file_http = !is_protocol
+        && pairs
+            .iter()
+            .any(|(k, v)| k == "file.driver" && is_http_driver(v));
     let mut nbd = NbdOpts::default();
+    let mut http = backends::file::http::HttpOptions::default();
+    let mut http_url: Option<String> = None;
     // The format's own keys (raw's window, qcow2's backing and tuning options).
     let format_driver = if is_protocol {
         None
@@ -136,6 +144,18 @@ pub fn parse(s: &str, read_only: bool) -> Result<ParsedImageOpts, String> {
         };
         if let Some(key) = nbd_key {
             if nbd.take(key, &v) {
+                continue;
+            }
+        }
+        let http_key = if is_http {
+            Some(k.as_str())
+        } else if file_http {
+            k.strip_prefix("file.")
+        } else {
+            None
+        };
+        if let Some(key) = http_key {
+            if take_http_option(&mut http, &mut http_url, key, &v)? {
                 continue;
             }
         }
@@ -211,14 +231,26 @@ pub fn parse(s: &str, read_only: bool) -> Result<ParsedImageOpts, String> {
         filename = Some(url);
         image.remote = remote;
     }
+    if is_http || file_http {
+        http.protocol = if is_http {
+            driver.clone()
+        } else {
+            file_driver.clone()
+        };
+        image.remote.http = http;
+        // qemu's curl driver checks its own options before it asks for the URL.
+        filename = Some(http_url.unwrap_or_default());
+    }
     if let Some(fd) = &file_driver {
-        if fd != "file" && fd != "host_device" && fd != "nbd" {
+        if fd != "file" && fd != "host_device" && fd != "nbd" && !is_http_driver(fd) {
             return Err(format!("Unknown driver '{fd}'"));
         }
     }
     image.format = match driver.as_deref() {
         None => None,
-        Some("file") | Some("host_device") | Some("nbd") => Some(Format::raw()),
+        Some("file") | Some("host_device") | Some("nbd") | Some("http") | Some("https") => {
+            Some(Format::raw())
+        }
         Some(d) => match Format::from_name(d) {
             Some(f) => Some(f),
             None => return Err(format!("Unknown driver '{d}'")),
@@ -266,6 +298,55 @@ pub fn parse(s: &str, read_only: bool) -> Result<ParsedImageOpts, String> {
         detect_zeroes,
         unknown_option,
     })
+}
+
+fn is_http_driver(d: &str) -> bool {
+    d == "http" || d == "https"
+}
+
+/// Keep `key` if it is one of qemu's curl driver options (`filename` is its URL too);
+/// Ok(false) when it is not, an error for a value of the wrong type.
+fn take_http_option(
+    o: &mut backends::file::http::HttpOptions,
+    url: &mut Option<String>,
+    key: &str,
+    v: &str,
+) -> Result<bool, String> {
+    let s = || Some(v.to_string());
+    match key {
+        "url" | "filename" => *url = s(),
+        "readahead" => o.readahead = Some(backends::format::parse_size(key, v)?),
+        "timeout" => o.timeout = Some(parse_number(key, v)?),
+        "sslverify" => o.sslverify = Some(on_off(key, v)?),
+        "cookie" => o.cookie = s(),
+        "cookie-secret" => o.cookie_secret = s(),
+        "username" => o.username = s(),
+        "password-secret" => o.password_secret = s(),
+        "proxy-username" => o.proxy_username = s(),
+        "proxy-password-secret" => o.proxy_password_secret = s(),
+        _ => return Ok(false),
+    }
+    Ok(true)
+}
+
+/// qemu's number options (`qemu_strtou64`: a negative number wraps around, so it is taken
+/// as a very large one).
+fn parse_number(key: &str, v: &str) -> Result<u64, String> {
+    let t = v.trim_start();
+    let (neg, digits) = match t.strip_prefix('-') {
+        Some(d) => (true, d),
+        None => (false, t),
+    };
+    let n = if let Some(h) = digits
+        .strip_prefix("0x")
+        .or_else(|| digits.strip_prefix("0X"))
+    {
+        u64::from_str_radix(h, 16)
+    } else {
+        digits.parse::<u64>()
+    }
+    .map_err(|_| format!("Parameter '{key}' expects a number"))?;
+    Ok(if neg { n.wrapping_neg() } else { n })
 }
 
 /// qemu's `nbd` protocol options: where the server is, the export, TLS.
@@ -344,6 +425,7 @@ impl NbdOpts {
             read_only: false,
             tls_creds: self.tls_creds.clone(),
             tls_hostname: self.tls_hostname.clone(),
+            ..Default::default()
         };
         Ok((url, remote))
     }

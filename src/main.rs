@@ -63,9 +63,14 @@ fn main() {
     // qemu-nbd creates objects while it reads its options, before any other check.
     let objects =
         std::sync::Arc::new(object::Objects::create(&cli.object).unwrap_or_else(|e| die(e)));
-    // Images stored elsewhere: NBD exports, through our client (its TLS objects are ours).
+    // Images stored elsewhere: files on web servers, and NBD exports through our client
+    // (their secrets and TLS objects are ours).
     let objs = objects.clone();
     backends::file::remote::set_opener(Box::new(move |name, opts| {
+        let secret = |id: &str| objs.secret_text(id);
+        if let Some(r) = backends::file::http::open(name, opts, &secret) {
+            return Some(r);
+        }
         let creds = |id: &str| objs.tls_creds(id, frontends::tls::Endpoint::Client);
         frontends::nbd::client::url::open(name, opts, &creds)
     }));

@@ -346,6 +346,14 @@ impl Objects {
         }
     }
 
+    /// The secret `id` as text (qemu's `qcrypto_secret_lookup_as_utf8`: a password, a
+    /// cookie).
+    pub fn secret_text(&self, id: &str) -> Result<String, String> {
+        let bytes = self.secret_bytes(id)?;
+        String::from_utf8(bytes.to_vec())
+            .map_err(|_| format!("Data from secret {id} is not valid UTF-8"))
+    }
+
     fn secret_bytes(&self, id: &str) -> Result<&[u8], String> {
         match self.get(id) {
             Some(Object::Secret(s)) => Ok(s.bytes()),

@@ -124,9 +124,11 @@ pub fn open_image(opts: &ImageOptions) -> Result<Opened> {
     };
     let remote =
         crate::file::remote::open(&opts.path.to_string_lossy(), &remote_opts).transpose()?;
-    let head = match &remote {
-        Some(r) => remote_head(r.as_ref(), &opts.path)?,
-        None => read_head(&opts.path)?,
+    // A remote file is read here only to probe its format (each read is a request).
+    let head = match (&remote, opts.format) {
+        (Some(_), Some(_)) => Vec::new(),
+        (Some(r), None) => remote_head(r.as_ref(), &opts.path)?,
+        (None, _) => read_head(&opts.path)?,
     };
     let mut warnings = Vec::new();
     let format = match opts.format {

@@ -13,6 +13,7 @@
 //! syncs and lock hand-offs.
 
 pub mod direct;
+pub mod http;
 pub mod lock;
 pub mod record;
 pub mod remote;

@@ -1,4 +1,4 @@
-//! Image files stored elsewhere: a protocol (an NBD export today) that a [`HostFile`] can
+//! Image files stored elsewhere: a protocol (an NBD export, a file on a web server) that a [`HostFile`] can
 //! stand on instead of a local file, so every format works over it unchanged (`qnbd -f
 //! qcow2 nbd://host/disk`). This crate knows only the trait; the binary registers who opens
 //! which names ([`set_opener`]), so the backends never depend on a network client.
@@ -41,6 +41,8 @@ pub struct RemoteOptions {
     pub tls_creds: Option<String>,
     /// The name the server's certificate must carry (qemu's `tls-hostname`).
     pub tls_hostname: Option<String>,
+    /// A file on a web server: the `http` / `https` driver's options.
+    pub http: super::http::HttpOptions,
 }
 
 /// Opens a remote file by its name: None when the name is not one of the opener's (a local
