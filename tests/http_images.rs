@@ -162,6 +162,57 @@ fn raw_and_qcow2_files_are_served_and_mapped_as_qemu_nbd_serves_them() {
     );
 }
 
+/// A qcow2 image whose backing file is beside it on the web server: the relative name
+/// resolves against the image's URL, as qemu resolves it.
+#[test]
+fn a_backing_file_beside_the_image_is_found_on_the_server() {
+    if !have_qemu_curl() {
+        return;
+    }
+    let d = tmpdir();
+    let web_dir = d.path().join("web");
+    std::fs::create_dir(&web_dir).unwrap();
+    let base = make_qcow2(&web_dir, "base.qcow2", "", "16M");
+    qemu_io(
+        d.path(),
+        "qcow2",
+        base.to_str().unwrap(),
+        &["write -P 0x11 0 4M"],
+    );
+    let top = web_dir.join("top.qcow2");
+    ok(Command::new("qemu-img")
+        .args([
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-b",
+            "base.qcow2",
+            "-F",
+            "qcow2",
+        ])
+        .arg(&top));
+    qemu_io(
+        d.path(),
+        "qcow2",
+        top.to_str().unwrap(),
+        &["write -P 0x22 1M 1M"],
+    );
+    let expect = d.path().join("expect.raw");
+    ok(Command::new("qemu-img")
+        .args(["convert", "-O", "raw"])
+        .arg(&top)
+        .arg(&expect));
+    let web = Web::start(&web_dir, &[]);
+    let url = web.url("top.qcow2");
+    let ours = Server::unix(QNBD, &["-t", "-r", "-A", &url]);
+    identical(&ours.uri(), &expect);
+    let theirs = Server::unix("qemu-nbd", &["-t", "-r", "-A", &url]);
+    let depth = |uri: &str| ok(Command::new("nbdinfo").args(["--map=qemu:allocation-depth", uri]));
+    assert_eq!(map(&ours.uri()), map(&theirs.uri()));
+    assert_eq!(depth(&ours.uri()), depth(&theirs.uri()));
+}
+
 #[test]
 fn sequential_reads_are_served_from_the_read_ahead() {
     if !have_qemu_curl() {

@@ -5,7 +5,8 @@
                    [--no-ranges] [--no-length] [--mode MODE] [--log LOG] [--bind ADDR]
 
 It listens on 127.0.0.1 (or ADDR) on a free port and writes the port to PORT_FILE once it listens.
-Every path serves FILE; /redirect/... answers 302 to the same path without the prefix.
+Every path serves FILE, or when FILE is a directory, the file of that name in it (404 when
+there is none); /redirect/... answers 302 to the same path without the prefix.
 --auth asks for Basic credentials, --cookie for a Cookie header equal to C. --log appends
 one line per request: method, path, Range header, Cookie header.
 
@@ -94,6 +95,19 @@ class Handler(http.server.BaseHTTPRequestHandler):
             return True
         return False
 
+    def target(self):
+        """The file this request names, or None after a 404."""
+        if not os.path.isdir(OPTS["file"]):
+            return OPTS["file"]
+        name = os.path.basename(self.path.split("?")[0])
+        path = os.path.join(OPTS["file"], name)
+        if name and os.path.isfile(path):
+            return path
+        self.send_response(404)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+        return None
+
     def common_headers(self, length):
         if OPTS["ranges"]:
             self.send_header("Accept-Ranges", "bytes")
@@ -104,7 +118,10 @@ class Handler(http.server.BaseHTTPRequestHandler):
         self.note()
         if self.redirected() or not self.allowed():
             return
-        size = os.path.getsize(OPTS["file"])
+        path = self.target()
+        if path is None:
+            return
+        size = os.path.getsize(path)
         self.send_response(200)
         self.send_header("Content-Type", "application/octet-stream")
         if OPTS["mode"] == "huge":
@@ -120,10 +137,13 @@ class Handler(http.server.BaseHTTPRequestHandler):
         self.note()
         if self.redirected() or not self.allowed():
             return
-        size = os.path.getsize(OPTS["file"])
+        path = self.target()
+        if path is None:
+            return
+        size = os.path.getsize(path)
         rng = self.headers.get("Range")
         if rng is None or not OPTS["ranges"] or OPTS["mode"] == "full":
-            self.send_whole(size)
+            self.send_whole(path, size)
             return
         start, end = rng.removeprefix("bytes=").split("-")
         start = int(start)
@@ -136,7 +156,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
             return
         if self.misbehave(start, end, size):
             return
-        with open(OPTS["file"], "rb") as f:
+        with open(path, "rb") as f:
             f.seek(start)
             data = f.read(end - start + 1)
         self.send_response(206)
@@ -182,11 +202,11 @@ class Handler(http.server.BaseHTTPRequestHandler):
             return True
         return False
 
-    def send_whole(self, size):
+    def send_whole(self, path, size):
         self.send_response(200)
         self.send_header("Content-Length", str(size))
         self.end_headers()
-        with open(OPTS["file"], "rb") as f:
+        with open(path, "rb") as f:
             while True:
                 chunk = f.read(1 << 20)
                 if not chunk:
