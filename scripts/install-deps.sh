@@ -4,7 +4,7 @@
 # libclang; musl-tools and perl/make: the static binary (OpenSSL built from source); zsh, fish
 # and groff: the completion and man page checks; gnuplot-nox: the benchmark chart;
 # libgnutls28-dev, libxml2-dev, gcc, python3-dev and jq: building and running libnbd's own
-# tests against qnbd (scripts/external-suites.sh).
+# tests against qnbd (scripts/external-suites.sh); nginx-light: the web-image benchmark.
 # qemu-utils stays at the preinstalled version when one is present; qemu-block-extra (qemu's
 # curl driver, for the http image tests) is taken at that same version.
 set -euo pipefail
@@ -13,7 +13,7 @@ apt-get update -qq
 apt-get install -y -qq --no-remove \
     qemu-utils libnbd-bin nbdkit python3-libnbd fio gnutls-bin openssl bc gnuplot-nox curl xz-utils \
     libssl-dev pkg-config libclang-dev musl-tools perl make zsh fish groff-base python3-fusepy \
-    libgnutls28-dev libxml2-dev jq gcc python3-dev >/dev/null
+    libgnutls28-dev libxml2-dev jq gcc python3-dev nginx-light >/dev/null
 # qemu's curl driver (qemu-nbd serving http:// images, the reference for qnbd's), from the
 # suite that gave the installed qemu-utils when no configured one has that version.
 qv=$(dpkg-query -W -f '${Version}' qemu-utils)

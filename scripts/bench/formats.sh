@@ -15,31 +15,10 @@ W=$(mktemp -d /var/tmp/qnbd-fmtbench.XXXXXX)
 trap 'rm -rf "$W"' EXIT
 head -c 512M /dev/urandom >"$W/src.raw"
 
+. scripts/bench/lib.sh
 serve() { # serve BIN FMT IMG -> starts the server, sets $PID
-    rm -f "$W/s.sock"
-    "$1" -t -f "$2" --cache=writeback -k "$W/s.sock" "$3" 2>/dev/null &
-    PID=$!
-    for _ in $(seq 200); do [ -S "$W/s.sock" ] && return 0; sleep 0.05; done
-    echo "server did not start" >&2
-    exit 1
+    serve_on "$W/s.sock" "$1" -t -f "$2" --cache=writeback -k "$W/s.sock" "$3"
 }
-stop() { kill "$PID" && wait "$PID" 2>/dev/null || true; }
-
-fio_iops() { # fio_iops RW -> IOPS
-    fio --name=b --ioengine=nbd --uri="nbd+unix:///?socket=$W/s.sock" --rw="$1" --bs=4k \
-        --iodepth=32 --time_based --runtime="$SECS" --ramp_time=1 --output-format=json |
-        python3 -c 'import json,sys; t=sys.stdin.read(); j=json.loads(t[t.index("{"):])["jobs"][0]; print(round(j["read"]["iops"]+j["write"]["iops"]))'
-}
-
-copy_mibs() { # MiB/s of a sequential copy of the whole export to /dev/null
-    local t0 t1
-    t0=$(date +%s.%N)
-    nbdcopy "nbd+unix:///?socket=$W/s.sock" null: >/dev/null
-    t1=$(date +%s.%N)
-    python3 -c "print(round(512 / ($t1 - $t0)))"
-}
-
-median() { tr ' ' '\n' | sort -n | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}'; }
 
 echo "| format | workload | qnbd | qemu-nbd | ratio |"
 echo "|---|---|---|---|---|"
@@ -52,13 +31,13 @@ for fmt in ${FORMATS:-vmdk vdi vpc vhdx qed}; do
             qemu-img convert -f raw -O "$fmt" "$W/src.raw" "$W/full.$fmt"
             sync # the copy's writeback must not run under the measurement
             serve "$bin" "$fmt" "$W/full.$fmt"
-            res[$srv:randread]+="$(fio_iops randread) "
-            res[$srv:randwrite]+="$(fio_iops randwrite) "
-            res[$srv:copy]+="$(copy_mibs) "
+            res[$srv:randread]+="$(fio_iops "$W/s.sock" randread) "
+            res[$srv:randwrite]+="$(fio_iops "$W/s.sock" randwrite) "
+            res[$srv:copy]+="$(copy_mibs "$W/s.sock" 512) "
             stop
             qemu-img create -q -f "$fmt" "$W/fresh.$fmt" 512M
             serve "$bin" "$fmt" "$W/fresh.$fmt"
-            res[$srv:alloc]+="$(fio_iops randwrite) "
+            res[$srv:alloc]+="$(fio_iops "$W/s.sock" randwrite) "
             stop
             rm -f "$W/full.$fmt" "$W/fresh.$fmt"
         done
@@ -75,7 +54,7 @@ for fmt in ${FORMATS:-vmdk vdi vpc vhdx qed}; do
         alloc) name="4 KiB random write QD32, fresh image" ;;
         copy) name="1 MiB sequential copy out (nbdcopy)" ;;
         esac
-        echo "| $fmt | $name | $a $unit | $b $unit | $(python3 -c "print(f'{$a / max($b, 1):.2f}')") |"
+        echo "| $fmt | $name | $a $unit | $b $unit | $(ratio "$a" "$b") |"
     done
     unset res
 done

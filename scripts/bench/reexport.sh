@@ -20,43 +20,22 @@ UP=$!
 for _ in $(seq 200); do [ -S "$W/up.sock" ] && break; sleep 0.05; done
 UPURI="nbd+unix:///?socket=$W/up.sock"
 
+. scripts/bench/lib.sh
 serve() { # serve NAME -> starts the re-exporting server, sets $PID
-    rm -f "$W/px.sock"
     case $1 in
-    qnbd) "$QNBD" -t -f raw -k "$W/px.sock" "$UPURI" 2>/dev/null & ;;
-    qemu-nbd) qemu-nbd -t -f raw -k "$W/px.sock" "$UPURI" 2>/dev/null & ;;
-    nbdkit) nbdkit -f -U "$W/px.sock" nbd socket="$W/up.sock" 2>/dev/null & ;;
+    qnbd) serve_on "$W/px.sock" "$QNBD" -t -f raw -k "$W/px.sock" "$UPURI" ;;
+    qemu-nbd) serve_on "$W/px.sock" qemu-nbd -t -f raw -k "$W/px.sock" "$UPURI" ;;
+    nbdkit) serve_on "$W/px.sock" nbdkit -f -U "$W/px.sock" nbd socket="$W/up.sock" ;;
     esac
-    PID=$!
-    for _ in $(seq 200); do [ -S "$W/px.sock" ] && return 0; sleep 0.05; done
-    echo "$1 did not start" >&2
-    exit 1
 }
-stop() { kill "$PID" && wait "$PID" 2>/dev/null || true; }
-
-fio_iops() { # fio_iops RW -> IOPS
-    fio --name=b --ioengine=nbd --uri="nbd+unix:///?socket=$W/px.sock" --rw="$1" --bs=4k \
-        --iodepth=32 --time_based --runtime="$SECS" --ramp_time=1 --output-format=json |
-        python3 -c 'import json,sys; t=sys.stdin.read(); j=json.loads(t[t.index("{"):])["jobs"][0]; print(round(j["read"]["iops"]+j["write"]["iops"]))'
-}
-
-copy_mibs() {
-    local t0 t1
-    t0=$(date +%s.%N)
-    nbdcopy "nbd+unix:///?socket=$W/px.sock" null: >/dev/null
-    t1=$(date +%s.%N)
-    python3 -c "print(round(512 / ($t1 - $t0)))"
-}
-
-median() { tr ' ' '\n' | grep . | sort -n | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}'; }
 
 declare -A res=()
 for r in $(seq "$ROUNDS"); do
     for srv in qnbd qemu-nbd nbdkit; do
         serve "$srv"
-        res[$srv:randread]+="$(fio_iops randread) "
-        res[$srv:randwrite]+="$(fio_iops randwrite) "
-        res[$srv:copy]+="$(copy_mibs) "
+        res[$srv:randread]+="$(fio_iops "$W/px.sock" randread) "
+        res[$srv:randwrite]+="$(fio_iops "$W/px.sock" randwrite) "
+        res[$srv:copy]+="$(copy_mibs "$W/px.sock" 512) "
         stop
     done
 done
@@ -71,5 +50,5 @@ for wl in randread randwrite copy; do
     randwrite) name="4 KiB random write QD32 (IOPS)" ;;
     copy) name="sequential copy out, nbdcopy (MiB/s)" ;;
     esac
-    echo "| $name | $a | $b | $c | $(python3 -c "print(f'{$a / max($b, 1):.2f}')") | $(python3 -c "print(f'{$a / max($c, 1):.2f}')") |"
+    echo "| $name | $a | $b | $c | $(ratio "$a" "$b") | $(ratio "$a" "$c") |"
 done
