@@ -81,7 +81,10 @@ struct Buffer {
     used: u64,
 }
 
-/// The read-ahead buffers kept, and where recent reads ended.
+/// The read-ahead buffers kept, and where recent reads ended. Behind one mutex that is
+/// never held across a request to the server: a buffer is looked up (and copied out) or
+/// kept under it, and fetched without it, so two readers may fetch the same bytes, never
+/// wait on each other's network.
 #[derive(Default)]
 struct ReadAhead {
     buffers: Vec<Buffer>,
@@ -242,10 +245,12 @@ impl HttpFile {
         Ok(f)
     }
 
-    fn request(&self, method: &str) -> ureq::RequestBuilder<ureq::typestate::WithoutBody> {
-        let mut r = match method {
-            "HEAD" => self.agent.head(&self.url),
-            _ => self.agent.get(&self.url),
+    /// A HEAD (`head`) or GET of the file, with its credentials and cookie.
+    fn request(&self, head: bool) -> ureq::RequestBuilder<ureq::typestate::WithoutBody> {
+        let mut r = if head {
+            self.agent.head(&self.url)
+        } else {
+            self.agent.get(&self.url)
         };
         if let Some(a) = &self.auth {
             r = r.header("Authorization", a);
@@ -260,7 +265,7 @@ impl HttpFile {
     fn head(&self) -> std::result::Result<u64, String> {
         let started = Instant::now();
         let resp = self
-            .request("HEAD")
+            .request(true)
             .call()
             .map_err(|e| self.describe(e, started))?;
         status_ok(resp.status().as_u16())?;
@@ -321,7 +326,7 @@ impl HttpFile {
         let end = start + out.len() as u64 - 1;
         let started = Instant::now();
         let resp = self
-            .request("GET")
+            .request(false)
             .header("Range", &format!("bytes={start}-{end}"))
             .call()
             .map_err(|e| self.read_error(start, self.describe(e, started)))?;
