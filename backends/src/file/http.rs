@@ -14,7 +14,7 @@
 //! `NO_PROXY`, …). Where qemu would copy a wrong range (a server that answers a range with
 //! other bytes, fewer bytes or the whole file), the read fails with EIO instead.
 
-use super::remote::{Remote, RemoteOptions};
+use super::remote::{unescape as percent_decode, Remote, RemoteOptions};
 use crate::{Error, Result};
 use parking_lot::Mutex;
 use std::fmt;
@@ -622,25 +622,6 @@ fn parse_content_range(v: &str) -> Option<(u64, u64)> {
     let (span, _) = r.split_once('/')?;
     let (a, b) = span.split_once('-')?;
     Some((a.trim().parse().ok()?, b.trim().parse().ok()?))
-}
-
-fn percent_decode(s: &str) -> String {
-    let b = s.as_bytes();
-    let mut out = Vec::with_capacity(b.len());
-    let mut i = 0;
-    while i < b.len() {
-        let hex = |c: u8| (c as char).to_digit(16);
-        if b[i] == b'%' && i + 2 < b.len() {
-            if let (Some(h), Some(l)) = (hex(b[i + 1]), hex(b[i + 2])) {
-                out.push((h * 16 + l) as u8);
-                i += 3;
-                continue;
-            }
-        }
-        out.push(b[i]);
-        i += 1;
-    }
-    String::from_utf8_lossy(&out).into_owned()
 }
 
 fn base64(data: &[u8]) -> String {

@@ -122,6 +122,27 @@ pub fn seek(r: &dyn Remote, offset: u64, whence: libc::c_int) -> io::Result<Opti
     })
 }
 
+/// `%XX` escapes decoded, as qemu's URI parser does (a `%` without two hex digits stays):
+/// the names of remote files are URLs.
+pub fn unescape(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        let hex = |c: u8| (c as char).to_digit(16);
+        if b[i] == b'%' && i + 2 < b.len() {
+            if let (Some(h), Some(l)) = (hex(b[i + 1]), hex(b[i + 2])) {
+                out.push((h * 16 + l) as u8);
+                i += 3;
+                continue;
+            }
+        }
+        out.push(b[i]);
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
 /// A write or length change a remote file cannot make.
 pub fn cannot_grow(name: &str, len: u64) -> Error {
     Error::NoSpace(format!(

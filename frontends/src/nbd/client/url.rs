@@ -8,7 +8,7 @@ use super::Client;
 use crate::nbd::proto::DEFAULT_PORT;
 use crate::tls::{Creds, Transport};
 use crate::transport::Stream;
-use backends::file::remote::{Remote, RemoteOptions};
+use backends::file::remote::{unescape, Remote, RemoteOptions};
 use std::sync::Arc;
 
 /// Where an export is.
@@ -25,26 +25,6 @@ pub struct Target {
 }
 
 const BAD_URL: &str = "No valid URL specified";
-
-/// `%XX` escapes decoded, as qemu's URI parser does.
-fn unescape(s: &str) -> String {
-    let b = s.as_bytes();
-    let mut out = Vec::with_capacity(b.len());
-    let mut i = 0;
-    while i < b.len() {
-        let hex = |c: u8| (c as char).to_digit(16);
-        if b[i] == b'%' && i + 2 < b.len() {
-            if let (Some(h), Some(l)) = (hex(b[i + 1]), hex(b[i + 2])) {
-                out.push((h * 16 + l) as u8);
-                i += 3;
-                continue;
-            }
-        }
-        out.push(b[i]);
-        i += 1;
-    }
-    String::from_utf8_lossy(&out).into_owned()
-}
 
 /// qemu's `nbd_parse_uri`.
 fn parse_uri(name: &str) -> Result<Target, String> {
