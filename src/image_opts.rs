@@ -356,6 +356,8 @@ struct NbdOpts {
     export: String,
     tls_creds: Option<String>,
     tls_hostname: Option<String>,
+    reconnect_delay: Option<String>,
+    open_timeout: Option<String>,
 }
 
 /// Characters that would end a URI's part early, escaped.
@@ -378,12 +380,18 @@ impl NbdOpts {
             "export" => self.export = v.to_string(),
             "tls-creds" => self.tls_creds = Some(v.to_string()),
             "tls-hostname" => self.tls_hostname = Some(v.to_string()),
-            // qnbd does not reconnect: a lost connection fails the requests at once (what
-            // qemu does once `reconnect-delay` has passed); the options are taken.
-            "reconnect-delay" | "open-timeout" => {}
+            "reconnect-delay" => self.reconnect_delay = Some(v.to_string()),
+            "open-timeout" => self.open_timeout = Some(v.to_string()),
             _ => return false,
         }
         true
+    }
+
+    /// A number of seconds (qemu's QEMU_OPT_NUMBER, kept as its uint32 field keeps it).
+    fn seconds(key: &str, v: Option<&String>) -> Result<u64, String> {
+        v.map_or(Ok(0), |v| {
+            parse_number(key, v).map(|n| n & u64::from(u32::MAX))
+        })
     }
 
     fn get(&self, key: &str) -> Result<&str, String> {
@@ -425,6 +433,8 @@ impl NbdOpts {
             read_only: false,
             tls_creds: self.tls_creds.clone(),
             tls_hostname: self.tls_hostname.clone(),
+            reconnect_delay: Self::seconds("reconnect-delay", self.reconnect_delay.as_ref())?,
+            open_timeout: Self::seconds("open-timeout", self.open_timeout.as_ref())?,
             ..Default::default()
         };
         Ok((url, remote))

@@ -418,3 +418,193 @@ fn probing_an_export_warns_as_qemu_nbd() {
         assert_eq!(ours, first_line("qemu-nbd"), "{name}");
     }
 }
+
+/// An upstream qnbd, killed (as in a crash) when dropped.
+struct Upstream(std::process::Child);
+
+impl Drop for Upstream {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// An upstream qnbd at a fixed socket path (so it can be restarted there), ready.
+fn upstream_at(sock: &Path, raw: &str) -> Upstream {
+    let _ = std::fs::remove_file(sock);
+    let child = Command::new(QNBD)
+        .args(["-t", "-f", "raw", "-k"])
+        .arg(sock)
+        .arg(raw)
+        .stdin(std::process::Stdio::null())
+        .spawn()
+        .expect("spawn the upstream server");
+    let up = Upstream(child);
+    let start = std::time::Instant::now();
+    while std::os::unix::net::UnixStream::connect(sock).is_err() {
+        assert!(start.elapsed().as_secs() < 20, "the upstream is not ready");
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    up
+}
+
+fn crash(up: Upstream) {
+    drop(up);
+}
+
+/// `driver=raw,file.driver=nbd,…` with `extra` options, over the socket `sock`.
+fn nbd_image_opts(sock: &Path, extra: &str) -> String {
+    format!(
+        "driver=raw,file.driver=nbd,file.server.type=unix,file.server.path={}{extra}",
+        sock.display()
+    )
+}
+
+/// The upstream server dies and comes back within `reconnect-delay`: the requests sent
+/// meanwhile wait for it and succeed, as qemu's; the data is all there.
+#[test]
+fn a_restarted_upstream_is_reached_again_within_reconnect_delay() {
+    if !have("qemu-io") {
+        return;
+    }
+    let d = tmpdir();
+    let raw = image(d.path());
+    let sock = d.path().join("up.sock");
+    let up = upstream_at(&sock, &raw);
+    let opts = nbd_image_opts(&sock, ",file.reconnect-delay=30");
+    let mut s = Server::unix(QNBD, &["-t", "--image-opts", &opts]);
+    qemu_io(d.path(), "raw", &s.uri(), &["write -P 0x44 0 64k", "flush"]);
+    crash(up);
+    let restart = {
+        let (sock, raw) = (sock.clone(), raw.clone());
+        std::thread::spawn(move || {
+            std::thread::sleep(std::time::Duration::from_millis(1500));
+            upstream_at(&sock, &raw)
+        })
+    };
+    let out = qemu_io(
+        d.path(),
+        "raw",
+        &s.uri(),
+        &[
+            "write -P 0x55 64k 64k",
+            "read -P 0x44 0 64k",
+            "read -P 0x55 64k 64k",
+            "flush",
+        ],
+    );
+    assert!(!out.contains("failed"), "{out}");
+    let up = restart.join().unwrap();
+    assert!(s.terminate().is_some(), "the server did not exit");
+    crash(up);
+    qemu_io(
+        d.path(),
+        "raw",
+        &raw,
+        &["read -P 0x44 0 64k", "read -P 0x55 64k 64k"],
+    );
+}
+
+/// Without `reconnect-delay`, requests fail while the upstream is away, and work again once
+/// the connection has been made again in the background (qemu's connect thread).
+#[test]
+fn requests_work_again_once_a_lost_upstream_is_back() {
+    if !have("qemu-io") {
+        return;
+    }
+    let d = tmpdir();
+    let raw = image(d.path());
+    let sock = d.path().join("up.sock");
+    let up = upstream_at(&sock, &raw);
+    let mut s = Server::unix(QNBD, &["-t", "--image-opts", &nbd_image_opts(&sock, "")]);
+    qemu_io(d.path(), "raw", &s.uri(), &["read -P 7 0 64k"]);
+    crash(up);
+    let out = run(Command::new("qemu-io")
+        .args(["-f", "raw", "-c", "read 0 64k"])
+        .arg(s.uri()));
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("read failed: Input/output error"), "{text}");
+    let up = upstream_at(&sock, &raw);
+    let start = std::time::Instant::now();
+    loop {
+        let out = run(Command::new("qemu-io")
+            .args(["-f", "raw", "-c", "read -P 7 0 64k"])
+            .arg(s.uri()));
+        if out.status.success() && !String::from_utf8_lossy(&out.stdout).contains("failed") {
+            break;
+        }
+        assert!(start.elapsed().as_secs() < 40, "never reconnected");
+        std::thread::sleep(std::time::Duration::from_millis(300));
+    }
+    assert!(s.terminate().is_some(), "the server did not exit");
+    crash(up);
+}
+
+/// Writes acknowledged but not flushed when the connection was lost may have died with the
+/// server: every flush from then on says so (EIO), as after a local file's failed fsync;
+/// reads and writes go on.
+#[test]
+fn a_flush_after_a_lost_connection_reports_the_unflushed_writes() {
+    if !have_nbdsh() {
+        return;
+    }
+    use std::io::{BufRead, Write};
+    let d = tmpdir();
+    let raw = image(d.path());
+    let sock = d.path().join("up.sock");
+    let up = upstream_at(&sock, &raw);
+    let opts = nbd_image_opts(&sock, ",file.reconnect-delay=30");
+    let mut s = Server::unix(QNBD, &["-t", "--image-opts", &opts]);
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/nbdsh/flush_after_loss.py");
+    let mut client = Command::new(PYTHON)
+        .arg(script)
+        .arg(s.uri())
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = std::io::BufReader::new(client.stdout.take().unwrap()).lines();
+    assert_eq!(lines.next().unwrap().unwrap(), "written");
+    crash(up);
+    let up = upstream_at(&sock, &raw);
+    writeln!(client.stdin.as_mut().unwrap()).unwrap();
+    let rest: Vec<String> = lines.map(|l| l.unwrap()).collect();
+    assert!(client.wait().unwrap().success(), "{rest:?}");
+    assert_eq!(
+        rest,
+        ["flush: EIO", "second flush: EIO", "first: a", "second: b"],
+        "every flush after the loss fails; the data is still read back"
+    );
+    assert!(s.terminate().is_some(), "the server did not exit");
+    crash(up);
+}
+
+/// `open-timeout`: the server keeps trying its first connection until the upstream is
+/// there (qemu's connect thread); without it, one failed attempt ends the open.
+#[test]
+fn open_timeout_waits_for_the_upstream() {
+    if !have("qemu-io") {
+        return;
+    }
+    let d = tmpdir();
+    let raw = image(d.path());
+    let sock = d.path().join("up.sock");
+    let out = run(Command::new(QNBD)
+        .args(["-r", "-k"])
+        .arg(d.path().join("x.sock"))
+        .args(["--image-opts", &nbd_image_opts(&sock, "")]));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("Failed to connect to"), "{err}");
+    let later = {
+        let (sock, raw) = (sock.clone(), raw.clone());
+        std::thread::spawn(move || {
+            std::thread::sleep(std::time::Duration::from_millis(1500));
+            upstream_at(&sock, &raw)
+        })
+    };
+    let opts = nbd_image_opts(&sock, ",file.open-timeout=30");
+    let mut s = Server::unix(QNBD, &["--image-opts", &opts]);
+    qemu_io(d.path(), "raw", &s.uri(), &["read -P 7 0 64k"]);
+    assert!(s.terminate().is_some(), "the server did not exit");
+    crash(later.join().unwrap());
+}

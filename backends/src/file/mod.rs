@@ -4,7 +4,8 @@
 //! `--cache` modes (O_DIRECT through aligned bounce buffers, [`direct`]), `--aio`, fallocate,
 //! hole seeking, qemu's image locks ([`lock`]), and two things formats rely on for safety:
 //! - **fdatasync failure is sticky** (as qemu's file-posix): once a sync failed, the kernel may
-//!   have dropped the dirty pages, so every later [`HostFile::sync`] fails too.
+//!   have dropped the dirty pages, so every later [`HostFile::sync`] fails too. A remote file
+//!   keeps that account itself ([`remote::Remote::flush`]).
 //! - **The file only grows while it is served**: [`HostFile::grow_to`] never shrinks it, and
 //!   nothing here truncates.
 //!
@@ -376,7 +377,7 @@ impl HostFile {
                 Ok(())
             }
             Err(e) => {
-                if dsync && self.direct.is_none() {
+                if dsync && self.direct.is_none() && self.remote.is_none() {
                     // As with a failed sync, the page cache may now hold pages marked clean.
                     let code = e.raw_os_error().unwrap_or(libc::EIO);
                     self.sync_failed.store(code, Ordering::Release);
@@ -414,7 +415,9 @@ impl HostFile {
                 Ok(())
             }
             Err(e) => {
-                if self.direct.is_none() {
+                // A remote file keeps its own account (a lost connection with nothing
+                // unflushed is no lost data; see the NBD client's link).
+                if self.direct.is_none() && self.remote.is_none() {
                     let code = e.raw_os_error().unwrap_or(libc::EIO);
                     self.sync_failed.store(code, Ordering::Release);
                 }

@@ -23,6 +23,9 @@ pub trait Remote: Send + Sync + fmt::Debug {
     fn read(&self, offset: u64, buf: &mut [u8]) -> io::Result<()>;
     /// With `fua`, durable when this returns.
     fn write(&self, offset: u64, buf: &[u8], fua: bool) -> io::Result<()>;
+    /// Every write acknowledged before it is durable when this returns. A remote that may
+    /// have lost acknowledged writes (its server died before a flush, or failed one) fails
+    /// this, and every later flush: no later success may vouch for them.
     fn flush(&self) -> io::Result<()>;
     /// Zeroes without sending them; with `no_hole` the space stays allocated, else it may
     /// be deallocated. Unsupported (`ErrorKind::Unsupported`) when the server cannot.
@@ -41,6 +44,11 @@ pub struct RemoteOptions {
     pub tls_creds: Option<String>,
     /// The name the server's certificate must carry (qemu's `tls-hostname`).
     pub tls_hostname: Option<String>,
+    /// NBD: seconds requests wait for a lost connection to come back, to be sent again
+    /// (qemu's `reconnect-delay`; 0: they fail at once while it is down).
+    pub reconnect_delay: u64,
+    /// NBD: seconds to keep trying the first connection (qemu's `open-timeout`; 0: once).
+    pub open_timeout: u64,
     /// A file on a web server: the `http` / `https` driver's options.
     pub http: super::http::HttpOptions,
 }

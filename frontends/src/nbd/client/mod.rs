@@ -2,7 +2,9 @@
 //! headers and meta contexts. Used by `-L` now, and before a kernel bind (`-c`) later, where
 //! it must negotiate simple replies only.
 
+mod link;
 pub mod remote;
+mod replies;
 pub mod url;
 
 use crate::nbd::proto::*;

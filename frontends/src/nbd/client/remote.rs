@@ -5,51 +5,30 @@
 //! One connection, many requests in flight: a caller sends its request under the writer
 //! lock and waits on its own slot; one reader thread reads every reply and fills the slot
 //! its cookie names. Structured replies are negotiated (holes arrive as holes), and
-//! `base:allocation` for block status. When the connection dies, every waiting request and
-//! every later one fails with EIO: nothing is retried, so nothing is written twice.
+//! `base:allocation` for block status. A lost connection is made again in the background;
+//! what requests do meanwhile (wait and go again within `reconnect-delay`, or fail with
+//! EIO) is [`super::link`]'s.
 
+use super::link::{Connector, Shared, Slot};
 use super::{Client, ClientError};
 use crate::nbd::proto::*;
-use crate::nbd::wire::{self, ReplyHeader};
-use crate::transport::{write_all_vectored, Stream};
+use crate::nbd::wire;
+use crate::transport::write_all_vectored;
 use backends::file::remote::Remote;
-use parking_lot::{Condvar, Mutex};
-use std::collections::HashMap;
-use std::io::{self, IoSlice, Read};
+use std::io::{self, IoSlice};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
+use std::time::Duration;
 
 /// Largest read or write sent at once (the NBD spec's safe maximum).
 const MAX_PAYLOAD: u64 = 32 << 20;
 /// Largest trim, write-zeroes or block-status length asked at once.
 const MAX_EFFECT: u64 = 1 << 30;
 
-#[derive(Debug, Default)]
-struct Outcome {
-    done: bool,
-    /// The first error the server reported (errno), or EIO for a lost connection.
-    error: Option<i32>,
-    data: Vec<u8>,
-    extents: Vec<(u64, bool, bool)>,
-}
+/// What a request's reply brought.
+type Outcome = super::link::Outcome;
 
-#[derive(Debug)]
-struct Slot {
-    /// A read's offset and length (its data chunks must lie inside).
-    read: Option<(u64, u64)>,
-    state: Mutex<Outcome>,
-    cv: Condvar,
-}
-
-#[derive(Debug, Default)]
-struct Shared {
-    pending: Mutex<HashMap<u64, Arc<Slot>>>,
-    /// Why the connection ended, once it has.
-    dead: Mutex<Option<String>>,
-}
-
-/// An export reached over one NBD connection.
-#[derive(Debug)]
+/// An export reached over one NBD connection at a time (see [`super::link`] for a lost one).
 pub struct NbdRemote {
     name: String,
     /// qemu's pseudo-filename for the export (`nbd_refresh_filename`).
@@ -63,34 +42,44 @@ pub struct NbdRemote {
     /// Aligned writes share it; a read-modify-write of a partial block holds it alone, so
     /// no write to the same block slips between its read and its write.
     rmw: parking_lot::RwLock<()>,
-    writer: Mutex<Stream>,
     shared: Arc<Shared>,
     next_cookie: AtomicU64,
 }
 
-fn errno_of(nbd: u32) -> i32 {
-    match nbd {
-        EPERM => libc::EPERM,
-        EIO => libc::EIO,
-        ENOMEM => libc::ENOMEM,
-        ENOSPC => libc::ENOSPC,
-        EOVERFLOW => libc::EOVERFLOW,
-        ENOTSUP => libc::ENOTSUP,
-        ESHUTDOWN => libc::ESHUTDOWN,
-        // The spec: treat anything else as EINVAL.
-        _ => libc::EINVAL,
+impl std::fmt::Debug for NbdRemote {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("NbdRemote")
+            .field("name", &self.name)
+            .finish()
     }
+}
+
+/// Why a request failed.
+enum Failed {
+    /// No connection to send it on, or it was lost (EIO, logged).
+    Lost(io::Error),
+    /// The server's error (errno).
+    Server(i32),
+}
+
+/// How a lost connection is handled: qemu's `reconnect-delay` (zero: requests fail at once
+/// while it is down) and how to connect again (None: never).
+pub struct Reconnect {
+    pub delay: Duration,
+    pub connector: Option<Connector>,
 }
 
 impl NbdRemote {
     /// Take over a connection whose handshake ended in transmission (after GO), described
-    /// by `info`; `name` names the export in messages.
+    /// by `info`; `name` names the export in messages; `reconnect` says what a lost
+    /// connection becomes.
     pub fn start(
         client: Client,
         info: &super::ExportInfo,
         allocation: Option<u32>,
         name: String,
         filename: String,
+        reconnect: Reconnect,
     ) -> io::Result<NbdRemote> {
         if info.size > i64::MAX as u64 {
             return Err(io::Error::other(format!(
@@ -105,13 +94,14 @@ impl NbdRemote {
                 info.size, info.min_block
             )));
         }
-        let stream = client.into_stream();
-        let reader = stream.try_clone()?;
-        let shared = Arc::new(Shared::default());
-        let s = shared.clone();
-        std::thread::Builder::new()
-            .name("nbd-client".into())
-            .spawn(move || read_replies(reader, &s))?;
+        let shared = Shared::start(
+            client.into_stream(),
+            info.clone(),
+            allocation,
+            name.clone(),
+            reconnect.delay,
+            reconnect.connector,
+        )?;
         Ok(NbdRemote {
             name,
             filename,
@@ -120,16 +110,9 @@ impl NbdRemote {
             allocation,
             align,
             rmw: parking_lot::RwLock::new(()),
-            writer: Mutex::new(stream),
             shared,
             next_cookie: AtomicU64::new(1),
         })
-    }
-
-    fn lost(&self) -> io::Error {
-        let why = self.shared.dead.lock().clone().unwrap_or_default();
-        tracing::error!(export = %self.name, "NBD connection lost: {why}");
-        io::Error::from_raw_os_error(libc::EIO)
     }
 
     /// Send one request (with `payload` for a write) and wait for its whole reply.
@@ -141,52 +124,64 @@ impl NbdRemote {
         len: u64,
         payload: &[u8],
     ) -> io::Result<Outcome> {
-        if self.shared.dead.lock().is_some() {
-            return Err(self.lost());
+        self.request(cmd, flags, offset, len, payload)
+            .map_err(|f| match f {
+                Failed::Lost(e) => e,
+                Failed::Server(errno) => io::Error::from_raw_os_error(errno),
+            })
+    }
+
+    /// [`Self::call`], telling a lost connection from the server's error. Sent again on a
+    /// new connection when the link says so (`reconnect-delay`).
+    fn request(
+        &self,
+        cmd: u16,
+        flags: CmdFlags,
+        offset: u64,
+        len: u64,
+        payload: &[u8],
+    ) -> Result<Outcome, Failed> {
+        loop {
+            let cookie = self.next_cookie.fetch_add(1, Ordering::Relaxed);
+            let slot = Slot::new((cmd == CMD_READ).then_some((offset, len)));
+            let (gen, writer) = self.shared.register(cookie, &slot).map_err(Failed::Lost)?;
+            let mut hdr = Vec::with_capacity(wire::COMPACT_REQUEST_LEN);
+            let req = wire::Request {
+                flags,
+                cmd,
+                cookie,
+                offset,
+                len,
+            };
+            wire::encode_request(&mut hdr, &req, false);
+            let sent = {
+                let mut w = writer.lock();
+                let mut bufs = [IoSlice::new(&hdr), IoSlice::new(payload)];
+                write_all_vectored(&mut *w, &mut bufs)
+            };
+            if let Err(e) = sent {
+                let why = super::link::Loss::Io(format!("sending a request: {e}"));
+                self.shared.end(gen, why);
+            }
+            let out = slot.wait();
+            if out.lost {
+                if self.shared.retry_lost() {
+                    continue;
+                }
+                return Err(Failed::Lost(self.shared.lost()));
+            }
+            return match out.error {
+                Some(e) => Err(Failed::Server(e)),
+                None => Ok(out),
+            };
         }
-        let cookie = self.next_cookie.fetch_add(1, Ordering::Relaxed);
-        let read = (cmd == CMD_READ).then_some((offset, len));
-        let slot = Arc::new(Slot {
-            read,
-            state: Mutex::new(Outcome {
-                data: if read.is_some() {
-                    vec![0u8; len as usize]
-                } else {
-                    Vec::new()
-                },
-                ..Default::default()
-            }),
-            cv: Condvar::new(),
-        });
-        self.shared.pending.lock().insert(cookie, slot.clone());
-        let mut hdr = Vec::with_capacity(wire::COMPACT_REQUEST_LEN);
-        let req = wire::Request {
-            flags,
-            cmd,
-            cookie,
-            offset,
-            len,
-        };
-        wire::encode_request(&mut hdr, &req, false);
-        let sent = {
-            let mut w = self.writer.lock();
-            let mut bufs = [IoSlice::new(&hdr), IoSlice::new(payload)];
-            write_all_vectored(&mut *w, &mut bufs)
-        };
-        if let Err(e) = sent {
-            self.shared.pending.lock().remove(&cookie);
-            fail_all(&self.shared, format!("sending a request: {e}"));
-            return Err(self.lost());
-        }
-        let mut st = slot.state.lock();
-        while !st.done {
-            slot.cv.wait(&mut st);
-        }
-        let out = std::mem::take(&mut *st);
-        match out.error {
-            Some(libc::EIO) if self.shared.dead.lock().is_some() => Err(self.lost()),
-            Some(e) => Err(io::Error::from_raw_os_error(e)),
-            None => Ok(out),
+    }
+
+    /// A write was acknowledged: until a FLUSH, it is in the server's cache only (unless
+    /// `fua`, or the server has no cache to flush).
+    fn acked(&self, fua: bool) {
+        if self.has(TransmissionFlags::SEND_FLUSH) {
+            self.shared.wrote(fua);
         }
     }
 
@@ -221,6 +216,7 @@ impl NbdRemote {
         for (at, n) in Self::pieces(offset, buf.len() as u64, MAX_PAYLOAD) {
             let start = (at - offset) as usize;
             self.call(CMD_WRITE, flags, at, n, &buf[start..start + n as usize])?;
+            self.acked(flags.contains(CmdFlags::FUA));
         }
         Ok(())
     }
@@ -287,8 +283,25 @@ impl Remote for NbdRemote {
         if !self.has(TransmissionFlags::SEND_FLUSH) {
             return Ok(());
         }
-        self.call(CMD_FLUSH, CmdFlags::empty(), 0, 0, &[])
-            .map(|_| ())
+        let eio = || io::Error::from_raw_os_error(libc::EIO);
+        if self.shared.flush_poisoned() {
+            return Err(eio());
+        }
+        let mark = self.shared.flush_mark();
+        match self.request(CMD_FLUSH, CmdFlags::empty(), 0, 0, &[]) {
+            // The connection may have been lost, with unflushed writes, while it was sent.
+            Ok(_) if self.shared.flush_poisoned() => Err(eio()),
+            Ok(_) => {
+                self.shared.flushed(mark);
+                Ok(())
+            }
+            Err(Failed::Lost(e)) => Err(e),
+            Err(Failed::Server(errno)) => {
+                self.shared
+                    .poison_flush("the server failed a flush of written data");
+                Err(io::Error::from_raw_os_error(errno))
+            }
+        }
     }
 
     fn write_zeroes(&self, offset: u64, len: u64, no_hole: bool) -> io::Result<()> {
@@ -312,6 +325,7 @@ impl Remote for NbdRemote {
         let _shared = self.rmw.read();
         for (at, n) in Self::pieces(inner, inner_end - inner, MAX_EFFECT) {
             self.call(CMD_WRITE_ZEROES, flags, at, n, &[])?;
+            self.acked(false);
         }
         Ok(())
     }
@@ -327,8 +341,12 @@ impl Remote for NbdRemote {
 }
 
 impl Drop for NbdRemote {
-    /// NBD_CMD_DISC, then the connection closes (the reader thread sees its end).
+    /// NBD_CMD_DISC, then the connection closes (the reader thread sees its end, a
+    /// connector thread stops trying).
     fn drop(&mut self) {
+        let Some(writer) = self.shared.quit("the image was closed".into()) else {
+            return;
+        };
         let mut hdr = Vec::new();
         let req = wire::Request {
             flags: CmdFlags::empty(),
@@ -338,180 +356,10 @@ impl Drop for NbdRemote {
             len: 0,
         };
         wire::encode_request(&mut hdr, &req, false);
-        let w = self.writer.get_mut();
-        let _ = std::io::Write::write_all(w, &hdr);
+        let mut w = writer.lock();
+        let _ = std::io::Write::write_all(&mut *w, &hdr);
         w.shutdown();
     }
-}
-
-/// End the connection: every request waiting fails, and so does every later one.
-fn fail_all(shared: &Shared, why: String) {
-    shared.dead.lock().get_or_insert(why);
-    let slots: Vec<_> = shared.pending.lock().drain().map(|(_, s)| s).collect();
-    for s in slots {
-        let mut st = s.state.lock();
-        st.error.get_or_insert(libc::EIO);
-        st.done = true;
-        s.cv.notify_all();
-    }
-}
-
-fn complete(slot: &Slot, error: Option<i32>) {
-    let mut st = slot.state.lock();
-    if let Some(e) = error {
-        st.error.get_or_insert(e);
-    }
-    st.done = true;
-    slot.cv.notify_all();
-}
-
-/// The reader thread: every reply to its slot, until the connection ends.
-fn read_replies(mut r: Stream, shared: &Shared) {
-    let why = loop {
-        match read_one(&mut r, shared) {
-            Ok(()) => {}
-            Err(e) => break e,
-        }
-    };
-    fail_all(shared, why);
-}
-
-fn read_exact(r: &mut Stream, buf: &mut [u8]) -> Result<(), String> {
-    r.read_exact(buf).map_err(|e| match e.kind() {
-        io::ErrorKind::UnexpectedEof => "the server closed the connection".to_string(),
-        _ => e.to_string(),
-    })
-}
-
-/// The slot a reply is for; it stays pending (so a connection that dies while its reply is
-/// read fails it too) until [`finish`] takes it out.
-fn slot_of(shared: &Shared, cookie: u64) -> Result<Arc<Slot>, String> {
-    shared
-        .pending
-        .lock()
-        .get(&cookie)
-        .cloned()
-        .ok_or_else(|| format!("reply for unknown cookie {cookie:#x}"))
-}
-
-/// The whole reply to `cookie` has been read.
-fn finish(shared: &Shared, cookie: u64, slot: &Slot, error: Option<i32>) {
-    shared.pending.lock().remove(&cookie);
-    complete(slot, error);
-}
-
-fn read_one(r: &mut Stream, shared: &Shared) -> Result<(), String> {
-    let mut h = [0u8; 20];
-    read_exact(r, &mut h[..4])?;
-    let need = match u32::from_be_bytes([h[0], h[1], h[2], h[3]]) {
-        SIMPLE_REPLY_MAGIC => 16,
-        STRUCTURED_REPLY_MAGIC => 20,
-        m => return Err(format!("bad reply magic {m:#x}")),
-    };
-    read_exact(r, &mut h[4..need])?;
-    let header = match wire::decode_reply_header(&h[..need]) {
-        Ok(Some((h, _))) => h,
-        _ => return Err("bad reply header".into()),
-    };
-    match header {
-        ReplyHeader::Simple { error, cookie } => {
-            let slot = slot_of(shared, cookie)?;
-            if error != 0 {
-                finish(shared, cookie, &slot, Some(errno_of(error)));
-                return Ok(());
-            }
-            if slot.read.is_some() {
-                let mut st = slot.state.lock();
-                let mut data = std::mem::take(&mut st.data);
-                drop(st);
-                read_exact(r, &mut data)?;
-                slot.state.lock().data = data;
-            }
-            finish(shared, cookie, &slot, None);
-            Ok(())
-        }
-        ReplyHeader::Chunk {
-            flags,
-            typ,
-            cookie,
-            len,
-            ..
-        } => {
-            let slot = slot_of(shared, cookie)?;
-            read_chunk(r, &slot, typ, len)?;
-            if flags & REPLY_FLAG_DONE != 0 {
-                finish(shared, cookie, &slot, None);
-            }
-            Ok(())
-        }
-    }
-}
-
-/// One structured reply chunk's payload, into its slot.
-fn read_chunk(r: &mut Stream, slot: &Slot, typ: u16, len: u64) -> Result<(), String> {
-    if typ == REPLY_TYPE_OFFSET_DATA {
-        let (start, rlen) = slot
-            .read
-            .ok_or("a data chunk for a request that is no read")?;
-        let mut off = [0u8; 8];
-        if len < 8 {
-            return Err("short data chunk".into());
-        }
-        read_exact(r, &mut off)?;
-        let at = u64::from_be_bytes(off);
-        let n = len - 8;
-        if at < start || at + n > start + rlen {
-            return Err(format!("data chunk at {at:#x} (+{n:#x}) outside its read"));
-        }
-        let mut st = slot.state.lock();
-        let mut data = std::mem::take(&mut st.data);
-        drop(st);
-        let from = (at - start) as usize;
-        let got = read_exact(r, &mut data[from..from + n as usize]);
-        slot.state.lock().data = data;
-        return got;
-    }
-    // Every other chunk is small: the largest is a block status reply.
-    if len > (1 << 20) {
-        return Err(format!("reply chunk of {len} bytes"));
-    }
-    let mut p = vec![0u8; len as usize];
-    read_exact(r, &mut p)?;
-    let mut st = slot.state.lock();
-    match typ {
-        REPLY_TYPE_NONE => {}
-        REPLY_TYPE_OFFSET_HOLE => {
-            let (start, rlen) = slot
-                .read
-                .ok_or("a hole chunk for a request that is no read")?;
-            let (at, n) = wire::decode_hole(&p).ok_or("bad hole chunk")?;
-            let n = u64::from(n);
-            if at < start || at + n > start + rlen {
-                return Err(format!("hole chunk at {at:#x} (+{n:#x}) outside its read"));
-            }
-            let from = (at - start) as usize;
-            st.data[from..from + n as usize].fill(0);
-        }
-        REPLY_TYPE_BLOCK_STATUS => {
-            let (_, runs) = wire::decode_block_status(&p, false).ok_or("bad block status")?;
-            st.extents = runs
-                .into_iter()
-                .map(|(n, f)| (n, f & STATE_HOLE != 0, f & STATE_ZERO != 0))
-                .collect();
-        }
-        t if t & 0x8000 != 0 => {
-            let errno = wire::decode_error(&p).map_or(EIO, |(e, msg)| {
-                if !msg.is_empty() {
-                    tracing::debug!("NBD server error: {msg}");
-                }
-                e
-            });
-            st.error.get_or_insert(errno_of(errno));
-        }
-        // An unknown chunk type that is not an error: skipped.
-        _ => {}
-    }
-    Ok(())
 }
 
 /// The handshake of a connection for [`NbdRemote`]: structured replies, `base:allocation`,

@@ -3,13 +3,15 @@
 //! `nbd:HOST:PORT[:exportname=NAME]` and `nbd:unix:PATH[:exportname=NAME]`; and opening one
 //! as a remote file ([`open`], registered by the binary with the backends).
 
-use super::remote::{negotiate, NbdRemote};
+use super::link::{Connected, Connector};
+use super::remote::{negotiate, NbdRemote, Reconnect};
 use super::Client;
 use crate::nbd::proto::DEFAULT_PORT;
 use crate::tls::{Creds, Transport};
 use crate::transport::Stream;
 use backends::file::remote::{unescape, Remote, RemoteOptions};
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 /// Where an export is.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -207,8 +209,7 @@ pub fn open(
         Ok(t) => t,
         Err(msg) => return Some(Err(backends::Error::Open(msg))),
     };
-    let r = open_target(&target, name, tls.as_ref(), opts.tls_hostname.as_deref())
-        .map_err(backends::Error::Open);
+    let r = open_target(target, name, tls, opts).map_err(backends::Error::Open);
     Some(r.and_then(|r| {
         // A read-only export opened for writing: refused, in qemu-nbd's words.
         if !opts.read_only && r.read_only() {
@@ -221,11 +222,59 @@ pub fn open(
 }
 
 fn open_target(
-    t: &Target,
+    t: Target,
     name: &str,
+    tls: Option<Creds>,
+    opts: &RemoteOptions,
+) -> Result<Arc<dyn Remote>, String> {
+    let hostname = opts.tls_hostname.clone();
+    let timeout = Duration::from_secs(opts.open_timeout);
+    let (c, info, allocation) = connect_first(&t, tls.as_ref(), hostname.as_deref(), timeout)?;
+    let filename = t.filename();
+    let connector: Connector =
+        Box::new(move || connect_export(&t, tls.as_ref(), hostname.as_deref()));
+    let reconnect = Reconnect {
+        delay: Duration::from_secs(opts.reconnect_delay),
+        connector: Some(connector),
+    };
+    let r = NbdRemote::start(c, &info, allocation, name.to_string(), filename, reconnect)
+        .map_err(|e| e.to_string())?;
+    Ok(Arc::new(r))
+}
+
+/// The first connection, tried again until `open_timeout` has passed (qemu's
+/// `open-timeout`, with its connect thread's pauses: 1, 2, 4, 8, 16 seconds); the last
+/// attempt's error when it never works.
+fn connect_first(
+    t: &Target,
+    tls: Option<&Creds>,
+    hostname: Option<&str>,
+    open_timeout: Duration,
+) -> Result<Connected, String> {
+    let deadline = Instant::now() + open_timeout;
+    let mut pause = Duration::from_secs(1);
+    loop {
+        match connect_export(t, tls, hostname) {
+            Ok(c) => return Ok(c),
+            Err(e) => {
+                let now = Instant::now();
+                if now >= deadline {
+                    return Err(e);
+                }
+                tracing::debug!("connecting to the NBD server: {e}");
+                std::thread::sleep(pause.min(deadline - now));
+                pause = (pause * 2).min(Duration::from_secs(16));
+            }
+        }
+    }
+}
+
+/// One connection to the export `t` names, through TLS and the handshake to transmission.
+fn connect_export(
+    t: &Target,
     tls: Option<&Creds>,
     tls_hostname: Option<&str>,
-) -> Result<Arc<dyn Remote>, String> {
+) -> Result<Connected, String> {
     let stream = connect(t)?;
     let mut c = Client::start(stream).map_err(|e| e.report())?;
     if let Some(creds) = tls {
@@ -239,11 +288,7 @@ fn open_target(
         }
     }
     match negotiate(&mut c, &t.export) {
-        Ok((info, allocation)) => {
-            let r = NbdRemote::start(c, &info, allocation, name.to_string(), t.filename())
-                .map_err(|e| e.to_string())?;
-            Ok(Arc::new(r))
-        }
+        Ok((info, allocation)) => Ok((c, info, allocation)),
         Err(e) => {
             c.abort_on_error(&e);
             Err(e.report())

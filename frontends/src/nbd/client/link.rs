@@ -1,0 +1,403 @@
+//! The connection under an [`super::remote::NbdRemote`], and what happens when it is lost:
+//! qemu's `nbd` driver's states (`CONNECTED`, `CONNECTING_WAIT`, `CONNECTING_NOWAIT`,
+//! `QUIT`) on threads.
+//!
+//! - **Up**: requests are sent on the connection of generation `gen`; one reader thread
+//!   per generation fills their slots.
+//! - **Down**: the connection broke (a socket error or the server's end). A connector
+//!   thread tries again at once, then after 1, 2, 4, 8, 16, 16… seconds, until it is back
+//!   or the remote is dropped. For `reconnect-delay` seconds after the loss, requests wait
+//!   for it (those in flight at the loss are sent again on the new connection, as qemu's);
+//!   after that, or with no delay, they fail with EIO until it is back.
+//! - **Quit**: a protocol error (the server cannot be trusted), or the remote was dropped:
+//!   every request fails, for good.
+//!
+//! Ordering rules (why they hold):
+//! - A request joins `pending` under the `link` lock, and only while the link is Up with
+//!   the generation it sends on; a loss moves Up → Down and drains `pending` under that same
+//!   lock. So every request of a lost generation is failed as lost, and none of a new one.
+//! - Lock order: `link`, then `pending`, then a slot's state. The reader thread takes
+//!   `pending` and slots only.
+//! - Cookies are unique across generations, so a late reply on a dead connection never
+//!   fills a request of the new one.
+//! - Data safety across a reconnect: a write acknowledged without FUA lives in the server's
+//!   cache until a FLUSH. When the connection is lost before that flush, the server may have
+//!   died with it, so every later FLUSH fails with EIO, as a local file's after a failed
+//!   fsync (qemu's `page_cache_inconsistent`): no FLUSH on a new connection may vouch for
+//!   writes that may be gone. The same when the server fails a FLUSH. A connection lost
+//!   with every write flushed loses nothing: requests fail only while it is down.
+
+use super::ExportInfo;
+use crate::transport::Stream;
+use parking_lot::{Condvar, Mutex};
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// What the connector hands back: a connection in transmission, its export, the id of
+/// `base:allocation`.
+pub type Connected = (super::Client, ExportInfo, Option<u32>);
+
+/// Makes a new connection to the same export (connect, TLS, handshake): qemu's wording on
+/// failure.
+pub type Connector = Box<dyn Fn() -> Result<Connected, String> + Send + Sync>;
+
+/// Longest pause between two reconnect attempts (qemu's connect thread's).
+const MAX_PAUSE: Duration = Duration::from_secs(16);
+
+#[derive(Debug, Default)]
+pub struct Outcome {
+    pub done: bool,
+    /// The connection was lost before the whole reply came.
+    pub lost: bool,
+    /// The first error the server reported (errno).
+    pub error: Option<i32>,
+    pub data: Vec<u8>,
+    pub extents: Vec<(u64, bool, bool)>,
+}
+
+#[derive(Debug)]
+pub struct Slot {
+    /// A read's offset and length (its data chunks must lie inside).
+    pub read: Option<(u64, u64)>,
+    pub state: Mutex<Outcome>,
+    pub cv: Condvar,
+}
+
+impl Slot {
+    pub fn new(read: Option<(u64, u64)>) -> Arc<Slot> {
+        let data = read.map_or_else(Vec::new, |(_, len)| vec![0u8; len as usize]);
+        Arc::new(Slot {
+            read,
+            state: Mutex::new(Outcome {
+                data,
+                ..Default::default()
+            }),
+            cv: Condvar::new(),
+        })
+    }
+
+    /// The reply is whole (or will never be): wake the request.
+    pub fn complete(&self, error: Option<i32>, lost: bool) {
+        let mut st = self.state.lock();
+        if let Some(e) = error {
+            st.error.get_or_insert(e);
+        }
+        st.lost |= lost;
+        st.done = true;
+        self.cv.notify_all();
+    }
+
+    pub fn wait(&self) -> Outcome {
+        let mut st = self.state.lock();
+        while !st.done {
+            self.cv.wait(&mut st);
+        }
+        std::mem::take(&mut *st)
+    }
+}
+
+/// How a connection ended.
+#[derive(Debug)]
+pub enum Loss {
+    /// A socket error or the server's end: worth connecting again.
+    Io(String),
+    /// The server broke the protocol: not trusted again.
+    Protocol(String),
+}
+
+enum State {
+    Up {
+        gen: u64,
+        writer: Arc<Mutex<Stream>>,
+    },
+    Down {
+        since: Instant,
+    },
+    Quit,
+}
+
+struct Link {
+    state: State,
+    /// Why the last connection ended.
+    why: String,
+    /// The export as first opened: a new connection must offer the same.
+    info: ExportInfo,
+    allocation: Option<u32>,
+}
+
+pub struct Shared {
+    link: Mutex<Link>,
+    changed: Condvar,
+    pub pending: Mutex<HashMap<u64, Arc<Slot>>>,
+    /// qemu's `reconnect-delay`: how long requests wait for a lost connection.
+    delay: Duration,
+    connector: Option<Connector>,
+    name: String,
+    /// Writes acknowledged without FUA, and how many of them a FLUSH has covered.
+    acked: AtomicU64,
+    flushed: AtomicU64,
+    /// Acknowledged writes may be lost (a connection lost before their flush, or a failed
+    /// flush): every flush fails from then on.
+    flush_poisoned: AtomicBool,
+}
+
+impl Shared {
+    /// The link over its first connection (`stream`, after the handshake); the reader
+    /// thread starts here.
+    pub fn start(
+        stream: Stream,
+        info: ExportInfo,
+        allocation: Option<u32>,
+        name: String,
+        delay: Duration,
+        connector: Option<Connector>,
+    ) -> std::io::Result<Arc<Shared>> {
+        let shared = Arc::new(Shared {
+            link: Mutex::new(Link {
+                state: State::Quit,
+                why: String::new(),
+                info,
+                allocation,
+            }),
+            changed: Condvar::new(),
+            pending: Mutex::new(HashMap::new()),
+            delay,
+            connector,
+            name,
+            acked: AtomicU64::new(0),
+            flushed: AtomicU64::new(0),
+            flush_poisoned: AtomicBool::new(false),
+        });
+        shared.go_up(stream, 1)?;
+        Ok(shared)
+    }
+
+    /// Make `stream` generation `gen`'s connection and start its reader.
+    fn go_up(self: &Arc<Self>, stream: Stream, gen: u64) -> std::io::Result<()> {
+        let reader = stream.try_clone()?;
+        let me = self.clone();
+        std::thread::Builder::new()
+            .name("nbd-client".into())
+            .spawn(move || super::replies::read_replies(reader, &me, gen))?;
+        self.link.lock().state = State::Up {
+            gen,
+            writer: Arc::new(Mutex::new(stream)),
+        };
+        self.changed.notify_all();
+        Ok(())
+    }
+
+    /// The connection to send a request on, with `cookie`'s slot registered on it; waits
+    /// while the link is down within `reconnect-delay`. EIO when there is none.
+    pub fn register(
+        &self,
+        cookie: u64,
+        slot: &Arc<Slot>,
+    ) -> std::io::Result<(u64, Arc<Mutex<Stream>>)> {
+        let mut link = self.link.lock();
+        loop {
+            match &link.state {
+                State::Up { gen, writer } => {
+                    self.pending.lock().insert(cookie, slot.clone());
+                    return Ok((*gen, writer.clone()));
+                }
+                State::Down { since } if !self.delay.is_zero() => {
+                    let until = *since + self.delay;
+                    if Instant::now() >= until {
+                        return Err(self.lost_error(&link));
+                    }
+                    self.changed.wait_until(&mut link, until);
+                }
+                _ => return Err(self.lost_error(&link)),
+            }
+        }
+    }
+
+    fn lost_error(&self, link: &Link) -> std::io::Error {
+        tracing::error!(export = %self.name, "NBD connection lost: {}", link.why);
+        std::io::Error::from_raw_os_error(libc::EIO)
+    }
+
+    /// A request whose connection was lost: true when it is to be sent again (within
+    /// `reconnect-delay` of the loss, or the link is already back).
+    pub fn retry_lost(&self) -> bool {
+        if self.delay.is_zero() {
+            return false;
+        }
+        match self.link.lock().state {
+            State::Up { .. } => true,
+            State::Down { since } => since.elapsed() < self.delay,
+            State::Quit => false,
+        }
+    }
+
+    /// The EIO for a request that will not be sent again.
+    pub fn lost(&self) -> std::io::Error {
+        self.lost_error(&self.link.lock())
+    }
+
+    /// Connection `gen` ended: fail its requests as lost, and try again when `why` allows.
+    pub fn end(self: &Arc<Self>, gen: u64, why: Loss) {
+        let mut link = self.link.lock();
+        let State::Up { gen: now, writer } = &link.state else {
+            return;
+        };
+        if *now != gen {
+            return;
+        }
+        writer.lock().shutdown();
+        let again = matches!(why, Loss::Io(_)) && self.connector.is_some();
+        link.why = match why {
+            Loss::Io(m) | Loss::Protocol(m) => m,
+        };
+        link.state = if again {
+            State::Down {
+                since: Instant::now(),
+            }
+        } else {
+            State::Quit
+        };
+        if self.acked.load(Ordering::Acquire) > self.flushed.load(Ordering::Acquire) {
+            self.poison_flush("the connection was lost before written data was flushed");
+        }
+        let slots: Vec<_> = self.pending.lock().drain().map(|(_, s)| s).collect();
+        for s in slots {
+            s.complete(None, true);
+        }
+        self.changed.notify_all();
+        drop(link);
+        if again {
+            tracing::warn!(export = %self.name, "NBD connection lost, connecting again: {}", self.why());
+            let me = self.clone();
+            let spawned = std::thread::Builder::new()
+                .name("nbd-connect".into())
+                .spawn(move || me.reconnect(gen + 1));
+            if let Err(e) = spawned {
+                self.quit(format!("cannot start a thread to connect again: {e}"));
+            }
+        }
+    }
+
+    fn why(&self) -> String {
+        self.link.lock().why.clone()
+    }
+
+    /// For good: every later request fails (a protocol error, or the remote dropped).
+    pub fn quit(&self, why: String) -> Option<Arc<Mutex<Stream>>> {
+        let mut link = self.link.lock();
+        let old = std::mem::replace(&mut link.state, State::Quit);
+        if link.why.is_empty() {
+            link.why = why;
+        }
+        self.changed.notify_all();
+        match old {
+            State::Up { writer, .. } => Some(writer),
+            _ => None,
+        }
+    }
+
+    /// The connector thread: connect again until it works or the remote is gone.
+    fn reconnect(self: Arc<Self>, gen: u64) {
+        let Some(connect) = self.connector.as_ref() else {
+            return;
+        };
+        let mut pause = Duration::from_secs(1);
+        loop {
+            if matches!(self.link.lock().state, State::Quit) {
+                return;
+            }
+            match connect().and_then(|c| self.same_export(c)) {
+                Ok(stream) => {
+                    if !matches!(self.link.lock().state, State::Down { .. }) {
+                        stream.shutdown();
+                        return;
+                    }
+                    match self.go_up(stream, gen) {
+                        Ok(()) => {
+                            tracing::warn!(export = %self.name, "NBD connection is back");
+                            return;
+                        }
+                        Err(e) => tracing::warn!(export = %self.name, "connecting again: {e}"),
+                    }
+                }
+                Err(msg) => tracing::debug!(export = %self.name, "connecting again: {msg}"),
+            }
+            let mut link = self.link.lock();
+            if !matches!(link.state, State::Quit) {
+                self.changed.wait_for(&mut link, pause);
+            }
+            pause = (pause * 2).min(MAX_PAUSE);
+        }
+    }
+
+    /// The new connection's stream, if its export is the one first opened: the same size
+    /// and block size, no less of what requests rely on (writes, FUA, flush, zeroes, block
+    /// status). Otherwise qemu's behaviour: the attempt fails and another follows.
+    fn same_export(&self, (c, info, allocation): Connected) -> Result<Stream, String> {
+        let link = self.link.lock();
+        let old = &link.info;
+        let kept = crate::nbd::proto::TransmissionFlags::from_bits_retain(old.flags)
+            - crate::nbd::proto::TransmissionFlags::READ_ONLY;
+        let now = crate::nbd::proto::TransmissionFlags::from_bits_retain(info.flags);
+        let why = if info.size != old.size {
+            Some(format!(
+                "the export's size is now {} (was {})",
+                info.size, old.size
+            ))
+        } else if info.min_block.max(1) != old.min_block.max(1) {
+            Some(format!(
+                "the export's minimum block size is now {}",
+                info.min_block
+            ))
+        } else if now.contains(crate::nbd::proto::TransmissionFlags::READ_ONLY)
+            && old.flags & crate::nbd::proto::TransmissionFlags::READ_ONLY.bits() == 0
+        {
+            Some("the export is now read-only".into())
+        } else if !now.contains(kept) || (link.allocation.is_some() && allocation.is_none()) {
+            Some("the server no longer offers what the first connection did".into())
+        } else {
+            None
+        };
+        drop(link);
+        match why {
+            None => Ok(c.into_stream()),
+            Some(why) => {
+                c.into_stream().shutdown();
+                Err(format!("not the same export: {why}"))
+            }
+        }
+    }
+
+    /// A write was acknowledged (not durable yet unless `fua`).
+    pub fn wrote(&self, fua: bool) {
+        if !fua {
+            self.acked.fetch_add(1, Ordering::AcqRel);
+        }
+    }
+
+    /// What a FLUSH about to be sent will cover.
+    pub fn flush_mark(&self) -> u64 {
+        self.acked.load(Ordering::Acquire)
+    }
+
+    /// A FLUSH sent at `mark` completed.
+    pub fn flushed(&self, mark: u64) {
+        self.flushed.fetch_max(mark, Ordering::AcqRel);
+    }
+
+    /// From now on every flush fails: acknowledged writes may be lost (`why`).
+    pub fn poison_flush(&self, why: &str) {
+        if !self.flush_poisoned.swap(true, Ordering::AcqRel) {
+            tracing::error!(
+                export = %self.name,
+                "{why}: it may be lost, and every flush fails from now on"
+            );
+        }
+    }
+
+    pub fn flush_poisoned(&self) -> bool {
+        self.flush_poisoned.load(Ordering::Acquire)
+    }
+}
