@@ -2,7 +2,8 @@
 //! driver=nbd,…`, a format over one with `file.driver=nbd`), as qemu-nbd serves them: the
 //! same bytes, writes and block status passed through, formats and `-s` over the export,
 //! TLS to the upstream server, qemu-nbd's words for every name and option it refuses, and a
-//! lost upstream failing requests (EIO), not the server.
+//! lost upstream failing requests (EIO), not the server, and reached again when it is back
+//! (`reconnect-delay`, `open-timeout`, the flush after a loss).
 //! (The concurrent verifier through a re-export is in `data_safety.rs`.)
 
 mod common;
@@ -607,4 +608,47 @@ fn open_timeout_waits_for_the_upstream() {
     qemu_io(d.path(), "raw", &s.uri(), &["read -P 7 0 64k"]);
     assert!(s.terminate().is_some(), "the server did not exit");
     crash(later.join().unwrap());
+}
+
+/// A server that comes back with another export (here: another size) is not taken: the
+/// requests keep failing, and the log says why.
+#[test]
+fn a_different_export_after_a_restart_is_refused() {
+    if !have("qemu-io") {
+        return;
+    }
+    let d = tmpdir();
+    let raw = image(d.path());
+    let bigger = make_raw(d.path(), "bigger.raw", 32 << 20, &[]);
+    let sock = d.path().join("up.sock");
+    let up = upstream_at(&sock, &raw);
+    let log = d.path().join("proxy.log");
+    let psock = d.path().join("proxy.sock");
+    let mut proxy = Command::new(QNBD)
+        .args(["-t", "-k"])
+        .arg(&psock)
+        .args(["--image-opts", &nbd_image_opts(&sock, "")])
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    let uri = format!("nbd+unix:///?socket={}", psock.display());
+    let start = std::time::Instant::now();
+    while std::os::unix::net::UnixStream::connect(&psock).is_err() {
+        assert!(start.elapsed().as_secs() < 20, "the proxy is not ready");
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    crash(up);
+    let other = upstream_at(&sock, bigger.to_str().unwrap());
+    std::thread::sleep(std::time::Duration::from_millis(2500));
+    let out = run(Command::new("qemu-io").args(["-f", "raw", "-c", "read 0 64k", &uri]));
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("read failed: Input/output error"), "{text}");
+    let _ = proxy.kill();
+    let _ = proxy.wait();
+    drop(other);
+    let err = std::fs::read_to_string(&log).unwrap();
+    assert!(
+        err.contains("not the same export: the export's size is now 33554432 (was 16777216)"),
+        "{err}"
+    );
 }

@@ -43,6 +43,8 @@ pub type Connected = (super::Client, ExportInfo, Option<u32>);
 /// failure.
 pub type Connector = Box<dyn Fn() -> Result<Connected, String> + Send + Sync>;
 
+const NOT_SAME: &str = "not the same export";
+
 /// Longest pause between two reconnect attempts (qemu's connect thread's).
 const MAX_PAUSE: Duration = Duration::from_secs(16);
 
@@ -304,6 +306,7 @@ impl Shared {
             return;
         };
         let mut pause = Duration::from_secs(1);
+        let mut said = String::new();
         loop {
             if matches!(self.link.lock().state, State::Quit) {
                 return;
@@ -321,6 +324,11 @@ impl Shared {
                         }
                         Err(e) => tracing::warn!(export = %self.name, "connecting again: {e}"),
                     }
+                }
+                // A user's attention: this server will not be taken back as it is.
+                Err(msg) if msg.starts_with(NOT_SAME) && said != msg => {
+                    tracing::error!(export = %self.name, "connecting again: {msg}");
+                    said = msg;
                 }
                 Err(msg) => tracing::debug!(export = %self.name, "connecting again: {msg}"),
             }
@@ -365,7 +373,7 @@ impl Shared {
             None => Ok(c.into_stream()),
             Some(why) => {
                 c.into_stream().shutdown();
-                Err(format!("not the same export: {why}"))
+                Err(format!("{NOT_SAME}: {why}"))
             }
         }
     }
