@@ -806,3 +806,79 @@ fn failed_starts_leave_nothing_behind() {
         assert!(left.is_empty(), "{args:?} left {left:?}");
     }
 }
+
+/// The verifier through a re-export whose upstream server is killed (`kill -9`) and started
+/// again four times while it runs, with `reconnect-delay`: requests in flight at a loss are
+/// sent again on the new connection, so every acknowledged write is read back. The upstream
+/// serves a raw file (its writes are in the page cache before they are acknowledged, so they
+/// survive the kill); flushes after a loss with unflushed writes fail with EIO, as designed.
+#[test]
+fn verifier_across_upstream_restarts() {
+    if !have("qemu-img") || !have_nbdsh() {
+        return;
+    }
+    let d = tmpdir();
+    let raw = d.path().join("up.raw");
+    patterned_raw(&raw, 64);
+    let sock = d.path().join("up.sock");
+    let start_upstream = {
+        let (sock, raw) = (sock.clone(), raw.clone());
+        move || {
+            let _ = std::fs::remove_file(&sock);
+            let child = Command::new(QNBD)
+                .args(["-t", "-e", "0", "-f", "raw", "-k"])
+                .arg(&sock)
+                .arg(&raw)
+                .spawn()
+                .expect("spawn the upstream");
+            while std::os::unix::net::UnixStream::connect(&sock).is_err() {
+                std::thread::sleep(std::time::Duration::from_millis(10));
+            }
+            KillOnDrop(child)
+        }
+    };
+    let up = start_upstream();
+    let opts = format!(
+        "driver=raw,file.driver=nbd,file.server.type=unix,file.server.path={},file.reconnect-delay=30",
+        sock.display()
+    );
+    let mut s = Server::unix(QNBD, &["-t", "-e", "0", "--image-opts", &opts]);
+    let killer = std::thread::spawn(move || {
+        let mut up = up;
+        for _ in 0..4 {
+            std::thread::sleep(std::time::Duration::from_millis(1500));
+            drop(up);
+            std::thread::sleep(std::time::Duration::from_millis(300));
+            up = start_upstream();
+        }
+        up
+    });
+    let out = ok(Command::new(PYTHON)
+        .arg(script("verify.py"))
+        .arg(s.uri())
+        .args([
+            "--conns",
+            "4",
+            "--writes",
+            "1000000",
+            "--seconds",
+            "9",
+            "--seed",
+            "11",
+        ])
+        .arg("--flush-may-fail"));
+    eprintln!("across upstream restarts: {}", out.trim());
+    assert!(out.contains(" 0 lost") && out.contains("verified"), "{out}");
+    let up = killer.join().unwrap();
+    s.terminate().expect("server exits on SIGTERM");
+    drop(up);
+}
+
+struct KillOnDrop(std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}

@@ -175,6 +175,15 @@ impl BlockBackend for RawFile {
             return Ok(());
         }
         self.data.invalidate(offset, len);
+        if flags.contains(IoFlags::FUA) {
+            match self.file.remote_zeroes_fua(offset, len, true) {
+                Some(Ok(())) => return Ok(()),
+                Some(Err(e)) if e.kind() != std::io::ErrorKind::Unsupported => {
+                    return Err(self.file.err("trim", offset, len, e));
+                }
+                _ => {}
+            }
+        }
         match self.file.punch_hole(offset, len) {
             Ok(()) => {}
             // Discard is advisory: a file system without holes just keeps the data.
@@ -189,6 +198,16 @@ impl BlockBackend for RawFile {
 
     fn write_zeroes(&self, offset: u64, len: u64, flags: IoFlags) -> Result<()> {
         self.data.invalidate(offset, len);
+        let punch = flags.contains(IoFlags::MAY_TRIM) && self.opts.discard;
+        if flags.contains(IoFlags::FUA) {
+            match self.file.remote_zeroes_fua(offset, len, punch) {
+                Some(Ok(())) => return Ok(()),
+                Some(Err(e)) if e.kind() != std::io::ErrorKind::Unsupported => {
+                    return Err(self.file.err("write zeroes", offset, len, e));
+                }
+                _ => {}
+            }
+        }
         let mut done = false;
         if flags.contains(IoFlags::MAY_TRIM) && self.opts.discard && !self.file.is_block_device() {
             done = self.file.punch_hole(offset, len).is_ok();

@@ -6,7 +6,7 @@ Usage (needs Debian's libnbd bindings, so run it with /usr/bin/python3):
     /usr/bin/python3 tests/nbdsh/verify.py 'nbd+unix:///?socket=/tmp/x.sock' \\
         [--conns 4] [--writes 20000] [--depth 16] [--seed 1] [--max-len 256K] \\
         [--trim-zeroes[=ALIGN]] [--no-trim] [--no-zero] [--no-fast-zero] [--region LO:HI]
-        [--strict-fast-zero] [--seconds S]
+        [--strict-fast-zero] [--seconds S] [--flush-may-fail]
 
 What it does
 ------------
@@ -233,6 +233,9 @@ def main():
     ap.add_argument("--region", default=None, metavar="LO:HI")
     ap.add_argument("--strict-fast-zero", action="store_true",
                     help="a FAST_ZERO failing with ENOTSUP must leave the data unchanged")
+    ap.add_argument("--flush-may-fail", action="store_true",
+                    help="a FLUSH may fail with EIO (a re-export whose server was lost with "
+                         "unflushed writes says so): counted, not an error")
     ap.add_argument("--max-report", type=int, default=10)
     ap.add_argument("--seconds", type=float, default=None,
                     help="stop issuing requests after S seconds (or --writes, if sooner)")
@@ -282,7 +285,7 @@ def main():
     lastop = array("l", [0]) * nsec
     ops_by_id = {}
 
-    stats = dict(writes=0, fua=0, zero=0, trim=0, flush=0, reads=0, enotsup=0)
+    stats = dict(writes=0, fua=0, zero=0, trim=0, flush=0, reads=0, enotsup=0, flush_eio=0)
     bad = {}          # sector index -> report line
     errors = []       # unexpected NBD errors
     state = {"inflight": 0, "seq": 0}
@@ -345,6 +348,8 @@ def main():
                 for i in range(s, e) if not args.strict_fast_zero else ():
                     if known[i] == KNOWN:
                         known[i] = OLD_OR_ZERO
+            elif op.kind == FLUSH and err == errno.EIO and args.flush_may_fail:
+                stats["flush_eio"] += 1
             else:
                 errors.append("%s failed: %s" % (op, os.strerror(err)))
         elif op.kind == WRITE:
@@ -456,7 +461,12 @@ def main():
         # Final pass: flush everywhere, then read the whole region back.
         for c in conns:
             if caps["flush"]:
-                c.h.flush()
+                try:
+                    c.h.flush()
+                except nbd.Error as ex:
+                    if not (args.flush_may_fail and ex.errnum == errno.EIO):
+                        raise
+                    stats["flush_eio"] += 1
         for off in range(0, hi - lo, chunk):
             n = min(chunk, hi - lo - off)
             check("final read", off, h0.pread(n, lo + off))
@@ -477,6 +487,8 @@ def main():
         args.conns, args.depth, args.seed, lo, hi, elapsed)
     if st["enotsup"]:
         extra += ", %d fast-zero ENOTSUP" % st["enotsup"]
+    if st["flush_eio"]:
+        extra += ", %d flush EIO" % st["flush_eio"]
     print(summary + extra + "]")
     if bad:
         print("bad sectors (first %d of %d):" % (min(args.max_report, len(bad)), len(bad)))

@@ -432,7 +432,7 @@ impl Remote for HttpFile {
         Ok(())
     }
 
-    fn write_zeroes(&self, _offset: u64, _len: u64, _no_hole: bool) -> io::Result<()> {
+    fn write_zeroes(&self, _offset: u64, _len: u64, _no_hole: bool, _fua: bool) -> io::Result<()> {
         Err(io::Error::from_raw_os_error(libc::EROFS))
     }
 

@@ -466,7 +466,7 @@ impl HostFile {
     fn fallocate(&self, mode: libc::c_int, offset: u64, len: u64) -> io::Result<()> {
         if let Some(r) = &self.remote {
             // A punched hole reads as zeroes: write-zeroes that may deallocate.
-            return r.write_zeroes(offset, len, mode & libc::FALLOC_FL_PUNCH_HOLE == 0);
+            return r.write_zeroes(offset, len, mode & libc::FALLOC_FL_PUNCH_HOLE == 0, false);
         }
         let file = self.local()?;
         // An unaligned O_DIRECT read-modify-write must not interleave with this.
@@ -490,6 +490,14 @@ impl HostFile {
             offset,
             len,
         )
+    }
+
+    /// A remote file's zeroes with FUA, durable when this returns, in one request (None:
+    /// a local file, which has no per-range sync). Unlike a zero then a flush, it does
+    /// not vouch for other writes, so it works where a flush would fail.
+    pub fn remote_zeroes_fua(&self, offset: u64, len: u64, punch: bool) -> Option<io::Result<()>> {
+        let r = self.remote.as_ref()?;
+        Some(r.write_zeroes(offset, len, !punch, true))
     }
 
     /// Make the range read as zeroes without writing them; a regular file keeps its size.

@@ -28,8 +28,9 @@ pub trait Remote: Send + Sync + fmt::Debug {
     /// this, and every later flush: no later success may vouch for them.
     fn flush(&self) -> io::Result<()>;
     /// Zeroes without sending them; with `no_hole` the space stays allocated, else it may
-    /// be deallocated. Unsupported (`ErrorKind::Unsupported`) when the server cannot.
-    fn write_zeroes(&self, offset: u64, len: u64, no_hole: bool) -> io::Result<()>;
+    /// be deallocated; with `fua`, durable when this returns. Unsupported
+    /// (`ErrorKind::Unsupported`) when the server cannot.
+    fn write_zeroes(&self, offset: u64, len: u64, no_hole: bool, fua: bool) -> io::Result<()>;
     /// Allocation of `[offset, offset + len)` from `offset`, as the server reports it (maybe
     /// less than asked, never nothing): (length, hole, zero) runs. Without a way to ask,
     /// everything is data.

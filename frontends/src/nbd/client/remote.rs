@@ -304,28 +304,32 @@ impl Remote for NbdRemote {
         }
     }
 
-    fn write_zeroes(&self, offset: u64, len: u64, no_hole: bool) -> io::Result<()> {
+    fn write_zeroes(&self, offset: u64, len: u64, no_hole: bool, fua: bool) -> io::Result<()> {
         if !self.has(TransmissionFlags::SEND_WRITE_ZEROES) {
             return Err(Self::unsupported());
         }
-        let flags = if no_hole {
-            CmdFlags::NO_HOLE
-        } else {
-            CmdFlags::empty()
-        };
+        let native_fua = fua && self.has(TransmissionFlags::SEND_FUA);
+        let mut flags = CmdFlags::empty();
+        flags.set(CmdFlags::NO_HOLE, no_hole);
+        flags.set(CmdFlags::FUA, native_fua);
         // Partial blocks at either end get zeroes written (a read-modify-write).
         let end = offset + len;
         let inner = offset.next_multiple_of(self.align).min(end);
         let inner_end = (end - end % self.align).max(inner);
         for (a, b) in [(offset, inner), (inner_end, end)] {
             if a < b {
-                self.write(a, &vec![0u8; (b - a) as usize], false)?;
+                self.write(a, &vec![0u8; (b - a) as usize], native_fua)?;
             }
         }
-        let _shared = self.rmw.read();
-        for (at, n) in Self::pieces(inner, inner_end - inner, MAX_EFFECT) {
-            self.call(CMD_WRITE_ZEROES, flags, at, n, &[])?;
-            self.acked(false);
+        {
+            let _shared = self.rmw.read();
+            for (at, n) in Self::pieces(inner, inner_end - inner, MAX_EFFECT) {
+                self.call(CMD_WRITE_ZEROES, flags, at, n, &[])?;
+                self.acked(native_fua);
+            }
+        }
+        if fua && !native_fua {
+            self.flush()?;
         }
         Ok(())
     }
