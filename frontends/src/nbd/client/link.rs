@@ -29,10 +29,13 @@
 
 use super::ExportInfo;
 use crate::transport::Stream;
-use parking_lot::{Condvar, Mutex};
+// std's futex locks, not parking_lot's: a contended parking_lot lock spins with
+// sched_yield, and a re-export's workers all share one connection (see `crate::sync`).
+use crate::sync::Mutex;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
+use std::sync::Condvar;
 use std::time::{Duration, Instant};
 
 /// What the connector hands back: a connection in transmission, its export, the id of
@@ -94,7 +97,7 @@ impl Slot {
     pub fn wait(&self) -> Outcome {
         let mut st = self.state.lock();
         while !st.done {
-            self.cv.wait(&mut st);
+            st = self.cv.wait(st).unwrap_or_else(|p| p.into_inner());
         }
         std::mem::take(&mut *st)
     }
@@ -207,10 +210,15 @@ impl Shared {
                 }
                 State::Down { since } if !self.delay.is_zero() => {
                     let until = *since + self.delay;
-                    if Instant::now() >= until {
+                    let now = Instant::now();
+                    if now >= until {
                         return Err(self.lost_error(&link));
                     }
-                    self.changed.wait_until(&mut link, until);
+                    link = self
+                        .changed
+                        .wait_timeout(link, until - now)
+                        .unwrap_or_else(|p| p.into_inner())
+                        .0;
                 }
                 _ => return Err(self.lost_error(&link)),
             }
@@ -332,9 +340,9 @@ impl Shared {
                 }
                 Err(msg) => tracing::debug!(export = %self.name, "connecting again: {msg}"),
             }
-            let mut link = self.link.lock();
+            let link = self.link.lock();
             if !matches!(link.state, State::Quit) {
-                self.changed.wait_for(&mut link, pause);
+                drop(self.changed.wait_timeout(link, pause));
             }
             pause = (pause * 2).min(MAX_PAUSE);
         }

@@ -6,11 +6,16 @@ use super::link::{Loss, Shared, Slot};
 use crate::nbd::proto::*;
 use crate::nbd::wire::{self, ReplyHeader};
 use crate::transport::Stream;
-use std::io::{self, Read};
+use std::io::{self, BufReader, Read};
 use std::sync::Arc;
 
+/// Bytes read from the socket at once: at a queue depth of 32, the replies waiting there
+/// come in one recv instead of three each (magic, header, data).
+const READ_BUFFER: usize = 256 << 10;
+
 /// Every reply of connection `gen`, until it ends.
-pub fn read_replies(mut r: Stream, shared: &Arc<Shared>, gen: u64) {
+pub fn read_replies(r: Stream, shared: &Arc<Shared>, gen: u64) {
+    let mut r = BufReader::with_capacity(READ_BUFFER, r);
     let why = loop {
         if let Err(e) = read_one(&mut r, shared) {
             break e;
@@ -33,11 +38,13 @@ pub fn errno_of(nbd: u32) -> i32 {
     }
 }
 
+type Replies = BufReader<Stream>;
+
 fn bad(msg: impl Into<String>) -> Loss {
     Loss::Protocol(msg.into())
 }
 
-fn read_exact(r: &mut Stream, buf: &mut [u8]) -> Result<(), Loss> {
+fn read_exact(r: &mut Replies, buf: &mut [u8]) -> Result<(), Loss> {
     r.read_exact(buf).map_err(|e| {
         Loss::Io(match e.kind() {
             io::ErrorKind::UnexpectedEof => "the server closed the connection".to_string(),
@@ -63,7 +70,7 @@ fn finish(shared: &Shared, cookie: u64, slot: &Slot, error: Option<i32>) {
     slot.complete(error, false);
 }
 
-fn read_one(r: &mut Stream, shared: &Shared) -> Result<(), Loss> {
+fn read_one(r: &mut Replies, shared: &Shared) -> Result<(), Loss> {
     let mut h = [0u8; 20];
     read_exact(r, &mut h[..4])?;
     let need = match u32::from_be_bytes([h[0], h[1], h[2], h[3]]) {
@@ -108,7 +115,7 @@ fn read_one(r: &mut Stream, shared: &Shared) -> Result<(), Loss> {
 
 /// Read a read's data into its buffer at `from` (`n` bytes, or all of it), without holding
 /// the slot's lock across the socket read.
-fn read_into(r: &mut Stream, slot: &Slot, from: usize, n: Option<usize>) -> Result<(), Loss> {
+fn read_into(r: &mut Replies, slot: &Slot, from: usize, n: Option<usize>) -> Result<(), Loss> {
     let mut data = std::mem::take(&mut slot.state.lock().data);
     let end = n.map_or(data.len(), |n| from + n);
     let got = read_exact(r, &mut data[from..end]);
@@ -117,7 +124,7 @@ fn read_into(r: &mut Stream, slot: &Slot, from: usize, n: Option<usize>) -> Resu
 }
 
 /// One structured reply chunk's payload, into its slot.
-fn read_chunk(r: &mut Stream, slot: &Slot, typ: u16, len: u64) -> Result<(), Loss> {
+fn read_chunk(r: &mut Replies, slot: &Slot, typ: u16, len: u64) -> Result<(), Loss> {
     if typ == REPLY_TYPE_OFFSET_DATA {
         let (start, rlen) = slot
             .read
