@@ -319,6 +319,36 @@ fn a_server_with_a_minimum_block_size_gets_aligned_requests() {
     assert!(out.contains("Images are identical"), "{out}");
 }
 
+/// tests/tools/hostile_nbd_server.py in `mode` on `sock`, killed when dropped (also when a
+/// test fails: it would hold the test's output pipe open).
+struct Hostile(std::process::Child);
+
+impl Hostile {
+    fn start(sock: &Path, mode: &str) -> Hostile {
+        let tool = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/tools/hostile_nbd_server.py");
+        let child = Command::new(PYTHON)
+            .arg(&tool)
+            .arg(sock)
+            .args([mode, "1"])
+            .spawn()
+            .expect("hostile server");
+        for _ in 0..200 {
+            if sock.exists() {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        Hostile(child)
+    }
+}
+
+impl Drop for Hostile {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 /// A server that breaks the protocol: at open, qnbd refuses it (exit 1, no hang, no
 /// panic); once serving, the requests it breaks fail with EIO and qnbd stays up.
 #[test]
@@ -327,7 +357,6 @@ fn a_hostile_upstream_fails_cleanly() {
         return;
     }
     let d = tmpdir();
-    let tool = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/tools/hostile_nbd_server.py");
     for mode in [
         "magic",
         "cookie",
@@ -339,18 +368,7 @@ fn a_hostile_upstream_fails_cleanly() {
         "late",
     ] {
         let sock = d.path().join(format!("{mode}.sock"));
-        let mut evil = Command::new(PYTHON)
-            .arg(&tool)
-            .arg(&sock)
-            .args([mode, "1"])
-            .spawn()
-            .expect("hostile server");
-        for _ in 0..200 {
-            if sock.exists() {
-                break;
-            }
-            std::thread::sleep(std::time::Duration::from_millis(20));
-        }
+        let _evil = Hostile::start(&sock, mode);
         let up = format!("nbd+unix:///?socket={}", sock.display());
         if mode != "late" {
             // Probing reads the first sector: the hostile reply comes at open.
@@ -383,9 +401,49 @@ fn a_hostile_upstream_fails_cleanly() {
                 "{mode}: the server did not exit cleanly"
             );
         }
-        let _ = evil.kill();
-        let _ = evil.wait();
     }
+}
+
+/// A reply that ends without covering its whole read (data for half of it, then DONE) is
+/// framed correctly but leaves half the read unsaid: that read fails with EIO (never
+/// returning whatever the buffer held before), the connection stays, other requests work.
+#[test]
+fn a_read_the_upstream_leaves_half_unsaid_fails() {
+    if !have("qemu-io") {
+        return;
+    }
+    let d = tmpdir();
+    let sock = d.path().join("uncovered.sock");
+    let _evil = Hostile::start(&sock, "uncovered");
+    let up = format!("nbd+unix:///?socket={}", sock.display());
+    let mut s = Server::unix(QNBD, &["-t", "-f", "raw", &up]);
+    let out = run(Command::new("qemu-io")
+        .args([
+            "-f",
+            "raw",
+            "-c",
+            "read 0 64k",
+            "-c",
+            "write 0 4k",
+            "-c",
+            "read 1M 4k",
+        ])
+        .arg(s.uri()));
+    let text = String::from_utf8_lossy(&out.stdout);
+    let lines: Vec<&str> = text.lines().filter(|l| !l.starts_with(' ')).collect();
+    assert!(
+        lines[0].contains("read failed: Input/output error"),
+        "{text}"
+    );
+    assert!(
+        lines.iter().any(|l| l.starts_with("wrote 4096/4096")),
+        "{text}"
+    );
+    assert_eq!(text.matches("Input/output error").count(), 2, "{text}");
+    assert!(
+        s.terminate().is_some_and(|st| st.success()),
+        "the server did not exit cleanly"
+    );
 }
 
 /// Probing an export (no `-f`) that holds raw data: qemu-nbd's warning, naming the export as
@@ -632,17 +690,27 @@ fn a_different_export_after_a_restart_is_refused() {
         .spawn()
         .unwrap();
     let uri = format!("nbd+unix:///?socket={}", psock.display());
+    // Served once a read works: qnbd listens before it opens the image, as qemu-nbd, and
+    // a crash during that open would make the proxy exit instead.
     let start = std::time::Instant::now();
-    while std::os::unix::net::UnixStream::connect(&psock).is_err() {
+    while !run(Command::new("qemu-io").args(["-f", "raw", "-c", "read 0 4k", &uri]))
+        .status
+        .success()
+    {
         assert!(start.elapsed().as_secs() < 20, "the proxy is not ready");
-        std::thread::sleep(std::time::Duration::from_millis(10));
+        std::thread::sleep(std::time::Duration::from_millis(20));
     }
     crash(up);
     let other = upstream_at(&sock, bigger.to_str().unwrap());
     std::thread::sleep(std::time::Duration::from_millis(2500));
     let out = run(Command::new("qemu-io").args(["-f", "raw", "-c", "read 0 64k", &uri]));
     let text = String::from_utf8_lossy(&out.stdout);
-    assert!(text.contains("read failed: Input/output error"), "{text}");
+    assert!(
+        text.contains("read failed: Input/output error"),
+        "{text}{}{}",
+        String::from_utf8_lossy(&out.stderr),
+        std::fs::read_to_string(&log).unwrap_or_default()
+    );
     let _ = proxy.kill();
     let _ = proxy.wait();
     drop(other);

@@ -6,7 +6,9 @@ usage: hostile_nbd_server.py SOCKET MODE SEED
 MODE: magic (garbage bytes), cookie (a reply for a cookie never sent), bigchunk (a 4 GiB
 chunk), outside (a data chunk outside its read), shortdata, holebad (a hole outside its
 read), badblock (a minimum block size the export size is no multiple of, at GO), late (two
-good replies, then each reply broken in a way drawn from the others)."""
+good replies, then each reply broken in a way drawn from the others), uncovered (a read's
+reply ends after a data chunk for its first half only: well-formed, but half the read is
+missing; other requests are served)."""
 import os, random, socket, struct, sys
 
 path, mode, seed = sys.argv[1], sys.argv[2], int(sys.argv[3])
@@ -79,6 +81,9 @@ def serve(c):
             c.sendall(struct.pack(">IHHQIIH", ch, 1, 0x8001, cookie, 6, 5, 0))
         elif k == "close":
             return
+        elif k == "uncovered" and typ == 0:
+            half = ln // 2
+            c.sendall(struct.pack(">IHHQIQ", ch, 1, 1, cookie, 8 + half, off) + b"u" * half)
         elif typ == 0:
             c.sendall(struct.pack(">IIQ", sr, 0, cookie) + b"\0" * ln)
         else:

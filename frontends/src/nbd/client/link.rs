@@ -58,29 +58,138 @@ pub struct Outcome {
     pub lost: bool,
     /// The first error the server reported (errno).
     pub error: Option<i32>,
-    pub data: Vec<u8>,
     pub extents: Vec<(u64, bool, bool)>,
+    /// The reader thread is writing into the read's buffer now (see [`Slot::fill`]).
+    filling: bool,
+    /// Bytes of the read its data and hole chunks covered.
+    covered: u64,
 }
+
+/// A read's buffer: the requester's own, which the reader thread fills in place (one copy,
+/// socket to buffer, instead of three: into a read-ahead buffer, a slot's, the caller's).
+///
+/// The rule that makes it sound: it is written only while its slot's `filling` is set;
+/// `filling` is set only under the slot's lock while the slot is not done; the requester
+/// leaves only once the slot is done and not filling ([`Pending`]'s drop). A loss that
+/// completes a slot while the reader is filling it shuts the socket down first, so the
+/// fill ends soon (with an error) and the requester's wait for it is short.
+#[derive(Debug)]
+struct Dest {
+    ptr: *mut u8,
+    len: usize,
+}
+
+// SAFETY: `ptr` is dereferenced only by the thread that set `filling` (the reader), under
+// the rule above, while the requester that owns the buffer is blocked; moving or sharing
+// the address between threads is then sound.
+unsafe impl Send for Dest {}
+// SAFETY: as for Send: no two threads ever access the buffer at once.
+unsafe impl Sync for Dest {}
 
 #[derive(Debug)]
 pub struct Slot {
     /// A read's offset and length (its data chunks must lie inside).
     pub read: Option<(u64, u64)>,
+    dest: Dest,
     pub state: Mutex<Outcome>,
     pub cv: Condvar,
 }
 
+/// A request's slot while its requester may still be waiting: dropping it ends the
+/// reader's right to the read's buffer (and waits for a fill under way to end).
+pub struct Pending<'a> {
+    slot: Arc<Slot>,
+    _buf: std::marker::PhantomData<&'a mut [u8]>,
+}
+
+impl std::ops::Deref for Pending<'_> {
+    type Target = Arc<Slot>;
+    fn deref(&self) -> &Arc<Slot> {
+        &self.slot
+    }
+}
+
+impl Drop for Pending<'_> {
+    fn drop(&mut self) {
+        let mut st = self.slot.state.lock();
+        st.done = true;
+        while st.filling {
+            st = self.slot.cv.wait(st).unwrap_or_else(|p| p.into_inner());
+        }
+    }
+}
+
 impl Slot {
-    pub fn new(read: Option<(u64, u64)>) -> Arc<Slot> {
-        let data = read.map_or_else(Vec::new, |(_, len)| vec![0u8; len as usize]);
-        Arc::new(Slot {
-            read,
-            state: Mutex::new(Outcome {
-                data,
-                ..Default::default()
+    /// The slot of one request; for a read, `(offset, buffer)` its data goes to.
+    ///
+    /// # Safety
+    /// The returned guard must be dropped (not leaked with `mem::forget`): its drop is what
+    /// keeps the reader thread from writing into `buf` once its borrow ends.
+    pub unsafe fn start(read: Option<(u64, &mut [u8])>) -> Pending<'_> {
+        let (read, dest) = match read {
+            Some((offset, buf)) => (
+                Some((offset, buf.len() as u64)),
+                Dest {
+                    ptr: buf.as_mut_ptr(),
+                    len: buf.len(),
+                },
+            ),
+            None => (
+                None,
+                Dest {
+                    ptr: std::ptr::null_mut(),
+                    len: 0,
+                },
+            ),
+        };
+        Pending {
+            slot: Arc::new(Slot {
+                read,
+                dest,
+                state: Mutex::new(Outcome::default()),
+                cv: Condvar::new(),
             }),
-            cv: Condvar::new(),
-        })
+            _buf: std::marker::PhantomData,
+        }
+    }
+
+    /// Run `f` on the read's bytes `[from, from + n)`, to be written from the socket; with
+    /// None when the requester is gone (the bytes are to be skipped) or they lie outside.
+    pub fn fill<T>(&self, from: usize, n: usize, f: impl FnOnce(Option<&mut [u8]>) -> T) -> T {
+        let inside = from.checked_add(n).is_some_and(|end| end <= self.dest.len);
+        {
+            let mut st = self.state.lock();
+            if st.done || !inside {
+                drop(st);
+                return f(None);
+            }
+            st.filling = true;
+            st.covered += n as u64;
+        }
+        // SAFETY: in bounds (checked above), and the requester neither touches nor frees
+        // its buffer while `filling` is set (see `Dest`); no other thread fills this slot,
+        // as one reader thread reads every reply of a connection, and a slot belongs to one.
+        let buf = unsafe { std::slice::from_raw_parts_mut(self.dest.ptr.add(from), n) };
+        let out = f(Some(buf));
+        self.state.lock().filling = false;
+        self.cv.notify_all();
+        out
+    }
+
+    /// The read's bytes `[from, from + n)` are a hole: zeroes.
+    pub fn zero(&self, from: usize, n: usize) {
+        self.fill(from, n, |buf| {
+            if let Some(buf) = buf {
+                buf.fill(0);
+            }
+        });
+    }
+
+    /// A read whose reply ended without an error but did not cover it: data or hole
+    /// chunks missing, so part of the buffer would be left as it was.
+    pub fn short(&self) -> bool {
+        self.read
+            .is_some_and(|(_, len)| self.state.lock().covered < len)
     }
 
     /// The reply is whole (or will never be): wake the request.
@@ -94,12 +203,16 @@ impl Slot {
         self.cv.notify_all();
     }
 
+    /// The outcome, once the reply is whole and the reader has let go of the buffer.
     pub fn wait(&self) -> Outcome {
         let mut st = self.state.lock();
-        while !st.done {
+        while !st.done || st.filling {
             st = self.cv.wait(st).unwrap_or_else(|p| p.into_inner());
         }
-        std::mem::take(&mut *st)
+        let out = std::mem::take(&mut *st);
+        // Taken, but still done: a late fill must not start.
+        st.done = true;
+        out
     }
 }
 

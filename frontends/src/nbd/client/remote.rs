@@ -124,7 +124,20 @@ impl NbdRemote {
         len: u64,
         payload: &[u8],
     ) -> io::Result<Outcome> {
-        self.request(cmd, flags, offset, len, payload)
+        self.call_into(cmd, flags, offset, len, payload, None)
+    }
+
+    /// [`Self::call`], a read's data going straight into `dest`.
+    fn call_into(
+        &self,
+        cmd: u16,
+        flags: CmdFlags,
+        offset: u64,
+        len: u64,
+        payload: &[u8],
+        dest: Option<&mut [u8]>,
+    ) -> io::Result<Outcome> {
+        self.request(cmd, flags, offset, len, payload, dest)
             .map_err(|f| match f {
                 Failed::Lost(e) => e,
                 Failed::Server(errno) => io::Error::from_raw_os_error(errno),
@@ -140,10 +153,13 @@ impl NbdRemote {
         offset: u64,
         len: u64,
         payload: &[u8],
+        mut dest: Option<&mut [u8]>,
     ) -> Result<Outcome, Failed> {
         loop {
             let cookie = self.next_cookie.fetch_add(1, Ordering::Relaxed);
-            let slot = Slot::new((cmd == CMD_READ).then_some((offset, len)));
+            // SAFETY: `slot` is dropped at the end of this iteration, before `dest`'s
+            // borrow ends, never leaked.
+            let slot = unsafe { Slot::start(dest.as_deref_mut().map(|b| (offset, b))) };
             let (gen, writer) = self.shared.register(cookie, &slot).map_err(Failed::Lost)?;
             let mut hdr = Vec::with_capacity(wire::COMPACT_REQUEST_LEN);
             let req = wire::Request {
@@ -205,9 +221,9 @@ impl NbdRemote {
 impl NbdRemote {
     fn read_aligned(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
         for (at, n) in Self::pieces(offset, buf.len() as u64, MAX_PAYLOAD) {
-            let out = self.call(CMD_READ, CmdFlags::empty(), at, n, &[])?;
             let start = (at - offset) as usize;
-            buf[start..start + n as usize].copy_from_slice(&out.data);
+            let dest = &mut buf[start..start + n as usize];
+            self.call_into(CMD_READ, CmdFlags::empty(), at, n, &[], Some(dest))?;
         }
         Ok(())
     }
@@ -288,7 +304,7 @@ impl Remote for NbdRemote {
             return Err(eio());
         }
         let mark = self.shared.flush_mark();
-        match self.request(CMD_FLUSH, CmdFlags::empty(), 0, 0, &[]) {
+        match self.request(CMD_FLUSH, CmdFlags::empty(), 0, 0, &[], None) {
             // The connection may have been lost, with unflushed writes, while it was sent.
             Ok(_) if self.shared.flush_poisoned() => Err(eio()),
             Ok(_) => {
