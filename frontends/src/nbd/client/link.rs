@@ -20,6 +20,11 @@
 //!   `pending` and slots only.
 //! - Cookies are unique across generations, so a late reply on a dead connection never
 //!   fills a request of the new one.
+//! - A read's data is written by the reader thread straight into the requester's buffer,
+//!   only while the slot is not done and marked `filling`; the requester takes its outcome
+//!   and leaves only once the slot is done and not filling (see `Dest`, `Pending`). So a
+//!   loss that fails a request mid-fill never lets it return (or retry into the same
+//!   buffer) while its buffer is still being written.
 //! - Data safety across a reconnect: a write acknowledged without FUA lives in the server's
 //!   cache until a FLUSH. When the connection is lost before that flush, the server may have
 //!   died with it, so every later FLUSH fails with EIO, as a local file's after a failed
@@ -528,5 +533,78 @@ impl Shared {
 
     pub fn flush_poisoned(&self) -> bool {
         self.flush_poisoned.load(Ordering::Acquire)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::mpsc;
+
+    #[test]
+    fn a_read_is_filled_in_place_and_holes_are_zeroes() {
+        let mut buf = vec![7u8; 8];
+        // SAFETY: dropped at the end of the block.
+        let slot = unsafe { Slot::start(Some((0, &mut buf[..]))) };
+        slot.fill(0, 4, |b| b.expect("in place").copy_from_slice(b"abcd"));
+        slot.zero(4, 4);
+        assert!(!slot.short());
+        slot.complete(None, false);
+        let out = slot.wait();
+        assert!(!out.lost && out.error.is_none());
+        drop(slot);
+        assert_eq!(buf, b"abcd\0\0\0\0");
+    }
+
+    #[test]
+    fn a_reply_that_leaves_part_of_the_read_unsaid_is_short() {
+        let mut buf = [0u8; 8];
+        // SAFETY: dropped at the end of the block.
+        let slot = unsafe { Slot::start(Some((0, &mut buf[..]))) };
+        slot.fill(0, 4, |b| b.expect("in place").fill(1));
+        assert!(slot.short());
+    }
+
+    #[test]
+    fn outside_the_read_or_after_it_is_done_nothing_is_written() {
+        let mut buf = [0u8; 8];
+        // SAFETY: dropped at the end of the block.
+        let slot = unsafe { Slot::start(Some((0, &mut buf[..]))) };
+        assert!(slot.fill(4, 8, |b| b.is_none()));
+        assert!(slot.fill(usize::MAX, 2, |b| b.is_none()));
+        slot.complete(None, true);
+        assert!(slot.fill(0, 4, |b| b.is_none()));
+    }
+
+    /// A loss completes a slot while the reader is filling it: the requester does not get
+    /// its outcome (nor leave, freeing its buffer) before the fill has ended.
+    #[test]
+    fn the_requester_waits_for_a_fill_under_way() {
+        let mut buf = vec![0u8; 4096];
+        // SAFETY: dropped at the end of the block, after the reader thread is joined.
+        let slot = unsafe { Slot::start(Some((0, &mut buf[..]))) };
+        let reader_slot = Arc::clone(&slot);
+        let (inside, go_on) = (mpsc::channel(), mpsc::channel::<()>());
+        let reader = std::thread::spawn(move || {
+            reader_slot.fill(0, 4096, |b| {
+                inside.0.send(()).unwrap();
+                go_on.1.recv().unwrap();
+                b.expect("in place").fill(9);
+            })
+        });
+        inside.1.recv().unwrap();
+        slot.complete(None, true);
+        let waiter_slot = Arc::clone(&slot);
+        let waiter = std::thread::spawn(move || waiter_slot.wait());
+        std::thread::sleep(Duration::from_millis(50));
+        assert!(
+            !waiter.is_finished(),
+            "the outcome came while the buffer was being filled"
+        );
+        go_on.0.send(()).unwrap();
+        reader.join().unwrap();
+        assert!(waiter.join().unwrap().lost);
+        drop(slot);
+        assert!(buf.iter().all(|&b| b == 9));
     }
 }
