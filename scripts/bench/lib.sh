@@ -21,16 +21,18 @@ fio_iops() { # fio_iops SOCKET RW [QD] -> IOPS of 4 KiB requests
         python3 -c 'import json,sys; t=sys.stdin.read(); j=json.loads(t[t.index("{"):])["jobs"][0]; print(round(j["read"]["iops"]+j["write"]["iops"]))'
 }
 
-copy_mibs() { # copy_mibs SOCKET MIB -> MiB/s of a sequential copy of the export to nowhere
+copy_mibs() { # copy_mibs SOCKET MIB [NBDCOPY OPTIONS] -> MiB/s of a sequential copy of the export to nowhere
     # (0 when it fails or takes more than $COPY_LIMIT seconds, 120 by default: a hung server)
     local t0 t1
     t0=$(date +%s.%N)
-    if ! timeout "${COPY_LIMIT:-120}" nbdcopy "nbd+unix:///?socket=$1" null: >/dev/null; then
+    local sock=$1 mib=$2
+    shift 2
+    if ! timeout "${COPY_LIMIT:-120}" nbdcopy "$@" "nbd+unix:///?socket=$sock" null: >/dev/null; then
         echo 0
         return
     fi
     t1=$(date +%s.%N)
-    python3 -c "print(round($2 / ($t1 - $t0)))"
+    python3 -c "print(round($mib / ($t1 - $t0)))"
 }
 
 median() { tr ' ' '\n' | grep . | sort -n | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}'; }

@@ -2,7 +2,9 @@
 # Serving an image another NBD server holds: qnbd (`qnbd -f raw nbd+unix:///?socket=…`),
 # qemu-nbd (the same name) and nbdkit's nbd plugin re-export one upstream (qnbd on a raw
 # file in the page cache, every client allowed), over a Unix socket: 4 KiB random reads and
-# writes at QD 32 (fio's nbd engine) and a sequential copy out (nbdcopy). Rounds are
+# writes at QD 32 (fio's nbd engine) and a sequential copy out (nbdcopy: as many connections as
+# the server allows, then one: nbdkit passes the upstream's multi-conn on, qnbd and qemu-nbd
+# without -e do not, so the first row is 4 connections against 1). Rounds are
 # interleaved (qnbd, qemu-nbd, nbdkit, qnbd, ...); each figure is the median, with the
 # ratios qnbd / qemu-nbd and qnbd / nbdkit. Not a test: run it on a quiet machine.
 # Usage: scripts/bench/reexport.sh [ROUNDS] [SECONDS]   (QNBD= to pick the binary)
@@ -36,12 +38,13 @@ for r in $(seq "$ROUNDS"); do
         res[$srv:randread]+="$(fio_iops "$W/px.sock" randread) "
         res[$srv:randwrite]+="$(fio_iops "$W/px.sock" randwrite) "
         res[$srv:copy]+="$(copy_mibs "$W/px.sock" 512) "
+        res[$srv:copy1]+="$(copy_mibs "$W/px.sock" 512 --connections=1) "
         stop
     done
 done
 echo "| workload | qnbd | qemu-nbd | nbdkit nbd | qnbd / qemu-nbd | qnbd / nbdkit |"
 echo "|---|---|---|---|---|---|"
-for wl in randread randwrite copy; do
+for wl in randread randwrite copy copy1; do
     a=$(echo "${res[qnbd:$wl]}" | median)
     b=$(echo "${res[qemu-nbd:$wl]}" | median)
     c=$(echo "${res[nbdkit:$wl]}" | median)
@@ -49,6 +52,7 @@ for wl in randread randwrite copy; do
     randread) name="4 KiB random read QD32 (IOPS)" ;;
     randwrite) name="4 KiB random write QD32 (IOPS)" ;;
     copy) name="sequential copy out, nbdcopy (MiB/s)" ;;
+    copy1) name="the same, one connection (MiB/s)" ;;
     esac
     echo "| $name | $a | $b | $c | $(ratio "$a" "$b") | $(ratio "$a" "$c") |"
 done
