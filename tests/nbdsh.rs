@@ -12,10 +12,11 @@ fn image(dir: &std::path::Path) -> std::path::PathBuf {
 
 /// qnbd with `args` on a Unix socket or on TCP.
 fn serve_on(transport: &str, args: &[&str]) -> Server {
-    if transport == "unix" {
-        Server::unix(QNBD, args)
-    } else {
-        Server::tcp(QNBD, args)
+    match transport {
+        "unix" => Server::unix(QNBD, args),
+        // Reads spliced as to a client across a network (see `splice_reads_pay`).
+        "tcp-spliced" => Server::tcp_env(QNBD, args, &[("QNBD_SPLICE_READS", "on")]),
+        _ => Server::tcp(QNBD, args),
     }
 }
 
@@ -38,14 +39,18 @@ fn large_reads_return_the_file_bytes_whatever_path_they_take() {
     if !have_nbdsh() {
         return;
     }
-    // Raw over Unix and TCP (spliced from the page cache), probed raw (a filter that lets
-    // splicing through), a slice (offsets shifted), and O_DIRECT (never spliced).
-    let cases: [(&str, &[&str]); 5] = [
+    // Raw over Unix (spliced from the page cache) and TCP (copied to a client on this host,
+    // spliced when QNBD_SPLICE_READS=on, as to a client across a network), probed raw (a
+    // filter that lets splicing through), a slice (offsets shifted), and O_DIRECT (never
+    // spliced).
+    let cases: [(&str, &[&str]); 7] = [
         ("unix", &["-f", "raw"]),
         ("tcp", &["-f", "raw"]),
+        ("tcp-spliced", &["-f", "raw"]),
         ("unix", &[]),
         ("unix", &["-f", "raw", "--cache=none"]),
         ("tcp", &["--image-opts"]),
+        ("tcp-spliced", &["--image-opts"]),
     ];
     for (transport, opts) in cases {
         let dir = tmpdir();

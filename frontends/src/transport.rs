@@ -28,6 +28,20 @@ impl Stream {
         matches!(self, Stream::Tls(_))
     }
 
+    /// A plain TCP connection whose peer is this host (loopback, or our own address).
+    pub fn is_local_tcp(&self) -> bool {
+        let Stream::Tcp(s) = self else {
+            return false;
+        };
+        match (s.peer_addr(), s.local_addr()) {
+            (Ok(peer), Ok(local)) => {
+                let ip = peer.ip().to_canonical();
+                ip.is_loopback() || ip == local.ip().to_canonical()
+            }
+            _ => false,
+        }
+    }
+
     pub fn shutdown(&self) {
         let _ = match self {
             Stream::Tcp(s) => s.shutdown(Shutdown::Both),

@@ -135,6 +135,11 @@ impl Server {
 
     /// Start `bin` on 127.0.0.1 and a free port.
     pub fn tcp(bin: &str, args: &[&str]) -> Server {
+        Server::tcp_env(bin, args, &[])
+    }
+
+    /// [`Server::tcp`] with more environment.
+    pub fn tcp_env(bin: &str, args: &[&str], env: &[(&str, &str)]) -> Server {
         let dir = tmpdir();
         let pid = dir.path().join("pid");
         let port = free_port();
@@ -148,6 +153,7 @@ impl Server {
         all.extend(args.iter().map(|s| s.to_string()));
         let child = Command::new(bin)
             .args(&all)
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .spawn()
             .expect("spawn server");
