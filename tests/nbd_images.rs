@@ -291,12 +291,7 @@ fn a_server_with_a_minimum_block_size_gets_aligned_requests() {
         ])
         .spawn()
         .expect("nbdkit");
-    for _ in 0..200 {
-        if sock.exists() {
-            break;
-        }
-        std::thread::sleep(std::time::Duration::from_millis(20));
-    }
+    wait_for_socket(&sock);
     let up = format!("nbd+unix:///?socket={}", sock.display());
     let mut s = Server::unix(QNBD, &["-t", "-f", "raw", &up]);
     let writes = [
@@ -319,6 +314,16 @@ fn a_server_with_a_minimum_block_size_gets_aligned_requests() {
     assert!(out.contains("Images are identical"), "{out}");
 }
 
+/// Until a server started in the background has made its socket (4 s at most).
+fn wait_for_socket(sock: &Path) {
+    for _ in 0..200 {
+        if sock.exists() {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+}
+
 /// tests/tools/hostile_nbd_server.py in `mode` on `sock`, killed when dropped (also when a
 /// test fails: it would hold the test's output pipe open).
 struct Hostile(std::process::Child);
@@ -332,12 +337,7 @@ impl Hostile {
             .args([mode, "1"])
             .spawn()
             .expect("hostile server");
-        for _ in 0..200 {
-            if sock.exists() {
-                break;
-            }
-            std::thread::sleep(std::time::Duration::from_millis(20));
-        }
+        wait_for_socket(sock);
         Hostile(child)
     }
 }

@@ -62,6 +62,15 @@ enum Failed {
     Server(i32),
 }
 
+impl From<Failed> for io::Error {
+    fn from(f: Failed) -> io::Error {
+        match f {
+            Failed::Lost(e) => e,
+            Failed::Server(errno) => io::Error::from_raw_os_error(errno),
+        }
+    }
+}
+
 /// How a lost connection is handled: qemu's `reconnect-delay` (zero: requests fail at once
 /// while it is down) and how to connect again (None: never).
 pub struct Reconnect {
@@ -124,28 +133,12 @@ impl NbdRemote {
         len: u64,
         payload: &[u8],
     ) -> io::Result<Outcome> {
-        self.call_into(cmd, flags, offset, len, payload, None)
+        Ok(self.request(cmd, flags, offset, len, payload, None)?)
     }
 
-    /// [`Self::call`], a read's data going straight into `dest`.
-    fn call_into(
-        &self,
-        cmd: u16,
-        flags: CmdFlags,
-        offset: u64,
-        len: u64,
-        payload: &[u8],
-        dest: Option<&mut [u8]>,
-    ) -> io::Result<Outcome> {
-        self.request(cmd, flags, offset, len, payload, dest)
-            .map_err(|f| match f {
-                Failed::Lost(e) => e,
-                Failed::Server(errno) => io::Error::from_raw_os_error(errno),
-            })
-    }
-
-    /// [`Self::call`], telling a lost connection from the server's error. Sent again on a
-    /// new connection when the link says so (`reconnect-delay`).
+    /// [`Self::call`], telling a lost connection from the server's error; a read's data goes
+    /// straight into `dest`. Sent again on a new connection when the link says so
+    /// (`reconnect-delay`).
     fn request(
         &self,
         cmd: u16,
@@ -223,7 +216,7 @@ impl NbdRemote {
         for (at, n) in Self::pieces(offset, buf.len() as u64, MAX_PAYLOAD) {
             let start = (at - offset) as usize;
             let dest = &mut buf[start..start + n as usize];
-            self.call_into(CMD_READ, CmdFlags::empty(), at, n, &[], Some(dest))?;
+            self.request(CMD_READ, CmdFlags::empty(), at, n, &[], Some(dest))?;
         }
         Ok(())
     }
