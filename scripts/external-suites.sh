@@ -5,7 +5,7 @@
 #     nbdcopy/nbdinfo/nbddump tests that start qemu-nbd (compressed qcow2 output included);
 #   - qemu 10.0.2's iotests that start qemu-nbd directly and need no VM (233: TLS, with the
 #     server's log compared line by line; block-status-cache, 209, 302,
-#     nbd-reconnect-on-open).
+#     nbd-reconnect-on-open) and the generic ones with the image behind qemu-nbd (-nbd).
 # Usage: scripts/external-suites.sh [QNBD]   (default: target/release/qnbd)
 # Sources are downloaded once into $QNBD_EXT_CACHE (default /var/tmp/qnbd-ext): Debian's
 # tarballs, else upstream's. Exit 0 only if every suite ran and passed; 77 (loudly) when a
@@ -123,24 +123,29 @@ run_libnbd dump dump-empty-qcow2.sh
 
 # The iotests that start qemu-nbd and need no VM (the others stop at the stand-in, as they
 # would with qemu-nbd itself).
-run_iotests() { # run_iotests FORMAT TEST...
-    local fmt=$1
+run_iotests() { # run_iotests FORMAT[:nbd] TEST...   (:nbd: the image is served by qemu-nbd)
+    local fmt=${1%:nbd} proto=()
+    [ "$1" != "$fmt" ] && proto=(-nbd)
     shift
     local out
     out=$(cd "$CACHE/$QEMU/tests/qemu-iotests" &&
         QEMU_PROG=$BIN/qemu-system-x86_64 QEMU_IMG_PROG=$(command -v qemu-img) \
             QEMU_IO_PROG=$(command -v qemu-io) QEMU_NBD_PROG=$BIN/qemu-nbd \
             QSD_PROG=$(command -v qemu-storage-daemon || echo "$BIN/qemu-system-x86_64") \
-            timeout 900 python3 ./check -"$fmt" "$@" 2>&1) || true
+            timeout 900 python3 ./check -"$fmt" "${proto[@]}" "$@" 2>&1) || true
     if grep -qE "^Passed all $# iotests" <<<"$out"; then
-        echo "qemu iotests -$fmt $*: pass"
+        echo "qemu iotests -$fmt${proto[*]:+ ${proto[*]}} $*: pass"
     else
         echo "$out" | tail -60
-        failed+=("qemu iotests -$fmt $*")
+        failed+=("qemu iotests -$fmt${proto[*]:+ ${proto[*]}} $*")
     fi
 }
 run_iotests raw 233 block-status-cache
 run_iotests qcow2 233 209 302 nbd-reconnect-on-open
+# The generic iotests run with every image behind qemu-nbd (`./check -raw -nbd`): all those
+# that pass there with qemu-nbd 10.0.2 and need no VM, but the slow 083 (qemu's NBD client
+# against a fault injector: no qemu-nbd), 197 and 215 (copy-on-read, 008 again).
+run_iotests raw:nbd 001 002 003 004 005 008 009 010 011 021 032 033 077 104 123 241 259 277
 
 if [ ${#failed[@]} -gt 0 ]; then
     printf 'external-suites: FAILED: %s\n' "${failed[@]}" >&2
