@@ -4,7 +4,8 @@
 #    qemu-nbd -L / qnbd -L recorded through a proxy (fuzz/record.py) against qnbd and
 #    qemu-nbd, a PSK TLS session's client side, and a GO client's view of both servers;
 #  - qcow2: images qemu-img makes (data, compressed zlib and zstd, extended L2, internal
-#    snapshots, bitmaps, backing names, refcount widths, compat 0.10, a dirty image).
+#    snapshots, bitmaps, backing names, refcount widths, compat 0.10, a dirty image);
+#  - formats: the other formats' images (fuzz/make-format-seeds.sh).
 # The parsers seeds are written by hand (fuzz/corpus/parsers). Needs a built qnbd
 # (QNBD=path, default target/debug/qnbd) and scripts/install-deps.sh's packages.
 set -euo pipefail
@@ -135,4 +136,5 @@ for img in *.qcow2; do
 done
 { printf '\005\000\200\360'; cat snap.qcow2; } >"$corpus/qcow2/snap-l1"
 { printf '\002\000\200\360'; cat data.qcow2; } >"$corpus/qcow2/data-discard"
+bash "$root/fuzz/make-format-seeds.sh"
 echo "make-seeds: $(for d in "$corpus"/*; do printf '%s %s  ' "$(basename "$d")" "$(ls "$d" | wc -l)"; done)"

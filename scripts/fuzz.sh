@@ -4,7 +4,7 @@
 #
 #   scripts/fuzz.sh [-s SECONDS] [-o OUTDIR] [TARGET...]
 #
-# Targets: handshake transmission parsers qcow2 client (fuzz/src/lib.rs). Seeds come from
+# Targets: handshake transmission parsers qcow2 client formats (fuzz/src/lib.rs). Seeds come from
 # fuzz/corpus/TARGET (fuzz/make-seeds.sh records them); results go to OUTDIR/TARGET
 # (default fuzz/out). A run resumes from its output directory when one exists.
 # QNBD_FUZZ_PAUSE_FILE=PATH: while PATH exists the fuzzer is stopped (SIGSTOP) and the time
@@ -28,7 +28,7 @@ while getopts "s:o:" o; do
 done
 shift $((OPTIND - 1))
 targets=("$@")
-[ ${#targets[@]} -gt 0 ] || targets=(handshake transmission parsers qcow2 client)
+[ ${#targets[@]} -gt 0 ] || targets=(handshake transmission parsers qcow2 client formats)
 cargo=${CARGO_LOCK:-}
 (cd fuzz/afl && $cargo cargo afl build --release)
 export AFL_SKIP_CPUFREQ=1 AFL_I_DONT_CARE_ABOUT_MISSING_CRASHES=1 AFL_NO_UI=1 \

@@ -14,6 +14,7 @@
 //! | [`parsers`] | byte 0 picks `--object` / `--image-opts` / `-l` / `--object help`; the rest is the text |
 //! | [`qcow2`] | bytes 0-3 pick the open mode and I/O offsets; the rest is the image file |
 //! | [`client`] | byte 0 picks `-L` or a GO; the rest is what a server sends |
+//! | [`formats`] | byte 0 picks the format (vmdk, vdi, vpc, vhdx, qed) and open mode, bytes 1-3 the I/O offsets; the rest is the image file |
 
 use backends::file::{FileOptions, HostFile};
 use backends::open::{open_image, Format, ImageOptions};
@@ -420,6 +421,59 @@ fn exercise(dev: Device, at: &[u8]) {
     let _ = dev.close();
 }
 
+/// The formats [`formats`] picks from (qcow2 has a target of its own; luks is left out: its
+/// key derivation runs as many rounds as the image asks, by design).
+pub const FORMATS: [&str; 5] = ["vmdk", "vdi", "vpc", "vhdx", "qed"];
+
+/// The other formats' target: an image file of arbitrary bytes opened by one driver and
+/// used as [`qcow2`]'s images are. Byte 0: bits 0-2 the format ([`FORMATS`], modulo), bit 3
+/// read-only, bit 4 `--discard=unmap`; bytes 1-3 place the I/O. Every input gets a directory
+/// of its own, and a vmdk whose bytes hold a `/` is skipped: a descriptor's extent names
+/// are opened as files (read-write when the image is), so one must not reach out of it.
+/// Backing files the image names are the fixed raw file, as in [`qcow2`].
+pub fn formats(data: &[u8]) {
+    if data.len() < 4 {
+        return;
+    }
+    let (ctl, img) = data.split_at(4);
+    let name = FORMATS[usize::from(ctl[0] & 7) % FORMATS.len()];
+    if name == "vmdk" && img.contains(&b'/') {
+        return;
+    }
+    let fx = fixture();
+    let Ok(dir) = tempfile::tempdir_in(fx.dir.path()) else {
+        return;
+    };
+    let path = dir.path().join("image");
+    if std::fs::write(&path, img).is_err() {
+        return;
+    }
+    let Some(format) = Format::from_name(name) else {
+        return;
+    };
+    let opts = ImageOptions {
+        path: path.clone(),
+        format: Some(format),
+        read_only: ctl[0] & 8 != 0,
+        discard: ctl[0] & 16 != 0,
+        ..Default::default()
+    };
+    let Ok(host) = HostFile::open(
+        &path,
+        &FileOptions {
+            read_only: opts.read_only,
+            ..Default::default()
+        },
+    ) else {
+        return;
+    };
+    let backing = |_: &Path, _: Option<&str>| Ok(fx.backing.clone());
+    let Ok(b) = (format.driver().open)(host, &opts, &backing) else {
+        return;
+    };
+    exercise(Device::new(b), &ctl[1..]);
+}
+
 /// The `-L` client against a hostile server: byte 0 bit 0 picks the listing (`-L`) or a
 /// client that negotiates replies, asks for the meta contexts and GOes (what a connect
 /// does); the rest is everything the server sends, greeting included.
@@ -444,10 +498,11 @@ pub fn client(data: &[u8]) {
 pub type Target = fn(&[u8]);
 
 /// Every target by name, for the regression runner and the AFL harnesses.
-pub const TARGETS: [(&str, Target); 5] = [
+pub const TARGETS: [(&str, Target); 6] = [
     ("handshake", handshake),
     ("transmission", transmission),
     ("parsers", parsers),
     ("qcow2", qcow2),
     ("client", client),
+    ("formats", formats),
 ];

@@ -1,0 +1,69 @@
+#!/usr/bin/env bash
+# The formats target's seeds (fuzz/corpus/formats): images qemu-img and qemu-io make in the
+# formats other than qcow2 — vmdk (sparse, stream-optimized, with a parent), vdi, vpc
+# (dynamic and fixed), vhdx, qed (with a backing file) — with data, zeroes and unwritten
+# parts, each opened read-write and read-only. Run by make-seeds.sh; alone it needs only
+# qemu-utils.
+set -euo pipefail
+corpus=$(realpath "$(dirname "$0")")/corpus/formats
+tmp=$(mktemp -d)
+trap 'rm -rf "$tmp"' EXIT
+cd "$tmp"
+mkdir -p "$corpus"
+rm -f "$corpus"/*
+
+# seed NAME FORMAT-INDEX FILE [MODE...]: control byte 0 (format, bit 3 read-only, bit 4
+# discard), three I/O places, then the image; modes rw (the default), ro, discard. The
+# images of a MiB and more (a whole vdi, vpc or vhdx data block) are seeded once.
+seed() {
+    local name=$1 idx=$2 file=$3 mode
+    shift 3
+    for mode in "${@:-rw}"; do
+        local ctl=$idx
+        [ $mode = ro ] && ctl=$((idx | 8))
+        [ $mode = discard ] && ctl=$((idx | 16))
+        { printf "\\$(printf %03o "$ctl")\\000\\200\\360"; cat "$file"; } >"$corpus/$name-$mode"
+    done
+}
+io() { # io FORMAT FILE COMMAND...
+    local fmt=$1 file=$2
+    shift 2
+    for c in "$@"; do qemu-io -f "$fmt" -c "$c" "$file" >/dev/null; done
+}
+
+printf 'backing data' >base.raw
+qemu-img create -q -f vmdk a.vmdk 256K
+io vmdk a.vmdk 'write -P 1 0 8k' 'write -P 2 128k 4k' 'write -z 192k 64k'
+qemu-img convert -q -O vmdk -o subformat=streamOptimized a.vmdk s.vmdk
+qemu-img create -q -f vmdk -b a.vmdk -F vmdk c.vmdk
+io vmdk c.vmdk 'write -P 3 64k 4k'
+seed vmdk-sparse 0 a.vmdk rw ro discard
+seed vmdk-stream 0 s.vmdk rw ro
+seed vmdk-child 0 c.vmdk rw ro
+
+qemu-img create -q -f vdi v.vdi 256K
+qemu-img create -q -f vdi vd.vdi 256K
+io vdi vd.vdi 'write -P 4 0 4k' 'write -P 5 200k 1k'
+seed vdi-empty 1 v.vdi rw ro
+seed vdi-data 1 vd.vdi
+
+qemu-img create -q -f vpc p.vpc 256K
+qemu-img create -q -f vpc pd.vpc 256K
+io vpc pd.vpc 'write -P 6 0 4k'
+qemu-img create -q -f vpc -o subformat=fixed pf.vpc 64K
+io vpc pf.vpc 'write -P 7 512 1k'
+seed vpc-empty 2 p.vpc rw ro
+seed vpc-data 2 pd.vpc
+seed vpc-fixed 2 pf.vpc rw ro discard
+
+qemu-img create -q -f vhdx -o block_size=1M,log_size=1M hd.vhdx 256K
+io vhdx hd.vhdx 'write -P 8 0 4k'
+seed vhdx-data 3 hd.vhdx
+
+qemu-img create -q -f qed -o cluster_size=4096 q.qed 256K
+io qed q.qed 'write -P 9 0 8k' 'write -z 64k 4k'
+qemu-img create -q -f qed -o cluster_size=4096 -b base.raw -F raw qb.qed 64K
+io qed qb.qed 'write -P 10 4k 4k'
+seed qed-data 4 q.qed rw ro discard
+seed qed-backing 4 qb.qed rw ro
+echo "make-format-seeds: $(ls "$corpus" | wc -l) seeds, $(du -sh "$corpus" | cut -f1)"
