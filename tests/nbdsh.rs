@@ -96,6 +96,64 @@ fn large_reads_return_the_file_bytes_whatever_path_they_take() {
 }
 
 #[test]
+fn large_reads_of_a_read_only_qcow2_return_its_bytes() {
+    if !have_nbdsh() {
+        return;
+    }
+    // Read-only qcow2 reads of contiguous data clusters are spliced: clusters written out of
+    // order (so the file holds them out of order), a zeroed and an unallocated run, a
+    // subcluster-sized piece of an extended-L2 image, compressed clusters.
+    let dir = tmpdir();
+    let d = dir.path();
+    let writes = [
+        "write -P 1 0 3M",
+        "write -P 2 5M 1M",
+        "write -P 3 4M 512k",
+        "write -P 4 3M 1M",
+        "write -P 5 1M 64k",
+        "write -z 2M 192k",
+        "write -P 6 6M 1M",
+        "write -P 7 6400k 4k",
+    ];
+    make_qcow2(d, "plain.qcow2", "cluster_size=65536", "8M");
+    qemu_io(d, "qcow2", "plain.qcow2", &writes);
+    make_qcow2(d, "ext.qcow2", "cluster_size=65536,extended_l2=on", "8M");
+    qemu_io(d, "qcow2", "ext.qcow2", &writes);
+    qemu_io(d, "qcow2", "ext.qcow2", &["write -P 8 7M 2k"]);
+    qemu_img(
+        d,
+        &["convert", "-c", "-O", "qcow2", "plain.qcow2", "comp.qcow2"],
+    );
+    qemu_io(d, "qcow2", "comp.qcow2", &["write -P 9 1M 2M"]);
+    for name in ["plain", "ext", "comp"] {
+        let img = d.join(format!("{name}.qcow2"));
+        let want = d.join(format!("{name}.raw"));
+        qemu_img(
+            d,
+            &[
+                "convert",
+                "-O",
+                "raw",
+                &format!("{name}.qcow2"),
+                &format!("{name}.raw"),
+            ],
+        );
+        for transport in ["unix", "tcp", "tcp-spliced"] {
+            let s = serve_on(
+                transport,
+                &["-r", "-f", "qcow2", "-t", img.to_str().unwrap()],
+            );
+            let out = nbdsh_script(
+                "large_reads.py",
+                &s.uri(),
+                &[want.to_str().unwrap(), "-", "0"],
+            );
+            assert_eq!(out.trim(), "ok", "{name} over {transport}");
+        }
+    }
+}
+
+#[test]
 fn large_writes_land_byte_for_byte_whatever_path_they_take() {
     if !have_nbdsh() {
         return;

@@ -376,8 +376,8 @@ pub fn qcow2(data: &[u8]) {
     exercise(Device::new(Arc::new(q)), &ctl[1..]);
 }
 
-/// A few reads, block-status queries and (when writable) writes, zeroes, trims and a flush
-/// at offsets chosen by `at`, then the close.
+/// A few reads, look-ups of where a read would splice from, block-status queries and (when
+/// writable) writes, zeroes, trims and a flush at offsets chosen by `at`, then the close.
 fn exercise(dev: Device, at: &[u8]) {
     let size = dev.size();
     let place = |b: u8| (((u128::from(size) * u128::from(b)) >> 8) as u64) & !511;
@@ -387,6 +387,7 @@ fn exercise(dev: Device, at: &[u8]) {
         let off = place(b);
         let len = (size - off).min(buf.len() as u64) as usize;
         let _ = dev.read(off, &mut buf[..len]);
+        let _ = dev.read_source(off, len as u64);
         ext.clear();
         let _ = dev.block_status(off, (size - off).min(1 << 32), &mut ext);
     }

@@ -4,7 +4,8 @@ after the file shrank under the server (those bytes read as zeroes, the connecti
 
 Usage: large_reads.py URI PATH [OUTER OFFSET]
 PATH holds the export's bytes (8 MiB + 300); the export is PATH itself, or the part of file
-OUTER from OFFSET on (a slice), which is then the file shrunk.
+OUTER from OFFSET on (a slice), which is then the file shrunk; OUTER "-": the export is not
+a plain file (an image format), nothing is shrunk.
 """
 import os
 import sys
@@ -72,6 +73,9 @@ for structured in (True, False):
         assert got == expect[off : off + len(got)], f"aio read at {off} differs"
     h.shutdown()
 
+if outer == "-":
+    print("ok")
+    sys.exit(0)
 # The file shrinks under the server: what is gone reads as zeroes, and nothing breaks.
 h = connect(True)
 os.truncate(outer, base + 2 * MiB)

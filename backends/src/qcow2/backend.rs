@@ -136,6 +136,11 @@ impl BlockBackend for Qcow2 {
         Qcow2::flush(self)
     }
 
+    fn read_source(&self, offset: u64, len: u64) -> Option<crate::HostSpan<'_>> {
+        let at = self.contiguous_span(offset, len)?;
+        self.f.page_cache_span(at)
+    }
+
     fn compressed_cluster_size(&self) -> Option<u64> {
         (!self.opts.read_only && !self.is_encrypted()).then_some(self.geo.cs)
     }

@@ -103,6 +103,42 @@ impl Qcow2 {
         true
     }
 
+    /// Where `[offset, offset + len)` lies in the image file as it is, for a read spliced
+    /// from the page cache (`BlockBackend::read_source`): only for a read-only image, whose
+    /// clusters nothing can free or rewrite while a pipe holds their pages (writers of the
+    /// file are locked out, as for raw; a writable image could free a cluster by a discard
+    /// and give it to another guest offset before the reply is sent). The range must be
+    /// plain data in clusters that follow each other in the file, with their mappings in
+    /// the metadata cache; None for anything else (the caller copies).
+    pub(super) fn contiguous_span(&self, offset: u64, len: u64) -> Option<u64> {
+        if !self.opts.read_only || self.crypto.is_some() || len == 0 || self.usable().is_err() {
+            return None;
+        }
+        let end = offset.checked_add(len)?;
+        if end > self.geo.size {
+            return None;
+        }
+        let (bits, sc) = (self.geo.cluster_bits, self.geo.sc_bits);
+        let first = offset >> bits;
+        let mut meta = self.meta.try_lock()?;
+        let mut start = None;
+        for g in first..=(end - 1) >> bits {
+            let e = meta.cached_entry(&self.geo, g)?;
+            let base = g << bits;
+            let (lo, hi) = (offset.max(base) - base, end.min(base + self.geo.cs) - base);
+            for i in lo >> sc..=(hi - 1) >> sc {
+                if self.geo.state(e, i).ok()? != Sc::Data {
+                    return None;
+                }
+            }
+            let want = *start.get_or_insert(e.host()) + ((g - first) << bits);
+            if e.host() != want {
+                return None;
+            }
+        }
+        Some(start? + (offset & (self.geo.cs - 1)))
+    }
+
     pub(super) fn read_piece(&self, g: u64, in_off: u64, buf: &mut [u8]) -> Result<()> {
         let _s = self.stripe(g).read();
         let e = self.entry(g)?;
