@@ -38,7 +38,9 @@ rm -f "$share/guest-rc"
 log=$share/console.log
 echo "vm/run: booting $kver with $(basename "$script") (share $share)" >&2
 # TCG's emulator has been seen to crash while booting (a segfault before the kernel ran
-# anything of ours); such a boot is tried again, once.
+# anything of ours), and the guest kernel to panic while booting (an int3 Oops in
+# sched_clock_cpu in the idle task, 6 s in: TCG and the kernel patching its own text); a boot
+# that failed before the guest script started is tried again, once.
 for attempt in 1 2; do
     set +e
     timeout "$timeout_s" "$qemu" -L "$cache/root/usr/share/seabios" -L "$cache/root/usr/share/qemu" \
@@ -50,6 +52,11 @@ for attempt in 1 2; do
     set -e
     if [ "$qrc" -gt 128 ] && [ "$qrc" != 124 ] && [ "$attempt" = 1 ] && ! grep -q '=== guest:' "$log"; then
         echo "vm/run: qemu died at boot (exit $qrc); booting again" >&2
+        continue
+    fi
+    if [ "$attempt" = 1 ] && [ ! -f "$share/guest-rc" ] && ! grep -q '=== guest:' "$log" &&
+        grep -q 'Kernel panic' "$log"; then
+        echo "vm/run: the guest kernel panicked while booting; booting again" >&2
         continue
     fi
     break
