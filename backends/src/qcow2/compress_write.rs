@@ -86,6 +86,7 @@ impl Qcow2 {
             need!(m.set_entry(&self.f, &self.geo, g, Entry { desc, bm: 0 }));
             Ok(Step::Done(m.l2.over_budget() || m.rc.blocks.over_budget()))
         })?;
+        self.forget_inflated(desc);
         drop(_s);
         if over {
             self.flush()?;

@@ -211,8 +211,8 @@ pub struct Qcow2 {
     opts: Qcow2Options,
     snapshots: Vec<snapshot::Snapshot>,
     /// The last cluster inflated, by descriptor: small sequential reads of a compressed
-    /// cluster inflate it once. Descriptors are never reused for other data (this engine
-    /// never writes compressed clusters), so the key cannot go stale.
+    /// cluster inflate it once. Freed compressed bytes can be written again under the same
+    /// descriptor (the `compress` filter): linking one forgets it (`forget_inflated`).
     last_inflated: Mutex<Option<(u64, Arc<Vec<u8>>)>>,
     /// Persistent dirty bitmaps; `tracking` says whether any enabled one needs marking.
     bitmaps: Mutex<Option<bitmap::Bitmaps>>,

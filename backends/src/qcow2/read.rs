@@ -24,6 +24,18 @@ impl Qcow2 {
         Ok(out)
     }
 
+    /// A compressed cluster was just linked at `desc`, under its stripe held exclusively:
+    /// bytes freed by a zeroing or discard can come back under the very same descriptor
+    /// (same offset, same length in sectors), so an inflation cached under it is stale. No
+    /// reader can cache it again: the only entry naming it is the one just linked, whose
+    /// readers wait for the stripe.
+    pub(super) fn forget_inflated(&self, desc: u64) {
+        let mut last = self.last_inflated.lock();
+        if last.as_ref().is_some_and(|(d, _)| *d == desc) {
+            *last = None;
+        }
+    }
+
     /// Fill `buf` with what guest cluster `g` holds at `in_off`, given its entry.
     pub(super) fn read_mapped(&self, g: u64, e: Entry, in_off: u64, buf: &mut [u8]) -> Result<()> {
         let base = g << self.geo.cluster_bits;
