@@ -525,3 +525,99 @@ fn hostile_bitmaps_fail_cleanly() {
         }
     }
 }
+
+/// Reads of a writable v3 image without discard may be spliced from the page cache, and a
+/// client may read a spliced reply's pages long after: a data cluster freed there is never
+/// handed out again by this process (it stays free on disk). A cluster is freed without
+/// discard when a zeroing drops an entry whose refcount is 1 but whose COPIED flag is
+/// clear (here cleared by hand); with `--discard=unmap` reads copy and the cluster is reused.
+#[test]
+fn freed_clusters_of_spliced_images_are_not_reused() {
+    let dir = tempfile::tempdir().unwrap();
+    for discard in [false, true] {
+        let img = dir.path().join(format!("q-{discard}.qcow2"));
+        qemu_img(&["create", "-q", "-f", "qcow2", img.to_str().unwrap(), "4M"]);
+        let cs = 65536u64;
+        {
+            let b = open(&img, false);
+            b.write(0, &vec![0x5a; cs as usize], IoFlags::FUA).unwrap();
+        }
+        clear_copied_flag_of_first_entry(&img);
+        let was = first_data_host(&img);
+        let b = open_image(&ImageOptions {
+            path: img.clone(),
+            format: Some(Format::from_name("qcow2").unwrap()),
+            discard,
+            ..Default::default()
+        })
+        .unwrap()
+        .backend;
+        // A read loads the mapping into the cache, where splicing looks for it.
+        b.read(0, &mut [0u8; 512]).unwrap();
+        let host = b.read_source(0, cs).map(|s| s.offset);
+        assert_eq!(host.is_some(), !discard, "spliced unless discard is on");
+        if let Some(h) = host {
+            assert_eq!(h, was);
+        }
+        b.write_zeroes(0, cs, IoFlags::empty()).unwrap();
+        b.flush().unwrap();
+        b.flush().unwrap();
+        b.write(3 * cs, &vec![0xa5; cs as usize], IoFlags::FUA)
+            .unwrap();
+        drop(b);
+        let now = data_hosts(&img);
+        assert_eq!(now.len(), 1, "{now:?}");
+        if discard {
+            assert_eq!(now[0], was, "the freed cluster is reused");
+        } else {
+            assert_ne!(now[0], was, "the freed cluster stays free");
+        }
+        check_clean(&img);
+        let raw = to_raw(&img, dir.path());
+        assert!(raw[..cs as usize].iter().all(|&x| x == 0));
+        assert!(raw[3 * cs as usize..4 * cs as usize]
+            .iter()
+            .all(|&x| x == 0xa5));
+    }
+}
+
+/// Host offsets of the data clusters, as `qemu-img map` tells them.
+fn data_hosts(img: &Path) -> Vec<u64> {
+    let out = qemu_img(&["map", "--output=json", img.to_str().unwrap()]);
+    out.lines()
+        .filter(|l| l.contains("\"data\": true"))
+        .filter_map(|l| {
+            let at = l.find("\"offset\": ")? + 10;
+            let rest = &l[at..];
+            rest[..rest.find(|c: char| !c.is_ascii_digit())?]
+                .parse()
+                .ok()
+        })
+        .collect()
+}
+
+fn first_data_host(img: &Path) -> u64 {
+    data_hosts(img)[0]
+}
+
+/// Clear bit 63 (COPIED) of the first L2 entry: refcount 1, flag clear, as an image
+/// another writer left could be.
+fn clear_copied_flag_of_first_entry(img: &Path) {
+    use std::os::unix::fs::FileExt;
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(img)
+        .unwrap();
+    let be = |at: u64| {
+        let mut b = [0u8; 8];
+        f.read_exact_at(&mut b, at).unwrap();
+        u64::from_be_bytes(b)
+    };
+    let l1 = be(40);
+    let l2 = be(l1) & 0x00ff_ffff_ffff_fe00;
+    let entry = be(l2);
+    assert_ne!(entry & (1 << 63), 0, "{entry:#x}");
+    f.write_all_at(&(entry & !(1 << 63)).to_be_bytes(), l2)
+        .unwrap();
+}

@@ -5,6 +5,7 @@
 //! the new clusters and their refcounts are durable before the header points at them.
 
 use super::bitmap::{self, Bitmap, Bitmaps};
+use super::meta::Release;
 use super::overlap::Kind;
 use super::{header, Qcow2};
 use crate::Result;
@@ -120,7 +121,8 @@ impl Qcow2 {
         let mut m = self.meta.lock();
         m.map.clear_ranges(Kind::BitmapDir);
         m.map.add_range(Kind::BitmapDir, doff, dir.len() as u64);
-        m.pending_free.extend(old.into_iter().map(|off| (off, cs)));
+        m.pending_free
+            .extend(old.into_iter().map(|off| Release::metadata(off, cs)));
         Ok(())
     }
 

@@ -3,6 +3,7 @@
 //! holding the flush gate, then syncs.
 
 use super::cache::DirtyCopy;
+use super::meta::Release;
 use super::overlap::Kind;
 use super::refcount::check_overlap;
 use super::{Gate, Qcow2};
@@ -18,7 +19,7 @@ struct Cut {
     table_offset: u64,
     l2: Vec<DirtyCopy>,
     l1: Vec<(usize, u64)>,
-    frees: Vec<(u64, u64)>,
+    frees: Vec<Release>,
 }
 
 impl Qcow2 {

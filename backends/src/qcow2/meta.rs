@@ -57,6 +57,25 @@ macro_rules! need {
 }
 pub(crate) use need;
 
+/// Host bytes to release once the pointer removal that dropped them is durable.
+#[derive(Clone, Copy, Debug)]
+pub struct Release {
+    pub off: u64,
+    pub len: u64,
+    /// A plain data cluster (not metadata, not compressed bytes): a read may have spliced it.
+    pub data: bool,
+}
+
+impl Release {
+    pub fn metadata(off: u64, len: u64) -> Release {
+        Release {
+            off,
+            len,
+            data: false,
+        }
+    }
+}
+
 #[derive(Debug)]
 pub struct Meta {
     pub l1: Vec<u64>,
@@ -65,8 +84,12 @@ pub struct Meta {
     pub l2: TableCache,
     pub rc: Refcounts,
     pub map: MetaMap,
-    /// Byte ranges to release once the pointer removals that freed them are durable.
-    pub pending_free: Vec<(u64, u64)>,
+    /// Host bytes to release once the pointer removals that freed them are durable.
+    pub pending_free: Vec<Release>,
+    /// Data clusters that reach refcount zero are never handed out again while this process
+    /// runs (`Refcounts::quarantine`): reads of a writable image may be spliced
+    /// (`Qcow2::contiguous_span`), and a pipe or a socket may still hold a cluster's pages.
+    pub quarantine_data: bool,
     /// The file's length: only extensions made here change it, and it never shrinks.
     pub file_len: u64,
     /// Where the next compressed cluster's bytes may go: the rest of the host cluster the
@@ -85,6 +108,7 @@ impl Meta {
             rc,
             map,
             pending_free: Vec::new(),
+            quarantine_data: false,
             file_len,
             free_bytes: 0,
             version: 0,
@@ -236,7 +260,7 @@ impl Meta {
         if let Some((old, _)) = cur {
             // Only a snapshot's L1 points at the old table now.
             self.map.remove_cluster(old);
-            self.pending_free.push((old, geo.cs));
+            self.pending_free.push(Release::metadata(old, geo.cs));
         }
         Ok(Step::Done(new))
     }
@@ -264,17 +288,21 @@ impl Meta {
     pub fn queue_free(&mut self, geo: &Geo, old: Entry) {
         if old.compressed() {
             let (off, len) = super::compressed::sectors(old.desc, geo.cluster_bits);
-            self.pending_free.push((off, len));
+            self.pending_free.push(Release::metadata(off, len));
         } else if old.host() != 0 {
-            self.pending_free.push((old.host(), geo.cs));
+            self.pending_free.push(Release {
+                off: old.host(),
+                len: geo.cs,
+                data: true,
+            });
         }
     }
 
     /// Apply queued decreases (their pointer removals are durable now). A cluster that reaches
     /// zero is dropped from the caches unwritten, so stale table contents can never land on
-    /// it after it is reused.
-    pub fn apply_frees(&mut self, f: &HostFile, geo: &Geo, frees: &[(u64, u64)]) -> Result<()> {
-        for &(off, len) in frees {
+    /// it after it is reused; a data cluster is quarantined instead when reads may splice.
+    pub fn apply_frees(&mut self, f: &HostFile, geo: &Geo, frees: &[Release]) -> Result<()> {
+        for &Release { off, len, data } in frees {
             if len == 0 {
                 continue;
             }
@@ -285,6 +313,9 @@ impl Meta {
                 if self.rc.decrease(f, c, v)? == 0 {
                     self.l2.remove(c << geo.cluster_bits);
                     self.forget_free_bytes(c << geo.cluster_bits, geo.cs);
+                    if data && self.quarantine_data {
+                        self.rc.quarantine(c);
+                    }
                 }
             }
         }

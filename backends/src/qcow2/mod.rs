@@ -209,6 +209,8 @@ pub struct Qcow2 {
     corrupt_reported: AtomicBool,
     backing: Option<Arc<dyn BlockBackend>>,
     opts: Qcow2Options,
+    /// Reads may be spliced from the page cache (`open.rs`, `spliceable`).
+    splice_reads: bool,
     snapshots: Vec<snapshot::Snapshot>,
     /// The last cluster inflated, by descriptor: small sequential reads of a compressed
     /// cluster inflate it once. Freed compressed bytes can be written again under the same

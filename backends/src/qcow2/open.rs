@@ -104,9 +104,13 @@ impl Qcow2 {
             .as_ref()
             .is_some_and(|b| !opts.read_only && b.list.iter().any(|x| x.enabled()));
         let l2 = TableCache::new(L2_CACHE_BYTES, geo.cs as usize);
+        let splice_reads = spliceable(&opts, &geo, crypto.is_some());
+        let mut meta = Meta::new(l1, l2, rc, map, file_len);
+        meta.quarantine_data = splice_reads && !opts.read_only;
         Ok(Qcow2 {
             l1_offset: h.l1_table_offset,
-            meta: Mutex::new(Meta::new(l1, l2, rc, map, file_len)),
+            meta: Mutex::new(meta),
+            splice_reads,
             f,
             geo,
             header: h,
@@ -125,6 +129,16 @@ impl Qcow2 {
             crypto,
         })
     }
+}
+
+/// Whether reads may be spliced from the page cache (`Qcow2::contiguous_span`): the bytes
+/// must be in the file as they are (no cipher), and no cluster a pipe may hold may get
+/// another guest range's data. Nothing frees a cluster of a read-only image. A writable one
+/// quarantines the data clusters it frees (`Meta::quarantine_data`), which is only cheap where
+/// frees are rare: v3 (a v2 image frees a cluster to zero it) without `--discard=unmap`.
+/// With them, reads copy, as before.
+fn spliceable(opts: &Qcow2Options, geo: &Geo, encrypted: bool) -> bool {
+    !encrypted && (opts.read_only || (geo.version >= 3 && !opts.discard))
 }
 
 /// Parse the header; a read-write open refuses a corrupt image.

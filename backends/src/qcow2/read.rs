@@ -116,14 +116,20 @@ impl Qcow2 {
     }
 
     /// Where `[offset, offset + len)` lies in the image file as it is, for a read spliced
-    /// from the page cache (`BlockBackend::read_source`): only for a read-only image, whose
-    /// clusters nothing can free or rewrite while a pipe holds their pages (writers of the
-    /// file are locked out, as for raw; a writable image could free a cluster by a discard
-    /// and give it to another guest offset before the reply is sent). The range must be
-    /// plain data in clusters that follow each other in the file, with their mappings in
-    /// the metadata cache; None for anything else (the caller copies).
+    /// from the page cache (`BlockBackend::read_source`). A pipe, then a socket, holds the
+    /// pages by reference until the client has read them, which no server can know, so a
+    /// cluster spliced once must never get another guest range's data: a read-only image
+    /// frees nothing (writers of the file are locked out, as for raw), and a writable one
+    /// never reuses a data cluster it freed (`Meta::quarantine_data`; only where frees are
+    /// rare, see `spliceable` in open.rs). Its own range's writes may change the pages
+    /// before the client reads them, which NBD allows of a read and a write in flight
+    /// together, as raw's. No lock is held while the pipe is filled: the mapping found here
+    /// can change under it only to one whose old cluster still holds this range's earlier
+    /// data (a copy-on-write from a shared cluster) or to zeroes that keep the cluster.
+    /// The range must be plain data in clusters that follow each other in the file, with
+    /// their mappings in the metadata cache; None for anything else (the caller copies).
     pub(super) fn contiguous_span(&self, offset: u64, len: u64) -> Option<u64> {
-        if !self.opts.read_only || self.crypto.is_some() || len == 0 || self.usable().is_err() {
+        if !self.splice_reads || len == 0 || self.usable().is_err() {
             return None;
         }
         let end = offset.checked_add(len)?;

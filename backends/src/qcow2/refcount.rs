@@ -102,6 +102,9 @@ pub struct Refcounts {
     /// Every byte at or past this offset has never been written (reads as zeroes), and
     /// every cluster handed out or holding a new block lies below it.
     pub high: u64,
+    /// Free clusters never to be handed out again (one bit per cluster, grown on demand):
+    /// see `Meta::quarantine_data`. In memory only: on disk they are free, as they are.
+    quarantined: Vec<u64>,
 }
 
 impl Refcounts {
@@ -139,6 +142,7 @@ impl Refcounts {
             blocks: TableCache::new(BLOCK_CACHE_BYTES, 1 << cluster_bits),
             free_hint: 0,
             high: file_len.div_ceil(1 << cluster_bits) << cluster_bits,
+            quarantined: Vec::new(),
         })
     }
 
@@ -180,7 +184,15 @@ impl Refcounts {
         }
     }
 
-    /// Drop one reference to a cluster; returns the new count.
+    /// Never hand out free cluster `cluster` again.
+    pub fn quarantine(&mut self, cluster: u64) {
+        let word = (cluster / 64) as usize;
+        if self.quarantined.len() <= word {
+            self.quarantined.resize(word + 1, 0);
+        }
+        self.quarantined[word] |= 1 << (cluster % 64);
+    }
+
     /// Undo [`Refcounts::alloc`] of the cluster at host offset `off`, which nothing points at.
     pub fn release(&mut self, f: &HostFile, off: u64, version: u64) -> Result<()> {
         self.decrease(f, off >> self.cluster_bits, version)
@@ -266,10 +278,12 @@ impl Refcounts {
                 None => self.install_block(f, r, version, map)?,
             };
             let order = self.order;
-            let found = self
-                .blocks
-                .get(key)
-                .and_then(|t| (c % per..per).find(|&i| get_ref(t.data(), i as usize, order) == 0));
+            let found = self.blocks.get(key).and_then(|t| {
+                (c % per..per).find(|&i| {
+                    get_ref(t.data(), i as usize, order) == 0
+                        && !is_set(&self.quarantined, r * per + i)
+                })
+            });
             match found {
                 Some(i) => {
                     self.set(key, i, 1, version);
@@ -534,4 +548,9 @@ mod tests {
         set_ref(&mut data, 1, 1, 2);
         assert_eq!(data[0], 0b1001);
     }
+}
+
+fn is_set(bits: &[u64], i: u64) -> bool {
+    bits.get((i / 64) as usize)
+        .is_some_and(|w| w & (1 << (i % 64)) != 0)
 }

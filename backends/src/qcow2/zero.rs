@@ -146,7 +146,8 @@ impl Qcow2 {
                 return Ok(Step::Done(true));
             }
             need!(m.set_entry(&self.f, &self.geo, g, new));
-            if !keep {
+            // A v2 entry cannot keep its cluster and say "zero": it drops it, keep or not.
+            if !keep || new.host() != old.host() {
                 m.queue_free(&self.geo, old);
             }
             Ok(Step::Done(true))
