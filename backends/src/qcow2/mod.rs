@@ -54,6 +54,15 @@
 //! water mark is covered by a sparse extension under the metadata lock before anyone writes
 //! there — so the file only grows while it is served, and nothing ever truncates it.
 //!
+//! **Spliced reads and frees** (`read.rs` `contiguous_span`): a large read of contiguous data
+//! clusters may be sent from the page cache with splice, and the pages stay referenced by a
+//! pipe and then by the client's socket until the client reads them — past the request, past
+//! any lock. So a data cluster that reaches refcount zero in an image whose reads splice is
+//! quarantined (`Refcounts::quarantine`, in memory only, free on disk): never handed out
+//! again by this process, so no reply still in flight can show another offset's bytes.
+//! Splicing is on where frees of data clusters are rare (read-only, or v3 without
+//! `--discard=unmap`, see `open.rs` `spliceable`), so the quarantine costs little space.
+//!
 //! **Overlap checks** (`overlap.rs`): every data write and every metadata write is checked
 //! against the metadata map first; a hit fails the request with EIO, marks the image corrupt
 //! (header bit, qemu's message) and fails every later request, as qemu does.
