@@ -120,3 +120,61 @@ fn writes_on_four_connections_leave_qcow2_clean() {
         .arg(&img));
     assert!(cmp.contains("identical"), "{cmp}");
 }
+
+/// With `--discard=unmap`, discarded clusters give their space back to the host file system
+/// as qemu-nbd's do (the image file's allocated blocks shrink; qnbd punches them once the
+/// pointers that dropped them are durable, at the flush), the image stays clean and the
+/// clusters are reused by later writes. Without it a discard changes nothing, as qemu-nbd's.
+#[test]
+fn discarded_qcow2_clusters_give_their_space_back() {
+    if !have("qemu-img") || !have("qemu-io") {
+        return;
+    }
+    use std::os::unix::fs::MetadataExt;
+    let dir = tmpdir();
+    let d = dir.path();
+    let blocks = |img: &std::path::Path| std::fs::metadata(img).unwrap().blocks() * 512;
+    for (program, unmap) in [(QNBD, true), ("qemu-nbd", true), (QNBD, false)] {
+        let img = d.join("d.qcow2");
+        let _ = std::fs::remove_file(&img);
+        qemu_img(d, &["create", "-q", "-f", "qcow2", "d.qcow2", "128M"]);
+        qemu_io(d, "qcow2", "d.qcow2", &["write -P 1 0 64M"]);
+        let before = blocks(&img);
+        let mut args = vec!["-f", "qcow2", "-t"];
+        if unmap {
+            args.push("--discard=unmap");
+        }
+        args.push(img.to_str().unwrap());
+        let mut s = Server::unix(program, &args);
+        qemu_io(d, "raw", &s.uri(), &["discard 0 32M", "flush"]);
+        let after = blocks(&img);
+        if unmap {
+            assert!(
+                after + (30 << 20) < before,
+                "{program}: {before} bytes allocated before the discard, {after} after"
+            );
+        } else {
+            assert!(after >= before, "{program}: {before} then {after}");
+        }
+        let out = qemu_io(
+            d,
+            "raw",
+            &s.uri(),
+            &[
+                "write -P 2 64M 16M",
+                "read -P 2 64M 16M",
+                "read -P 1 32M 32M",
+            ],
+        );
+        assert!(!out.contains("verification failed"), "{program}: {out}");
+        let grown = blocks(&img);
+        assert!(s.terminate().is_some_and(|st| st.success()));
+        check_clean(&img);
+        if unmap {
+            // The 16 MiB went into the punched clusters, not past the end of the file.
+            assert!(grown < before, "{program}: {before} then {grown}");
+            let out = qemu_io(d, "qcow2", "d.qcow2", &["read -P 0 0 32M"]);
+            assert!(!out.contains("verification failed"), "{program}: {out}");
+        }
+    }
+}

@@ -64,11 +64,36 @@ impl Qcow2 {
             }
         }
         if !cut.frees.is_empty() {
-            m.apply_frees(&self.f, &self.geo, &cut.frees)?;
+            let punch = m.apply_frees(&self.f, &self.geo, &cut.frees)?;
             // The decreases are dirty now: the next flush must not skip writing them.
             self.write_gen.fetch_add(1, Ordering::AcqRel);
+            drop(m);
+            self.punch_freed(&punch);
         }
         Ok(())
+    }
+
+    /// Give freed data clusters' space back to the host file system, as qemu does with
+    /// `--discard=unmap` (pass-discard-request), then let the allocator have them. Nothing
+    /// points at them any more, durably (frees are applied after the pointer removals are
+    /// synced), and they stayed quarantined since, so no new data is in them. A file system
+    /// that cannot punch keeps the bytes; the clusters are reused all the same.
+    fn punch_freed(&self, runs: &[(u64, u64)]) {
+        let bits = self.geo.cluster_bits;
+        for &(first, n) in runs {
+            if let Err(e) = self.f.punch_hole(first << bits, n << bits) {
+                tracing::debug!(
+                    "'{}': punching freed clusters at {:#x} (+{:#x}): {e}",
+                    self.f.path().display(),
+                    first << bits,
+                    n << bits
+                );
+            }
+        }
+        let mut m = self.meta.lock();
+        for &(first, n) in runs {
+            m.rc.release_quarantine(first, n);
+        }
     }
 
     /// Copy the dirty state, overlap-checking every table against the others (qemu checks

@@ -90,6 +90,9 @@ pub struct Meta {
     /// runs (`Refcounts::quarantine`): reads of a writable image may be spliced
     /// (`Qcow2::contiguous_span`), and a pipe or a socket may still hold a cluster's pages.
     pub quarantine_data: bool,
+    /// `--discard=unmap`: a data cluster that reaches refcount zero is punched out of the file,
+    /// as qemu passes a guest's discard down (`apply_frees`, `Qcow2::punch_freed`).
+    pub punch_frees: bool,
     /// The file's length: only extensions made here change it, and it never shrinks.
     pub file_len: u64,
     /// Where the next compressed cluster's bytes may go: the rest of the host cluster the
@@ -109,6 +112,7 @@ impl Meta {
             map,
             pending_free: Vec::new(),
             quarantine_data: false,
+            punch_frees: false,
             file_len,
             free_bytes: 0,
             version: 0,
@@ -301,7 +305,16 @@ impl Meta {
     /// Apply queued decreases (their pointer removals are durable now). A cluster that reaches
     /// zero is dropped from the caches unwritten, so stale table contents can never land on
     /// it after it is reused; a data cluster is quarantined instead when reads may splice.
-    pub fn apply_frees(&mut self, f: &HostFile, geo: &Geo, frees: &[Release]) -> Result<()> {
+    /// Returns the data clusters to punch out of the file (`punch_frees`), in runs: they are
+    /// quarantined until `Qcow2::punch_freed` has punched them, so no write can land in one
+    /// before its hole.
+    pub fn apply_frees(
+        &mut self,
+        f: &HostFile,
+        geo: &Geo,
+        frees: &[Release],
+    ) -> Result<Vec<(u64, u64)>> {
+        let mut punch: Vec<(u64, u64)> = Vec::new();
         for &Release { off, len, data } in frees {
             if len == 0 {
                 continue;
@@ -315,11 +328,17 @@ impl Meta {
                     self.forget_free_bytes(c << geo.cluster_bits, geo.cs);
                     if data && self.quarantine_data {
                         self.rc.quarantine(c);
+                    } else if data && self.punch_frees {
+                        self.rc.quarantine(c);
+                        match punch.last_mut() {
+                            Some((start, n)) if *start + *n == c => *n += 1,
+                            _ => punch.push((c, 1)),
+                        }
                     }
                 }
             }
         }
-        Ok(())
+        Ok(punch)
     }
 
     /// Give back a cluster nothing ever pointed at (a failed write's, a stray one).

@@ -62,6 +62,10 @@
 //! again by this process, so no reply still in flight can show another offset's bytes.
 //! Splicing is on where frees of data clusters are rare (read-only, or v3 without
 //! `--discard=unmap`, see `open.rs` `spliceable`), so the quarantine costs little space.
+//! With `--discard=unmap` a freed data cluster is instead punched out of the file (qemu's
+//! pass-discard-request), by the flush that applied its decrease — after the pointer that
+//! dropped it is durable, so a crash never finds a pointer to a hole where data should be —
+//! and it stays quarantined until punched, so no write lands in it before the hole does.
 //!
 //! **Overlap checks** (`overlap.rs`): every data write and every metadata write is checked
 //! against the metadata map first; a hit fails the request with EIO, marks the image corrupt

@@ -107,6 +107,7 @@ impl Qcow2 {
         let splice_reads = spliceable(&opts, &geo, crypto.is_some());
         let mut meta = Meta::new(l1, l2, rc, map, file_len);
         meta.quarantine_data = splice_reads && !opts.read_only;
+        meta.punch_frees = opts.discard && !opts.read_only;
         Ok(Qcow2 {
             l1_offset: h.l1_table_offset,
             meta: Mutex::new(meta),

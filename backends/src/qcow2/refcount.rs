@@ -193,6 +193,16 @@ impl Refcounts {
         self.quarantined[word] |= 1 << (cluster % 64);
     }
 
+    /// Let quarantined clusters `[first, first + n)` be handed out again.
+    pub fn release_quarantine(&mut self, first: u64, n: u64) {
+        for c in first..first + n {
+            if let Some(w) = self.quarantined.get_mut((c / 64) as usize) {
+                *w &= !(1 << (c % 64));
+            }
+        }
+        self.free_hint = self.free_hint.min(first);
+    }
+
     /// Undo [`Refcounts::alloc`] of the cluster at host offset `off`, which nothing points at.
     pub fn release(&mut self, f: &HostFile, off: u64, version: u64) -> Result<()> {
         self.decrease(f, off >> self.cluster_bits, version)
