@@ -178,3 +178,47 @@ fn discarded_qcow2_clusters_give_their_space_back() {
         }
     }
 }
+
+/// A v2 image has no zero flag: a discard over a backing file would show the backing file's
+/// stale bytes, so it does nothing, as qemu-nbd's; without a backing file it deallocates.
+#[test]
+fn discard_of_a_v2_image_over_a_backing_file_keeps_the_data() {
+    if !have("qemu-img") || !have("qemu-io") {
+        return;
+    }
+    let dir = tmpdir();
+    let d = dir.path();
+    qemu_img(d, &["create", "-q", "-f", "raw", "b.raw", "4M"]);
+    qemu_io(d, "raw", "b.raw", &["write -P 0x33 0 4M"]);
+    for (backing, after) in [(true, "7"), (false, "0")] {
+        let _ = std::fs::remove_file(d.join("v2.qcow2"));
+        let mut args = vec!["create", "-q", "-f", "qcow2", "-o", "compat=0.10"];
+        if backing {
+            args.extend(["-b", "b.raw", "-F", "raw"]);
+        }
+        args.extend(["v2.qcow2", "4M"]);
+        qemu_img(d, &args);
+        let img = d.join("v2.qcow2");
+        for program in [QNBD, "qemu-nbd"] {
+            let s = Server::unix(
+                program,
+                &["-f", "qcow2", "--discard=unmap", img.to_str().unwrap()],
+            );
+            let out = qemu_io(
+                d,
+                "raw",
+                &s.uri(),
+                &[
+                    "write -P 7 64k 128k",
+                    "discard 64k 64k",
+                    &format!("read -P {after} 64k 64k"),
+                    "read -P 7 128k 64k",
+                ],
+            );
+            assert!(
+                !out.contains("verification failed"),
+                "{program} {backing}: {out}"
+            );
+        }
+    }
+}

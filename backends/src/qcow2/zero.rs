@@ -155,11 +155,13 @@ impl Qcow2 {
     }
 
     /// The entry a whole-cluster zero or discard leaves; None when the format cannot say
-    /// "zero" here (v2 over a backing file): the caller writes zeroes.
+    /// "zero" here (v2 over a backing file): the caller writes zeroes, or a discard does nothing.
     fn whole_entry(&self, old: Entry, op: Op, keep: bool, has_backing: bool) -> Option<Entry> {
         Some(if !self.geo.extended {
             if self.geo.version < 3 {
-                if has_backing && op != Op::Discard {
+                // Without a zero flag, both would show the backing file's stale bytes: a
+                // zeroing writes zeroes instead, a discard does nothing (as qemu's).
+                if has_backing {
                     return None;
                 }
                 Entry::default()
