@@ -359,7 +359,12 @@ impl Qed {
             return Ok(len);
         }
         let from_backing = e == Entry::Unalloc && self.backing.is_some();
-        if !from_backing {
+        // With a backing file, never the NEED_CHECK protocol, even over a zero cluster: the
+        // check clears a link whose data is missing to "unallocated", which would show the
+        // backing file's bytes where a durable zeroing was (qemu decides by the backing file
+        // too). The data is synced before the link instead.
+        let sync_first = self.backing.is_some();
+        if !sync_first {
             self.set_need_check(&mut a)?;
         }
         let clusters = (in_c + len).div_ceil(self.cluster);
@@ -372,7 +377,7 @@ impl Qed {
             self.copy_backing(c * self.cluster + tail, at + tail, bytes - tail)?;
         }
         self.f.grow_to(at + bytes)?;
-        if from_backing {
+        if sync_first {
             self.f.sync()?;
         }
         a.next = at + bytes;
