@@ -519,6 +519,11 @@ pub fn check_overlap(
     }
 }
 
+fn is_set(bits: &[u64], i: u64) -> bool {
+    bits.get((i / 64) as usize)
+        .is_some_and(|w| w & (1 << (i % 64)) != 0)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -558,9 +563,4 @@ mod tests {
         set_ref(&mut data, 1, 1, 2);
         assert_eq!(data[0], 0b1001);
     }
-}
-
-fn is_set(bits: &[u64], i: u64) -> bool {
-    bits.get((i / 64) as usize)
-        .is_some_and(|w| w & (1 << (i % 64)) != 0)
 }
