@@ -209,6 +209,7 @@ impl Refcounts {
             .map(|_| ())
     }
 
+    /// Drop one reference to a cluster; returns the new count.
     pub fn decrease(&mut self, f: &HostFile, cluster: u64, version: u64) -> Result<u64> {
         let per = self.per_block();
         let Some(key) = self.block(f, cluster / per)? else {
