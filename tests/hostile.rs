@@ -1485,11 +1485,16 @@ fn large_write_payloads_sent_in_tiny_pieces_or_cut_short_keep_the_data_right() {
     // A large write's payload may be spliced from the socket into a pipe: sent in 512-byte
     // pieces (one socket buffer each) it fills the pipe before it is whole, and the server
     // must take it back and go on reading; cut short, none of it may reach the image.
+    // (A lone connection's payloads are copied unless splicing is forced.)
     let dir = tmpdir();
     let bytes: Vec<u8> = (0..SIZE as usize).map(|i| (i % 241) as u8).collect();
     let img = make_raw(dir.path(), "w.raw", SIZE, &[(0, &bytes)]);
     let img_s = img.display().to_string();
-    let s = Server::unix(&bin(), &["-f", "raw", "-t", "-e", "2", &img_s]);
+    let s = Server::unix_env(
+        &bin(),
+        &["-f", "raw", "-t", "-e", "2", &img_s],
+        &[("QNBD_SPLICE_WRITES", "on")],
+    );
     let sock = s.socket.clone().expect("socket");
     let len = 2usize << 20;
     let off = 4096 + 7;

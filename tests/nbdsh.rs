@@ -204,9 +204,10 @@ fn large_writes_land_byte_for_byte_whatever_path_they_take() {
     if !have_nbdsh() {
         return;
     }
-    // Raw over Unix and TCP (payloads spliced into the page cache), probed raw (whose first
-    // sector is checked the usual way), a slice (offsets shifted), detect-zeroes (which must
-    // see the data), write-through and O_DIRECT (never spliced).
+    // Raw over Unix and TCP (payloads spliced into the page cache: forced, since a lone
+    // connection's payloads are copied by default), probed raw (whose first sector is
+    // checked the usual way), a slice (offsets shifted), detect-zeroes (which must see the
+    // data), write-through and O_DIRECT (never spliced).
     let cases: [(&str, &[&str]); 7] = [
         ("unix", &["-f", "raw"]),
         ("tcp", &["-f", "raw"]),
@@ -236,7 +237,11 @@ fn large_writes_land_byte_for_byte_whatever_path_they_take() {
         let mut args: Vec<&str> = opts.to_vec();
         args.push("-t");
         args.push(if slice { &spec } else { img.to_str().unwrap() });
-        let s = serve_on(transport, &args);
+        let forced = [("QNBD_SPLICE_WRITES", "on")];
+        let s = match transport {
+            "unix" => Server::unix_env(QNBD, &args, &forced),
+            _ => Server::tcp_env(QNBD, &args, &forced),
+        };
         let base = if slice { "12288" } else { "0" };
         let out = nbdsh_script("large_writes.py", &s.uri(), &[img.to_str().unwrap(), base]);
         assert_eq!(out.trim(), "ok", "{transport} {opts:?}");

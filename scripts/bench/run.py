@@ -60,6 +60,9 @@ QNBD_VARIANTS = {
     "qnbd-io_uring": ["--aio=io_uring"],
     "qnbd-cache-none": ["--cache=none"],
     "qnbd-native": ["--aio=native", "--cache=none"],
+    # NAME=value entries are the server's environment, not arguments.
+    "qnbd-copied-writes": ["QNBD_SPLICE_WRITES=off"],
+    "qnbd-spliced-writes": ["QNBD_SPLICE_WRITES=on"],
 }
 ALL_TRANSPORTS = ["unix", "tcp", "tls-x509", "tls-psk"]
 ALL_IMAGES = ["raw", "qcow2-fresh", "qcow2-full", "qcow2-compressed"]
@@ -401,6 +404,7 @@ class Server:
 
     def __init__(self, ctx, name, transport, img_path, fmt, read_only):
         self.ctx, self.name, self.transport = ctx, name, transport
+        self.env = {}
         work = ctx["work"]
         self.sock = work / "nbd.sock"
         self.sock.unlink(missing_ok=True)
@@ -410,7 +414,8 @@ class Server:
         addr = []
         if name in QNBD_VARIANTS or name == "qemu-nbd":
             binary = str(ctx["qnbd"]) if name in QNBD_VARIANTS else "qemu-nbd"
-            extra = QNBD_VARIANTS.get(name, [])
+            extra = [a for a in QNBD_VARIANTS.get(name, []) if a.startswith("-")]
+            self.env = dict(a.split("=", 1) for a in QNBD_VARIANTS.get(name, []) if not a.startswith("-"))
             if transport == "unix":
                 addr = ["-k", str(self.sock)]
             else:
@@ -467,7 +472,7 @@ class Server:
         """Start it; returns milliseconds from the spawn to the first successful nbdinfo."""
         t0 = time.monotonic()
         with open(self.log, "wb") as logf:
-            self.proc = spawn(self.cmd, stdout=logf, stderr=subprocess.STDOUT)
+            self.proc = spawn(self.cmd, stdout=logf, stderr=subprocess.STDOUT, env={**os.environ, **self.env})
         deadline = t0 + 30
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:

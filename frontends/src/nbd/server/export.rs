@@ -4,6 +4,7 @@ use super::meta::{self, MetaContext};
 use crate::nbd::proto::{TransmissionFlags, MAX_BUFFER_SIZE};
 use crate::stats::Stats;
 use backends::Device;
+use std::sync::atomic::AtomicUsize;
 use std::sync::Arc;
 
 #[derive(Debug)]
@@ -18,6 +19,8 @@ pub struct Export {
     pub contexts: Vec<MetaContext>,
     /// `--stats`: the counters the connections record into.
     pub stats: Option<Arc<Stats>>,
+    /// Connections in transmission now (see `transmission::may_splice_write`).
+    pub(crate) transmitting: AtomicUsize,
 }
 
 /// Block sizes sent in NBD_INFO_BLOCK_SIZE: qemu-nbd's for a file (min: the image's request
@@ -40,6 +43,7 @@ impl Export {
             multi_conn,
             contexts: meta::available(allocation_depth, &[]),
             stats: None,
+            transmitting: AtomicUsize::new(0),
         }
     }
 

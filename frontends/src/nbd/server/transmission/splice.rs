@@ -17,7 +17,8 @@
 //! sends after its read completed can never show in that read's data.
 
 //!
-//! Writes: the worker holding the read lock moves a large write's payload from the socket
+//! Writes (when another connection is transmitting too: see `may_splice_write`): the
+//! worker holding the read lock moves a large write's payload from the socket
 //! into its pipe (`take_from_socket`), lets the lock go, and moves it on into the file
 //! (`write_to_file`): the socket's pages are taken by reference, so the one copy is into
 //! the page cache. The whole payload is in the pipe before the file sees any of it, so a
