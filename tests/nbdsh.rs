@@ -16,6 +16,8 @@ fn serve_on(transport: &str, args: &[&str]) -> Server {
         "unix" => Server::unix(QNBD, args),
         // Reads spliced as to a client across a network (see `splice_reads_pay`).
         "tcp-spliced" => Server::tcp_env(QNBD, args, &[("QNBD_SPLICE_READS", "on")]),
+        // Reads copied, as to a client on this host while other connections transmit.
+        "tcp-copied" => Server::tcp_env(QNBD, args, &[("QNBD_SPLICE_READS", "off")]),
         _ => Server::tcp(QNBD, args),
     }
 }
@@ -39,17 +41,17 @@ fn large_reads_return_the_file_bytes_whatever_path_they_take() {
     if !have_nbdsh() {
         return;
     }
-    // Raw over Unix (spliced from the page cache) and TCP (copied to a client on this host,
-    // spliced when QNBD_SPLICE_READS=on, as to a client across a network), probed raw (a
-    // filter that lets splicing through), a slice (offsets shifted), and O_DIRECT (never
-    // spliced).
+    // Raw over Unix (spliced from the page cache) and TCP (copied, as to a client on this
+    // host while other connections transmit; spliced, as to a lone one or a client across a
+    // network), probed raw (a filter that lets splicing through), a slice (offsets
+    // shifted), and O_DIRECT (never spliced).
     let cases: [(&str, &[&str]); 7] = [
         ("unix", &["-f", "raw"]),
-        ("tcp", &["-f", "raw"]),
+        ("tcp-copied", &["-f", "raw"]),
         ("tcp-spliced", &["-f", "raw"]),
         ("unix", &[]),
         ("unix", &["-f", "raw", "--cache=none"]),
-        ("tcp", &["--image-opts"]),
+        ("tcp-copied", &["--image-opts"]),
         ("tcp-spliced", &["--image-opts"]),
     ];
     for (transport, opts) in cases {
@@ -141,7 +143,7 @@ fn large_reads_of_a_read_only_qcow2_return_its_bytes() {
         // Writable images splice too (see `contiguous_span`); nothing writes here.
         for (transport, mode) in [
             ("unix", "-r"),
-            ("tcp", "-r"),
+            ("tcp-copied", "-r"),
             ("tcp-spliced", "-r"),
             ("unix", "--cache=writeback"),
             ("tcp-spliced", "--cache=writeback"),

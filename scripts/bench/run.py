@@ -63,6 +63,8 @@ QNBD_VARIANTS = {
     # NAME=value entries are the server's environment, not arguments.
     "qnbd-copied-writes": ["QNBD_SPLICE_WRITES=off"],
     "qnbd-spliced-writes": ["QNBD_SPLICE_WRITES=on"],
+    "qnbd-spliced-reads": ["QNBD_SPLICE_READS=on"],
+    "qnbd-copied-reads": ["QNBD_SPLICE_READS=off"],
 }
 ALL_TRANSPORTS = ["unix", "tcp", "tls-x509", "tls-psk"]
 ALL_IMAGES = ["raw", "qcow2-fresh", "qcow2-full", "qcow2-compressed"]

@@ -148,7 +148,7 @@ impl Conn<'_> {
                 return r;
             }
         }
-        if len >= SPLICE_MIN && self.splice_reads {
+        if len >= SPLICE_MIN && self.may_splice_read() {
             if let Some(r) = self.spliced_read(req, len, s) {
                 return r;
             }

@@ -67,8 +67,8 @@ struct Conn<'a> {
     /// Payloads may be spliced into the page cache, and read replies out of it (a plain
     /// socket, or kernel TLS).
     splice: bool,
-    /// Read replies are spliced: [`splice_reads_pay`].
-    splice_reads: bool,
+    /// When read replies are spliced: [`splice_reads_pay`].
+    splice_reads: SpliceReads,
     /// TLS: inline replies wait in their batch while more of the client's input has
     /// arrived (see `keep_batching`).
     batch_while_input: bool,
@@ -195,7 +195,11 @@ pub fn serve(
         writer: Mutex::new(stream.try_clone()?),
         outbox: Mutex::new(Outbox::default()),
         splice: stream.can_splice_out() && splice_writes_forced().unwrap_or(true),
-        splice_reads: stream.can_splice_out() && splice_reads_pay(&stream),
+        splice_reads: if stream.can_splice_out() {
+            splice_reads_pay(&stream)
+        } else {
+            SpliceReads::Never
+        },
         batch_while_input: stream.is_tls(),
         batch_misses: AtomicU32::new(0),
         started: Instant::now(),
@@ -493,6 +497,15 @@ impl<'a> Conn<'a> {
         rd.read_exact(&mut s.data)
     }
 
+    /// Whether a large read's reply may be spliced now (see [`splice_reads_pay`]).
+    pub(super) fn may_splice_read(&self) -> bool {
+        match self.splice_reads {
+            SpliceReads::Never => false,
+            SpliceReads::Always => true,
+            SpliceReads::WhileAlone => self.export.transmitting.load(Ordering::Relaxed) <= 1,
+        }
+    }
+
     /// Whether a write's payload may be spliced into the file: a plain socket, a valid
     /// write without FUA, a backend that takes it byte for byte, and another connection
     /// transmitting. Splicing saves a copy but not the memory traffic: the one copy, from
@@ -616,17 +629,33 @@ struct Outbox {
 /// The largest spare buffer kept.
 const SPARE_MAX: usize = 256 * 1024;
 
-/// The counter a command is recorded under.
-/// Whether read replies are spliced from the page cache to this connection. Not to a TCP
-/// client on this host: its receive then copies out of page-cache fragments, and pays more
-/// for that than the server saves (A/B, 1 MiB QD8 reads over TCP loopback, 5 interleaved
-/// rounds: 1811 MiB/s spliced, 2107 copied, the client's CPU 99 % against 70 %; over a
-/// Unix socket splicing wins, 2226 against 1561). A client across a network receives from
-/// its own NIC, so it keeps the server's zero-copy. `QNBD_SPLICE_READS=on|off` overrides.
-fn splice_reads_pay(stream: &Stream) -> bool {
+/// When a connection's large read replies are spliced from the page cache.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum SpliceReads {
+    Never,
+    Always,
+    /// While no other connection is transmitting (a TCP client on this host).
+    WhileAlone,
+}
+
+/// When read replies are spliced to this connection. A client across a network receives
+/// from its own NIC, so it always gets the server's zero-copy, and so does a Unix socket's.
+/// A TCP client on this host receives out of page-cache fragments instead, which costs it
+/// more than copying: with one connection the server's saving wins, with several the
+/// clients' receives are what the CPUs run out on. Measured (fio 1 MiB reads at QD8 per
+/// connection, TCP loopback, 512 MiB raw, `qnbd-spliced-reads` / `qnbd-copied-reads` in
+/// scripts/bench, medians of 5 and 7 interleaved rounds): one connection, spliced 1.50×
+/// and 1.57× copied at 42–44 % less server CPU per MiB; four, copied 1.39× and 1.50×
+/// spliced. Over Unix splicing won both (1.17× and 1.44×). `QNBD_SPLICE_READS=on|off`
+/// overrides.
+fn splice_reads_pay(stream: &Stream) -> SpliceReads {
     static FORCED: std::sync::OnceLock<Option<bool>> = std::sync::OnceLock::new();
-    let forced = FORCED.get_or_init(|| on_off("QNBD_SPLICE_READS"));
-    forced.unwrap_or_else(|| !stream.is_local_tcp())
+    match FORCED.get_or_init(|| on_off("QNBD_SPLICE_READS")) {
+        Some(true) => SpliceReads::Always,
+        Some(false) => SpliceReads::Never,
+        None if stream.is_local_tcp() => SpliceReads::WhileAlone,
+        None => SpliceReads::Always,
+    }
 }
 
 /// `QNBD_SPLICE_WRITES=on|off`: whether write payloads may be spliced into the file.
@@ -647,6 +676,7 @@ fn on_off(var: &str) -> Option<bool> {
     }
 }
 
+/// The counter a command is recorded under.
 pub(super) fn stat_op(cmd: u16) -> Op {
     match cmd {
         CMD_READ => Op::Read,
