@@ -64,11 +64,10 @@ struct Conn<'a> {
     outbox: Mutex<Outbox>,
     /// A handle used only to shut the socket down from any thread.
     control: Stream,
-    /// Payloads may be spliced into the page cache, and read replies out of it (a plain
-    /// socket, or kernel TLS).
-    splice: bool,
-    /// When read replies are spliced: [`splice_reads_pay`].
-    splice_reads: SpliceReads,
+    /// When payloads are spliced into the page cache: [`splice_writes_pay`].
+    splice_writes: Splice,
+    /// When read replies are spliced out of it: [`splice_reads_pay`].
+    splice_reads: Splice,
     /// TLS: inline replies wait in their batch while more of the client's input has
     /// arrived (see `keep_batching`).
     batch_while_input: bool,
@@ -194,12 +193,8 @@ pub fn serve(
         reader: Mutex::new(BufReader::with_capacity(READ_BUFFER, stream.try_clone()?)),
         writer: Mutex::new(stream.try_clone()?),
         outbox: Mutex::new(Outbox::default()),
-        splice: stream.can_splice_out() && splice_writes_forced().unwrap_or(true),
-        splice_reads: if stream.can_splice_out() {
-            splice_reads_pay(&stream)
-        } else {
-            SpliceReads::Never
-        },
+        splice_writes: splice_writes_pay(&stream),
+        splice_reads: splice_reads_pay(&stream),
         batch_while_input: stream.is_tls(),
         batch_misses: AtomicU32::new(0),
         started: Instant::now(),
@@ -499,30 +494,24 @@ impl<'a> Conn<'a> {
 
     /// Whether a large read's reply may be spliced now (see [`splice_reads_pay`]).
     pub(super) fn may_splice_read(&self) -> bool {
-        match self.splice_reads {
-            SpliceReads::Never => false,
-            SpliceReads::Always => true,
-            SpliceReads::WhileAlone => self.export.transmitting.load(Ordering::Relaxed) <= 1,
+        self.splice_now(self.splice_reads)
+    }
+
+    fn splice_now(&self, when: Splice) -> bool {
+        let others = || self.export.transmitting.load(Ordering::Relaxed) > 1;
+        match when {
+            Splice::Never => false,
+            Splice::Always => true,
+            Splice::WhileAlone => !others(),
+            Splice::WhileShared => others(),
         }
     }
 
-    /// Whether a write's payload may be spliced into the file: a plain socket, a valid
-    /// write without FUA, a backend that takes it byte for byte, and another connection
-    /// transmitting. Splicing saves a copy but not the memory traffic: the one copy, from
-    /// the socket's pages into the page cache, cost as much as the two through a worker's
-    /// buffer (`perf`, TCP, one connection: memcpy 35 % of the server's samples, against
-    /// 17 % + 16 % copied) while those buffers stay in the CPU's caches, as they do for one
-    /// connection's workers and not for several. Measured (1 MiB writes at QD8 per
-    /// connection, 512 MiB raw, `qnbd-copied-writes` / `qnbd-spliced-writes` in
-    /// scripts/bench, three runs of 5–9 interleaved rounds): one connection, copying 1.09–
-    /// 1.14× splicing on Unix and TCP, at 4–18 % less CPU per request; four, splicing 1.05–
-    /// 1.12× (one run 1.39× on TCP) at less CPU. `QNBD_SPLICE_WRITES=on` splices a lone
-    /// connection's writes too, `off` never splices.
+    /// Whether a write's payload may be spliced into the file: [`splice_writes_pay`] says
+    /// so now, it is a valid write without FUA, and the backend takes it byte for byte.
     fn may_splice_write(&self, req: &Request) -> bool {
         let dev = &self.export.device;
-        self.splice
-            && (splice_writes_forced() == Some(true)
-                || self.export.transmitting.load(Ordering::Relaxed) > 1)
+        self.splice_now(self.splice_writes)
             && !self.no_write_splice.load(Ordering::Relaxed)
             && req.cmd == CMD_WRITE
             && !req.flags.contains(CmdFlags::FUA)
@@ -629,39 +618,60 @@ struct Outbox {
 /// The largest spare buffer kept.
 const SPARE_MAX: usize = 256 * 1024;
 
-/// When a connection's large read replies are spliced from the page cache.
+/// When a connection splices large payloads into the page cache or read replies out of it.
 #[derive(Clone, Copy, PartialEq, Eq)]
-enum SpliceReads {
+enum Splice {
     Never,
     Always,
-    /// While no other connection is transmitting (a TCP client on this host).
+    /// While no other connection is transmitting.
     WhileAlone,
+    /// While another connection is transmitting too.
+    WhileShared,
 }
 
-/// When read replies are spliced to this connection. A client across a network receives
-/// from its own NIC, so it always gets the server's zero-copy, and so does a Unix socket's.
-/// A TCP client on this host receives out of page-cache fragments instead, which costs it
-/// more than copying: with one connection the server's saving wins, with several the
-/// clients' receives are what the CPUs run out on. Measured (fio 1 MiB reads at QD8 per
-/// connection, TCP loopback, 512 MiB raw, `qnbd-spliced-reads` / `qnbd-copied-reads` in
-/// scripts/bench, medians of 5 and 7 interleaved rounds): one connection, spliced 1.50×
-/// and 1.57× copied at 42–44 % less server CPU per MiB; four, copied 1.39× and 1.50×
-/// spliced. Over Unix splicing won both (1.17× and 1.44×). `QNBD_SPLICE_READS=on|off`
-/// overrides.
-fn splice_reads_pay(stream: &Stream) -> SpliceReads {
+/// When read replies are spliced to this connection (a plain socket or kernel TLS). A
+/// client across a network receives from its own NIC, so it always gets the server's
+/// zero-copy, and so does a Unix socket's. A TCP client on this host receives out of
+/// page-cache fragments instead, which costs it more than copying: with one connection the
+/// server's saving wins, with several the clients' receives are what the CPUs run out on.
+/// Measured (fio 1 MiB reads at QD8 per connection, TCP loopback, 512 MiB raw,
+/// `qnbd-spliced-reads` / `qnbd-copied-reads` in scripts/bench, medians of 5 and 7
+/// interleaved rounds): one connection, spliced 1.50× and 1.57× copied at 42–44 % less
+/// server CPU per MiB; four, copied 1.39× and 1.50× spliced. Over Unix splicing won both
+/// (1.17× and 1.44×). `QNBD_SPLICE_READS=on|off` overrides.
+fn splice_reads_pay(stream: &Stream) -> Splice {
     static FORCED: std::sync::OnceLock<Option<bool>> = std::sync::OnceLock::new();
+    if !stream.can_splice_out() {
+        return Splice::Never;
+    }
     match FORCED.get_or_init(|| on_off("QNBD_SPLICE_READS")) {
-        Some(true) => SpliceReads::Always,
-        Some(false) => SpliceReads::Never,
-        None if stream.is_local_tcp() => SpliceReads::WhileAlone,
-        None => SpliceReads::Always,
+        Some(true) => Splice::Always,
+        Some(false) => Splice::Never,
+        None if stream.is_local_tcp() => Splice::WhileAlone,
+        None => Splice::Always,
     }
 }
 
-/// `QNBD_SPLICE_WRITES=on|off`: whether write payloads may be spliced into the file.
-fn splice_writes_forced() -> Option<bool> {
+/// When write payloads are spliced from this connection into the file (a plain socket or
+/// kernel TLS): while another connection is transmitting. Splicing saves a copy but not the
+/// memory traffic: the one copy, from the socket's pages into the page cache, cost as much
+/// as the two through a worker's buffer (`perf`, TCP, one connection: memcpy 35 % of the
+/// server's samples, against 17 % + 16 % copied) while those buffers stay in the CPU's
+/// caches, as they do for one connection's workers and not for several. Measured (1 MiB
+/// writes at QD8 per connection, 512 MiB raw, `qnbd-copied-writes` / `qnbd-spliced-writes`
+/// in scripts/bench, three runs of 5–9 interleaved rounds): one connection, copying 1.09–
+/// 1.14× splicing on Unix and TCP, at 4–18 % less CPU per request; four, splicing 1.05–
+/// 1.12× (one run 1.39× on TCP) at less CPU. `QNBD_SPLICE_WRITES=on|off` overrides.
+fn splice_writes_pay(stream: &Stream) -> Splice {
     static FORCED: std::sync::OnceLock<Option<bool>> = std::sync::OnceLock::new();
-    *FORCED.get_or_init(|| on_off("QNBD_SPLICE_WRITES"))
+    if !stream.can_splice_out() {
+        return Splice::Never;
+    }
+    match FORCED.get_or_init(|| on_off("QNBD_SPLICE_WRITES")) {
+        Some(true) => Splice::Always,
+        Some(false) => Splice::Never,
+        None => Splice::WhileShared,
+    }
 }
 
 fn on_off(var: &str) -> Option<bool> {
