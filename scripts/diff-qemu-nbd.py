@@ -11,7 +11,8 @@ qcow2 zeroing with FAST_ZERO (qemu-nbd refuses it, qnbd deallocates), qed over a
 (qemu copies the backing file into the rest of a zero cluster a write lands in; qnbd keeps
 zeroes), and a FAST_ZERO request both refuse with ENOTSUP (qemu has zeroed part of the range
 by then, qnbd none of it; the spec leaves a failed request's range unspecified). qcow2 images
-with an external data file are not compared: qnbd refuses them at open.
+with an external data file are served from their own directory (qemu resolves a relative data
+file name against the current directory).
 """
 import os, random, subprocess, sys, tempfile, time, shutil
 sys.path.insert(0, "/usr/lib/python3/dist-packages")
@@ -22,9 +23,9 @@ QNBD = os.environ.get("QNBD", os.path.join(ROOT, "target/release/qnbd"))
 WORK = tempfile.mkdtemp(prefix="qnbd-diff-")
 KiB, MiB = 1024, 1 << 20
 
-def serve(prog, sock, args):
+def serve(prog, sock, args, cwd):
     if os.path.exists(sock): os.unlink(sock)
-    p = subprocess.Popen([prog, "-k", sock, "-t"] + args, stderr=subprocess.PIPE)
+    p = subprocess.Popen([prog, "-k", sock, "-t"] + args, stderr=subprocess.PIPE, cwd=cwd)
     for _ in range(200):
         if os.path.exists(sock): break
         time.sleep(0.02)
@@ -43,7 +44,8 @@ def run(cfg, seed, nops=300):
     for prog, img in ((QNBD, "a/img"), ("qemu-nbd", "b/img")):
         sock = f"{d}/{prog.split('/')[-1]}.sock"
         a = [x.replace("IMG", f"{d}/{img}") for x in sargs]
-        procs.append(serve(prog, sock, a))
+        # From the image's directory: qemu opens a relative data file name from there.
+        procs.append(serve(prog, sock, a, os.path.dirname(f"{d}/{img}")))
         h = nbd.NBD()
         h.add_meta_context("base:allocation")
         h.connect_unix(sock)
@@ -99,7 +101,8 @@ def run(cfg, seed, nops=300):
     for p in procs:
         p.terminate(); p.wait()
     for img in ("a/img", "b/img"):
-        c = subprocess.run(["qemu-img", "check", "-f", img_fmt, f"{d}/{img}"], capture_output=True, text=True)
+        c = subprocess.run(["qemu-img", "check", "-f", img_fmt, f"{d}/{img}"], capture_output=True, text=True,
+                           cwd=os.path.dirname(f"{d}/{img}"))
         if c.returncode != 0 and "does not support checks" not in c.stderr:
             print(f"  {name} seed {seed} {img}: check rc {c.returncode}: {c.stdout[-300:]} {c.stderr[-300:]}")
     return bad
@@ -126,6 +129,12 @@ cfgs += [
     ("refcount1", f"{Q} -o refcount_bits=1 img 64M", ["-f", "qcow2", "--discard=unmap", "IMG"], "qcow2"),
     ("c2m", f"{Q} -o cluster_size=2M img 64M", ["-f", "qcow2", "--discard=unmap", "IMG"], "qcow2"),
     ("lazy", f"{Q} -o lazy_refcounts=on img 64M", ["-f", "qcow2", "IMG"], "qcow2"),
+    ("datafile", f"{Q} -o data_file=d.raw img 64M", ["-f", "qcow2", "--discard=unmap", "IMG"], "qcow2"),
+    ("datafile-nounmap", f"{Q} -o data_file=d.raw img 64M", ["-f", "qcow2", "IMG"], "qcow2"),
+    ("datafile-raw", f"{Q} -o data_file=d.raw,data_file_raw=on img 64M", ["-f", "qcow2", "--discard=unmap", "IMG"], "qcow2"),
+    ("datafile-raw-nounmap", f"{Q} -o data_file=d.raw,data_file_raw=on img 64M", ["-f", "qcow2", "IMG"], "qcow2"),
+    ("datafile-ext-c4k", f"{Q} -o data_file=d.raw,extended_l2=on,cluster_size=16k img 64M", ["-f", "qcow2", "--discard=unmap", "IMG"], "qcow2"),
+    ("datafile-backing", f"qemu-img create -q -f raw b.raw 64M && qemu-io -f raw -c 'write -P 0x33 0 64M' b.raw >/dev/null && {Q} -o data_file=d.raw -b b.raw -F raw img 64M", ["-f", "qcow2", "--discard=unmap", "IMG"], "qcow2"),
     ("ext-c4k-backing", f"qemu-img create -q -f raw b.raw 64M && qemu-io -f raw -c 'write -P 0x33 0 64M' b.raw >/dev/null && {Q} -o extended_l2=on,cluster_size=16k -b b.raw -F raw img 64M", ["-f", "qcow2", "--discard=unmap", "IMG"], "qcow2"),
 ]
 B = "qemu-img create -q -f raw b.raw 64M && qemu-io -f raw -c 'write -P 0x33 0 64M' b.raw >/dev/null && "

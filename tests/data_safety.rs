@@ -331,6 +331,38 @@ fn verifier_qcow2_with_an_internal_snapshot_keeps_it() {
     );
 }
 
+/// An external data file (`data_file=`), and one kept raw (`data_file_raw=on`): the
+/// verifier with `--discard=unmap`, `qemu-img check`, and a raw data file must read as the
+/// guest disk reads.
+#[test]
+fn verifier_qcow2_external_data_file() {
+    if !have("qemu-img") || !have_nbdsh() {
+        return;
+    }
+    for raw in [false, true] {
+        let d = tmpdir();
+        let opts = format!(
+            "data_file=d.raw,data_file_raw={}",
+            if raw { "on" } else { "off" }
+        );
+        let img = make_qcow2(d.path(), "a.qcow2", &opts, "128M");
+        verify(&img, &["-f", "qcow2", "--discard=unmap"], &[]);
+        check_clean(&img);
+        if raw {
+            let view = d.path().join("view.raw");
+            sh(&format!(
+                "qemu-img convert -f qcow2 -O raw {} {}",
+                img.display(),
+                view.display()
+            ));
+            assert!(
+                std::fs::read(&view).unwrap() == std::fs::read(d.path().join("d.raw")).unwrap(),
+                "the raw data file differs from the guest disk"
+            );
+        }
+    }
+}
+
 /// `kill -9` under load, `rounds` times.
 fn crash(format: &str, create: &str, server_opts: &str, rounds: u64) {
     crash_with(format, create, server_opts, rounds, &[]);
@@ -436,6 +468,28 @@ fn crash_loop_qcow2_512_byte_clusters() {
         "qcow2",
         "qemu-img create -q -f qcow2 -o cluster_size=512,refcount_bits=64 {img} 16M",
         "",
+        crash_rounds(),
+    );
+}
+
+/// Data clusters in an external data file: it is synced before any pointer in the image.
+#[test]
+fn crash_loop_qcow2_external_data_file() {
+    crash(
+        "qcow2",
+        "qemu-img create -q -f qcow2 -o cluster_size=4096,data_file={img}.data {img} 64M",
+        "--discard=unmap",
+        crash_rounds(),
+    );
+}
+
+/// A raw data file: zeroings write into it before the metadata changes.
+#[test]
+fn crash_loop_qcow2_data_file_raw() {
+    crash(
+        "qcow2",
+        "qemu-img create -q -f qcow2 -o data_file={img}.data,data_file_raw=on {img} 64M",
+        "--discard=unmap",
         crash_rounds(),
     );
 }

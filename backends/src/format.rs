@@ -155,6 +155,8 @@ pub struct ImageOptions {
     pub qcow2_cache_sizes: [Option<u64>; 3],
     /// How a remote image file (`nbd://…`, `driver=nbd`) is reached: its TLS options.
     pub remote: crate::file::remote::RemoteOptions,
+    /// qcow2's `data-file.filename=`: the external data file instead of the header's.
+    pub data_file: Option<PathBuf>,
     /// vpc's `force_size_calc=`: Some(true) for `chs`, Some(false) for `current_size`.
     pub vpc_size_calc: Option<bool>,
     /// Warnings for the user gathered while the options were read (qemu's deprecations),

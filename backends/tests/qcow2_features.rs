@@ -166,31 +166,6 @@ fn bitmaps_track_writes_and_are_stored_on_close() {
 }
 
 #[test]
-fn external_data_file_is_refused_by_name() {
-    let dir = tempfile::tempdir().unwrap();
-    run(
-        dir.path(),
-        "qemu-img",
-        &[
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "-o",
-            "data_file=d.raw",
-            "e.qcow2",
-            "8M",
-        ],
-    );
-    let e = open(&dir.path().join("e.qcow2"), true).unwrap_err();
-    assert!(matches!(e, Error::Header(_)), "{e}");
-    assert_eq!(
-        e.to_string(),
-        "Unsupported qcow2 feature(s): external data file"
-    );
-}
-
-#[test]
 fn corrupt_images_open_read_only_only() {
     let dir = tempfile::tempdir().unwrap();
     run(

@@ -138,11 +138,12 @@ impl BlockBackend for Qcow2 {
 
     fn read_source(&self, offset: u64, len: u64) -> Option<crate::HostSpan<'_>> {
         let at = self.contiguous_span(offset, len)?;
-        self.f.page_cache_span(at)
+        self.df().page_cache_span(at)
     }
 
     fn compressed_cluster_size(&self) -> Option<u64> {
-        (!self.opts.read_only && !self.is_encrypted()).then_some(self.geo.cs)
+        (!self.opts.read_only && !self.is_encrypted() && !self.external_data())
+            .then_some(self.geo.cs)
     }
 
     fn write_compressed(&self, offset: u64, buf: &[u8]) -> Result<()> {

@@ -27,6 +27,12 @@ const PIECE_ALIGN: u64 = 1;
 impl Qcow2 {
     /// `buf` at `offset`: whole clusters, or up to the end of the image.
     pub(super) fn write_compressed_clusters(&self, offset: u64, buf: &[u8]) -> Result<()> {
+        if self.external_data() {
+            // qemu's qcow2_co_pwritev_compressed_part: ENOTSUP.
+            return Err(Error::NotSupported(
+                "compressed writes to an external data file",
+            ));
+        }
         let cs = self.geo.cs;
         let end = offset + buf.len() as u64;
         if !offset.is_multiple_of(cs) || !(end.is_multiple_of(cs) || end == self.geo.size) {

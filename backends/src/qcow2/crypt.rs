@@ -72,10 +72,10 @@ impl Qcow2 {
     /// Read guest data stored at host offset `host`, decrypted.
     pub(super) fn read_data(&self, host: u64, buf: &mut [u8]) -> Result<()> {
         let Some(c) = &self.crypto else {
-            return self.f.read("read", host, buf);
+            return self.df().read("read", host, buf);
         };
         self.check_sectors(host, buf.len())?;
-        self.f.read("read", host, buf)?;
+        self.df().read("read", host, buf)?;
         c.decrypt(host, buf);
         Ok(())
     }
@@ -84,13 +84,13 @@ impl Qcow2 {
     /// buffer (the caller's bytes stay as they are).
     pub(super) fn write_data(&self, host: u64, data: &[u8], dsync: bool) -> Result<()> {
         let Some(c) = &self.crypto else {
-            return self.f.write("write", host, data, dsync);
+            return self.df().write("write", host, data, dsync);
         };
         self.check_sectors(host, data.len())?;
         bounce::encrypt_and_write(
             data,
             |at, b| c.encrypt(host + at as u64, b),
-            |at, b| self.f.write("write", host + at as u64, b, dsync),
+            |at, b| self.df().write("write", host + at as u64, b, dsync),
         )
     }
 
@@ -100,6 +100,6 @@ impl Qcow2 {
             self.check_sectors(host, buf.len())?;
             c.encrypt(host, buf);
         }
-        self.f.write("write", host, buf, false)
+        self.df().write("write", host, buf, false)
     }
 }

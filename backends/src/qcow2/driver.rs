@@ -4,7 +4,8 @@
 
 use super::{Qcow2, Qcow2Options};
 use crate::align::Aligned;
-use crate::file::HostFile;
+use crate::file::lock::Role;
+use crate::file::{FileOptions, HostFile, LockSpec};
 use crate::format::{backing_option, parse_bool, parse_size, Driver, ImageOptions, OpenBacking};
 use crate::{BlockBackend, Result};
 use std::sync::Arc;
@@ -21,6 +22,27 @@ fn probe(head: &[u8]) -> bool {
     head.len() >= 8
         && head[..4] == super::header::MAGIC.to_be_bytes()
         && u32::from_be_bytes([head[4], head[5], head[6], head[7]]) >= 2
+}
+
+/// The external data file is opened as the image file is, with qemu's locks for a data
+/// child (a backing file's, and the original's under `-s`, are only read).
+fn data_file_options(opts: &ImageOptions) -> FileOptions {
+    let read_only = opts.read_only || opts.snapshot;
+    let role = if opts.chain_depth > 0 || opts.snapshot {
+        Role::Backing
+    } else {
+        Role::DataFile
+    };
+    FileOptions {
+        read_only,
+        direct: opts.direct,
+        aio: opts.aio,
+        lock: Some(LockSpec {
+            locking: opts.locking,
+            role,
+            force_share: opts.force_share,
+        }),
+    }
 }
 
 /// qemu's read_cache_sizes: how `cache-size`, `l2-cache-size` and `refcount-cache-size`
@@ -56,6 +78,8 @@ fn open(
             backing: opts.backing.clone(),
             direct: opts.direct,
             encrypt: opts.encrypt.clone(),
+            data_file: opts.data_file.clone(),
+            data_file_opts: data_file_options(opts),
         },
         backing,
     )?;
@@ -92,6 +116,16 @@ fn option(key: &str, v: &str, opts: &mut ImageOptions) -> Option<std::result::Re
             Ok(_) => Ok(()),
             Err(_) => Err("Parameter 'cache-clean-interval' expects a non-negative number".into()),
         },
+        // qemu's `data-file` is a block node reference, which qemu-nbd never has; its
+        // children name a file.
+        "data-file.filename" => {
+            opts.data_file = Some(std::path::PathBuf::from(v));
+            Ok(())
+        }
+        "data-file.driver" if v == "file" => Ok(()),
+        "data-file" => Err(format!(
+            "Cannot find device='{v}' nor node-name='{v}'"
+        )),
         "encrypt.key-secret" => {
             opts.encrypt.key_secret = Some(v.to_string());
             Ok(())

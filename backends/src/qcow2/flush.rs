@@ -125,9 +125,13 @@ impl Qcow2 {
         Ok(cut)
     }
 
-    /// Refcount blocks, sync, refcount-table entries, sync, L2 tables, (sync,) L1 entries,
-    /// sync. Each sync makes what was written before it durable before any pointer to it.
+    /// (The external data file, sync,) refcount blocks, sync, refcount-table entries, sync,
+    /// L2 tables, (sync,) L1 entries, sync. Each sync makes what was written before it
+    /// durable before any pointer to it.
     fn write_cut(&self, cut: &Cut) -> Result<()> {
+        if let Some(d) = &self.data {
+            d.file.sync()?;
+        }
         for c in &cut.blocks {
             for (off, data) in &c.runs {
                 self.f.write("write refcount block", *off, data, false)?;

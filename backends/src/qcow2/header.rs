@@ -18,10 +18,12 @@ pub const INCOMPAT_COMPRESSION: u64 = 1 << 3;
 pub const INCOMPAT_EXTL2: u64 = 1 << 4;
 /// What this engine understands; anything else is refused at open.
 pub const SUPPORTED_INCOMPAT: u64 =
-    INCOMPAT_DIRTY | INCOMPAT_CORRUPT | INCOMPAT_COMPRESSION | INCOMPAT_EXTL2;
+    INCOMPAT_DIRTY | INCOMPAT_CORRUPT | INCOMPAT_DATA_FILE | INCOMPAT_COMPRESSION | INCOMPAT_EXTL2;
 
 pub const COMPAT_LAZY_REFCOUNTS: u64 = 1 << 0;
 pub const AUTOCLEAR_BITMAPS: u64 = 1 << 0;
+/// The external data file is a valid raw image of the guest disk (`data_file_raw`).
+pub const AUTOCLEAR_DATA_FILE_RAW: u64 = 1 << 1;
 
 const EXT_END: u32 = 0;
 const EXT_BACKING_FORMAT: u32 = 0xe279_2aca;
@@ -74,6 +76,8 @@ pub struct Header {
     pub bitmaps: Option<super::bitmap::BitmapsExt>,
     /// The LUKS header's (offset, length) in the file, for `crypt_method` 2.
     pub crypto_header: Option<(u64, u64)>,
+    /// The external data file's name, from its header extension.
+    pub data_file: Option<String>,
 }
 
 fn be32(b: &[u8], at: usize) -> Option<u32> {
@@ -183,6 +187,7 @@ pub fn parse(b: &[u8], file_len: u64) -> Result<Header, String> {
         has_bitmaps: false,
         bitmaps: None,
         crypto_header: None,
+        data_file: None,
     };
     if header_length > 104 {
         h.compression = match b[104] {
@@ -342,7 +347,10 @@ fn parse_extensions(
                 }
             }
             EXT_CRYPTO => h.crypto_header = Some(crypto_extension(h, data)?),
-            EXT_DATA_FILE => {}
+            EXT_DATA_FILE => {
+                let n = data.iter().position(|&c| c == 0).unwrap_or(data.len());
+                h.data_file = Some(String::from_utf8_lossy(&data[..n]).into_owned());
+            }
             _ => {}
         }
         pos = pos
@@ -466,7 +474,11 @@ pub(crate) mod tests {
             (56, u32::MAX.to_be_bytes().to_vec(), "too large"),
             (96, 7u32.to_be_bytes().to_vec(), "refcount order"),
             (100, 8u32.to_be_bytes().to_vec(), "too short"),
-            (72, (1u64 << 2).to_be_bytes().to_vec(), "external data file"),
+            (
+                72,
+                (1u64 << 5).to_be_bytes().to_vec(),
+                "Unknown incompatible feature: 20",
+            ),
             (
                 72,
                 (1u64 << 40).to_be_bytes().to_vec(),

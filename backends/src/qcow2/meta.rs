@@ -172,10 +172,12 @@ impl Meta {
             .l2
             .get(off)
             .ok_or_else(|| f.corrupt(format!("L2 table {off:#x} vanished from the cache")))?;
-        Ok(Some(Entry {
+        let e = Entry {
             desc: t.be64(at),
             bm: if geo.extended { t.be64(at + 8) } else { 0 },
-        }))
+        };
+        geo.check_mapping(g, e).map_err(|m| f.corrupt(m))?;
+        Ok(Some(e))
     }
 
     /// The entry for guest cluster `g` if no I/O is needed to know it (its L2 table is in the
@@ -188,10 +190,12 @@ impl Meta {
         }
         let at = self.entry_at(geo, g);
         let t = self.l2.get(off)?;
-        Some(Entry {
+        let e = Entry {
             desc: t.be64(at),
             bm: if geo.extended { t.be64(at + 8) } else { 0 },
-        })
+        };
+        // A bad mapping is reported by the slow path (`entry`).
+        geo.check_mapping(g, e).is_ok().then_some(e)
     }
 
     /// Is the mapping of guest cluster `g` on disk as it is here? Then its L2 entry, the L1

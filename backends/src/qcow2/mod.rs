@@ -97,8 +97,10 @@
 //! Policies: refcounts are always kept eagerly, so the dirty bit is never set (lazy refcounts
 //! are a permission, not a duty); a dirty image opened read-write has its refcounts rebuilt
 //! (`repair.rs`). `--cache=none` reads and writes through O_DIRECT (the host-file layer).
-//! Not done yet: external data files (refused at open) and qemu's legacy AES encryption
-//! (`crypt_method` 1, refused at open).
+//! **External data files** (`data_file.rs`): data clusters at their guest offsets in a
+//! second file, not refcounted; that file is synced before any pointer is written.
+//!
+//! Not done yet: qemu's legacy AES encryption (`crypt_method` 1, refused at open).
 
 mod backend;
 mod batch;
@@ -109,6 +111,7 @@ mod compress_write;
 mod compressed;
 pub mod create;
 mod crypt;
+mod data_file;
 mod driver;
 mod flush;
 pub mod header;
@@ -155,6 +158,8 @@ pub struct Geo {
     pub sc_bits: u32,
     pub size: u64,
     pub compression: Compression,
+    /// Data clusters live in an external data file (`data_file.rs`).
+    pub external_data: bool,
 }
 
 /// What one subcluster (or the whole cluster, without extended L2) reads from.
@@ -167,6 +172,34 @@ enum Sc {
 }
 
 impl Geo {
+    /// Does the entry map a host cluster? With an external data file, guest cluster 0 lives
+    /// at host offset 0: there COPIED says so (the spec's rule for offset 0).
+    fn has_cluster(&self, e: Entry) -> bool {
+        !e.compressed() && (e.host() != 0 || (self.external_data && e.desc & meta::COPIED != 0))
+    }
+
+    /// With an external data file a host offset must be the guest offset and nothing may be
+    /// compressed (qemu's `qcow2_get_host_offset`, with its messages).
+    fn check_mapping(&self, g: u64, e: Entry) -> std::result::Result<(), String> {
+        if !self.external_data {
+            return Ok(());
+        }
+        let index = g & ((1 << self.l2_bits) - 1);
+        if e.compressed() {
+            return Err(format!(
+                "Compressed cluster entry found in image with external data file (L2 index: {index:#x})"
+            ));
+        }
+        let guest = g << self.cluster_bits;
+        if self.has_cluster(e) && e.host() != guest {
+            return Err(format!(
+                "External data file host cluster offset {:#x} does not match guest cluster offset: {guest:#x}, L2 index: {index:#x})",
+                e.host()
+            ));
+        }
+        Ok(())
+    }
+
     fn state(&self, e: Entry, i: u64) -> std::result::Result<Sc, String> {
         if e.compressed() {
             return Ok(Sc::Compressed);
@@ -178,7 +211,7 @@ impl Geo {
         if !self.extended {
             return Ok(if self.version >= 3 && e.desc & ZERO != 0 {
                 Sc::Zero
-            } else if host != 0 {
+            } else if self.has_cluster(e) {
                 Sc::Data
             } else {
                 Sc::Unalloc
@@ -188,7 +221,7 @@ impl Geo {
         let zero = e.bm >> (32 + i) & 1 != 0;
         match (alloc, zero) {
             (true, true) => Err(format!("subcluster {i} is both allocated and zero")),
-            (true, false) if host == 0 => {
+            (true, false) if !self.has_cluster(e) => {
                 Err(format!("subcluster {i} allocated without a cluster"))
             }
             (true, false) => Ok(Sc::Data),
@@ -234,6 +267,8 @@ pub struct Qcow2 {
     tracking: AtomicBool,
     /// The unlocked LUKS volume of an encrypted image (`crypt.rs`).
     crypto: Option<crate::luks::Luks>,
+    /// The external data file, where data clusters live instead (`data_file.rs`).
+    data: Option<data_file::DataFile>,
     /// True once closing began. Writes hold it shared from their start to the marking of
     /// the bitmaps, so none can land after the bitmaps were stored as consistent.
     closing: RwLock<bool>,
@@ -259,6 +294,25 @@ impl Qcow2 {
     /// The image file (tests attach a recorder before opening, see `open_file`).
     pub fn host_file(&self) -> &HostFile {
         &self.f
+    }
+
+    /// The file data clusters live in: the external data file, or the image file itself.
+    fn df(&self) -> &HostFile {
+        self.data.as_ref().map_or(&self.f, |d| &d.file)
+    }
+
+    fn external_data(&self) -> bool {
+        self.data.is_some()
+    }
+
+    /// Does this entry's host cluster belong to its guest cluster alone, so it may be
+    /// written in place or kept? (With an external data file every plain cluster does.)
+    fn owns(&self, e: Entry) -> bool {
+        if self.external_data() {
+            self.geo.has_cluster(e)
+        } else {
+            e.owned_host()
+        }
     }
 
     fn stripe(&self, g: u64) -> &RwLock<()> {

@@ -33,6 +33,10 @@ pub struct Qcow2Options {
     pub direct: bool,
     /// `encrypt.key-secret=` and `encrypt.format=` of an encrypted image.
     pub encrypt: crate::format::EncryptOptions,
+    /// `data-file.filename=`: the external data file instead of the one the header names.
+    pub data_file: Option<std::path::PathBuf>,
+    /// How the external data file is opened (O_DIRECT, aio, locks); `read_only` is ours.
+    pub data_file_opts: FileOptions,
 }
 
 fn backing_err(e: Error) -> Error {
@@ -43,14 +47,16 @@ impl Qcow2 {
     /// Open the image; `open_backing` opens a backing file read-only given its resolved path
     /// and `backing_fmt` (the caller keeps probing and the depth limit in one place).
     pub fn open(path: &Path, opts: Qcow2Options, open_backing: &OpenBacking<'_>) -> Result<Qcow2> {
-        let f = HostFile::open(
-            path,
-            &FileOptions {
-                read_only: opts.read_only,
-                direct: opts.direct,
-                ..Default::default()
-            },
-        )?;
+        let file_opts = FileOptions {
+            read_only: opts.read_only,
+            direct: opts.direct,
+            ..Default::default()
+        };
+        let f = HostFile::open(path, &file_opts)?;
+        let opts = Qcow2Options {
+            data_file_opts: file_opts,
+            ..opts
+        };
         Self::open_file(f, opts, open_backing)
     }
 
@@ -64,6 +70,7 @@ impl Qcow2 {
         // qemu unlocks the image before it repairs a dirty one.
         let crypto = super::crypt::open(&f, &h, &opts.encrypt)?;
         let h = repair_if_dirty(&f, &opts, h)?;
+        let data = super::data_file::open(&h, &opts)?;
         let geo = geometry(&h);
         let (snapshots, snap_bytes) =
             snapshot::read_table(&f, h.snapshots_offset, h.nb_snapshots, geo.cs)?;
@@ -104,10 +111,11 @@ impl Qcow2 {
             .as_ref()
             .is_some_and(|b| !opts.read_only && b.list.iter().any(|x| x.enabled()));
         let l2 = TableCache::new(L2_CACHE_BYTES, geo.cs as usize);
-        let splice_reads = spliceable(&opts, &geo, crypto.is_some());
+        let splice_reads = spliceable(&opts, &geo, crypto.is_some(), data.is_some());
         let mut meta = Meta::new(l1, l2, rc, map, file_len);
-        meta.quarantine_data = splice_reads && !opts.read_only;
-        meta.punch_frees = opts.discard && !opts.read_only;
+        // Frees of data clusters only happen inside the image file.
+        meta.quarantine_data = splice_reads && !opts.read_only && data.is_none();
+        meta.punch_frees = opts.discard && !opts.read_only && data.is_none();
         Ok(Qcow2 {
             l1_offset: h.l1_table_offset,
             meta: Mutex::new(meta),
@@ -128,6 +136,7 @@ impl Qcow2 {
             tracking: AtomicBool::new(tracking),
             closing: RwLock::new(false),
             crypto,
+            data,
         })
     }
 }
@@ -137,9 +146,10 @@ impl Qcow2 {
 /// another guest range's data. Nothing frees a cluster of a read-only image. A writable one
 /// quarantines the data clusters it frees (`Meta::quarantine_data`), which is only cheap where
 /// frees are rare: v3 (a v2 image frees a cluster to zero it) without `--discard=unmap`.
-/// With them, reads copy, as before.
-fn spliceable(opts: &Qcow2Options, geo: &Geo, encrypted: bool) -> bool {
-    !encrypted && (opts.read_only || (geo.version >= 3 && !opts.discard))
+/// With them, reads copy, as before. An external data file's clusters only ever hold their
+/// own guest range (`data_file.rs`): nothing to quarantine.
+fn spliceable(opts: &Qcow2Options, geo: &Geo, encrypted: bool, external: bool) -> bool {
+    !encrypted && (opts.read_only || external || (geo.version >= 3 && !opts.discard))
 }
 
 /// Parse the header; a read-write open refuses a corrupt image.
@@ -185,6 +195,7 @@ fn geometry(h: &Header) -> Geo {
         // qemu counts whole sectors.
         size: h.size & !511,
         compression: h.compression,
+        external_data: h.incompatible & header::INCOMPAT_DATA_FILE != 0,
     }
 }
 
@@ -291,9 +302,8 @@ fn open_backing_file(
 }
 
 /// Load the bitmaps. Read-write, mark the ones we now own IN_USE on disk and clear the
-/// autoclear bits we do not implement (bit 1, raw external data, needs a data file we
-/// refuse anyway); when the bitmaps cannot be understood, clear every bit, so qemu treats
-/// them as inconsistent instead of trusting stale ones.
+/// autoclear bits we do not implement; when the bitmaps cannot be understood, clear their
+/// bit too, so qemu treats them as inconsistent instead of trusting stale ones.
 fn open_bitmaps(
     f: &HostFile,
     h: &Header,
@@ -321,7 +331,7 @@ fn open_bitmaps(
         clear_autoclear(f, h)?;
         return Ok(None);
     };
-    let keep = h.autoclear & header::AUTOCLEAR_BITMAPS;
+    let keep = h.autoclear & header::AUTOCLEAR_BITMAPS | kept_autoclear(h);
     if h.autoclear != keep {
         f.write(
             "write header",
@@ -350,15 +360,26 @@ fn open_bitmaps(
     Ok(Some(b))
 }
 
+/// The autoclear bits other than the bitmaps' that this engine keeps true: `data_file_raw`
+/// of an image with a data file (`data_file.rs`).
+fn kept_autoclear(h: &Header) -> u64 {
+    if h.incompatible & header::INCOMPAT_DATA_FILE != 0 {
+        h.autoclear & header::AUTOCLEAR_DATA_FILE_RAW
+    } else {
+        0
+    }
+}
+
 /// As the spec asks of software that does not know an autoclear feature, clear the bits
-/// before any write: qemu then treats the bitmaps as inconsistent (and their clusters as
-/// leaked) instead of trusting stale ones.
+/// (but the ones kept, `kept_autoclear`) before any write: qemu then treats the bitmaps as
+/// inconsistent (and their clusters as leaked) instead of trusting stale ones.
 pub(super) fn clear_autoclear(f: &HostFile, h: &Header) -> Result<()> {
-    if h.autoclear != 0 {
+    let keep = kept_autoclear(h);
+    if h.autoclear != keep {
         f.write(
             "write header",
             header::OFF_AUTOCLEAR,
-            &0u64.to_be_bytes(),
+            &keep.to_be_bytes(),
             false,
         )?;
         f.sync()?;

@@ -99,7 +99,7 @@ impl Qcow2 {
             let run_end = (((pos >> sc) + 1) << sc).min(end);
             let piece = &mut buf[(pos - in_off) as usize..(run_end - in_off) as usize];
             let done = match st {
-                Sc::Data => self.f.try_read(e.host() + pos, piece),
+                Sc::Data => self.df().try_read(e.host() + pos, piece),
                 Sc::Zero => {
                     piece.fill(0);
                     true

@@ -25,6 +25,8 @@ struct Counter<'a> {
     f: &'a HostFile,
     cluster_bits: u32,
     counts: Vec<u64>,
+    /// Data clusters live in an external data file: L2 entries point there, not here.
+    external_data: bool,
 }
 
 impl Counter<'_> {
@@ -64,7 +66,7 @@ impl Counter<'_> {
                 if w & COMPRESSED != 0 {
                     let (off, len) = compressed::sectors(w & !(3 << 62), self.cluster_bits);
                     self.add_range(off, len)?;
-                } else if w & OFFSET_MASK != 0 {
+                } else if w & OFFSET_MASK != 0 && !self.external_data {
                     self.add_range(w & OFFSET_MASK, cs)?;
                 }
             }
@@ -125,6 +127,7 @@ fn count_references(
         f,
         cluster_bits: h.cluster_bits,
         counts: vec![0; file_clusters.max(1) as usize],
+        external_data: h.incompatible & super::header::INCOMPAT_DATA_FILE != 0,
     };
     c.add_range(0, cs)?;
     if let Some((off, len)) = h.crypto_header {

@@ -39,6 +39,12 @@ impl Qcow2 {
                         if let Some(h) = hole_start.take() {
                             self.status_backing(h, pos - h, out)?;
                         }
+                        if st == Sc::Data && self.data.as_ref().is_some_and(|d| d.raw) {
+                            // qemu's BDRV_BLOCK_RECURSE: the raw data file's holes are zeroes.
+                            self.df().zero_status(e.host() + (pos - (g << cb)), n, out);
+                            pos += n;
+                            continue;
+                        }
                         let flags = if st == Sc::Zero {
                             ExtentFlags::HOLE | ExtentFlags::ZERO
                         } else {

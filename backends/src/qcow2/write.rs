@@ -36,7 +36,7 @@ impl Qcow2 {
     }
 
     pub(super) fn in_place(&self, e: Entry, touched: u64) -> bool {
-        if !e.owned_host() {
+        if !self.owns(e) {
             return false;
         }
         if self.geo.extended {
@@ -47,7 +47,11 @@ impl Qcow2 {
     }
 
     /// qemu's overlap check for a data write: guest data must never land on metadata.
+    /// (An external data file holds no metadata: nothing to check.)
     pub(super) fn check_data(&self, m: &Meta, host: u64, len: u64) -> Result<()> {
+        if self.external_data() {
+            return Ok(());
+        }
         super::refcount::check_overlap(&self.f, &m.map, host, len, None)
     }
 
@@ -83,7 +87,7 @@ impl Qcow2 {
             }
             host
         };
-        self.f.try_write(host, data)
+        self.df().try_write(host, data)
     }
 
     pub(super) fn write_piece(&self, g: u64, in_off: u64, data: &[u8]) -> Result<()> {
@@ -169,9 +173,20 @@ impl Qcow2 {
             self.check_data(m, host, n)?;
             return Ok(Step::Done(Plan::InPlace(host)));
         }
+        if self.external_data() {
+            // The cluster at its own guest offset, unrefcounted (`data_file.rs`); it may
+            // hold a discarded range's old bytes, so it is not fresh.
+            need!(m.l2_for_write(&self.f, &self.geo, (g >> self.geo.l2_bits) as usize));
+            return Ok(Step::Done(Plan::Alloc {
+                old,
+                target: g << self.geo.cluster_bits,
+                fresh: false,
+                reuse: true,
+            }));
+        }
         // An owned cluster (zero with preallocation, or partly allocated subclusters) is
         // reused; anything shared, compressed or absent gets a new cluster.
-        if old.owned_host() {
+        if self.owns(old) {
             self.check_data(m, old.host(), self.geo.cs)?;
             need!(m.l2_for_write(&self.f, &self.geo, (g >> self.geo.l2_bits) as usize));
             return Ok(Step::Done(Plan::Alloc {
@@ -197,10 +212,10 @@ impl Qcow2 {
 
     /// Zero a whole new cluster cheaply (fallocate), else by writing zeroes.
     fn zero_cluster(&self, target: u64) -> Result<()> {
-        if self.f.zero_range(target, self.geo.cs).is_ok() {
+        if self.df().zero_range(target, self.geo.cs).is_ok() {
             return Ok(());
         }
-        self.f.write(
+        self.df().write(
             "write zeroes",
             target,
             &vec![0u8; self.geo.cs as usize],
@@ -233,7 +248,7 @@ impl Qcow2 {
                 if !fresh {
                     self.zero_cluster(target)?;
                 }
-                self.f.write("write", target + in_off, data, false)?;
+                self.df().write("write", target + in_off, data, false)?;
             } else {
                 let mut buf = vec![0u8; cs as usize];
                 self.read_mapped(g, old, 0, &mut buf)?;

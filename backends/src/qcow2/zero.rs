@@ -103,6 +103,13 @@ impl Qcow2 {
         }
         if full_mask != 0 {
             let _s = self.stripe(g).write();
+            let a = full_mask.trailing_zeros() as u64;
+            let b = 64 - full_mask.leading_zeros() as u64;
+            self.zero_raw_data(
+                (g << self.geo.cluster_bits) + (a << sc),
+                (b - a) << sc,
+                false,
+            )?;
             let compressed = self.with_meta(|m| {
                 let old = m.entry(&self.f, &self.geo, g)?.unwrap_or_default();
                 if old.compressed() {
@@ -120,8 +127,6 @@ impl Qcow2 {
             if compressed {
                 drop(_s);
                 // Compressed clusters have no subclusters: write the zeroes.
-                let a = full_mask.trailing_zeros() as u64;
-                let b = 64 - full_mask.leading_zeros() as u64;
                 return self.write_piece(g, a << sc, &vec![0u8; ((b - a) << sc) as usize]);
             }
         }
@@ -132,26 +137,38 @@ impl Qcow2 {
     /// "zero" here (v2 over a backing file): the caller writes zeroes.
     fn set_whole(&self, g: u64, op: Op) -> Result<bool> {
         let _s = self.stripe(g).write();
-        let has_backing = !self.backing_is_zero(g << self.geo.cluster_bits);
-        self.with_meta(|m| {
+        let base = g << self.geo.cluster_bits;
+        let has_backing = !self.backing_is_zero(base);
+        if let Op::Zero { unmap } = op {
+            self.zero_raw_data(base, self.geo.cs.min(self.geo.size - base), unmap)?;
+        }
+        let (done, dropped) = self.with_meta(|m| {
             let old = m.entry(&self.f, &self.geo, g)?.unwrap_or_default();
-            let keep = old.owned_host() && matches!(op, Op::Zero { unmap: false });
+            let keep = self.owns(old) && matches!(op, Op::Zero { unmap: false });
             let Some(new) = self.whole_entry(old, op, keep, has_backing) else {
-                return Ok(Step::Done(false));
+                return Ok(Step::Done((false, None)));
             };
             // Nothing to record for never-written clusters without a backing file: they
             // already read as zeroes, and skipping avoids allocating L2 tables for a
             // whole-disk zeroing.
             if new == old || (old == Entry::default() && !has_backing) {
-                return Ok(Step::Done(true));
+                return Ok(Step::Done((true, None)));
             }
             need!(m.set_entry(&self.f, &self.geo, g, new));
             // A v2 entry cannot keep its cluster and say "zero": it drops it, keep or not.
             if !keep || new.host() != old.host() {
+                if self.external_data() {
+                    let dropped = self.geo.has_cluster(old).then_some(old.host());
+                    return Ok(Step::Done((true, dropped)));
+                }
                 m.queue_free(&self.geo, old);
             }
-            Ok(Step::Done(true))
-        })
+            Ok(Step::Done((true, None)))
+        })?;
+        if let Some(host) = dropped {
+            self.drop_data_cluster(host)?;
+        }
+        Ok(done)
     }
 
     /// The entry a whole-cluster zero or discard leaves; None when the format cannot say
