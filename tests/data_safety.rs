@@ -341,8 +341,11 @@ fn verifier_qcow2_external_data_file() {
     }
     for raw in [false, true] {
         let d = tmpdir();
+        // Named absolutely: qemu opens a relative data file name from the current directory.
+        let data = d.path().join("d.raw");
         let opts = format!(
-            "data_file=d.raw,data_file_raw={}",
+            "data_file={},data_file_raw={}",
+            data.display(),
             if raw { "on" } else { "off" }
         );
         let img = make_qcow2(d.path(), "a.qcow2", &opts, "128M");
@@ -356,7 +359,7 @@ fn verifier_qcow2_external_data_file() {
                 view.display()
             ));
             assert!(
-                std::fs::read(&view).unwrap() == std::fs::read(d.path().join("d.raw")).unwrap(),
+                std::fs::read(&view).unwrap() == std::fs::read(&data).unwrap(),
                 "the raw data file differs from the guest disk"
             );
         }

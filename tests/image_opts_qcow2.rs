@@ -3,6 +3,7 @@
 
 mod common;
 use common::*;
+use std::path::Path;
 use std::process::{Command, Stdio};
 
 #[test]
@@ -99,5 +100,123 @@ fn qcow2_image_opts_behave_like_qemu_nbd() {
             .collect();
         assert_eq!(outs[0], outs[1], "{extra}");
         assert_eq!(outs[0].0, Some(1), "{extra}");
+    }
+}
+
+/// An image with an external data file named relatively (qemu opens it from the current
+/// directory): served as it is and with `data-file.filename=`, and refused as qemu-nbd
+/// refuses it, with the same message and exit code.
+#[test]
+fn qcow2_data_file_behaves_like_qemu_nbd() {
+    if !have("qemu-img") || !have("qemu-io") || !have("qemu-nbd") {
+        return;
+    }
+    let dir = tmpdir();
+    let d = dir.path();
+    make_raw(d, "other.raw", 4 << 20, &[(0, b"OTHERDAT")]);
+    ok(Command::new("qemu-img").current_dir(d).args([
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-o",
+        "data_file=d.raw",
+        "e.qcow2",
+        "4M",
+    ]));
+    ok(Command::new("qemu-img").current_dir(d).args([
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "plain.qcow2",
+        "4M",
+    ]));
+    ok(Command::new("qemu-io").current_dir(d).args([
+        "-f",
+        "qcow2",
+        "-c",
+        "write -P 7 0 64k",
+        "e.qcow2",
+    ]));
+    let img = d.join("e.qcow2");
+    let opts = |extra: &str| format!("driver=qcow2,file.filename={}{extra}", img.display());
+    let served = [
+        vec![img.display().to_string()],
+        vec!["--image-opts".into(), opts(",data-file.filename=other.raw")],
+        vec![
+            "--image-opts".into(),
+            opts(",data-file.driver=file,data-file.filename=d.raw"),
+        ],
+    ];
+    for args in &served {
+        let mut seen = Vec::new();
+        for bin in [QNBD, "qemu-nbd"] {
+            let mut all = vec!["-r", "-t"];
+            all.extend(args.iter().map(String::as_str));
+            let s = Server::unix_in(bin, &all, d);
+            let out = ok(Command::new("qemu-io").args([
+                "-r",
+                "-f",
+                "raw",
+                "-c",
+                "read -v 0 8",
+                "-c",
+                "read -v 64k 8",
+                &s.uri(),
+            ]));
+            seen.push(
+                out.lines()
+                    .filter(|l| l.starts_with("000"))
+                    .collect::<Vec<_>>()
+                    .join("\n"),
+            );
+        }
+        assert_eq!(seen[0], seen[1], "{args:?}");
+    }
+    let plain = format!(
+        "driver=qcow2,file.filename={}",
+        d.join("plain.qcow2").display()
+    );
+    let refused: [(&str, Vec<String>); 4] = [
+        ("/", vec![img.display().to_string()]),
+        (
+            ".",
+            vec!["--image-opts".into(), opts(",data-file=other.raw")],
+        ),
+        (
+            ".",
+            vec![
+                "--image-opts".into(),
+                opts(",data-file.filename=/nonexistent.raw"),
+            ],
+        ),
+        (
+            ".",
+            vec![
+                "--image-opts".into(),
+                format!("{plain},data-file.filename=other.raw"),
+            ],
+        ),
+    ];
+    for (cwd, args) in &refused {
+        let outs: Vec<(Option<i32>, String)> = [QNBD, "qemu-nbd"]
+            .iter()
+            .map(|bin| {
+                let out = run(Command::new(bin)
+                    .current_dir(if *cwd == "/" { Path::new("/") } else { d })
+                    .arg("-k")
+                    .arg(d.join("refused.sock"))
+                    .arg("-r")
+                    .args(args)
+                    .stdin(Stdio::null()));
+                (
+                    out.status.code(),
+                    String::from_utf8_lossy(&out.stderr).replace("qemu-nbd:", "qnbd:"),
+                )
+            })
+            .collect();
+        assert_eq!(outs[0], outs[1], "{args:?}");
+        assert_eq!(outs[0].0, Some(1), "{args:?}");
     }
 }

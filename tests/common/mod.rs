@@ -110,13 +110,27 @@ impl Server {
 
     /// [`Server::unix`] with more environment.
     pub fn unix_env(bin: &str, args: &[&str], env: &[(&str, &str)]) -> Server {
+        Server::unix_with(bin, args, env, None)
+    }
+
+    /// [`Server::unix`] run from directory `cwd` (relative names in `args` or in images).
+    #[allow(dead_code)]
+    pub fn unix_in(bin: &str, args: &[&str], cwd: &Path) -> Server {
+        Server::unix_with(bin, args, &[], Some(cwd))
+    }
+
+    fn unix_with(bin: &str, args: &[&str], env: &[(&str, &str)], cwd: Option<&Path>) -> Server {
         let dir = tmpdir();
         let sock = dir.path().join("nbd.sock");
         let pid = dir.path().join("pid");
         let mut all: Vec<String> = vec!["-k".into(), sock.display().to_string()];
         all.push(format!("--pid-file={}", pid.display()));
         all.extend(args.iter().map(|s| s.to_string()));
-        let child = Command::new(bin)
+        let mut cmd = Command::new(bin);
+        if let Some(d) = cwd {
+            cmd.current_dir(d);
+        }
+        let child = cmd
             .args(&all)
             .envs(env.iter().copied())
             .stdin(Stdio::null())
