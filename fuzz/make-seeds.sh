@@ -126,6 +126,8 @@ q bitmap cluster_size=512 'write -P 9 0 1k'
 qemu-img bitmap --add bitmap.qcow2 b0
 qemu-img bitmap --add --disable bitmap.qcow2 b1
 qemu-io -f qcow2 -c 'write -P 10 4k 1k' bitmap.qcow2 >/dev/null
+q datafile cluster_size=512,data_file=datafile.raw 'write -P 11 0 2k' 'write -z 4k 1k'
+q datafileraw cluster_size=512,data_file=datafileraw.raw,data_file_raw=on 'write -P 12 1k 2k'
 cp lazy.qcow2 dirty.qcow2
 # The dirty bit (incompatible feature bit 0, header bytes 72-79).
 printf '\001' | dd of=dirty.qcow2 bs=1 seek=79 conv=notrunc status=none

@@ -363,10 +363,20 @@ pub fn qcow2(data: &[u8]) {
     ) else {
         return;
     };
+    // An image with an external data file gets a scratch one of ours: the name in its header
+    // could be any file the fuzzer can reach, which it would write into.
+    let external = img.get(72..80).is_some_and(|b| b[7] & 4 != 0);
+    let data_file = external.then(|| file.path().with_extension("data"));
+    if let Some(d) = &data_file {
+        if std::fs::write(d, []).is_err() {
+            return;
+        }
+    }
     let opts = Qcow2Options {
         read_only,
         discard: ctl[0] & 2 != 0,
         load_snapshot: snapshot.then(|| "1".to_string()),
+        data_file: data_file.clone(),
         ..Default::default()
     };
     let backing = |_: &Path, _: Option<&str>| Ok(fx.backing.clone());
@@ -374,6 +384,9 @@ pub fn qcow2(data: &[u8]) {
         return;
     };
     exercise(Device::new(Arc::new(q)), &ctl[1..]);
+    if let Some(d) = data_file {
+        let _ = std::fs::remove_file(d);
+    }
 }
 
 /// A few reads, look-ups of where a read would splice from, block-status queries and (when
