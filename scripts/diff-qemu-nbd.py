@@ -138,7 +138,7 @@ cfgs += [
     ("ext-c4k-backing", f"qemu-img create -q -f raw b.raw 64M && qemu-io -f raw -c 'write -P 0x33 0 64M' b.raw >/dev/null && {Q} -o extended_l2=on,cluster_size=16k -b b.raw -F raw img 64M", ["-f", "qcow2", "--discard=unmap", "IMG"], "qcow2"),
 ]
 B = "qemu-img create -q -f raw b.raw 64M && qemu-io -f raw -c 'write -P 0x33 0 64M' b.raw >/dev/null && "
-for fmt, opt in [("qed", ""), ("qed", "-o cluster_size=4096"), ("vmdk", ""), ("vdi", ""), ("vhdx", ""), ("vpc", "")]:
+for fmt, opt in [("qed", ""), ("qed", "-o cluster_size=4096"), ("vmdk", ""), ("vdi", ""), ("vhdx", ""), ("vpc", ""), ("parallels", ""), ("parallels", "-o cluster_size=64k")]:
     cfgs.append((f"{fmt}{opt.replace(' ', '').replace('=', '')}", f"qemu-img create -q -f {fmt} {opt} img 64M", ["-f", fmt, "--discard=unmap", "IMG"], fmt))
 cfgs.append(("qed-backing", B + "qemu-img create -q -f qed -b b.raw -F raw img 64M", ["-f", "qed", "IMG"], "qed"))
 only = sys.argv[1:] 

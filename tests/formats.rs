@@ -1,4 +1,4 @@
-//! VMDK, VDI, VHD (vpc), VHDX and QED images through the real binary, checked by qemu's own reader: every subformat
+//! VMDK, VDI, VHD (vpc), VHDX, QED and Parallels images through the real binary, checked by qemu's own reader: every subformat
 //! `qemu-img` makes reads back byte for byte and maps as qemu-nbd maps it; writes through
 //! NBD read back in qemu (`qemu-img compare`, `qemu-img check`); stream-optimized VMDKs take
 //! whole grains once, as qemu's; damaged headers and descriptors get qemu-nbd's words.
@@ -966,4 +966,169 @@ fn a_dirty_qed_image_is_repaired_on_open_as_qemu_repairs_it() {
         0,
         "NEED_CHECK not cleared"
     );
+}
+
+#[test]
+fn parallels_images_read_map_and_write_as_qemu_has_them() {
+    if !have("qemu-img") || !have("qemu-io") || !have("qemu-nbd") {
+        return;
+    }
+    let d = tmpdir();
+    let src = source(d.path());
+    for (i, opts) in ["", "cluster_size=64k"].iter().enumerate() {
+        let img = convert_to(d.path(), "parallels", opts, &format!("p{i}.hdd"));
+        reads_and_maps_as_qemu_nbd(&src, img.to_str().unwrap(), "parallels");
+        write_and_compare_as(d.path(), &img, "parallels");
+        check_clean(&img);
+        let name = format!("fresh{i}.hdd");
+        let mut args = vec!["create", "-q", "-f", "parallels"];
+        if !opts.is_empty() {
+            args.extend(["-o", opts]);
+        }
+        args.extend([name.as_str(), "8M"]);
+        qemu_img(d.path(), &args);
+        write_and_compare_as(d.path(), &d.path().join(&name), "parallels");
+        check_clean(&d.path().join(&name));
+    }
+}
+
+/// Whole clusters zeroed or trimmed (with `--discard=unmap`) are dropped from the BAT and
+/// the file, as qemu-nbd drops them; the file ends at its last cluster in use, and the
+/// image is marked in use while served, clean after.
+#[test]
+fn parallels_zeroes_trims_and_inuse_as_qemu() {
+    if !have("qemu-img") || !have("qemu-io") || !have("nbdinfo") {
+        return;
+    }
+    let d = tmpdir();
+    qemu_img(
+        d.path(),
+        &["create", "-q", "-f", "parallels", "z.hdd", "8M"],
+    );
+    let img = d.path().join("z.hdd");
+    let inuse = || u32::from_le_bytes(std::fs::read(&img).unwrap()[44..48].try_into().unwrap());
+    let mut s = Server::unix(QNBD, &["-t", "--discard=unmap", img.to_str().unwrap()]);
+    assert_eq!(inuse(), 0x746f_6e59);
+    qemu_io(
+        d.path(),
+        "raw",
+        &s.uri(),
+        &[
+            "write -P 1 0 4M",
+            "write -z 1M 1M",
+            "discard 2M 1M",
+            "write -z -u 3M 4k",
+            "flush",
+        ],
+    );
+    let m = ok(Command::new("nbdinfo").args(["--map", &s.uri()]));
+    let lines: Vec<Vec<&str>> = m.lines().map(|l| l.split_whitespace().collect()).collect();
+    let want = [
+        ["0", "1048576", "0", "data"],
+        ["1048576", "2097152", "3", "hole,zero"],
+        ["3145728", "1048576", "0", "data"],
+        ["4194304", "4194304", "3", "hole,zero"],
+    ];
+    assert_eq!(lines.len(), want.len(), "{m}");
+    for (l, w) in lines.iter().zip(want) {
+        assert_eq!(l[..4], w[..], "{m}");
+    }
+    s.terminate();
+    assert_eq!(inuse(), 0);
+    check_clean(&img);
+    let r = qemu_io_any(
+        d.path(),
+        "parallels",
+        img.to_str().unwrap(),
+        &[
+            "read -P 1 0 1M",
+            "read -P 0 1M 2M",
+            "read -P 0 3M 4k",
+            "read -P 1 3076k 1020k",
+        ],
+    );
+    assert!(!r.contains("fail"), "{r}");
+}
+
+#[test]
+fn damaged_parallels_images_are_refused_or_repaired_in_qemu_nbds_words() {
+    if !have("qemu-img") || !have("qemu-nbd") {
+        return;
+    }
+    let d = tmpdir();
+    qemu_img(
+        d.path(),
+        &["create", "-q", "-f", "parallels", "h.hdd", "8M"],
+    );
+    let h = d.path().join("h.hdd");
+    let cases: [(&str, usize, Vec<u8>); 5] = [
+        ("magic", 0, vec![b'x']),
+        ("version", 16, 3u32.to_le_bytes().to_vec()),
+        ("tracks", 28, 0u32.to_le_bytes().to_vec()),
+        ("cluster", 28, 4_186_128u32.to_le_bytes().to_vec()),
+        ("catalog", 32, 0x2000_0000u32.to_le_bytes().to_vec()),
+    ];
+    for (what, at, bytes) in cases {
+        patch(&h, &d.path().join("x.hdd"), at, &bytes);
+        let ours = refusal_as(QNBD, d.path(), "x.hdd", "parallels");
+        assert_eq!(
+            ours,
+            refusal_as("qemu-nbd", d.path(), "x.hdd", "parallels"),
+            "{what}"
+        );
+    }
+    // Left in use: a writer repairs it with qemu's message, a reader leaves it be.
+    qemu_io(d.path(), "parallels", "h.hdd", &["write -P 7 0 64k"]);
+    patch(&h, &h, 44, &0x746f_6e59u32.to_le_bytes());
+    for (bin, ro) in [(QNBD, true), (QNBD, false), ("qemu-nbd", false)] {
+        let copy = d.path().join("u.hdd");
+        std::fs::copy(&h, &copy).unwrap();
+        let sock = d.path().join("u.sock");
+        let _ = std::fs::remove_file(&sock);
+        let mut cmd = Command::new(bin);
+        cmd.arg("-k").arg(&sock).args(["-f", "parallels"]);
+        if ro {
+            cmd.arg("-r");
+        }
+        // Without -t the server ends with its one client: its stderr is then complete.
+        let child = cmd
+            .arg(&copy)
+            .stdin(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        for _ in 0..500 {
+            if sock.exists() {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        let uri = format!("nbd+unix:///?socket={}", sock.display());
+        let r = qemu_io_any(d.path(), "raw", &uri, &["read -P 7 0 64k"]);
+        assert!(!r.contains("fail"), "{bin}: {r}");
+        let out = child.wait_with_output().unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(
+            err.contains("Repairing image was not closed correctly"),
+            !ro,
+            "{bin} ro={ro}: {err}"
+        );
+        let inuse = u32::from_le_bytes(std::fs::read(&copy).unwrap()[44..48].try_into().unwrap());
+        assert_eq!(inuse, if ro { 0x746f_6e59 } else { 0 }, "{bin} ro={ro}");
+    }
+    // Hostile: a BAT entry far past the file's end (in clusters, the extended magic). A
+    // writer drops it first ("cluster 1 is outside image"), then writes there afresh.
+    patch(&h, &h, 44, &0u32.to_le_bytes());
+    let bad = d.path().join("b.hdd");
+    patch(&h, &bad, 68, &0x8000_0000u32.to_le_bytes());
+    let mut s = Server::unix(QNBD, &["-t", "-f", "parallels", bad.to_str().unwrap()]);
+    let r = qemu_io_any(
+        d.path(),
+        "raw",
+        &s.uri(),
+        &["read -P 0 1M 1M", "write -P 5 1M 4k", "read -P 5 1M 4k"],
+    );
+    assert!(!r.contains("fail"), "{r}");
+    s.terminate();
+    check_clean(&bad);
 }

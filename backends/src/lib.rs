@@ -26,6 +26,7 @@ pub mod luks;
 pub mod null;
 pub mod open;
 pub mod overlay;
+pub mod parallels;
 mod probe_guard;
 pub mod qcow2;
 pub mod qed;

@@ -22,6 +22,7 @@ static DRIVERS: &[&Driver] = &[
     &crate::vpc::DRIVER,
     &crate::vhdx::DRIVER,
     &crate::qed::DRIVER,
+    &crate::parallels::DRIVER,
     &crate::raw::DRIVER,
 ];
 

@@ -485,15 +485,16 @@ class Round:
 
         # The image.
         corrupt_image = None
-        if args.format == "qed":
-            # A QED image left dirty is checked and repaired by the next read-write open
-            # (qemu's rule, ours too): open it as a user would, by serving it again.
+        if args.format in ("qed", "parallels"):
+            # A QED image left dirty (a Parallels one left in use) is checked and repaired by
+            # the next read-write open (qemu's rule, ours too): open it as a user would, by
+            # serving it again.
             try:
                 self.start_server()
             except RuntimeError as ex:
                 corrupt_image = "reopening the image failed: %s" % ex
             self.stop_server(signal.SIGTERM)
-        if args.format in ("qcow2", "vmdk", "vdi", "vhdx", "qed"):
+        if args.format in ("qcow2", "vmdk", "vdi", "vhdx", "qed", "parallels"):
             c = subprocess.run(["qemu-img", "check", "-f", args.format, self.img],
                                capture_output=True, text=True)
             text = c.stdout + c.stderr
@@ -619,7 +620,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--server", required=True, help="command with {sock} and {img}")
     ap.add_argument("--create", required=True, help="shell command with {img}")
-    ap.add_argument("--format", choices=["raw", "qcow2", "vmdk", "vdi", "vpc", "vhdx", "qed"],
+    ap.add_argument("--format", choices=["raw", "qcow2", "vmdk", "vdi", "vpc", "vhdx", "qed", "parallels"],
                     required=True)
     ap.add_argument("--rounds", type=int, default=10)
     ap.add_argument("--conns", type=int, default=8)

@@ -463,6 +463,21 @@ impl HostFile {
         Ok(())
     }
 
+    /// Cut a regular file to `len` bytes (a format's close drops what lies past its data, as
+    /// qemu's parallels driver does). Nothing for a block device or a remote file.
+    pub fn truncate_to(&self, len: u64) -> Result<()> {
+        if self.is_block_device || self.remote.is_some() || self.size()? <= len {
+            return Ok(());
+        }
+        self.local()
+            .and_then(|f| f.set_len(len))
+            .map_err(|e| self.err("truncate", len, 0, e))?;
+        if let Some(rec) = &self.recorder {
+            rec.set_len(len);
+        }
+        Ok(())
+    }
+
     fn fallocate(&self, mode: libc::c_int, offset: u64, len: u64) -> io::Result<()> {
         if let Some(r) = &self.remote {
             // A punched hole reads as zeroes: write-zeroes that may deallocate.
