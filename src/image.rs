@@ -19,20 +19,27 @@ pub fn open(plan: &ImagePlan) -> Device {
             "Failed to blk_new_open '{file}': Unknown driver '{f}'"
         ));
     }
+    // The record is held across the open: a SIGTERM meanwhile (qemu-nbd only notes it until
+    // its main loop runs) waits for the image, then closes it, instead of exiting in the
+    // middle of a repair or before an image marked in use is marked clean again.
+    let mut record = cleanup::get();
     let opened = match open_image(&plan.opts) {
         Ok(o) => o,
-        // qemu-nbd loads a snapshot and adds the export after the open succeeded, so their
-        // messages have no prefix.
-        Err(e @ (backends::Error::LoadSnapshot(_) | backends::Error::Export(_))) => die(e),
-        Err(e) => die(format!("Failed to blk_new_open '{file}': {e}")),
+        Err(e) => {
+            drop(record);
+            match e {
+                // qemu-nbd loads a snapshot and adds the export after the open succeeded,
+                // so their messages have no prefix.
+                backends::Error::LoadSnapshot(_) | backends::Error::Export(_) => die(e),
+                e => die(format!("Failed to blk_new_open '{file}': {e}")),
+            }
+        }
     };
+    record.image = Some(opened.backend.clone());
+    record.overlay = opened.temp_overlay.clone();
+    drop(record);
     for w in &opened.warnings {
         eprintln!("{w}");
-    }
-    {
-        let mut c = cleanup::get();
-        c.image = Some(opened.backend.clone());
-        c.overlay = opened.temp_overlay.clone();
     }
     if let Some(e) = &plan.after_open {
         die(e);
