@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The formats target's seeds (fuzz/corpus/formats): images qemu-img and qemu-io make in the
 # formats other than qcow2 — vmdk (sparse, stream-optimized, with a parent), vdi, vpc
-# (dynamic and fixed), vhdx, qed (with a backing file) — with data, zeroes and unwritten
+# (dynamic and fixed), vhdx, qed (with a backing file), parallels — with data, zeroes and unwritten
 # parts, each opened read-write and read-only. Run by make-seeds.sh; alone it needs only
 # qemu-utils.
 set -euo pipefail
@@ -66,4 +66,8 @@ qemu-img create -q -f qed -o cluster_size=4096 -b base.raw -F raw qb.qed 64K
 io qed qb.qed 'write -P 10 4k 4k'
 seed qed-data 4 q.qed rw ro discard
 seed qed-backing 4 qb.qed rw ro
+
+qemu-img create -q -f parallels -o cluster_size=4k pa.hdd 256K
+io parallels pa.hdd 'write -P 11 0 8k' 'write -P 12 64k 4k' 'write -z 4k 4k'
+seed parallels-data 5 pa.hdd rw ro discard
 echo "make-format-seeds: $(ls "$corpus" | wc -l) seeds, $(du -sh "$corpus" | cut -f1)"

@@ -1132,3 +1132,51 @@ fn damaged_parallels_images_are_refused_or_repaired_in_qemu_nbds_words() {
     s.terminate();
     check_clean(&bad);
 }
+
+/// A backing file given with `--image-opts` (the header has no place for one): unwritten
+/// clusters read from it, a new cluster takes its bytes around the data, zeroes are written.
+#[test]
+fn parallels_over_a_backing_file_as_qemu_nbd() {
+    if !have("qemu-img") || !have("qemu-io") || !have("qemu-nbd") {
+        return;
+    }
+    let d = tmpdir();
+    make_raw(d.path(), "base.raw", 4 << 20, &[(0, &[0x5a; 1 << 20])]);
+    let cmds = [
+        "write -P 1 4k 4k",
+        "write -z 64k 64k",
+        "discard 128k 64k",
+        "read -P 0x5a 0 4k",
+        "read -P 1 4k 4k",
+        "read -P 0x5a 8k 56k",
+        "read -P 0 64k 64k",
+        "read -P 0x5a 128k 64k",
+    ];
+    for bin in [QNBD, "qemu-nbd"] {
+        let img = d.path().join("a.hdd");
+        let _ = std::fs::remove_file(&img);
+        qemu_img(
+            d.path(),
+            &[
+                "create",
+                "-q",
+                "-f",
+                "parallels",
+                "-o",
+                "cluster_size=64k",
+                "a.hdd",
+                "4M",
+            ],
+        );
+        let spec = format!(
+            "driver=parallels,file.filename={},backing.driver=raw,backing.file.filename={}",
+            img.display(),
+            d.path().join("base.raw").display()
+        );
+        let mut s = Server::unix(bin, &["-t", "--discard=unmap", "--image-opts", &spec]);
+        let r = qemu_io_any(d.path(), "raw", &s.uri(), &cmds);
+        assert!(!r.contains("fail"), "{bin}: {r}");
+        s.terminate();
+        check_clean(&img);
+    }
+}

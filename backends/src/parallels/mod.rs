@@ -271,10 +271,8 @@ impl Parallels {
                 continue;
             }
             eprintln!("Repairing duplicate offset in BAT entry {g}");
-            let mut buf = vec![0u8; self.cluster as usize];
-            self.f.read("read", h, &mut buf)?;
             let (to, _) = self.new_cluster()?;
-            self.f.write("write", to, &buf, false)?;
+            self.copy_in_pieces(to, |at, buf| self.f.read("read", h + at, buf))?;
             self.publish(g, to);
         }
         Ok(())
@@ -368,15 +366,41 @@ impl Parallels {
             return self.f.write("write", to, data, false);
         }
         if self.backing.is_some() {
-            let mut buf = vec![0u8; cs as usize];
-            self.read_backing(g * cs, &mut buf)?;
-            buf[in_g as usize..in_g as usize + data.len()].copy_from_slice(data);
-            return self.f.write("write", to, &buf, false);
+            let end = in_g + data.len() as u64;
+            return self.copy_in_pieces(to, |at, buf| {
+                self.read_backing(g * cs + at, buf)?;
+                // The part of the new data in this piece.
+                let (lo, hi) = (at.max(in_g), (at + buf.len() as u64).min(end));
+                if lo < hi {
+                    buf[(lo - at) as usize..(hi - at) as usize]
+                        .copy_from_slice(&data[(lo - in_g) as usize..(hi - in_g) as usize]);
+                }
+                Ok(())
+            });
         }
         if !fresh {
             self.f.write_zeroes(to, cs)?;
         }
         self.f.write("write", to + in_g, data, false)
+    }
+
+    /// Fill the cluster at `to` piece by piece from `fill(offset in the cluster, piece)`: a
+    /// cluster may be as large as 2 GiB.
+    fn copy_in_pieces(
+        &self,
+        to: u64,
+        mut fill: impl FnMut(u64, &mut [u8]) -> Result<()>,
+    ) -> Result<()> {
+        const PIECE: u64 = 1 << 20;
+        let mut buf = vec![0u8; PIECE.min(self.cluster) as usize];
+        let mut at = 0;
+        while at < self.cluster {
+            let n = PIECE.min(self.cluster - at) as usize;
+            fill(at, &mut buf[..n])?;
+            self.f.write("write", to + at, &buf[..n], false)?;
+            at += n as u64;
+        }
+        Ok(())
     }
 
     /// Drop whole cluster `g`: its entry becomes 0 (reads zeroes), its space is punched, and
