@@ -79,12 +79,19 @@ pub fn warnings(s: &str) -> Vec<String> {
 
 /// Turn an option string into image options; `read_only` comes from `-r`.
 pub fn parse(s: &str, read_only: bool) -> Result<ParsedImageOpts, String> {
+    // The caller prints the warnings (see [`warnings`]) before anything can fail.
+    parse_pairs(split_opts(s, &mut Vec::new()), read_only)
+}
+
+/// Image options from (key, value) pairs, as `--image-opts` and `json:` file names give them.
+pub fn parse_pairs(
+    pairs: Vec<(String, String)>,
+    read_only: bool,
+) -> Result<ParsedImageOpts, String> {
     let mut image = ImageOptions {
         read_only,
         ..Default::default()
     };
-    // The caller prints the warnings (see [`warnings`]) before anything can fail.
-    let pairs = split_opts(s, &mut Vec::new());
     if pairs.iter().any(|(k, v)| k == "driver" && v == "compress") {
         return parse_compress(&pairs, read_only);
     }

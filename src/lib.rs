@@ -6,6 +6,7 @@
 pub mod cli;
 pub mod getopt;
 pub mod image_opts;
+pub mod json_filename;
 pub mod object;
 
 /// `-l`'s argument as the image driver takes it: `snapshot.id=ID,snapshot.name=NAME` (a

@@ -47,6 +47,9 @@ pub struct ImageOptsInput {
     pub aio: Option<AioMode>,
     /// The secret `key-secret=` names, if there is one.
     pub key: Option<backends::format::Secret>,
+    /// FILE is a `json:` file name (not `--image-opts`); `-f`'s driver, if any, replaces
+    /// the object's.
+    pub json: Option<Option<String>>,
 }
 
 /// What clients are told about the export.
@@ -410,7 +413,9 @@ fn image_plan(cli: &Cli, objects: &Objects) -> ImagePlan {
         Some(m) => AioMode::from_name(m).unwrap_or_else(|| die(format!("Invalid aio mode '{m}'"))),
     };
     let file = cli.args[0].clone();
-    let opts = if cli.image_opts {
+    // A `json:` file name is the image's options, read as `--image-opts` reads them.
+    let json = !cli.image_opts && file.starts_with(qnbd::json_filename::PREFIX);
+    let opts = if cli.image_opts || json {
         // Completed from the option string by resolve_image_opts.
         ImageOptions {
             read_only: cli.read_only,
@@ -449,15 +454,32 @@ fn image_plan(cli: &Cli, objects: &Objects) -> ImagePlan {
             .clone()
             .filter(|f| !cli.image_opts && Format::from_name(f).is_none()),
         after_open: None,
-        image_opts: cli.image_opts.then(|| ImageOptsInput {
-            format_given: cli.format.is_some(),
+        image_opts: (cli.image_opts || json).then(|| ImageOptsInput {
+            format_given: cli.image_opts && cli.format.is_some(),
             aio: cli.aio.is_some().then_some(aio),
             // The passphrase of `key-secret=`, looked up now: the objects are not kept.
-            key: qnbd::image_opts::parse(&cli.args[0], cli.read_only)
-                .ok()
-                .and_then(|p| p.image.encrypt.key_secret)
-                .and_then(|id| objects.secret(&id)),
+            key: parse_image_opts(
+                &cli.args[0],
+                cli.read_only,
+                json.then_some(cli.format.as_deref()),
+            )
+            .ok()
+            .and_then(|p| p.image.encrypt.key_secret)
+            .and_then(|id| objects.secret(&id)),
+            json: json.then(|| cli.format.clone()),
         }),
+    }
+}
+
+/// An `--image-opts` string, or (`json` with `-f`'s driver) a `json:` file name.
+fn parse_image_opts(
+    file: &str,
+    read_only: bool,
+    json: Option<Option<&str>>,
+) -> Result<qnbd::image_opts::ParsedImageOpts, String> {
+    match json {
+        Some(format) => qnbd::json_filename::parse(file, read_only, format),
+        None => qnbd::image_opts::parse(file, read_only),
     }
 }
 
@@ -489,10 +511,13 @@ pub fn resolve_image_opts(plan: &ImagePlan) -> Option<ImagePlan> {
         die("--image-opts and -f are mutually exclusive");
     }
     let file = &plan.file;
-    for w in qnbd::image_opts::warnings(file) {
-        eprintln!("{}: warning: {w}", crate::prog::name());
+    let json = input.json.as_ref().map(|f| f.as_deref());
+    if json.is_none() {
+        for w in qnbd::image_opts::warnings(file) {
+            eprintln!("{}: warning: {w}", crate::prog::name());
+        }
     }
-    let p = match qnbd::image_opts::parse(file, plan.opts.read_only) {
+    let p = match parse_image_opts(file, plan.opts.read_only, json) {
         Ok(p) => p,
         Err(e) => die(format!("Failed to blk_new_open '{file}': {e}")),
     };

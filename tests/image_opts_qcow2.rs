@@ -220,3 +220,72 @@ fn qcow2_data_file_behaves_like_qemu_nbd() {
         assert_eq!(outs[0].0, Some(1), "{args:?}");
     }
 }
+
+/// `json:` file names (qemu's pseudo-protocol): served and refused as qemu-nbd serves and
+/// refuses them, `-f` replacing the object's driver.
+#[test]
+fn json_filenames_behave_like_qemu_nbd() {
+    if !have("qemu-img") || !have("qemu-nbd") || !have("nbdinfo") {
+        return;
+    }
+    let dir = tmpdir();
+    let d = dir.path();
+    ok(Command::new("qemu-img")
+        .current_dir(d)
+        .args(["create", "-q", "-f", "qcow2", "j.qcow2", "1M"]));
+    let img = d.join("j.qcow2").display().to_string();
+    let file = format!(r#""file":{{"driver":"file","filename":"{img}"}}"#);
+    let served: [(Option<&str>, String); 6] = [
+        (None, format!(r#"json:{{"driver":"qcow2",{file}}}"#)),
+        (None, format!(r#"json:{{{file}}}"#)),
+        (Some("qcow2"), format!(r#"json:{{{file}}}"#)),
+        (Some("raw"), format!(r#"json:{{"driver":"qcow2",{file}}}"#)),
+        (
+            None,
+            format!(r#"json:{{"driver":"raw",{file},"offset":512,"size":1024}}"#),
+        ),
+        (
+            None,
+            format!(
+                r#"json:{{"driver":"qcow2","backing":null,"file":{{"driver":"file","filename":"{img}","locking":false}}}}"#
+            ),
+        ),
+    ];
+    for (fmt, name) in &served {
+        let mut sizes = Vec::new();
+        for bin in [QNBD, "qemu-nbd"] {
+            let mut args = vec!["-r", "-t"];
+            if let Some(f) = fmt {
+                args.extend(["-f", f]);
+            }
+            args.push(name);
+            let s = Server::unix(bin, &args);
+            sizes.push(ok(Command::new("nbdinfo").args(["--size", &s.uri()])));
+        }
+        assert_eq!(sizes[0], sizes[1], "{fmt:?} {name}");
+    }
+    let refused = [
+        format!(r#"json:{{"driver":"qcow2",{file}"#),
+        "json:[1]".to_string(),
+        format!(r#"json:{{"driver":"qcow2","file":"{img}"}}"#),
+        format!(r#"json:{{"driver":"qcow2",{file},"bogus":1}}"#),
+    ];
+    for name in &refused {
+        let outs: Vec<(Option<i32>, String)> = [QNBD, "qemu-nbd"]
+            .iter()
+            .map(|bin| {
+                let out = run(Command::new(bin)
+                    .arg("-k")
+                    .arg(d.join("refused.sock"))
+                    .args(["-r", name])
+                    .stdin(Stdio::null()));
+                (
+                    out.status.code(),
+                    String::from_utf8_lossy(&out.stderr).replace("qemu-nbd:", "qnbd:"),
+                )
+            })
+            .collect();
+        assert_eq!(outs[0], outs[1], "{name}");
+        assert_eq!(outs[0].0, Some(1), "{name}");
+    }
+}

@@ -9,7 +9,8 @@
 //! **Locks** (in this order): a guest-cluster *stripe* (reads and in-place writes share it;
 //! allocating or dropping the cluster holds it exclusively, from the look-up to the BAT
 //! entry in memory), the flush *gate*, the *allocation state* (the BAT's dirty entries, the
-//! file's end, the free clusters; memory only, never held across I/O).
+//! file's end, the free clusters; held for memory only, and for the file's growth by a new
+//! cluster, so that growths never cross).
 //!
 //! **Order on disk**: a new cluster's data (and its zeroes or backing bytes) is written
 //! before its BAT entry changes in memory; a flush syncs the file, then writes the dirty BAT
