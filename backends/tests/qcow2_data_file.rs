@@ -151,7 +151,14 @@ fn a_mapping_off_its_guest_offset_is_corruption() {
     let f = std::fs::OpenOptions::new().write(true).open(&img).unwrap();
     f.write_all_at(&(0x8000_0000_0002_0000u64).to_be_bytes(), entry)
         .unwrap();
+    // A zero flag with COPIED and no offset maps nothing (qemu's ZERO_PLAIN): no check.
+    let zero_plain = l2_offset(&img) + 16;
+    f.write_all_at(&(0x8000_0000_0000_0001u64).to_be_bytes(), zero_plain)
+        .unwrap();
     let q = open(&img, true).unwrap();
+    let mut buf = [1u8; 512];
+    q.read(128 << 10, &mut buf).unwrap();
+    assert_eq!(buf, [0u8; 512]);
     let e = q.read(64 << 10, &mut [0u8; 512]).unwrap_err();
     assert!(
         e.to_string().contains(

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # qnbd against qemu-nbd on the image formats both serve besides raw and qcow2 (vmdk, vdi,
-# vpc, vhdx, qed; FORMATS= picks some), over a Unix socket: 4 KiB random reads and writes at QD 32 (fio's nbd engine)
+# vpc, vhdx, qed, parallels, and qcow2 with an external data file as `qcow2-datafile`;
+# FORMATS= picks some), over a Unix socket: 4 KiB random reads and writes at QD 32 (fio's nbd engine)
 # on a fully allocated image, 4 KiB random writes at QD 32 into a fresh one (every write
 # allocates), and a sequential 1 MiB copy out (nbdcopy). Rounds are interleaved (qnbd,
 # qemu-nbd, qnbd, ...); each figure is the median, with the ratio qnbd / qemu-nbd.
@@ -22,24 +23,29 @@ serve() { # serve BIN FMT IMG -> starts the server, sets $PID
 
 echo "| format | workload | qnbd | qemu-nbd | ratio |"
 echo "|---|---|---|---|---|"
-for fmt in ${FORMATS:-vmdk vdi vpc vhdx qed}; do
+for spec in ${FORMATS:-vmdk vdi vpc vhdx qed parallels qcow2-datafile}; do
+    fmt=${spec%-datafile}
     declare -A res=()
     for r in $(seq "$ROUNDS"); do
         for srv in qnbd qemu-nbd; do
             bin=$QNBD
             [ "$srv" = qemu-nbd ] && bin=$(command -v qemu-nbd)
-            qemu-img convert -f raw -O "$fmt" "$W/src.raw" "$W/full.$fmt"
+            full=() fresh=()
+            if [ "$spec" = qcow2-datafile ]; then
+                full=(-o "data_file=$W/full.data") fresh=(-o "data_file=$W/fresh.data")
+            fi
+            qemu-img convert -f raw -O "$fmt" "${full[@]}" "$W/src.raw" "$W/full.$fmt"
             sync # the copy's writeback must not run under the measurement
             serve "$bin" "$fmt" "$W/full.$fmt"
             res[$srv:randread]+="$(fio_iops "$W/s.sock" randread) "
             res[$srv:randwrite]+="$(fio_iops "$W/s.sock" randwrite) "
             res[$srv:copy]+="$(copy_mibs "$W/s.sock" 512) "
             stop
-            qemu-img create -q -f "$fmt" "$W/fresh.$fmt" 512M
+            qemu-img create -q -f "$fmt" "${fresh[@]}" "$W/fresh.$fmt" 512M
             serve "$bin" "$fmt" "$W/fresh.$fmt"
             res[$srv:alloc]+="$(fio_iops "$W/s.sock" randwrite) "
             stop
-            rm -f "$W/full.$fmt" "$W/fresh.$fmt"
+            rm -f "$W/full.$fmt" "$W/fresh.$fmt" "$W/full.data" "$W/fresh.data"
         done
     done
     for wl in randread randwrite alloc copy; do
@@ -54,7 +60,7 @@ for fmt in ${FORMATS:-vmdk vdi vpc vhdx qed}; do
         alloc) name="4 KiB random write QD32, fresh image" ;;
         copy) name="1 MiB sequential copy out (nbdcopy)" ;;
         esac
-        echo "| $fmt | $name | $a $unit | $b $unit | $(ratio "$a" "$b") |"
+        echo "| $spec | $name | $a $unit | $b $unit | $(ratio "$a" "$b") |"
     done
     unset res
 done

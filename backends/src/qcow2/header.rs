@@ -408,13 +408,6 @@ impl Header {
                 mask &= !(1 << bit);
             }
         }
-        if mask & INCOMPAT_DATA_FILE != 0 {
-            if !s.is_empty() {
-                s.push_str(", ");
-            }
-            s.push_str("external data file");
-            mask &= !INCOMPAT_DATA_FILE;
-        }
         if mask != 0 {
             if !s.is_empty() {
                 s.push_str(", ");

@@ -191,7 +191,9 @@ impl Geo {
             ));
         }
         let guest = g << self.cluster_bits;
-        if self.has_cluster(e) && e.host() != guest {
+        // A zero flag without an offset maps nothing, COPIED or not (qemu's ZERO_PLAIN).
+        let plain_zero = !self.extended && e.desc & ZERO != 0 && e.host() == 0;
+        if self.has_cluster(e) && !plain_zero && e.host() != guest {
             return Err(format!(
                 "External data file host cluster offset {:#x} does not match guest cluster offset: {guest:#x}, L2 index: {index:#x})",
                 e.host()
