@@ -74,6 +74,14 @@ fn main() {
         let creds = |id: &str| objs.tls_creds(id, frontends::tls::Endpoint::Client);
         frontends::nbd::client::url::open(name, opts, &creds)
     }));
+    // `json:{...}` backing names in image headers, read as a `json:` FILE is.
+    backends::open::set_json_reader(Box::new(|name| {
+        let p = qnbd::json_filename::parse(name, true, None)?;
+        match p.unknown_option {
+            Some(e) => Err(e),
+            None => Ok(p.image),
+        }
+    }));
     run(plan::build(&cli, &objects))
 }
 

@@ -222,7 +222,7 @@ fn qcow2_data_file_behaves_like_qemu_nbd() {
 }
 
 /// `json:` file names (qemu's pseudo-protocol): served and refused as qemu-nbd serves and
-/// refuses them, `-f` replacing the object's driver.
+/// refuses them, `-f` replacing the object's driver; a `json:` backing name in a header.
 #[test]
 fn json_filenames_behave_like_qemu_nbd() {
     if !have("qemu-img") || !have("qemu-nbd") || !have("nbdinfo") {
@@ -264,6 +264,32 @@ fn json_filenames_behave_like_qemu_nbd() {
         }
         assert_eq!(sizes[0], sizes[1], "{fmt:?} {name}");
     }
+    // A backing file named by a `json:` name in the header.
+    make_raw(d, "base.raw", 1 << 20, &[(0, b"BASEDATA")]);
+    let base = d.join("base.raw").display().to_string();
+    let backing =
+        format!(r#"json:{{"driver":"raw","file":{{"driver":"file","filename":"{base}"}}}}"#);
+    ok(Command::new("qemu-img").current_dir(d).args([
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-b",
+        &backing,
+        "-F",
+        "raw",
+        "top.qcow2",
+    ]));
+    let top = d.join("top.qcow2").display().to_string();
+    let mut first = Vec::new();
+    for bin in [QNBD, "qemu-nbd"] {
+        let s = Server::unix(bin, &["-r", "-t", &top]);
+        let out =
+            ok(Command::new("qemu-io").args(["-r", "-f", "raw", "-c", "read -v 0 8", &s.uri()]));
+        first.push(out.lines().next().unwrap_or("").to_string());
+    }
+    assert!(first[0].contains("42 41 53 45"), "{first:?}");
+    assert_eq!(first[0], first[1]);
     let refused = [
         format!(r#"json:{{"driver":"qcow2",{file}"#),
         "json:[1]".to_string(),

@@ -252,6 +252,32 @@ fn add_layers(
     Ok((backend, temp_overlay))
 }
 
+/// Reads a `json:{...}` file name into image options (qemu's pseudo-protocol); the binary,
+/// which reads `--image-opts`, registers it.
+pub type JsonReader = dyn Fn(&str) -> std::result::Result<ImageOptions, String> + Send + Sync;
+
+static JSON_READER: std::sync::OnceLock<Box<JsonReader>> = std::sync::OnceLock::new();
+
+/// Register who reads `json:` file names (once, at startup; later calls are ignored).
+pub fn set_json_reader(f: Box<JsonReader>) {
+    let _ = JSON_READER.set(f);
+}
+
+/// A backing name written as `json:{...}` (qemu writes one when the backing node has
+/// options), as image options; None for any other name.
+fn json_backing(path: &Path, fmt: Option<Format>) -> Option<Result<ImageOptions>> {
+    let name = path.to_str().filter(|n| n.starts_with("json:"))?;
+    let reader = JSON_READER.get()?;
+    Some(
+        reader(name)
+            .map(|mut o| {
+                o.format = o.format.or(fmt);
+                o
+            })
+            .map_err(Error::Open),
+    )
+}
+
 /// Open a backing file of the image `top` (at `depth` in its chain) read-only.
 fn open_backing(
     top: &Path,
@@ -272,6 +298,14 @@ fn open_backing(
         }
         None => None,
     };
+    if let Some(o) = json_backing(path, format) {
+        let o = ImageOptions {
+            read_only: true,
+            chain_depth: depth + 1,
+            ..o?
+        };
+        return Ok(open_image(&o)?.backend);
+    }
     let o = ImageOptions {
         path: path.to_path_buf(),
         format,

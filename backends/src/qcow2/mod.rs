@@ -467,10 +467,11 @@ impl Qcow2 {
     }
 }
 
-/// A backing name is relative to the directory of the image that names it.
+/// A backing name is relative to the directory of the image that names it (a `json:` name
+/// is options, not a path).
 pub fn resolve_backing(image: &Path, name: &str) -> PathBuf {
     let p = Path::new(name);
-    if p.is_absolute() {
+    if p.is_absolute() || name.starts_with("json:") {
         return p.to_path_buf();
     }
     match image.parent() {
