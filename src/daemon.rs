@@ -159,11 +159,33 @@ fn lock_and_write_pid(path: &std::path::Path) -> Result<(), String> {
 /// SIGTERM, SIGINT and SIGHUP: flush, remove what we created, exit 0 (as qemu-nbd).
 /// With `--stats`, SIGUSR1 prints a report and the server goes on.
 pub fn install_signal_handlers(stats: Option<crate::stats::Reporter>) {
-    use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM, SIGUSR1};
-    let mut wanted = vec![SIGTERM, SIGINT, SIGHUP];
-    if stats.is_some() {
-        wanted.push(SIGUSR1);
+    install_exit_handlers();
+    if let Some(r) = stats {
+        install_report_handler(r);
     }
+}
+
+/// SIGTERM, SIGINT and SIGHUP: flush, remove what we created, exit 0. Installed before the
+/// image opens, as qemu-nbd installs its handler first thing: a signal during the open then
+/// waits for it (`cleanup::run` waits for the record the open holds) and closes the image,
+/// instead of killing the process half way through a repair or with the image marked in use.
+pub fn install_exit_handlers() {
+    use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
+    spawn_signal_thread(&[SIGTERM, SIGINT, SIGHUP], |sig| {
+        tracing::info!("signal {sig}: shutting down");
+        crate::cleanup::run();
+        std::process::exit(0);
+    });
+}
+
+/// `--stats`: SIGUSR1 prints a report and the server goes on.
+pub fn install_report_handler(r: crate::stats::Reporter) {
+    spawn_signal_thread(&[signal_hook::consts::SIGUSR1], move |_| {
+        r.report("SIGUSR1")
+    });
+}
+
+fn spawn_signal_thread(wanted: &[i32], on: impl Fn(i32) + Send + 'static) {
     let mut signals = match signal_hook::iterator::Signals::new(wanted) {
         Ok(s) => s,
         Err(e) => crate::die(format!("cannot install signal handlers: {e}")),
@@ -172,15 +194,7 @@ pub fn install_signal_handlers(stats: Option<crate::stats::Reporter>) {
         .name("signals".into())
         .spawn(move || {
             for sig in signals.forever() {
-                if sig == SIGUSR1 {
-                    if let Some(r) = &stats {
-                        r.report("SIGUSR1");
-                    }
-                    continue;
-                }
-                tracing::info!("signal {sig}: shutting down");
-                crate::cleanup::run();
-                std::process::exit(0);
+                on(sig);
             }
         });
     if let Err(e) = spawned {

@@ -8,12 +8,15 @@ use std::path::PathBuf;
 
 pub fn run(image: ImagePlan, export: ExportPlan, net: ListenPlan, process: ProcessPlan) -> ! {
     let readiness = daemon::fork_if(process.fork, process.keep_stderr);
+    daemon::install_exit_handlers();
     let listeners = listen_on(&net, export.shared);
     let device = crate::image::open(&image);
     daemon::write_pid_file(process.pid_file.as_deref());
     let shared = export.shared;
     let (export, reporter) = crate::export::build(export, device, shared != 1, &image.bitmaps);
-    daemon::install_signal_handlers(reporter);
+    if let Some(r) = reporter {
+        daemon::install_report_handler(r);
+    }
     let server = Server::new(
         export,
         ServerOptions {
