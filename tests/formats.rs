@@ -1121,6 +1121,40 @@ fn damaged_parallels_images_are_refused_or_repaired_in_qemu_nbds_words() {
     patch(&h, &h, 44, &0u32.to_le_bytes());
     let bad = d.path().join("b.hdd");
     patch(&h, &bad, 68, &0x8000_0000u32.to_le_bytes());
+    // A last cluster the file covers only in part (a cut file): kept, its bytes read back,
+    // and the file grown over it, so qemu finds the image clean afterwards.
+    qemu_img(
+        d.path(),
+        &[
+            "create",
+            "-q",
+            "-f",
+            "parallels",
+            "-o",
+            "cluster_size=64k",
+            "c.hdd",
+            "1M",
+        ],
+    );
+    let cut = d.path().join("c.hdd");
+    qemu_io(d.path(), "parallels", "c.hdd", &["write -P 6 0 64k"]);
+    let len = std::fs::metadata(&cut).unwrap().len();
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&cut)
+        .unwrap()
+        .set_len(len - 32768)
+        .unwrap();
+    let mut s = Server::unix(QNBD, &["-t", "-f", "parallels", cut.to_str().unwrap()]);
+    let r = qemu_io_any(
+        d.path(),
+        "raw",
+        &s.uri(),
+        &["read -P 6 0 32k", "read -P 0 32k 32k"],
+    );
+    assert!(!r.contains("fail"), "{r}");
+    s.terminate();
+    check_clean(&cut);
     let mut s = Server::unix(QNBD, &["-t", "-f", "parallels", bad.to_str().unwrap()]);
     let r = qemu_io_any(
         d.path(),

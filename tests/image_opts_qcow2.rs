@@ -82,24 +82,7 @@ fn qcow2_image_opts_behave_like_qemu_nbd() {
         ",backing.driver=bogusfmt",
     ];
     for extra in fails {
-        let spec = format!("{base}{extra}");
-        let outs: Vec<(Option<i32>, String)> = [QNBD, "qemu-nbd"]
-            .iter()
-            .map(|bin| {
-                // A private socket: parallel tests must not meet on the default port.
-                let out = run(Command::new(bin)
-                    .arg("-k")
-                    .arg(d.join("refused.sock"))
-                    .args(["-r", "--image-opts", &spec])
-                    .stdin(Stdio::null()));
-                (
-                    out.status.code(),
-                    String::from_utf8_lossy(&out.stderr).replace("qemu-nbd:", "qnbd:"),
-                )
-            })
-            .collect();
-        assert_eq!(outs[0], outs[1], "{extra}");
-        assert_eq!(outs[0].0, Some(1), "{extra}");
+        refused_alike(d, &["-r", "--image-opts", &format!("{base}{extra}")]);
     }
 }
 
@@ -200,24 +183,10 @@ fn qcow2_data_file_behaves_like_qemu_nbd() {
         ),
     ];
     for (cwd, args) in &refused {
-        let outs: Vec<(Option<i32>, String)> = [QNBD, "qemu-nbd"]
-            .iter()
-            .map(|bin| {
-                let out = run(Command::new(bin)
-                    .current_dir(if *cwd == "/" { Path::new("/") } else { d })
-                    .arg("-k")
-                    .arg(d.join("refused.sock"))
-                    .arg("-r")
-                    .args(args)
-                    .stdin(Stdio::null()));
-                (
-                    out.status.code(),
-                    String::from_utf8_lossy(&out.stderr).replace("qemu-nbd:", "qnbd:"),
-                )
-            })
-            .collect();
-        assert_eq!(outs[0], outs[1], "{args:?}");
-        assert_eq!(outs[0].0, Some(1), "{args:?}");
+        let cwd = if *cwd == "/" { Path::new("/") } else { d };
+        let mut all = vec!["-r"];
+        all.extend(args.iter().map(String::as_str));
+        refused_alike_in(cwd, d, &all);
     }
 }
 
@@ -297,21 +266,34 @@ fn json_filenames_behave_like_qemu_nbd() {
         format!(r#"json:{{"driver":"qcow2",{file},"bogus":1}}"#),
     ];
     for name in &refused {
-        let outs: Vec<(Option<i32>, String)> = [QNBD, "qemu-nbd"]
-            .iter()
-            .map(|bin| {
-                let out = run(Command::new(bin)
-                    .arg("-k")
-                    .arg(d.join("refused.sock"))
-                    .args(["-r", name])
-                    .stdin(Stdio::null()));
-                (
-                    out.status.code(),
-                    String::from_utf8_lossy(&out.stderr).replace("qemu-nbd:", "qnbd:"),
-                )
-            })
-            .collect();
-        assert_eq!(outs[0], outs[1], "{name}");
-        assert_eq!(outs[0].0, Some(1), "{name}");
+        refused_alike(d, &["-r", name]);
     }
+}
+
+/// qnbd and qemu-nbd refuse `args` alike: the same stderr (but the program's name) and exit
+/// code 1. Each gets a private socket in `d`: parallel tests must not meet on the default
+/// port.
+fn refused_alike(d: &Path, args: &[&str]) {
+    refused_alike_in(d, d, args)
+}
+
+/// [`refused_alike`] run from `cwd`.
+fn refused_alike_in(cwd: &Path, d: &Path, args: &[&str]) {
+    let outs: Vec<(Option<i32>, String)> = [QNBD, "qemu-nbd"]
+        .iter()
+        .map(|bin| {
+            let out = run(Command::new(bin)
+                .current_dir(cwd)
+                .arg("-k")
+                .arg(d.join("refused.sock"))
+                .args(args)
+                .stdin(Stdio::null()));
+            (
+                out.status.code(),
+                String::from_utf8_lossy(&out.stderr).replace("qemu-nbd:", "qnbd:"),
+            )
+        })
+        .collect();
+    assert_eq!(outs[0], outs[1], "{args:?}");
+    assert_eq!(outs[0].0, Some(1), "{args:?}");
 }

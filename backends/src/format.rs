@@ -164,6 +164,23 @@ pub struct ImageOptions {
     pub warnings: Vec<String>,
 }
 
+impl ImageOptions {
+    /// How a file of this image is opened: read-only under `-r` and `-s`, O_DIRECT and
+    /// `--aio` as asked, and qemu's lock bytes for a file in `role`.
+    pub fn file_options(&self, role: crate::file::lock::Role) -> crate::file::FileOptions {
+        crate::file::FileOptions {
+            read_only: self.read_only || self.snapshot,
+            direct: self.direct,
+            aio: self.aio,
+            lock: Some(crate::file::LockSpec {
+                locking: self.locking,
+                role,
+                force_share: self.force_share,
+            }),
+        }
+    }
+}
+
 /// The `backing` keys of `--image-opts` every format with backing files takes (None: not
 /// one of them).
 pub fn backing_option(

@@ -2,7 +2,7 @@
 //! and the layers every open may add (`-s` overlay, byte window).
 
 use crate::file::lock::Role;
-use crate::file::{FileOptions, HostFile, LockSpec};
+use crate::file::HostFile;
 use crate::format::Driver;
 use crate::slice::Slice;
 use crate::{BlockBackend, Error, Result};
@@ -160,19 +160,7 @@ pub fn open_image(opts: &ImageOptions) -> Result<Opened> {
     };
     let file = match remote {
         Some(r) => HostFile::remote(r, &opts.path, read_only),
-        None => HostFile::open(
-            &opts.path,
-            &FileOptions {
-                read_only,
-                direct: opts.direct,
-                aio: opts.aio,
-                lock: Some(LockSpec {
-                    locking: opts.locking,
-                    role,
-                    force_share: opts.force_share,
-                }),
-            },
-        )?,
+        None => HostFile::open(&opts.path, &opts.file_options(role))?,
     };
     let depth = opts.chain_depth;
     let top = &opts.path;

@@ -2,37 +2,11 @@
 //! qemu-img and qemu-io: where the data lands, what qemu-img check says, and the errors qemu
 //! gives for a bad mapping or a missing data file.
 
-use backends::open::{open_image, Format, ImageOptions};
-use backends::{BlockBackend, Error, IoFlags};
+mod common;
+use backends::{Error, IoFlags};
+use common::{open_qcow2, run};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::process::Command;
-use std::sync::Arc;
-
-fn run(dir: &Path, prog: &str, args: &[&str]) -> String {
-    let out = Command::new(prog)
-        .current_dir(dir)
-        .args(args)
-        .output()
-        .unwrap();
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(out.status.success(), "{prog} {args:?}: {text}");
-    text
-}
-
-fn open(img: &Path, read_only: bool) -> backends::Result<Arc<dyn BlockBackend>> {
-    open_image(&ImageOptions {
-        path: img.to_path_buf(),
-        format: Some(Format::from_name("qcow2").unwrap()),
-        read_only,
-        ..Default::default()
-    })
-    .map(|o| o.backend)
-}
 
 /// A 4 MiB image in `dir` whose data file is `dir/d.raw` (named absolutely: qemu opens a
 /// relative name from the current directory).
@@ -69,7 +43,7 @@ fn data_lands_at_guest_offsets_and_checks_clean() {
     let dir = tempfile::tempdir().unwrap();
     let (img, data) = create(dir.path(), "");
     {
-        let q = open(&img, false).unwrap();
+        let q = open_qcow2(&img, false).unwrap();
         // Guest cluster 0 lives at host offset 0 (COPIED, offset 0).
         q.write(0, &[0x11; 4096], IoFlags::empty()).unwrap();
         q.write(200 << 10, &[0x22; 8192], IoFlags::FUA).unwrap();
@@ -107,7 +81,7 @@ fn a_raw_data_file_stays_the_guest_disk() {
     let dir = tempfile::tempdir().unwrap();
     let (img, data) = create(dir.path(), ",data_file_raw=on");
     {
-        let q = open(&img, false).unwrap();
+        let q = open_qcow2(&img, false).unwrap();
         q.write(0, &vec![0x33; 1 << 20], IoFlags::empty()).unwrap();
         // Zeroing keeps the L2 entries (preallocated) and must zero the data file too.
         q.write_zeroes(64 << 10, 128 << 10, IoFlags::empty())
@@ -155,7 +129,7 @@ fn a_mapping_off_its_guest_offset_is_corruption() {
     let zero_plain = l2_offset(&img) + 16;
     f.write_all_at(&(0x8000_0000_0000_0001u64).to_be_bytes(), zero_plain)
         .unwrap();
-    let q = open(&img, true).unwrap();
+    let q = open_qcow2(&img, true).unwrap();
     let mut buf = [1u8; 512];
     q.read(128 << 10, &mut buf).unwrap();
     assert_eq!(buf, [0u8; 512]);
@@ -173,7 +147,7 @@ fn open_errors_are_qemus() {
     let dir = tempfile::tempdir().unwrap();
     let (img, data) = create(dir.path(), "");
     std::fs::rename(&data, dir.path().join("gone.raw")).unwrap();
-    let e = open(&img, true).unwrap_err().to_string();
+    let e = open_qcow2(&img, true).unwrap_err().to_string();
     assert!(
         e.contains(&format!("Could not open '{}'", data.display())),
         "{e}"
@@ -186,7 +160,7 @@ fn open_errors_are_qemus() {
         "qemu-img",
         &["amend", "-o", "data_file=", img.to_str().unwrap()],
     );
-    let e = open(&img, true).unwrap_err().to_string();
+    let e = open_qcow2(&img, true).unwrap_err().to_string();
     assert_eq!(e, "'data-file' is required for this image");
 
     // The raw bit without a data file.
@@ -201,7 +175,7 @@ fn open_errors_are_qemus() {
         .open(&plain)
         .unwrap();
     f.write_all_at(&2u64.to_be_bytes(), 88).unwrap();
-    let e = open(&plain, true).unwrap_err();
+    let e = open_qcow2(&plain, true).unwrap_err();
     assert!(matches!(e, Error::Open(_)), "{e}");
     assert_eq!(e.to_string(), "data-file-raw requires a data file");
 }

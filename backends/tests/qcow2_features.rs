@@ -1,26 +1,13 @@
 //! qcow2 header features against qemu-img: lazy refcounts, persistent bitmaps, refused
 //! features, the backing depth limit, fast zeroing and zero-cluster status.
 
+mod common;
 use backends::open::{open_image, Format, ImageOptions};
 use backends::{BlockBackend, Error, ExtentFlags, Extents, IoFlags};
+use common::{open_qcow2, run};
 use std::path::Path;
 use std::process::Command;
 use std::sync::Arc;
-
-fn run(dir: &Path, prog: &str, args: &[&str]) -> String {
-    let out = Command::new(prog)
-        .current_dir(dir)
-        .args(args)
-        .output()
-        .unwrap();
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(out.status.success(), "{prog} {args:?}: {text}");
-    text
-}
 
 /// Opened with `locking=off`, for the tests that leak the image on purpose (a simulated
 /// crash keeps the file, and qemu's locks on it, open in this process).
@@ -30,16 +17,6 @@ fn open_unlocked(img: &Path, read_only: bool) -> backends::Result<Arc<dyn BlockB
         format: Some(Format::from_name("qcow2").unwrap()),
         read_only,
         locking: backends::file::lock::Locking::Off,
-        ..Default::default()
-    })
-    .map(|o| o.backend)
-}
-
-fn open(img: &Path, read_only: bool) -> backends::Result<Arc<dyn BlockBackend>> {
-    open_image(&ImageOptions {
-        path: img.to_path_buf(),
-        format: Some(Format::from_name("qcow2").unwrap()),
-        read_only,
         ..Default::default()
     })
     .map(|o| o.backend)
@@ -64,7 +41,7 @@ fn lazy_refcounts_image_stays_clean() {
     );
     let img = dir.path().join("l.qcow2");
     {
-        let b = open(&img, false).unwrap();
+        let b = open_qcow2(&img, false).unwrap();
         b.write(12345, &[5u8; 70000], IoFlags::empty()).unwrap();
     }
     let check = run(dir.path(), "qemu-img", &["check", "l.qcow2"]);
@@ -95,14 +72,14 @@ fn bitmaps_track_writes_and_are_stored_on_close() {
     let img = d.join("b.qcow2");
     {
         // Read-only opens leave the header alone.
-        let b = open(&img, true).unwrap();
+        let b = open_qcow2(&img, true).unwrap();
         let mut buf = [0u8; 512];
         b.read(0, &mut buf).unwrap();
         assert!(b.bitmap_check("b0").is_ok());
     }
     assert!(!run(d, "qemu-img", &["info", "b.qcow2"]).contains("in-use"));
     {
-        let b = open(&img, false).unwrap();
+        let b = open_qcow2(&img, false).unwrap();
         // While open read-write the bitmaps are marked in use on disk.
         let info = run(d, "qemu-img", &["info", "-U", "b.qcow2"]);
         assert_eq!(info.matches("in-use").count(), 2, "{info}");
@@ -134,7 +111,7 @@ fn bitmaps_track_writes_and_are_stored_on_close() {
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success() && text.contains("No errors"), "{text}");
     {
-        let b = open(&img, true).unwrap();
+        let b = open_qcow2(&img, true).unwrap();
         let mut ext = Extents::new();
         b.bitmap_status("b0", 1 << 20, 65536, &mut ext).unwrap();
         assert!(ext
@@ -153,7 +130,7 @@ fn bitmaps_track_writes_and_are_stored_on_close() {
         std::mem::forget(b);
     }
     assert!(run(d, "qemu-img", &["info", "-U", "b.qcow2"]).contains("in-use"));
-    let b = open(&img, true).unwrap();
+    let b = open_qcow2(&img, true).unwrap();
     let e = b.bitmap_check("b0").unwrap_err();
     assert!(
         matches!(&e, Error::BitmapInconsistent(n) if n == "b0"),
@@ -177,8 +154,8 @@ fn corrupt_images_open_read_only_only() {
     let mut bytes = std::fs::read(&img).unwrap();
     bytes[79] |= 2;
     std::fs::write(&img, &bytes).unwrap();
-    assert!(open(&img, true).is_ok());
-    let e = open(&img, false).unwrap_err();
+    assert!(open_qcow2(&img, true).is_ok());
+    let e = open_qcow2(&img, false).unwrap_err();
     assert!(matches!(e, Error::CorruptReadWrite), "{e}");
 }
 
@@ -211,8 +188,8 @@ fn backing_chain_depth_is_limited() {
             ],
         );
     }
-    assert!(open(&dir.path().join("10.img"), true).is_ok());
-    let e = open(&dir.path().join("20.img"), true).unwrap_err();
+    assert!(open_qcow2(&dir.path().join("10.img"), true).is_ok());
+    let e = open_qcow2(&dir.path().join("20.img"), true).unwrap_err();
     assert!(
         matches!(&e, Error::Backing(inner) if matches!(**inner, Error::Backing(_))),
         "{e}"
@@ -220,7 +197,7 @@ fn backing_chain_depth_is_limited() {
     assert!(e.to_string().contains("is deeper than 16 images"), "{e}");
     // A missing backing file names itself as qemu does.
     std::fs::remove_file(dir.path().join("0.img")).unwrap();
-    let e = open(&dir.path().join("1.img"), true).unwrap_err();
+    let e = open_qcow2(&dir.path().join("1.img"), true).unwrap_err();
     match &e {
         Error::Backing(inner) => match &**inner {
             Error::CouldNotOpen { path, reason } => {
@@ -254,7 +231,7 @@ fn fast_zero_and_zero_cluster_status() {
                 "create", "-q", "-f", "qcow2", "-o", opts, "-b", "base.raw", "-F", "raw", name,
             ],
         );
-        let b = open(&dir.path().join(name), false).unwrap();
+        let b = open_qcow2(&dir.path().join(name), false).unwrap();
         let whole = b.write_zeroes(0, 65536, IoFlags::FAST_ZERO);
         let partial = b.write_zeroes(65536 + 512, 512, IoFlags::FAST_ZERO);
         assert!(
@@ -315,9 +292,9 @@ fn dirty_lazy_refcount_image_is_repaired() {
     let img = dir.path().join("d.qcow2");
     let bytes = std::fs::read(&img).unwrap();
     assert_ne!(bytes[79] & 1, 0, "qemu-io left the image clean");
-    assert!(open(&img, true).is_ok());
+    assert!(open_qcow2(&img, true).is_ok());
     {
-        let b = open(&img, false).unwrap();
+        let b = open_qcow2(&img, false).unwrap();
         let mut buf = vec![0u8; 3 << 20];
         b.read(0, &mut buf).unwrap();
         assert!(buf.iter().all(|&x| x == 0x42));
@@ -419,7 +396,7 @@ fn settled_writes_survive_a_killed_server() {
             .unwrap();
         let text = String::from_utf8_lossy(&out.stdout);
         assert_eq!(out.status.code(), Some(0), "{opts}: {text}");
-        let r = open(&img, true).unwrap();
+        let r = open_qcow2(&img, true).unwrap();
         let mut buf = vec![0u8; 5000];
         for i in 0..200u64 {
             r.read(i * 40_000, &mut buf).unwrap();

@@ -314,7 +314,7 @@ fn progname() -> String {
 
 /// qemu's `warn_report`: `<prog>: warning: <msg>` straight to stderr (not through tracing,
 /// whose subscriber would print it a second time).
-fn warn(msg: &str) {
+pub(crate) fn warn(msg: &str) {
     eprintln!("{}: warning: {msg}", progname());
 }
 

@@ -134,10 +134,7 @@ fn open(
         _ => None,
     };
     if h.ext_off != 0 && !read_only {
-        eprintln!(
-            "{}: warning: Format Extension ignored in RW mode",
-            prog_name()
-        );
+        crate::file::lock::warn("Format Extension ignored in RW mode");
     }
     let (data_start, bad_data_off) = h.data_start(file_len);
     let p = Parallels {
@@ -161,21 +158,13 @@ fn open(
     };
     p.find_data_end();
     if !read_only {
-        p.open_for_writing(&h, data_start, bad_data_off, file_len)?;
+        if let Err(e) = p.open_for_writing(&h, data_start, bad_data_off, file_len) {
+            // Half repaired: leave the file as it is, with its `inuse` mark.
+            p.closed.store(true, Ordering::Release);
+            return Err(e);
+        }
     }
     Ok(Arc::new(p))
-}
-
-/// The name qemu's messages start with: the program's, as it was run.
-fn prog_name() -> String {
-    std::env::args_os()
-        .next()
-        .and_then(|a| {
-            std::path::Path::new(&a)
-                .file_name()
-                .map(|n| n.to_string_lossy().into_owned())
-        })
-        .unwrap_or_else(|| "qnbd".into())
 }
 
 impl Parallels {
@@ -231,7 +220,7 @@ impl Parallels {
                 false,
             )?;
         }
-        self.drop_bad_entries(data_start, file_len);
+        self.drop_bad_entries(data_start, file_len)?;
         self.copy_duplicates()?;
         self.flush()?;
         self.f.write(
@@ -243,15 +232,18 @@ impl Parallels {
         self.f.sync()
     }
 
-    /// Entries whose cluster is not wholly inside the file's data area (qemu: "cluster N is
-    /// outside image"; one over the header or the BAT would let writes destroy them).
-    fn drop_bad_entries(&self, data_start: u64, file_len: u64) {
+    /// Entries whose cluster lies outside the file's data area: over the header or the BAT
+    /// (writes there would destroy them) or wholly past the file's end (nothing to lose: it
+    /// reads zeroes) are dropped, with qemu's message ("cluster N is outside image"). A last
+    /// cluster the file covers only in part is kept (qemu drops it when it repairs) and the
+    /// file grown over it, so every entry's cluster lies inside the file.
+    fn drop_bad_entries(&self, data_start: u64, file_len: u64) -> Result<()> {
         let mut a = self.alloc.lock();
         for (i, e) in self.bat.iter().enumerate() {
             let Some(h) = self.host(e.load(Ordering::Relaxed)) else {
                 continue;
             };
-            if h < data_start || h + self.cluster > file_len {
+            if h < data_start || h >= file_len {
                 eprintln!("Repairing cluster {i} is outside image");
                 e.store(0, Ordering::Relaxed);
                 a.dirty.insert(i as u32, 0);
@@ -260,6 +252,7 @@ impl Parallels {
         a.data_end = data_start;
         drop(a);
         self.find_data_end();
+        self.f.grow_to(self.used_end())
     }
 
     /// Two entries naming one cluster: a write through either would change both. The later

@@ -5,7 +5,7 @@
 use super::{Qcow2, Qcow2Options};
 use crate::align::Aligned;
 use crate::file::lock::Role;
-use crate::file::{FileOptions, HostFile, LockSpec};
+use crate::file::{FileOptions, HostFile};
 use crate::format::{backing_option, parse_bool, parse_size, Driver, ImageOptions, OpenBacking};
 use crate::{BlockBackend, Result};
 use std::sync::Arc;
@@ -27,22 +27,11 @@ fn probe(head: &[u8]) -> bool {
 /// The external data file is opened as the image file is, with qemu's locks for a data
 /// child (a backing file's, and the original's under `-s`, are only read).
 fn data_file_options(opts: &ImageOptions) -> FileOptions {
-    let read_only = opts.read_only || opts.snapshot;
-    let role = if opts.chain_depth > 0 || opts.snapshot {
+    opts.file_options(if opts.chain_depth > 0 || opts.snapshot {
         Role::Backing
     } else {
         Role::DataFile
-    };
-    FileOptions {
-        read_only,
-        direct: opts.direct,
-        aio: opts.aio,
-        lock: Some(LockSpec {
-            locking: opts.locking,
-            role,
-            force_share: opts.force_share,
-        }),
-    }
+    })
 }
 
 /// qemu's read_cache_sizes: how `cache-size`, `l2-cache-size` and `refcount-cache-size`

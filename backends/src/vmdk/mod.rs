@@ -28,7 +28,7 @@ mod header;
 mod sparse;
 
 use crate::file::lock::Role;
-use crate::file::{FileOptions, HostFile, LockSpec};
+use crate::file::HostFile;
 use crate::format::{backing_option, BackingChoice, Driver, ImageOptions, OpenBacking};
 use crate::{backing, BlockBackend, Caps, Error, Extent, ExtentFlags, Extents, IoFlags, Result};
 use descriptor::ExtentKind;
@@ -234,19 +234,7 @@ fn open_extents(desc_file: &HostFile, text: &str, opts: &ImageOptions) -> Result
             ExtentKind::Flat => Role::DataFile,
             ExtentKind::Sparse => Role::Qcow2,
         };
-        let f = Arc::new(HostFile::open(
-            &path,
-            &FileOptions {
-                read_only,
-                direct: opts.direct,
-                aio: opts.aio,
-                lock: Some(LockSpec {
-                    locking: opts.locking,
-                    role,
-                    force_share: opts.force_share,
-                }),
-            },
-        )?);
+        let f = Arc::new(HostFile::open(&path, &opts.file_options(role))?);
         let (len, kind) = match line.kind {
             ExtentKind::Flat => {
                 let len = line.sectors.saturating_mul(512);

@@ -23,6 +23,36 @@ pub fn have(tool: &str) -> bool {
     ok
 }
 
+/// Run `prog` in `dir`, require success; returns stdout and stderr together.
+pub fn run(dir: &Path, prog: &str, args: &[&str]) -> String {
+    let out = Command::new(prog)
+        .current_dir(dir)
+        .args(args)
+        .output()
+        .unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success(), "{prog} {args:?}: {text}");
+    text
+}
+
+/// Open `img` as qcow2 through the format layer (read-only or not).
+pub fn open_qcow2(
+    img: &Path,
+    read_only: bool,
+) -> backends::Result<std::sync::Arc<dyn backends::BlockBackend>> {
+    backends::open::open_image(&backends::open::ImageOptions {
+        path: img.to_path_buf(),
+        format: backends::open::Format::from_name("qcow2"),
+        read_only,
+        ..Default::default()
+    })
+    .map(|o| o.backend)
+}
+
 /// Run qemu-img, require success, return stdout.
 pub fn qemu_img(args: &[&str]) -> String {
     let out = Command::new("qemu-img")
