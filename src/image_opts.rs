@@ -17,6 +17,9 @@ pub struct ParsedImageOpts {
     /// An option no driver takes: qemu reports it only once the image opened, so the
     /// caller does too.
     pub unknown_option: Option<String>,
+    /// `read-only=on` (or `file.read-only=on`): the node itself is read-only, so qemu-nbd
+    /// refuses it once opened unless the export is read-only too (`-r`).
+    pub node_read_only: bool,
 }
 
 /// Split `a,b,,c` at single commas, `,,` standing for a comma inside an item (qemu's
@@ -106,6 +109,7 @@ pub fn parse_pairs(
     let mut cache_direct = false;
     let mut no_flush = false;
     let mut detect_zeroes = DetectZeroes::Off;
+    let mut node_read_only = false;
     let mut driver: Option<String> = None;
     let mut file_driver: Option<String> = None;
     let mut filename: Option<String> = None;
@@ -174,7 +178,10 @@ pub fn parse_pairs(
         }
         match k.as_str() {
             "driver" => {}
-            "read-only" => image.read_only |= on_off(&k, &v)?,
+            "read-only" | "file.read-only" if (k == "file.read-only") != is_protocol => {
+                node_read_only |= on_off(&k, &v)?;
+            }
+            "read-only" => node_read_only |= on_off(&k, &v)?,
             "cache.direct" => cache_direct = on_off(&k, &v)?,
             "cache.no-flush" => no_flush = on_off(&k, &v)?,
             "discard" => {
@@ -299,11 +306,13 @@ pub fn parse_pairs(
             )
         })
         .or(unknown_fmt);
+    image.read_only |= node_read_only;
     Ok(ParsedImageOpts {
         image,
         cache,
         detect_zeroes,
         unknown_option,
+        node_read_only,
     })
 }
 
@@ -463,6 +472,7 @@ fn parse_null(
         ..Default::default()
     };
     let mut unknown = None;
+    let mut node_read_only = false;
     for (k, v) in pairs {
         match k.as_str() {
             "driver" => {}
@@ -472,7 +482,7 @@ fn parse_null(
                 v.parse::<u64>()
                     .map_err(|_| format!("Parameter '{k}' expects a number"))?;
             }
-            "read-only" => image.read_only |= on_off(k, v)?,
+            "read-only" => node_read_only |= on_off(k, v)?,
             "force-share" => image.force_share = on_off(k, v)?,
             _ => {
                 unknown.get_or_insert(format!(
@@ -482,11 +492,13 @@ fn parse_null(
         }
     }
     image.null = Some(null);
+    image.read_only |= node_read_only;
     Ok(ParsedImageOpts {
         image,
         cache: CacheMode::Writeback,
         detect_zeroes: DetectZeroes::Off,
         unknown_option: unknown,
+        node_read_only,
     })
 }
 

@@ -532,6 +532,10 @@ pub fn resolve_image_opts(plan: &ImagePlan) -> Option<ImagePlan> {
     if p.detect_zeroes != DetectZeroes::Off {
         detect_zeroes = p.detect_zeroes;
     }
+    // qemu-nbd asks a writable export of a node the options made read-only (-s too).
+    let refused_read_only =
+        (p.node_read_only && !plan.opts.read_only && plan.opts.load_snapshot.is_none())
+            .then(|| "Block node is read-only".to_string());
     let mut image = p.image;
     image.snapshot |= plan.opts.snapshot;
     image.load_snapshot = plan.opts.load_snapshot.clone();
@@ -554,6 +558,7 @@ pub fn resolve_image_opts(plan: &ImagePlan) -> Option<ImagePlan> {
         unknown_format: None,
         after_open: p
             .unknown_option
+            .or(refused_read_only)
             .map(|e| format!("Failed to blk_new_open '{file}': {e}")),
         image_opts: None,
     })

@@ -236,6 +236,11 @@ fn image_opts_errors_match_qemu_nbd() {
         "driver=raw,file.driver=file,file.filename=/nonexistent.img".to_string(),
         format!("driver=raw,offset=x,file.filename={f}"),
         format!("driver=qcow2,file.filename={f}"),
+        // A node the options make read-only, asked for a writable export.
+        format!("driver=raw,read-only=on,file.filename={f}"),
+        format!("driver=raw,file.read-only=on,file.filename={f}"),
+        format!("driver=file,read-only=on,filename={f}"),
+        "driver=null-co,read-only=on".to_string(),
     ];
     for spec in specs {
         let ours = run(Command::new(QNBD).args(["--image-opts", &spec]));

@@ -12,7 +12,9 @@
 pub mod aio;
 pub mod align;
 mod backing;
+pub mod bochs;
 pub mod cache_mode;
+pub mod cloop;
 pub mod compress;
 mod data_cache;
 pub mod detect_zeroes;

@@ -23,6 +23,8 @@ static DRIVERS: &[&Driver] = &[
     &crate::vhdx::DRIVER,
     &crate::qed::DRIVER,
     &crate::parallels::DRIVER,
+    &crate::bochs::DRIVER,
+    &crate::cloop::DRIVER,
     &crate::raw::DRIVER,
 ];
 
