@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The formats target's seeds (fuzz/corpus/formats): images qemu-img and qemu-io make in the
 # formats other than qcow2 — vmdk (sparse, stream-optimized, with a parent), vdi, vpc
-# (dynamic and fixed), vhdx, qed (with a backing file), parallels — with data, zeroes and unwritten
+# (dynamic and fixed), vhdx, qed (with a backing file), parallels, bochs and cloop (built here) — with data, zeroes and unwritten
 # parts, each opened read-write and read-only. Run by make-seeds.sh; alone it needs only
 # qemu-utils.
 set -euo pipefail
@@ -70,4 +70,23 @@ seed qed-backing 4 qb.qed rw ro
 qemu-img create -q -f parallels -o cluster_size=4k pa.hdd 256K
 io parallels pa.hdd 'write -P 11 0 8k' 'write -P 12 64k 4k' 'write -z 4k 4k'
 seed parallels-data 5 pa.hdd rw ro discard
+# Bochs and cloop images qemu reads but cannot make: built byte by byte, served read-only.
+python3 - <<'PY'
+import struct, zlib
+head = lambda t, n: t.ljust(n, b"\0")
+h = head(b"Bochs Virtual HD Image", 32) + head(b"Redolog", 16) + head(b"Growing", 16)
+h += struct.pack("<IIIIIIQ", 0x20000, 512, 16, 512, 4096, 0, 64 << 10)
+ext = bytes([0xfe]) + bytes(511) + b"bochs data".ljust(4096, b"\0")
+cat = struct.pack("<16I", 0, *([0xFFFFFFFF] * 14), 1)
+open("b.bochs", "wb").write(head(h, 512) + cat + ext + ext)
+pre = b"#!/bin/sh\n#V2.0 Format\nmodprobe cloop file=$0 && mount -r -t iso9660 /dev/cloop $1\n"
+blocks = [zlib.compress(bytes([i]) * 4096) for i in range(4)]
+offs = [136 + 8 * 5]
+for b in blocks:
+    offs.append(offs[-1] + len(b))
+body = head(pre, 128) + struct.pack(">II", 4096, 4) + struct.pack(">5Q", *offs)
+open("c.cloop", "wb").write(body + b"".join(blocks))
+PY
+seed bochs-data 6 b.bochs ro
+seed cloop-data 7 c.cloop ro
 echo "make-format-seeds: $(ls "$corpus" | wc -l) seeds, $(du -sh "$corpus" | cut -f1)"

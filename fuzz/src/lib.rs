@@ -437,11 +437,21 @@ fn exercise(dev: Device, at: &[u8]) {
 
 /// The formats [`formats`] picks from (qcow2 has a target of its own; luks is left out: its
 /// key derivation runs as many rounds as the image asks, by design).
-pub const FORMATS: [&str; 6] = ["vmdk", "vdi", "vpc", "vhdx", "qed", "parallels"];
+pub const FORMATS: [&str; 8] = [
+    "vmdk",
+    "vdi",
+    "vpc",
+    "vhdx",
+    "qed",
+    "parallels",
+    "bochs",
+    "cloop",
+];
 
 /// The other formats' target: an image file of arbitrary bytes opened by one driver and
-/// used as [`qcow2`]'s images are. Byte 0: bits 0-2 the format ([`FORMATS`], modulo), bit 3
-/// read-only, bit 4 `--discard=unmap`; bytes 1-3 place the I/O. Every input gets a directory
+/// used as [`qcow2`]'s images are. Byte 0: bits 0-2 and 5-6 the format ([`FORMATS`] index
+/// `bits 5-6 << 3 | bits 0-2`, modulo), bit 3 read-only, bit 4 `--discard=unmap`; bytes 1-3
+/// place the I/O. Every input gets a directory
 /// of its own, and a vmdk whose bytes hold a `/` is skipped: a descriptor's extent names
 /// are opened as files (read-write when the image is), so one must not reach out of it.
 /// Backing files the image names are the fixed raw file, as in [`qcow2`].
@@ -450,7 +460,8 @@ pub fn formats(data: &[u8]) {
         return;
     }
     let (ctl, img) = data.split_at(4);
-    let name = FORMATS[usize::from(ctl[0] & 7) % FORMATS.len()];
+    let index = usize::from(ctl[0] & 7 | (ctl[0] >> 2) & 0x18);
+    let name = FORMATS[index % FORMATS.len()];
     if name == "vmdk" && img.contains(&b'/') {
         return;
     }
