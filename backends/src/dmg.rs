@@ -362,12 +362,17 @@ fn open(
     if sectors > i64::MAX as u64 {
         return Err(einval(&f));
     }
+    // qemu's block layer then checks the size in bytes, computed as an unsigned 64-bit
+    // product (which wraps), and qemu-nbd asks for the length, in sectors that must fit.
+    if sectors.wrapping_mul(SECTOR) > MAX_LENGTH {
+        return Err(Error::Open(
+            "Could not refresh total sector count: File too large".into(),
+        ));
+    }
     if sectors > i64::MAX as u64 / SECTOR {
-        // qemu's bdrv_getlength: the size in bytes does not fit.
-        return Err(Error::Open(format!(
-            "Could not open '{}': File too large",
-            f.path().display()
-        )));
+        return Err(Error::Export(
+            "Failed to determine the NBD export's length: File too large".into(),
+        ));
     }
     let mut table = Table {
         f: &f,

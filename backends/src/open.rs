@@ -52,10 +52,12 @@ pub fn detect_format(head: &[u8]) -> Format {
 
 /// Guess an image's format from its first bytes, then from its name: qemu scores a header
 /// match above dmg's ".dmg" suffix, and that above raw. (The dmg driver's header probe says
-/// no to every image; its name probe is asked here, the one place that knows the name.)
+/// no to every image; its name probe is asked here, the one place that knows the name.) An
+/// empty file is raw without probing, as in qemu.
 fn probe_format(head: &[u8], name: &Path) -> Format {
     let f = detect_format(head);
-    if f == Format::raw() && crate::dmg::probe_name(&name.to_string_lossy()) {
+    if f == Format::raw() && !head.is_empty() && crate::dmg::probe_name(&name.to_string_lossy())
+    {
         return Format(&crate::dmg::DRIVER);
     }
     f
