@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The formats target's seeds (fuzz/corpus/formats): images qemu-img and qemu-io make in the
 # formats other than qcow2 — vmdk (sparse, stream-optimized, with a parent), vdi, vpc
-# (dynamic and fixed), vhdx, qed (with a backing file), parallels — with data, zeroes and unwritten
+# (dynamic and fixed), vhdx, qed (with a backing file), parallels, dmg — with data, zeroes and unwritten
 # parts, each opened read-write and read-only. Run by make-seeds.sh; alone it needs only
 # qemu-utils.
 set -euo pipefail
@@ -70,4 +70,14 @@ seed qed-backing 4 qb.qed rw ro
 qemu-img create -q -f parallels -o cluster_size=4k pa.hdd 256K
 io parallels pa.hdd 'write -P 11 0 8k' 'write -P 12 64k 4k' 'write -z 4k 4k'
 seed parallels-data 5 pa.hdd rw ro discard
+
+# dmg: qemu-img cannot write one; tests/tools/make_dmg.py builds them (read-only only).
+mkdmg=$(realpath "$(dirname "$0")")/../tests/tools/make_dmg.py
+/usr/bin/python3 "$mkdmg" d.dmg '{"partitions":[{"chunks":[{"type":"raw","sectors":4},
+  {"type":"zlib","sectors":8},{"type":"zero","sectors":64},{"type":"bz2","sectors":4},
+  {"type":"ignore","sectors":4},{"type":"term"}]},{"chunks":[{"type":"zlib","sectors":3}]}]}'
+/usr/bin/python3 "$mkdmg" dr.dmg '{"form":"rsrc","partitions":[{"chunks":[{"type":"raw","sectors":2},
+  {"type":"zlib","sectors":5}]}]}'
+seed dmg-xml 6 d.dmg ro
+seed dmg-rsrc 6 dr.dmg ro
 echo "make-format-seeds: $(ls "$corpus" | wc -l) seeds, $(du -sh "$corpus" | cut -f1)"

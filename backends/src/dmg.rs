@@ -466,58 +466,7 @@ impl Dmg {
         let mut input = buffer(&self.f, c.length)?;
         self.read_stored(i, c, c.offset, &mut input)?;
         let mut out = buffer(&self.f, c.count * SECTOR)?;
-        let want = out.len() as u64;
-        match c.kind {
-            Kind::Zlib => {
-                let mut z = flate2::Decompress::new(true);
-                match z.decompress(&input, &mut out, flate2::FlushDecompress::Finish) {
-                    Ok(flate2::Status::StreamEnd) if z.total_out() == want => {}
-                    Ok(_) => {
-                        return Err(self.bad(
-                            i,
-                            c,
-                            &format!("does not inflate to {want} bytes"),
-                        ))
-                    }
-                    Err(e) => return Err(self.bad(i, c, &format!("inflate: {e}"))),
-                }
-            }
-            Kind::Bzip2 => {
-                let mut z = bzip2::Decompress::new(false);
-                match z.decompress(&input, &mut out) {
-                    Ok(bzip2::Status::StreamEnd) if z.total_out() == want => {}
-                    Ok(_) => {
-                        return Err(self.bad(
-                            i,
-                            c,
-                            &format!("does not decompress to {want} bytes"),
-                        ))
-                    }
-                    Err(e) => return Err(self.bad(i, c, &format!("bzip2: {e}"))),
-                }
-            }
-            Kind::Lzfse => {
-                // qemu takes whatever decodes into the chunk's room, if anything does.
-                use std::io::Read;
-                let mut dec = lzfse_rust::LzfseRingDecoder::default();
-                let mut r = dec.reader_bytes(&input);
-                let mut got = 0;
-                while got < out.len() {
-                    match r.read(&mut out[got..]) {
-                        Ok(0) => break,
-                        Ok(n) => got += n,
-                        Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-                        Err(e) => return Err(self.bad(i, c, &format!("lzfse: {e}"))),
-                    }
-                }
-                if got == 0 {
-                    return Err(self.bad(i, c, "lzfse: nothing decodes"));
-                }
-            }
-            Kind::Zero | Kind::Raw => {
-                return Err(self.bad(i, c, "not a compressed chunk"));
-            }
-        }
+        decode(c.kind, &input, &mut out).map_err(|e| self.bad(i, c, &e))?;
         Ok(out)
     }
 
@@ -545,6 +494,51 @@ impl Dmg {
             }
         }
         Ok(())
+    }
+}
+
+/// Decompress a whole chunk into `out`, its sectors' room: zlib and bzip2 must fill it
+/// exactly, LZFSE at least in part (qemu's rules).
+fn decode(kind: Kind, input: &[u8], out: &mut [u8]) -> std::result::Result<(), String> {
+    let want = out.len() as u64;
+    match kind {
+        Kind::Zlib => {
+            let mut z = flate2::Decompress::new(true);
+            match z.decompress(input, out, flate2::FlushDecompress::Finish) {
+                Ok(flate2::Status::StreamEnd) if z.total_out() == want => Ok(()),
+                Ok(_) => Err(format!("does not inflate to {want} bytes")),
+                Err(e) => Err(format!("inflate: {e}")),
+            }
+        }
+        Kind::Bzip2 => {
+            let mut z = bzip2::Decompress::new(false);
+            match z.decompress(input, out) {
+                Ok(bzip2::Status::StreamEnd) if z.total_out() == want => Ok(()),
+                Ok(_) => Err(format!("does not decompress to {want} bytes")),
+                Err(e) => Err(format!("bzip2: {e}")),
+            }
+        }
+        Kind::Lzfse => {
+            // qemu takes whatever decodes into the chunk's room, if anything does (the rest
+            // stays zero here).
+            use std::io::Read;
+            let mut dec = lzfse_rust::LzfseRingDecoder::default();
+            let mut r = dec.reader_bytes(input);
+            let mut got = 0;
+            while got < out.len() {
+                match r.read(&mut out[got..]) {
+                    Ok(0) => break,
+                    Ok(n) => got += n,
+                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                    Err(e) => return Err(format!("lzfse: {e}")),
+                }
+            }
+            if got == 0 {
+                return Err("lzfse: nothing decodes".into());
+            }
+            Ok(())
+        }
+        Kind::Zero | Kind::Raw => Err("not a compressed chunk".into()),
     }
 }
 
@@ -623,5 +617,40 @@ mod tests {
         // A partial group is dropped; '=' inside a group pads.
         assert_eq!(base64_decode(b"aGVsbG"), b"hel");
         assert_eq!(base64_decode(b"aG=="), b"h");
+    }
+
+    #[test]
+    fn decodes_chunks_as_qemu() {
+        use std::io::Write;
+        let plain: Vec<u8> = (0..4096u32).map(|i| (i * 7 % 251) as u8).collect();
+        let mut out = vec![0u8; 4096];
+        let mut z = flate2::write::ZlibEncoder::new(Vec::new(), flate2::Compression::default());
+        z.write_all(&plain).unwrap();
+        let zlib = z.finish().unwrap();
+        decode(Kind::Zlib, &zlib, &mut out).unwrap();
+        assert_eq!(out, plain);
+        // A count that lies either way, or cut data, fails.
+        assert!(decode(Kind::Zlib, &zlib, &mut [0u8; 4608]).is_err());
+        assert!(decode(Kind::Zlib, &zlib, &mut [0u8; 3584]).is_err());
+        assert!(decode(Kind::Zlib, &zlib[..zlib.len() / 2], &mut out).is_err());
+        let mut b = bzip2::write::BzEncoder::new(Vec::new(), bzip2::Compression::default());
+        b.write_all(&plain).unwrap();
+        let bz = b.finish().unwrap();
+        out.fill(0);
+        decode(Kind::Bzip2, &bz, &mut out).unwrap();
+        assert_eq!(out, plain);
+        assert!(decode(Kind::Bzip2, &bz, &mut [0u8; 4608]).is_err());
+        assert!(decode(Kind::Bzip2, &zlib, &mut out).is_err());
+        let mut lz = Vec::new();
+        lzfse_rust::encode_bytes(&plain, &mut lz).unwrap();
+        out.fill(0);
+        decode(Kind::Lzfse, &lz, &mut out).unwrap();
+        assert_eq!(out, plain);
+        // Room for less is not an error (qemu's rule); garbage is.
+        let mut half = vec![0u8; 2048];
+        decode(Kind::Lzfse, &lz, &mut half).unwrap();
+        assert_eq!(half, plain[..2048]);
+        assert!(decode(Kind::Lzfse, &[0x62, 0x76, 0x78, 0x32, 0xff], &mut out).is_err());
+        assert!(decode(Kind::Lzfse, &zlib, &mut out).is_err());
     }
 }

@@ -1,7 +1,10 @@
 #!/usr/bin/python3
 """Build an Apple disk image (UDIF .dmg) without macOS, for tests/format_dmg.rs.
 
-Usage: make_dmg.py OUT SPEC_JSON
+Usage: make_dmg.py OUT SPEC_JSON [EXPECTED]
+
+EXPECTED, if given, gets the guest bytes the image stands for (a raw file of the trailer's
+sector count: the data chunks' sectors, zeroes elsewhere).
 
 SPEC is a JSON object:
   form:         "xml" (a plist of base64 mish blocks, the default) or "rsrc" (the old
@@ -58,6 +61,7 @@ def mish(first, sector_count, data_offset, entries):
 
 def build(spec):
     fork_at = spec.get("data_fork_offset", 0)
+    guest = {}
     data = bytearray(b"\0" * fork_at)
     blocks = []
     next_first = 0
@@ -79,6 +83,8 @@ def build(spec):
                 stored = bz2.compress(plain)
             else:
                 stored = b""
+            if stored:
+                guest[first + sector] = plain
             offset = len(data) - fork_at - data_offset
             data += stored
             entries.append((
@@ -128,13 +134,20 @@ def build(spec):
     struct.pack_into(">QQ", koly, 0xD8, xml_at, xml_len)
     struct.pack_into(">I", koly, 0x1E8, 1)
     struct.pack_into(">Q", koly, 0x1EC, total)
-    return bytes(data) + bytes(koly)
+    expected = bytearray(total * 512)
+    for s, plain in guest.items():
+        expected[s * 512:s * 512 + len(plain)] = plain
+    return bytes(data) + bytes(koly), bytes(expected[:total * 512])
 
 
 def main():
     out, spec = sys.argv[1], json.loads(sys.argv[2])
+    image, expected = build(spec)
     with open(out, "wb") as f:
-        f.write(build(spec))
+        f.write(image)
+    if len(sys.argv) > 3:
+        with open(sys.argv[3], "wb") as f:
+            f.write(expected)
 
 
 if __name__ == "__main__":
