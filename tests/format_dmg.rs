@@ -17,7 +17,9 @@ const MIXED: &str = r#"{"type":"raw","sectors":8},{"type":"zlib","sectors":16},
     {"type":"zlib","sectors":3},{"type":"raw","sectors":5},{"type":"term"}"#;
 
 fn tool(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/tools").join(name)
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/tools")
+        .join(name)
 }
 
 /// `d/name` built from `spec`, and the guest bytes it stands for (`name.raw`).
@@ -66,8 +68,18 @@ fn both(img: &Path, extra: &[&str]) -> [(String, String); 2] {
 
 fn same_as_qemu_nbd(img: &Path, extra: &[&str]) -> String {
     let [ours, theirs] = both(img, extra);
-    assert_eq!(ours.0, theirs.0, "{}: reads differ from qemu-nbd's", img.display());
-    assert_eq!(ours.1, theirs.1, "{}: map differs from qemu-nbd's", img.display());
+    assert_eq!(
+        ours.0,
+        theirs.0,
+        "{}: reads differ from qemu-nbd's",
+        img.display()
+    );
+    assert_eq!(
+        ours.1,
+        theirs.1,
+        "{}: map differs from qemu-nbd's",
+        img.display()
+    );
     ours.0
 }
 
@@ -78,7 +90,11 @@ fn reads_as(img: &Path, raw: &Path) {
         .args(["compare", "-f", "raw", "-F", "raw"])
         .arg(raw)
         .arg(s.uri()));
-    assert!(out.contains("Images are identical"), "{}: {out}", img.display());
+    assert!(
+        out.contains("Images are identical"),
+        "{}: {out}",
+        img.display()
+    );
 }
 
 fn tools() -> bool {
@@ -233,34 +249,94 @@ fn damaged_images_are_refused_in_qemu_nbds_words() {
         .rposition(|w| w == b"</data>")
         .unwrap();
     let mut cases: Vec<(PathBuf, &str)> = vec![
-        (patched(&xml, &p.join("fork.dmg"), 0x18, true, &far), "Invalid"),
-        (patched(&xml, &p.join("xmlat.dmg"), 0xd8, true, &far), "Invalid"),
-        (patched(&xml, &p.join("xmllen.dmg"), 0xe0, true, &far), "Invalid"),
-        (patched(&xml, &p.join("none.dmg"), 0xe0, true, &[0; 8]), "Invalid"),
-        (patched(&xml, &p.join("rsrcat.dmg"), 0x28, true, &far), "Invalid"),
-        (patched(&rsrc, &p.join("rsrclen.dmg"), 0x30, true, &far), "Invalid"),
-        (patched(&xml, &p.join("open.dmg"), xml_data, false, b"</dat_>"), "Invalid"),
-        (patched(&xml, &p.join("neg.dmg"), 0x1ec, true, &[0x80; 8]), "Invalid"),
         (
-            patched(&xml, &p.join("huge.dmg"), 0x1ec, true, &(1u64 << 54).to_be_bytes()),
+            patched(&xml, &p.join("fork.dmg"), 0x18, true, &far),
+            "Invalid",
+        ),
+        (
+            patched(&xml, &p.join("xmlat.dmg"), 0xd8, true, &far),
+            "Invalid",
+        ),
+        (
+            patched(&xml, &p.join("xmllen.dmg"), 0xe0, true, &far),
+            "Invalid",
+        ),
+        (
+            patched(&xml, &p.join("none.dmg"), 0xe0, true, &[0; 8]),
+            "Invalid",
+        ),
+        (
+            patched(&xml, &p.join("rsrcat.dmg"), 0x28, true, &far),
+            "Invalid",
+        ),
+        (
+            patched(&rsrc, &p.join("rsrclen.dmg"), 0x30, true, &far),
+            "Invalid",
+        ),
+        (
+            patched(&xml, &p.join("open.dmg"), xml_data, false, b"</dat_>"),
+            "Invalid",
+        ),
+        (
+            patched(&xml, &p.join("neg.dmg"), 0x1ec, true, &[0x80; 8]),
+            "Invalid",
+        ),
+        (
+            patched(
+                &xml,
+                &p.join("huge.dmg"),
+                0x1ec,
+                true,
+                &(1u64 << 54).to_be_bytes(),
+            ),
             "Could not refresh total sector count: File too large",
         ),
         (
-            patched(&xml, &p.join("wraps.dmg"), 0x1ec, true, &(1u64 << 62).to_be_bytes()),
+            patched(
+                &xml,
+                &p.join("wraps.dmg"),
+                0x1ec,
+                true,
+                &(1u64 << 62).to_be_bytes(),
+            ),
             "Failed to determine the NBD export's length: File too large",
         ),
-        (patched(&xml, &p.join("magic.dmg"), 0, true, b"kolx"), "trailer"),
         (
-            patched(&rsrc, &p.join("rdata.dmg"), rsrc_at, false, &[0x7f, 0, 0, 0]),
-            "Invalid",
-        ),
-        (patched(&rsrc, &p.join("rcount.dmg"), rsrc_at + 8, false, &[0; 4]), "Invalid"),
-        (
-            patched(&rsrc, &p.join("rwrap.dmg"), rsrc_at + 8, false, &[0xff, 0xff, 0xff, 0xf8]),
-            "Invalid",
+            patched(&xml, &p.join("magic.dmg"), 0, true, b"kolx"),
+            "trailer",
         ),
         (
-            patched(&rsrc, &p.join("rlong.dmg"), rsrc_at + 16, false, &[0x7f, 0, 0, 0]),
+            patched(
+                &rsrc,
+                &p.join("rdata.dmg"),
+                rsrc_at,
+                false,
+                &[0x7f, 0, 0, 0],
+            ),
+            "Invalid",
+        ),
+        (
+            patched(&rsrc, &p.join("rcount.dmg"), rsrc_at + 8, false, &[0; 4]),
+            "Invalid",
+        ),
+        (
+            patched(
+                &rsrc,
+                &p.join("rwrap.dmg"),
+                rsrc_at + 8,
+                false,
+                &[0xff, 0xff, 0xff, 0xf8],
+            ),
+            "Invalid",
+        ),
+        (
+            patched(
+                &rsrc,
+                &p.join("rlong.dmg"),
+                rsrc_at + 16,
+                false,
+                &[0x7f, 0, 0, 0],
+            ),
             "Invalid",
         ),
         (
@@ -286,14 +362,20 @@ fn damaged_images_are_refused_in_qemu_nbds_words() {
     ];
     // Too short for a trailer (qemu rounds the size up to a sector first), and empty.
     std::fs::write(p.join("short.dmg"), [0u8; 100]).unwrap();
-    cases.push((p.join("short.dmg"), "Could not locate UDIF trailer in dmg file"));
+    cases.push((
+        p.join("short.dmg"),
+        "Could not locate UDIF trailer in dmg file",
+    ));
     std::fs::write(p.join("empty.dmg"), []).unwrap();
     for (img, words) in &cases {
         let msg = refused_alike(img, &["-r"]);
         assert!(msg.contains(words), "{}: {msg}", img.display());
     }
     let msg = refused_alike(&p.join("empty.dmg"), &["-r", "-f", "dmg"]);
-    assert!(msg.contains("dmg file must be at least 512 bytes long"), "{msg}");
+    assert!(
+        msg.contains("dmg file must be at least 512 bytes long"),
+        "{msg}"
+    );
 }
 
 #[test]
@@ -318,9 +400,8 @@ fn hostile_chunks_fail_their_reads_and_the_server_goes_on() {
         r#"{"type":"zlib","sectors":8,"offset":9223372036854775000}"#,
     ];
     for (i, chunks) in specs.iter().enumerate() {
-        let spec = format!(
-            r#"{{"partitions":[{{"chunks":[{{"type":"raw","sectors":8}},{chunks}]}}]}}"#
-        );
+        let spec =
+            format!(r#"{{"partitions":[{{"chunks":[{{"type":"raw","sectors":8}},{chunks}]}}]}}"#);
         let (img, _) = make(p, &format!("h{i}.dmg"), &spec);
         same_as_qemu_nbd(&img, &[]);
     }
@@ -341,7 +422,10 @@ fn hostile_chunks_fail_their_reads_and_the_server_goes_on() {
         let s = Server::unix(QNBD, &["-r", "-t", img.to_str().unwrap()]);
         let out = nbdsh_script("dmg_blocks.py", &s.uri(), &[]);
         let lines: Vec<&str> = out.lines().collect();
-        assert!(lines[1].starts_with("0 ") && !lines[1].ends_with("ERR"), "{out}");
+        assert!(
+            lines[1].starts_with("0 ") && !lines[1].ends_with("ERR"),
+            "{out}"
+        );
         assert_eq!(lines[2], "4096 ERR", "{out}");
         assert!(!lines[3].ends_with("ERR"), "{out}");
         // The server is still there for a new client.

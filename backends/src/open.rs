@@ -56,8 +56,7 @@ pub fn detect_format(head: &[u8]) -> Format {
 /// empty file is raw without probing, as in qemu.
 fn probe_format(head: &[u8], name: &Path) -> Format {
     let f = detect_format(head);
-    if f == Format::raw() && !head.is_empty() && crate::dmg::probe_name(&name.to_string_lossy())
-    {
+    if f == Format::raw() && !head.is_empty() && crate::dmg::probe_name(&name.to_string_lossy()) {
         return Format(&crate::dmg::DRIVER);
     }
     f
