@@ -49,8 +49,11 @@ const LENGTHS_MAX: u64 = 64 * 1024 * 1024;
 const SECTORCOUNTS_MAX: u64 = LENGTHS_MAX / SECTOR;
 /// qemu's cap on the XML property list.
 const XML_MAX: u64 = 16 * 1024 * 1024;
-/// Decompressed chunks kept for the next reads (each at most 64 MiB).
-const CACHED_CHUNKS: usize = 2;
+/// Decompressed chunks kept for the next reads: a few (several connections reading
+/// sequentially each keep theirs), within a byte budget past which only the latest stays
+/// (a chunk is at most 64 MiB; Apple's tools write 1 MiB chunks).
+const CACHED_CHUNKS: usize = 8;
+const CACHE_BYTES: usize = 64 << 20;
 /// qemu's largest offset a read may start at (`BDRV_MAX_LENGTH`): past it, EIO.
 const MAX_LENGTH: u64 = (i64::MAX as u64) & !((1 << 30) - 1);
 
@@ -458,6 +461,9 @@ impl Dmg {
         let mut cache = self.cache.lock();
         cache.push_front((i, data.clone()));
         cache.truncate(CACHED_CHUNKS);
+        while cache.len() > 1 && cache.iter().map(|(_, d)| d.len()).sum::<usize>() > CACHE_BYTES {
+            cache.pop_back();
+        }
         Ok(data)
     }
 
