@@ -23,8 +23,10 @@
 //! Where qnbd differs, on purpose: bzip2 and LZFSE chunks are read here (pure-Rust decoders),
 //! while Debian's qemu build lacks those modules and so drops such chunks (their sectors
 //! fail with EIO). A stored chunk whose length is shorter than its sectors fails the sectors
-//! past its length with EIO (qemu returns whatever its buffer held). Bytes read past the
-//! file's end are zeroes, as in qemu.
+//! past its length with EIO (qemu returns whatever its buffer held). An empty chunk table
+//! fails every read with EIO (qemu 10.0.2 crashes). Where chunks overlap, the binary search
+//! alone decides (qemu first tries the chunk it read last). Bytes read past the file's end
+//! are zeroes, as in qemu.
 
 use crate::file::HostFile;
 use crate::format::{Driver, ImageOptions, OpenBacking};
