@@ -175,6 +175,36 @@ fn bzip2_chunks_are_read_although_debians_qemu_drops_them() {
     assert_eq!(ours.1, theirs.1);
 }
 
+#[test]
+fn lzfse_chunks_are_read() {
+    if !have("qemu-img") {
+        return;
+    }
+    let d = tmpdir();
+    let p = d.path();
+    let plain: Vec<u8> = (0..16 * 512u32)
+        .map(|i| {
+            if i % 3000 < 700 {
+                0
+            } else {
+                (i * 31 % 253) as u8
+            }
+        })
+        .collect();
+    let mut stored = Vec::new();
+    lzfse_rust::encode_bytes(&plain, &mut stored).unwrap();
+    std::fs::write(p.join("plain"), &plain).unwrap();
+    std::fs::write(p.join("stored"), &stored).unwrap();
+    let spec = format!(
+        r#"{{"partitions":[{{"chunks":[{{"type":"raw","sectors":8}},
+        {{"type":"lzfse","sectors":16,"plain":"{0}/plain","stored":"{0}/stored"}},
+        {{"type":"zlib","sectors":8}}]}}]}}"#,
+        p.display()
+    );
+    let (img, raw) = make(p, "lz.dmg", &spec);
+    reads_as(&img, &raw);
+}
+
 /// Exit status 1 and stderr of `bin` refusing `img`, with the program's name made common.
 fn refusal(bin: &str, img: &Path, extra: &[&str]) -> String {
     let sock = img.with_extension("sock");

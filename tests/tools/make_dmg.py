@@ -13,7 +13,9 @@ SPEC is a JSON object:
                          "data_offset": the mish block's data offset (default 0: chunk
                          offsets are from the data fork's start), "chunks": [...]}
   chunk:        {"type": "raw"|"zlib"|"bz2"|"zero"|"ignore"|"comment"|"term"|"lzfse"|INT,
-                 "sectors": N, and to lie: "sector", "count", "offset", "length"}
+                 "sectors": N, and to lie: "sector", "count", "offset", "length";
+                 "plain" and "stored": files with the chunk's sectors and its stored
+                 bytes instead of the pattern (how an LZFSE chunk is given)}
   sectors:      the trailer's sector count (default: the end of the last chunk)
   data_fork_offset: where the data fork starts (default 0, any padding before it zeroes)
 
@@ -75,7 +77,11 @@ def build(spec):
             t = TYPES[kind] if isinstance(kind, str) else kind
             n = c.get("sectors", 0)
             plain = pattern(first + sector, n)
-            if kind == "raw":
+            if "plain" in c:
+                plain = open(c["plain"], "rb").read()
+            if "stored" in c:
+                stored = open(c["stored"], "rb").read()
+            elif kind == "raw":
                 stored = plain
             elif kind == "zlib":
                 stored = zlib.compress(plain)
