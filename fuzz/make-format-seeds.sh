@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The formats target's seeds (fuzz/corpus/formats): images qemu-img and qemu-io make in the
 # formats other than qcow2 — vmdk (sparse, stream-optimized, with a parent), vdi, vpc
-# (dynamic and fixed), vhdx, qed (with a backing file), parallels, bochs and cloop (built here) — with data, zeroes and unwritten
+# (dynamic and fixed), vhdx, qed (with a backing file), parallels, bochs, cloop and dmg (built here) — with data, zeroes and unwritten
 # parts, each opened read-write and read-only. Run by make-seeds.sh; alone it needs only
 # qemu-utils.
 set -euo pipefail
@@ -19,9 +19,10 @@ seed() {
     local name=$1 idx=$2 file=$3 mode
     shift 3
     for mode in "${@:-rw}"; do
-        local ctl=$idx
-        [ $mode = ro ] && ctl=$((idx | 8))
-        [ $mode = discard ] && ctl=$((idx | 16))
+        # The format index: bits 0-2, then bits 5-6 (fuzz/src/lib.rs).
+        local ctl=$(((idx & 7) | (idx >> 3) << 5))
+        [ $mode = ro ] && ctl=$((ctl | 8))
+        [ $mode = discard ] && ctl=$((ctl | 16))
         { printf "\\$(printf %03o "$ctl")\\000\\200\\360"; cat "$file"; } >"$corpus/$name-$mode"
     done
 }
@@ -89,4 +90,14 @@ open("c.cloop", "wb").write(body + b"".join(blocks))
 PY
 seed bochs-data 6 b.bochs ro
 seed cloop-data 7 c.cloop ro
+
+# dmg: qemu-img cannot write one; tests/tools/make_dmg.py builds them (read-only only).
+mkdmg=$(realpath "$(dirname "$0")")/../tests/tools/make_dmg.py
+/usr/bin/python3 "$mkdmg" d.dmg '{"partitions":[{"chunks":[{"type":"raw","sectors":4},
+  {"type":"zlib","sectors":8},{"type":"zero","sectors":64},{"type":"bz2","sectors":4},
+  {"type":"ignore","sectors":4},{"type":"term"}]},{"chunks":[{"type":"zlib","sectors":3}]}]}'
+/usr/bin/python3 "$mkdmg" dr.dmg '{"form":"rsrc","partitions":[{"chunks":[{"type":"raw","sectors":2},
+  {"type":"zlib","sectors":5}]}]}'
+seed dmg-xml 8 d.dmg ro
+seed dmg-rsrc 8 dr.dmg ro
 echo "make-format-seeds: $(ls "$corpus" | wc -l) seeds, $(du -sh "$corpus" | cut -f1)"

@@ -19,6 +19,7 @@ pub mod compress;
 mod data_cache;
 pub mod detect_zeroes;
 mod device;
+pub mod dmg;
 mod error;
 mod extent;
 pub mod file;

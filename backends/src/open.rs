@@ -25,6 +25,7 @@ static DRIVERS: &[&Driver] = &[
     &crate::parallels::DRIVER,
     &crate::bochs::DRIVER,
     &crate::cloop::DRIVER,
+    &crate::dmg::DRIVER,
     &crate::raw::DRIVER,
 ];
 
@@ -49,6 +50,18 @@ pub fn detect_format(head: &[u8]) -> Format {
         .iter()
         .find(|d| (d.probe)(head))
         .map_or_else(Format::raw, |d| Format(d))
+}
+
+/// Guess an image's format from its first bytes, then from its name: qemu scores a header
+/// match above dmg's ".dmg" suffix, and that above raw. (The dmg driver's header probe says
+/// no to every image; its name probe is asked here, the one place that knows the name.) An
+/// empty file is raw without probing, as in qemu.
+fn probe_format(head: &[u8], name: &Path) -> Format {
+    let f = detect_format(head);
+    if f == Format::raw() && !head.is_empty() && crate::dmg::probe_name(&name.to_string_lossy()) {
+        return Format(&crate::dmg::DRIVER);
+    }
+    f
 }
 
 /// Does a first sector look like a format other than raw? (The probed-raw write guard.)
@@ -137,13 +150,13 @@ pub fn open_image(opts: &ImageOptions) -> Result<Opened> {
     let format = match opts.format {
         Some(f) => f,
         None => {
-            let f = detect_format(&head);
+            let name = match &remote {
+                Some(r) => PathBuf::from(r.filename()),
+                None => opts.path.clone(),
+            };
+            let f = probe_format(&head, &name);
             // qemu's raw driver warns only when the probed image is opened for writing.
             if f == Format::raw() && !read_only {
-                let name = match &remote {
-                    Some(r) => PathBuf::from(r.filename()),
-                    None => opts.path.clone(),
-                };
                 warnings.push(probed_raw_warning(&name));
             }
             f

@@ -437,7 +437,7 @@ fn exercise(dev: Device, at: &[u8]) {
 
 /// The formats [`formats`] picks from (qcow2 has a target of its own; luks is left out: its
 /// key derivation runs as many rounds as the image asks, by design).
-pub const FORMATS: [&str; 8] = [
+pub const FORMATS: [&str; 9] = [
     "vmdk",
     "vdi",
     "vpc",
@@ -446,6 +446,7 @@ pub const FORMATS: [&str; 8] = [
     "parallels",
     "bochs",
     "cloop",
+    "dmg",
 ];
 
 /// The other formats' target: an image file of arbitrary bytes opened by one driver and

@@ -318,6 +318,12 @@ pub(crate) fn warn(msg: &str) {
     eprintln!("{}: warning: {msg}", progname());
 }
 
+/// qemu's `error_report`: `<prog>: <msg>` straight to stderr (a message printed while the
+/// open goes on to fail with its own).
+pub(crate) fn error_report(msg: &str) {
+    eprintln!("{}: {msg}", progname());
+}
+
 /// Which fcntl commands lock: qemu's `fcntl_op_setlk` / `fcntl_op_getlk`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Ops {
