@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The formats target's seeds (fuzz/corpus/formats): images qemu-img and qemu-io make in the
 # formats other than qcow2 — vmdk (sparse, stream-optimized, with a parent), vdi, vpc
-# (dynamic and fixed), vhdx, qed (with a backing file), parallels — with data, zeroes and unwritten
+# (dynamic and fixed), vhdx, qed (with a backing file), parallels, qcow (v1: plain, compressed, with a backing file) — with data, zeroes and unwritten
 # parts, each opened read-write and read-only. Run by make-seeds.sh; alone it needs only
 # qemu-utils.
 set -euo pipefail
@@ -70,4 +70,14 @@ seed qed-backing 4 qb.qed rw ro
 qemu-img create -q -f parallels -o cluster_size=4k pa.hdd 256K
 io parallels pa.hdd 'write -P 11 0 8k' 'write -P 12 64k 4k' 'write -z 4k 4k'
 seed parallels-data 5 pa.hdd rw ro discard
+
+qemu-img create -q -f qcow qc.qcow 256K
+io qcow qc.qcow 'write -P 13 0 8k' 'write -P 14 64k 1k'
+# qemu 10 exits 1 once the image is written (its closing zero-length compressed write fails).
+qemu-img convert -q -c -O qcow qc.qcow qz.qcow || true
+qemu-img create -q -f qcow -b base.raw -F raw qcb.qcow 64K
+io qcow qcb.qcow 'write -P 15 4k 4k'
+seed qcow-data 6 qc.qcow rw ro
+seed qcow-compressed 6 qz.qcow rw ro
+seed qcow-backing 6 qcb.qcow rw ro
 echo "make-format-seeds: $(ls "$corpus" | wc -l) seeds, $(du -sh "$corpus" | cut -f1)"

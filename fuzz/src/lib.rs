@@ -437,7 +437,7 @@ fn exercise(dev: Device, at: &[u8]) {
 
 /// The formats [`formats`] picks from (qcow2 has a target of its own; luks is left out: its
 /// key derivation runs as many rounds as the image asks, by design).
-pub const FORMATS: [&str; 6] = ["vmdk", "vdi", "vpc", "vhdx", "qed", "parallels"];
+pub const FORMATS: [&str; 7] = ["vmdk", "vdi", "vpc", "vhdx", "qed", "parallels", "qcow"];
 
 /// The other formats' target: an image file of arbitrary bytes opened by one driver and
 /// used as [`qcow2`]'s images are. Byte 0: bits 0-2 the format ([`FORMATS`], modulo), bit 3

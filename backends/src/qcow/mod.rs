@@ -28,14 +28,18 @@
 //! - The allocation lock is held from the second look-up to the L2 entry, so no cluster is
 //!   handed out twice and no entry is lost to a concurrent writer. Lock order: allocation,
 //!   then tables.
+//! - A cluster's L2 entry may reach the disk before the file's new length (no sync between
+//!   them without a backing file: the cluster then reads as zeroes, as before the write). A
+//!   later write to such a cluster, past the file's end, takes it into the file first (the
+//!   allocation point moves past it), so it is never handed out again.
 //! - FLUSH syncs the file; a FUA write syncs after its L2 entry.
 //! - Write-zeroes writes zeroes (qemu's qcow has no zero clusters: its block layer writes
 //!   zeroes too, allocating); trim does nothing (qemu's qcow has no discard).
 //!
 //! Hostile images: the L1 table must lie in the file; an L2 table or data cluster that
 //! overlaps the header, the backing file name or the L1 table, an L2 table not wholly in the
-//! file, a cluster that is not sector-aligned (qemu's check) or, for a write, not wholly in
-//! the file, fails its request; a compressed cluster that does not inflate fails its read.
+//! file, a cluster that is not sector-aligned (qemu's check) or, for a write, more than
+//! 1 GiB past the file's end, fails its request; a compressed cluster that does not inflate fails its read.
 
 mod header;
 
@@ -64,6 +68,9 @@ pub static DRIVER: Driver = Driver {
 const SECTOR: u64 = 512;
 /// L2 tables kept in memory at once, in bytes.
 const CACHE_BYTES: u64 = 32 << 20;
+/// How far past the file's end an allocated cluster may be written (taken into the file):
+/// further out, its L2 entry is hostile, and the write fails.
+const MAX_CLAIM: u64 = 1 << 30;
 
 /// `--image-opts` keys: a backing file, and the encryption key.
 fn option(key: &str, v: &str, opts: &mut ImageOptions) -> Option<std::result::Result<(), String>> {
@@ -325,7 +332,9 @@ impl Qcow {
             Entry::At(at) => t
                 .iter()
                 .enumerate()
-                .take_while(|&(k, &e)| e == at + k as u64 * self.cluster)
+                .take_while(|&(k, &e)| {
+                    e == at + k as u64 * self.cluster && !self.overlaps_meta(e, self.cluster)
+                })
                 .count(),
         };
         Ok((first, n as u64))
@@ -402,17 +411,33 @@ impl Qcow {
         }
     }
 
-    /// Write into an allocated run: it must lie in the file (below every new cluster).
+    /// Write into an allocated run. It must lie below every cluster still to be allocated:
+    /// a run past the file's end (its L2 entry reached the disk before the file's new
+    /// length, in a power cut) is taken into the file first, under the allocation lock,
+    /// unless it lies further out than any such loss could leave it (a hostile entry).
     fn write_in_place(&self, pos: u64, at: u64, data: &[u8]) -> Result<()> {
-        let fits = at
-            .checked_add(data.len() as u64)
-            .is_some_and(|e| e <= self.end.load(Ordering::Acquire));
-        if !fits {
-            return Err(self.f.corrupt(format!(
-                "guest offset {pos:#x} maps to {at:#x}, past the end of the file"
-            )));
+        let Some(last) = at.checked_add(data.len() as u64) else {
+            return Err(self.past_end(pos, at));
+        };
+        if last > self.end.load(Ordering::Acquire) {
+            let mut end = self.alloc.lock();
+            let cluster_end = last.next_multiple_of(self.cluster);
+            if cluster_end > *end {
+                if cluster_end - *end > MAX_CLAIM {
+                    return Err(self.past_end(pos, at));
+                }
+                self.f.grow_to(cluster_end)?;
+                *end = cluster_end;
+                self.end.store(cluster_end, Ordering::Release);
+            }
         }
         self.write_data(pos, at, data)
+    }
+
+    fn past_end(&self, pos: u64, at: u64) -> Error {
+        self.f.corrupt(format!(
+            "guest offset {pos:#x} maps to {at:#x}, past the end of the file"
+        ))
     }
 
     /// The L2 table of cluster `c`, made (zeroes, synced, then the L1 entry) if there is
