@@ -38,7 +38,10 @@ fn convert_compressed(d: &Path, src: &str, dst: &str) {
     let l1 = u64::from_be_bytes(b[40..48].try_into().unwrap()) as usize;
     let l2 = u64::from_be_bytes(b[l1..l1 + 8].try_into().unwrap()) as usize;
     let first = u64::from_be_bytes(b[l2..l2 + 8].try_into().unwrap());
-    assert!(first >> 63 == 1, "{dst}: the first cluster is not compressed");
+    assert!(
+        first >> 63 == 1,
+        "{dst}: the first cluster is not compressed"
+    );
 }
 
 fn map(uri: &str) -> String {
@@ -138,12 +141,19 @@ fn fresh_converted_and_compressed_images_read_map_and_write_as_qemu_nbd() {
     }
     let d = tmpdir();
     source(d.path());
-    qemu_img(d.path(), &["create", "-q", "-f", "qcow", "fresh.qcow", "8M"]);
+    qemu_img(
+        d.path(),
+        &["create", "-q", "-f", "qcow", "fresh.qcow", "8M"],
+    );
     qemu_io(
         d.path(),
         "qcow",
         "fresh.qcow",
-        &["write -P 7 0 4k", "write -P 8 100k 1000", "write -P 9 2M 64k"],
+        &[
+            "write -P 7 0 4k",
+            "write -P 8 100k 1000",
+            "write -P 9 2M 64k",
+        ],
     );
     qemu_img(
         d.path(),
@@ -155,7 +165,10 @@ fn fresh_converted_and_compressed_images_read_map_and_write_as_qemu_nbd() {
         write_and_compare(d.path(), &d.path().join(img));
     }
     // An image that is not a whole number of clusters (or sectors) long.
-    qemu_img(d.path(), &["create", "-q", "-f", "qcow", "odd.qcow", "1000001"]);
+    qemu_img(
+        d.path(),
+        &["create", "-q", "-f", "qcow", "odd.qcow", "1000001"],
+    );
     reads_and_maps_as_qemu_nbd(d.path(), "odd.qcow");
 }
 
@@ -170,13 +183,23 @@ fn an_overlay_reads_and_writes_through_its_backing_file_as_qemu_nbd() {
     source(d.path());
     qemu_img(
         d.path(),
-        &["convert", "-f", "raw", "-O", "qcow2", "src.raw", "base.qcow2"],
+        &[
+            "convert",
+            "-f",
+            "raw",
+            "-O",
+            "qcow2",
+            "src.raw",
+            "base.qcow2",
+        ],
     );
     for (base, fmt) in [("src.raw", "raw"), ("base.qcow2", "qcow2")] {
         let _ = std::fs::remove_file(d.path().join("o.qcow"));
         qemu_img(
             d.path(),
-            &["create", "-q", "-f", "qcow", "-b", base, "-F", fmt, "o.qcow"],
+            &[
+                "create", "-q", "-f", "qcow", "-b", base, "-F", fmt, "o.qcow",
+            ],
         );
         qemu_io(d.path(), "qcow", "o.qcow", &["write -P 0x33 1M 64k"]);
         reads_and_maps_as_qemu_nbd(d.path(), "o.qcow");
@@ -232,7 +255,14 @@ fn encrypted_images_read_and_write_with_the_key_as_qemu_nbd() {
         ok(&mut c)
     };
     qio(&["write -P 0x5a 4k 8k", "write -P 0x11 1M 512"]);
-    let args = ["-r", "-t", "--object", SECRET, "--image-opts", opts.as_str()];
+    let args = [
+        "-r",
+        "-t",
+        "--object",
+        SECRET,
+        "--image-opts",
+        opts.as_str(),
+    ];
     same_as_qemu_nbd(&args, &args, "encrypted");
     // Writes through qnbd, partial clusters and sectors among them, read back in qemu.
     let mut s = Server::unix(
@@ -243,7 +273,11 @@ fn encrypted_images_read_and_write_with_the_key_as_qemu_nbd() {
         d.path(),
         "raw",
         &s.uri(),
-        &["write -P 0x77 2M 1000", "write -P 0x66 4k 100", "write -z 1M 4k"],
+        &[
+            "write -P 0x77 2M 1000",
+            "write -P 0x66 4k 100",
+            "write -z 1M 4k",
+        ],
     );
     s.terminate();
     let out = qio(&[
@@ -257,7 +291,10 @@ fn encrypted_images_read_and_write_with_the_key_as_qemu_nbd() {
     // No key: qemu-nbd's words.
     let ours = refusal(QNBD, d.path(), "e.qcow");
     assert_eq!(ours, refusal("qemu-nbd", d.path(), "e.qcow"));
-    assert!(ours.contains("Parameter 'encrypt.key-secret' is required"), "{ours}");
+    assert!(
+        ours.contains("Parameter 'encrypt.key-secret' is required"),
+        "{ours}"
+    );
 }
 
 /// Start `bin` on `img`; the first line of its stderr when it refuses to.
@@ -312,7 +349,11 @@ fn damaged_headers_are_refused_in_qemu_nbds_words() {
         ("l2_bits 5", 33, vec![5]),
         ("l2_bits 14", 33, vec![14]),
         ("crypt_method 2", 36, 2u32.to_be_bytes().to_vec()),
-        ("backing name too long", 8, [48u64.to_be_bytes(), [0, 0, 4, 0, 0, 0, 0, 0]].concat()),
+        (
+            "backing name too long",
+            8,
+            [48u64.to_be_bytes(), [0, 0, 4, 0, 0, 0, 0, 0]].concat(),
+        ),
     ];
     for (what, at, bytes) in cases {
         patch(&h, &x, at, &bytes);
@@ -321,9 +362,9 @@ fn damaged_headers_are_refused_in_qemu_nbds_words() {
     }
     // Version 2 gets qemu's hint on the next line.
     patch(&h, &x, 4, &2u32.to_be_bytes());
-    let out = run(Command::new("timeout").current_dir(d.path()).args([
-        "20", QNBD, "-f", "qcow", "x.qcow",
-    ]));
+    let out = run(Command::new("timeout")
+        .current_dir(d.path())
+        .args(["20", QNBD, "-f", "qcow", "x.qcow"]));
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("\nTry the 'qcow2' driver instead."), "{err}");
     // A qcow2 image still probes as qcow2.
@@ -372,10 +413,21 @@ fn hostile_l2_entries_fail_requests_not_the_server() {
     assert!(out.contains("read failed: Input/output error"), "{out}");
     for w in ["write -P 9 0 4k", "write -P 9 4k 4k"] {
         let out = qemu_io_any(d.path(), &s.uri(), &[w]);
-        assert!(out.contains("write failed: Input/output error"), "{w}: {out}");
+        assert!(
+            out.contains("write failed: Input/output error"),
+            "{w}: {out}"
+        );
     }
-    let r = qemu_io(d.path(), "raw", &s.uri(), &["read 1M 4k", "write -P 1 2M 4k"]);
-    assert!(r.contains("read 4096/4096") && r.contains("wrote 4096/4096"), "{r}");
+    let r = qemu_io(
+        d.path(),
+        "raw",
+        &s.uri(),
+        &["read 1M 4k", "write -P 1 2M 4k"],
+    );
+    assert!(
+        r.contains("read 4096/4096") && r.contains("wrote 4096/4096"),
+        "{r}"
+    );
     drop(s);
     assert!(
         std::fs::read(&img).unwrap()[..l2] == head[..],

@@ -173,9 +173,18 @@ mod tests {
             err(&|h| h[7] = 9),
             "qcow (v1) does not support qcow version 9"
         );
-        assert_eq!(err(&|h| h[32] = 17), "Cluster size must be between 512 and 64k");
-        assert_eq!(err(&|h| h[33] = 14), "L2 table size must be between 512 and 64k");
-        assert_eq!(err(&|h| h[39] = 2), "invalid encryption method in qcow header");
+        assert_eq!(
+            err(&|h| h[32] = 17),
+            "Cluster size must be between 512 and 64k"
+        );
+        assert_eq!(
+            err(&|h| h[33] = 14),
+            "L2 table size must be between 512 and 64k"
+        );
+        assert_eq!(
+            err(&|h| h[39] = 2),
+            "invalid encryption method in qcow header"
+        );
         assert_eq!(
             err(&|h| h[24..32].copy_from_slice(&1u64.to_be_bytes())),
             "Image size is too small (must be at least 2 bytes)"

@@ -44,11 +44,11 @@
 mod header;
 
 use crate::file::HostFile;
-use crate::format::{backing_option, BackingChoice, Driver, EncryptOptions, ImageOptions};
 use crate::format::OpenBacking;
+use crate::format::{backing_option, BackingChoice, Driver, EncryptOptions, ImageOptions};
 use crate::luks::cipher::{SectorCipher, Spec};
-use crate::{backing, BlockBackend, Caps, Error, Extent, ExtentFlags, Extents, IoFlags, Result};
 use crate::{align::Aligned, Support};
+use crate::{backing, BlockBackend, Caps, Error, Extent, ExtentFlags, Extents, IoFlags, Result};
 use header::Header;
 use parking_lot::Mutex;
 use std::collections::HashMap;
@@ -305,9 +305,9 @@ impl Qcow {
             return Ok(Entry::Compressed(e));
         }
         if !e.is_multiple_of(SECTOR) || self.overlaps_meta(e, self.cluster) {
-            return Err(self.f.corrupt(format!(
-                "cluster {c} has an invalid L2 entry {e:#x}"
-            )));
+            return Err(self
+                .f
+                .corrupt(format!("cluster {c} has an invalid L2 entry {e:#x}")));
         }
         Ok(Entry::At(e))
     }
