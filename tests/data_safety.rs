@@ -986,8 +986,9 @@ fn qemu_reads_qcow_as_qnbd(img: &Path) {
     assert!(out.contains("Images are identical"), "{out}");
 }
 
-/// A fresh qcow (v1) image (4 KiB clusters, 2 MiB per L2 table) and one converted
-/// compressed from data (every write replaces a compressed cluster by a normal one).
+/// A fresh qcow (v1) image (4 KiB clusters, 2 MiB per L2 table), one converted compressed
+/// from data (every write replaces a compressed cluster by a normal one), and an overlay
+/// over the data (512-byte clusters, each synced before its L2 entry).
 #[test]
 fn verifier_qcow_v1() {
     if !have("qemu-img") || !have_nbdsh() {
@@ -1001,6 +1002,7 @@ fn verifier_qcow_v1() {
         // qemu 10 exits 1 after writing the whole image (its closing zero-length
         // compressed write fails): the image is compared instead.
         "qemu-img convert -c -f raw -O qcow {raw} {img}; qemu-img compare -q {raw} {img}",
+        "qemu-img create -q -f qcow -b {raw} -F raw {img}",
     ] {
         let img = d.path().join("a.qcow");
         let _ = std::fs::remove_file(&img);
@@ -1019,5 +1021,12 @@ fn crash_loop_qcow_v1() {
         "qemu-img create -q -f qcow {img} 64M",
         "",
         crash_rounds(),
+    );
+    // An overlay: its clusters are synced before their L2 entries (slow: fewer rounds).
+    crash(
+        "qcow",
+        "qemu-img create -q -f raw {img}.base 64M && qemu-img create -q -f qcow -b {img}.base -F raw {img}",
+        "",
+        crash_rounds().div_ceil(3),
     );
 }

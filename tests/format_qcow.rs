@@ -218,6 +218,31 @@ fn an_overlay_reads_and_writes_through_its_backing_file_as_qemu_nbd() {
         let args = ["-r", "-t", "--image-opts", opts.as_str()];
         same_as_qemu_nbd(&args, &args, &opts);
     }
+    // A 4 KiB-cluster image given a backing file by options: partial writes to new clusters
+    // keep the backing file's bytes around them (qemu would leave zeroes there).
+    qemu_img(d.path(), &["create", "-q", "-f", "qcow", "c4.qcow", "8M"]);
+    let c4 = d.path().join("c4.qcow");
+    let opts = format!(
+        "driver=qcow,file.filename={},backing.driver=raw,backing.file.filename={}",
+        c4.display(),
+        raw.display()
+    );
+    let mut s = Server::unix(QNBD, &["-t", "--image-opts", opts.as_str()]);
+    qemu_io(d.path(), "raw", &s.uri(), &WRITES);
+    s.terminate();
+    let reference = d.path().join("ref4.raw");
+    std::fs::copy(&raw, &reference).unwrap();
+    qemu_io(d.path(), "raw", reference.to_str().unwrap(), &WRITES);
+    let json = format!(
+        r#"json:{{"driver":"qcow","file":{{"driver":"file","filename":"{}"}},"backing":{{"driver":"raw","file":{{"driver":"file","filename":"{}"}}}}}}"#,
+        c4.display(),
+        raw.display()
+    );
+    let out = ok(Command::new("qemu-img")
+        .args(["compare", "-f", "raw"])
+        .arg(&reference)
+        .arg(&json));
+    assert!(out.contains("Images are identical"), "{out}");
 }
 
 #[test]

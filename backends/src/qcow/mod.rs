@@ -13,16 +13,17 @@
 //!
 //! - A write to an allocated (normal) cluster goes to its place in the file, without a lock.
 //!   Such a cluster never moves and is never freed, so one found allocated stays so.
-//! - A write to an unallocated or compressed cluster takes the allocation lock and looks
-//!   again (another writer may have allocated it meanwhile: then it writes in place). A new
-//!   cluster goes at the end of the file rounded up to a cluster (qemu's place), past
-//!   everything this or an earlier session wrote. Its bytes are written first: the new data
-//!   and, for a partial write, the cluster's other bytes (the decompressed cluster it
+//! - A write to unallocated clusters or a compressed one takes the allocation lock and looks
+//!   again (another writer may have allocated it meanwhile: then it writes in place). A run
+//!   of unallocated clusters in one L2 table (or the compressed cluster) gets new clusters,
+//!   one after another, at the end of the file rounded up to a cluster (qemu's place), past
+//!   everything this or an earlier session wrote. Their bytes are written first: the new data
+//!   and, for a partial write, the run's other bytes (the decompressed cluster it
 //!   replaces, else the backing file's bytes, else nothing: the file is extended over them
-//!   and they read as zeroes; an encrypted image gets them encrypted). Then the L2 entry is
-//!   written, then the in-memory table changed (under the table lock). Where a lost cluster
-//!   would not read as before (it replaces a compressed cluster, or hides a backing file),
-//!   the data is synced before the entry.
+//!   and they read as zeroes; an encrypted image gets them encrypted). Then the L2 entries
+//!   are written, then the in-memory table changed (under the table lock). Where a lost
+//!   cluster would not read as before (it replaces a compressed cluster, or hides a backing
+//!   file), the data is synced before the entries.
 //! - Where the L1 entry is empty, a new L2 table goes at the end of the file first, written
 //!   whole (zeroes) and synced before the L1 entry names it.
 //! - The allocation lock is held from the second look-up to the L2 entry, so no cluster is
@@ -39,7 +40,15 @@
 //! Hostile images: the L1 table must lie in the file; an L2 table or data cluster that
 //! overlaps the header, the backing file name or the L1 table, an L2 table not wholly in the
 //! file, a cluster that is not sector-aligned (qemu's check) or, for a write, more than
-//! 1 GiB past the file's end, fails its request; a compressed cluster that does not inflate fails its read.
+//! 1 GiB past the file's end, fails its request; a compressed cluster that does not inflate
+//! fails its read.
+//!
+//! Unlike qemu: a partial write to a new cluster over a backing file copies the backing
+//! file's bytes around it (qemu leaves zeroes there, which only shows with clusters over
+//! 512 bytes: its `-b` images have 512-byte clusters); a compressed cluster of an encrypted
+//! image rewritten in part is stored encrypted (qemu stores it in the clear, then reads it
+//! decrypted); qemu writes a new L1 entry before its L2 table and an L2 entry before its
+//! data.
 
 mod header;
 
@@ -469,47 +478,59 @@ impl Qcow {
         Ok(at)
     }
 
-    /// Write `data` at `in_c` into cluster `c` (guest position `pos`), which was found
-    /// unallocated or compressed: give it a new cluster, as the module's rules say.
-    fn allocate(&self, c: u64, in_c: u64, pos: u64, data: &[u8]) -> Result<()> {
+    /// Write `data` from `in_c` in cluster `c` on (guest position `pos`), where a run of
+    /// unallocated clusters or a compressed one was found: give the run (as found again
+    /// under the allocation lock) new clusters, one after another, as the module's rules
+    /// say. Returns the bytes of `data` written, maybe fewer than all.
+    fn allocate(&self, c: u64, in_c: u64, pos: u64, data: &[u8]) -> Result<u64> {
         let mut end = self.alloc.lock();
-        let (e, _) = self.run(c, 1)?;
+        let want = (in_c + data.len() as u64).div_ceil(self.cluster);
+        let (e, n) = self.run(c, want)?;
+        let len = (n * self.cluster - in_c).min(data.len() as u64);
+        let data = &data[..len as usize];
         if let Entry::At(at) = e {
             drop(end);
-            return self.write_in_place(pos, at + in_c, data);
+            self.write_in_place(pos, at + in_c, data)?;
+            return Ok(len);
         }
+        let clusters = (in_c + len).div_ceil(self.cluster);
+        let bytes = clusters * self.cluster;
         let l2 = self.l2_for_write(&mut end, c)?;
         let at = end.next_multiple_of(self.cluster);
-        let whole = data.len() as u64 == self.cluster;
         let base = c * self.cluster;
-        let fill = !whole
-            && (self.cipher.is_some()
-                || self.backing.is_some()
-                || matches!(e, Entry::Compressed(_)));
-        if fill {
-            let mut b = vec![0u8; self.cluster as usize];
+        let compressed = matches!(e, Entry::Compressed(_));
+        let partial = in_c != 0 || in_c + len != bytes;
+        if partial && (self.cipher.is_some() || self.backing.is_some() || compressed) {
+            // The run's other bytes (at most a cluster's worth at either end) go with it.
+            let mut b = vec![0u8; bytes as usize];
+            let (head, tail) = (in_c as usize, (in_c + len) as usize);
             match e {
                 Entry::Compressed(ce) => self.inflate(c, ce, &mut b)?,
-                _ => backing::read(self.backing.as_ref(), base, &mut b)?,
+                _ => {
+                    backing::read(self.backing.as_ref(), base, &mut b[..head])?;
+                    let after = base + tail as u64;
+                    backing::read(self.backing.as_ref(), after, &mut b[tail..])?;
+                }
             }
-            b[in_c as usize..in_c as usize + data.len()].copy_from_slice(data);
+            b[head..tail].copy_from_slice(data);
             self.write_data(base, at, &b)?;
         } else {
             self.write_data(pos, at + in_c, data)?;
         }
-        self.f.grow_to(at + self.cluster)?;
-        if self.backing.is_some() || matches!(e, Entry::Compressed(_)) {
+        self.f.grow_to(at + bytes)?;
+        if self.backing.is_some() || compressed {
             self.f.sync()?;
         }
-        *end = at + self.cluster;
+        *end = at + bytes;
         self.end.store(*end, Ordering::Release);
         let i = c % self.h.l2_entries();
+        let entries: Vec<u64> = (0..clusters).map(|k| at + k * self.cluster).collect();
+        let raw: Vec<u8> = entries.iter().flat_map(|e| e.to_be_bytes()).collect();
         let mut tables = self.tables.lock();
         let t = self.table(&mut tables, l2)?;
-        self.f
-            .write("write L2 table", l2 + i * 8, &at.to_be_bytes(), false)?;
-        t[i as usize] = at;
-        Ok(())
+        self.f.write("write L2 table", l2 + i * 8, &raw, false)?;
+        t[i as usize..(i + clusters) as usize].copy_from_slice(&entries);
+        Ok(len)
     }
 }
 
@@ -571,9 +592,8 @@ impl BlockBackend for Qcow {
                     n
                 }
                 _ => {
-                    let n = (self.cluster - in_c).min(end - pos);
-                    self.allocate(c, in_c, pos, &data[..n as usize])?;
-                    n
+                    let n = (n * self.cluster - in_c).min(end - pos);
+                    self.allocate(c, in_c, pos, &data[..n as usize])?
                 }
             };
             pos += n;
