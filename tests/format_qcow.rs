@@ -483,3 +483,33 @@ fn qemu_io_any(d: &Path, target: &str, cmds: &[&str]) -> String {
     let out = run(c.arg(target));
     String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr)
 }
+
+/// `--image-opts driver=compress,file.driver=qcow,...`: what nbdcopy writes lands as
+/// compressed clusters qemu reads back; a compressed write over an allocated cluster fails
+/// (EIO) and leaves it alone.
+#[test]
+fn the_compress_filter_stores_compressed_clusters_qemu_reads() {
+    if !have_all() || !have("nbdcopy") {
+        return;
+    }
+    let d = tmpdir();
+    let src = source(d.path());
+    qemu_img(d.path(), &["create", "-q", "-f", "qcow", "c.qcow", "8M"]);
+    let img = d.path().join("c.qcow");
+    let opts = format!(
+        "driver=compress,file.driver=qcow,file.file.filename={}",
+        img.display()
+    );
+    let mut s = Server::unix(QNBD, &["-t", "--image-opts", opts.as_str()]);
+    ok(Command::new("nbdcopy").arg(&src).arg(s.uri()));
+    let out = qemu_io_any(d.path(), &s.uri(), &["write -P 4 7M 4k"]);
+    assert!(out.contains("write failed: Input/output error"), "{out}");
+    s.terminate();
+    let out = compare(&src, "raw", img.to_str().unwrap(), "qcow");
+    assert!(out.contains("Images are identical"), "{out}");
+    let map = ok(Command::new("qemu-img")
+        .args(["map", "--output=json", "-f", "qcow"])
+        .arg(&img));
+    assert!(map.contains("\"compressed\": true"), "{map}");
+    assert!(!map.contains("\"compressed\": false"), "{map}");
+}

@@ -36,6 +36,10 @@
 //! - FLUSH syncs the file; a FUA write syncs after its L2 entry.
 //! - Write-zeroes writes zeroes (qemu's qcow has no zero clusters: its block layer writes
 //!   zeroes too, allocating); trim does nothing (qemu's qcow has no discard).
+//! - Compressed writes (the `compress` filter) go only to clusters never allocated (EIO
+//!   over any other: qemu would overwrite the cluster's place without changing its entry);
+//!   the stream is appended at the file's end, unaligned as in qemu, and synced before its
+//!   L2 entry.
 //!
 //! Hostile images: the L1 table must lie in the file; an L2 table or data cluster that
 //! overlaps the header, the backing file name or the L1 table, an L2 table not wholly in the
@@ -534,6 +538,58 @@ impl Qcow {
     }
 }
 
+impl Qcow {
+    /// Cluster `c` (never allocated) stored compressed: qemu's raw deflate with a 4 KiB
+    /// window, at the file's end as it is (streams are packed), synced before its L2 entry (a
+    /// lost stream would fail reads of a cluster that read zeroes). A cluster that does not
+    /// shrink is written as a normal one, as qemu does.
+    fn write_compressed_cluster(&self, c: u64, data: &[u8], keep: usize) -> Result<()> {
+        let mut z =
+            flate2::Compress::new_with_window_bits(flate2::Compression::default(), false, 12);
+        let mut stream = Vec::with_capacity(data.len());
+        let done = matches!(
+            z.compress_vec(data, &mut stream, flate2::FlushCompress::Finish),
+            Ok(flate2::Status::StreamEnd)
+        );
+        if !done || stream.len() as u64 >= self.cluster {
+            return self.write(c * self.cluster, &data[..keep], IoFlags::empty());
+        }
+        let len = stream.len() as u64;
+        let mut end = self.alloc.lock();
+        let (e, _) = self.run(c, 1)?;
+        if e != Entry::Unalloc {
+            let eio = std::io::Error::from_raw_os_error(libc::EIO);
+            return Err(self.f.err(
+                "compressed write over an allocated cluster",
+                c * self.cluster,
+                0,
+                eio,
+            ));
+        }
+        let l2 = self.l2_for_write(&mut end, c)?;
+        let at = *end;
+        if at > self.h.compressed_offset_mask() {
+            return Err(Error::NoSpace(format!(
+                "'{}': no compressed cluster can start at {at:#x}",
+                self.f.path().display()
+            )));
+        }
+        self.f
+            .write("write compressed cluster", at, &stream, false)?;
+        self.f.sync()?;
+        *end = at + len;
+        self.end.store(*end, Ordering::Release);
+        let entry = Header::COMPRESSED | (len << (63 - self.h.cluster_bits)) | at;
+        let i = c % self.h.l2_entries();
+        let mut tables = self.tables.lock();
+        let t = self.table(&mut tables, l2)?;
+        self.f
+            .write("write L2 table", l2 + i * 8, &entry.to_be_bytes(), false)?;
+        t[i as usize] = entry;
+        Ok(())
+    }
+}
+
 impl BlockBackend for Qcow {
     fn size(&self) -> u64 {
         self.size
@@ -632,6 +688,40 @@ impl BlockBackend for Qcow {
 
     fn format_name(&self) -> &'static str {
         "qcow"
+    }
+
+    /// The `compress` filter's unit (an encrypted image takes no compressed writes here).
+    fn compressed_cluster_size(&self) -> Option<u64> {
+        (!self.read_only && self.cipher.is_none()).then_some(self.cluster)
+    }
+
+    /// Whole clusters (the last one may end at the image's end, padded with zeroes).
+    fn write_compressed(&self, offset: u64, buf: &[u8]) -> Result<()> {
+        if self.compressed_cluster_size().is_none() {
+            return Err(Error::NotSupported("compressed writes"));
+        }
+        let end = offset + buf.len() as u64;
+        if !offset.is_multiple_of(self.cluster)
+            || !(end.is_multiple_of(self.cluster) || end == self.size)
+        {
+            return Err(Error::Invalid(format!(
+                "compressed write at {offset:#x} of {:#x} bytes is not whole clusters",
+                buf.len()
+            )));
+        }
+        let mut padded = Vec::new();
+        for (i, chunk) in buf.chunks(self.cluster as usize).enumerate() {
+            let data = if chunk.len() as u64 == self.cluster {
+                chunk
+            } else {
+                padded.clear();
+                padded.extend_from_slice(chunk);
+                padded.resize(self.cluster as usize, 0);
+                &padded[..]
+            };
+            self.write_compressed_cluster(offset / self.cluster + i as u64, data, chunk.len())?;
+        }
+        Ok(())
     }
 
     fn close(&self) -> Result<()> {
