@@ -385,6 +385,19 @@ fn damaged_headers_are_refused_in_qemu_nbds_words() {
         let ours = refusal(QNBD, d.path(), "x.qcow");
         assert_eq!(ours, refusal("qemu-nbd", d.path(), "x.qcow"), "{what}");
     }
+    // A backing file that is gone.
+    qemu_img(
+        d.path(),
+        &[
+            "create", "-q", "-f", "qcow", "-u", "-b", "gone.raw", "-F", "raw", "nb.qcow", "1M",
+        ],
+    );
+    let ours = refusal(QNBD, d.path(), "nb.qcow");
+    assert_eq!(
+        ours,
+        refusal("qemu-nbd", d.path(), "nb.qcow"),
+        "backing gone"
+    );
     // Version 2 gets qemu's hint on the next line.
     patch(&h, &x, 4, &2u32.to_be_bytes());
     let out = run(Command::new("timeout")
