@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The formats target's seeds (fuzz/corpus/formats): images qemu-img and qemu-io make in the
 # formats other than qcow2 — vmdk (sparse, stream-optimized, with a parent), vdi, vpc
-# (dynamic and fixed), vhdx, qed (with a backing file), parallels, bochs, cloop and dmg (built here) — with data, zeroes and unwritten
+# (dynamic and fixed), vhdx, qed (with a backing file), parallels, qcow (v1: plain, compressed, with a backing file), bochs, cloop and dmg (built here) — with data, zeroes and unwritten
 # parts, each opened read-write and read-only. Run by make-seeds.sh; alone it needs only
 # qemu-utils.
 set -euo pipefail
@@ -100,4 +100,14 @@ mkdmg=$(realpath "$(dirname "$0")")/../tests/tools/make_dmg.py
   {"type":"zlib","sectors":5}]}]}'
 seed dmg-xml 8 d.dmg ro
 seed dmg-rsrc 8 dr.dmg ro
+
+qemu-img create -q -f qcow qc.qcow 256K
+io qcow qc.qcow 'write -P 13 0 8k' 'write -P 14 64k 1k'
+# qemu 10 exits 1 once the image is written (its closing zero-length compressed write fails).
+qemu-img convert -q -c -O qcow qc.qcow qz.qcow || true
+qemu-img create -q -f qcow -b base.raw -F raw qcb.qcow 64K
+io qcow qcb.qcow 'write -P 15 4k 4k'
+seed qcow-data 9 qc.qcow rw ro
+seed qcow-compressed 9 qz.qcow rw ro
+seed qcow-backing 9 qcb.qcow rw ro
 echo "make-format-seeds: $(ls "$corpus" | wc -l) seeds, $(du -sh "$corpus" | cut -f1)"

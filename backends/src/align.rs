@@ -159,6 +159,15 @@ impl Filter for Aligned {
         SECTOR as u32
     }
 
+    /// Whole clusters are whole sectors: straight to the inner layer.
+    fn compressed_cluster_size(&self) -> Option<u64> {
+        self.inner.compressed_cluster_size()
+    }
+
+    fn write_compressed(&self, offset: u64, buf: &[u8]) -> Result<()> {
+        self.inner.write_compressed(offset, buf)
+    }
+
     /// Whole sectors are read straight from the inner layer.
     fn try_read(&self, offset: u64, buf: &mut [u8]) -> bool {
         let c = cut(offset, buf.len() as u64);

@@ -56,6 +56,15 @@ pub trait Filter: Send + Sync + Debug {
     fn unsettled(&self) -> bool {
         self.inner().unsettled()
     }
+    /// Not forwarded by default: a filter that moves or changes bytes would have to
+    /// translate compressed writes too.
+    fn compressed_cluster_size(&self) -> Option<u64> {
+        None
+    }
+    fn write_compressed(&self, offset: u64, buf: &[u8]) -> Result<()> {
+        let _ = (offset, buf);
+        Err(crate::Error::NotSupported("compressed writes"))
+    }
     /// Not forwarded by default, as `read_source`.
     fn try_read(&self, offset: u64, buf: &mut [u8]) -> bool {
         let _ = (offset, buf);
@@ -127,6 +136,12 @@ impl<T: Filter> BlockBackend for T {
     }
     fn unsettled(&self) -> bool {
         Filter::unsettled(self)
+    }
+    fn compressed_cluster_size(&self) -> Option<u64> {
+        Filter::compressed_cluster_size(self)
+    }
+    fn write_compressed(&self, offset: u64, buf: &[u8]) -> Result<()> {
+        Filter::write_compressed(self, offset, buf)
     }
     fn try_read(&self, offset: u64, buf: &mut [u8]) -> bool {
         Filter::try_read(self, offset, buf)

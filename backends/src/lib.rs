@@ -31,6 +31,7 @@ pub mod open;
 pub mod overlay;
 pub mod parallels;
 mod probe_guard;
+pub mod qcow;
 pub mod qcow2;
 pub mod qed;
 pub mod raw;

@@ -23,6 +23,7 @@ static DRIVERS: &[&Driver] = &[
     &crate::vhdx::DRIVER,
     &crate::qed::DRIVER,
     &crate::parallels::DRIVER,
+    &crate::qcow::DRIVER,
     &crate::bochs::DRIVER,
     &crate::cloop::DRIVER,
     &crate::dmg::DRIVER,
@@ -329,6 +330,12 @@ mod tests {
         let qcow2 = Format::from_name("qcow2").unwrap();
         assert_eq!(detect_format(b"QFI\xfb\0\0\0\x03rest"), qcow2);
         assert_eq!(detect_format(b"QFI\xfb\0\0\0\x01rest"), Format::raw());
+        let mut v1 = b"QFI\xfb\0\0\0\x01".to_vec();
+        v1.resize(48, 0);
+        assert!(detect_format(&v1).is(crate::qcow::DRIVER.name));
+        let mut v2 = b"QFI\xfb\0\0\0\x02".to_vec();
+        v2.resize(512, 0);
+        assert_eq!(detect_format(&v2), qcow2);
         assert_eq!(detect_format(b"QFI"), Format::raw());
         assert_eq!(detect_format(&[0u8; 512]), Format::raw());
     }

@@ -437,7 +437,7 @@ fn exercise(dev: Device, at: &[u8]) {
 
 /// The formats [`formats`] picks from (qcow2 has a target of its own; luks is left out: its
 /// key derivation runs as many rounds as the image asks, by design).
-pub const FORMATS: [&str; 9] = [
+pub const FORMATS: [&str; 10] = [
     "vmdk",
     "vdi",
     "vpc",
@@ -447,6 +447,7 @@ pub const FORMATS: [&str; 9] = [
     "bochs",
     "cloop",
     "dmg",
+    "qcow",
 ];
 
 /// The other formats' target: an image file of arbitrary bytes opened by one driver and

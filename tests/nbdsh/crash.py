@@ -620,7 +620,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--server", required=True, help="command with {sock} and {img}")
     ap.add_argument("--create", required=True, help="shell command with {img}")
-    ap.add_argument("--format", choices=["raw", "qcow2", "vmdk", "vdi", "vpc", "vhdx", "qed", "parallels"],
+    ap.add_argument("--format", choices=["raw", "qcow2", "qcow", "vmdk", "vdi", "vpc", "vhdx", "qed", "parallels"],
                     required=True)
     ap.add_argument("--rounds", type=int, default=10)
     ap.add_argument("--conns", type=int, default=8)
