@@ -5,7 +5,9 @@
 #     nbdcopy/nbdinfo/nbddump tests that start qemu-nbd (compressed qcow2 output included);
 #   - qemu 10.0.2's iotests that start qemu-nbd directly and need no VM (233: TLS, with the
 #     server's log compared line by line; block-status-cache, 209, 302,
-#     nbd-reconnect-on-open) and the generic ones with the image behind qemu-nbd (-nbd).
+#     nbd-reconnect-on-open) and the generic ones with the image behind qemu-nbd (-nbd);
+#   - qemu's iotest sample images, intact and damaged as the iotests damage them, served by
+#     qnbd and by qemu-nbd side by side (scripts/compare-samples.py).
 # Usage: scripts/external-suites.sh [QNBD]   (default: target/release/qnbd)
 # Sources are downloaded once into $QNBD_EXT_CACHE (default /var/tmp/qnbd-ext): Debian's
 # tarballs, else upstream's. Exit 0 only if every suite ran and passed; 77 (loudly) when a
@@ -146,6 +148,16 @@ run_iotests qcow2 233 209 302 nbd-reconnect-on-open
 # that pass there with qemu-nbd 10.0.2 and need no VM, but the slow 083 (qemu's NBD client
 # against a fault injector: no qemu-nbd), 197 and 215 (copy-on-read, 008 again).
 run_iotests raw:nbd 001 002 003 004 005 008 009 010 011 021 032 033 077 104 123 241 259 277
+
+# qemu's sample images (the iotests' own: bochs, cloop, dmg, parallels, vmdk, vpc, vhdx),
+# as they are and damaged as the iotests damage them, served by qnbd and qemu-nbd side by side.
+if out=$(/usr/bin/python3 scripts/compare-samples.py \
+    "$CACHE/$QEMU/tests/qemu-iotests/sample_images" "$BIN/qemu-nbd" 2>&1); then
+    echo "qemu sample images: $(grep -c ': same:' <<<"$out") cases served or refused alike"
+else
+    echo "$out" | grep -v ': same:'
+    failed+=("qemu sample images")
+fi
 
 if [ ${#failed[@]} -gt 0 ]; then
     printf 'external-suites: FAILED: %s\n' "${failed[@]}" >&2

@@ -377,3 +377,39 @@ fn null_co_serves_nothing_like_qemu_nbd() {
         assert!(io.contains("read 4096/4096"), "{io}");
     }
 }
+
+/// What `nbdinfo` reports of an export (flags, block sizes, size) is qemu-nbd's in every
+/// mode over a probed or named raw image whose size is not a whole sector: `-r -s` exports
+/// read-only, a probed raw image takes whole sectors only, read-only or not.
+#[test]
+fn export_flags_match_qemu_nbd_in_every_mode() {
+    if !have("qemu-nbd") || !have("nbdinfo") {
+        return;
+    }
+    let dir = tmpdir();
+    let img = dir.path().join("odd.raw");
+    std::fs::write(&img, vec![7u8; 3000]).unwrap();
+    let f = img.to_str().unwrap();
+    let info = |bin: &str, mode: &[&str]| {
+        let mut args = vec!["-t"];
+        args.extend_from_slice(mode);
+        args.push(f);
+        let mut s = Server::unix(bin, &args);
+        let out = ok(Command::new("nbdinfo").arg(s.uri()));
+        s.terminate();
+        out.lines()
+            .filter(|l| !l.contains("uri:") && !l.contains("export="))
+            .collect::<Vec<_>>()
+            .join("\n")
+    };
+    for mode in [
+        &["-r"][..],
+        &["-r", "-s"],
+        &["-s"],
+        &[],
+        &["-f", "raw", "-r"],
+        &["-f", "raw"],
+    ] {
+        assert_eq!(info(QNBD, mode), info("qemu-nbd", mode), "{mode:?}");
+    }
+}

@@ -156,3 +156,44 @@ impl<T: Filter> BlockBackend for T {
         Filter::write_sink(self, offset, len)
     }
 }
+
+/// A writable backend exported read-only: `-r` with `-s`, whose temporary overlay could be
+/// written but which qemu-nbd exports read-only all the same.
+#[derive(Debug)]
+pub struct ReadOnly(pub Arc<dyn BlockBackend>);
+
+impl Filter for ReadOnly {
+    fn inner(&self) -> &Arc<dyn BlockBackend> {
+        &self.0
+    }
+    fn caps(&self) -> Caps {
+        Caps {
+            writable: false,
+            trim: false,
+            zero: crate::Support::None,
+            fast_zero: false,
+            ..self.0.caps()
+        }
+    }
+    fn write(&self, _offset: u64, _buf: &[u8], _flags: IoFlags) -> Result<()> {
+        Err(crate::Error::ReadOnly)
+    }
+    fn trim(&self, _offset: u64, _len: u64, _flags: IoFlags) -> Result<()> {
+        Err(crate::Error::ReadOnly)
+    }
+    fn write_zeroes(&self, _offset: u64, _len: u64, _flags: IoFlags) -> Result<()> {
+        Err(crate::Error::ReadOnly)
+    }
+    fn compressed_cluster_size(&self) -> Option<u64> {
+        None
+    }
+    fn write_compressed(&self, _offset: u64, _buf: &[u8]) -> Result<()> {
+        Err(crate::Error::ReadOnly)
+    }
+    fn try_write(&self, _offset: u64, _buf: &[u8]) -> bool {
+        false
+    }
+    fn write_sink(&self, _offset: u64, _len: u64) -> Option<HostSpan<'_>> {
+        None
+    }
+}

@@ -184,12 +184,12 @@ pub fn open_image(opts: &ImageOptions) -> Result<Opened> {
     let open_backing =
         move |path: &Path, fmt: Option<&str>| open_backing(top, depth, locking, path, fmt);
     let backend = (format.driver().open)(file, opts, &open_backing)?;
-    let backend: Arc<dyn BlockBackend> =
-        if format == Format::raw() && opts.format.is_none() && !read_only {
-            Arc::new(crate::probe_guard::ProbedRaw::new(backend, looks_formatted))
-        } else {
-            backend
-        };
+    // Read-only too: qemu's probed raw reads whole sectors only, whatever the mode.
+    let backend: Arc<dyn BlockBackend> = if format == Format::raw() && opts.format.is_none() {
+        Arc::new(crate::probe_guard::ProbedRaw::new(backend, looks_formatted))
+    } else {
+        backend
+    };
     let (backend, temp_overlay) = add_layers(backend, format, opts)?;
     Ok(Opened {
         backend,
@@ -239,7 +239,11 @@ fn add_layers(
             opts.discard,
         )?;
         temp_overlay = Some(ov.path());
-        Arc::new(ov)
+        if opts.read_only {
+            Arc::new(crate::filter::ReadOnly(Arc::new(ov)))
+        } else {
+            Arc::new(ov)
+        }
     } else {
         backend
     };
