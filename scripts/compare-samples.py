@@ -57,6 +57,10 @@ CASES = (
     ]
 )
 
+# Formats whose block status differs from qemu's on purpose (README.md, "Differences"):
+# qemu's vhdx driver reports everything as data, qnbd the blocks that are not there as holes.
+MAPPED_OTHERWISE = {"vhdx"}
+
 
 def greets(sock):
     try:
@@ -115,7 +119,7 @@ def case(tmp, src, name, fmt, pokes, qnbd, qemu_nbd):
                 maps.append(run(["nbdinfo", "--map", uri])[1])
         if refusals[0] or refusals[1]:
             return refusals[0] == refusals[1], f"refused {refusals[0]} / {refusals[1]}"
-        if maps[0] != maps[1]:
+        if maps[0] != maps[1] and fmt not in MAPPED_OTHERWISE:
             return False, f"maps differ:\n{maps[0]}\n{maps[1]}"
         uris = [f"nbd+unix:///?socket={os.path.join(tmp, f's{i}')}" for i in (0, 1)]
         rc, out = run(["qemu-img", "compare", "-f", "raw", "-F", "raw", *uris])

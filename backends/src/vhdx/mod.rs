@@ -23,7 +23,7 @@ mod meta;
 
 use crate::file::HostFile;
 use crate::format::{Driver, ImageOptions, OpenBacking};
-use crate::{BlockBackend, Caps, Error, IoFlags, Result};
+use crate::{BlockBackend, Caps, Error, Extent, ExtentFlags, Extents, IoFlags, Result};
 use meta::{errno_open, Header};
 use parking_lot::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -339,8 +339,18 @@ impl BlockBackend for Vhdx {
 
     /// Present blocks are data; the others read as zeroes. (qemu's driver reports everything
     /// as data.)
-    // No block_status: qemu's vhdx driver has none, so qemu-nbd maps a VHDX image as all
-    // data (unallocated blocks included), and so does qnbd.
+    fn block_status(&self, offset: u64, len: u64, out: &mut Extents) -> Result<()> {
+        let len = len.min(1024 * self.block - offset % self.block);
+        self.each(offset, len, |b, _, n, _| {
+            let e = match self.lookup(b) {
+                Block::At(_) => Extent::new(n, ExtentFlags::empty(), 1),
+                Block::Zero => Extent::new(n, ExtentFlags::HOLE | ExtentFlags::ZERO, 0),
+                Block::Partial => return Err(self.partial(b)),
+            };
+            out.push(e);
+            Ok(())
+        })
+    }
 
     fn format_name(&self) -> &'static str {
         "vhdx"
