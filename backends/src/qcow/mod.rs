@@ -29,10 +29,13 @@
 //! - The allocation lock is held from the second look-up to the L2 entry, so no cluster is
 //!   handed out twice and no entry is lost to a concurrent writer. Lock order: allocation,
 //!   then tables.
-//! - A cluster's L2 entry may reach the disk before the file's new length (no sync between
-//!   them without a backing file: the cluster then reads as zeroes, as before the write). A
-//!   later write to such a cluster, past the file's end, takes it into the file first (the
-//!   allocation point moves past it), so it is never handed out again.
+//! - No L2 entry reaches the disk before a file length that covers its cluster: the file is
+//!   grown ahead of the allocation point in steps of 8 MiB, each step synced (the length
+//!   with it) before an entry points into it. Otherwise a power cut could keep an entry and
+//!   lose the length, and the next session, allocating at the file's end, would hand the
+//!   same cluster out twice. Close cuts the file back to the allocation point. (A write to
+//!   an entry past the file's end, left by another writer, still takes that cluster into
+//!   the file first, so it is never handed out again.)
 //! - FLUSH syncs the file; a FUA write syncs after its L2 entry.
 //! - Write-zeroes writes zeroes (qemu's qcow has no zero clusters: its block layer writes
 //!   zeroes too, allocating); trim does nothing (qemu's qcow has no discard).
@@ -84,6 +87,8 @@ const CACHE_BYTES: u64 = 32 << 20;
 /// How far past the file's end an allocated cluster may be written (taken into the file):
 /// further out, its L2 entry is hostile, and the write fails.
 const MAX_CLAIM: u64 = 1 << 30;
+/// How far past the allocation point the file is grown (and synced) at a time.
+const GROW_AHEAD: u64 = 8 << 20;
 
 /// `--image-opts` keys: a backing file, and the encryption key.
 fn option(key: &str, v: &str, opts: &mut ImageOptions) -> Option<std::result::Result<(), String>> {
@@ -167,6 +172,8 @@ pub struct Qcow {
     alloc: Mutex<u64>,
     /// A copy of `alloc`'s value, read without the lock: a write in place must lie below it.
     end: AtomicU64,
+    /// The file length known durable (changed under the allocation lock).
+    durable: AtomicU64,
 }
 
 fn read_table(f: &HostFile, op: &'static str, at: u64, bytes: u64) -> Result<Vec<u64>> {
@@ -252,6 +259,7 @@ fn open(
         inflated: Mutex::new(None),
         alloc: Mutex::new(file_size),
         end: AtomicU64::new(file_size),
+        durable: AtomicU64::new(file_size),
         h,
         f,
     };
@@ -453,6 +461,19 @@ impl Qcow {
         ))
     }
 
+    /// Make the file's length cover `len` durably (grown ahead, then synced), before an L2
+    /// entry points below `len`. Called with the allocation lock held; true if it synced.
+    fn cover(&self, len: u64) -> Result<bool> {
+        if len <= self.durable.load(Ordering::Relaxed) {
+            return Ok(false);
+        }
+        let to = (len + GROW_AHEAD).next_multiple_of(self.cluster);
+        self.f.grow_to(to)?;
+        self.f.sync()?;
+        self.durable.store(to, Ordering::Relaxed);
+        Ok(true)
+    }
+
     /// The L2 table of cluster `c`, made (zeroes, synced, then the L1 entry) if there is
     /// none. Called with the allocation lock held.
     fn l2_for_write(&self, end: &mut u64, c: u64) -> Result<u64> {
@@ -468,6 +489,7 @@ impl Qcow {
         self.f.sync()?;
         *end = at + bytes;
         self.end.store(*end, Ordering::Release);
+        self.durable.fetch_max(*end, Ordering::Relaxed);
         let mut tables = self.tables.lock();
         self.f.write(
             "write L1 table",
@@ -521,8 +543,8 @@ impl Qcow {
         } else {
             self.write_data(pos, at + in_c, data)?;
         }
-        self.f.grow_to(at + bytes)?;
-        if self.backing.is_some() || compressed {
+        let synced = self.cover(at + bytes)?;
+        if (self.backing.is_some() || compressed) && !synced {
             self.f.sync()?;
         }
         *end = at + bytes;
@@ -577,6 +599,7 @@ impl Qcow {
         self.f
             .write("write compressed cluster", at, &stream, false)?;
         self.f.sync()?;
+        self.durable.fetch_max(at + len, Ordering::Relaxed);
         *end = at + len;
         self.end.store(*end, Ordering::Release);
         let entry = Header::COMPRESSED | (len << (63 - self.h.cluster_bits)) | at;
@@ -724,10 +747,12 @@ impl BlockBackend for Qcow {
         Ok(())
     }
 
+    /// The file cut back to the allocation point (it was grown ahead of it), then synced.
     fn close(&self) -> Result<()> {
         if self.read_only {
             return Ok(());
         }
+        self.f.truncate_to(*self.alloc.lock())?;
         self.f.sync()
     }
 }
