@@ -164,24 +164,9 @@ fn cloop_images_read_and_map_as_qemu_nbd_serves_them() {
     same_as_qemu_nbd(&cloop(d.path(), "small.cloop", 7, 512), "cloop");
 }
 
-/// The first line of `bin`'s stderr when it refuses `args`, with qemu-nbd's prefix as ours.
-fn refusal(bin: &str, d: &Path, args: &[&str]) -> String {
-    let sock = d.join("r.sock");
-    let out = run(Command::new("timeout")
-        .current_dir(d)
-        .args(["20", bin, "-k", sock.to_str().unwrap()])
-        .args(args));
-    assert_eq!(out.status.code(), Some(1), "{bin} served {args:?}");
-    String::from_utf8_lossy(&out.stderr)
-        .lines()
-        .next()
-        .unwrap_or("")
-        .replace("qemu-nbd:", "qnbd:")
-}
-
 fn refused_alike(d: &Path, args: &[&str]) -> String {
-    let ours = refusal(QNBD, d, args);
-    assert_eq!(ours, refusal("qemu-nbd", d, args), "{args:?}");
+    let ours = refusal_line(QNBD, d, args);
+    assert_eq!(ours, refusal_line("qemu-nbd", d, args), "{args:?}");
     ours
 }
 

@@ -11,7 +11,7 @@
 
 use crate::file::HostFile;
 use crate::format::{Driver, ImageOptions, OpenBacking};
-use crate::{BlockBackend, Caps, Error, IoFlags, Result};
+use crate::{BlockBackend, Caps, Error, Result};
 use std::sync::Arc;
 
 pub static DRIVER: Driver = Driver {
@@ -216,30 +216,7 @@ impl BlockBackend for Bochs {
         )
     }
 
-    fn write(&self, _offset: u64, _buf: &[u8], _flags: IoFlags) -> Result<()> {
-        Err(Error::ReadOnly)
-    }
-
-    fn flush(&self) -> Result<()> {
-        Ok(())
-    }
-
-    fn trim(&self, _offset: u64, _len: u64, _flags: IoFlags) -> Result<()> {
-        Err(Error::ReadOnly)
-    }
-
-    fn format_name(&self) -> &'static str {
-        "bochs"
-    }
-
-    /// qemu reads bochs images in whole sectors only.
-    fn request_alignment(&self) -> u32 {
-        SECTOR as u32
-    }
-
-    fn close(&self) -> Result<()> {
-        Ok(())
-    }
+    crate::format::read_only_sector_image!("bochs");
 }
 
 #[cfg(test)]

@@ -12,7 +12,7 @@
 
 use crate::file::HostFile;
 use crate::format::{Driver, ImageOptions, OpenBacking};
-use crate::{BlockBackend, Caps, Error, IoFlags, Result};
+use crate::{BlockBackend, Caps, Error, Result};
 use flate2::{Decompress, FlushDecompress, Status};
 use parking_lot::Mutex;
 use std::sync::Arc;
@@ -205,30 +205,7 @@ impl BlockBackend for Cloop {
         })
     }
 
-    fn write(&self, _offset: u64, _buf: &[u8], _flags: IoFlags) -> Result<()> {
-        Err(Error::ReadOnly)
-    }
-
-    fn flush(&self) -> Result<()> {
-        Ok(())
-    }
-
-    fn trim(&self, _offset: u64, _len: u64, _flags: IoFlags) -> Result<()> {
-        Err(Error::ReadOnly)
-    }
-
-    fn format_name(&self) -> &'static str {
-        "cloop"
-    }
-
-    /// qemu reads cloop images in whole sectors only.
-    fn request_alignment(&self) -> u32 {
-        SECTOR as u32
-    }
-
-    fn close(&self) -> Result<()> {
-        Ok(())
-    }
+    crate::format::read_only_sector_image!("cloop");
 }
 
 #[cfg(test)]

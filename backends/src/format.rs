@@ -261,6 +261,38 @@ pub fn parse_bool(key: &str, v: &str) -> std::result::Result<bool, String> {
     }
 }
 
+/// The calls of a read-only image format that reads whole sectors only, as qemu's bochs,
+/// cloop and dmg drivers: writes and trims refused, nothing to flush or close. Expands
+/// inside an `impl BlockBackend`, beside the format's own `size`, `caps` and `read`.
+macro_rules! read_only_sector_image {
+    ($name:literal) => {
+        fn write(&self, _offset: u64, _buf: &[u8], _flags: $crate::IoFlags) -> $crate::Result<()> {
+            Err($crate::Error::ReadOnly)
+        }
+
+        fn flush(&self) -> $crate::Result<()> {
+            Ok(())
+        }
+
+        fn trim(&self, _offset: u64, _len: u64, _flags: $crate::IoFlags) -> $crate::Result<()> {
+            Err($crate::Error::ReadOnly)
+        }
+
+        fn format_name(&self) -> &'static str {
+            $name
+        }
+
+        fn request_alignment(&self) -> u32 {
+            512
+        }
+
+        fn close(&self) -> $crate::Result<()> {
+            Ok(())
+        }
+    };
+}
+pub(crate) use read_only_sector_image;
+
 #[cfg(test)]
 mod tests {
     use super::*;

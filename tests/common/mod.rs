@@ -420,3 +420,20 @@ pub fn run_guest_script_env(
     assert!(console.contains(" passed, 0 failed"), "{console}");
     true
 }
+
+/// `bin` started in `dir` with `args` (its socket added first) must refuse them: exit status
+/// 1 within 20 s (`timeout`: a server that does serve fails the test instead of hanging it).
+/// Returns the first line of its stderr, the program's name written `qnbd:`.
+pub fn refusal_line(bin: &str, dir: &Path, args: &[&str]) -> String {
+    let sock = dir.join("r.sock");
+    let out = run(Command::new("timeout")
+        .current_dir(dir)
+        .args(["20", bin, "-k", sock.to_str().unwrap()])
+        .args(args));
+    assert_eq!(out.status.code(), Some(1), "{bin} served {args:?}");
+    String::from_utf8_lossy(&out.stderr)
+        .lines()
+        .next()
+        .unwrap_or("")
+        .replace("qemu-nbd:", "qnbd:")
+}
