@@ -267,7 +267,11 @@ impl Table<'_> {
                 return Err(einval(f));
             }
             at += 4;
-            let mut b = buffer(f, u64::from(n))?;
+            // Past the file's end is zeroes: no mish block starts there, and one that runs
+            // into it would only gain empty zero chunks. So a hostile length costs no more
+            // memory than the file's size (qemu allocates all of it).
+            let in_file = f.size()?.saturating_sub(at).min(u64::from(n));
+            let mut b = buffer(f, in_file)?;
             f.read("read dmg resource fork", at, &mut b)?;
             self.mish(&b)?;
             at += u64::from(n);
