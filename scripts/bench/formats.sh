@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # qnbd against qemu-nbd on the image formats both serve besides raw and qcow2 (vmdk, vdi,
-# vpc, vhdx, qed, parallels, and qcow2 with an external data file as `qcow2-datafile`;
+# vpc, vhdx, qed, parallels, qcow (v1), and qcow2 with an external data file as
+# `qcow2-datafile`;
 # FORMATS= picks some), over a Unix socket: 4 KiB random reads and writes at QD 32 (fio's nbd engine)
 # on a fully allocated image, 4 KiB random writes at QD 32 into a fresh one (every write
 # allocates), and a sequential 1 MiB copy out (nbdcopy). Rounds are interleaved (qnbd,
@@ -23,7 +24,7 @@ serve() { # serve BIN FMT IMG -> starts the server, sets $PID
 
 echo "| format | workload | qnbd | qemu-nbd | ratio |"
 echo "|---|---|---|---|---|"
-for spec in ${FORMATS:-vmdk vdi vpc vhdx qed parallels qcow2-datafile}; do
+for spec in ${FORMATS:-vmdk vdi vpc vhdx qed parallels qcow qcow2-datafile}; do
     fmt=${spec%-datafile}
     declare -A res=()
     for r in $(seq "$ROUNDS"); do
